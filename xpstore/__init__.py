@@ -1,0 +1,60 @@
+"""xpstore: a persistent experience store for learning systems.
+
+Every record goes through a write-ahead log into LMDB; nothing acknowledged is lost, whatever
+moment the process dies at. See README.md and docs/ for the design and the guarantees.
+"""
+
+from xpstore.config import StoreConfig
+from xpstore.errors import (
+    CodecError,
+    FormatVersionError,
+    InvalidRecordError,
+    ReadOnlyStoreError,
+    RecordNotFoundError,
+    RecordTooLargeError,
+    StoreClosedError,
+    StoreCorruptionError,
+    StoreLockedError,
+    StoreNotFoundError,
+    WALCorruptionError,
+    WALWriteError,
+    XpStoreError,
+)
+from xpstore.persistence.wal_recovery import RecoveryReport
+from xpstore.store.records import (
+    BatchFingerprint,
+    Experience,
+    Fingerprint,
+    PredictionOutcome,
+    QueryMetric,
+    StreamingFingerprint,
+)
+from xpstore.store.store import Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchFingerprint",
+    "CodecError",
+    "Experience",
+    "Fingerprint",
+    "FormatVersionError",
+    "InvalidRecordError",
+    "PredictionOutcome",
+    "QueryMetric",
+    "ReadOnlyStoreError",
+    "RecordNotFoundError",
+    "RecordTooLargeError",
+    "RecoveryReport",
+    "Store",
+    "StoreClosedError",
+    "StoreConfig",
+    "StoreCorruptionError",
+    "StoreLockedError",
+    "StoreNotFoundError",
+    "StreamingFingerprint",
+    "WALCorruptionError",
+    "WALWriteError",
+    "XpStoreError",
+    "__version__",
+]

@@ -1,0 +1,110 @@
+"""Every error xpstore raises, rooted at one base class.
+
+The tree (each also inherits the builtin a caller would naturally catch)::
+
+    XpStoreError
+    ├── InvalidRecordError (ValueError)        bad field, bad JSON line, too large
+    │   ├── RecordTooLargeError
+    │   └── CodecError                         bytes that do not decode to a record/operation
+    ├── RecordNotFoundError (KeyError)         no such id or track
+    ├── StoreNotFoundError (FileNotFoundError) path is not a store
+    ├── FormatVersionError (ValueError)        written by a newer xpstore
+    ├── StoreLockedError                       another process holds the writer lock
+    ├── ReadOnlyStoreError                     write on a store opened read-only
+    ├── StoreClosedError                       use after close()
+    ├── WALWriteError (OSError)                the log cannot take writes any more
+    └── StoreCorruptionError                   on-disk damage
+        └── WALCorruptionError                 a bad WAL segment or frame
+
+LMDB and OS errors are translated where they cross into xpstore (``persistence.lmdb_tables``
+and ``persistence.wal``), always with ``raise ... from`` so the original stays attached.
+"""
+
+from __future__ import annotations
+
+
+class XpStoreError(Exception):
+    """Base class of every xpstore error."""
+
+
+class InvalidRecordError(XpStoreError, ValueError):
+    """A record, update or input line failed validation; ``field`` names the culprit."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class RecordTooLargeError(InvalidRecordError):
+    """A record, frame or batch exceeds a configured size limit."""
+
+
+class RecordNotFoundError(XpStoreError, KeyError):
+    """No live record with that id (or no current fingerprint for that track)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class StoreNotFoundError(XpStoreError, FileNotFoundError):
+    """The path does not hold an xpstore store (and ``create`` was not asked for)."""
+
+
+class FormatVersionError(XpStoreError, ValueError):
+    """The store (or a file in it) was written by a format this version cannot read."""
+
+
+class StoreLockedError(XpStoreError):
+    """Another process holds the store's writer lock; ``pid`` names it when known."""
+
+    def __init__(self, message: str, *, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class ReadOnlyStoreError(XpStoreError):
+    """A write was attempted on a store opened with ``readonly=True``."""
+
+
+class StoreClosedError(XpStoreError):
+    """The store was used after ``close()``."""
+
+
+class WALWriteError(XpStoreError, OSError):
+    """Writing or syncing the WAL failed; the log is poisoned and refuses later writes.
+
+    After a failed fsync the kernel may have dropped the dirty pages, so retrying could
+    acknowledge data that is not on disk (the PostgreSQL "fsyncgate" lesson). Reopen the store
+    to recover what was acknowledged.
+    """
+
+
+class StoreCorruptionError(XpStoreError):
+    """On-disk data failed a checksum, a structural check or a continuity check."""
+
+
+class WALCorruptionError(StoreCorruptionError):
+    """A WAL segment or frame is damaged; says where, what was expected, and what to do."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        segment: str | None = None,
+        offset: int | None = None,
+        expected_lsn: int | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.segment = segment
+        self.offset = offset
+        self.expected_lsn = expected_lsn
+        self.reason = reason
+
+
+class CodecError(InvalidRecordError):
+    """Bytes handed to the codec do not decode: garbage, a wrong shape, or a newer codec version.
+
+    Bad input, not on-disk damage; a storage layer whose checksum passed but whose payload still
+    does not decode may re-raise it as a ``StoreCorruptionError`` (``from`` this error).
+    """

@@ -1,0 +1,347 @@
+"""LMDB, the source of truth: the tables, their keys, batched apply, map growth, error mapping.
+
+Tables (named databases of one environment; layouts in ``docs/formats.md``):
+
+``meta``         ``applied_lsn``, ``config``, ``embedding_dim``, per-kind live counts
+``records``      id (u64 BE) -> encoded :class:`~xpstore.store.records.Experience`
+``by_kind_ts``   kind u8 | sortable ts (8 B) | id u64 BE -> empty: time-ordered scans per kind
+``tracks``       track_id (UTF-8) -> id of the track's current fingerprint
+``tombstones``   id -> lsn of the delete | kind u8 (so followers can catch up after truncation)
+``track_tombs``  track_id -> lsn of the delete_track | id of the fingerprint it retired
+
+LMDB rules followed here (from its docs and py-lmdb's issues): one Environment per path per
+process (the registry below), ``reader_check()`` on open, every write transaction inside ``with``,
+``MapFullError`` -> abort, double the map, retry, with no transaction of this process open
+(readers hold :meth:`LmdbTables.reading`, the resize takes it exclusively), and
+``MapResizedError`` in a reader -> ``set_mapsize(0)`` and retry. ``sync=True, metasync=False``:
+data pages are synced at every commit, the meta page lazily; after a power loss LMDB may fall
+back to the previous transaction, whose ``applied_lsn`` is older, and the WAL replays the
+difference. Before WAL segments are deleted the checkpoint calls ``env.sync(True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from xpstore.errors import StoreCorruptionError, WALWriteError, XpStoreError
+
+log = logging.getLogger(__name__)
+
+_U64 = struct.Struct(">Q")
+_TOMB = struct.Struct(">QB")
+_TRACK_TOMB = struct.Struct(">QQ")
+_DB_NAMES = (b"meta", b"records", b"by_kind_ts", b"tracks", b"tombstones", b"track_tombs")
+
+
+def u64(n: int) -> bytes:
+    return _U64.pack(n)
+
+
+def from_u64(b: bytes) -> int:
+    return int(_U64.unpack(b)[0])
+
+
+def ts_key(ts: float) -> bytes:
+    """8 bytes whose unsigned order is the float order (negative values included)."""
+    (bits,) = struct.unpack(">Q", struct.pack(">d", ts))
+    bits = bits ^ 0xFFFFFFFFFFFFFFFF if bits >> 63 else bits | (1 << 63)
+    return _U64.pack(bits)
+
+
+def index_key(kind_code: int, ts: float, rid: int) -> bytes:
+    return bytes((kind_code,)) + ts_key(ts) + _U64.pack(rid)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordPut:
+    id: int
+    kind_code: int
+    ts: float
+    value: bytes
+    is_new: bool  # a new id (count and index it) or a rewrite of an existing one
+
+
+@dataclass(frozen=True, slots=True)
+class RecordDelete:
+    id: int
+    kind_code: int
+    ts: float
+    lsn: int
+
+
+@dataclass(frozen=True, slots=True)
+class TrackSet:
+    track_id: str
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class TrackDelete:
+    track_id: str
+    lsn: int
+    former_id: int
+
+
+Change = RecordPut | RecordDelete | TrackSet | TrackDelete
+
+
+class _Registry:
+    """One Environment per path per process, shared by reference count."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._envs: dict[str, tuple[lmdb.Environment, int, bool]] = {}
+
+    def open(self, path: Path, *, readonly: bool, map_size: int) -> lmdb.Environment:
+        key = str(path.resolve())
+        with self._lock:
+            if key in self._envs:
+                env, refs, ro = self._envs[key]
+                if ro and not readonly:
+                    raise XpStoreError(
+                        f"{path} is already open read-only in this process; close it before "
+                        "opening it for writing (LMDB allows one environment per path per process)"
+                    )
+                self._envs[key] = (env, refs + 1, ro)
+                return env
+            env = _open_env(path, readonly=readonly, map_size=map_size)
+            self._envs[key] = (env, 1, readonly)
+            return env
+
+    def close(self, path: Path) -> None:
+        key = str(path.resolve())
+        with self._lock:
+            env, refs, ro = self._envs[key]
+            if refs > 1:
+                self._envs[key] = (env, refs - 1, ro)
+                return
+            del self._envs[key]
+        env.close()
+
+
+_REGISTRY = _Registry()
+
+
+def _open_env(path: Path, *, readonly: bool, map_size: int) -> lmdb.Environment:
+    try:
+        env = lmdb.open(
+            str(path),
+            map_size=map_size,
+            max_dbs=len(_DB_NAMES) + 2,
+            subdir=True,
+            readonly=readonly,
+            create=not readonly,
+            sync=True,
+            metasync=False,
+            writemap=False,
+            map_async=False,
+            lock=True,
+        )
+    except lmdb.Error as exc:
+        raise translate(exc, f"opening LMDB at {path}") from exc
+    if not readonly:
+        stale = env.reader_check()
+        if stale:
+            log.info("cleared %d stale LMDB reader slots at %s", stale, path)
+    return env
+
+
+def translate(exc: lmdb.Error, context: str) -> XpStoreError:
+    """Map an LMDB error to the xpstore tree (the single boundary for LMDB errors)."""
+    if isinstance(exc, lmdb.CorruptedError | lmdb.PageNotFoundError | lmdb.InvalidError):
+        return StoreCorruptionError(f"LMDB is damaged ({context}): {exc}")
+    if isinstance(exc, lmdb.DiskError):
+        return WALWriteError(f"disk error in LMDB ({context}): {exc}")
+    if isinstance(exc, lmdb.VersionMismatchError):
+        return StoreCorruptionError(f"LMDB version mismatch ({context}): {exc}")
+    return XpStoreError(f"LMDB error ({context}): {type(exc).__name__}: {exc}")
+
+
+class LmdbTables:
+    """The store's LMDB environment and tables; thread-safe."""
+
+    def __init__(self, path: Path, *, readonly: bool, map_size: int) -> None:
+        self.path = path
+        self.readonly = readonly
+        self.env = _REGISTRY.open(path, readonly=readonly, map_size=map_size)
+        self._gate = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._resizing = False
+        try:
+            if readonly:
+                with self.reading() as txn:
+                    self._dbs = {n: self.env.open_db(n, txn=txn, create=False) for n in _DB_NAMES}
+            else:
+                with self.env.begin(write=True) as txn:
+                    self._dbs = {n: self.env.open_db(n, txn=txn, create=True) for n in _DB_NAMES}
+        except lmdb.NotFoundError as exc:
+            _REGISTRY.close(path)
+            raise StoreCorruptionError(f"LMDB at {path} lacks an xpstore table: {exc}") from exc
+        except lmdb.Error as exc:
+            _REGISTRY.close(path)
+            raise translate(exc, "opening tables") from exc
+
+    def close(self) -> None:
+        _REGISTRY.close(self.path)
+
+    # ----------------------------------------------------------- read side
+    @contextmanager
+    def reading(self) -> Iterator[lmdb.Transaction]:
+        """A short read transaction; keeps a concurrent map resize out while it is open."""
+        with self._gate:
+            while self._resizing:
+                self._gate.wait()
+            self._readers += 1
+        try:
+            for attempt in range(3):
+                try:
+                    txn = self.env.begin(write=False, buffers=False)
+                    break
+                except lmdb.MapResizedError:
+                    # another process grew the map: adopt its size, then retry
+                    self.env.set_mapsize(0)
+                    if attempt == 2:
+                        raise
+                except lmdb.Error as exc:
+                    raise translate(exc, "read transaction") from exc
+            try:
+                yield txn
+            finally:
+                txn.abort()
+        finally:
+            with self._gate:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._gate.notify_all()
+
+    def db(self, name: bytes) -> Any:
+        return self._dbs[name]
+
+    def get_meta(self, txn: lmdb.Transaction, key: str) -> bytes | None:
+        value = txn.get(key.encode(), db=self._dbs[b"meta"])
+        return bytes(value) if value is not None else None
+
+    def applied_lsn(self, txn: lmdb.Transaction) -> int:
+        raw = self.get_meta(txn, "applied_lsn")
+        return from_u64(raw) if raw else 0
+
+    def counts(self, txn: lmdb.Transaction) -> dict[int, int]:
+        raw = self.get_meta(txn, "counts")
+        return {int(k): v for k, v in json.loads(raw).items()} if raw else {}
+
+    def get_record(self, txn: lmdb.Transaction, rid: int) -> bytes | None:
+        value = txn.get(u64(rid), db=self._dbs[b"records"])
+        return bytes(value) if value is not None else None
+
+    def get_track(self, txn: lmdb.Transaction, track_id: str) -> int | None:
+        value = txn.get(track_id.encode(), db=self._dbs[b"tracks"])
+        return from_u64(value) if value is not None else None
+
+    def index_chunk(
+        self, kind_code: int, lo: bytes, hi: bytes, limit: int
+    ) -> tuple[list[tuple[bytes, bytes]], int]:
+        """Up to ``limit`` (index key, record value) pairs with lo <= key < hi, in key order.
+
+        Returns the pairs and the ``applied_lsn`` of the transaction they were read in. Scans
+        read in chunks of short transactions so a long iteration never pins LMDB pages.
+        """
+        out: list[tuple[bytes, bytes]] = []
+        with self.reading() as txn:
+            applied = self.applied_lsn(txn)
+            cur = txn.cursor(db=self._dbs[b"by_kind_ts"])
+            records = self._dbs[b"records"]
+            if not cur.set_range(lo):
+                return out, applied
+            for key in cur.iternext(keys=True, values=False):
+                if key >= hi or len(out) >= limit:
+                    break
+                value = txn.get(key[9:], db=records)
+                if value is None:
+                    raise StoreCorruptionError(
+                        f"index entry kind={kind_code} id={from_u64(key[9:])} has no record"
+                    )
+                out.append((bytes(key), bytes(value)))
+        return out, applied
+
+    # ---------------------------------------------------------- write side
+    def put_meta(self, key: str, value: bytes) -> None:
+        self._write(lambda txn: txn.put(key.encode(), value, db=self._dbs[b"meta"]))
+
+    def apply(self, changes: Sequence[Change], applied_lsn: int) -> None:
+        """Apply ``changes`` and record ``applied_lsn`` in one synced transaction (idempotent)."""
+        self._write(lambda txn: self._apply_txn(txn, changes, applied_lsn))
+
+    def _apply_txn(self, txn: lmdb.Transaction, changes: Sequence[Change], applied: int) -> None:
+        current = self.applied_lsn(txn)
+        if applied <= current:
+            return  # already applied: replay after a crash is idempotent
+        records, index = self._dbs[b"records"], self._dbs[b"by_kind_ts"]
+        tracks, tombs, ttombs = self._dbs[b"tracks"], self._dbs[b"tombstones"], self._dbs[b"track_tombs"]
+        counts = self.counts(txn)
+        for ch in changes:
+            if isinstance(ch, RecordPut):
+                txn.put(u64(ch.id), ch.value, db=records)
+                if ch.is_new:
+                    txn.put(index_key(ch.kind_code, ch.ts, ch.id), b"", db=index)
+                    counts[ch.kind_code] = counts.get(ch.kind_code, 0) + 1
+            elif isinstance(ch, RecordDelete):
+                if txn.delete(u64(ch.id), db=records):
+                    txn.delete(index_key(ch.kind_code, ch.ts, ch.id), db=index)
+                    counts[ch.kind_code] = counts.get(ch.kind_code, 0) - 1
+                txn.put(u64(ch.id), _TOMB.pack(ch.lsn, ch.kind_code), db=tombs)
+            elif isinstance(ch, TrackSet):
+                txn.put(ch.track_id.encode(), u64(ch.id), db=tracks)
+                txn.delete(ch.track_id.encode(), db=ttombs)
+            else:
+                txn.delete(ch.track_id.encode(), db=tracks)
+                txn.put(ch.track_id.encode(), _TRACK_TOMB.pack(ch.lsn, ch.former_id), db=ttombs)
+        meta = self._dbs[b"meta"]
+        txn.put(b"counts", json.dumps({str(k): v for k, v in counts.items()}).encode(), db=meta)
+        txn.put(b"applied_lsn", u64(applied), db=meta)
+
+    def _write(self, fn: Any) -> None:
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    fn(txn)
+                return
+            except lmdb.MapFullError:
+                self._grow()
+            except lmdb.Error as exc:
+                raise translate(exc, "write transaction") from exc
+
+    def _grow(self) -> None:
+        with self._gate:
+            self._resizing = True
+            while self._readers:
+                self._gate.wait()
+            try:
+                new = self.env.info()["map_size"] * 2
+                self.env.set_mapsize(new)
+                log.info("LMDB map grown to %d MiB", new >> 20)
+            finally:
+                self._resizing = False
+                self._gate.notify_all()
+
+    def sync(self) -> None:
+        """Force data and meta pages to disk (before WAL segments may be deleted)."""
+        try:
+            self.env.sync(True)
+        except lmdb.Error as exc:
+            raise translate(exc, "sync") from exc
+
+    def stat(self) -> dict[str, Any]:
+        info = self.env.info()
+        with self.reading() as txn:
+            entries = {n.decode(): txn.stat(self._dbs[n])["entries"] for n in _DB_NAMES}
+        return {"map_size": info["map_size"], "last_txnid": info["last_txnid"], "entries": entries}

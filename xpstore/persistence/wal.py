@@ -1,0 +1,341 @@
+"""The write-ahead log writer: LSN assignment, group commit, rotation, poisoning, truncation.
+
+One store has one :class:`WalWriter`. Callers (already serialized by the store's write lock)
+``append`` a group of encoded operations and get its LSN range back at once; then, without any
+lock held, they ``wait`` until that range is acknowledged. The first waiter that finds no flush in
+progress becomes the *leader*: it takes every pending group, writes them as frames with one
+``write`` and, in ``commit`` mode, one ``fdatasync``, so concurrent writers share a sync (group
+commit). Followers sleep on a condition until the leader publishes the new acknowledged LSN.
+
+Any write or sync error poisons the log: the error is kept and every later ``append`` or ``wait``
+raises :class:`~xpstore.errors.WALWriteError`. A failed fsync is never retried, because Linux may
+already have dropped the dirty pages and a retry could report success for data that is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xpstore.errors import RecordTooLargeError, WALWriteError
+from xpstore.persistence import fs
+from xpstore.persistence.wal_format import (
+    FRAME_HEADER_SIZE,
+    SEGMENT_NAME_RE,
+    encode_frame,
+    encode_header,
+    frame_size,
+    segment_name,
+)
+
+log = logging.getLogger(__name__)
+
+DurableCallback = Callable[[int, int], None]
+
+
+@dataclass(slots=True)
+class _Group:
+    first_lsn: int
+    ops: list[bytes]
+    nbytes: int
+
+
+@dataclass(slots=True)
+class WalStats:
+    frames: int = 0
+    ops: int = 0
+    syncs: int = 0
+    bytes: int = 0
+    rotations: int = 0
+    sync_seconds: float = 0.0
+    groups_per_frame: list[int] = field(default_factory=list)
+
+
+class WalWriter:
+    """Appends frames to the newest segment of ``wal_dir``; see the module docstring."""
+
+    def __init__(
+        self,
+        wal_dir: Path,
+        *,
+        store_id: int,
+        next_lsn: int,
+        durability: str,
+        segment_max_bytes: int,
+        max_frame_bytes: int,
+        group_commit_ms: float,
+        on_durable: DurableCallback,
+    ) -> None:
+        self._dir = wal_dir
+        self._store_id = store_id
+        self._durability = durability
+        self._segment_max = segment_max_bytes
+        self._max_frame = max_frame_bytes
+        self._group_delay = group_commit_ms / 1000.0
+        self._on_durable = on_durable
+        self._cond = threading.Condition(threading.Lock())
+        self._io_lock = threading.Lock()  # the file descriptor, rotation and segment list
+        self._pending: list[_Group] = []
+        self._next_lsn = next_lsn
+        self._acked_lsn = next_lsn - 1  # visible to waiters: written (and synced in commit mode)
+        self._synced_lsn = next_lsn - 1
+        self._written_lsn = next_lsn - 1
+        self._leader = False
+        self._poison: WALWriteError | None = None
+        self._closed = False
+        self.stats = WalStats()
+        self._fd = -1
+        self._seg_path = Path()
+        self._seg_size = 0
+        self._salt = b""
+        self._segments: list[tuple[int, Path]] = _list_segments(wal_dir)
+        self._open_segment(next_lsn)
+        self._syncer: threading.Thread | None = None
+        self._stop = threading.Event()
+        if durability == "group":
+            self._syncer = threading.Thread(target=self._sync_loop, name="xpstore-wal-sync", daemon=True)
+            self._syncer.start()
+
+    # ------------------------------------------------------------------ public
+    @property
+    def next_lsn(self) -> int:
+        return self._next_lsn
+
+    @property
+    def acked_lsn(self) -> int:
+        return self._acked_lsn
+
+    @property
+    def poisoned(self) -> WALWriteError | None:
+        return self._poison
+
+    def append(self, ops: list[bytes]) -> tuple[int, int]:
+        """Queue ``ops`` as one atomic group; return its (first, last) LSN. Not yet durable."""
+        nbytes = frame_size(ops)
+        if nbytes > self._max_frame:
+            raise RecordTooLargeError(
+                f"a batch of {len(ops)} operations encodes to {nbytes} bytes, over "
+                f"max_frame_bytes={self._max_frame}; split it into smaller put_many calls",
+                field="records",
+            )
+        with self._cond:
+            self._check_usable()
+            first = self._next_lsn
+            self._next_lsn += len(ops)
+            self._pending.append(_Group(first, ops, nbytes))
+        return first, first + len(ops) - 1
+
+    def wait(self, lsn: int) -> None:
+        """Block until ``lsn`` is acknowledged (per the durability mode); lead a flush if idle."""
+        while True:
+            with self._cond:
+                while True:
+                    if self._acked_lsn >= lsn:
+                        return
+                    if self._poison is not None:
+                        raise self._poison
+                    if not self._leader and self._pending:
+                        self._leader = True
+                        groups, self._pending = self._pending, []
+                        break
+                    self._cond.wait()
+            self._lead(groups)
+
+    def sync(self) -> None:
+        """fdatasync everything written so far (close, checkpoint, group-mode timer)."""
+        with self._io_lock:
+            self._sync_locked()
+
+    def close(self) -> None:
+        """Flush what is pending, sync, stop the timer thread, close the segment."""
+        if self._closed:
+            return
+        with self._cond:
+            last = self._next_lsn - 1
+        if self._poison is None:
+            try:
+                self.wait(last)
+                if self._durability != "none":
+                    self.sync()
+            except WALWriteError:
+                log.exception("WAL flush at close failed; acknowledged data is still safe")
+        self._stop.set()
+        if self._syncer is not None:
+            self._syncer.join()
+        with self._io_lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+        self._closed = True
+
+    def segments(self) -> list[tuple[int, Path]]:
+        """(first_lsn, path) of every live segment, oldest first; the last one is active."""
+        with self._io_lock:
+            return list(self._segments)
+
+    def remove_segments_through(self, applied_lsn: int, keep: int = 0) -> list[Path]:
+        """Delete segments whose every LSN is <= ``applied_lsn``, keeping the newest ``keep``.
+
+        The caller must have synced LMDB first: after this, those LSNs live only in LMDB.
+        """
+        removed: list[Path] = []
+        with self._io_lock:
+            closed = self._segments[:-1]  # never the active segment
+            deletable = [
+                seg for seg, nxt in zip(closed, self._segments[1:], strict=False)
+                if nxt[0] - 1 <= applied_lsn
+            ]
+            if keep:
+                deletable = deletable[:-keep] if len(deletable) > keep else []
+            for _first, path in deletable:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+            if removed:
+                fs.fsync_dir(self._dir)
+                self._segments = [s for s in self._segments if s[1] not in removed]
+        return removed
+
+    # ----------------------------------------------------------------- leader
+    def _lead(self, groups: list[_Group]) -> None:
+        first = groups[0].first_lsn
+        last = groups[-1].first_lsn + len(groups[-1].ops) - 1
+        error: WALWriteError | None = None
+        try:
+            with self._io_lock:
+                self._write_groups(groups)
+                self._written_lsn = last
+                if self._durability == "commit":
+                    self._sync_locked()
+                if self._seg_size >= self._segment_max:
+                    self._rotate(last + 1)
+        except WALWriteError as exc:
+            error = exc
+        if error is None:
+            # publish to the in-memory state before any waiter returns (read your writes)
+            self._on_durable(first, last)
+        with self._cond:
+            self._leader = False
+            if error is not None:
+                self._poison = error
+            else:
+                self._acked_lsn = last
+            self._cond.notify_all()
+
+    def _write_groups(self, groups: list[_Group]) -> None:
+        now = time.time()
+        frames: list[bytes] = []
+        batch: list[bytes] = []
+        batch_first = groups[0].first_lsn
+        batch_bytes = FRAME_HEADER_SIZE
+        for group in groups:
+            if batch and batch_bytes + group.nbytes > self._max_frame:
+                frames.append(encode_frame(self._salt, batch_first, batch, now))
+                batch, batch_first, batch_bytes = [], group.first_lsn, FRAME_HEADER_SIZE
+            batch.extend(group.ops)
+            batch_bytes += group.nbytes
+        frames.append(encode_frame(self._salt, batch_first, batch, now))
+        data = b"".join(frames) if len(frames) > 1 else frames[0]
+        offset = self._seg_size
+        try:
+            fs.write_all(self._fd, data)
+        except OSError as exc:
+            raise self._write_error("write", exc, offset) from exc
+        self._seg_size += len(data)
+        self.stats.frames += len(frames)
+        self.stats.ops += sum(len(g.ops) for g in groups)
+        self.stats.bytes += len(data)
+
+    def _sync_locked(self) -> None:
+        if self._synced_lsn >= self._written_lsn or self._fd < 0:
+            return
+        target = self._written_lsn
+        start = time.perf_counter()
+        try:
+            fs.fdatasync(self._fd)
+        except OSError as exc:
+            err = self._write_error("fdatasync", exc, self._seg_size)
+            with self._cond:
+                self._poison = err
+                self._cond.notify_all()
+            raise err from exc
+        self.stats.syncs += 1
+        self.stats.sync_seconds += time.perf_counter() - start
+        self._synced_lsn = target
+
+    def _write_error(self, what: str, exc: OSError, offset: int) -> WALWriteError:
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        hint = "free disk space, then " if exc.errno == errno.ENOSPC else ""
+        return WALWriteError(
+            f"WAL {what} failed ({name}: {exc.strerror}) on segment {self._seg_path.name} near "
+            f"offset {offset}; the log is poisoned and refuses further writes (a failed sync is "
+            f"never retried). Nothing of the failed batch was acknowledged; {hint}reopen the "
+            "store to recover every acknowledged record."
+        )
+
+    # ------------------------------------------------------------ segments
+    def _open_segment(self, first_lsn: int) -> None:
+        """Create ``<first_lsn>.wal`` atomically: temp file, header, sync, rename, dir sync."""
+        name = segment_name(first_lsn)
+        final = self._dir / name
+        tmp = self._dir / (name + ".tmp")
+        salt = secrets.randbits(32)
+        header = encode_header(self._store_id, salt, first_lsn, time.time())
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                fs.write_all(fd, header)
+                fs.fdatasync(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            os.replace(tmp, final)
+            fs.fsync_dir(self._dir)
+        except OSError as exc:
+            raise self._write_error("segment create", exc, 0) from exc
+        self._fd = os.open(final, os.O_WRONLY | os.O_APPEND)
+        self._seg_path = final
+        self._seg_size = len(header)
+        self._salt = salt.to_bytes(4, "little")
+        self._segments.append((first_lsn, final))
+
+    def _rotate(self, next_first: int) -> None:
+        if self._durability != "none":
+            self._sync_locked()
+        os.close(self._fd)
+        self._fd = -1
+        self._open_segment(next_first)
+        self.stats.rotations += 1
+        log.debug("WAL rotated to %s", self._seg_path.name)
+
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(self._group_delay):
+            if self._poison is not None:
+                return
+            try:
+                self.sync()
+            except WALWriteError:
+                log.exception("background WAL sync failed; the log is poisoned")
+                return
+
+    def _check_usable(self) -> None:
+        if self._poison is not None:
+            raise self._poison
+        if self._closed:
+            raise WALWriteError("the WAL is closed")
+
+
+def _list_segments(wal_dir: Path) -> list[tuple[int, Path]]:
+    out = []
+    for entry in wal_dir.iterdir():
+        m = SEGMENT_NAME_RE.match(entry.name)
+        if m:
+            out.append((int(m.group(1)), entry))
+    out.sort()
+    return out

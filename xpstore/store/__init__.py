@@ -1,0 +1,1 @@
+"""Records, codec, state derivation, the applier and the Store facade."""

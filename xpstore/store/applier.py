@@ -1,0 +1,155 @@
+"""The applier: moves acknowledged effects from the overlay into LMDB, off the writers' path,
+and checkpoints (sync LMDB, then delete WAL segments it fully covers).
+
+One synced LMDB transaction per batch; the batch's last LSN is written as ``applied_lsn`` in the
+same transaction, so a crash between batches only means the WAL replays a little more.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from xpstore.errors import XpStoreError
+from xpstore.persistence.lmdb_tables import (
+    Change,
+    LmdbTables,
+    RecordDelete,
+    RecordPut,
+    TrackDelete,
+    TrackSet,
+)
+from xpstore.persistence.wal import WalWriter
+from xpstore.store.codec import KIND_CODES, encode_envelope
+from xpstore.store.state import Effect, Overlay
+
+log = logging.getLogger(__name__)
+
+
+def to_changes(effects: list[Effect]) -> list[Change]:
+    """Translate store effects into LMDB table changes (encodes envelopes)."""
+    out: list[Change] = []
+    for eff in effects:
+        if eff.record_id is not None:
+            if eff.exp is not None:
+                out.append(
+                    RecordPut(eff.record_id, KIND_CODES[eff.exp.kind], eff.exp.ts,
+                              encode_envelope(eff.exp), eff.is_new)
+                )
+            elif eff.prev is not None:
+                out.append(RecordDelete(eff.record_id, KIND_CODES[eff.prev.kind], eff.prev.ts, eff.lsn))
+        if eff.track is not None:
+            if eff.track_to is not None:
+                out.append(TrackSet(eff.track, eff.track_to))
+            else:
+                out.append(TrackDelete(eff.track, eff.lsn, eff.track_from or 0))
+    return out
+
+
+class Applier:
+    """Background thread: overlay -> LMDB in batches, plus periodic checkpoints."""
+
+    def __init__(
+        self,
+        overlay: Overlay,
+        tables: LmdbTables,
+        *,
+        batch_ops: int,
+        interval_s: float,
+        checkpoint_interval_s: float,
+        retain_segments: int,
+        hold: bool,
+    ) -> None:
+        self._overlay = overlay
+        self._tables = tables
+        self._wal: WalWriter | None = None
+        self._apply_lock = threading.Lock()  # the thread, close() and flush() may all apply
+        self._batch = batch_ops
+        self._interval = interval_s
+        self._ckpt_interval = checkpoint_interval_s
+        self._retain = retain_segments
+        self.hold = hold
+        self._stop = False
+        self._last_ckpt = time.monotonic()
+        self._applied_since_ckpt = 0
+        self.error: XpStoreError | None = None
+        self.batches = 0
+        self._thread = threading.Thread(target=self._run, name="xpstore-applier", daemon=True)
+
+    def attach_wal(self, wal: WalWriter) -> None:
+        """Give the applier the WAL whose segments its checkpoints may delete."""
+        self._wal = wal
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, drain: bool) -> None:
+        """Stop the thread; with ``drain`` apply everything first and checkpoint."""
+        with self._overlay.changed:
+            self._stop = True
+            self._overlay.changed.notify_all()
+        self._thread.join()
+        if drain and self.error is None and not self.hold:
+            self.apply_all()
+            self.checkpoint()
+
+    def apply_all(self) -> None:
+        """Apply every queued effect now, in this thread (close, recovery, tests)."""
+        while self.apply_once():
+            pass
+
+    def apply_once(self) -> bool:
+        with self._apply_lock:
+            effects = self._overlay.take(self._batch)
+            if not effects:
+                return False
+            self._tables.apply(to_changes(effects), effects[-1].lsn)
+            self._overlay.applied(effects)
+        self.batches += 1
+        self._applied_since_ckpt += len(effects)
+        return True
+
+    def checkpoint(self) -> list[str]:
+        """Sync LMDB, then delete WAL segments wholly at or below applied_lsn."""
+        with self._apply_lock:
+            self._tables.sync()
+            with self._tables.reading() as txn:
+                applied = self._tables.applied_lsn(txn)
+        if self._wal is None:
+            return []
+        removed = self._wal.remove_segments_through(applied, keep=self._retain)
+        self._last_ckpt = time.monotonic()
+        self._applied_since_ckpt = 0
+        if removed:
+            log.debug("checkpoint at LSN %d removed %d WAL segments", applied, len(removed))
+        return [p.name for p in removed]
+
+    def _checkpoint_due(self) -> bool:
+        """Every checkpoint_interval_s, or sooner once closed segments pile up."""
+        if self._wal is None or not self._applied_since_ckpt:
+            return False
+        segments = len(self._wal.segments())
+        if segments <= 1:
+            return False
+        return segments > 4 or time.monotonic() - self._last_ckpt >= self._ckpt_interval
+
+    def _run(self) -> None:
+        cond = self._overlay.changed
+        while True:
+            with cond:
+                if not self._stop and (self.hold or len(self._overlay) < self._batch):
+                    cond.wait(self._interval)
+                if self._stop:
+                    return
+            if self.hold:
+                continue
+            try:
+                while self.apply_once() and not self._stop:
+                    pass
+                if self._checkpoint_due():
+                    self.checkpoint()
+            except XpStoreError as exc:
+                log.exception("applier failed; writes are refused until the store is reopened")
+                self.error = exc
+                return

@@ -1,0 +1,200 @@
+"""What an operation does to the store's state, and the in-memory overlay of unapplied effects.
+
+:func:`derive` is the one place where the meaning of an operation is defined. It runs when a
+writer enqueues an operation (against the newest state, so an update or delete of a missing id
+fails before anything is logged) and again when recovery replays the WAL (against LMDB), so the
+live path and the replay path cannot disagree.
+
+The :class:`Overlay` holds effects in two layers:
+
+- *pending*: enqueued in the WAL but not yet acknowledged; only writers (validating later
+  operations under the store's write lock) look here;
+- *durable*: acknowledged but not yet applied to LMDB; every reader looks here before LMDB.
+
+An effect moves pending -> durable (WAL leader, after the sync) -> LMDB (applier). Each move adds
+to the later layer before removing from the earlier one, and lookups go earlier layer first, so a
+lookup never misses an entry that is in flight between layers. Dict reads are atomic under the
+GIL; mutations happen under ``Overlay.lock``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from xpstore.errors import RecordNotFoundError
+from xpstore.store.codec import DeleteOp, DeleteTrackOp, Op, PutOp, UpdateOp
+from xpstore.store.records import Experience, Fingerprint, apply_changes, kind_of
+
+_MISSING = object()
+
+
+@dataclass(slots=True)
+class Effect:
+    """The state change of one operation (one LSN)."""
+
+    lsn: int
+    record_id: int | None = None
+    exp: Experience | None = None  # new state of record_id; None with record_id: deleted
+    prev: Experience | None = None  # the state before (for deletes: kind and ts of the victim)
+    is_new: bool = False
+    track: str | None = None
+    track_to: int | None = None  # the track's new current fingerprint id; None: retired
+    track_from: int | None = None
+
+    def count_delta(self) -> tuple[str, int] | None:
+        if self.is_new and self.exp is not None:
+            return self.exp.kind, 1
+        if self.record_id is not None and self.exp is None and self.prev is not None:
+            return self.prev.kind, -1
+        return None
+
+
+class StateView:
+    """Lookups an operation is derived against (writer view, reader view, replay view)."""
+
+    def __init__(
+        self,
+        get: Callable[[int], Experience | None],
+        track: Callable[[str], int | None],
+    ) -> None:
+        self.get = get
+        self.track = track
+
+
+def derive(op: Op, lsn: int, view: StateView) -> Effect:
+    """The effect of ``op`` at ``lsn``; raises RecordNotFoundError for a missing target."""
+    if isinstance(op, PutOp):
+        record = op.record
+        assert record.ts is not None, "the store fills ts before logging"
+        exp = Experience(id=lsn, kind=kind_of(record), ts=record.ts, record=record, updated_lsn=lsn)
+        eff = Effect(lsn, record_id=lsn, exp=exp, is_new=True)
+        if isinstance(record, Fingerprint):
+            eff.track = record.track_id
+            eff.track_from = view.track(record.track_id)
+            eff.track_to = lsn
+        return eff
+    if isinstance(op, UpdateOp):
+        prev = _require(view, op.id)
+        new_record = apply_changes(prev.record, op.changes)
+        return Effect(lsn, record_id=op.id, exp=replace(prev, record=new_record, updated_lsn=lsn), prev=prev)
+    if isinstance(op, DeleteOp):
+        prev = _require(view, op.id)
+        eff = Effect(lsn, record_id=op.id, exp=None, prev=prev)
+        if isinstance(prev.record, Fingerprint) and view.track(prev.record.track_id) == op.id:
+            eff.track, eff.track_from, eff.track_to = prev.record.track_id, op.id, None
+        return eff
+    if isinstance(op, DeleteTrackOp):
+        current = view.track(op.track_id)
+        if current is None:
+            raise RecordNotFoundError(f"no track {op.track_id!r} (or it was already deleted)")
+        return Effect(lsn, track=op.track_id, track_from=current, track_to=None)
+    raise TypeError(f"unknown operation {op!r}")
+
+
+def _require(view: StateView, rid: int) -> Experience:
+    exp = view.get(rid)
+    if exp is None:
+        raise RecordNotFoundError(f"no record with id {rid}")
+    return exp
+
+
+class Overlay:
+    """Acknowledged-but-unapplied (and enqueued-but-unacknowledged) effects; see module doc."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.records: dict[int, tuple[int, Experience | None]] = {}
+        self.tracks: dict[str, tuple[int, int | None]] = {}
+        self.queue: deque[Effect] = deque()  # durable, not applied, LSN order
+        self._p_records: dict[int, tuple[int, Experience | None]] = {}
+        self._p_tracks: dict[str, tuple[int, int | None]] = {}
+        self._pending: deque[Effect] = deque()
+
+    # writer side (under the store's write lock)
+    def writer_get(self, rid: int) -> object:
+        """The newest known state of ``rid`` or ``_MISSING`` if neither layer has it."""
+        hit = self._p_records.get(rid)
+        if hit is None:
+            hit = self.records.get(rid)
+        return hit[1] if hit is not None else _MISSING
+
+    def writer_track(self, track_id: str) -> object:
+        hit = self._p_tracks.get(track_id)
+        if hit is None:
+            hit = self.tracks.get(track_id)
+        return hit[1] if hit is not None else _MISSING
+
+    def add_pending(self, eff: Effect) -> None:
+        with self.lock:
+            self._pending.append(eff)
+            if eff.record_id is not None:
+                self._p_records[eff.record_id] = (eff.lsn, eff.exp)
+            if eff.track is not None:
+                self._p_tracks[eff.track] = (eff.lsn, eff.track_to)
+
+    def drop_pending_from(self, lsn: int) -> None:
+        """Forget pending effects at or after ``lsn`` (their WAL append was refused)."""
+        with self.lock:
+            while self._pending and self._pending[-1].lsn >= lsn:
+                eff = self._pending.pop()
+                if eff.record_id is not None and self._p_records.get(eff.record_id, (0,))[0] == eff.lsn:
+                    del self._p_records[eff.record_id]
+                if eff.track is not None and self._p_tracks.get(eff.track, (0,))[0] == eff.lsn:
+                    del self._p_tracks[eff.track]
+
+    def make_durable(self, last_lsn: int) -> None:
+        """Move pending effects up to ``last_lsn`` into the durable layer (WAL leader)."""
+        with self.lock:
+            while self._pending and self._pending[0].lsn <= last_lsn:
+                eff = self._pending.popleft()
+                self.add_durable_locked(eff)
+                if eff.record_id is not None and self._p_records.get(eff.record_id, (0,))[0] == eff.lsn:
+                    del self._p_records[eff.record_id]
+                if eff.track is not None and self._p_tracks.get(eff.track, (0,))[0] == eff.lsn:
+                    del self._p_tracks[eff.track]
+            self.changed.notify_all()
+
+    def add_durable_locked(self, eff: Effect) -> None:
+        self.queue.append(eff)
+        if eff.record_id is not None:
+            self.records[eff.record_id] = (eff.lsn, eff.exp)
+        if eff.track is not None:
+            self.tracks[eff.track] = (eff.lsn, eff.track_to)
+
+    # applier side
+    def take(self, limit: int) -> list[Effect]:
+        with self.lock:
+            n = min(limit, len(self.queue))
+            return [self.queue[i] for i in range(n)]
+
+    def applied(self, effects: list[Effect]) -> None:
+        """Drop ``effects`` (now committed to LMDB) unless a newer effect replaced an entry."""
+        with self.lock:
+            for eff in effects:
+                self.queue.popleft()
+                if eff.record_id is not None and self.records.get(eff.record_id, (0,))[0] == eff.lsn:
+                    del self.records[eff.record_id]
+                if eff.track is not None and self.tracks.get(eff.track, (0,))[0] == eff.lsn:
+                    del self.tracks[eff.track]
+            self.changed.notify_all()
+
+    def count_deltas_after(self, applied_lsn: int) -> dict[str, int]:
+        with self.lock:
+            effects = list(self.queue)
+        out: dict[str, int] = {}
+        for eff in effects:
+            if eff.lsn > applied_lsn:
+                delta = eff.count_delta()
+                if delta is not None:
+                    out[delta[0]] = out.get(delta[0], 0) + delta[1]
+        return out
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+
+MISSING = _MISSING

@@ -1,0 +1,580 @@
+"""The Store facade: composes the WAL, the overlay, the applier and LMDB behind DESIGN §8's API.
+
+Write path (``put``/``put_many``/``update``/``delete``/``delete_track``): validate and encode
+outside any lock; under the write lock derive the effect against the newest state, park it in the
+overlay's pending layer and append the encoded operation to the WAL; then wait, lock-free, for
+the group commit that covers it. The WAL leader moves acknowledged effects into the overlay's
+durable layer before any waiter returns (read your writes); the applier moves them into LMDB.
+
+Read path: the overlay's durable layer first, then LMDB (short read transactions).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from xpstore.config import StoreConfig, make_config
+from xpstore.errors import (
+    InvalidRecordError,
+    ReadOnlyStoreError,
+    RecordNotFoundError,
+    RecordTooLargeError,
+    StoreClosedError,
+    XpStoreError,
+)
+from xpstore.persistence import layout as layout_mod
+from xpstore.persistence.layout import Layout
+from xpstore.persistence.lmdb_tables import LmdbTables, from_u64, index_key
+from xpstore.persistence.lock import WriterLock
+from xpstore.persistence.wal import WalWriter
+from xpstore.persistence.wal_recovery import RecoveryReport, recover_wal
+from xpstore.store.applier import Applier
+from xpstore.store.codec import (
+    KIND_CODES,
+    DeleteOp,
+    DeleteTrackOp,
+    Op,
+    PutOp,
+    UpdateOp,
+    decode_envelope,
+    decode_op,
+    encode_op,
+)
+from xpstore.store.records import (
+    KINDS,
+    Experience,
+    Fingerprint,
+    Record,
+    kind_of,
+    record_from_json,
+)
+from xpstore.store.state import MISSING, Effect, Overlay, StateView, derive
+from xpstore.store.where import compile_where
+
+log = logging.getLogger(__name__)
+
+_SCAN_CHUNK = 512
+
+
+class Store:
+    """A persistent experience store. Open with :meth:`Store.open`; use as a context manager."""
+
+    def __init__(self, path: Path, config: StoreConfig, readonly: bool) -> None:
+        # use Store.open(); __init__ only wires attributes
+        self.path = path
+        self.config = config
+        self.readonly = readonly
+        self._layout = Layout(path)
+        self._closed = False
+        self._wlock = threading.Lock()
+        self._overlay = Overlay()
+        self._lock: WriterLock | None = None
+        self._tables: LmdbTables | None = None
+        self._wal: WalWriter | None = None
+        self._applier: Applier | None = None
+        self._embedding_dim: int | None = None
+        self.store_id = 0
+        self.recovery_report: RecoveryReport | None = None
+
+    # ------------------------------------------------------------------ open
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = False,
+        readonly: bool = False,
+        durability: str | None = None,
+        recovery_mode: str | None = None,
+        config: StoreConfig | Mapping[str, Any] | None = None,
+        **overrides: Any,
+    ) -> Store:
+        """Open (or with ``create=True`` create) the store at ``path``.
+
+        ``config`` (or keyword overrides such as ``durability=``, ``hold_applier=``) applies to
+        this session; a new store persists it. Raises StoreNotFoundError, FormatVersionError,
+        StoreLockedError, WALCorruptionError (see ``recovery_mode``).
+        """
+        root = Path(path)
+        lay = Layout(root)
+        if readonly and create:
+            raise InvalidRecordError("create=True and readonly=True exclude each other", field="create")
+        is_new = create and not lay.marker.exists()
+        if is_new:
+            layout_mod.prepare_new(lay)
+        else:
+            layout_mod.read_marker(lay)
+        given = config.model_dump() if isinstance(config, StoreConfig) else dict(config or {})
+        given.update(overrides)
+        given.update({"durability": durability, "recovery_mode": recovery_mode})
+        store = cls(root, make_config(), readonly)
+        try:
+            store._open(is_new, {k: v for k, v in given.items() if v is not None})
+        except BaseException:
+            store._release()
+            raise
+        return store
+
+    def _open(self, is_new: bool, overrides: dict[str, Any]) -> None:
+        if not self.readonly:
+            self._lock = WriterLock(self._layout.lock)
+            self._lock.acquire()
+        base = make_config(**overrides) if is_new else None
+        map_size = (base or make_config()).map_size
+        if "map_size" in overrides:
+            map_size = overrides["map_size"]
+        self._tables = LmdbTables(self._layout.data, readonly=self.readonly, map_size=map_size)
+        if is_new:
+            assert base is not None
+            self._tables.put_meta("config", base.to_json().encode())
+            self.config = base
+            marker = layout_mod.write_marker(self._layout)
+        else:
+            marker = layout_mod.read_marker(self._layout)
+            with self._tables.reading() as txn:
+                raw = self._tables.get_meta(txn, "config")
+            stored = StoreConfig.from_json(raw.decode()) if raw else make_config()
+            self.config = stored.with_overrides(**overrides)
+        self.store_id = marker.store_id
+        with self._tables.reading() as txn:
+            dim = self._tables.get_meta(txn, "embedding_dim")
+        self._embedding_dim = int(dim) if dim else self.config.embedding_dim
+        if self.readonly:
+            return
+        self._recover()
+
+    def _recover(self) -> None:
+        tables = self._tables
+        assert tables is not None
+        with tables.reading() as txn:
+            applied = tables.applied_lsn(txn)
+        applier = Applier(
+            self._overlay,
+            tables,
+            batch_ops=self.config.apply_batch_ops,
+            interval_s=self.config.apply_interval_ms / 1000.0,
+            checkpoint_interval_s=self.config.checkpoint_interval_s,
+            retain_segments=self.config.wal_retain_segments,
+            hold=self.config.hold_applier,
+        )
+        view = self._reader_view()
+
+        def apply(first_lsn: int, ops: list[bytes], _commit_time: float) -> None:
+            for i, raw in enumerate(ops):
+                eff = _replay_derive(decode_op(raw, validate=False), first_lsn + i, view)
+                if eff is not None:
+                    with self._overlay.lock:
+                        self._overlay.add_durable_locked(eff)
+            if len(self._overlay) >= self.config.apply_batch_ops:
+                applier.apply_all()
+
+        report = recover_wal(
+            self._layout.wal,
+            store_id=self.store_id,
+            applied_lsn=applied,
+            mode=self.config.recovery_mode,
+            max_frame_bytes=self.config.max_frame_bytes,
+            apply=apply,
+        )
+        applier.apply_all()
+        self.recovery_report = report
+        if report.replayed_ops or report.warnings:
+            log.info(
+                "recovered %s: replayed %d operations after LSN %d (%d warnings)",
+                self.path, report.replayed_ops, applied, len(report.warnings),
+            )
+        next_lsn = max(applied, report.last_lsn) + 1
+        self._wal = WalWriter(
+            self._layout.wal,
+            store_id=self.store_id,
+            next_lsn=next_lsn,
+            durability=self.config.durability,
+            segment_max_bytes=self.config.segment_max_bytes,
+            max_frame_bytes=self.config.max_frame_bytes,
+            group_commit_ms=self.config.group_commit_ms,
+            on_durable=lambda _first, last: self._overlay.make_durable(last),
+        )
+        self._applier = applier
+        applier.attach_wal(self._wal)
+        applier.checkpoint()
+        applier.start()
+
+    # ----------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Flush the WAL, apply what is pending to LMDB (unless the applier is held), release."""
+        if self._closed:
+            return
+        with self._wlock:
+            self._closed = True
+        try:
+            if self._wal is not None:
+                self._wal.close()
+            if self._applier is not None:
+                poisoned = self._wal is not None and self._wal.poisoned is not None
+                self._applier.stop(drain=not poisoned)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self._closed = True
+        if self._tables is not None:
+            self._tables.close()
+            self._tables = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("read-only" if self.readonly else "open")
+        return f"<Store {str(self.path)!r} {state}>"
+
+    # --------------------------------------------------------------- writes
+    def put(self, record: Record | Mapping[str, Any]) -> int:
+        """Store one record durably; return its id (the LSN of the put)."""
+        return self.put_many([record])[0]
+
+    def put_many(self, records: Iterable[Record | Mapping[str, Any]]) -> list[int]:
+        """Store records atomically (one WAL frame, one sync); return their ids in order."""
+        prepared = [self._prepare(r, i) for i, r in enumerate(records)]
+        if not prepared:
+            return []
+        if len(prepared) > self.config.max_batch_records:
+            raise RecordTooLargeError(
+                f"put_many got {len(prepared)} records, over max_batch_records="
+                f"{self.config.max_batch_records}",
+                field="records",
+            )
+        ops: list[Op] = [PutOp(r) for r in prepared]
+        payloads = [self._encode(op, i) for i, op in enumerate(ops)]
+        first, last = self._submit(ops, payloads)
+        return list(range(first, last + 1))
+
+    def update(self, id: int, **changes: Any) -> Experience:
+        """Change the mutable fields of record ``id`` (same id, through the WAL); return it."""
+        if not changes:
+            raise InvalidRecordError("update needs at least one field to change", field="changes")
+        op = UpdateOp(int(id), dict(changes))
+        self._submit([op], [self._encode(op, 0)])
+        return self.get(id)
+
+    def delete(self, id: int) -> None:
+        """Delete record ``id``; a tombstone keeps its LSN. RecordNotFoundError if absent."""
+        op = DeleteOp(int(id))
+        self._submit([op], [self._encode(op, 0)])
+
+    def delete_track(self, track_id: str) -> None:
+        """Remove ``track_id`` from fingerprint lookups; its fingerprint history stays."""
+        op = DeleteTrackOp(str(track_id))
+        self._submit([op], [self._encode(op, 0)])
+
+    def _prepare(self, record: Record | Mapping[str, Any], index: int) -> Record:
+        if isinstance(record, Mapping):
+            try:
+                record = record_from_json(record)
+            except InvalidRecordError as exc:
+                raise InvalidRecordError(f"records[{index}]: {exc}", field=exc.field) from exc
+        try:
+            kind_of(record)
+        except (KeyError, TypeError) as exc:
+            raise InvalidRecordError(
+                f"records[{index}]: expected a PredictionOutcome, Fingerprint or QueryMetric, "
+                f"got {type(record).__name__}",
+                field="record",
+            ) from exc
+        if record.ts is None:
+            record = record.model_copy(update={"ts": time.time()})
+        if isinstance(record, Fingerprint) and record.embedding is not None:
+            dim = self._embedding_dim
+            if dim is not None and len(record.embedding) != dim:
+                raise InvalidRecordError(
+                    f"records[{index}].embedding: dimension {len(record.embedding)}, this store's "
+                    f"embeddings have dimension {dim}",
+                    field="embedding",
+                )
+        return record
+
+    def _encode(self, op: Op, index: int) -> bytes:
+        payload = encode_op(op)
+        if len(payload) > self.config.max_record_bytes:
+            raise RecordTooLargeError(
+                f"records[{index}] encodes to {len(payload)} bytes, over max_record_bytes="
+                f"{self.config.max_record_bytes}",
+                field="record",
+            )
+        return payload
+
+    def _submit(self, ops: list[Op], payloads: list[bytes]) -> tuple[int, int]:
+        wal = self._writable()
+        with self._wlock:
+            wal = self._writable()
+            self._fix_embedding_dim(ops)
+            view = self._writer_view()
+            first = wal.next_lsn
+            try:
+                for i, op in enumerate(ops):
+                    self._overlay.add_pending(derive(op, first + i, view))
+                span = wal.append(payloads)
+            except BaseException:
+                self._overlay.drop_pending_from(first)
+                raise
+        wal.wait(span[1])
+        self._backpressure()
+        return span
+
+    def _fix_embedding_dim(self, ops: list[Op]) -> None:
+        if self._embedding_dim is not None:
+            return
+        for op in ops:
+            if isinstance(op, PutOp) and isinstance(op.record, Fingerprint) and op.record.embedding:
+                dim = len(op.record.embedding)
+                bad = [
+                    i for i, o in enumerate(ops)
+                    if isinstance(o, PutOp) and isinstance(o.record, Fingerprint)
+                    and o.record.embedding is not None and len(o.record.embedding) != dim
+                ]
+                if bad:
+                    raise InvalidRecordError(
+                        f"records[{bad[0]}].embedding: dimensions differ within the batch "
+                        f"({dim} first)",
+                        field="embedding",
+                    )
+                assert self._tables is not None
+                self._tables.put_meta("embedding_dim", str(dim).encode())
+                self._embedding_dim = dim
+                return
+
+    def _backpressure(self) -> None:
+        applier = self._applier
+        if applier is None or applier.hold:
+            return
+        limit = self.config.max_overlay_ops
+        if len(self._overlay) <= limit:
+            return
+        with self._overlay.changed:
+            while len(self._overlay) > limit and applier.error is None and not self._closed:
+                self._overlay.changed.wait(0.1)
+
+    def _writable(self) -> WalWriter:
+        self._check_open()
+        if self.readonly or self._wal is None:
+            raise ReadOnlyStoreError(f"store {self.path} is open read-only")
+        if self._applier is not None and self._applier.error is not None:
+            raise self._applier.error
+        return self._wal
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"store {self.path} is closed")
+
+    # --------------------------------------------------------------- views
+    def _lmdb_get(self, rid: int) -> Experience | None:
+        tables = self._tables
+        if tables is None:
+            raise StoreClosedError(f"store {self.path} is closed")
+        with tables.reading() as txn:
+            raw = tables.get_record(txn, rid)
+        return decode_envelope(rid, raw) if raw is not None else None
+
+    def _lmdb_track(self, track_id: str) -> int | None:
+        tables = self._tables
+        if tables is None:
+            raise StoreClosedError(f"store {self.path} is closed")
+        with tables.reading() as txn:
+            return tables.get_track(txn, track_id)
+
+    def _read_get(self, rid: int) -> Experience | None:
+        hit = self._overlay.records.get(rid)
+        if hit is not None:
+            return hit[1]
+        return self._lmdb_get(rid)
+
+    def _read_track(self, track_id: str) -> int | None:
+        hit = self._overlay.tracks.get(track_id)
+        if hit is not None:
+            return hit[1]
+        return self._lmdb_track(track_id)
+
+    def _reader_view(self) -> StateView:
+        return StateView(self._read_get, self._read_track)
+
+    def _writer_view(self) -> StateView:
+        ov = self._overlay
+
+        def get(rid: int) -> Experience | None:
+            hit = ov.writer_get(rid)
+            return self._lmdb_get(rid) if hit is MISSING else hit  # type: ignore[return-value]
+
+        def track(track_id: str) -> int | None:
+            hit = ov.writer_track(track_id)
+            return self._lmdb_track(track_id) if hit is MISSING else hit  # type: ignore[return-value]
+
+        return StateView(get, track)
+
+    # ---------------------------------------------------------------- reads
+    def get(self, id: int) -> Experience:
+        """The experience envelope of record ``id``; RecordNotFoundError if absent or deleted."""
+        self._check_open()
+        exp = self._read_get(int(id))
+        if exp is None:
+            raise RecordNotFoundError(f"no record with id {id}")
+        return exp
+
+    def get_fingerprint(self, track_id: str) -> Experience:
+        """The current fingerprint envelope of ``track_id``."""
+        self._check_open()
+        rid = self._read_track(track_id)
+        if rid is None:
+            raise RecordNotFoundError(f"no track {track_id!r}")
+        return self.get(rid)
+
+    def scan(
+        self,
+        kind: str | None = None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        where: Mapping[str, Any] | None = None,
+        limit: int | None = None,
+    ) -> Iterator[Experience]:
+        """Experiences in (ts, id) order; ``since`` inclusive, ``until`` exclusive, on ``ts``."""
+        self._check_open()
+        kinds = self._kinds(kind)
+        predicate = compile_where(where, kinds)
+        if limit is not None and limit < 0:
+            raise InvalidRecordError("limit must be >= 0", field="limit")
+        streams = [self._scan_kind(k, since, until) for k in kinds]
+        merged = streams[0] if len(streams) == 1 else heapq.merge(*streams, key=_order)
+        produced = 0
+        for exp in merged:
+            if limit is not None and produced >= limit:
+                return
+            if predicate is None or predicate(exp):
+                produced += 1
+                yield exp
+
+    def _scan_kind(self, kind: str, since: float | None, until: float | None) -> Iterator[Experience]:
+        code = KIND_CODES[kind]
+        lo_ts = since if since is not None else float("-inf")
+        hi_ts = until if until is not None else float("inf")
+        snapshot = dict(self._overlay.records)  # before LMDB reads: see module docstring
+        fresh = sorted(
+            (exp for _lsn, exp in snapshot.values()
+             if exp is not None and exp.kind == kind and lo_ts <= exp.ts < hi_ts),
+            key=_order,
+        )
+        lo = index_key(code, lo_ts, 0)
+        hi = index_key(code, hi_ts, 0) if until is not None else bytes((code + 1,))
+        yield from heapq.merge(fresh, self._scan_lmdb(code, lo, hi, snapshot), key=_order)
+
+    def _scan_lmdb(
+        self, code: int, lo: bytes, hi: bytes, skip: Mapping[int, object]
+    ) -> Iterator[Experience]:
+        tables = self._tables
+        while tables is not None:
+            chunk, _applied = tables.index_chunk(code, lo, hi, _SCAN_CHUNK)
+            for key, value in chunk:
+                rid = from_u64(key[9:])
+                if rid not in skip:
+                    yield decode_envelope(rid, value)
+            if len(chunk) < _SCAN_CHUNK:
+                return
+            lo = chunk[-1][0] + b"\0"
+            tables = self._tables
+
+    def count(self, kind: str | None = None) -> int:
+        """Live records (of ``kind``), acknowledged writes included."""
+        self._check_open()
+        kinds = self._kinds(kind)
+        tables = self._tables
+        assert tables is not None
+        # LMDB first, then the overlay entries newer than what that transaction saw: an effect
+        # applied in between is counted once (in LMDB, and filtered out of the overlay sum)
+        with tables.reading() as txn:
+            applied = tables.applied_lsn(txn)
+            counts = tables.counts(txn)
+        deltas = self._overlay.count_deltas_after(applied)
+        return sum(counts.get(KIND_CODES[k], 0) + deltas.get(k, 0) for k in kinds)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts, LSNs, WAL and LMDB sizes, durability settings: a dict for humans and --json."""
+        self._check_open()
+        tables = self._tables
+        assert tables is not None
+        with tables.reading() as txn:
+            applied = tables.applied_lsn(txn)
+        wal_files = sorted(self._layout.wal.glob("*.wal"))
+        data_file = self._layout.data / "data.mdb"
+        out: dict[str, Any] = {
+            "path": str(self.path),
+            "readonly": self.readonly,
+            "counts": {k: self.count(k) for k in KINDS},
+            "applied_lsn": applied,
+            "durability": self.config.durability,
+            "lmdb": {
+                "file_bytes": data_file.stat().st_size if data_file.exists() else 0,
+                **tables.stat(),
+            },
+            "wal": {
+                "segments": len(wal_files),
+                "bytes": sum(p.stat().st_size for p in wal_files),
+            },
+        }
+        out["total"] = sum(out["counts"].values())
+        if self._wal is not None:
+            st = self._wal.stats
+            out["next_lsn"] = self._wal.next_lsn
+            out["acked_lsn"] = self._wal.acked_lsn
+            out["unapplied_ops"] = len(self._overlay)
+            out["wal"].update(
+                frames=st.frames, syncs=st.syncs, ops=st.ops, rotations=st.rotations,
+                ops_per_sync=round(st.ops / st.syncs, 2) if st.syncs else None,
+            )
+        return out
+
+    def flush(self) -> None:
+        """Apply every acknowledged operation to LMDB now and checkpoint (tests, operators)."""
+        self._writable()
+        assert self._applier is not None
+        if self._applier.hold:
+            raise XpStoreError("the applier is held (hold_applier=True); nothing to flush into")
+        self._applier.apply_all()
+        self._applier.checkpoint()
+
+    def _kinds(self, kind: str | None) -> tuple[str, ...]:
+        if kind is None:
+            return KINDS
+        if kind not in KINDS:
+            raise InvalidRecordError(
+                f"unknown kind {kind!r}; use one of {', '.join(KINDS)}", field="kind"
+            )
+        return (kind,)
+
+
+def _order(exp: Experience) -> tuple[float, int]:
+    return (exp.ts, exp.id)
+
+
+def _replay_derive(op: Op, lsn: int, view: StateView) -> Effect | None:
+    """derive() for replay: an op that was valid when logged stays valid, but be tolerant."""
+    try:
+        return derive(op, lsn, view)
+    except RecordNotFoundError:
+        log.warning("replay: LSN %d targets a missing record (%r); skipped", lsn, op)
+        return None
+

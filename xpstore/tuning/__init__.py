@@ -1,0 +1,1 @@
+"""Learning and auto-tuning (DESIGN §7): arrives with a later issue; nothing is implemented yet."""
