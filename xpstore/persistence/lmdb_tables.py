@@ -179,8 +179,9 @@ class LmdbTables:
         self._resizing = False
         try:
             if readonly:
-                with self.reading() as txn:
-                    self._dbs = {n: self.env.open_db(n, txn=txn, create=False) for n in _DB_NAMES}
+                # py-lmdb: in a read-only environment, handles opened inside a caller's read
+                # transaction are not usable afterwards; let it manage its own transaction
+                self._dbs = {n: self.env.open_db(n, create=False) for n in _DB_NAMES}
             else:
                 with self.env.begin(write=True) as txn:
                     self._dbs = {n: self.env.open_db(n, txn=txn, create=True) for n in _DB_NAMES}

@@ -1,0 +1,229 @@
+"""The torn-tail and corruption table, run in-process against the WAL reader (fast), plus a
+sampled version through Store.open with the applier held back (frames beyond applied_lsn)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from xpstore import Store, WALCorruptionError
+from xpstore.persistence.wal import WalWriter
+from xpstore.persistence.wal_format import FRAME_HEADER_SIZE, HEADER_SIZE, scan_segment
+from xpstore.persistence.wal_recovery import recover_wal
+from xpstore.synthetic import make_mixed
+
+STORE_ID = 0x5EED
+MAX_FRAME = 1 << 20
+
+
+def _write_wal(wal_dir: Path, n_frames: int) -> list[list[bytes]]:
+    """n_frames frames of 1-3 small ops each; returns the ops per frame."""
+    wal_dir.mkdir(parents=True, exist_ok=True)
+    writer = WalWriter(
+        wal_dir, store_id=STORE_ID, next_lsn=1, durability="none", segment_max_bytes=1 << 30,
+        max_frame_bytes=MAX_FRAME, group_commit_ms=1, on_durable=lambda a, b: None,
+    )
+    frames = []
+    for i in range(n_frames):
+        ops = [f"op-{i}-{j}".encode() * (1 + j) for j in range(1 + i % 3)]
+        _first, last = writer.append(ops)
+        writer.wait(last)  # one frame per append: no concurrent writers here
+        frames.append(ops)
+    writer.close()
+    return frames
+
+
+def _recover(wal_dir: Path, mode: str, applied: int = 0):
+    got: list[tuple[int, bytes]] = []
+
+    def apply(first: int, ops: list[bytes], _t: float) -> None:
+        got.extend((first + i, op) for i, op in enumerate(ops))
+
+    report = recover_wal(
+        wal_dir, store_id=STORE_ID, applied_lsn=applied, mode=mode,
+        max_frame_bytes=MAX_FRAME, apply=apply,
+    )
+    return got, report
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[bytes]], list[int]]:
+    wal = tmp_path_factory.mktemp("pristine") / "wal"
+    frames = _write_wal(wal, 8)
+    seg = next(wal.glob("*.wal"))
+    scan = scan_segment(seg, seg.read_bytes(), MAX_FRAME)
+    assert scan.error is None and len(scan.frames) == 8
+    bounds = [f.offset for f in scan.frames] + [scan.size]
+    data_ends = [f.offset + FRAME_HEADER_SIZE + len(f.payload) for f in scan.frames]
+    return seg, frames, bounds, data_ends
+
+
+def _expected_ops(frames: list[list[bytes]], n_complete: int) -> list[tuple[int, bytes]]:
+    out, lsn = [], 1
+    for ops in frames[:n_complete]:
+        for op in ops:
+            out.append((lsn, op))
+            lsn += 1
+    return out
+
+
+@pytest.mark.parametrize("mode", ["tolerate_tail", "point_in_time", "absolute"])
+def test_truncation_at_every_offset_of_the_last_three_frames(tmp_path, pristine, mode):
+    seg, frames, bounds, data_ends = pristine
+    data = seg.read_bytes()
+    start = bounds[-4]  # first byte of the third frame from the end
+    for cut in range(start, len(data)):
+        wal = tmp_path / f"{mode}-{cut}"
+        wal.mkdir()
+        (wal / seg.name).write_bytes(data[:cut])
+        # a frame is complete when its checksummed bytes are all there (padding may be cut)
+        complete = sum(1 for end in data_ends if end <= cut)
+        at_boundary = complete == len(data_ends) or cut <= bounds[complete]
+        if mode == "absolute" and not at_boundary:
+            with pytest.raises(WALCorruptionError) as info:
+                _recover(wal, mode)
+            assert info.value.segment == seg.name
+            assert info.value.offset == bounds[complete]
+            assert "tolerate_tail" in str(info.value)
+            assert (wal / seg.name).stat().st_size == cut  # refused: nothing modified
+            continue
+        got, report = _recover(wal, mode)
+        assert got == _expected_ops(frames, complete), f"cut at {cut}"
+        if at_boundary:
+            assert not report.truncated and not report.broken_copies
+        else:
+            assert report.truncated == [(seg.name, bounds[complete])]
+            assert (wal / seg.name).stat().st_size == bounds[complete]
+            assert len(list(wal.glob("*.broken"))) == 1
+            # recovering again finds a clean log with the same content
+            again, report2 = _recover(wal, mode)
+            assert again == got and not report2.truncated
+        shutil.rmtree(wal)
+
+
+FLIP_POSITIONS = {
+    "crc": 0, "length": 5, "lsn": 9, "count": 16, "commit_time": 27, "payload": 36,
+}
+
+
+@pytest.mark.parametrize("where", sorted(FLIP_POSITIONS))
+def test_bit_flip_in_an_earlier_frame(tmp_path, pristine, where):
+    seg, frames, bounds, _ends = pristine
+    damaged_frame = 2
+    offset = bounds[damaged_frame]
+    data = bytearray(seg.read_bytes())
+    data[offset + FLIP_POSITIONS[where]] ^= 0x10
+    for mode in ("tolerate_tail", "absolute", "point_in_time"):
+        wal = tmp_path / mode
+        wal.mkdir()
+        (wal / seg.name).write_bytes(bytes(data))
+        if mode == "point_in_time":
+            got, report = _recover(wal, mode)
+            assert got == _expected_ops(frames, damaged_frame)
+            first_dropped = len(_expected_ops(frames, damaged_frame)) + 1
+            assert report.dropped_lsns == (first_dropped, len(_expected_ops(frames, 8)))
+            assert report.broken_copies
+            assert (wal / seg.name).stat().st_size == offset
+        else:
+            with pytest.raises(WALCorruptionError) as info:
+                _recover(wal, mode)
+            err = info.value
+            assert err.segment == seg.name and err.offset == offset
+            assert err.expected_lsn == len(_expected_ops(frames, damaged_frame)) + 1
+            assert "not a torn tail" in str(err) and "point_in_time" in str(err)
+            assert (wal / seg.name).read_bytes() == bytes(data)  # refused: untouched
+        shutil.rmtree(wal)
+
+
+def test_zeroed_sector_mid_log_is_not_a_torn_tail(tmp_path, pristine):
+    seg, frames, bounds, _ends = pristine
+    data = bytearray(seg.read_bytes())
+    data[bounds[1] : bounds[1] + 64] = bytes(64)
+    wal = tmp_path / "wal"
+    wal.mkdir()
+    (wal / seg.name).write_bytes(bytes(data))
+    with pytest.raises(WALCorruptionError) as info:
+        _recover(wal, "tolerate_tail")
+    assert info.value.offset == bounds[1]
+
+
+def test_damage_inside_applied_lsns_is_skipped(tmp_path, pristine):
+    seg, frames, bounds, _ends = pristine
+    data = bytearray(seg.read_bytes())
+    data[bounds[1] + 40] ^= 0xFF  # frame 2 (LSNs 2..3) is damaged, but LMDB already has them
+    wal = tmp_path / "wal"
+    wal.mkdir()
+    (wal / seg.name).write_bytes(bytes(data))
+    applied = len(_expected_ops(frames, 3))
+    got, report = _recover(wal, "absolute", applied=applied)
+    assert got == _expected_ops(frames, 8)[applied:]
+    assert report.warnings and "already applied" in report.warnings[0]
+
+
+def test_missing_and_foreign_segments_refuse_to_open(tmp_path):
+    wal = tmp_path / "wal"
+    WalWriter_kwargs = dict(store_id=STORE_ID, durability="none", segment_max_bytes=64 * 1024,
+                            max_frame_bytes=MAX_FRAME, group_commit_ms=1,
+                            on_durable=lambda a, b: None)
+    wal.mkdir()
+    w = WalWriter(wal, next_lsn=1, **WalWriter_kwargs)
+    for _ in range(300):
+        _a, last = w.append([b"x" * 1000])
+        w.wait(last)
+    w.close()
+    segs = sorted(wal.glob("*.wal"))
+    assert len(segs) >= 3
+    # a deleted middle segment
+    gap = tmp_path / "gap"
+    shutil.copytree(wal, gap)
+    (gap / segs[1].name).unlink()
+    with pytest.raises(WALCorruptionError) as info:
+        _recover(gap, "tolerate_tail")
+    assert info.value.reason == "missing_segment"
+    # a segment from another store
+    other = tmp_path / "other"
+    other.mkdir()
+    w2 = WalWriter(other, next_lsn=1, **{**WalWriter_kwargs, "store_id": 0xBAD})
+    _a, last = w2.append([b"y"])
+    w2.wait(last)
+    w2.close()
+    with pytest.raises(WALCorruptionError) as info:
+        _recover(other, "tolerate_tail")
+    assert info.value.reason == "foreign_segment"
+
+
+def _store_with_held_frames(path: Path, n: int) -> None:
+    records = make_mixed(__import__("numpy").random.default_rng(7), n)
+    with Store.open(path, create=True, hold_applier=True) as store:
+        for r in records:
+            store.put(r)  # one frame per put
+
+
+def test_store_opens_with_exactly_the_complete_frames(tmp_path):
+    base = tmp_path / "base"
+    _store_with_held_frames(base, 12)
+    seg = sorted((base / "wal").glob("*.wal"))[-1]
+    data = seg.read_bytes()
+    scan = scan_segment(seg, data, MAX_FRAME)
+    assert len(scan.frames) == 12
+    bounds = [f.offset for f in scan.frames] + [len(data)]
+    ends = [f.offset + FRAME_HEADER_SIZE + len(f.payload) for f in scan.frames]
+    for cut in range(bounds[-4], len(data), 13):
+        complete = sum(1 for end in ends if end <= cut)
+        clean = complete == len(ends) or cut <= bounds[complete]
+        for mode in ("tolerate_tail", "absolute"):
+            work = tmp_path / f"{mode}{cut}"
+            shutil.copytree(base, work)
+            with (work / "wal" / seg.name).open("r+b") as fh:
+                fh.truncate(cut)
+            if mode == "absolute" and not clean:
+                with pytest.raises(WALCorruptionError):
+                    Store.open(work, recovery_mode=mode)
+            else:
+                with Store.open(work, recovery_mode=mode) as store:
+                    assert store.count() == complete
+                    assert sorted(e.id for e in store.scan()) == list(range(1, complete + 1))
+            shutil.rmtree(work)
+    assert bounds[0] == HEADER_SIZE
