@@ -12,7 +12,9 @@ from xpstore import Store
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--stress", action="store_true", default=False,
+        "--stress",
+        action="store_true",
+        default=False,
         help="run the long stress variants (>= 1000 SIGKILL rounds)",
     )
 

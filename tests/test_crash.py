@@ -22,10 +22,23 @@ from xpstore import Store
 from xpstore.crashwriter import record_for
 
 
-def _run_round(path: Path, seed: int, kill_after_acks: int, extra: list[str]) -> list[tuple[int, int, int]]:
+def _run_round(
+    path: Path, seed: int, kill_after_acks: int, extra: list[str]
+) -> list[tuple[int, int, int]]:
     """Start a writer, SIGKILL it once it has acknowledged ``kill_after_acks`` records."""
-    cmd = [sys.executable, "-m", "xpstore.crashwriter", str(path), "--threads", "4",
-           "--seed", str(seed), "--batch", "5", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "xpstore.crashwriter",
+        str(path),
+        "--threads",
+        "4",
+        "--seed",
+        str(seed),
+        "--batch",
+        "5",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
     acks: list[tuple[int, int, int]] = []
@@ -91,7 +104,9 @@ def _crash_rounds(path: Path, n: int, seed: int) -> None:
         if r % 10 == 9 or r == n - 1:
             _check(path, rounds)
     total = sum(len(acks) for _seed, acks in rounds)
-    assert total > 10 * n, f"only {total} acknowledged records in {n} rounds: the test proves little"
+    assert total > 10 * n, (
+        f"only {total} acknowledged records in {n} rounds: the test proves little"
+    )
 
 
 def test_sigkill_rounds_lose_nothing_acknowledged(tmp_path):

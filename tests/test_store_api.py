@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,8 +50,14 @@ def test_put_get_round_trip_all_kinds(any_store):
     for rid, rec in zip(ids, records, strict=True):
         exp = any_store.get(rid)
         assert exp.id == rid and exp.updated_lsn == rid
-        assert exp.kind == {PredictionOutcome: "prediction", Fingerprint: "fingerprint",
-                            QueryMetric: "query_metric"}[type(rec)]
+        assert (
+            exp.kind
+            == {
+                PredictionOutcome: "prediction",
+                Fingerprint: "fingerprint",
+                QueryMetric: "query_metric",
+            }[type(rec)]
+        )
         assert exp.record == rec.model_copy(update={"ts": exp.ts})
         assert exp.retrieval_count == 0 and exp.success_rate is None
 
@@ -68,8 +73,9 @@ def test_ts_defaults_to_put_time_and_is_kept_when_given(any_store):
 
 
 def test_put_accepts_json_mappings(any_store):
-    rid = any_store.put({"kind": "prediction", "predicted": "warm", "confidence": 0.5,
-                         "context": "cold_start"})
+    rid = any_store.put(
+        {"kind": "prediction", "predicted": "warm", "confidence": 0.5, "context": "cold_start"}
+    )
     assert any_store.get(rid).record.predicted == "warm"
 
 
@@ -127,7 +133,7 @@ def test_scan_orders_filters_and_merges_overlay_with_lmdb(store_path):
     with Store.open(store_path, create=True) as store:
         applied = store.put_many(make_mixed(rng, 300, t0=1000.0))
         store.flush()
-        store._applier.hold = True  # the rest stays in the overlay  # noqa: SLF001
+        store._applier.hold = True  # the rest stays in the overlay
         fresh = store.put_many(make_mixed(rng, 100, t0=1100.5))
         victim = applied[10]
         store.delete(victim)
@@ -136,13 +142,22 @@ def test_scan_orders_filters_and_merges_overlay_with_lmdb(store_path):
         assert {e.id for e in every} == (set(applied) | set(fresh)) - {victim}
         preds = list(store.scan(kind="prediction", since=1050.0, until=1150.0))
         assert preds and all(p.kind == "prediction" and 1050.0 <= p.ts < 1150.0 for p in preds)
-        warm = list(store.scan(kind="prediction", where={"context": "warm_start",
-                                                         "audio_features.energy__gt": 0.6}))
-        assert all(e.record.context == "warm_start" and e.record.audio_features["energy"] > 0.6
-                   for e in warm)
-        everything_warm = [e for e in store.scan(kind="prediction")
-                           if e.record.context == "warm_start" and e.record.audio_features
-                           and e.record.audio_features.get("energy", 0) > 0.6]
+        warm = list(
+            store.scan(
+                kind="prediction", where={"context": "warm_start", "audio_features.energy__gt": 0.6}
+            )
+        )
+        assert all(
+            e.record.context == "warm_start" and e.record.audio_features["energy"] > 0.6
+            for e in warm
+        )
+        everything_warm = [
+            e
+            for e in store.scan(kind="prediction")
+            if e.record.context == "warm_start"
+            and e.record.audio_features
+            and e.record.audio_features.get("energy", 0) > 0.6
+        ]
         assert [e.id for e in warm] == [e.id for e in everything_warm]
         assert len(list(store.scan(limit=7))) == 7
         assert store.count() == len(every)
@@ -163,11 +178,24 @@ def test_bad_input_names_the_field_and_leaves_the_store_unchanged(store):
     store.put(_pred())
     bad = [
         ({"kind": "prediction", "predicted": "x", "confidence": 1.5, "context": "c"}, "confidence"),
-        ({"kind": "prediction", "predicted": "x", "confidence": 0.5, "context": "c",
-          "bogus": 1}, "bogus"),
-        ({"kind": "query_metric", "query_id": "q", "query_text": "t", "query_type": "s",
-          "latency_ms": -1, "memory_mb": 1, "cache_hit": True, "result_count": 1,
-          "success": True}, "latency_ms"),
+        (
+            {"kind": "prediction", "predicted": "x", "confidence": 0.5, "context": "c", "bogus": 1},
+            "bogus",
+        ),
+        (
+            {
+                "kind": "query_metric",
+                "query_id": "q",
+                "query_text": "t",
+                "query_type": "s",
+                "latency_ms": -1,
+                "memory_mb": 1,
+                "cache_hit": True,
+                "result_count": 1,
+                "success": True,
+            },
+            "latency_ms",
+        ),
     ]
     for payload, field in bad:
         with pytest.raises(InvalidRecordError) as info:
@@ -262,8 +290,12 @@ def test_second_writer_is_refused_naming_the_holder(store_path):
             "try:\n    Store.open(sys.argv[1])\nexcept StoreLockedError as e:\n"
             "    print(e.pid); sys.exit(3)\n"
         )
-        proc = subprocess.run([sys.executable, "-c", code, str(store_path)],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(  # noqa: PLW1510 (the exit code is asserted)
+            [sys.executable, "-c", code, str(store_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 3 and proc.stdout.strip() == str(os.getpid())
 
 
@@ -279,8 +311,12 @@ def test_readonly_open_in_another_process_sees_applied_data(store_path):
             "try:\n    s.put({'kind': 'prediction', 'predicted': 'a', 'confidence': 0.1,"
             " 'context': 'c'})\nexcept ReadOnlyStoreError:\n    print('refused')\n"
         )
-        proc = subprocess.run([sys.executable, "-c", code, str(store_path), str(ids[-1])],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(  # noqa: PLW1510 (the exit code is asserted)
+            [sys.executable, "-c", code, str(store_path), str(ids[-1])],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.split() == ["200", str(ids[-1]), "refused"]
 
@@ -304,8 +340,18 @@ def test_stats_reports_counts_and_wal(store):
 
 def test_public_api_is_exactly_all():
     public = {n for n in dir(xpstore) if not n.startswith("_")}
-    modules = {"config", "errors", "persistence", "store", "synthetic", "index", "tuning",
-               "crashwriter", "cli", "demo"}
+    modules = {
+        "config",
+        "errors",
+        "persistence",
+        "store",
+        "synthetic",
+        "index",
+        "tuning",
+        "crashwriter",
+        "cli",
+        "demo",
+    }
     assert public - modules == set(xpstore.__all__) - {"__version__"}
     for name in xpstore.__all__:
         assert getattr(xpstore, name) is not None
@@ -324,8 +370,10 @@ def test_lmdb_errors_are_translated(store_path, monkeypatch):
 
     from xpstore.persistence import lmdb_tables
 
-    for exc, expected in [(lmdb.CorruptedError("x"), xpstore.StoreCorruptionError),
-                          (lmdb.DiskError("x"), xpstore.WALWriteError),
-                          (lmdb.BadTxnError("x"), XpStoreError)]:
+    for exc, expected in [
+        (lmdb.CorruptedError("x"), xpstore.StoreCorruptionError),
+        (lmdb.DiskError("x"), xpstore.WALWriteError),
+        (lmdb.BadTxnError("x"), XpStoreError),
+    ]:
         mapped = lmdb_tables.translate(exc, "ctx")
         assert isinstance(mapped, expected) and "ctx" in str(mapped)

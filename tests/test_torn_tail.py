@@ -22,8 +22,14 @@ def _write_wal(wal_dir: Path, n_frames: int) -> list[list[bytes]]:
     """n_frames frames of 1-3 small ops each; returns the ops per frame."""
     wal_dir.mkdir(parents=True, exist_ok=True)
     writer = WalWriter(
-        wal_dir, store_id=STORE_ID, next_lsn=1, durability="none", segment_max_bytes=1 << 30,
-        max_frame_bytes=MAX_FRAME, group_commit_ms=1, on_durable=lambda a, b: None,
+        wal_dir,
+        store_id=STORE_ID,
+        next_lsn=1,
+        durability="none",
+        segment_max_bytes=1 << 30,
+        max_frame_bytes=MAX_FRAME,
+        group_commit_ms=1,
+        on_durable=lambda a, b: None,
     )
     frames = []
     for i in range(n_frames):
@@ -42,8 +48,12 @@ def _recover(wal_dir: Path, mode: str, applied: int = 0):
         got.extend((first + i, op) for i, op in enumerate(ops))
 
     report = recover_wal(
-        wal_dir, store_id=STORE_ID, applied_lsn=applied, mode=mode,
-        max_frame_bytes=MAX_FRAME, apply=apply,
+        wal_dir,
+        store_id=STORE_ID,
+        applied_lsn=applied,
+        mode=mode,
+        max_frame_bytes=MAX_FRAME,
+        apply=apply,
     )
     return got, report
 
@@ -104,7 +114,12 @@ def test_truncation_at_every_offset_of_the_last_three_frames(tmp_path, pristine,
 
 
 FLIP_POSITIONS = {
-    "crc": 0, "length": 5, "lsn": 9, "count": 16, "commit_time": 27, "payload": 36,
+    "crc": 0,
+    "length": 5,
+    "lsn": 9,
+    "count": 16,
+    "commit_time": 27,
+    "payload": 36,
 }
 
 
@@ -138,7 +153,7 @@ def test_bit_flip_in_an_earlier_frame(tmp_path, pristine, where):
 
 
 def test_zeroed_sector_mid_log_is_not_a_torn_tail(tmp_path, pristine):
-    seg, frames, bounds, _ends = pristine
+    seg, _frames, bounds, _ends = pristine
     data = bytearray(seg.read_bytes())
     data[bounds[1] : bounds[1] + 64] = bytes(64)
     wal = tmp_path / "wal"
@@ -164,9 +179,14 @@ def test_damage_inside_applied_lsns_is_skipped(tmp_path, pristine):
 
 def test_missing_and_foreign_segments_refuse_to_open(tmp_path):
     wal = tmp_path / "wal"
-    WalWriter_kwargs = dict(store_id=STORE_ID, durability="none", segment_max_bytes=64 * 1024,
-                            max_frame_bytes=MAX_FRAME, group_commit_ms=1,
-                            on_durable=lambda a, b: None)
+    WalWriter_kwargs = dict(
+        store_id=STORE_ID,
+        durability="none",
+        segment_max_bytes=64 * 1024,
+        max_frame_bytes=MAX_FRAME,
+        group_commit_ms=1,
+        on_durable=lambda a, b: None,
+    )
     wal.mkdir()
     w = WalWriter(wal, next_lsn=1, **WalWriter_kwargs)
     for _ in range(300):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import threading
 from pathlib import Path
 
@@ -25,8 +26,15 @@ from xpstore.synthetic import make_mixed, make_prediction
 
 def _writer(wal: Path, **kw) -> WalWriter:
     wal.mkdir(exist_ok=True)
-    args = dict(store_id=1, next_lsn=1, durability="commit", segment_max_bytes=1 << 20,
-                max_frame_bytes=1 << 20, group_commit_ms=1, on_durable=lambda a, b: None)
+    args = dict(
+        store_id=1,
+        next_lsn=1,
+        durability="commit",
+        segment_max_bytes=1 << 20,
+        max_frame_bytes=1 << 20,
+        group_commit_ms=1,
+        on_durable=lambda a, b: None,
+    )
     args.update(kw)
     return WalWriter(wal, **args)
 
@@ -70,7 +78,7 @@ def test_lsns_are_consecutive_and_rotation_creates_named_segments(tmp_path):
         spans.append((first, last))
     w.close()
     assert spans[0][0] == 1
-    assert all(b[0] == a[1] + 1 for a, b in zip(spans, spans[1:], strict=False))
+    assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(spans))
     segs = sorted((tmp_path / "wal").glob("*.wal"))
     assert len(segs) > 3 and w.stats.rotations == len(segs) - 1
     expected = 1
@@ -132,6 +140,7 @@ def test_checkpoint_removes_covered_segments(store_path):
 def _failing_fdatasync(err: int):
     def fail(fd: int) -> None:
         raise OSError(err, "injected")
+
     return fail
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,9 @@ def record_for(seed: int, thread: int, seq: int) -> Record:
     return rec.model_copy(update={"ts": ts})
 
 
-def _writer(store: Store, seed: int, thread: int, count: int, batch: int, out: threading.Lock) -> None:
+def _writer(
+    store: Store, seed: int, thread: int, count: int, batch: int, out: threading.Lock
+) -> None:
     seq = 0
     while count <= 0 or seq < count:
         if batch > 1 and thread % 2 == 1:
@@ -57,12 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--count", type=int, default=0, help="puts per thread; 0 = until killed")
-    parser.add_argument("--batch", type=int, default=1, help="odd threads use put_many of this size")
+    parser.add_argument(
+        "--batch", type=int, default=1, help="odd threads use put_many of this size"
+    )
     parser.add_argument("--durability", default="commit")
     parser.add_argument("--hold-applier", action="store_true")
     parser.add_argument("--segment-max-bytes", type=int, default=None)
     args = parser.parse_args(argv)
-    overrides = {"hold_applier": True} if args.hold_applier else {}
+    overrides: dict[str, Any] = {"hold_applier": True} if args.hold_applier else {}
     if args.segment_max_bytes:
         overrides["segment_max_bytes"] = args.segment_max_bytes
     out = threading.Lock()
@@ -70,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write("READY\n")
         sys.stdout.flush()
         threads = [
-            threading.Thread(target=_writer, args=(store, args.seed, t, args.count, args.batch, out))
+            threading.Thread(
+                target=_writer, args=(store, args.seed, t, args.count, args.batch, out)
+            )
             for t in range(args.threads)
         ]
         for t in threads:

@@ -65,11 +65,12 @@ def read_marker(layout: Layout) -> Marker:
         )
     try:
         data = json.loads(layout.marker.read_text())
-        if data.get("format") != FORMAT_NAME:
-            raise ValueError("format is not 'xpstore'")
         marker = Marker(int(data["format_version"]), int(data["store_id"]), float(data["created"]))
+        name = data.get("format")
     except (ValueError, KeyError, TypeError) as exc:
         raise FormatVersionError(f"{layout.marker}: unreadable store marker ({exc})") from exc
+    if name != FORMAT_NAME:
+        raise FormatVersionError(f"{layout.marker}: format is {name!r}, not {FORMAT_NAME!r}")
     if marker.format_version > FORMAT_VERSION:
         raise FormatVersionError(
             f"{layout.root} was written by store format {marker.format_version}; this xpstore "

@@ -246,7 +246,7 @@ class LmdbTables:
 
     def get_track(self, txn: lmdb.Transaction, track_id: str) -> int | None:
         value = txn.get(track_id.encode(), db=self._dbs[b"tracks"])
-        return from_u64(value) if value is not None else None
+        return from_u64(bytes(value)) if value is not None else None
 
     def index_chunk(
         self, kind_code: int, lo: bytes, hi: bytes, limit: int
@@ -263,7 +263,8 @@ class LmdbTables:
             records = self._dbs[b"records"]
             if not cur.set_range(lo):
                 return out, applied
-            for key in cur.iternext(keys=True, values=False):
+            for raw_key in cur.iternext(keys=True, values=False):
+                key = bytes(raw_key)
                 if key >= hi or len(out) >= limit:
                     break
                 value = txn.get(key[9:], db=records)
@@ -271,7 +272,7 @@ class LmdbTables:
                     raise StoreCorruptionError(
                         f"index entry kind={kind_code} id={from_u64(key[9:])} has no record"
                     )
-                out.append((bytes(key), bytes(value)))
+                out.append((key, bytes(value)))
         return out, applied
 
     # ---------------------------------------------------------- write side
@@ -287,7 +288,11 @@ class LmdbTables:
         if applied <= current:
             return  # already applied: replay after a crash is idempotent
         records, index = self._dbs[b"records"], self._dbs[b"by_kind_ts"]
-        tracks, tombs, ttombs = self._dbs[b"tracks"], self._dbs[b"tombstones"], self._dbs[b"track_tombs"]
+        tracks, tombs, ttombs = (
+            self._dbs[b"tracks"],
+            self._dbs[b"tombstones"],
+            self._dbs[b"track_tombs"],
+        )
         counts = self.counts(txn)
         for ch in changes:
             if isinstance(ch, RecordPut):

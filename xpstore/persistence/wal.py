@@ -100,7 +100,9 @@ class WalWriter:
         self._syncer: threading.Thread | None = None
         self._stop = threading.Event()
         if durability == "group":
-            self._syncer = threading.Thread(target=self._sync_loop, name="xpstore-wal-sync", daemon=True)
+            self._syncer = threading.Thread(
+                target=self._sync_loop, name="xpstore-wal-sync", daemon=True
+            )
             self._syncer.start()
 
     # ------------------------------------------------------------------ public
@@ -189,7 +191,8 @@ class WalWriter:
         with self._io_lock:
             closed = self._segments[:-1]  # never the active segment
             deletable = [
-                seg for seg, nxt in zip(closed, self._segments[1:], strict=False)
+                seg
+                for seg, nxt in zip(closed, self._segments[1:], strict=False)
                 if nxt[0] - 1 <= applied_lsn
             ]
             if keep:

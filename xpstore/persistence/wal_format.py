@@ -77,7 +77,9 @@ class SegmentHeader:
 
 
 def encode_header(store_id: int, salt: int, first_lsn: int, created: float) -> bytes:
-    body = _HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, 0, store_id, salt, 0, first_lsn, created, 0, 0)
+    body = _HEADER.pack(
+        SEGMENT_MAGIC, SEGMENT_VERSION, 0, store_id, salt, 0, first_lsn, created, 0, 0
+    )
     crc = crc32c(body[: HEADER_SIZE - 8])
     return body[: HEADER_SIZE - 8] + struct.pack("<II", crc, 0)
 
@@ -92,8 +94,12 @@ class HeaderError(ValueError):
 
 def decode_header(data: bytes | memoryview) -> SegmentHeader:
     if len(data) < HEADER_SIZE:
-        raise HeaderError("truncated_header", f"segment header needs {HEADER_SIZE} bytes, has {len(data)}")
-    magic, version, _flags, store_id, salt, _rsv, first_lsn, created, crc, _pad = _HEADER.unpack_from(data)
+        raise HeaderError(
+            "truncated_header", f"segment header needs {HEADER_SIZE} bytes, has {len(data)}"
+        )
+    magic, version, _flags, store_id, salt, _rsv, first_lsn, created, crc, _pad = (
+        _HEADER.unpack_from(data)
+    )
     if magic != SEGMENT_MAGIC:
         raise HeaderError("bad_magic", f"not a WAL segment (magic {bytes(magic)!r})")
     if crc32c(bytes(data[: HEADER_SIZE - 8])) != crc:
@@ -162,15 +168,21 @@ def decode_frame(data: memoryview, offset: int, salt_bytes: bytes, max_frame_byt
     """Validate and decode the frame at ``offset`` or raise :class:`FrameError`."""
     remaining = len(data) - offset
     if remaining < FRAME_HEADER_SIZE:
-        raise FrameError(offset, "truncated_header", f"{remaining} bytes left, a frame header needs 32")
-    crc, length, first_lsn, count, ftype, _flags, _rsv, commit_time = _FRAME.unpack_from(data, offset)
+        raise FrameError(
+            offset, "truncated_header", f"{remaining} bytes left, a frame header needs 32"
+        )
+    crc, length, first_lsn, count, ftype, _flags, _rsv, commit_time = _FRAME.unpack_from(
+        data, offset
+    )
     if crc == 0 and length == 0 and count == 0:
         raise FrameError(offset, "zeroed", "zero-filled frame header (unwritten or zeroed space)")
     if length > max_frame_bytes or count == 0 or count * 4 > length:
         raise FrameError(offset, "bad_length", f"implausible length {length} / count {count}")
     end = offset + FRAME_HEADER_SIZE + length
     if end > len(data):
-        raise FrameError(offset, "truncated_payload", f"payload of {length} bytes runs past end of file")
+        raise FrameError(
+            offset, "truncated_payload", f"payload of {length} bytes runs past end of file"
+        )
     actual = crc32c(data[offset + 4 : end], crc32c(salt_bytes))
     if actual != crc:
         raise FrameError(offset, "crc_mismatch", f"checksum {actual:#010x} != stored {crc:#010x}")
@@ -189,7 +201,9 @@ def _check_payload(payload: memoryview, count: int, offset: int) -> None:
         (n,) = _OP_LEN.unpack_from(payload, pos)
         pos += 4 + n
     if pos != len(payload):
-        raise FrameError(offset, "bad_payload", f"operations cover {pos} of {len(payload)} payload bytes")
+        raise FrameError(
+            offset, "bad_payload", f"operations cover {pos} of {len(payload)} payload bytes"
+        )
 
 
 @dataclass(slots=True)

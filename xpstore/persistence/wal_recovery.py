@@ -31,6 +31,7 @@ from xpstore.persistence import fs
 from xpstore.persistence.wal import _list_segments
 from xpstore.persistence.wal_format import (
     HEADER_SIZE,
+    Frame,
     FrameError,
     HeaderError,
     SegmentHeader,
@@ -108,7 +109,9 @@ def recover_wal(
     truncated). Raises :class:`WALCorruptionError` where the mode refuses to open.
     """
     if mode not in RECOVERY_MODES:
-        raise ValueError(f"unknown recovery mode {mode!r}; choose one of {', '.join(RECOVERY_MODES)}")
+        raise ValueError(
+            f"unknown recovery mode {mode!r}; choose one of {', '.join(RECOVERY_MODES)}"
+        )
     if modify:
         for tmp in wal_dir.glob("*.wal.tmp"):  # a segment create that never reached its rename
             tmp.unlink()
@@ -160,14 +163,19 @@ class _Reader:
     def _check_header(self, header: SegmentHeader, first: int) -> tuple[str, str] | None:
         if header.store_id != self.store_id:
             return "foreign_segment", (
-                f"segment belongs to store {header.store_id:#x}, not this store ({self.store_id:#x})"
+                f"segment belongs to store {header.store_id:#x}, "
+                f"not this store ({self.store_id:#x})"
             )
         if header.first_lsn != first:
-            return "name_mismatch", f"header says first LSN {header.first_lsn}, file name says {first}"
+            return (
+                "name_mismatch",
+                f"header says first LSN {header.first_lsn}, file name says {first}",
+            )
         if self.expected is None:
             if header.first_lsn > self.applied + 1:
                 return "missing_segment", (
-                    f"LSNs {self.applied + 1}..{header.first_lsn - 1} are in neither LMDB nor the WAL"
+                    f"LSNs {self.applied + 1}..{header.first_lsn - 1} are in neither LMDB "
+                    "nor the WAL"
                 )
             self.expected = header.first_lsn
         elif header.first_lsn > self.expected:
@@ -188,12 +196,7 @@ class _Reader:
         while offset < len(data):
             assert self.expected is not None
             try:
-                frame = decode_frame(view, offset, salt, self.max_frame)
-                if frame.first_lsn != self.expected:
-                    raise FrameError(
-                        offset, "lsn_mismatch",
-                        f"frame has first LSN {frame.first_lsn}, expected {self.expected}",
-                    )
+                frame = _decode_expected(view, offset, salt, self.max_frame, self.expected)
             except FrameError as exc:
                 resync = self._resync(data, offset, salt)
                 if resync is None:
@@ -253,10 +256,31 @@ class _Reader:
             valid_after += len(scan.frames) + (1 if scan.header else 0)
             if scan.frames:
                 max_after = max(max_after or 0, scan.frames[-1].last_lsn)
-        torn = valid_after == 0 and index == len(self.segs) - 1 and reason not in (
-            "foreign_segment", "name_mismatch", "missing_segment", "lsn_overlap", "newer_version",
+        torn = (
+            valid_after == 0
+            and index == len(self.segs) - 1
+            and reason
+            not in (
+                "foreign_segment",
+                "name_mismatch",
+                "missing_segment",
+                "lsn_overlap",
+                "newer_version",
+            )
         )
         return _Damage(index, path, offset, expected, reason, detail, torn, valid_after, max_after)
+
+
+def _decode_expected(
+    view: memoryview, offset: int, salt: bytes, max_frame: int, expected: int
+) -> Frame:
+    """decode_frame plus the continuity check: the frame must start at ``expected``."""
+    frame = decode_frame(view, offset, salt, max_frame)
+    if frame.first_lsn != expected:
+        raise FrameError(
+            offset, "lsn_mismatch", f"frame has first LSN {frame.first_lsn}, expected {expected}"
+        )
+    return frame
 
 
 def _handle_damage(

@@ -34,11 +34,18 @@ def to_changes(effects: list[Effect]) -> list[Change]:
         if eff.record_id is not None:
             if eff.exp is not None:
                 out.append(
-                    RecordPut(eff.record_id, KIND_CODES[eff.exp.kind], eff.exp.ts,
-                              encode_envelope(eff.exp), eff.is_new)
+                    RecordPut(
+                        eff.record_id,
+                        KIND_CODES[eff.exp.kind],
+                        eff.exp.ts,
+                        encode_envelope(eff.exp),
+                        eff.is_new,
+                    )
                 )
             elif eff.prev is not None:
-                out.append(RecordDelete(eff.record_id, KIND_CODES[eff.prev.kind], eff.prev.ts, eff.lsn))
+                out.append(
+                    RecordDelete(eff.record_id, KIND_CODES[eff.prev.kind], eff.prev.ts, eff.lsn)
+                )
         if eff.track is not None:
             if eff.track_to is not None:
                 out.append(TrackSet(eff.track, eff.track_to))

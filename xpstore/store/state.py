@@ -79,7 +79,9 @@ def derive(op: Op, lsn: int, view: StateView) -> Effect:
     if isinstance(op, UpdateOp):
         prev = _require(view, op.id)
         new_record = apply_changes(prev.record, op.changes)
-        return Effect(lsn, record_id=op.id, exp=replace(prev, record=new_record, updated_lsn=lsn), prev=prev)
+        return Effect(
+            lsn, record_id=op.id, exp=replace(prev, record=new_record, updated_lsn=lsn), prev=prev
+        )
     if isinstance(op, DeleteOp):
         prev = _require(view, op.id)
         eff = Effect(lsn, record_id=op.id, exp=None, prev=prev)
@@ -141,7 +143,10 @@ class Overlay:
         with self.lock:
             while self._pending and self._pending[-1].lsn >= lsn:
                 eff = self._pending.pop()
-                if eff.record_id is not None and self._p_records.get(eff.record_id, (0,))[0] == eff.lsn:
+                if (
+                    eff.record_id is not None
+                    and self._p_records.get(eff.record_id, (0,))[0] == eff.lsn
+                ):
                     del self._p_records[eff.record_id]
                 if eff.track is not None and self._p_tracks.get(eff.track, (0,))[0] == eff.lsn:
                     del self._p_tracks[eff.track]
@@ -152,7 +157,10 @@ class Overlay:
             while self._pending and self._pending[0].lsn <= last_lsn:
                 eff = self._pending.popleft()
                 self.add_durable_locked(eff)
-                if eff.record_id is not None and self._p_records.get(eff.record_id, (0,))[0] == eff.lsn:
+                if (
+                    eff.record_id is not None
+                    and self._p_records.get(eff.record_id, (0,))[0] == eff.lsn
+                ):
                     del self._p_records[eff.record_id]
                 if eff.track is not None and self._p_tracks.get(eff.track, (0,))[0] == eff.lsn:
                     del self._p_tracks[eff.track]
@@ -176,21 +184,29 @@ class Overlay:
         with self.lock:
             for eff in effects:
                 self.queue.popleft()
-                if eff.record_id is not None and self.records.get(eff.record_id, (0,))[0] == eff.lsn:
+                if (
+                    eff.record_id is not None
+                    and self.records.get(eff.record_id, (0,))[0] == eff.lsn
+                ):
                     del self.records[eff.record_id]
                 if eff.track is not None and self.tracks.get(eff.track, (0,))[0] == eff.lsn:
                     del self.tracks[eff.track]
             self.changed.notify_all()
 
-    def count_deltas_after(self, applied_lsn: int) -> dict[str, int]:
+    def count_deltas(self) -> list[tuple[int, str, int]]:
+        """(lsn, kind, +1/-1) of every unapplied effect that changes a live count.
+
+        Take this snapshot *before* reading LMDB's counts, then keep the entries with an LSN
+        above that transaction's applied_lsn: an effect applied in between is then counted
+        exactly once (the snapshot still has it, and the filter drops it).
+        """
         with self.lock:
             effects = list(self.queue)
-        out: dict[str, int] = {}
+        out = []
         for eff in effects:
-            if eff.lsn > applied_lsn:
-                delta = eff.count_delta()
-                if delta is not None:
-                    out[delta[0]] = out.get(delta[0], 0) + delta[1]
+            delta = eff.count_delta()
+            if delta is not None:
+                out.append((eff.lsn, delta[0], delta[1]))
         return out
 
     def __len__(self) -> int:

@@ -106,7 +106,9 @@ class Store:
         root = Path(path)
         lay = Layout(root)
         if readonly and create:
-            raise InvalidRecordError("create=True and readonly=True exclude each other", field="create")
+            raise InvalidRecordError(
+                "create=True and readonly=True exclude each other", field="create"
+            )
         is_new = create and not lay.marker.exists()
         if is_new:
             layout_mod.prepare_new(lay)
@@ -189,7 +191,10 @@ class Store:
         if report.replayed_ops or report.warnings:
             log.info(
                 "recovered %s: replayed %d operations after LSN %d (%d warnings)",
-                self.path, report.replayed_ops, applied, len(report.warnings),
+                self.path,
+                report.replayed_ops,
+                applied,
+                len(report.warnings),
             )
         next_lsn = max(applied, report.last_lsn) + 1
         self._wal = WalWriter(
@@ -344,9 +349,12 @@ class Store:
             if isinstance(op, PutOp) and isinstance(op.record, Fingerprint) and op.record.embedding:
                 dim = len(op.record.embedding)
                 bad = [
-                    i for i, o in enumerate(ops)
-                    if isinstance(o, PutOp) and isinstance(o.record, Fingerprint)
-                    and o.record.embedding is not None and len(o.record.embedding) != dim
+                    i
+                    for i, o in enumerate(ops)
+                    if isinstance(o, PutOp)
+                    and isinstance(o.record, Fingerprint)
+                    and o.record.embedding is not None
+                    and len(o.record.embedding) != dim
                 ]
                 if bad:
                     raise InvalidRecordError(
@@ -468,14 +476,19 @@ class Store:
                 produced += 1
                 yield exp
 
-    def _scan_kind(self, kind: str, since: float | None, until: float | None) -> Iterator[Experience]:
+    def _scan_kind(
+        self, kind: str, since: float | None, until: float | None
+    ) -> Iterator[Experience]:
         code = KIND_CODES[kind]
         lo_ts = since if since is not None else float("-inf")
         hi_ts = until if until is not None else float("inf")
         snapshot = dict(self._overlay.records)  # before LMDB reads: see module docstring
         fresh = sorted(
-            (exp for _lsn, exp in snapshot.values()
-             if exp is not None and exp.kind == kind and lo_ts <= exp.ts < hi_ts),
+            (
+                exp
+                for _lsn, exp in snapshot.values()
+                if exp is not None and exp.kind == kind and lo_ts <= exp.ts < hi_ts
+            ),
             key=_order,
         )
         lo = index_key(code, lo_ts, 0)
@@ -503,13 +516,12 @@ class Store:
         kinds = self._kinds(kind)
         tables = self._tables
         assert tables is not None
-        # LMDB first, then the overlay entries newer than what that transaction saw: an effect
-        # applied in between is counted once (in LMDB, and filtered out of the overlay sum)
+        deltas = self._overlay.count_deltas()  # first: see Overlay.count_deltas
         with tables.reading() as txn:
             applied = tables.applied_lsn(txn)
             counts = tables.counts(txn)
-        deltas = self._overlay.count_deltas_after(applied)
-        return sum(counts.get(KIND_CODES[k], 0) + deltas.get(k, 0) for k in kinds)
+        total = sum(counts.get(KIND_CODES[k], 0) for k in kinds)
+        return total + sum(d for lsn, k, d in deltas if lsn > applied and k in kinds)
 
     def stats(self) -> dict[str, Any]:
         """Counts, LSNs, WAL and LMDB sizes, durability settings: a dict for humans and --json."""
@@ -542,7 +554,10 @@ class Store:
             out["acked_lsn"] = self._wal.acked_lsn
             out["unapplied_ops"] = len(self._overlay)
             out["wal"].update(
-                frames=st.frames, syncs=st.syncs, ops=st.ops, rotations=st.rotations,
+                frames=st.frames,
+                syncs=st.syncs,
+                ops=st.ops,
+                rotations=st.rotations,
                 ops_per_sync=round(st.ops / st.syncs, 2) if st.syncs else None,
             )
         return out
@@ -577,4 +592,3 @@ def _replay_derive(op: Op, lsn: int, view: StateView) -> Effect | None:
     except RecordNotFoundError:
         log.warning("replay: LSN %d targets a missing record (%r); skipped", lsn, op)
         return None
-

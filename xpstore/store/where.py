@@ -77,9 +77,7 @@ def _check_root(root: str, kinds: tuple[str, ...], key: str) -> None:
         return
     if any(root in MODEL_BY_KIND[k].model_fields for k in kinds):
         return
-    raise InvalidRecordError(
-        f"where: {key!r} names no field of kind {'/'.join(kinds)}", field=key
-    )
+    raise InvalidRecordError(f"where: {key!r} names no field of kind {'/'.join(kinds)}", field=key)
 
 
 def _resolve(exp: Experience, path: tuple[str, ...]) -> Any:

@@ -1,0 +1,387 @@
+"""The binary codec: exact round trips in both decode modes, and every malformed input refused."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.strategies import experiences, fingerprints, ops, records
+from xpstore.errors import CodecError, InvalidRecordError, StoreCorruptionError, XpStoreError
+from xpstore.store.codec import (
+    CODEC_VERSION,
+    KIND_BY_CODE,
+    KIND_CODES,
+    DeleteOp,
+    DeleteTrackOp,
+    Op,
+    PutOp,
+    UpdateOp,
+    decode_envelope,
+    decode_op,
+    encode_envelope,
+    encode_op,
+)
+from xpstore.store.records import (
+    BATCH_FIELDS,
+    KINDS,
+    STREAMING_FIELDS,
+    STREAMING_FIELDS_NO_HARMONIC,
+    BatchFingerprint,
+    Experience,
+    Fingerprint,
+    PredictionOutcome,
+    QueryMetric,
+    Record,
+    StreamingFingerprint,
+    record_to_json,
+)
+
+FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+BATCH = {name: 0.1 for name in BATCH_FIELDS} | {"lufs": -9.0, "tempo_bpm": 126.0}
+
+
+def full_fingerprint() -> Fingerprint:
+    return Fingerprint(
+        track_id="track-1",
+        batch=BatchFingerprint(**BATCH),
+        streaming=StreamingFingerprint(
+            values={n: BATCH[n] for n in STREAMING_FIELDS},
+            confidence=dict.fromkeys(STREAMING_FIELDS, 0.9),
+            chunk_count=5,
+        ),
+        embedding=[0.25, -0.5, 1e-300],
+        metadata={"title": "Neon River"},
+        algorithm_version="8",
+        ts=1_700_000_000.25,
+    )
+
+
+def prediction() -> PredictionOutcome:
+    return PredictionOutcome(
+        predicted="punchy",
+        actual="warm",
+        confidence=0.75,
+        context="audio_guided",
+        audio_features={"energy": 0.6},
+        reward=-0.5,
+        ts=1.0,
+    )
+
+
+def metric() -> QueryMetric:
+    return QueryMetric(
+        query_id="q",
+        query_text="t",
+        query_type="semantic",
+        latency_ms=3.5,
+        memory_mb=1.0,
+        cache_hit=True,
+        result_count=2,
+        layers=["a"],
+        layer_latencies_ms={"a": 3.0},
+        success=False,
+        error="boom",
+    )
+
+
+def assert_same_record(a: Record, b: Record) -> None:
+    """Equal, same types all the way down, and the same bytes when encoded again."""
+    assert a == b
+    assert type(a) is type(b)
+    if isinstance(a, Fingerprint):
+        assert isinstance(b, Fingerprint)
+        assert type(a.batch) is type(b.batch)
+        assert type(a.streaming) is type(b.streaming)
+    assert record_to_json(a) == record_to_json(b)
+    assert encode_op(PutOp(a)) == encode_op(PutOp(b))
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@FAST
+@given(ops(), st.booleans())
+def test_op_round_trip(op: Op, validate: bool) -> None:
+    data = encode_op(op)
+    back = decode_op(data, validate=validate)
+    assert back == op
+    assert type(back) is type(op)
+    assert encode_op(back) == data  # bit for bit
+    if isinstance(op, PutOp):
+        assert isinstance(back, PutOp)
+        assert_same_record(op.record, back.record)
+
+
+@FAST
+@given(st.integers(1, 64).flatmap(fingerprints), st.booleans())
+def test_fingerprint_round_trip_any_embedding_dim(fp: Fingerprint, validate: bool) -> None:
+    back = decode_op(encode_op(PutOp(fp)), validate=validate)
+    assert isinstance(back, PutOp)
+    assert_same_record(fp, back.record)
+
+
+@FAST
+@given(experiences(), st.booleans())
+def test_envelope_round_trip(exp: Experience, validate: bool) -> None:
+    data = encode_envelope(exp)
+    back = decode_envelope(exp.id, data, validate=validate)
+    assert back == exp
+    assert_same_record(exp.record, back.record)
+    assert encode_envelope(back) == data
+
+
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("make", [full_fingerprint, prediction, metric])
+def test_fast_and_validated_decodes_agree(make: Any, validate: bool) -> None:
+    record = make()
+    back = decode_op(encode_op(PutOp(record)), validate=validate)
+    assert isinstance(back, PutOp)
+    assert_same_record(record, back.record)
+    # a fast-path model is a real model: it dumps, copies and compares like a validated one
+    assert back.record.model_dump() == record.model_dump()
+    other = decode_op(encode_op(PutOp(record)), validate=not validate)
+    assert isinstance(other, PutOp)
+    assert back.record.model_fields_set == other.record.model_fields_set
+    assert back.record.model_copy() == record
+
+
+def test_fast_path_fills_defaults_and_nested_models() -> None:
+    qm = QueryMetric(
+        query_id="q",
+        query_text="",
+        query_type="t",
+        latency_ms=0,
+        memory_mb=0,
+        cache_hit=False,
+        result_count=0,
+        success=True,
+    )
+    back = decode_op(encode_op(PutOp(qm)), validate=False)
+    assert isinstance(back, PutOp) and isinstance(back.record, QueryMetric)
+    assert back.record.layers == [] and back.record.layer_latencies_ms == {}
+    assert back.record.user_satisfaction is None and back.record.concurrency == 1
+
+    fp = Fingerprint(
+        track_id="t",
+        streaming=StreamingFingerprint(
+            values={n: 0.5 for n in STREAMING_FIELDS_NO_HARMONIC},
+            confidence={n: 0.5 for n in STREAMING_FIELDS_NO_HARMONIC},
+        ),
+    )
+    back = decode_op(encode_op(PutOp(fp)), validate=False)
+    assert isinstance(back, PutOp) and isinstance(back.record, Fingerprint)
+    assert back.record.batch is None
+    assert isinstance(back.record.streaming, StreamingFingerprint)
+    assert list(back.record.streaming.values) == list(STREAMING_FIELDS_NO_HARMONIC)
+
+
+def test_layout_is_the_documented_one() -> None:
+    fp = full_fingerprint()
+    obj = msgpack.unpackb(encode_op(PutOp(fp)))
+    assert obj[:3] == [CODEC_VERSION, 1, KIND_CODES["fingerprint"]]
+    m = obj[3]
+    assert m["batch"] == [BATCH[n] for n in BATCH_FIELDS]
+    assert m["streaming"] == [[BATCH[n] for n in STREAMING_FIELDS], [0.9] * 13, 5]
+    assert "kind" not in m
+    p = msgpack.unpackb(
+        encode_op(PutOp(PredictionOutcome(predicted="a", confidence=1, context="c")))
+    )
+    assert p == [1, 1, 1, {"predicted": "a", "confidence": 1.0, "context": "c"}]  # None omitted
+    assert msgpack.unpackb(encode_op(UpdateOp(5, {"actual": "x"}))) == [1, 2, 5, {"actual": "x"}]
+    assert msgpack.unpackb(encode_op(DeleteOp(6))) == [1, 3, 6]
+    assert msgpack.unpackb(encode_op(DeleteTrackOp("t"))) == [1, 4, "t"]
+    exp = Experience(3, "prediction", 2.0, prediction(), 4, 1, 0)
+    env = msgpack.unpackb(encode_envelope(exp))
+    assert env[:6] == [1, 1, 2.0, 4, 1, 0]
+    assert KIND_BY_CODE == {1: "prediction", 2: "fingerprint", 3: "query_metric"}
+    assert set(KIND_CODES) == set(KINDS)
+
+
+def test_floats_are_kept_bit_for_bit() -> None:
+    tiny = 5e-324
+    fp = full_fingerprint().model_copy(update={"embedding": [tiny, -0.0, 1 / 3]})
+    back = decode_op(encode_op(PutOp(fp)), validate=False)
+    assert isinstance(back, PutOp) and isinstance(back.record, Fingerprint)
+    assert back.record.embedding is not None
+    assert [x.hex() for x in back.record.embedding] == [tiny.hex(), (-0.0).hex(), (1 / 3).hex()]
+
+
+def test_envelope_id_is_the_key_not_the_value() -> None:
+    exp = Experience(3, "prediction", 2.0, prediction(), 4)
+    data = encode_envelope(exp)
+    assert decode_envelope(99, data).id == 99
+    assert decode_envelope(99, memoryview(data)).record == exp.record  # LMDB hands out buffers
+
+
+# --------------------------------------------------------------------------- refused input
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+MAKERS: dict[str, Callable[[], Record]] = {
+    "prediction": prediction,
+    "fingerprint": full_fingerprint,
+    "query_metric": metric,
+}
+
+
+def good_map(kind: str) -> dict[str, Any]:
+    m: dict[str, Any] = msgpack.unpackb(encode_op(PutOp(MAKERS[kind]())))[3]
+    return m
+
+
+def fp_map(**over: Any) -> dict[str, Any]:
+    m = good_map("fingerprint")
+    m.update(over)
+    return m
+
+
+GARBAGE: list[tuple[str, bytes]] = [
+    ("empty", b""),
+    ("reserved-byte", b"\xc1"),
+    ("text", b"hello world"),
+    ("truncated", encode_op(PutOp(full_fingerprint()))[:-7]),
+    ("trailing-data", encode_op(DeleteOp(1)) + b"\x00"),
+    ("not-an-array", pack({"v": 1})),
+    ("empty-array", pack([])),
+    ("scalar", pack(7)),
+    ("version-0", pack([0, 3, 1])),
+    ("version-str", pack(["1", 3, 1])),
+    ("version-bool", pack([True, 3, 1])),
+    ("unknown-op", pack([1, 9, 1])),
+    ("no-op-code", pack([1])),
+    ("op-wrong-length", pack([1, 3, 1, 2])),
+    ("put-unknown-kind", pack([1, 1, 7, good_map("prediction")])),
+    ("put-kind-as-str", pack([1, 1, "prediction", good_map("prediction")])),
+    ("put-record-not-map", pack([1, 1, 1, [1, 2]])),
+    ("put-missing-field", pack([1, 1, 1, {"predicted": "a"}])),
+    ("put-unknown-field", pack([1, 1, 1, {**good_map("prediction"), "zzz": 1}])),
+    ("put-bytes-key", pack([1, 1, 1, {**good_map("prediction"), b"k": 1}])),
+    ("put-int-key", pack([1, 1, 1, {1: 2}])),
+    ("batch-short", pack([1, 1, 2, fp_map(batch=[0.1] * 24)])),
+    ("batch-map", pack([1, 1, 2, fp_map(batch=BATCH)])),
+    ("streaming-11", pack([1, 1, 2, fp_map(streaming=[[0.1] * 11, [0.1] * 11, 0])])),
+    ("streaming-mismatch", pack([1, 1, 2, fp_map(streaming=[[0.1] * 13, [0.1] * 10, 0])])),
+    ("streaming-shape", pack([1, 1, 2, fp_map(streaming={"values": {}})])),
+    ("update-negative-id", pack([1, 2, -1, {}])),
+    ("update-bool-id", pack([1, 2, True, {}])),
+    ("update-changes-list", pack([1, 2, 1, ["actual"]])),
+    ("delete-float-id", pack([1, 3, 1.0])),
+    ("delete-track-empty", pack([1, 4, ""])),
+    ("delete-track-int", pack([1, 4, 5])),
+    ("ext-type", pack(msgpack.ExtType(5, b"xx"))),
+    ("deep-nesting", b"\x91" * 5000),
+]
+
+
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("data", [g[1] for g in GARBAGE], ids=[g[0] for g in GARBAGE])
+def test_malformed_ops_raise_codec_error(data: bytes, validate: bool) -> None:
+    with pytest.raises(CodecError) as info:
+        decode_op(data, validate=validate)
+    err = info.value
+    assert isinstance(err, InvalidRecordError) and isinstance(err, ValueError)
+    assert isinstance(err, XpStoreError) and not isinstance(err, StoreCorruptionError)
+    assert str(err)
+
+
+def test_newer_codec_version_is_named() -> None:
+    for data in (pack([CODEC_VERSION + 1, 3, 1]), pack([7, 1, 2, 3, 4, 5, 6])):
+        with pytest.raises(CodecError, match=r"codec version \d+, newer") as info:
+            decode_op(data)
+        assert str(CODEC_VERSION + 1) in str(info.value) or "7" in str(info.value)
+    with pytest.raises(CodecError, match="codec version 2"):
+        decode_envelope(1, pack([2, 1, 0.0, 1, 0, 0, {}]))
+
+
+def test_validated_decode_refuses_invalid_values() -> None:
+    bad = pack([1, 1, 1, {**good_map("prediction"), "confidence": 1.5}])
+    with pytest.raises(CodecError) as info:
+        decode_op(bad, validate=True)
+    assert info.value.field == "confidence"
+    # the fast path trusts checksummed data and does not look at values
+    fast = decode_op(bad, validate=False)
+    assert isinstance(fast, PutOp) and fast.record.confidence == 1.5  # type: ignore[union-attr]
+
+    bad_batch = pack(
+        [1, 1, 2, fp_map(batch=[-5.0 if n == "tempo_bpm" else BATCH[n] for n in BATCH_FIELDS])]
+    )
+    with pytest.raises(CodecError) as info:
+        decode_op(bad_batch)
+    assert info.value.field == "batch.tempo_bpm"
+
+    with pytest.raises(CodecError) as info:
+        decode_op(pack([1, 2, 1, {"confidence": 0.5}]))
+    assert info.value.field == "confidence"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pack([1, 1, 0.0, 1, 0, 0]),  # too short
+        pack([1, 1, "now", 1, 0, 0, good_map("prediction")]),
+        pack([1, 1, 0.0, -1, 0, 0, good_map("prediction")]),
+        pack([1, 1, 0.0, 1, 0.5, 0, good_map("prediction")]),
+        pack([1, 9, 0.0, 1, 0, 0, good_map("prediction")]),
+        pack([1, 2, 0.0, 1, 0, 0, good_map("prediction")]),  # a prediction map as a fingerprint
+        b"\xff\xff",
+    ],
+)
+def test_malformed_envelopes_raise_codec_error(data: bytes) -> None:
+    for validate in (True, False):
+        with pytest.raises(CodecError):
+            decode_envelope(1, data, validate=validate)
+
+
+def test_validated_envelope_refuses_negative_ts() -> None:
+    data = pack([1, 1, -5.0, 1, 0, 0, good_map("prediction")])
+    with pytest.raises(CodecError) as info:
+        decode_envelope(1, data, validate=True)
+    assert info.value.field == "ts"
+
+
+def test_encode_refuses_what_it_cannot_represent() -> None:
+    with pytest.raises(CodecError):
+        encode_op(DeleteOp(-1))
+    with pytest.raises(CodecError):
+        encode_op(DeleteTrackOp(""))
+    with pytest.raises(CodecError):
+        encode_op(UpdateOp(1, {"metadata": object()}))
+    with pytest.raises(CodecError):
+        encode_op("put")  # type: ignore[arg-type]
+    with pytest.raises(CodecError):
+        encode_envelope(Experience(1, "fingerprint", 0.0, prediction(), 1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64), st.booleans())
+def test_arbitrary_bytes_decode_or_raise_codec_error(data: bytes, validate: bool) -> None:
+    try:
+        op = decode_op(data, validate=validate)
+    except CodecError:
+        return
+    assert isinstance(op, PutOp | UpdateOp | DeleteOp | DeleteTrackOp)
+    assert decode_op(encode_op(op), validate=validate) == op
+
+
+@FAST
+@given(records(), st.booleans(), st.data())
+def test_corrupted_encodings_never_escape_as_other_errors(
+    record: Record, validate: bool, data: st.DataObject
+) -> None:
+    raw = bytearray(encode_op(PutOp(record)))
+    i = data.draw(st.integers(0, len(raw) - 1))
+    raw[i] = data.draw(st.integers(0, 255))
+    try:
+        op = decode_op(bytes(raw), validate=validate)
+    except CodecError:
+        return
+    assert isinstance(op, PutOp | UpdateOp | DeleteOp | DeleteTrackOp)

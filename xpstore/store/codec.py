@@ -1,0 +1,410 @@
+"""Versioned msgpack codec for WAL operations and LMDB envelopes.
+
+Layout, codec version 1 (every value is a msgpack array; floats are always float64, so a decoded
+record is bit-for-bit the one encoded)::
+
+    PutOp          [1, 1, kind_code, record_map]
+    UpdateOp       [1, 2, id, changes_map]
+    DeleteOp       [1, 3, id]
+    DeleteTrackOp  [1, 4, track_id]
+    envelope       [1, kind_code, ts, updated_lsn, retrieval_count, success_count, record_map]
+
+``kind_code``: prediction=1, fingerprint=2, query_metric=3. The envelope's id is its LMDB key and
+is not repeated in the value.
+
+``record_map`` is ``{field name: primitive}`` with None fields omitted (decoding restores the
+defaults). Field names are kept (not numbered) so that a later codec version can add optional
+fields without a migration. Two nested values are positional, because their names are fixed by
+this codec version:
+
+- ``Fingerprint.batch``: an array of the 25 floats in ``BATCH_FIELDS`` order;
+- ``Fingerprint.streaming``: ``[values, confidence, chunk_count]`` where ``values`` and
+  ``confidence`` are float arrays in ``STREAMING_FIELDS`` order, 13 long, or 10 long for
+  ``STREAMING_FIELDS_NO_HARMONIC``.
+
+Decoding with ``validate=True`` runs full pydantic validation (for bytes from outside). With
+``validate=False`` (WAL frames and LMDB values, already checksummed) it only checks the shape and
+builds the models directly, as ``model_construct`` does, nested models included. Any input that
+does not decode raises :class:`~xpstore.errors.CodecError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any, Final, TypeAlias, TypeVar
+
+import msgpack
+from pydantic import BaseModel
+
+from xpstore.errors import CodecError, InvalidRecordError
+from xpstore.store.records import (
+    BATCH_FIELDS,
+    MUTABLE_FIELDS,
+    STREAMING_FIELDS,
+    STREAMING_FIELDS_NO_HARMONIC,
+    BatchFingerprint,
+    Experience,
+    Fingerprint,
+    PredictionOutcome,
+    QueryMetric,
+    Record,
+    StreamingFingerprint,
+    kind_of,
+    validate_record,
+)
+
+__all__ = [
+    "CODEC_VERSION",
+    "KIND_BY_CODE",
+    "KIND_CODES",
+    "DeleteOp",
+    "DeleteTrackOp",
+    "Op",
+    "PutOp",
+    "UpdateOp",
+    "decode_envelope",
+    "decode_op",
+    "encode_envelope",
+    "encode_op",
+]
+
+CODEC_VERSION: Final = 1
+
+KIND_CODES: Final[dict[str, int]] = {"prediction": 1, "fingerprint": 2, "query_metric": 3}
+KIND_BY_CODE: Final[dict[int, str]] = {code: kind for kind, code in KIND_CODES.items()}
+
+_OP_PUT: Final = 1
+_OP_UPDATE: Final = 2
+_OP_DELETE: Final = 3
+_OP_DELETE_TRACK: Final = 4
+
+
+# --------------------------------------------------------------------------- operations
+
+
+@dataclass(frozen=True, slots=True)
+class PutOp:
+    """Store a new record; its id is the LSN the WAL gives this operation."""
+
+    record: Record
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateOp:
+    """Change mutable fields (``MUTABLE_FIELDS``) of record ``id``; the id stays."""
+
+    id: int
+    changes: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteOp:
+    """Delete record ``id`` (kept as a tombstone at this LSN)."""
+
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteTrackOp:
+    """Remove ``track_id`` from fingerprint lookups; its history stays."""
+
+    track_id: str
+
+
+Op: TypeAlias = PutOp | UpdateOp | DeleteOp | DeleteTrackOp
+BytesLike: TypeAlias = bytes | bytearray | memoryview
+"""What the decoders take: LMDB (``buffers=True``) hands out memoryviews."""
+
+_UPDATABLE: Final = frozenset().union(*MUTABLE_FIELDS.values())
+
+# --------------------------------------------------------------------------- record maps
+
+_batch_values = itemgetter(*BATCH_FIELDS)
+_streaming_13 = itemgetter(*STREAMING_FIELDS)
+_streaming_10 = itemgetter(*STREAMING_FIELDS_NO_HARMONIC)
+_STREAMING_NAMES: Final[dict[int, tuple[str, ...]]] = {
+    len(STREAMING_FIELDS): STREAMING_FIELDS,
+    len(STREAMING_FIELDS_NO_HARMONIC): STREAMING_FIELDS_NO_HARMONIC,
+}
+_BATCH_LEN: Final = len(BATCH_FIELDS)
+_STREAMING_FIELD_NAMES: Final = ("values", "confidence", "chunk_count")
+
+
+def _encode_streaming(s: StreamingFingerprint) -> list[Any]:
+    values, conf = s.values, s.confidence
+    getter = _streaming_13 if len(values) == len(STREAMING_FIELDS) else _streaming_10
+    return [list(getter(values)), list(getter(conf)), s.chunk_count]
+
+
+def _record_map(record: Record) -> dict[str, Any]:
+    """``{field: primitive}`` of a record, None omitted, nested models made positional."""
+    out = {k: v for k, v in record.__dict__.items() if v is not None}
+    if type(record) is Fingerprint:
+        batch = out.get("batch")
+        if batch is not None:
+            out["batch"] = list(_batch_values(batch.__dict__))
+        streaming = out.get("streaming")
+        if streaming is not None:
+            out["streaming"] = _encode_streaming(streaming)
+    return out
+
+
+M = TypeVar("M", bound=BaseModel)
+_setattr = object.__setattr__
+
+
+def _construct(cls: type[M], values: dict[str, Any], fields_set: set[str]) -> M:
+    """What ``model_construct`` does, minus its per-field alias handling (names are fixed)."""
+    obj = cls.__new__(cls)
+    _setattr(obj, "__dict__", values)
+    _setattr(obj, "__pydantic_fields_set__", fields_set)
+    _setattr(obj, "__pydantic_extra__", None)
+    _setattr(obj, "__pydantic_private__", None)
+    return obj
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """Per-model field facts for the fast decode path, computed once."""
+
+    fields: tuple[tuple[str, Any], ...]  # (name, default) in field order
+    factories: tuple[tuple[str, Callable[[], Any]], ...]
+    required: frozenset[str]
+    known: frozenset[str]
+
+
+def _shape(cls: type[BaseModel]) -> _Shape:
+    fields: list[tuple[str, Any]] = []
+    factories: list[tuple[str, Callable[[], Any]]] = []
+    required: set[str] = set()
+    for name, info in cls.model_fields.items():
+        if info.is_required():
+            required.add(name)
+            fields.append((name, None))
+        elif info.default_factory is not None:
+            factory = info.default_factory
+            factories.append((name, factory))  # type: ignore[arg-type]
+            fields.append((name, None))
+        else:
+            fields.append((name, info.default))
+    return _Shape(tuple(fields), tuple(factories), frozenset(required), frozenset(cls.model_fields))
+
+
+_SHAPES: Final[dict[str, _Shape]] = {
+    "prediction": _shape(PredictionOutcome),
+    "fingerprint": _shape(Fingerprint),
+    "query_metric": _shape(QueryMetric),
+}
+
+
+def _bad(message: str, field: str | None = None) -> CodecError:
+    return CodecError(message, field=field)
+
+
+def _decode_batch(raw: Any) -> BatchFingerprint:
+    if type(raw) is not list or len(raw) != _BATCH_LEN:
+        raise _bad(f"batch: expected an array of {_BATCH_LEN} numbers", "batch")
+    values = dict(zip(BATCH_FIELDS, raw, strict=True))
+    return _construct(BatchFingerprint, values, set(BATCH_FIELDS))
+
+
+def _streaming_dict(raw: Any) -> dict[str, Any]:
+    """``[values, confidence, chunk_count]`` back to the named mapping form."""
+    if type(raw) is not list or len(raw) != 3:
+        raise _bad("streaming: expected [values, confidence, chunk_count]", "streaming")
+    values, conf, chunks = raw
+    if type(values) is not list or type(conf) is not list or len(values) != len(conf):
+        raise _bad("streaming: values and confidence must be arrays of one length", "streaming")
+    names = _STREAMING_NAMES.get(len(values))
+    if names is None:
+        raise _bad(f"streaming: {len(values)} values; expected 13 or 10", "streaming.values")
+    return {
+        "values": dict(zip(names, values, strict=True)),
+        "confidence": dict(zip(names, conf, strict=True)),
+        "chunk_count": chunks,
+    }
+
+
+def _fast_record(kind: str, m: dict[str, Any]) -> Record:
+    """Build a record from a trusted map without validation (shape checks only)."""
+    shape = _SHAPES[kind]
+    keys = m.keys()
+    if not shape.required <= keys or not keys <= shape.known:
+        missing = sorted(shape.required - keys)
+        unknown = sorted(k for k in keys if k not in shape.known)
+        culprit = (missing or unknown)[0]
+        what = "missing" if missing else "unknown field"
+        raise _bad(f"{culprit}: {what} in an encoded {kind} record", str(culprit))
+    values = {name: m.get(name, default) for name, default in shape.fields}
+    for name, factory in shape.factories:
+        if name not in m:
+            values[name] = factory()
+    fields_set = set(keys)
+    if kind == "prediction":
+        return _construct(PredictionOutcome, values, fields_set)
+    if kind == "query_metric":
+        return _construct(QueryMetric, values, fields_set)
+    batch = values["batch"]
+    if batch is not None:
+        values["batch"] = _decode_batch(batch)
+    streaming = values["streaming"]
+    if streaming is not None:
+        sd = _streaming_dict(streaming)
+        values["streaming"] = _construct(StreamingFingerprint, sd, set(_STREAMING_FIELD_NAMES))
+    return _construct(Fingerprint, values, fields_set)
+
+
+def _validated_record(kind: str, m: dict[str, Any]) -> Record:
+    data = dict(m)
+    batch = data.get("batch")
+    if kind == "fingerprint" and batch is not None:
+        if type(batch) is not list or len(batch) != _BATCH_LEN:
+            raise _bad(f"batch: expected an array of {_BATCH_LEN} numbers", "batch")
+        data["batch"] = dict(zip(BATCH_FIELDS, batch, strict=True))
+    streaming = data.get("streaming")
+    if kind == "fingerprint" and streaming is not None:
+        data["streaming"] = _streaming_dict(streaming)
+    try:
+        return validate_record(kind, data)
+    except InvalidRecordError as exc:
+        raise CodecError(f"invalid encoded {kind} record: {exc}", field=exc.field) from exc
+
+
+def _decode_record(kind_code: Any, m: Any, validate: bool) -> Record:
+    kind = KIND_BY_CODE.get(kind_code) if type(kind_code) is int else None
+    if kind is None:
+        raise _bad(f"unknown record kind code {kind_code!r}", "kind")
+    if type(m) is not dict:
+        raise _bad(f"a {kind} record must be encoded as a map, got {type(m).__name__}")
+    return _validated_record(kind, m) if validate else _fast_record(kind, m)
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def _pack(obj: list[Any]) -> bytes:
+    try:
+        return msgpack.packb(obj, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _bad(f"cannot encode: {exc}") from exc
+
+
+def _unpack(data: BytesLike, what: str) -> list[Any]:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise _bad(f"{what}: expected bytes, got {type(data).__name__}")
+    try:
+        obj = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+    except (ValueError, TypeError) as exc:  # msgpack's Unpack*/ExtraData/FormatError/StackError
+        raise _bad(f"{what}: not valid msgpack ({type(exc).__name__}: {exc})") from exc
+    if type(obj) is not list or not obj:
+        raise _bad(f"{what}: expected a non-empty array, got {type(obj).__name__}")
+    version = obj[0]
+    if version != CODEC_VERSION or type(version) is not int:
+        if type(version) is int and version > CODEC_VERSION:
+            raise _bad(
+                f"{what}: written with codec version {version}, newer than this xpstore reads "
+                f"(up to {CODEC_VERSION}); upgrade xpstore to read it"
+            )
+        raise _bad(f"{what}: unknown codec version {version!r}")
+    return obj
+
+
+def _is_id(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def encode_op(op: Op) -> bytes:
+    """The WAL payload of one operation."""
+    if type(op) is PutOp:
+        record = op.record
+        return _pack([CODEC_VERSION, _OP_PUT, KIND_CODES[kind_of(record)], _record_map(record)])
+    if type(op) is UpdateOp:
+        if not _is_id(op.id) or type(op.changes) is not dict:
+            raise _bad("UpdateOp needs an int id >= 0 and a dict of changes")
+        return _pack([CODEC_VERSION, _OP_UPDATE, op.id, op.changes])
+    if type(op) is DeleteOp:
+        if not _is_id(op.id):
+            raise _bad("DeleteOp needs an int id >= 0", "id")
+        return _pack([CODEC_VERSION, _OP_DELETE, op.id])
+    if type(op) is DeleteTrackOp:
+        if type(op.track_id) is not str or not op.track_id:
+            raise _bad("DeleteTrackOp needs a non-empty track_id", "track_id")
+        return _pack([CODEC_VERSION, _OP_DELETE_TRACK, op.track_id])
+    raise _bad(f"not an operation: {type(op).__name__}")
+
+
+def decode_op(data: BytesLike, *, validate: bool = True) -> Op:
+    """Inverse of :func:`encode_op`; ``validate=False`` trusts checksummed WAL data."""
+    obj = _unpack(data, "operation")
+    n = len(obj)
+    code = obj[1] if n > 1 else None
+    if code == _OP_PUT and n == 4:
+        return PutOp(_decode_record(obj[2], obj[3], validate))
+    if code == _OP_UPDATE and n == 4:
+        rid, changes = obj[2], obj[3]
+        if not _is_id(rid):
+            raise _bad(f"update: bad record id {rid!r}", "id")
+        if type(changes) is not dict:
+            raise _bad("update: changes must be a map", "changes")
+        if validate:
+            for key in changes:
+                if key not in _UPDATABLE:
+                    raise _bad(f"{key}: not a field an update may change", str(key))
+        return UpdateOp(rid, changes)
+    if code == _OP_DELETE and n == 3:
+        if not _is_id(obj[2]):
+            raise _bad(f"delete: bad record id {obj[2]!r}", "id")
+        return DeleteOp(obj[2])
+    if code == _OP_DELETE_TRACK and n == 3:
+        if type(obj[2]) is not str or not obj[2]:
+            raise _bad(f"delete_track: bad track id {obj[2]!r}", "track_id")
+        return DeleteTrackOp(obj[2])
+    raise _bad(f"operation: unknown op code {code!r} or wrong length {n}")
+
+
+# --------------------------------------------------------------------------- envelopes
+
+
+def encode_envelope(exp: Experience) -> bytes:
+    """The LMDB value of a stored record (its id is the key)."""
+    record = exp.record
+    kind = kind_of(record)
+    if kind != exp.kind:
+        raise _bad(f"envelope kind {exp.kind!r} does not match its {kind} record", "kind")
+    return _pack(
+        [
+            CODEC_VERSION,
+            KIND_CODES[kind],
+            float(exp.ts),
+            exp.updated_lsn,
+            exp.retrieval_count,
+            exp.success_count,
+            _record_map(record),
+        ]
+    )
+
+
+def decode_envelope(id: int, data: BytesLike, *, validate: bool = False) -> Experience:
+    """Inverse of :func:`encode_envelope`; ``id`` is the LMDB key the value was stored under."""
+    obj = _unpack(data, "envelope")
+    if len(obj) != 7:
+        raise _bad(f"envelope: expected 7 items, got {len(obj)}")
+    _, kind_code, ts, updated_lsn, retrievals, successes, m = obj
+    if type(ts) is not float and type(ts) is not int:
+        raise _bad(f"envelope: bad ts {ts!r}", "ts")
+    if not (_is_id(updated_lsn) and _is_id(retrievals) and _is_id(successes)):
+        raise _bad("envelope: updated_lsn and counters must be ints >= 0")
+    record = _decode_record(kind_code, m, validate)
+    if validate and not (0.0 <= ts < float("inf")):
+        raise _bad(f"envelope: bad ts {ts!r}", "ts")
+    return Experience(
+        id=id,
+        kind=KIND_BY_CODE[kind_code],
+        ts=float(ts),
+        record=record,
+        updated_lsn=updated_lsn,
+        retrieval_count=retrievals,
+        success_count=successes,
+    )
