@@ -96,6 +96,8 @@ def _crash_rounds(path: Path, n: int, seed: int) -> None:
     rounds: list[tuple[int, list[tuple[int, int, int]]]] = []
     for r in range(n):
         extra = ["--hold-applier"] if r % 3 == 0 else []
+        if r % 5 == 2:
+            extra += ["--durability", "group"]  # a process crash loses nothing in group mode
         if r % 4 == 1:
             extra += ["--segment-max-bytes", "65536"]  # kills land around rotations too
         kill_after = int(rng.choice([0, 1, int(rng.integers(2, 50)), int(rng.integers(50, 400))]))

@@ -377,3 +377,28 @@ def test_lmdb_errors_are_translated(store_path, monkeypatch):
     ]:
         mapped = lmdb_tables.translate(exc, "ctx")
         assert isinstance(mapped, expected) and "ctx" in str(mapped)
+
+
+@pytest.mark.parametrize("durability", ["commit", "group", "none"])
+def test_durability_modes_round_trip(store_path, durability):
+    rng = np.random.default_rng(8)
+    records = make_mixed(rng, 50)
+    with Store.open(store_path, create=True, durability=durability) as store:
+        ids = [store.put(r) for r in records]
+        syncs = store.stats()["wal"]["syncs"]
+        if durability == "commit":
+            assert syncs >= 1
+        if durability == "none":
+            assert syncs == 0
+    with Store.open(store_path) as store:
+        assert store.config.durability == durability  # persisted with the store
+        assert [store.get(i).record for i in ids] == [
+            r.model_copy(update={"ts": store.get(i).ts}) for i, r in zip(ids, records, strict=True)
+        ]
+
+
+def test_session_only_knobs_are_not_persisted(store_path):
+    with Store.open(store_path, create=True, hold_applier=True, segment_max_bytes=65536) as s:
+        assert s.config.hold_applier
+    with Store.open(store_path) as s:
+        assert not s.config.hold_applier and s.config.segment_max_bytes == 65536

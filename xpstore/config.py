@@ -18,6 +18,8 @@ Durability = Literal["commit", "group", "none"]
 RecoveryMode = Literal["tolerate_tail", "absolute", "point_in_time"]
 
 MiB = 1024 * 1024
+SESSION_ONLY = frozenset({"hold_applier", "recovery_mode"})
+"""Knobs that apply to one open only and are never persisted with the store."""
 
 
 class StoreConfig(BaseModel):
@@ -48,6 +50,10 @@ class StoreConfig(BaseModel):
     """Segments at or below applied_lsn kept by checkpoints (for later point-in-time restore)."""
     embedding_dim: int | None = Field(None, ge=1, le=65_536)
     """Fixed dimension of Fingerprint.embedding; None: fixed by the first fingerprint with one."""
+
+    def persisted(self) -> StoreConfig:
+        """The copy written into a new store: session-only knobs back at their defaults."""
+        return self.model_copy(update={k: StoreConfig.model_fields[k].default for k in SESSION_ONLY})
 
     def to_json(self) -> str:
         return self.model_dump_json()

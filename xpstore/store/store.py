@@ -136,7 +136,7 @@ class Store:
         self._tables = LmdbTables(self._layout.data, readonly=self.readonly, map_size=map_size)
         if is_new:
             assert base is not None
-            self._tables.put_meta("config", base.to_json().encode())
+            self._tables.put_meta("config", base.persisted().to_json().encode())
             self.config = base
             marker = layout_mod.write_marker(self._layout)
         else:
