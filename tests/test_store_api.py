@@ -402,3 +402,22 @@ def test_session_only_knobs_are_not_persisted(store_path):
         assert s.config.hold_applier
     with Store.open(store_path) as s:
         assert not s.config.hold_applier and s.config.segment_max_bytes == 65536
+
+
+def test_out_of_range_and_non_int_ids(store):
+    for bad in (-1, 0, 2**64):
+        with pytest.raises(RecordNotFoundError):
+            store.get(bad)
+        with pytest.raises(RecordNotFoundError):
+            store.delete(bad)
+    with pytest.raises(InvalidRecordError):
+        store.get("1")
+
+
+def test_where_none_finds_unresolved_outcomes(store):
+    open_id = store.put(_pred())
+    done_id = store.put(_pred(actual="warm"))
+    assert [e.id for e in store.scan(kind="prediction", where={"actual": None})] == [open_id]
+    assert [e.id for e in store.scan(kind="prediction", where={"actual__ne": None})] == [done_id]
+    assert [e.id for e in store.scan(kind="prediction", where={"actual__ne": "warm"})] == [open_id]
+    assert store.embedding_dim is None

@@ -53,7 +53,8 @@ class StoreConfig(BaseModel):
 
     def persisted(self) -> StoreConfig:
         """The copy written into a new store: session-only knobs back at their defaults."""
-        return self.model_copy(update={k: StoreConfig.model_fields[k].default for k in SESSION_ONLY})
+        defaults = {k: StoreConfig.model_fields[k].default for k in SESSION_ONLY}
+        return self.model_copy(update=defaults)
 
     def to_json(self) -> str:
         return self.model_dump_json()

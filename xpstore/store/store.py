@@ -274,13 +274,13 @@ class Store:
         """Change the mutable fields of record ``id`` (same id, through the WAL); return it."""
         if not changes:
             raise InvalidRecordError("update needs at least one field to change", field="changes")
-        op = UpdateOp(int(id), dict(changes))
+        op = UpdateOp(_record_id(id), dict(changes))
         self._submit([op], [self._encode(op, 0)])
         return self.get(id)
 
     def delete(self, id: int) -> None:
         """Delete record ``id``; a tombstone keeps its LSN. RecordNotFoundError if absent."""
-        op = DeleteOp(int(id))
+        op = DeleteOp(_record_id(id))
         self._submit([op], [self._encode(op, 0)])
 
     def delete_track(self, track_id: str) -> None:
@@ -434,11 +434,16 @@ class Store:
 
         return StateView(get, track)
 
+    @property
+    def embedding_dim(self) -> int | None:
+        """The dimension of ``Fingerprint.embedding`` in this store, once fixed (else None)."""
+        return self._embedding_dim
+
     # ---------------------------------------------------------------- reads
     def get(self, id: int) -> Experience:
         """The experience envelope of record ``id``; RecordNotFoundError if absent or deleted."""
         self._check_open()
-        exp = self._read_get(int(id))
+        exp = self._read_get(_record_id(id))
         if exp is None:
             raise RecordNotFoundError(f"no record with id {id}")
         return exp
@@ -579,6 +584,15 @@ class Store:
                 f"unknown kind {kind!r}; use one of {', '.join(KINDS)}", field="kind"
             )
         return (kind,)
+
+
+def _record_id(value: object) -> int:
+    """Check an id argument: an int; out-of-range ids simply do not exist."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRecordError(f"a record id is an int, got {value!r}", field="id")
+    if not 0 < value < 1 << 63:
+        raise RecordNotFoundError(f"no record with id {value}")
+    return value
 
 
 def _order(exp: Experience) -> tuple[float, int]:

@@ -4,8 +4,9 @@
 experiences whose record matches every condition. Paths are dotted; the first part may name an
 envelope field (``id``, ``kind``, ``ts``, ``updated_lsn``, ``retrieval_count``,
 ``success_count``) or a record field; later parts walk into models and mappings. A path that is
-absent in a record (an optional field left unset, a missing mapping key) does not match, except
-under ``__ne``. The CLI's ``--where 'audio_features.energy__gt=0.6'`` builds the same mapping.
+absent in a record (an optional field left unset, a missing mapping key) counts as None: it
+matches ``None`` under equality and any other value under ``__ne``, and no ordering
+comparison. The CLI's ``--where 'audio_features.energy__gt=0.6'`` builds the same mapping.
 """
 
 from __future__ import annotations
@@ -59,7 +60,11 @@ def compile_where(where: Mapping[str, Any] | None, kinds: tuple[str, ...]) -> Pr
         for path, op, value, absent_ok in conditions:
             got = _resolve(exp, path)
             if got is _ABSENT or got is None:
-                if not absent_ok:
+                # an unset value equals None (``{"actual": None}`` finds unresolved outcomes)
+                # and is != anything else; it never satisfies an ordering comparison
+                if value is None and op is operator.eq:
+                    continue
+                if not absent_ok or value is None:
                     return False
                 continue
             try:

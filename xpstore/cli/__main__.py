@@ -1,0 +1,5 @@
+"""``python -m xpstore.cli``: the same as the ``xpstore`` command."""
+
+from xpstore.cli.commands import main
+
+main(prog_name="xpstore")
