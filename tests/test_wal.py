@@ -185,3 +185,35 @@ def test_write_enospc_poisons_with_a_clear_error(store_path, monkeypatch):
     store.close()
     with Store.open(store_path) as reopened:
         assert reopened.count() == 1 and reopened.get(first).id == first
+
+
+def test_lmdb_failure_in_the_applier_refuses_writes_and_reopen_replays(store_path, monkeypatch):
+    import lmdb
+
+    from xpstore.persistence.lmdb_tables import LmdbTables
+
+    rng = np.random.default_rng(4)
+    records = make_mixed(rng, 30)
+    store = Store.open(store_path, create=True, apply_interval_ms=1)
+    real_apply = LmdbTables.apply
+    failed = threading.Event()
+
+    def broken_apply(self, changes, applied_lsn):
+        failed.set()
+        raise lmdb_tables.translate(lmdb.DiskError("mdb_txn_commit: No space left on device"), "x")
+
+    from xpstore.persistence import lmdb_tables
+
+    monkeypatch.setattr(LmdbTables, "apply", broken_apply)
+    acked = store.put_many(records[:20])  # acknowledged by the WAL; the apply fails behind it
+    assert failed.wait(10)
+    store._applier._thread.join(10)
+    with pytest.raises(WALWriteError) as info:
+        store.put(records[20])
+    assert "No space left" in str(info.value)
+    assert store.get(acked[0]).id == acked[0]  # reads still served from the overlay
+    monkeypatch.setattr(LmdbTables, "apply", real_apply)
+    store.close()
+    with Store.open(store_path) as reopened:
+        assert reopened.count() == 20
+        assert [reopened.get(i).id for i in acked] == acked
