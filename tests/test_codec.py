@@ -25,6 +25,7 @@ from xpstore.store.codec import (
     decode_op,
     encode_envelope,
     encode_op,
+    envelope_from_put,
 )
 from xpstore.store.records import (
     BATCH_FIELDS,
@@ -38,6 +39,7 @@ from xpstore.store.records import (
     QueryMetric,
     Record,
     StreamingFingerprint,
+    kind_of,
     record_to_json,
 )
 
@@ -385,3 +387,11 @@ def test_corrupted_encodings_never_escape_as_other_errors(
     except CodecError:
         return
     assert isinstance(op, PutOp | UpdateOp | DeleteOp | DeleteTrackOp)
+
+
+@given(records())
+@settings(max_examples=100, deadline=None)
+def test_envelope_from_put_equals_a_full_encode(record):
+    rec = record.model_copy(update={"ts": 12.5})
+    exp = Experience(id=7, kind=kind_of(rec), ts=12.5, record=rec, updated_lsn=7)
+    assert envelope_from_put(encode_op(PutOp(rec)), exp) == encode_envelope(exp)

@@ -421,3 +421,10 @@ def test_where_none_finds_unresolved_outcomes(store):
     assert [e.id for e in store.scan(kind="prediction", where={"actual__ne": None})] == [done_id]
     assert [e.id for e in store.scan(kind="prediction", where={"actual__ne": "warm"})] == [open_id]
     assert store.embedding_dim is None
+
+
+def test_put_of_a_non_record_names_the_position(store):
+    with pytest.raises(InvalidRecordError) as info:
+        store.put_many([_pred(), object()])
+    assert "records[1]" in str(info.value) and info.value.field == "record"
+    assert store.count() == 0

@@ -62,7 +62,7 @@ def index_key(kind_code: int, ts: float, rid: int) -> bytes:
     return bytes((kind_code,)) + ts_key(ts) + _U64.pack(rid)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RecordPut:
     id: int
     kind_code: int
@@ -71,7 +71,7 @@ class RecordPut:
     is_new: bool  # a new id (count and index it) or a rewrite of an existing one
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RecordDelete:
     id: int
     kind_code: int
@@ -79,13 +79,13 @@ class RecordDelete:
     lsn: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TrackSet:
     track_id: str
     id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TrackDelete:
     track_id: str
     lsn: int
@@ -287,13 +287,52 @@ class LmdbTables:
         current = self.applied_lsn(txn)
         if applied <= current:
             return  # already applied: replay after a crash is idempotent
+        counts = self.counts(txn)
+        if all(isinstance(ch, RecordPut | TrackSet) for ch in changes):
+            self._apply_puts(txn, changes, counts)
+        else:
+            self._apply_mixed(txn, changes, counts)
+        meta = self._dbs[b"meta"]
+        txn.put(b"counts", json.dumps({str(k): v for k, v in counts.items()}).encode(), db=meta)
+        txn.put(b"applied_lsn", u64(applied), db=meta)
+
+    def _apply_puts(
+        self, txn: lmdb.Transaction, changes: Sequence[Change], counts: dict[int, int]
+    ) -> None:
+        """The ingest fast path: only puts and track updates, one ``putmulti`` per table.
+
+        Each LMDB call releases and retakes the GIL; per-record calls made the applier slow the
+        writers down (benchmarks/ingest.py profile), so the common case goes in bulk.
+        """
+        recs: list[tuple[bytes, bytes]] = []
+        index: list[tuple[bytes, bytes]] = []
+        tracks: list[tuple[bytes, bytes]] = []
+        for ch in changes:
+            if isinstance(ch, RecordPut):
+                recs.append((u64(ch.id), ch.value))
+                if ch.is_new:
+                    index.append((index_key(ch.kind_code, ch.ts, ch.id), b""))
+                    counts[ch.kind_code] = counts.get(ch.kind_code, 0) + 1
+            else:
+                assert isinstance(ch, TrackSet)
+                tracks.append((ch.track_id.encode(), u64(ch.id)))
+        for name, items in ((b"records", recs), (b"by_kind_ts", index), (b"tracks", tracks)):
+            if items:
+                txn.cursor(db=self._dbs[name]).putmulti(items)
+        ttombs = self._dbs[b"track_tombs"]
+        if tracks and txn.stat(ttombs)["entries"]:
+            for key, _value in tracks:
+                txn.delete(key, db=ttombs)
+
+    def _apply_mixed(
+        self, txn: lmdb.Transaction, changes: Sequence[Change], counts: dict[int, int]
+    ) -> None:
         records, index = self._dbs[b"records"], self._dbs[b"by_kind_ts"]
         tracks, tombs, ttombs = (
             self._dbs[b"tracks"],
             self._dbs[b"tombstones"],
             self._dbs[b"track_tombs"],
         )
-        counts = self.counts(txn)
         for ch in changes:
             if isinstance(ch, RecordPut):
                 txn.put(u64(ch.id), ch.value, db=records)
@@ -311,9 +350,6 @@ class LmdbTables:
             else:
                 txn.delete(ch.track_id.encode(), db=tracks)
                 txn.put(ch.track_id.encode(), _TRACK_TOMB.pack(ch.lsn, ch.former_id), db=ttombs)
-        meta = self._dbs[b"meta"]
-        txn.put(b"counts", json.dumps({str(k): v for k, v in counts.items()}).encode(), db=meta)
-        txn.put(b"applied_lsn", u64(applied), db=meta)
 
     def _write(self, fn: Any) -> None:
         while True:

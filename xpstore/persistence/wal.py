@@ -80,7 +80,8 @@ class WalWriter:
         self._max_frame = max_frame_bytes
         self._group_delay = group_commit_ms / 1000.0
         self._on_durable = on_durable
-        self._cond = threading.Condition(threading.Lock())
+        self._mu = threading.Lock()  # queue, LSN bookkeeping, leader flag, waiter events
+        self._events: dict[int, threading.Event] = {}
         self._io_lock = threading.Lock()  # the file descriptor, rotation and segment list
         self._pending: list[_Group] = []
         self._next_lsn = next_lsn
@@ -127,7 +128,7 @@ class WalWriter:
                 f"max_frame_bytes={self._max_frame}; split it into smaller put_many calls",
                 field="records",
             )
-        with self._cond:
+        with self._mu:
             self._check_usable()
             first = self._next_lsn
             self._next_lsn += len(ops)
@@ -135,20 +136,30 @@ class WalWriter:
         return first, first + len(ops) - 1
 
     def wait(self, lsn: int) -> None:
-        """Block until ``lsn`` is acknowledged (per the durability mode); lead a flush if idle."""
+        """Block until ``lsn`` is acknowledged (per the durability mode); lead a flush if idle.
+
+        Each waiter sleeps on its own event: a finished flush wakes only the writers it covered
+        and, when more work is queued, the oldest remaining waiter to lead the next flush, so
+        writers whose records are not yet written are not woken in vain.
+        """
         while True:
-            with self._cond:
-                while True:
-                    if self._acked_lsn >= lsn:
-                        return
-                    if self._poison is not None:
-                        raise self._poison
-                    if not self._leader and self._pending:
-                        self._leader = True
-                        groups, self._pending = self._pending, []
-                        break
-                    self._cond.wait()
-            self._lead(groups)
+            with self._mu:
+                if self._acked_lsn >= lsn:
+                    return
+                if self._poison is not None:
+                    raise self._poison
+                if not self._leader and self._pending:
+                    self._leader = True
+                    groups, self._pending = self._pending, []
+                    event = None
+                else:
+                    event = self._events.get(lsn)
+                    if event is None or event.is_set():
+                        event = self._events[lsn] = threading.Event()
+            if event is None:
+                self._lead(groups)
+            else:
+                event.wait()
 
     def sync(self) -> None:
         """fdatasync everything written so far (close, checkpoint, group-mode timer)."""
@@ -159,7 +170,7 @@ class WalWriter:
         """Flush what is pending, sync, stop the timer thread, close the segment."""
         if self._closed:
             return
-        with self._cond:
+        with self._mu:
             last = self._next_lsn - 1
         if self._poison is None:
             try:
@@ -223,13 +234,17 @@ class WalWriter:
         if error is None:
             # publish to the in-memory state before any waiter returns (read your writes)
             self._on_durable(first, last)
-        with self._cond:
+        with self._mu:
             self._leader = False
             if error is not None:
                 self._poison = error
-            else:
-                self._acked_lsn = last
-            self._cond.notify_all()
+                self._wake_all_locked()
+                return
+            self._acked_lsn = last
+            for key in [k for k in self._events if k <= last]:
+                self._events.pop(key).set()
+            if self._pending and self._events:
+                self._events[min(self._events)].set()  # the oldest waiter leads next
 
     def _write_groups(self, groups: list[_Group]) -> None:
         now = time.time()
@@ -264,9 +279,9 @@ class WalWriter:
             fs.fdatasync(self._fd)
         except OSError as exc:
             err = self._write_error("fdatasync", exc, self._seg_size)
-            with self._cond:
+            with self._mu:
                 self._poison = err
-                self._cond.notify_all()
+                self._wake_all_locked()
             raise err from exc
         self.stats.syncs += 1
         self.stats.sync_seconds += time.perf_counter() - start
@@ -326,6 +341,11 @@ class WalWriter:
             except WALWriteError:
                 log.exception("background WAL sync failed; the log is poisoned")
                 return
+
+    def _wake_all_locked(self) -> None:
+        for event in self._events.values():
+            event.set()
+        self._events.clear()
 
     def _check_usable(self) -> None:
         if self._poison is not None:

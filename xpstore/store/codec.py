@@ -68,6 +68,7 @@ __all__ = [
     "decode_op",
     "encode_envelope",
     "encode_op",
+    "envelope_from_put",
 ]
 
 CODEC_VERSION: Final = 1
@@ -384,6 +385,33 @@ def encode_envelope(exp: Experience) -> bytes:
             _record_map(record),
         ]
     )
+
+
+_PUT_PREFIX: Final = bytes((0x94, CODEC_VERSION, _OP_PUT))  # fixarray(4), version, op code
+
+
+def envelope_from_put(op_bytes: bytes, exp: Experience) -> bytes:
+    """``encode_envelope(exp)`` for a new record, reusing the record map of its encoded PutOp.
+
+    The applier stores every put in LMDB; re-encoding the record there doubled the codec's cost
+    on the ingest path. Both encodings share ``record_map`` byte for byte, so the envelope is
+    the envelope header followed by the tail of the WAL payload. Falls back to a full encode if
+    the payload does not have the expected prefix.
+    """
+    kind_code = KIND_CODES[exp.kind]
+    if op_bytes[:3] != _PUT_PREFIX or op_bytes[3] != kind_code:
+        return encode_envelope(exp)
+    head = _pack(
+        [
+            CODEC_VERSION,
+            kind_code,
+            float(exp.ts),
+            exp.updated_lsn,
+            exp.retrieval_count,
+            exp.success_count,
+        ]
+    )
+    return b"\x97" + head[1:] + op_bytes[4:]  # fixarray(7): the six header items + record map
 
 
 def decode_envelope(id: int, data: BytesLike, *, validate: bool = False) -> Experience:

@@ -471,8 +471,9 @@ def record_from_json(obj: Mapping[str, Any]) -> Record:
         raise InvalidRecordError(f"a record must be a JSON object, got {type(obj).__name__}")
     if "kind" not in obj:
         raise InvalidRecordError(f"kind: missing; expected one of {', '.join(KINDS)}", field="kind")
-    fields = {k: v for k, v in obj.items() if k != "kind"}
-    return validate_record(obj["kind"], fields)
+    fields = dict(obj)  # a C-level copy; cheaper than filtering in a comprehension
+    kind = fields.pop("kind")
+    return validate_record(kind, fields)
 
 
 def record_to_json(record: Record) -> dict[str, Any]:

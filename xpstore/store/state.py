@@ -43,6 +43,7 @@ class Effect:
     track: str | None = None
     track_to: int | None = None  # the track's new current fingerprint id; None: retired
     track_from: int | None = None
+    payload: bytes | None = None  # a put's encoded WAL operation (the applier reuses its bytes)
 
     def count_delta(self) -> tuple[str, int] | None:
         if self.is_new and self.exp is not None:
@@ -115,6 +116,7 @@ class Overlay:
         self._p_records: dict[int, tuple[int, Experience | None]] = {}
         self._p_tracks: dict[str, tuple[int, int | None]] = {}
         self._pending: deque[Effect] = deque()
+        self.apply_threshold = 1 << 62  # queue length that wakes the applier (it sets this)
 
     # writer side (under the store's write lock)
     def writer_get(self, rid: int) -> object:
@@ -164,7 +166,8 @@ class Overlay:
                     del self._p_records[eff.record_id]
                 if eff.track is not None and self._p_tracks.get(eff.track, (0,))[0] == eff.lsn:
                     del self._p_tracks[eff.track]
-            self.changed.notify_all()
+            if len(self.queue) >= self.apply_threshold:
+                self.changed.notify_all()  # a full batch for the applier; otherwise it waits
 
     def add_durable_locked(self, eff: Effect) -> None:
         self.queue.append(eff)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from xpstore.config import StoreConfig, make_config
 from xpstore.errors import (
@@ -52,8 +52,9 @@ from xpstore.store.records import (
     KINDS,
     Experience,
     Fingerprint,
+    PredictionOutcome,
+    QueryMetric,
     Record,
-    kind_of,
     record_from_json,
 )
 from xpstore.store.state import MISSING, Effect, Overlay, StateView, derive
@@ -62,6 +63,7 @@ from xpstore.store.where import compile_where
 log = logging.getLogger(__name__)
 
 _SCAN_CHUNK = 512
+_RECORD_TYPES = (PredictionOutcome, Fingerprint, QueryMetric)
 
 
 class Store:
@@ -173,6 +175,8 @@ class Store:
             for i, raw in enumerate(ops):
                 eff = _replay_derive(decode_op(raw, validate=False), first_lsn + i, view)
                 if eff is not None:
+                    if eff.is_new:
+                        eff.payload = raw
                     with self._overlay.lock:
                         self._overlay.add_durable_locked(eff)
             if len(self._overlay) >= self.config.apply_batch_ops:
@@ -289,30 +293,34 @@ class Store:
         self._submit([op], [self._encode(op, 0)])
 
     def _prepare(self, record: Record | Mapping[str, Any], index: int) -> Record:
-        if isinstance(record, Mapping):
+        """A validated record with its ts filled in; InvalidRecordError names records[index]."""
+        rec: Record
+        if type(record) in _RECORD_TYPES:  # exact types first: isinstance on ABCs is slow
+            rec = cast(Record, record)
+        elif isinstance(record, _RECORD_TYPES):
+            rec = record
+        elif isinstance(record, Mapping):
             try:
-                record = record_from_json(record)
+                rec = record_from_json(record)
             except InvalidRecordError as exc:
                 raise InvalidRecordError(f"records[{index}]: {exc}", field=exc.field) from exc
-        try:
-            kind_of(record)
-        except (KeyError, TypeError) as exc:
+        else:
             raise InvalidRecordError(
-                f"records[{index}]: expected a PredictionOutcome, Fingerprint or QueryMetric, "
-                f"got {type(record).__name__}",
+                f"records[{index}]: expected a PredictionOutcome, Fingerprint or QueryMetric "
+                f"(or a mapping with a 'kind'), got {type(record).__name__}",
                 field="record",
-            ) from exc
-        if record.ts is None:
-            record = record.model_copy(update={"ts": time.time()})
-        if isinstance(record, Fingerprint) and record.embedding is not None:
+            )
+        if rec.ts is None:
+            rec = rec.model_copy(update={"ts": time.time()})
+        if type(rec) is Fingerprint and rec.embedding is not None:
             dim = self._embedding_dim
-            if dim is not None and len(record.embedding) != dim:
+            if dim is not None and len(rec.embedding) != dim:
                 raise InvalidRecordError(
-                    f"records[{index}].embedding: dimension {len(record.embedding)}, this store's "
+                    f"records[{index}].embedding: dimension {len(rec.embedding)}, this store's "
                     f"embeddings have dimension {dim}",
                     field="embedding",
                 )
-        return record
+        return rec
 
     def _encode(self, op: Op, index: int) -> bytes:
         payload = encode_op(op)
@@ -329,11 +337,14 @@ class Store:
         with self._wlock:
             wal = self._writable()
             self._fix_embedding_dim(ops)
-            view = self._writer_view()
+            view = self._writer_view(ops)
             first = wal.next_lsn
             try:
                 for i, op in enumerate(ops):
-                    self._overlay.add_pending(derive(op, first + i, view))
+                    eff = derive(op, first + i, view)
+                    if eff.is_new:
+                        eff.payload = payloads[i]
+                    self._overlay.add_pending(eff)
                 span = wal.append(payloads)
             except BaseException:
                 self._overlay.drop_pending_from(first)
@@ -421,8 +432,19 @@ class Store:
     def _reader_view(self) -> StateView:
         return StateView(self._read_get, self._read_track)
 
-    def _writer_view(self) -> StateView:
+    def _writer_view(self, ops: list[Op]) -> StateView:
+        """Newest state for derive(): pending, then durable overlay, then LMDB.
+
+        The LMDB track lookups a batch of fingerprint puts needs are done up front in one read
+        transaction (one per fingerprint cost a transaction each on the ingest path).
+        """
         ov = self._overlay
+        tracks = {
+            op.record.track_id
+            for op in ops
+            if isinstance(op, PutOp) and isinstance(op.record, Fingerprint)
+        }
+        known = self._lmdb_tracks([t for t in tracks if ov.writer_track(t) is MISSING])
 
         def get(rid: int) -> Experience | None:
             hit = ov.writer_get(rid)
@@ -430,9 +452,20 @@ class Store:
 
         def track(track_id: str) -> int | None:
             hit = ov.writer_track(track_id)
-            return self._lmdb_track(track_id) if hit is MISSING else hit  # type: ignore[return-value]
+            if hit is not MISSING:
+                return hit  # type: ignore[return-value]
+            if track_id in known:
+                return known[track_id]
+            return self._lmdb_track(track_id)
 
         return StateView(get, track)
+
+    def _lmdb_tracks(self, track_ids: list[str]) -> dict[str, int | None]:
+        tables = self._tables
+        if not track_ids or tables is None:
+            return {}
+        with tables.reading() as txn:
+            return {t: tables.get_track(txn, t) for t in track_ids}
 
     @property
     def embedding_dim(self) -> int | None:
