@@ -36,9 +36,9 @@ class StoreConfig(BaseModel):
     max_record_bytes: int = Field(1 * MiB, ge=1024, le=256 * MiB)
     max_frame_bytes: int = Field(64 * MiB, ge=64 * 1024, le=1024 * MiB)
     max_batch_records: int = Field(100_000, ge=1, le=10_000_000)
-    apply_batch_ops: int = Field(5_000, ge=1, le=1_000_000)
+    apply_batch_ops: int = Field(10_000, ge=1, le=1_000_000)
     """The applier moves at most this many acknowledged operations into LMDB per transaction."""
-    apply_interval_ms: float = Field(20.0, gt=0, le=60_000)
+    apply_interval_ms: float = Field(200.0, gt=0, le=60_000)
     hold_applier: bool = False
     """Keep acknowledged operations in the WAL and the overlay only (tests, recovery benchmarks)."""
     max_overlay_ops: int = Field(1_000_000, ge=1_000)
