@@ -394,4 +394,7 @@ def test_corrupted_encodings_never_escape_as_other_errors(
 def test_envelope_from_put_equals_a_full_encode(record):
     rec = record.model_copy(update={"ts": 12.5})
     exp = Experience(id=7, kind=kind_of(rec), ts=12.5, record=rec, updated_lsn=7)
-    assert envelope_from_put(encode_op(PutOp(rec)), exp) == encode_envelope(exp)
+    fast = envelope_from_put(encode_op(PutOp(rec)), kind=exp.kind, ts=12.5, updated_lsn=7)
+    assert fast == encode_envelope(exp)
+    with pytest.raises(CodecError):
+        envelope_from_put(encode_op(DeleteOp(3)), kind=exp.kind, ts=1.0, updated_lsn=7)

@@ -217,3 +217,18 @@ def test_lmdb_failure_in_the_applier_refuses_writes_and_reopen_replays(store_pat
     with Store.open(store_path) as reopened:
         assert reopened.count() == 20
         assert [reopened.get(i).id for i in acked] == acked
+
+
+def test_background_checkpoint_bounds_the_wal_under_steady_writes(store_path):
+    rng = np.random.default_rng(9)
+    with Store.open(
+        store_path, create=True, segment_max_bytes=64 * 1024, apply_interval_ms=5,
+        checkpoint_interval_s=0.01,
+    ) as store:
+        most = 0
+        for _ in range(60):
+            store.put_many(make_mixed(rng, 100))
+            most = max(most, len(list((store_path / "wal").glob("*.wal"))))
+        written = store.stats()["wal"]["rotations"] + 1
+        assert written > 20  # the workload produced many segments...
+        assert most < written // 2  # ...but checkpoints deleted them as it went

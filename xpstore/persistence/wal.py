@@ -5,7 +5,8 @@ One store has one :class:`WalWriter`. Callers (already serialized by the store's
 lock held, they ``wait`` until that range is acknowledged. The first waiter that finds no flush in
 progress becomes the *leader*: it takes every pending group, writes them as frames with one
 ``write`` and, in ``commit`` mode, one ``fdatasync``, so concurrent writers share a sync (group
-commit). Followers sleep on a condition until the leader publishes the new acknowledged LSN.
+commit). Followers sleep on an event of their own; the leader wakes exactly the writers its flush
+covered, and, if more work queued up meanwhile, the oldest remaining waiter to lead next.
 
 Any write or sync error poisons the log: the error is kept and every later ``append`` or ``wait``
 raises :class:`~xpstore.errors.WALWriteError`. A failed fsync is never retried, because Linux may

@@ -21,28 +21,22 @@ from xpstore.persistence.lmdb_tables import (
     TrackSet,
 )
 from xpstore.persistence.wal import WalWriter
-from xpstore.store.codec import KIND_CODES, encode_envelope, envelope_from_put
+from xpstore.store.codec import KIND_CODES
 from xpstore.store.state import Effect, Overlay
 
 log = logging.getLogger(__name__)
 
 
 def to_changes(effects: list[Effect]) -> list[Change]:
-    """Translate store effects into LMDB table changes (encodes envelopes)."""
+    """Translate store effects into LMDB table changes (the values are already encoded)."""
     out: list[Change] = []
     for eff in effects:
         if eff.record_id is not None:
-            if eff.exp is not None:
-                if eff.is_new and eff.payload is not None:
-                    value = envelope_from_put(eff.payload, eff.exp)
-                else:
-                    value = encode_envelope(eff.exp)
-                kind_code = KIND_CODES[eff.exp.kind]
-                out.append(RecordPut(eff.record_id, kind_code, eff.exp.ts, value, eff.is_new))
-            elif eff.prev is not None:
-                out.append(
-                    RecordDelete(eff.record_id, KIND_CODES[eff.prev.kind], eff.prev.ts, eff.lsn)
-                )
+            code = KIND_CODES[eff.kind]
+            if eff.value is not None:
+                out.append(RecordPut(eff.record_id, code, eff.ts, eff.value, eff.is_new))
+            else:
+                out.append(RecordDelete(eff.record_id, code, eff.ts, eff.lsn))
         if eff.track is not None:
             if eff.track_to is not None:
                 out.append(TrackSet(eff.track, eff.track_to))

@@ -25,7 +25,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from xpstore.errors import RecordNotFoundError
-from xpstore.store.codec import DeleteOp, DeleteTrackOp, Op, PutOp, UpdateOp
+from xpstore.store.codec import (
+    DeleteOp,
+    DeleteTrackOp,
+    Op,
+    PutOp,
+    UpdateOp,
+    decode_envelope,
+    encode_envelope,
+    envelope_from_put,
+)
 from xpstore.store.records import Experience, Fingerprint, apply_changes, kind_of
 
 _MISSING = object()
@@ -33,24 +42,35 @@ _MISSING = object()
 
 @dataclass(slots=True)
 class Effect:
-    """The state change of one operation (one LSN)."""
+    """The state change of one operation (one LSN), with the new state already encoded.
+
+    Holding envelope bytes rather than model objects keeps the overlay cheap for the garbage
+    collector (a validated record is about ten tracked objects; bytes are none), and leaves the
+    applier nothing to encode. Readers decode on demand, exactly as they do from LMDB.
+    """
 
     lsn: int
     record_id: int | None = None
-    exp: Experience | None = None  # new state of record_id; None with record_id: deleted
-    prev: Experience | None = None  # the state before (for deletes: kind and ts of the victim)
+    value: bytes | None = None  # envelope of record_id's new state; None with record_id: deleted
+    kind: str = ""  # kind of record_id (of the new state, or of the deleted record)
+    ts: float = 0.0  # ts of record_id (never changes for an id)
     is_new: bool = False
     track: str | None = None
     track_to: int | None = None  # the track's new current fingerprint id; None: retired
     track_from: int | None = None
-    payload: bytes | None = None  # a put's encoded WAL operation (the applier reuses its bytes)
 
     def count_delta(self) -> tuple[str, int] | None:
-        if self.is_new and self.exp is not None:
-            return self.exp.kind, 1
-        if self.record_id is not None and self.exp is None and self.prev is not None:
-            return self.prev.kind, -1
+        if self.is_new:
+            return self.kind, 1
+        if self.record_id is not None and self.value is None:
+            return self.kind, -1
         return None
+
+    def experience(self) -> Experience | None:
+        """The decoded new state (None for a delete or a track-only effect)."""
+        if self.record_id is None or self.value is None:
+            return None
+        return decode_envelope(self.record_id, self.value)
 
 
 class StateView:
@@ -65,13 +85,17 @@ class StateView:
         self.track = track
 
 
-def derive(op: Op, lsn: int, view: StateView) -> Effect:
-    """The effect of ``op`` at ``lsn``; raises RecordNotFoundError for a missing target."""
+def derive(op: Op, lsn: int, view: StateView, payload: bytes) -> Effect:
+    """The effect of ``op`` (encoded as ``payload``) at ``lsn``.
+
+    Raises RecordNotFoundError for a missing target and InvalidRecordError for a bad update.
+    """
     if isinstance(op, PutOp):
         record = op.record
         assert record.ts is not None, "the store fills ts before logging"
-        exp = Experience(id=lsn, kind=kind_of(record), ts=record.ts, record=record, updated_lsn=lsn)
-        eff = Effect(lsn, record_id=lsn, exp=exp, is_new=True)
+        kind = kind_of(record)
+        value = envelope_from_put(payload, kind=kind, ts=record.ts, updated_lsn=lsn)
+        eff = Effect(lsn, record_id=lsn, value=value, kind=kind, ts=record.ts, is_new=True)
         if isinstance(record, Fingerprint):
             eff.track = record.track_id
             eff.track_from = view.track(record.track_id)
@@ -79,13 +103,11 @@ def derive(op: Op, lsn: int, view: StateView) -> Effect:
         return eff
     if isinstance(op, UpdateOp):
         prev = _require(view, op.id)
-        new_record = apply_changes(prev.record, op.changes)
-        return Effect(
-            lsn, record_id=op.id, exp=replace(prev, record=new_record, updated_lsn=lsn), prev=prev
-        )
+        new = replace(prev, record=apply_changes(prev.record, op.changes), updated_lsn=lsn)
+        return Effect(lsn, record_id=op.id, value=encode_envelope(new), kind=prev.kind, ts=prev.ts)
     if isinstance(op, DeleteOp):
         prev = _require(view, op.id)
-        eff = Effect(lsn, record_id=op.id, exp=None, prev=prev)
+        eff = Effect(lsn, record_id=op.id, value=None, kind=prev.kind, ts=prev.ts)
         if isinstance(prev.record, Fingerprint) and view.track(prev.record.track_id) == op.id:
             eff.track, eff.track_from, eff.track_to = prev.record.track_id, op.id, None
         return eff
@@ -110,21 +132,19 @@ class Overlay:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
-        self.records: dict[int, tuple[int, Experience | None]] = {}
+        self.records: dict[int, Effect] = {}  # newest durable effect per record id
         self.tracks: dict[str, tuple[int, int | None]] = {}
         self.queue: deque[Effect] = deque()  # durable, not applied, LSN order
-        self._p_records: dict[int, tuple[int, Experience | None]] = {}
+        self._p_records: dict[int, Effect] = {}
         self._p_tracks: dict[str, tuple[int, int | None]] = {}
         self._pending: deque[Effect] = deque()
         self.apply_threshold = 1 << 62  # queue length that wakes the applier (it sets this)
 
     # writer side (under the store's write lock)
-    def writer_get(self, rid: int) -> object:
-        """The newest known state of ``rid`` or ``_MISSING`` if neither layer has it."""
+    def writer_get(self, rid: int) -> Effect | None:
+        """The newest effect on ``rid`` in either layer, or None if neither has one."""
         hit = self._p_records.get(rid)
-        if hit is None:
-            hit = self.records.get(rid)
-        return hit[1] if hit is not None else _MISSING
+        return hit if hit is not None else self.records.get(rid)
 
     def writer_track(self, track_id: str) -> object:
         hit = self._p_tracks.get(track_id)
@@ -136,7 +156,7 @@ class Overlay:
         with self.lock:
             self._pending.append(eff)
             if eff.record_id is not None:
-                self._p_records[eff.record_id] = (eff.lsn, eff.exp)
+                self._p_records[eff.record_id] = eff
             if eff.track is not None:
                 self._p_tracks[eff.track] = (eff.lsn, eff.track_to)
 
@@ -145,10 +165,7 @@ class Overlay:
         with self.lock:
             while self._pending and self._pending[-1].lsn >= lsn:
                 eff = self._pending.pop()
-                if (
-                    eff.record_id is not None
-                    and self._p_records.get(eff.record_id, (0,))[0] == eff.lsn
-                ):
+                if eff.record_id is not None and self._p_records.get(eff.record_id) is eff:
                     del self._p_records[eff.record_id]
                 if eff.track is not None and self._p_tracks.get(eff.track, (0,))[0] == eff.lsn:
                     del self._p_tracks[eff.track]
@@ -159,10 +176,7 @@ class Overlay:
             while self._pending and self._pending[0].lsn <= last_lsn:
                 eff = self._pending.popleft()
                 self.add_durable_locked(eff)
-                if (
-                    eff.record_id is not None
-                    and self._p_records.get(eff.record_id, (0,))[0] == eff.lsn
-                ):
+                if eff.record_id is not None and self._p_records.get(eff.record_id) is eff:
                     del self._p_records[eff.record_id]
                 if eff.track is not None and self._p_tracks.get(eff.track, (0,))[0] == eff.lsn:
                     del self._p_tracks[eff.track]
@@ -172,7 +186,7 @@ class Overlay:
     def add_durable_locked(self, eff: Effect) -> None:
         self.queue.append(eff)
         if eff.record_id is not None:
-            self.records[eff.record_id] = (eff.lsn, eff.exp)
+            self.records[eff.record_id] = eff
         if eff.track is not None:
             self.tracks[eff.track] = (eff.lsn, eff.track_to)
 
@@ -187,10 +201,7 @@ class Overlay:
         with self.lock:
             for eff in effects:
                 self.queue.popleft()
-                if (
-                    eff.record_id is not None
-                    and self.records.get(eff.record_id, (0,))[0] == eff.lsn
-                ):
+                if eff.record_id is not None and self.records.get(eff.record_id) is eff:
                     del self.records[eff.record_id]
                 if eff.track is not None and self.tracks.get(eff.track, (0,))[0] == eff.lsn:
                     del self.tracks[eff.track]

@@ -173,10 +173,8 @@ class Store:
 
         def apply(first_lsn: int, ops: list[bytes], _commit_time: float) -> None:
             for i, raw in enumerate(ops):
-                eff = _replay_derive(decode_op(raw, validate=False), first_lsn + i, view)
+                eff = _replay_derive(decode_op(raw, validate=False), first_lsn + i, view, raw)
                 if eff is not None:
-                    if eff.is_new:
-                        eff.payload = raw
                     with self._overlay.lock:
                         self._overlay.add_durable_locked(eff)
             if len(self._overlay) >= self.config.apply_batch_ops:
@@ -341,10 +339,7 @@ class Store:
             first = wal.next_lsn
             try:
                 for i, op in enumerate(ops):
-                    eff = derive(op, first + i, view)
-                    if eff.is_new:
-                        eff.payload = payloads[i]
-                    self._overlay.add_pending(eff)
+                    self._overlay.add_pending(derive(op, first + i, view, payloads[i]))
                 span = wal.append(payloads)
             except BaseException:
                 self._overlay.drop_pending_from(first)
@@ -420,7 +415,7 @@ class Store:
     def _read_get(self, rid: int) -> Experience | None:
         hit = self._overlay.records.get(rid)
         if hit is not None:
-            return hit[1]
+            return hit.experience()
         return self._lmdb_get(rid)
 
     def _read_track(self, track_id: str) -> int | None:
@@ -448,7 +443,7 @@ class Store:
 
         def get(rid: int) -> Experience | None:
             hit = ov.writer_get(rid)
-            return self._lmdb_get(rid) if hit is MISSING else hit  # type: ignore[return-value]
+            return self._lmdb_get(rid) if hit is None else hit.experience()
 
         def track(track_id: str) -> int | None:
             hit = ov.writer_track(track_id)
@@ -523,15 +518,16 @@ class Store:
         snapshot = dict(self._overlay.records)  # before LMDB reads: see module docstring
         fresh = sorted(
             (
-                exp
-                for _lsn, exp in snapshot.values()
-                if exp is not None and exp.kind == kind and lo_ts <= exp.ts < hi_ts
+                eff
+                for eff in snapshot.values()
+                if eff.value is not None and eff.kind == kind and lo_ts <= eff.ts < hi_ts
             ),
-            key=_order,
+            key=lambda eff: (eff.ts, eff.record_id),
         )
+        decoded = (exp for eff in fresh if (exp := eff.experience()) is not None)
         lo = index_key(code, lo_ts, 0)
         hi = index_key(code, hi_ts, 0) if until is not None else bytes((code + 1,))
-        yield from heapq.merge(fresh, self._scan_lmdb(code, lo, hi, snapshot), key=_order)
+        yield from heapq.merge(decoded, self._scan_lmdb(code, lo, hi, snapshot), key=_order)
 
     def _scan_lmdb(
         self, code: int, lo: bytes, hi: bytes, skip: Mapping[int, object]
@@ -568,7 +564,7 @@ class Store:
         assert tables is not None
         with tables.reading() as txn:
             applied = tables.applied_lsn(txn)
-        wal_files = sorted(self._layout.wal.glob("*.wal"))
+        wal_files = _sizes(self._layout.wal.glob("*.wal"))
         data_file = self._layout.data / "data.mdb"
         out: dict[str, Any] = {
             "path": str(self.path),
@@ -580,10 +576,7 @@ class Store:
                 "file_bytes": data_file.stat().st_size if data_file.exists() else 0,
                 **tables.stat(),
             },
-            "wal": {
-                "segments": len(wal_files),
-                "bytes": sum(p.stat().st_size for p in wal_files),
-            },
+            "wal": {"segments": len(wal_files), "bytes": sum(wal_files.values())},
         }
         out["total"] = sum(out["counts"].values())
         if self._wal is not None:
@@ -619,6 +612,17 @@ class Store:
         return (kind,)
 
 
+def _sizes(paths: Iterable[Path]) -> dict[Path, int]:
+    """File sizes, skipping files a concurrent checkpoint deleted after the listing."""
+    out = {}
+    for path in paths:
+        try:
+            out[path] = path.stat().st_size
+        except FileNotFoundError:
+            continue
+    return out
+
+
 def _record_id(value: object) -> int:
     """Check an id argument: an int; out-of-range ids simply do not exist."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -632,10 +636,10 @@ def _order(exp: Experience) -> tuple[float, int]:
     return (exp.ts, exp.id)
 
 
-def _replay_derive(op: Op, lsn: int, view: StateView) -> Effect | None:
+def _replay_derive(op: Op, lsn: int, view: StateView, payload: bytes) -> Effect | None:
     """derive() for replay: an op that was valid when logged stays valid, but be tolerant."""
     try:
-        return derive(op, lsn, view)
+        return derive(op, lsn, view, payload)
     except RecordNotFoundError:
         log.warning("replay: LSN %d targets a missing record (%r); skipped", lsn, op)
         return None
