@@ -22,6 +22,15 @@ SESSION_ONLY = frozenset({"hold_applier", "recovery_mode"})
 """Knobs that apply to one open only and are never persisted with the store."""
 
 
+class RetentionRule(BaseModel):
+    """Keep at most ``max_count`` records of a kind and/or none older than ``max_age_s``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    max_count: int | None = Field(None, ge=0)
+    max_age_s: float | None = Field(None, gt=0)
+
+
 class StoreConfig(BaseModel):
     """Settings of one store. Validated on construction; unknown keys are refused."""
 
@@ -48,6 +57,19 @@ class StoreConfig(BaseModel):
     checkpoint_interval_s: float = Field(30.0, gt=0)
     wal_retain_segments: int = Field(0, ge=0)
     """Segments at or below applied_lsn kept by checkpoints (for later point-in-time restore)."""
+    wal_retain_seconds: float = Field(0.0, ge=0)
+    """Segments younger than this are kept by checkpoints (point-in-time restore window)."""
+    snapshot_dir: str | None = None
+    """Where snapshots live; None: ``<store>/snapshots``."""
+    snapshot_every_records: int | None = Field(None, ge=1)
+    """Take a snapshot automatically after this many acknowledged operations."""
+    snapshot_every_seconds: float | None = Field(None, gt=0)
+    """Take a snapshot automatically this often (when anything changed)."""
+    snapshot_keep: int | None = Field(None, ge=1)
+    """After an automatic snapshot, prune to this many (None: keep all)."""
+    retention: dict[Literal["prediction", "fingerprint", "query_metric"], RetentionRule] = {}
+    """Per-kind retention, enforced by evicting through the WAL like deletes."""
+    retention_interval_s: float = Field(60.0, gt=0)
     embedding_dim: int | None = Field(None, ge=1, le=65_536)
     """Fixed dimension of Fingerprint.embedding; None: fixed by the first fingerprint with one."""
 

@@ -90,9 +90,10 @@ def prepare_new(layout: Layout) -> None:
                 f"refusing to create a store in non-empty directory {layout.root} "
                 f"(found {', '.join(foreign[:5])})"
             )
-    layout.root.mkdir(parents=True, exist_ok=True)
-    layout.data.mkdir(exist_ok=True)
-    layout.wal.mkdir(exist_ok=True)
+    layout.root.parent.mkdir(parents=True, exist_ok=True)
+    fs.mkdir(layout.root, exist_ok=True)
+    fs.mkdir(layout.data, exist_ok=True)
+    fs.mkdir(layout.wal, exist_ok=True)
     fs.fsync_dir(layout.root)
     if layout.root.parent.exists():
         fs.fsync_dir(layout.root.parent)

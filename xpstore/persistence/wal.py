@@ -27,6 +27,7 @@ from pathlib import Path
 
 from xpstore.errors import RecordTooLargeError, WALWriteError
 from xpstore.persistence import fs
+from xpstore.persistence.crashpoints import crash_point
 from xpstore.persistence.wal_format import (
     FRAME_HEADER_SIZE,
     SEGMENT_NAME_RE,
@@ -185,7 +186,7 @@ class WalWriter:
             self._syncer.join()
         with self._io_lock:
             if self._fd >= 0:
-                os.close(self._fd)
+                fs.close(self._fd)
                 self._fd = -1
         self._closed = True
 
@@ -209,9 +210,12 @@ class WalWriter:
             ]
             if keep:
                 deletable = deletable[:-keep] if len(deletable) > keep else []
+            if deletable:
+                crash_point("checkpoint.before_unlink")
             for _first, path in deletable:
-                path.unlink(missing_ok=True)
+                fs.unlink(path, missing_ok=True)
                 removed.append(path)
+                crash_point("checkpoint.after_unlink")
             if removed:
                 fs.fsync_dir(self._dir)
                 self._segments = [s for s in self._segments if s[1] not in removed]
@@ -307,18 +311,12 @@ class WalWriter:
         salt = secrets.randbits(32)
         header = encode_header(self._store_id, salt, first_lsn, time.time())
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                fs.write_all(fd, header)
-                fs.fdatasync(fd)
-            except BaseException:
-                os.close(fd)
-                raise
-            os.replace(tmp, final)
+            fs.write_file(tmp, header)  # fdatasynced before the rename makes it visible
+            fs.replace(tmp, final)
             fs.fsync_dir(self._dir)
         except OSError as exc:
             raise self._write_error("segment create", exc, 0) from exc
-        self._fd = os.open(final, os.O_WRONLY | os.O_APPEND)
+        self._fd = fs.open_file(final, os.O_WRONLY | os.O_APPEND)
         self._seg_path = final
         self._seg_size = len(header)
         self._salt = salt.to_bytes(4, "little")
@@ -327,9 +325,10 @@ class WalWriter:
     def _rotate(self, next_first: int) -> None:
         if self._durability != "none":
             self._sync_locked()
-        os.close(self._fd)
+        fs.close(self._fd)
         self._fd = -1
         self._open_segment(next_first)
+        crash_point("wal.rotate.after_create")
         self.stats.rotations += 1
         log.debug("WAL rotated to %s", self._seg_path.name)
 

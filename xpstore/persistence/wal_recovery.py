@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,7 +113,7 @@ def recover_wal(
         )
     if modify:
         for tmp in wal_dir.glob("*.wal.tmp"):  # a segment create that never reached its rename
-            tmp.unlink()
+            fs.unlink(tmp)
     segs = _list_segments(wal_dir)
     report = RecoveryReport(mode=mode, applied_lsn=applied_lsn, segments=len(segs))
     reader = _Reader(segs, store_id, applied_lsn, max_frame_bytes, apply, report)
@@ -147,7 +146,7 @@ class _Reader:
 
     def run(self) -> _Damage | None:
         for index, (first, path) in enumerate(self.segs):
-            data = path.read_bytes()
+            data = fs.read_bytes(path)
             try:
                 header = decode_header(data)
             except HeaderError as exc:
@@ -252,7 +251,7 @@ class _Reader:
                 max_after = frame.last_lsn
                 pos = frame.offset + frame.size - 1
         for _first, later in self.segs[index + 1 :]:
-            scan = scan_segment(later, later.read_bytes(), self.max_frame)
+            scan = scan_segment(later, fs.read_bytes(later), self.max_frame)
             valid_after += len(scan.frames) + (1 if scan.header else 0)
             if scan.frames:
                 max_after = max(max_after or 0, scan.frames[-1].last_lsn)
@@ -340,23 +339,25 @@ def _broken_name(path: Path) -> Path:
 
 def _truncate(path: Path, offset: int, report: RecoveryReport) -> None:
     copy = _broken_name(path)
-    shutil.copyfile(path, copy)
+    fs.copy_file(path, copy)
     report.broken_copies.append(copy.name)
     if offset <= HEADER_SIZE:
-        path.unlink()
+        fs.unlink(path)
         report.removed_segments.append(path.name)
     else:
-        with path.open("r+b") as fh:
-            fh.truncate(offset)
-            fh.flush()
-            fs.fdatasync(fh.fileno())
+        fs.truncate(path, offset)
+        fd = fs.open_file(path, os.O_WRONLY)
+        try:
+            fs.fdatasync(fd)
+        finally:
+            fs.close(fd)
         report.truncated.append((path.name, offset))
     fs.fsync_dir(path.parent)
 
 
 def _set_aside(path: Path, report: RecoveryReport) -> None:
     dest = _broken_name(path)
-    os.replace(path, dest)
+    fs.replace(path, dest)
     report.broken_copies.append(dest.name)
     report.removed_segments.append(path.name)
 
@@ -369,7 +370,7 @@ def _remove_trailing_empty(wal_dir: Path, report: RecoveryReport) -> None:
         _first, path = segs[-1]
         if path.stat().st_size > HEADER_SIZE:
             break
-        path.unlink()
+        fs.unlink(path)
         report.removed_segments.append(path.name)
         segs.pop()
         removed = True

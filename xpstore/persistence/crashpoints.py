@@ -1,0 +1,40 @@
+"""Named crash points for the SIGKILL tests: ``XPSTORE_CRASH_AT=<name>`` kills the process there.
+
+A crash test starts a child with the variable set; when the child reaches that point it sends
+itself SIGKILL, so the parent can check that reopening loses nothing and finds no half-made
+snapshot or compaction. Unset (always, outside tests) a crash point costs one dict lookup.
+``XPSTORE_CRASH_SKIP=<n>`` lets the point pass n times before it fires.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_ENV = "XPSTORE_CRASH_AT"
+_SKIP_ENV = "XPSTORE_CRASH_SKIP"
+_hits: dict[str, int] = {}
+
+POINTS = (
+    "wal.rotate.after_create",  # new segment renamed, old one closed, directory synced
+    "checkpoint.before_unlink",  # LMDB synced, WAL segments not yet deleted
+    "checkpoint.after_unlink",  # some segments deleted, directory not yet synced
+    "snapshot.after_copy",  # LMDB copied into the temporary snapshot directory
+    "snapshot.before_rename",  # manifest written, temporary directory not yet renamed
+    "restore.after_copy",  # files copied into the temporary restore directory
+    "restore.before_rename",  # restore complete, not yet renamed into place
+    "compact.after_copy",  # compacted copy written, not yet swapped in
+    "compact.after_swap",  # new file in place, old one not yet removed
+)
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process if ``XPSTORE_CRASH_AT`` names this point (tests only)."""
+    target = os.environ.get(_ENV)
+    if target is None or target != name:
+        return
+    seen = _hits.get(name, 0)
+    _hits[name] = seen + 1
+    if seen < int(os.environ.get(_SKIP_ENV, "0")):
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
