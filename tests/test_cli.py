@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -502,8 +503,18 @@ def test_every_command_is_documented(name: str) -> None:
     assert re.search(rf"^## `xpstore {name}\b", text, re.M), f"docs/cli.md lacks `xpstore {name}`"
 
 
+def _leaf_commands(
+    group: click.Group = main, prefix: str = ""
+) -> Iterator[tuple[str, click.Command]]:
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _leaf_commands(command, f"{prefix}{name} ")
+        else:
+            yield f"{prefix}{name}", command
+
+
 def test_json_flag_where_output_is_text() -> None:
-    for name, command in main.commands.items():
+    for name, command in _leaf_commands():
         options = {opt for p in command.params for opt in getattr(p, "opts", [])}
         if name not in ("get", "scan"):  # those two always print JSON
             assert "--json" in options, name

@@ -23,7 +23,7 @@ from xpstore.crashwriter import record_for
 
 
 def _run_round(
-    path: Path, seed: int, kill_after_acks: int, extra: list[str]
+    path: Path, seed: int, kill_after_acks: int, extra: list[str], env: dict[str, str] | None = None
 ) -> list[tuple[int, int, int]]:
     """Start a writer, SIGKILL it once it has acknowledged ``kill_after_acks`` records."""
     cmd = [
@@ -39,7 +39,8 @@ def _run_round(
         "5",
         *extra,
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **(env or {})})
     assert proc.stdout is not None
     acks: list[tuple[int, int, int]] = []
     buf = b""

@@ -133,7 +133,8 @@ def test_checkpoint_removes_covered_segments(store_path):
         before = len(list((store_path / "wal").glob("*.wal")))
         store.flush()
         after = len(list((store_path / "wal").glob("*.wal")))
-        assert before > 2 and after == 1
+        # the background checkpoint may already have removed some; flush removes the rest
+        assert store.stats()["wal"]["rotations"] > 2 and before >= 2 and after == 1
         assert store.count() == 4000
 
 

@@ -12,6 +12,7 @@ from xpstore.errors import (
     ReadOnlyStoreError,
     RecordNotFoundError,
     RecordTooLargeError,
+    SnapshotError,
     StoreClosedError,
     StoreCorruptionError,
     StoreLockedError,
@@ -20,6 +21,7 @@ from xpstore.errors import (
     WALWriteError,
     XpStoreError,
 )
+from xpstore.persistence.snapshots import SnapshotInfo
 from xpstore.persistence.wal_recovery import RecoveryReport
 from xpstore.store.records import (
     BatchFingerprint,
@@ -46,6 +48,8 @@ __all__ = [
     "RecordNotFoundError",
     "RecordTooLargeError",
     "RecoveryReport",
+    "SnapshotError",
+    "SnapshotInfo",
     "Store",
     "StoreClosedError",
     "StoreConfig",

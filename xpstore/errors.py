@@ -14,7 +14,8 @@ The tree (each also inherits the builtin a caller would naturally catch)::
     ├── StoreClosedError                       use after close()
     ├── WALWriteError (OSError)                the log cannot take writes any more
     └── StoreCorruptionError                   on-disk damage
-        └── WALCorruptionError                 a bad WAL segment or frame
+        ├── WALCorruptionError                 a bad WAL segment or frame
+        └── SnapshotError                      a damaged snapshot, or WAL a restore lacks
 
 LMDB and OS errors are translated where they cross into xpstore (``persistence.lmdb_tables``
 and ``persistence.wal``), always with ``raise ... from`` so the original stays attached.
@@ -107,4 +108,11 @@ class CodecError(InvalidRecordError):
 
     Bad input, not on-disk damage; a storage layer whose checksum passed but whose payload still
     does not decode may re-raise it as a ``StoreCorruptionError`` (``from`` this error).
+    """
+
+
+class SnapshotError(StoreCorruptionError):
+    """A snapshot cannot be trusted or used: a missing or unparsable manifest, a file whose size
+    or sha256 differs from the manifest, an unknown snapshot id, or WAL that a point-in-time
+    restore needs and that is no longer retained. The message names the file or LSN range.
     """

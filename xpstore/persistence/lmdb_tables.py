@@ -25,7 +25,7 @@ import json
 import logging
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +117,11 @@ class _Registry:
             env = _open_env(path, readonly=readonly, map_size=map_size)
             self._envs[key] = (env, 1, readonly)
             return env
+
+    def refs(self, path: Path) -> int:
+        with self._lock:
+            entry = self._envs.get(str(path.resolve()))
+            return entry[1] if entry is not None else 0
 
     def close(self, path: Path) -> None:
         key = str(path.resolve())
@@ -362,18 +367,62 @@ class LmdbTables:
             except lmdb.Error as exc:
                 raise translate(exc, "write transaction") from exc
 
-    def _grow(self) -> None:
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """No read transaction of this process is open inside, and none can start.
+
+        What ``set_mapsize`` needs, and what closing and reopening the environment needs.
+        """
         with self._gate:
+            while self._resizing:
+                self._gate.wait()
             self._resizing = True
             while self._readers:
                 self._gate.wait()
-            try:
-                new = self.env.info()["map_size"] * 2
-                self.env.set_mapsize(new)
-                log.info("LMDB map grown to %d MiB", new >> 20)
-            finally:
+        try:
+            yield
+        finally:
+            with self._gate:
                 self._resizing = False
                 self._gate.notify_all()
+
+    def _grow(self) -> None:
+        with self.exclusive():
+            new = self.env.info()["map_size"] * 2
+            self.env.set_mapsize(new)
+            log.info("LMDB map grown to %d MiB", new >> 20)
+
+    def reopen_around(self, action: Callable[[], None]) -> None:
+        """Close the environment, run ``action`` (which may swap the files), open it again.
+
+        The LmdbTables object stays the same, so the store and the applier keep their
+        references; readers of this process wait at the gate meanwhile. The caller keeps
+        writers out. The environment is reopened even when ``action`` fails, but never created
+        afresh where the store's data file is missing.
+        """
+        with self.exclusive():
+            map_size = int(self.env.info()["map_size"])
+            _REGISTRY.close(self.path)
+            try:
+                action()
+            finally:
+                if not (self.path / "data.mdb").exists():
+                    raise XpStoreError(
+                        f"{self.path / 'data.mdb'} is missing after a failed file swap; "
+                        "reopen the store for writing to restore it"
+                    )
+                self.env = _REGISTRY.open(self.path, readonly=False, map_size=map_size)
+                try:
+                    with self.env.begin(write=True) as txn:
+                        self._dbs = {
+                            n: self.env.open_db(n, txn=txn, create=True) for n in _DB_NAMES
+                        }
+                except lmdb.Error as exc:
+                    raise translate(exc, "reopening tables") from exc
+
+    def shared_refs(self) -> int:
+        """How many Store objects of this process share this environment."""
+        return _REGISTRY.refs(self.path)
 
     def sync(self) -> None:
         """Force data and meta pages to disk (before WAL segments may be deleted)."""

@@ -195,7 +195,9 @@ class WalWriter:
         with self._io_lock:
             return list(self._segments)
 
-    def remove_segments_through(self, applied_lsn: int, keep: int = 0) -> list[Path]:
+    def remove_segments_through(
+        self, applied_lsn: int, keep: int = 0, retain_seconds: float = 0.0
+    ) -> list[Path]:
         """Delete segments whose every LSN is <= ``applied_lsn``, keeping the newest ``keep``.
 
         The caller must have synced LMDB first: after this, those LSNs live only in LMDB.
@@ -210,6 +212,12 @@ class WalWriter:
             ]
             if keep:
                 deletable = deletable[:-keep] if len(deletable) > keep else []
+            if retain_seconds > 0:  # keep what a point-in-time restore may still need
+                cutoff = time.time() - retain_seconds
+                old = 0  # a prefix only: never leave a gap in the log
+                while old < len(deletable) and _mtime(deletable[old][1]) < cutoff:
+                    old += 1
+                deletable = deletable[:old]
             if deletable:
                 crash_point("checkpoint.before_unlink")
             for _first, path in deletable:
@@ -352,6 +360,13 @@ class WalWriter:
             raise self._poison
         if self._closed:
             raise WALWriteError("the WAL is closed")
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
 
 
 def _list_segments(wal_dir: Path) -> list[tuple[int, Path]]:

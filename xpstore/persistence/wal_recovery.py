@@ -42,8 +42,23 @@ from xpstore.persistence.wal_format import (
 
 log = logging.getLogger(__name__)
 
-RECOVERY_MODES = ("tolerate_tail", "absolute", "point_in_time")
+RECOVERY_MODES = ("tolerate_tail", "absolute", "point_in_time", "salvage")
 ApplyFn = Callable[[int, list[bytes], float], None]
+
+
+@dataclass(frozen=True)
+class Gap:
+    """LSNs that salvage could not read: ``first..last`` (last None: to the end of the log)."""
+
+    first: int
+    last: int | None
+    segment: str
+    offset: int
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"first_lsn": self.first, "last_lsn": self.last, "segment": self.segment,
+                "offset": self.offset, "reason": self.reason}
 
 
 @dataclass
@@ -60,6 +75,7 @@ class RecoveryReport:
     broken_copies: list[str] = field(default_factory=list)
     removed_segments: list[str] = field(default_factory=list)
     dropped_lsns: tuple[int, int] | None = None
+    gaps: list[Gap] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
@@ -74,6 +90,7 @@ class RecoveryReport:
             "broken_copies": self.broken_copies,
             "removed_segments": self.removed_segments,
             "dropped_lsns": list(self.dropped_lsns) if self.dropped_lsns else None,
+            "gaps": [g.as_dict() for g in self.gaps],
             "warnings": self.warnings,
         }
 
@@ -100,13 +117,23 @@ def recover_wal(
     max_frame_bytes: int,
     apply: ApplyFn,
     modify: bool = True,
+    to_lsn: int | None = None,
 ) -> RecoveryReport:
     """Replay every operation after ``applied_lsn`` through ``apply`` under ``mode``'s policy.
 
     ``apply(first_lsn, ops, commit_time)`` receives each frame's operations beyond
     ``applied_lsn``. With ``modify=False`` nothing on disk changes (torn tails are reported, not
     truncated). Raises :class:`WALCorruptionError` where the mode refuses to open.
+
+    ``salvage`` never modifies anything (``modify`` must be False): it skips damaged frames and
+    segments, resynchronizes at the next valid frame, and lists every unreadable LSN range in
+    ``report.gaps``. ``to_lsn`` (``point_in_time`` only) stops before the first frame that
+    reaches past it, as if the log were damaged there: later frames are set aside and reported.
     """
+    if mode == "salvage" and modify:
+        raise ValueError("salvage never modifies the damaged store: pass modify=False")
+    if to_lsn is not None and mode != "point_in_time":
+        raise ValueError("to_lsn needs recovery_mode='point_in_time'")
     if mode not in RECOVERY_MODES:
         raise ValueError(
             f"unknown recovery mode {mode!r}; choose one of {', '.join(RECOVERY_MODES)}"
@@ -117,6 +144,8 @@ def recover_wal(
     segs = _list_segments(wal_dir)
     report = RecoveryReport(mode=mode, applied_lsn=applied_lsn, segments=len(segs))
     reader = _Reader(segs, store_id, applied_lsn, max_frame_bytes, apply, report)
+    reader.salvage = mode == "salvage"
+    reader.to_lsn = to_lsn
     damage = reader.run()
     report.last_lsn = max(applied_lsn, reader.expected - 1 if reader.expected is not None else 0)
     if damage is not None:
@@ -143,6 +172,11 @@ class _Reader:
         self.apply = apply
         self.report = report
         self.expected: int | None = None
+        self.salvage = False
+        self.to_lsn: int | None = None
+        # salvage: damage with nothing valid after it in its segment; the next segment's first
+        # LSN (or the end of the log) closes the gap
+        self._pending_gap: tuple[int, Path, int, str] | None = None
 
     def run(self) -> _Damage | None:
         for index, (first, path) in enumerate(self.segs):
@@ -150,13 +184,32 @@ class _Reader:
             try:
                 header = decode_header(data)
             except HeaderError as exc:
+                if self.salvage:
+                    self._skip_segment(path, exc.reason, str(exc))
+                    continue
                 return self._damage(index, path, data, None, 0, exc.reason, str(exc))
             problem = self._check_header(header, first)
-            if problem is not None:
+            if problem is not None and self.salvage:
+                if problem[0] == "missing_segment":
+                    lo = self.expected if self.expected is not None else self.applied + 1
+                    where, off, why = path, 0, "missing_segment"
+                    if self._pending_gap is not None:
+                        lo, where, off, why = self._pending_gap
+                        self._pending_gap = None
+                    self._gap(lo, header.first_lsn - 1, where, off, why)
+                    self.expected = header.first_lsn
+                else:
+                    self._skip_segment(path, *problem)
+                    continue
+            elif problem is not None:
                 return self._damage(index, path, data, header, 0, *problem)
+            self._pending_gap = None  # the segment continues exactly where the damage stopped
             damage = self._read_frames(index, path, data, header)
             if damage is not None:
                 return damage
+        if self._pending_gap is not None:
+            lo, where, off, why = self._pending_gap
+            self._gap(lo, None, where, off, why)
         return None
 
     def _check_header(self, header: SegmentHeader, first: int) -> tuple[str, str] | None:
@@ -198,10 +251,20 @@ class _Reader:
                 frame = _decode_expected(view, offset, salt, self.max_frame, self.expected)
             except FrameError as exc:
                 resync = self._resync(data, offset, salt)
+                if resync is None and self.salvage:
+                    resync = self._salvage_resync(data, offset, salt, path, exc.reason)
+                    if resync is None:
+                        return None  # nothing valid left in this segment; the next one decides
                 if resync is None:
                     return self._damage(index, path, data, header, offset, exc.reason, str(exc))
                 offset = resync
                 continue
+            if self.to_lsn is not None and frame.last_lsn > self.to_lsn:
+                return self._damage(
+                    index, path, data, header, offset, "to_lsn",
+                    f"recovery asked to stop at LSN {self.to_lsn}; this frame holds LSNs "
+                    f"{frame.first_lsn}..{frame.last_lsn}",
+                )
             self.report.frames += 1
             skip = max(0, self.applied + 1 - frame.first_lsn)
             if skip < frame.count:
@@ -211,6 +274,31 @@ class _Reader:
             self.expected = frame.last_lsn + 1
             offset += frame.size
         return None
+
+    def _gap(self, first: int, last: int | None, path: Path, offset: int, reason: str) -> None:
+        gap = Gap(first, last, path.name, offset, reason)
+        self.report.gaps.append(gap)
+        log.warning("salvage: LSNs %s..%s unreadable (%s at %s+%d)",
+                    first, "end" if last is None else last, reason, path.name, offset)
+
+    def _skip_segment(self, path: Path, reason: str, detail: str) -> None:
+        msg = f"salvage: skipped segment {path.name}: {reason}: {detail}"
+        log.warning(msg)
+        self.report.warnings.append(msg)
+
+    def _salvage_resync(
+        self, data: bytes, offset: int, salt: bytes, path: Path, reason: str
+    ) -> int | None:
+        """Jump to the next valid frame after damage, recording the LSNs skipped over."""
+        expected = self.expected if self.expected is not None else self.applied + 1
+        nxt = find_valid_frame(data, offset, salt, expected, self.max_frame)
+        if nxt is None:
+            self._pending_gap = (expected, path, offset, reason)
+            return None
+        if nxt.first_lsn > expected:
+            self._gap(expected, nxt.first_lsn - 1, path, offset, reason)
+        self.expected = nxt.first_lsn
+        return nxt.offset
 
     def _resync(self, data: bytes, offset: int, salt: bytes) -> int | None:
         """Skip damage that lies wholly inside already-applied LSNs; None if it does not."""
@@ -298,14 +386,21 @@ def _handle_damage(
         return
     if mode == "point_in_time" and not damage.torn:
         hi = damage.max_lsn_after if damage.max_lsn_after is not None else damage.expected_lsn
-        report.dropped_lsns = (damage.expected_lsn, max(hi, damage.expected_lsn))
-        msg = (
-            f"WAL damaged at {where} (expected LSN {damage.expected_lsn}): {damage.reason}; "
-            f"opened the consistent prefix and dropped LSNs {report.dropped_lsns[0]}.."
-            f"{report.dropped_lsns[1]} ({damage.valid_after} valid frames or segments after the "
-            "damage were set aside as .broken copies)"
-        )
-        log.error(msg)
+        lo, hi = damage.expected_lsn, max(hi, damage.expected_lsn)
+        report.dropped_lsns = (lo, hi)
+        if damage.reason == "to_lsn":
+            msg = (
+                f"recovered up to LSN {lo - 1} as asked; LSNs {lo}..{hi} from {where} on were "
+                "set aside as .broken copies"
+            )
+            log.warning(msg)
+        else:
+            msg = (
+                f"WAL damaged at {where} (expected LSN {lo}): {damage.reason}; opened the "
+                f"consistent prefix and dropped LSNs {lo}..{hi} ({damage.valid_after} valid "
+                "frames or segments after the damage were set aside as .broken copies)"
+            )
+            log.error(msg)
         report.warnings.append(msg)
         if modify:
             _truncate(damage.path, damage.offset, report)

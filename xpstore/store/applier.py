@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from xpstore.errors import XpStoreError
 from xpstore.persistence.lmdb_tables import (
@@ -58,6 +59,7 @@ class Applier:
         checkpoint_interval_s: float,
         retain_segments: int,
         hold: bool,
+        retain_seconds: float = 0.0,
     ) -> None:
         self._overlay = overlay
         self._tables = tables
@@ -67,11 +69,14 @@ class Applier:
         self._interval = interval_s
         self._ckpt_interval = checkpoint_interval_s
         self._retain = retain_segments
+        self._retain_seconds = retain_seconds
         self.hold = hold
         self._stop = False
         self._last_ckpt = time.monotonic()
         self._applied_since_ckpt = 0
         self.error: XpStoreError | None = None
+        self.on_wake: Callable[[], object] | None = None  # Store._maybe_apply_retention
+        self.after_batch: Callable[[], object] | None = None  # Store._maybe_auto_snapshot
         self.batches = 0
         self._thread = threading.Thread(target=self._run, name="xpstore-applier", daemon=True)
 
@@ -97,6 +102,15 @@ class Applier:
         while self.apply_once():
             pass
 
+    def apply_through(self, lsn: int) -> None:
+        """Apply every queued effect up to ``lsn`` (not later ones: under a steady stream of
+        writes "apply everything" would never finish)."""
+        while True:
+            with self._overlay.lock:
+                if not self._overlay.queue or self._overlay.queue[0].lsn > lsn:
+                    return
+            self.apply_once()
+
     def apply_once(self) -> bool:
         with self._apply_lock:
             effects = self._overlay.take(self._batch)
@@ -116,7 +130,9 @@ class Applier:
                 applied = self._tables.applied_lsn(txn)
         if self._wal is None:
             return []
-        removed = self._wal.remove_segments_through(applied, keep=self._retain)
+        removed = self._wal.remove_segments_through(
+            applied, keep=self._retain, retain_seconds=self._retain_seconds
+        )
         self._last_ckpt = time.monotonic()
         self._applied_since_ckpt = 0
         if removed:
@@ -145,6 +161,8 @@ class Applier:
         while True:
             with cond:
                 while not self._stop:
+                    if self.on_wake is not None:
+                        self.on_wake()  # non-blocking: starts a retention pass when one is due
                     waiting = len(self._overlay)
                     left = last + self._interval - time.monotonic()
                     if not self.hold and (waiting >= self._batch or (waiting and left <= 0)):
@@ -158,6 +176,8 @@ class Applier:
                 last = time.monotonic()
                 if self._checkpoint_due():
                     self.checkpoint()
+                if self.after_batch is not None:
+                    self.after_batch()
             except XpStoreError as exc:
                 log.exception("applier failed; writes are refused until the store is reopened")
                 self.error = exc

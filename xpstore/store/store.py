@@ -30,12 +30,17 @@ from xpstore.errors import (
     StoreClosedError,
     XpStoreError,
 )
+from xpstore.persistence import compaction
 from xpstore.persistence import layout as layout_mod
 from xpstore.persistence.layout import Layout
 from xpstore.persistence.lmdb_tables import LmdbTables, from_u64, index_key
 from xpstore.persistence.lock import WriterLock
+from xpstore.persistence.snapshots import finish_in_place
 from xpstore.persistence.wal import WalWriter
 from xpstore.persistence.wal_recovery import RecoveryReport, recover_wal
+from xpstore.store._check_api import CheckAPI
+from xpstore.store._maintenance_api import MaintenanceAPI
+from xpstore.store._snapshot_api import SnapshotAPI
 from xpstore.store.applier import Applier
 from xpstore.store.codec import (
     KIND_CODES,
@@ -66,7 +71,7 @@ _SCAN_CHUNK = 512
 _RECORD_TYPES = (PredictionOutcome, Fingerprint, QueryMetric)
 
 
-class Store:
+class Store(SnapshotAPI, MaintenanceAPI, CheckAPI):
     """A persistent experience store. Open with :meth:`Store.open`; use as a context manager."""
 
     def __init__(self, path: Path, config: StoreConfig, readonly: bool) -> None:
@@ -85,6 +90,8 @@ class Store:
         self._embedding_dim: int | None = None
         self.store_id = 0
         self.recovery_report: RecoveryReport | None = None
+        self._to_lsn: int | None = None
+        self._salvage_from: tuple[Path, int] | None = None  # (wal dir, store id) to salvage
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -97,16 +104,21 @@ class Store:
         durability: str | None = None,
         recovery_mode: str | None = None,
         config: StoreConfig | Mapping[str, Any] | None = None,
+        to_lsn: int | None = None,
         **overrides: Any,
     ) -> Store:
         """Open (or with ``create=True`` create) the store at ``path``.
 
         ``config`` (or keyword overrides such as ``durability=``, ``hold_applier=``) applies to
-        this session; a new store persists it. Raises StoreNotFoundError, FormatVersionError,
+        this session; a new store persists it. ``to_lsn`` (with
+        ``recovery_mode="point_in_time"``) recovers only the WAL prefix up to that LSN and sets
+        the rest aside as ``.broken`` copies. Raises StoreNotFoundError, FormatVersionError,
         StoreLockedError, WALCorruptionError (see ``recovery_mode``).
         """
         root = Path(path)
         lay = Layout(root)
+        if not readonly:
+            finish_in_place(root)  # an in-place snapshot restore cut off by a crash
         if readonly and create:
             raise InvalidRecordError(
                 "create=True and readonly=True exclude each other", field="create"
@@ -119,7 +131,12 @@ class Store:
         given = config.model_dump() if isinstance(config, StoreConfig) else dict(config or {})
         given.update(overrides)
         given.update({"durability": durability, "recovery_mode": recovery_mode})
+        if to_lsn is not None and (recovery_mode != "point_in_time" or readonly):
+            raise InvalidRecordError(
+                "to_lsn needs recovery_mode='point_in_time' on a writable open", field="to_lsn"
+            )
         store = cls(root, make_config(), readonly)
+        store._to_lsn = to_lsn
         try:
             store._open(is_new, {k: v for k, v in given.items() if v is not None})
         except BaseException:
@@ -131,6 +148,7 @@ class Store:
         if not self.readonly:
             self._lock = WriterLock(self._layout.lock)
             self._lock.acquire()
+            compaction.finish_interrupted(self._layout)  # a compaction cut off by a crash
         base = make_config(**overrides) if is_new else None
         map_size = (base or make_config()).map_size
         if "map_size" in overrides:
@@ -168,27 +186,25 @@ class Store:
             checkpoint_interval_s=self.config.checkpoint_interval_s,
             retain_segments=self.config.wal_retain_segments,
             hold=self.config.hold_applier,
+            retain_seconds=self.config.wal_retain_seconds,
         )
-        view = self._reader_view()
-
-        def apply(first_lsn: int, ops: list[bytes], _commit_time: float) -> None:
-            for i, raw in enumerate(ops):
-                eff = _replay_derive(decode_op(raw, validate=False), first_lsn + i, view, raw)
-                if eff is not None:
-                    with self._overlay.lock:
-                        self._overlay.add_durable_locked(eff)
-            if len(self._overlay) >= self.config.apply_batch_ops:
-                applier.apply_all()
-
-        report = recover_wal(
-            self._layout.wal,
-            store_id=self.store_id,
-            applied_lsn=applied,
-            mode=self.config.recovery_mode,
-            max_frame_bytes=self.config.max_frame_bytes,
-            apply=apply,
+        if self._to_lsn is not None and self._to_lsn < applied:
+            raise InvalidRecordError(
+                f"to_lsn {self._to_lsn} is older than what LMDB already holds (applied_lsn "
+                f"{applied}); the WAL cannot take it back: restore a snapshot instead",
+                field="to_lsn",
+            )
+        if self._salvage_from is not None:
+            src_wal, src_id = self._salvage_from
+            salvaged = self._replay(applier, src_wal, src_id, applied, "salvage", modify=False)
+            with tables.reading() as txn:
+                applied = tables.applied_lsn(txn)
+        report = self._replay(
+            applier, self._layout.wal, self.store_id, applied, self.config.recovery_mode,
+            modify=True, to_lsn=self._to_lsn,
         )
-        applier.apply_all()
+        if self._salvage_from is not None:
+            report = salvaged
         self.recovery_report = report
         if report.replayed_ops or report.warnings:
             log.info(
@@ -211,8 +227,47 @@ class Store:
         )
         self._applier = applier
         applier.attach_wal(self._wal)
+        applier.on_wake = self._maybe_apply_retention
+        applier.after_batch = self._maybe_auto_snapshot
+        self._clean_snapshot_temps()
         applier.checkpoint()
         applier.start()
+
+    def _replay(
+        self,
+        applier: Applier,
+        wal_dir: Path,
+        store_id: int,
+        applied: int,
+        mode: str,
+        *,
+        modify: bool,
+        to_lsn: int | None = None,
+    ) -> RecoveryReport:
+        """Replay ``wal_dir`` beyond ``applied`` into LMDB through the overlay and ``applier``."""
+        view = self._reader_view()
+
+        def apply(first_lsn: int, ops: list[bytes], _commit_time: float) -> None:
+            for i, raw in enumerate(ops):
+                eff = _replay_derive(decode_op(raw, validate=False), first_lsn + i, view, raw)
+                if eff is not None:
+                    with self._overlay.lock:
+                        self._overlay.add_durable_locked(eff)
+            if len(self._overlay) >= self.config.apply_batch_ops:
+                applier.apply_all()
+
+        report = recover_wal(
+            wal_dir,
+            store_id=store_id,
+            applied_lsn=applied,
+            mode=mode,
+            max_frame_bytes=self.config.max_frame_bytes,
+            apply=apply,
+            modify=modify,
+            to_lsn=to_lsn,
+        )
+        applier.apply_all()
+        return report
 
     # ----------------------------------------------------------- lifecycle
     def close(self) -> None:
@@ -221,6 +276,7 @@ class Store:
             return
         with self._wlock:
             self._closed = True
+        self._join_retention(timeout=30.0)
         try:
             if self._wal is not None:
                 self._wal.close()
@@ -578,6 +634,7 @@ class Store:
             },
             "wal": {"segments": len(wal_files), "bytes": sum(wal_files.values())},
         }
+        out["lmdb"].update(compaction.lmdb_space(tables))
         out["total"] = sum(out["counts"].values())
         if self._wal is not None:
             st = self._wal.stats
@@ -599,7 +656,8 @@ class Store:
         assert self._applier is not None
         if self._applier.hold:
             raise XpStoreError("the applier is held (hold_applier=True); nothing to flush into")
-        self._applier.apply_all()
+        assert self._wal is not None
+        self._applier.apply_through(self._wal.acked_lsn)
         self._applier.checkpoint()
 
     def _kinds(self, kind: str | None) -> tuple[str, ...]:

@@ -1,0 +1,136 @@
+"""CrashFS: a file-system double that knows what a power loss would keep.
+
+It wraps the real file system (every call still happens on disk) and keeps a model of what is
+*durable*: the content of each file as of its last ``fdatasync``, and the entries of each
+directory as of its last ``fsync_dir``. From that model it writes a "crash image": files created,
+renamed or unlinked since their directory's last sync are undone, unsynced data is dropped, and
+the unsynced tail of the last written file is kept torn at a 512-byte sector boundary.
+
+LMDB does its own I/O in C, below this seam, so the store's ``data/`` directory is not modelled:
+the image gets LMDB through ``env.copy`` (its newest committed transaction). That is what LMDB
+promises after a crash with ``sync=True`` (a committed transaction survives; with
+``metasync=False`` possibly minus the last one, which the WAL replays; see docs/design.md).
+Directories made with ``mkdir`` count as durable at once (a simplification: the store's
+directories are created and synced before any record is acknowledged).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from xpstore.persistence.fs import OsFS, PathLike
+
+SECTOR = 512
+
+
+class CrashFS(OsFS):
+    """Real I/O plus a durability model; ``on_point(kind)`` runs after each write, sync, rename."""
+
+    def __init__(self, root: Path, on_point: Callable[[str], None]) -> None:
+        self.root = root
+        self.on_point = on_point
+        self._inode = 0
+        self.durable_content: dict[int, bytes] = {}
+        self.current: dict[str, int] = {}  # path -> inode, what the namespace says now
+        self.durable: dict[str, int] = {}  # path -> inode, what survives a power loss
+        self.live_path: dict[int, str] = {}
+        self.fds: dict[int, int] = {}
+        self.last_written: int | None = None
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and not self._untracked(str(path)):
+                ino = self._new_inode(str(path))
+                self.durable_content[ino] = path.read_bytes()
+                self.durable[str(path)] = ino
+
+    def _untracked(self, path: str) -> bool:
+        rel = os.path.relpath(path, self.root)
+        return rel.startswith("data" + os.sep) or rel == "LOCK"
+
+    def _new_inode(self, path: str) -> int:
+        self._inode += 1
+        self.current[path] = self._inode
+        self.live_path[self._inode] = path
+        self.durable_content.setdefault(self._inode, b"")
+        return self._inode
+
+    # ------------------------------------------------------------- the seam
+    def open(self, path: PathLike, flags: int, mode: int = 0o644) -> int:
+        fd = super().open(path, flags, mode)
+        p = str(path)
+        if not self._untracked(p):
+            ino = self.current.get(p)
+            if ino is None:
+                ino = self._new_inode(p)
+            self.fds[fd] = ino
+        return fd
+
+    def close(self, fd: int) -> None:
+        super().close(fd)
+        self.fds.pop(fd, None)
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        n = super().write(fd, data)
+        if fd in self.fds:
+            self.last_written = self.fds[fd]
+            self.on_point("write")  # power loss before the sync: the tail may be torn
+        return n
+
+    def fdatasync(self, fd: int) -> None:
+        super().fdatasync(fd)
+        ino = self.fds.get(fd)
+        if ino is not None:
+            self.durable_content[ino] = Path(self.live_path[ino]).read_bytes()
+            self.on_point("fdatasync")
+
+    def fsync_dir(self, path: PathLike) -> None:
+        super().fsync_dir(path)
+        d = str(path)
+        for p in [p for p in self.durable if os.path.dirname(p) == d and p not in self.current]:
+            del self.durable[p]
+        for p, ino in self.current.items():
+            if os.path.dirname(p) == d:
+                self.durable[p] = ino
+        self.on_point("fsync_dir")
+
+    def replace(self, src: PathLike, dst: PathLike) -> None:
+        super().replace(src, dst)
+        s, d = str(src), str(dst)
+        ino = self.current.pop(s, None)
+        if ino is not None:
+            self.current[d] = ino
+            self.live_path[ino] = d
+            self.on_point("rename")
+
+    def unlink(self, path: PathLike) -> None:
+        super().unlink(path)
+        self.current.pop(str(path), None)
+
+    def rmtree(self, path: PathLike) -> None:
+        super().rmtree(path)
+        prefix = str(path) + os.sep
+        for p in [p for p in self.current if p.startswith(prefix)]:
+            del self.current[p]
+
+    # ------------------------------------------------------------ the image
+    def write_image(self, dest: Path) -> None:
+        """Write what a power loss right now could leave of the tracked files into ``dest``."""
+        for p, ino in self.durable.items():
+            data = self.durable_content.get(ino, b"")
+            if ino == self.last_written:
+                data += self._torn_tail(ino, len(data))
+            target = dest / os.path.relpath(p, self.root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+
+    def _torn_tail(self, ino: int, durable_len: int) -> bytes:
+        """Unsynced bytes after ``durable_len`` that a torn write kept: up to a sector edge."""
+        try:
+            live = Path(self.live_path[ino]).read_bytes()
+        except FileNotFoundError:
+            return b""
+        if len(live) <= durable_len:
+            return b""
+        keep = SECTOR - durable_len % SECTOR
+        return live[durable_len : durable_len + keep]

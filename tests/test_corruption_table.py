@@ -1,0 +1,179 @@
+"""The corruption table of docs/recovery.md: each kind of damage x each recovery mode.
+
+A base store holds 120 frames of 5 records each (LSNs 1..600) across 3+ WAL segments, all
+beyond ``applied_lsn`` (applier held). Each case damages a copy; each mode opens it (salvage:
+copies it into a new store) and the outcome is checked against ``TABLE``, which is also the table
+printed in docs/recovery.md (a test below keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xpstore import Store, WALCorruptionError
+from xpstore.persistence.wal import WalWriter
+from xpstore.persistence.wal_format import HEADER_SIZE, Frame, scan_segment
+from xpstore.store.salvage import salvage_store
+from xpstore.synthetic import make_mixed
+
+MODES = ("tolerate_tail", "absolute", "point_in_time", "salvage")
+OPENS = "opens; torn tail truncated (.broken copy kept)"
+REFUSES = "refuses to open: WALCorruptionError naming segment, offset, expected LSN"
+PREFIX = "opens the prefix before the damage; later LSNs set aside and reported"
+GAP = "new store with every readable frame; the damaged range reported as a gap"
+SKIP = "new store with every frame; the bad segment skipped with a warning"
+TABLE: dict[str, tuple[str, str, str, str]] = {
+    "torn last frame": (OPENS, REFUSES, OPENS, GAP),
+    "zeroed last 4 KiB sector": (OPENS, REFUSES, OPENS, GAP),
+    "bit flip in an earlier frame": (REFUSES, REFUSES, PREFIX, GAP),
+    "zeroed 4 KiB sector mid-log": (REFUSES, REFUSES, PREFIX, GAP),
+    "deleted middle segment": (REFUSES, REFUSES, PREFIX, GAP),
+    "duplicated segment": (REFUSES, REFUSES, PREFIX, SKIP),
+    "segment from another store": (REFUSES, REFUSES, PREFIX, SKIP),
+}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("base") / "store"
+    rng = np.random.default_rng(3)
+    with Store.open(path, create=True, hold_applier=True, segment_max_bytes=64 * 1024) as s:
+        for _ in range(120):
+            s.put_many(make_mixed(rng, 5))
+    return path
+
+
+def _frames(path: Path) -> list[tuple[Path, Frame]]:
+    out = []
+    for seg in sorted((path / "wal").glob("*.wal")):
+        out.extend((seg, f) for f in scan_segment(seg, seg.read_bytes(), 1 << 26).frames)
+    return out
+
+
+def _lsns(frames: list[tuple[Path, Frame]]) -> set[int]:
+    return {lsn for _s, f in frames for lsn in range(f.first_lsn, f.last_lsn + 1)}
+
+
+def _patch(seg: Path, offset: int, data: bytes) -> None:
+    raw = bytearray(seg.read_bytes())
+    raw[offset : offset + len(data)] = data
+    seg.write_bytes(bytes(raw))
+
+
+def _damage(case: str, path: Path) -> tuple[set[int], set[int]]:
+    """Damage ``path``; return (LSNs a prefix-open keeps, LSNs a salvage keeps)."""
+    frames = _frames(path)
+    segs = sorted((path / "wal").glob("*.wal"))
+    assert len(segs) >= 3
+    every = _lsns(frames)
+    if case == "torn last frame":
+        seg, last = frames[-1]
+        with seg.open("r+b") as fh:
+            fh.truncate(last.offset + 40)
+        kept = _lsns(frames[:-1])
+        return kept, kept
+    if case == "zeroed last 4 KiB sector":
+        seg = segs[-1]
+        size = seg.stat().st_size
+        start = max(HEADER_SIZE, size - 4096)
+        _patch(seg, start, bytes(size - start))
+        kept = _lsns([(s, f) for s, f in frames if s != seg or f.offset + f.size <= start])
+        return kept, kept
+    if case in ("bit flip in an earlier frame", "zeroed 4 KiB sector mid-log"):
+        index = len(frames) // 3
+        seg, frame = frames[index]
+        if case.startswith("bit flip"):
+            _patch(seg, frame.offset + 40, bytes([seg.read_bytes()[frame.offset + 40] ^ 0x08]))
+            hit = [frame]
+        else:
+            _patch(seg, frame.offset, bytes(4096))
+            end = frame.offset + 4096
+            hit = [
+                f for s, f in frames
+                if s == seg and f.offset < end and f.offset + f.size > frame.offset
+            ]
+        return _lsns(frames[:index]), every - _lsns([(seg, f) for f in hit])
+    if case == "deleted middle segment":
+        victim = segs[1]
+        victim.unlink()
+        prefix = _lsns([(s, f) for s, f in frames if s == segs[0]])
+        return prefix, every - _lsns([(s, f) for s, f in frames if s == victim])
+    if case == "duplicated segment":
+        # an older segment copied in again under the next name (a botched manual restore)
+        nxt = max(every) + 1
+        shutil.copyfile(segs[0], segs[0].with_name(f"{nxt:020d}.wal"))
+        return every, every
+    if case == "segment from another store":
+        nxt = max(every) + 1
+        other = path.parent / "other-wal"
+        other.mkdir()
+        w = WalWriter(other, store_id=12345, next_lsn=nxt, durability="none",
+                      segment_max_bytes=1 << 20, max_frame_bytes=1 << 20, group_commit_ms=1,
+                      on_durable=lambda a, b: None)
+        _a, last = w.append([b"not ours"])
+        w.wait(last)
+        w.close()
+        shutil.copyfile(next(other.glob("*.wal")), path / "wal" / f"{nxt:020d}.wal")
+        return every, every
+    raise AssertionError(case)
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name not in ("lock.mdb", "LOCK")}
+
+
+@pytest.mark.parametrize("case", list(TABLE))
+@pytest.mark.parametrize("mode", MODES)
+def test_corruption_table(tmp_path, base, case, mode):
+    path = tmp_path / "store"
+    shutil.copytree(base, path)
+    prefix_keeps, salvage_keeps = _damage(case, path)
+    expected = TABLE[case][MODES.index(mode)]
+    before = _files(path)
+    if expected == REFUSES:
+        with pytest.raises(WALCorruptionError) as info:
+            Store.open(path, recovery_mode=mode)
+        err = info.value
+        assert err.segment and err.offset is not None and err.expected_lsn and err.reason
+        assert _files(path) == before  # a refused open changes nothing
+        return
+    if mode == "salvage":
+        report = salvage_store(path, tmp_path / "salvaged")
+        assert _files(path) == before  # salvage never writes into the damaged store
+        with Store.open(tmp_path / "salvaged") as store:
+            assert {e.id for e in store.scan()} == salvage_keeps
+        if expected == GAP:
+            assert report.gaps
+        else:
+            assert not report.gaps and report.warnings
+        return
+    with Store.open(path, recovery_mode=mode) as store:
+        ids = {e.id for e in store.scan()}
+        report = store.recovery_report
+    assert report is not None
+    assert ids == prefix_keeps
+    if expected == OPENS:
+        assert report.truncated or report.removed_segments
+        assert report.broken_copies
+    else:
+        assert report.dropped_lsns is not None
+    with Store.open(path, recovery_mode="absolute") as again:  # what is left is clean now
+        assert {e.id for e in again.scan()} == ids
+
+
+def test_docs_recovery_md_has_this_table():
+    text = (Path(__file__).parent.parent / "docs" / "recovery.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in TABLE:
+            rows[cells[0]] = tuple(cells[1:])
+    short = {OPENS: "opens", REFUSES: "refuses", PREFIX: "prefix", GAP: "gap", SKIP: "skip"}
+    expected = {case: tuple(short[o] for o in outcomes) for case, outcomes in TABLE.items()}
+    assert {k: tuple(re.sub(r"\W.*", "", v) for v in vals) for k, vals in rows.items()} == expected
