@@ -26,6 +26,7 @@ from xpstore.store.codec import (
     encode_envelope,
     encode_op,
     envelope_from_put,
+    peek_put,
 )
 from xpstore.store.records import (
     BATCH_FIELDS,
@@ -398,3 +399,14 @@ def test_envelope_from_put_equals_a_full_encode(record):
     assert fast == encode_envelope(exp)
     with pytest.raises(CodecError):
         envelope_from_put(encode_op(DeleteOp(3)), kind=exp.kind, ts=1.0, updated_lsn=7)
+
+
+@given(records())
+@settings(max_examples=100, deadline=None)
+def test_peek_put_reads_kind_ts_and_track_without_models(record):
+    rec = record.model_copy(update={"ts": 7.0})
+    summary = peek_put(encode_op(PutOp(rec)))
+    assert summary is not None
+    assert (summary.kind, summary.ts) == (kind_of(rec), 7.0)
+    assert summary.track_id == (rec.track_id if isinstance(rec, Fingerprint) else None)
+    assert peek_put(encode_op(DeleteOp(3))) is None

@@ -69,6 +69,7 @@ __all__ = [
     "encode_envelope",
     "encode_op",
     "envelope_from_put",
+    "peek_put",
 ]
 
 CODEC_VERSION: Final = 1
@@ -363,6 +364,34 @@ def decode_op(data: BytesLike, *, validate: bool = True) -> Op:
             raise _bad(f"delete_track: bad track id {obj[2]!r}", "track_id")
         return DeleteTrackOp(obj[2])
     raise _bad(f"operation: unknown op code {code!r} or wrong length {n}")
+
+
+@dataclass(frozen=True, slots=True)
+class PutSummary:
+    """What replaying a put needs, read without building the record's models."""
+
+    kind: str
+    ts: float
+    track_id: str | None
+
+
+def peek_put(data: bytes) -> PutSummary | None:
+    """The kind, ts and track of an encoded PutOp, or None for any other operation.
+
+    Recovery replays puts by copying their bytes into LMDB; decoding every record into pydantic
+    models only to re-derive three fields made recovery slower than ingest.
+    """
+    if data[:3] != _PUT_PREFIX:
+        return None
+    obj = _unpack(data, "operation")
+    if len(obj) != 4 or type(obj[3]) is not dict:
+        raise _bad("put: malformed operation")
+    kind = KIND_BY_CODE.get(obj[2])
+    ts = obj[3].get("ts")
+    if kind is None or type(ts) not in (float, int):
+        raise _bad(f"put: bad kind code {obj[2]!r} or ts {ts!r}")
+    track = obj[3].get("track_id") if kind == "fingerprint" else None
+    return PutSummary(kind, float(ts), track)
 
 
 # --------------------------------------------------------------------------- envelopes

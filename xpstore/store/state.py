@@ -93,14 +93,8 @@ def derive(op: Op, lsn: int, view: StateView, payload: bytes) -> Effect:
     if isinstance(op, PutOp):
         record = op.record
         assert record.ts is not None, "the store fills ts before logging"
-        kind = kind_of(record)
-        value = envelope_from_put(payload, kind=kind, ts=record.ts, updated_lsn=lsn)
-        eff = Effect(lsn, record_id=lsn, value=value, kind=kind, ts=record.ts, is_new=True)
-        if isinstance(record, Fingerprint):
-            eff.track = record.track_id
-            eff.track_from = view.track(record.track_id)
-            eff.track_to = lsn
-        return eff
+        track = record.track_id if isinstance(record, Fingerprint) else None
+        return derive_put(lsn, payload, kind_of(record), record.ts, track, view)
     if isinstance(op, UpdateOp):
         prev = _require(view, op.id)
         new = replace(prev, record=apply_changes(prev.record, op.changes), updated_lsn=lsn)
@@ -117,6 +111,17 @@ def derive(op: Op, lsn: int, view: StateView, payload: bytes) -> Effect:
             raise RecordNotFoundError(f"no track {op.track_id!r} (or it was already deleted)")
         return Effect(lsn, track=op.track_id, track_from=current, track_to=None)
     raise TypeError(f"unknown operation {op!r}")
+
+
+def derive_put(
+    lsn: int, payload: bytes, kind: str, ts: float, track_id: str | None, view: StateView
+) -> Effect:
+    """derive() of a put from its summary (recovery: no record models are built)."""
+    value = envelope_from_put(payload, kind=kind, ts=ts, updated_lsn=lsn)
+    eff = Effect(lsn, record_id=lsn, value=value, kind=kind, ts=ts, is_new=True)
+    if track_id is not None:
+        eff.track, eff.track_from, eff.track_to = track_id, view.track(track_id), lsn
+    return eff
 
 
 def _require(view: StateView, rid: int) -> Experience:

@@ -52,6 +52,7 @@ from xpstore.store.codec import (
     decode_envelope,
     decode_op,
     encode_op,
+    peek_put,
 )
 from xpstore.store.records import (
     KINDS,
@@ -62,7 +63,7 @@ from xpstore.store.records import (
     Record,
     record_from_json,
 )
-from xpstore.store.state import MISSING, Effect, Overlay, StateView, derive
+from xpstore.store.state import MISSING, Effect, Overlay, StateView, derive, derive_put
 from xpstore.store.where import compile_where
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,13 @@ class Store(SnapshotAPI, MaintenanceAPI, CheckAPI):
 
         def apply(first_lsn: int, ops: list[bytes], _commit_time: float) -> None:
             for i, raw in enumerate(ops):
-                eff = _replay_derive(decode_op(raw, validate=False), first_lsn + i, view, raw)
+                summary = peek_put(raw)
+                if summary is not None:
+                    eff: Effect | None = derive_put(
+                        first_lsn + i, raw, summary.kind, summary.ts, summary.track_id, view
+                    )
+                else:
+                    eff = _replay_derive(decode_op(raw, validate=False), first_lsn + i, view, raw)
                 if eff is not None:
                     with self._overlay.lock:
                         self._overlay.add_durable_locked(eff)

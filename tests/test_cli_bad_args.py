@@ -1,0 +1,129 @@
+"""Bad arguments to every command that takes a store: a missing path, a directory that is not a
+store, a store of a newer format, an LSN out of range, a store locked by a live writer. Each
+gets a clear message and the exit code of DESIGN §9, and nothing on disk changes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from xpstore import Store
+from xpstore.cli import main
+
+# argv after the store path, per command: enough to get past click's own parsing
+COMMANDS: dict[str, list[str]] = {
+    "put": ['{"kind": "prediction", "predicted": "a", "confidence": 0.5, "context": "c"}'],
+    "ingest": ["-"],
+    "get": ["1"],
+    "scan": [],
+    "stats": [],
+    "wal inspect": [],
+    "verify": [],
+    "replay": [],
+    "compact": [],
+    "retention": [],
+    "recover": [],
+    "snapshot create": [],
+    "snapshot list": [],
+    "snapshot restore": ["nosuch", "--into", "{tmp}/restored"],
+    "snapshot prune": ["--keep", "1"],
+}
+# commands that only read: a live writer does not stop them
+READ_ONLY_OK_WHEN_LOCKED = {"get", "scan", "stats", "wal inspect", "verify", "replay",
+                            "snapshot list", "snapshot restore"}  # restore writes elsewhere
+
+
+def _leaves(group: click.Group = main, prefix: str = "") -> list[str]:
+    out = []
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            out.extend(_leaves(command, f"{prefix}{name} "))
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def _argv(command: str, path: Path, tmp: Path) -> list[str]:
+    extra = [a.replace("{tmp}", str(tmp)) for a in COMMANDS[command]]
+    return [*command.split(), str(path), *extra]
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name not in ("lock.mdb", "LOCK")}
+
+
+def test_the_table_covers_every_command_that_takes_a_store():
+    assert set(_leaves()) - {"init", "demo"} == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_missing_path_and_not_a_store(tmp_path, command):
+    runner = CliRunner()
+    missing = tmp_path / "nothing"
+    result = runner.invoke(main, _argv(command, missing, tmp_path), input="")
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and "not an xpstore store" in result.output
+    assert not missing.exists()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("hello")
+    result = runner.invoke(main, _argv(command, plain, tmp_path), input="")
+    assert result.exit_code == 2, result.output
+    assert _files(plain) == {"notes.txt": b"hello"}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_newer_format_version(tmp_path, command):
+    path = tmp_path / "store"
+    Store.open(path, create=True).close()
+    marker = path / "xpstore.json"
+    data = json.loads(marker.read_text())
+    data["format_version"] = 99
+    marker.write_text(json.dumps(data))
+    before = _files(path)
+    result = CliRunner().invoke(main, _argv(command, path, tmp_path), input="")
+    assert result.exit_code == 2, result.output
+    assert "99" in result.output
+    assert _files(path) == before
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_locked_store(tmp_path, command):
+    path = tmp_path / "store"
+    with Store.open(path, create=True) as store:
+        store.put({"kind": "prediction", "predicted": "a", "confidence": 0.5, "context": "c"})
+        store.flush()
+        result = CliRunner().invoke(main, _argv(command, path, tmp_path), input="")
+        if command in READ_ONLY_OK_WHEN_LOCKED:
+            assert result.exit_code in (0, 1), result.output  # 1: get of a missing id etc.
+            assert "is locked" not in result.output
+        else:
+            assert result.exit_code == 3, result.output
+            assert "is locked" in result.output and "pid" in result.output
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["replay", "{path}", "--from-lsn", "-1"],
+        ["replay", "{path}", "--from-lsn", "5", "--to-lsn", "2"],
+        ["recover", "{path}", "--mode", "point_in_time", "--to-lsn", "-3"],
+        ["snapshot", "restore", "{path}", "x", "--into", "{tmp}/r", "--to-lsn", "-1"],
+        ["get", "{path}", "-5"],
+    ],
+)
+def test_lsn_out_of_range(tmp_path, argv):
+    path = tmp_path / "store"
+    Store.open(path, create=True).close()
+    before = _files(path)
+    args = [a.replace("{path}", str(path)).replace("{tmp}", str(tmp_path)) for a in argv]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert _files(path) == before
