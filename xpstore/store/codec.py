@@ -387,7 +387,7 @@ def peek_put(data: bytes) -> PutSummary | None:
     if len(obj) != 4 or type(obj[3]) is not dict:
         raise _bad("put: malformed operation")
     kind = KIND_BY_CODE.get(obj[2])
-    ts = obj[3].get("ts")
+    ts: Any = obj[3].get("ts")
     if kind is None or type(ts) not in (float, int):
         raise _bad(f"put: bad kind code {obj[2]!r} or ts {ts!r}")
     track = obj[3].get("track_id") if kind == "fingerprint" else None

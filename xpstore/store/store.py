@@ -246,11 +246,10 @@ class Store(SnapshotAPI, MaintenanceAPI, CheckAPI):
         to_lsn: int | None = None,
     ) -> RecoveryReport:
         """Replay ``wal_dir`` beyond ``applied`` into LMDB through the overlay and ``applier``."""
-        view = self._reader_view()
-
         def apply(first_lsn: int, ops: list[bytes], _commit_time: float) -> None:
-            for i, raw in enumerate(ops):
-                summary = peek_put(raw)
+            summaries = [peek_put(raw) for raw in ops]
+            view = self._reader_view(s.track_id for s in summaries if s and s.track_id)
+            for i, (raw, summary) in enumerate(zip(ops, summaries, strict=True)):
                 if summary is not None:
                     eff: Effect | None = derive_put(
                         first_lsn + i, raw, summary.kind, summary.ts, summary.track_id, view
@@ -487,8 +486,24 @@ class Store(SnapshotAPI, MaintenanceAPI, CheckAPI):
             return hit[1]
         return self._lmdb_track(track_id)
 
-    def _reader_view(self) -> StateView:
-        return StateView(self._read_get, self._read_track)
+    def _reader_view(self, track_ids: Iterable[str] = ()) -> StateView:
+        """Acknowledged state (durable overlay, then LMDB), for replay.
+
+        The LMDB lookups of ``track_ids`` (the tracks a frame's puts touch) are done up front in
+        one read transaction instead of one transaction each.
+        """
+        tracks = self._overlay.tracks
+        known = self._lmdb_tracks([t for t in set(track_ids) if t not in tracks])
+
+        def track(track_id: str) -> int | None:
+            hit = tracks.get(track_id)
+            if hit is not None:
+                return hit[1]
+            if track_id in known:
+                return known[track_id]
+            return self._lmdb_track(track_id)
+
+        return StateView(self._read_get, track)
 
     def _writer_view(self, ops: list[Op]) -> StateView:
         """Newest state for derive(): pending, then durable overlay, then LMDB.
