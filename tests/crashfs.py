@@ -11,7 +11,8 @@ the image gets LMDB through ``env.copy`` (its newest committed transaction). Tha
 promises after a crash with ``sync=True`` (a committed transaction survives; with
 ``metasync=False`` possibly minus the last one, which the WAL replays; see docs/design.md).
 Directories made with ``mkdir`` count as durable at once (a simplification: the store's
-directories are created and synced before any record is acknowledged).
+directories are created and synced before any record is acknowledged); a directory's rename or
+removal (snapshots are directories renamed into place) becomes durable with its parent's sync.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class CrashFS(OsFS):
         self.live_path: dict[int, str] = {}
         self.fds: dict[int, int] = {}
         self.last_written: int | None = None
+        # directory renames and removals become durable with their parent's fsync
+        self._dir_moves: dict[str, list[tuple[str, str | None]]] = {}
         for path in sorted(root.rglob("*")):
             if path.is_file() and not self._untracked(str(path)):
                 ino = self._new_inode(str(path))
@@ -87,6 +90,11 @@ class CrashFS(OsFS):
     def fsync_dir(self, path: PathLike) -> None:
         super().fsync_dir(path)
         d = str(path)
+        for src, dst in self._dir_moves.pop(d, []):
+            for p in [p for p in self.durable if p.startswith(src + os.sep)]:
+                ino = self.durable.pop(p)
+                if dst is not None:
+                    self.durable[dst + p[len(src) :]] = ino
         for p in [p for p in self.durable if os.path.dirname(p) == d and p not in self.current]:
             del self.durable[p]
         for p, ino in self.current.items():
@@ -97,6 +105,14 @@ class CrashFS(OsFS):
     def replace(self, src: PathLike, dst: PathLike) -> None:
         super().replace(src, dst)
         s, d = str(src), str(dst)
+        if os.path.isdir(d):  # a directory: every file below it moves
+            for p in [p for p in self.current if p.startswith(s + os.sep)]:
+                ino = self.current.pop(p)
+                self.current[d + p[len(s) :]] = ino
+                self.live_path[ino] = d + p[len(s) :]
+            self._dir_moves.setdefault(os.path.dirname(d), []).append((s, d))
+            self.on_point("rename")
+            return
         ino = self.current.pop(s, None)
         if ino is not None:
             self.current[d] = ino
@@ -112,6 +128,7 @@ class CrashFS(OsFS):
         prefix = str(path) + os.sep
         for p in [p for p in self.current if p.startswith(prefix)]:
             del self.current[p]
+        self._dir_moves.setdefault(os.path.dirname(str(path)), []).append((str(path), None))
 
     # ------------------------------------------------------------ the image
     def write_image(self, dest: Path) -> None:

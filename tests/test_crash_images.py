@@ -1,5 +1,5 @@
-"""Power-loss crash images: after every fsync and rename of a workload that writes, rotates
-segments and checkpoints, build the image a power loss could leave (tests/crashfs.py); every
+"""Power-loss crash images: after every write, fsync and rename of a workload that writes,
+rotates segments, checkpoints and snapshots, build the image a power loss could leave (tests/crashfs.py); every
 image must open, and every record acknowledged before the image must be in it, unchanged."""
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def _run_workload(tmp_path: Path) -> _Workload:
                     work.in_flight.discard(victim)
                 if step % 10 == 9:
                     store.flush()  # apply + checkpoint: deletes covered segments
+                if step % 25 == 12:
+                    store.snapshot()
         finally:
             store.close()
     return work
@@ -88,7 +90,10 @@ def test_every_crash_image_opens_with_every_acknowledged_record(tmp_path):
     assert {"write", "fdatasync", "fsync_dir", "rename"} <= kinds
     assert len(work.taken) > 200
     assert work.torn_images > 20  # power losses mid-write: torn tails that recovery must cut
+    listed = half = 0
     for dest, acked, deleted, kind in work.taken:
+        snaps = dest / "snapshots"  # counted before the open, which clears half-made ones
+        on_disk = sum(1 for p in snaps.iterdir() if p.is_dir()) if snaps.exists() else 0
         with Store.open(dest) as store:
             live = {e.id: e for e in store.scan()}
             for rid, record in acked.items():
@@ -97,9 +102,16 @@ def test_every_crash_image_opens_with_every_acknowledged_record(tmp_path):
                     continue
                 assert rid in live, f"{dest.name} ({kind}): acknowledged id {rid} lost"
                 assert live[rid].record == record.model_copy(update={"ts": live[rid].ts})
+            # a snapshot is listed only when complete, and then it verifies
+            infos = store.list_snapshots()
+            for info in infos:
+                store.verify_snapshot(info.id)
+            listed += len(infos)
+            half += on_disk - len(infos)
             # nothing was invented: every id present was written by the workload
             assert set(live) <= set(range(1, max(acked, default=0) + 200))
         shutil.rmtree(dest)
+    assert listed > 0 and half > 0  # images caught complete snapshots and half-made ones
 
 
 def test_crashfs_undoes_unsynced_renames_and_data(tmp_path):
