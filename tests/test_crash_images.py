@@ -1,5 +1,6 @@
 """Power-loss crash images: after every write, fsync and rename of a workload that writes,
-rotates segments, checkpoints and snapshots, build the image a power loss could leave (tests/crashfs.py); every
+rotates segments, checkpoints and snapshots, build the image a power loss could leave
+(tests/crashfs.py); every
 image must open, and every record acknowledged before the image must be in it, unchanged."""
 
 from __future__ import annotations
