@@ -15,7 +15,8 @@ The tree (each also inherits the builtin a caller would naturally catch)::
     ├── WALWriteError (OSError)                the log cannot take writes any more
     └── StoreCorruptionError                   on-disk damage
         ├── WALCorruptionError                 a bad WAL segment or frame
-        └── SnapshotError                      a damaged snapshot, or WAL a restore lacks
+        ├── SnapshotError                      a damaged snapshot, or WAL a restore lacks
+        └── StatsCorruptionError               persisted embedding statistics fail their check
 
 LMDB and OS errors are translated where they cross into xpstore (``persistence.lmdb_tables``
 and ``persistence.wal``), always with ``raise ... from`` so the original stays attached.
@@ -116,3 +117,12 @@ class SnapshotError(StoreCorruptionError):
     or sha256 differs from the manifest, an unknown snapshot id, or WAL that a point-in-time
     restore needs and that is no longer retained. The message names the file or LSN range.
     """
+
+
+class StatsCorruptionError(StoreCorruptionError):
+    """Persisted standardization statistics (k-NN index) failed their checksum or structure
+    check; ``field`` names the offending key."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field

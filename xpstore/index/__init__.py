@@ -1,5 +1,7 @@
-"""Similar-track lookup (hybrid embeddings, FAISS, blue-green rebuilds): arrives with issue 4.
+"""Similar-track lookup (issue 4, in progress).
 
-Nothing is implemented here yet and nothing imports this package; it exists so the package
-layout of DESIGN §2 is in place.
+Done: ``embedding`` (hybrid embeddings: per-dimension standardization of the 25 named audio
+values, block weighting, checksummed statistics). Not built yet, so nothing imports this package
+from the store: the FAISS index backends, serving (main index + delta + tombstones), blue-green
+rebuilds, ``Store.similar`` and the neighbour lists.
 """

@@ -1,0 +1,631 @@
+"""Hybrid embeddings: one unit vector per fingerprint, searchable by inner product (DESIGN §5).
+
+Why this shape:
+
+* The 25 audio values have units that differ by orders of magnitude (tempo ~120 BPM, flatness
+  ~0.01), so a raw cosine is a tempo-and-loudness detector. Each value is standardized per
+  dimension with statistics fitted on the library (``AudioStats``), kept and versioned with the
+  index, so a restart or a read-only process embeds exactly as the builder did.
+* Each block (the 25 audio values; the optional ``embedding`` from another model) is
+  L2-normalized and scaled by the square root of its weight, then the blocks are concatenated.
+  For two vectors ``u, v`` with the **same blocks present**::
+
+      dot(u, v) = w_audio * cos(audio_u, audio_v) + w_embedding * cos(emb_u, emb_v)
+
+  exactly, and every vector has norm 1, so an inner-product (or cosine) index ranks by the
+  weighted sum of per-block cosines.
+* A missing block (no ``embedding``; an audio block with no signal) is all zeros and the weights
+  of the present blocks are renormalized to sum 1, so the norm stays 1. Between vectors with
+  *different* blocks present the identity above is then only approximate: the renormalization
+  changes the scale of the shared block on one side only.
+* A streaming-only fingerprint fills the audio block from its 13 (or 10) values **by name**; the
+  dimensions it lacks are set to the library mean, i.e. standardized to 0, so they add nothing to
+  the cosine.
+
+Standardization modes:
+
+* ``"zscore"``: ``(x - mean) / std``; uniform per-dimension weights unless given.
+* ``"percentile"`` (the default; ``DEFAULT_MODE`` says why): Auralis's scaling,
+  ``(x - mean) / (p95 - p05)`` with Auralis's per-dimension weights (renormalized to sum 1).
+  Auralis min-max scales to [0, 1] by the 5th/95th percentiles and compares by weighted
+  Euclidean distance, which is shift-invariant; a cosine is not, so the values are centred on
+  the mean (which changes no Euclidean distance) rather than on p05.
+
+Per-dimension weights multiply the standardized value by ``sqrt(weight)``, so the squared
+Euclidean distance between two (unnormalized) audio blocks is Auralis's ``Σ wᵢ(xᵢ-yᵢ)²``.
+
+A constant dimension (std or percentile range 0) gets scale 1: it then standardizes to 0 for
+every track in the library, never to NaN or infinity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal, cast
+
+import numpy as np
+import numpy.typing as npt
+
+from xpstore.errors import (
+    FormatVersionError,
+    InvalidRecordError,
+    StatsCorruptionError,
+)
+from xpstore.store.records import BATCH_FIELDS, Fingerprint
+
+__all__ = [
+    "AUDIO_DIM",
+    "AURALIS_DIM_WEIGHTS",
+    "DEFAULT_AUDIO_WEIGHT",
+    "DEFAULT_EMBEDDING_WEIGHT",
+    "DEFAULT_MODE",
+    "MODES",
+    "STATS_VERSION",
+    "AudioStats",
+    "HybridEmbedder",
+    "ScalingMode",
+    "StatsCorruptionError",
+    "audio_matrix",
+]
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float64]
+F32Array = npt.NDArray[np.float32]
+ScalingMode = Literal["zscore", "percentile"]
+
+MODES: Final[tuple[ScalingMode, ...]] = ("zscore", "percentile")
+DEFAULT_MODE: Final[ScalingMode] = "percentile"
+"""Chosen by measurement: style precision@10 over 2,000 generated tracks (8 styles, seeds 1-3)
+was 0.870/0.873/0.880 for percentile + Auralis weights against 0.855/0.850/0.858 for z-scores."""
+STATS_VERSION: Final = 1
+AUDIO_DIM: Final = len(BATCH_FIELDS)
+DEFAULT_AUDIO_WEIGHT: Final = 0.7
+DEFAULT_EMBEDDING_WEIGHT: Final = 0.3
+BLOCKS: Final[tuple[str, ...]] = ("audio", "embedding")
+
+_INDEX: Final[dict[str, int]] = {name: i for i, name in enumerate(BATCH_FIELDS)}
+_MIN_SCALE: Final = 1e-12
+"""A std or percentile range below this is treated as a constant dimension (scale 1)."""
+_MIN_NORM: Final = 1e-12
+"""A block whose norm is below this carries no direction and is treated as missing."""
+
+_AURALIS_RAW_WEIGHTS: Final[dict[str, float]] = {
+    "sub_bass_pct": 0.04,
+    "bass_pct": 0.06,
+    "low_mid_pct": 0.05,
+    "mid_pct": 0.06,
+    "upper_mid_pct": 0.05,
+    "presence_pct": 0.04,
+    "air_pct": 0.03,
+    "lufs": 0.10,
+    "crest_db": 0.08,
+    "bass_mid_ratio": 0.05,
+    "tempo_bpm": 0.08,
+    "rhythm_stability": 0.04,
+    "transient_density": 0.04,
+    "silence_ratio": 0.02,
+    "spectral_centroid": 0.05,
+    "spectral_rolloff": 0.04,
+    "spectral_flatness": 0.03,
+    "harmonic_ratio": 0.04,
+    "pitch_stability": 0.03,
+    "chroma_energy": 0.02,
+    "dynamic_range_variation": 0.02,
+    "loudness_variation_std": 0.02,
+    "peak_consistency": 0.01,
+    "stereo_width": 0.02,
+    "phase_correlation": 0.01,
+}
+_AURALIS_SUM: Final = math.fsum(_AURALIS_RAW_WEIGHTS.values())
+AURALIS_DIM_WEIGHTS: Final[Mapping[str, float]] = {
+    name: _AURALIS_RAW_WEIGHTS[name] / _AURALIS_SUM for name in BATCH_FIELDS
+}
+"""Auralis's per-dimension similarity weights (origins.md "Similarity"), renormalized to sum 1."""
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def audio_matrix(fingerprints: Sequence[Fingerprint]) -> FloatArray:
+    """Rows of the 25 audio values (``BATCH_FIELDS`` order) for fitting ``AudioStats``.
+
+    A batch fingerprint gives a full row; a streaming-only one gives its values by name and NaN
+    for the dimensions it lacks (``AudioStats.fit`` skips NaN per column).
+    """
+    out = np.full((len(fingerprints), AUDIO_DIM), np.nan)
+    for row, fp in enumerate(fingerprints):
+        values = _raw_audio(fp)
+        if values is None:
+            continue
+        for name, value in values.items():
+            out[row, _INDEX[name]] = value
+    return out
+
+
+def _checksum(payload: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``payload`` (sorted keys, no whitespace, no NaN)."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _safe_scale(raw: FloatArray) -> FloatArray:
+    """Replace a zero, tiny or non-finite scale with 1, so standardization never divides by 0."""
+    return np.where(np.isfinite(raw) & (raw > _MIN_SCALE), raw, 1.0)
+
+
+@dataclass(frozen=True)
+class AudioStats:
+    """Per-dimension statistics of the 25 audio values, and the mode that uses them.
+
+    Tuples are in ``BATCH_FIELDS`` order; the serialized form keys every value by name.
+    ``count`` is the number of rows fitted (streaming-only rows count once even though they fill
+    only 13 columns).
+    """
+
+    mode: ScalingMode
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    p05: tuple[float, ...]
+    p95: tuple[float, ...]
+    count: int
+    version: int = STATS_VERSION
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidRecordError(
+                f"unknown standardization mode {self.mode!r}; expected one of {MODES}",
+                field="mode",
+            )
+        for name in ("mean", "std", "p05", "p95"):
+            values = getattr(self, name)
+            if len(values) != AUDIO_DIM or not all(math.isfinite(v) for v in values):
+                raise InvalidRecordError(f"{name} must hold {AUDIO_DIM} finite values", field=name)
+
+    @classmethod
+    def fit(cls, values: npt.ArrayLike, mode: ScalingMode = DEFAULT_MODE) -> AudioStats:
+        """Fit from a 2-D array, one row per track in ``BATCH_FIELDS`` order; NaN = missing.
+
+        Infinity is rejected. A column with no values at all gets mean 0 and scale 1 (logged):
+        it standardizes nothing rather than failing, since a library of streaming-only tracks
+        legitimately has no band shares.
+        """
+        arr = np.asarray(values, dtype=np.float64)
+        if arr.ndim != 2 or arr.shape[1] != AUDIO_DIM:
+            raise InvalidRecordError(
+                f"stats need a 2-D array with {AUDIO_DIM} columns, got shape {arr.shape}",
+                field="values",
+            )
+        if np.isinf(arr).any():
+            raise InvalidRecordError("stats input contains infinity", field="values")
+        if mode not in MODES:
+            raise InvalidRecordError(
+                f"unknown standardization mode {mode!r}; expected one of {MODES}", field="mode"
+            )
+        present = ~np.isnan(arr)
+        mean = np.zeros(AUDIO_DIM)
+        std = np.ones(AUDIO_DIM)
+        p05 = np.zeros(AUDIO_DIM)
+        p95 = np.ones(AUDIO_DIM)
+        for j, name in enumerate(BATCH_FIELDS):
+            col = arr[present[:, j], j]
+            if col.size == 0:
+                log.warning("audio stats: no values for %s; using mean 0, scale 1", name)
+                continue
+            mean[j] = float(np.mean(col))
+            std[j] = float(np.std(col))
+            p05[j], p95[j] = (float(q) for q in np.percentile(col, [5.0, 95.0]))
+        log.debug("fitted audio stats (%s) over %d rows", mode, arr.shape[0])
+        return cls(
+            mode=mode,
+            mean=tuple(mean.tolist()),
+            std=tuple(std.tolist()),
+            p05=tuple(p05.tolist()),
+            p95=tuple(p95.tolist()),
+            count=int(arr.shape[0]),
+        )
+
+    @classmethod
+    def from_fingerprints(
+        cls, fingerprints: Sequence[Fingerprint], mode: ScalingMode = DEFAULT_MODE
+    ) -> AudioStats:
+        """Fit from fingerprints (batch rows, and streaming-only rows for their 13 columns)."""
+        return cls.fit(audio_matrix(fingerprints), mode)
+
+    def with_mode(self, mode: ScalingMode) -> AudioStats:
+        """The same statistics used in another mode (both modes' numbers are always kept)."""
+        return AudioStats(mode, self.mean, self.std, self.p05, self.p95, self.count, self.version)
+
+    def scale(self) -> FloatArray:
+        """The per-dimension divisor of the current mode (1 where the dimension is constant)."""
+        if self.mode == "zscore":
+            raw = np.asarray(self.std, dtype=np.float64)
+        else:
+            raw = np.asarray(self.p95, dtype=np.float64) - np.asarray(self.p05, dtype=np.float64)
+        return _safe_scale(raw)
+
+    def center(self) -> FloatArray:
+        """The per-dimension value that standardizes to 0 (the mean, in both modes)."""
+        return np.asarray(self.mean, dtype=np.float64)
+
+    def standardize(self, values: npt.ArrayLike) -> FloatArray:
+        """Standardize rows (or one row) of 25 values in ``BATCH_FIELDS`` order."""
+        arr = np.asarray(values, dtype=np.float64)
+        return (arr - self.center()) / self.scale()
+
+    def drift(self, other: AudioStats) -> float:
+        """Largest shift of a dimension's mean between ``self`` and ``other``, in ``self``'s scale.
+
+        A cheap trigger for a rebuild: the index was embedded with ``self``; if the library's
+        current statistics have moved by more than a fraction of a scale unit, re-embed.
+        """
+        shift = np.abs(other.center() - self.center()) / self.scale()
+        return float(np.max(shift))
+
+    # ------------------------------------------------------------------ serialization
+
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "mode": self.mode,
+            "count": self.count,
+            "fields": list(BATCH_FIELDS),
+            "mean": dict(zip(BATCH_FIELDS, self.mean, strict=True)),
+            "std": dict(zip(BATCH_FIELDS, self.std, strict=True)),
+            "p05": dict(zip(BATCH_FIELDS, self.p05, strict=True)),
+            "p95": dict(zip(BATCH_FIELDS, self.p95, strict=True)),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict with ``version`` and a sha256 ``checksum`` over the rest."""
+        payload = self._payload()
+        payload["checksum"] = _checksum(payload)
+        return payload
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AudioStats:
+        """Load ``to_dict`` output; verifies version, structure and checksum.
+
+        A newer ``version`` raises ``FormatVersionError``; anything else wrong raises
+        ``StatsCorruptionError`` (a ``StoreCorruptionError``) naming the field.
+        """
+        if not isinstance(data, Mapping):
+            raise StatsCorruptionError("audio stats are not a JSON object", field="stats")
+        version = data.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise StatsCorruptionError(
+                f"audio stats field 'version' is invalid: {version!r}", field="version"
+            )
+        if version > STATS_VERSION:
+            raise FormatVersionError(
+                f"audio stats version {version} is newer than this xpstore reads ({STATS_VERSION})"
+            )
+        stored = data.get("checksum")
+        if not isinstance(stored, str):
+            raise StatsCorruptionError("audio stats field 'checksum' is missing", field="checksum")
+        body = {k: v for k, v in data.items() if k != "checksum"}
+        try:
+            actual = _checksum(body)
+        except (TypeError, ValueError) as exc:
+            raise StatsCorruptionError(
+                f"audio stats are not canonical JSON: {exc}", field="checksum"
+            ) from exc
+        if actual != stored:
+            raise StatsCorruptionError(
+                f"audio stats field 'checksum' mismatch: stored {stored[:16]}..., "
+                f"computed {actual[:16]}...",
+                field="checksum",
+            )
+        expected_keys = {"version", "mode", "count", "fields", "mean", "std", "p05", "p95"}
+        extra = sorted(set(body) - expected_keys)
+        if extra:
+            raise StatsCorruptionError(f"audio stats field {extra[0]!r} is unknown", field=extra[0])
+        mode = body.get("mode")
+        if mode not in MODES:
+            raise StatsCorruptionError(
+                f"audio stats field 'mode' is invalid: {mode!r}", field="mode"
+            )
+        count = body.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise StatsCorruptionError(
+                f"audio stats field 'count' is invalid: {count!r}", field="count"
+            )
+        if body.get("fields") != list(BATCH_FIELDS):
+            raise StatsCorruptionError(
+                "audio stats field 'fields' does not list the 25 batch names", field="fields"
+            )
+        columns: dict[str, tuple[float, ...]] = {}
+        for key in ("mean", "std", "p05", "p95"):
+            columns[key] = _read_column(body.get(key), key)
+        return cls(
+            mode=cast(ScalingMode, mode),
+            mean=columns["mean"],
+            std=columns["std"],
+            p05=columns["p05"],
+            p95=columns["p95"],
+            count=count,
+            version=version,
+        )
+
+
+def _read_column(raw: object, key: str) -> tuple[float, ...]:
+    """One name-keyed column of a stats dict, checked: all 25 names, finite numbers."""
+    if not isinstance(raw, Mapping) or set(raw) != set(BATCH_FIELDS):
+        raise StatsCorruptionError(
+            f"audio stats field {key!r} must map exactly the 25 batch names", field=key
+        )
+    out: list[float] = []
+    for name in BATCH_FIELDS:
+        value = raw[name]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise StatsCorruptionError(
+                f"audio stats field '{key}.{name}' is not a finite number: {value!r}",
+                field=f"{key}.{name}",
+            )
+        out.append(float(value))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- embedder
+
+
+def _raw_audio(fp: Fingerprint) -> dict[str, float] | None:
+    """The audio values of ``fp`` by name: batch if present, else streaming, else None."""
+    if fp.batch is not None:
+        return fp.batch.as_dict()
+    if fp.streaming is not None:
+        return dict(fp.streaming.values)
+    return None
+
+
+def _check_weight(value: object, field: str) -> float:
+    """A block or dimension weight: a finite real number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
+        raise InvalidRecordError(f"{field} must be a number, got {value!r}", field=field)
+    out = float(value)
+    if not math.isfinite(out) or out < 0:
+        raise InvalidRecordError(f"{field} must be finite and >= 0, got {value!r}", field=field)
+    return out
+
+
+def _unit(block: FloatArray) -> FloatArray | None:
+    """``block`` scaled to norm 1, or None when it has no direction (zero or non-finite)."""
+    norm = float(np.linalg.norm(block))
+    if not math.isfinite(norm) or norm < _MIN_NORM:
+        return None
+    return block / norm
+
+
+class HybridEmbedder:
+    """Turns fingerprints into unit vectors whose inner product is a weighted sum of cosines.
+
+    ``embedding_dim`` fixes the dimension of the optional embedding block (None: the store has no
+    embedding block, and fingerprints' ``embedding`` fields are ignored). ``dim_weights`` maps
+    each of the 25 batch names to a weight >= 0 (renormalized to sum 1); None picks the mode's
+    default (Auralis's weights for ``"percentile"``, uniform for ``"zscore"``).
+
+    Output layout: ``[audio (25) | embedding (embedding_dim)]``, float32.
+    """
+
+    def __init__(
+        self,
+        stats: AudioStats,
+        *,
+        audio_weight: float = DEFAULT_AUDIO_WEIGHT,
+        embedding_weight: float = DEFAULT_EMBEDDING_WEIGHT,
+        embedding_dim: int | None = None,
+        dim_weights: Mapping[str, float] | None = None,
+    ) -> None:
+        if embedding_dim is not None and (
+            isinstance(embedding_dim, bool)
+            or not isinstance(embedding_dim, int)
+            or embedding_dim < 1
+        ):
+            raise InvalidRecordError(
+                f"embedding_dim must be a positive int or None, got {embedding_dim!r}",
+                field="embedding_dim",
+            )
+        self.stats = stats
+        self.embedding_dim = embedding_dim
+        self._center = stats.center()
+        self._scale = stats.scale()
+        self._sqrt_dim_w = np.sqrt(self._resolve_dim_weights(stats.mode, dim_weights))
+        self.weights = self._resolve_weights(
+            {"audio": audio_weight, "embedding": embedding_weight}, None
+        )
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def dim(self) -> int:
+        """Length of every output vector."""
+        return AUDIO_DIM + (self.embedding_dim or 0)
+
+    @property
+    def dim_weights(self) -> dict[str, float]:
+        """The per-dimension audio weights in use, by name (sum 1)."""
+        w = self._sqrt_dim_w**2
+        return dict(zip(BATCH_FIELDS, w.tolist(), strict=True))
+
+    @staticmethod
+    def _resolve_dim_weights(
+        mode: ScalingMode, dim_weights: Mapping[str, float] | None
+    ) -> FloatArray:
+        if dim_weights is None:
+            if mode == "percentile":
+                return np.array([AURALIS_DIM_WEIGHTS[n] for n in BATCH_FIELDS])
+            return np.full(AUDIO_DIM, 1.0 / AUDIO_DIM)
+        unknown = sorted(set(dim_weights) - set(BATCH_FIELDS))
+        if unknown:
+            raise InvalidRecordError(
+                f"dim_weights has unknown name {unknown[0]!r}", field=f"dim_weights.{unknown[0]}"
+            )
+        missing = [n for n in BATCH_FIELDS if n not in dim_weights]
+        if missing:
+            raise InvalidRecordError(
+                f"dim_weights must give all 25 batch names; {missing[0]!r} is missing",
+                field=f"dim_weights.{missing[0]}",
+            )
+        w = np.array([_check_weight(dim_weights[n], f"dim_weights.{n}") for n in BATCH_FIELDS])
+        total = float(w.sum())
+        if not total > 0:
+            raise InvalidRecordError("dim_weights are all zero", field="dim_weights")
+        return w / total
+
+    def _resolve_weights(
+        self, weights: Mapping[str, float], base: Mapping[str, float] | None
+    ) -> dict[str, float]:
+        """Validate block weights; keys missing from ``weights`` keep ``base``'s value."""
+        unknown = sorted(set(weights) - set(BLOCKS))
+        if unknown:
+            raise InvalidRecordError(
+                f"unknown weight {unknown[0]!r}; blocks are {BLOCKS}", field=f"weights.{unknown[0]}"
+            )
+        out: dict[str, float] = {}
+        for block in BLOCKS:
+            if block in weights:
+                out[block] = _check_weight(weights[block], f"weights.{block}")
+            else:
+                out[block] = base[block] if base is not None else 0.0
+        if self.embedding_dim is None:
+            if not out["audio"] > 0:
+                raise InvalidRecordError(
+                    "weights.audio must be > 0 when there is no embedding block",
+                    field="weights.audio",
+                )
+        elif not out["audio"] + out["embedding"] > 0:
+            raise InvalidRecordError("weights are both zero", field="weights")
+        return out
+
+    # ------------------------------------------------------------------ blocks
+
+    def audio_block(self, values: Mapping[str, float]) -> FloatArray | None:
+        """The unit audio block from values keyed by batch name (any subset), or None.
+
+        Names not given are taken as the library mean (standardized 0). None when the block has
+        no direction (every given value equals the mean, or every weight on them is 0).
+        """
+        z = np.zeros(AUDIO_DIM)
+        for name, value in values.items():
+            j = _INDEX.get(name)
+            if j is None:
+                raise InvalidRecordError(f"unknown audio value {name!r}", field=name)
+            if isinstance(value, bool) or not isinstance(
+                value, int | float | np.floating | np.integer
+            ):
+                raise InvalidRecordError(f"{name} must be a number, got {value!r}", field=name)
+            x = float(value)
+            if not math.isfinite(x):
+                raise InvalidRecordError(f"{name} must be finite, got {value!r}", field=name)
+            z[j] = (x - self._center[j]) / self._scale[j]
+        return _unit(z * self._sqrt_dim_w)
+
+    def embedding_block(self, embedding: Sequence[float] | npt.ArrayLike) -> FloatArray | None:
+        """The unit embedding block, or None when it is all zeros (or there is no block)."""
+        if self.embedding_dim is None:
+            return None
+        arr = np.asarray(embedding, dtype=np.float64)
+        if arr.ndim != 1 or arr.shape[0] != self.embedding_dim:
+            raise InvalidRecordError(
+                f"embedding must have dimension {self.embedding_dim}, got shape {arr.shape}",
+                field="embedding",
+            )
+        if not np.isfinite(arr).all():
+            raise InvalidRecordError("embedding contains NaN or infinity", field="embedding")
+        return _unit(arr)
+
+    # ------------------------------------------------------------------ vectors
+
+    def embed_parts(
+        self,
+        audio: Mapping[str, float] | None,
+        embedding: Sequence[float] | npt.ArrayLike | None = None,
+        weights: Mapping[str, float] | None = None,
+    ) -> F32Array:
+        """A vector from raw parts (for ``similar(fingerprint=...)`` with bare values).
+
+        Norm 1, or all zeros when no present block has a positive weight.
+        """
+        w = self.weights if weights is None else self._resolve_weights(weights, self.weights)
+        a = self.audio_block(audio) if audio is not None else None
+        e = self.embedding_block(embedding) if embedding is not None else None
+        return self._combine(a, e, w, query_scale=None)
+
+    def embed(self, fp: Fingerprint, weights: Mapping[str, float] | None = None) -> F32Array:
+        """The hybrid vector of ``fp`` (audio from batch, else streaming by name; embedding)."""
+        return self.embed_parts(_raw_audio(fp), fp.embedding, weights)
+
+    def embed_many(
+        self, fps: Sequence[Fingerprint], weights: Mapping[str, float] | None = None
+    ) -> F32Array:
+        """``embed`` for each fingerprint, stacked into an ``(n, dim)`` float32 array."""
+        out = np.zeros((len(fps), self.dim), dtype=np.float32)
+        for i, fp in enumerate(fps):
+            out[i] = self.embed(fp, weights)
+        return out
+
+    def embed_query(self, fp: Fingerprint, weights: Mapping[str, float] | None = None) -> F32Array:
+        """A query vector that reweights blocks against vectors stored with ``self.weights``.
+
+        Stored vectors carry block ``b`` scaled by ``sqrt(w_b)``; the query's block is scaled by
+        ``q_b / sqrt(w_b)`` (``q`` = ``weights`` renormalized over the query's present blocks),
+        so ``dot(query, stored) = Σ q_b cos_b`` exactly when both have the same blocks present
+        and the stored vector needed no renormalization (both blocks present, or only the audio
+        block with no embedding block in the store). The query is not unit-norm. A block the
+        store weights 0 cannot be brought back by a query: asking for it raises.
+        """
+        if weights is None:
+            return self.embed(fp)
+        q = self._resolve_weights(weights, self.weights)
+        for block in BLOCKS:
+            if q[block] > 0 and self.weights[block] == 0:
+                raise InvalidRecordError(
+                    f"the index stores the {block} block with weight 0; a query cannot weight it",
+                    field=f"weights.{block}",
+                )
+        raw = _raw_audio(fp)
+        a = self.audio_block(raw) if raw is not None else None
+        e = self.embedding_block(fp.embedding) if fp.embedding is not None else None
+        return self._combine(a, e, q, query_scale=self.weights)
+
+    def _combine(
+        self,
+        audio: FloatArray | None,
+        embedding: FloatArray | None,
+        weights: Mapping[str, float],
+        *,
+        query_scale: Mapping[str, float] | None,
+    ) -> F32Array:
+        """Concatenate the present blocks with their renormalized sqrt-weights."""
+        blocks = {"audio": audio, "embedding": embedding}
+        total = sum(weights[b] for b, v in blocks.items() if v is not None)
+        stored_total = (
+            sum(query_scale[b] for b, v in blocks.items() if v is not None)
+            if query_scale is not None
+            else 0.0
+        )
+        out = np.zeros(self.dim, dtype=np.float64)
+        if not total > 0:
+            log.debug("no block with signal and weight > 0; embedding is all zeros")
+            return out.astype(np.float32)
+        spans = {"audio": slice(0, AUDIO_DIM), "embedding": slice(AUDIO_DIM, self.dim)}
+        for block, vec in blocks.items():
+            if vec is None or weights[block] == 0:
+                continue
+            share = weights[block] / total
+            if query_scale is None:
+                factor = math.sqrt(share)
+            else:
+                # the stored vector's share of this block, given the same blocks present
+                factor = share / math.sqrt(query_scale[block] / stored_total)
+            out[spans[block]] = factor * vec
+        return out.astype(np.float32)
