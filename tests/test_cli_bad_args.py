@@ -11,6 +11,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from tests.helpers import files_of
 from xpstore import Store
 from xpstore.cli import main
 
@@ -52,11 +53,6 @@ def _argv(command: str, path: Path, tmp: Path) -> list[str]:
     return [*command.split(), str(path), *extra]
 
 
-def _files(path: Path) -> dict[str, bytes]:
-    if not path.exists():
-        return {}
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name not in ("lock.mdb", "LOCK")}
 
 
 def test_the_table_covers_every_command_that_takes_a_store():
@@ -76,7 +72,7 @@ def test_missing_path_and_not_a_store(tmp_path, command):
     (plain / "notes.txt").write_text("hello")
     result = runner.invoke(main, _argv(command, plain, tmp_path), input="")
     assert result.exit_code == 2, result.output
-    assert _files(plain) == {"notes.txt": b"hello"}
+    assert files_of(plain) == {"notes.txt": b"hello"}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -87,11 +83,11 @@ def test_newer_format_version(tmp_path, command):
     data = json.loads(marker.read_text())
     data["format_version"] = 99
     marker.write_text(json.dumps(data))
-    before = _files(path)
+    before = files_of(path)
     result = CliRunner().invoke(main, _argv(command, path, tmp_path), input="")
     assert result.exit_code == 2, result.output
     assert "99" in result.output
-    assert _files(path) == before
+    assert files_of(path) == before
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -122,8 +118,8 @@ def test_locked_store(tmp_path, command):
 def test_lsn_out_of_range(tmp_path, argv):
     path = tmp_path / "store"
     Store.open(path, create=True).close()
-    before = _files(path)
+    before = files_of(path)
     args = [a.replace("{path}", str(path)).replace("{tmp}", str(tmp_path)) for a in argv]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
-    assert _files(path) == before
+    assert files_of(path) == before

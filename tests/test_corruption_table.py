@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import files_of
 from xpstore import Store, WALCorruptionError
 from xpstore.persistence.wal import WalWriter
 from xpstore.persistence.wal_format import HEADER_SIZE, Frame, scan_segment
@@ -123,9 +124,6 @@ def _damage(case: str, path: Path) -> tuple[set[int], set[int]]:
     raise AssertionError(case)
 
 
-def _files(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name not in ("lock.mdb", "LOCK")}
 
 
 @pytest.mark.parametrize("case", list(TABLE))
@@ -135,17 +133,17 @@ def test_corruption_table(tmp_path, base, case, mode):
     shutil.copytree(base, path)
     prefix_keeps, salvage_keeps = _damage(case, path)
     expected = TABLE[case][MODES.index(mode)]
-    before = _files(path)
+    before = files_of(path)
     if expected == REFUSES:
         with pytest.raises(WALCorruptionError) as info:
             Store.open(path, recovery_mode=mode)
         err = info.value
         assert err.segment and err.offset is not None and err.expected_lsn and err.reason
-        assert _files(path) == before  # a refused open changes nothing
+        assert files_of(path) == before  # a refused open changes nothing
         return
     if mode == "salvage":
         report = salvage_store(path, tmp_path / "salvaged")
-        assert _files(path) == before  # salvage never writes into the damaged store
+        assert files_of(path) == before  # salvage never writes into the damaged store
         with Store.open(tmp_path / "salvaged") as store:
             assert {e.id for e in store.scan()} == salvage_keeps
         if expected == GAP:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
+from tests.helpers import files_of, segments
 from xpstore import Store
 from xpstore.cli import main
 from xpstore.persistence.inspect import WalDamage, WalFrame, WalWalk, inspect_wal
@@ -46,18 +47,8 @@ def make_store(path: Path, n: int = 300, *, batch: int = 50, **config: Any) -> l
     return ids
 
 
-def files_of(root: Path) -> dict[str, bytes]:
-    """Every file's bytes, except the lock files a reader legitimately touches."""
-    skip = {"LOCK", "data/lock.mdb"}
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and str(p.relative_to(root)) not in skip
-    }
 
 
-def segments(root: Path) -> list[Path]:
-    return sorted((root / "wal").glob("*.wal"))
 
 
 def frame_offsets(seg: Path) -> list[int]:

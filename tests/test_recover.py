@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from tests.helpers import files_of
 from xpstore import InvalidRecordError, Store, WALCorruptionError
 from xpstore.cli import main
 from xpstore.persistence.wal_format import scan_segment
@@ -40,9 +41,6 @@ def _flip(seg: Path, offset: int) -> None:
     seg.write_bytes(bytes(data))
 
 
-def _snapshot_bytes(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name != "lock.mdb"}
 
 
 def test_salvage_skips_a_damaged_frame_and_reports_the_gap(tmp_path):
@@ -50,17 +48,17 @@ def test_salvage_skips_a_damaged_frame_and_reports_the_gap(tmp_path):
     _held_store(src)
     seg, frame = _frames(src)[4]  # LSN 5
     _flip(seg, frame.offset + 40)
-    before = _snapshot_bytes(src)
+    before = files_of(src)
     with pytest.raises(WALCorruptionError):
         Store.open(src)
-    assert _snapshot_bytes(src) == before  # the refused open changed nothing
+    assert files_of(src) == before  # the refused open changed nothing
     report = salvage_store(src, tmp_path / "dst")
     assert [(g.first, g.last, g.reason) for g in report.gaps] == [(5, 5, "crc_mismatch")]
     with Store.open(tmp_path / "dst") as dst:
         assert sorted(e.id for e in dst.scan()) == [i for i in range(1, 13) if i != 5]
         new_id = dst.put(make_mixed(np.random.default_rng(1), 1)[0])
         assert new_id == 13
-    assert _snapshot_bytes(src) == before  # salvage never writes into the damaged store
+    assert files_of(src) == before  # salvage never writes into the damaged store
 
 
 def test_salvage_over_a_missing_segment_and_a_torn_tail(tmp_path):
@@ -113,12 +111,12 @@ def test_recover_modes_through_the_cli(tmp_path):
     _held_store(damaged)
     seg, frame = _frames(damaged)[2]
     _flip(seg, frame.offset + 40)
-    before = _snapshot_bytes(damaged)
+    before = files_of(damaged)
     for mode in ("tolerate_tail", "absolute"):
         result = runner.invoke(main, ["recover", str(damaged), "--mode", mode])
         assert result.exit_code == 1
         assert seg.name in result.output and "point_in_time" in result.output
-    assert _snapshot_bytes(damaged) == before
+    assert files_of(damaged) == before
     result = runner.invoke(main, ["recover", str(damaged), "--mode", "salvage", "--into",
                                   str(tmp_path / "out"), "--json"])
     assert result.exit_code == 0, result.output

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
+from tests.helpers import files_of, segments
 from xpstore import Store
 from xpstore.cli import main
 from xpstore.persistence.replay import ReplayItem, replay
@@ -46,17 +47,8 @@ def write(store: Store, records: list[Record], batch: int = 40) -> list[int]:
     return ids
 
 
-def files_of(root: Path) -> dict[str, bytes]:
-    skip = {"LOCK", "data/lock.mdb"}
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and str(p.relative_to(root)) not in skip
-    }
 
 
-def segments(root: Path) -> list[Path]:
-    return sorted((root / "wal").glob("*.wal"))
 
 
 def frames_of(seg: Path) -> list[Any]:
