@@ -13,6 +13,7 @@ The tree (each also inherits the builtin a caller would naturally catch)::
     ├── ReadOnlyStoreError                     write on a store opened read-only
     ├── StoreClosedError                       use after close()
     ├── WALWriteError (OSError)                the log cannot take writes any more
+    ├── RemoveUnsupportedError                 an index backend (HNSW) cannot delete vectors
     └── StoreCorruptionError                   on-disk damage
         ├── WALCorruptionError                 a bad WAL segment or frame
         ├── SnapshotError                      a damaged snapshot, or WAL a restore lacks
@@ -126,3 +127,8 @@ class StatsCorruptionError(StoreCorruptionError):
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class RemoveUnsupportedError(XpStoreError):
+    """The index backend cannot delete vectors (FAISS HNSW has no ``remove_ids``): the serving
+    layer handles deletes with tombstones and over-fetch or ID selectors."""

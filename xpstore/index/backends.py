@@ -1,0 +1,734 @@
+"""FAISS index backends behind one small interface, and their checksummed persistence (DESIGN §5).
+
+Three kinds, all inner product over the unit-norm hybrid vectors of ``index.embedding``:
+
+* ``"exact"``: ``IDMap2,Flat``. Brute force; the reference every recall figure is measured
+  against, the right choice while the library is small, and the serving layer's delta.
+* ``"hnsw"``: ``IDMap2,HNSW{M}`` with efConstruction >= 80 (FAISS's default of 40 costs recall
+  that efSearch then has to buy back). Best latency at a given recall; **cannot remove**: deleted
+  and superseded ids are the serving layer's tombstones (ID selectors or over-fetch and filter).
+* ``"ivf"``: ``IVF{nlist},Flat`` with ``nlist`` from the size (``nlist_for``), trained on the
+  data it is built from; supports ``remove`` (a scan of the lists).
+
+``choose_backend`` picks a kind by size; the thresholds are arguments so the store's config owns
+them.
+
+Threading (FAISS's rules, research/index-anchors.md §1): concurrent ``search`` calls on an
+unchanging index are safe, and FAISS releases the GIL inside ``search``, ``add`` and ``train``, so
+Python threads really run in parallel there. ``add``, ``remove`` and ``set_search_params`` change
+the index and need mutual exclusion against every other call; this module takes no lock, the
+serving layer does. Per-call ``params=`` to ``search`` change nothing shared, so readers that
+want a different efSearch/nprobe use them instead of ``set_search_params``.
+
+``build(..., threads=n)`` limits FAISS's OpenMP threads for the build. ``omp_set_num_threads``
+sets the calling thread's own setting (each external thread gets its own OpenMP pool), so a
+builder thread limited this way does not starve the query threads of the same process.
+
+Persistence (``save``/``load``): one container file, written atomically (temp file, fdatasync,
+rename, fsync of the directory), never pickled::
+
+    magic b"XPSFAISS" | u32 version | u32 meta length | sha256(meta) | meta JSON | index bytes
+
+The meta JSON holds format, version, kind, dim, lsn, count, params, the sha256 and length of the
+index bytes, and the embedding statistics. ``load`` checks the header, the meta checksum and the
+index checksum *before* handing any bytes to ``faiss.deserialize_index``: a damaged file is a
+``StoreCorruptionError`` naming it, never a crash inside FAISS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Final, Literal, cast
+
+import faiss as _faiss
+import numpy as np
+import numpy.typing as npt
+
+from xpstore.errors import (
+    FormatVersionError,
+    InvalidRecordError,
+    RemoveUnsupportedError,
+    StoreCorruptionError,
+)
+from xpstore.persistence import fs
+
+__all__ = [
+    "DEFAULT_EF_CONSTRUCTION",
+    "DEFAULT_EF_SEARCH",
+    "DEFAULT_EXACT_BELOW",
+    "DEFAULT_HNSW_BELOW",
+    "DEFAULT_HNSW_M",
+    "DEFAULT_NPROBE",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "KINDS",
+    "MIN_EF_CONSTRUCTION",
+    "BackendKind",
+    "ExactBackend",
+    "HNSWBackend",
+    "IVFBackend",
+    "IndexBackend",
+    "IndexMeta",
+    "RemoveUnsupportedError",
+    "build",
+    "choose_backend",
+    "faiss_threads",
+    "load",
+    "nlist_for",
+    "save",
+]
+
+log = logging.getLogger(__name__)
+faiss: Any = _faiss
+"""FAISS is untyped at this boundary (its partial stubs disagree with the runtime)."""
+
+F32Array = npt.NDArray[np.float32]
+I64Array = npt.NDArray[np.int64]
+BackendKind = Literal["exact", "hnsw", "ivf"]
+
+KINDS: Final[tuple[BackendKind, ...]] = ("exact", "hnsw", "ivf")
+DEFAULT_EXACT_BELOW: Final = 10_000
+"""Brute force below this many vectors (Milvus uses the same 10,000; a flat scan of 10k x 25
+float32 takes well under a millisecond)."""
+DEFAULT_HNSW_BELOW: Final = 2_000_000
+"""HNSW up to this size (best recall per microsecond in research §5), IVF beyond (faster to
+build and about half the memory per vector)."""
+DEFAULT_HNSW_M: Final = 32
+MIN_EF_CONSTRUCTION: Final = 80
+DEFAULT_EF_CONSTRUCTION: Final = 128
+DEFAULT_EF_SEARCH: Final = 64
+DEFAULT_NPROBE: Final = 32
+_NLIST_PER_SQRT: Final = 4
+_MIN_POINTS_PER_CENTROID: Final = 39
+"""FAISS's k-means warns below 39 training points per centroid; ``nlist_for`` stays above."""
+_MAX_NLIST: Final = 65_536
+
+FORMAT: Final = "xpstore-faiss-index"
+FORMAT_VERSION: Final = 1
+_MAGIC: Final = b"XPSFAISS"
+_HEADER: Final = struct.Struct("<8sII32s")  # magic, version, meta length, sha256(meta)
+
+
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_ids(ids: npt.ArrayLike) -> I64Array:
+    """A 1-D int64 array of distinct non-negative ids (-1 is FAISS's 'no result')."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        raise InvalidRecordError(f"ids must be 1-D, got shape {arr.shape}", field="ids")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidRecordError(f"ids must be integers, got dtype {arr.dtype}", field="ids")
+    out = np.ascontiguousarray(arr, dtype=np.int64)
+    if out.size and int(out.min()) < 0:
+        raise InvalidRecordError("ids must be >= 0 (-1 means 'no result')", field="ids")
+    if np.unique(out).size != out.size:
+        raise InvalidRecordError("ids contain duplicates", field="ids")
+    return out
+
+
+def _check_vectors(vectors: npt.ArrayLike, dim: int, *, allow_1d: bool) -> F32Array:
+    """A C-contiguous ``(n, dim)`` float32 array of finite values."""
+    arr = np.asarray(vectors)
+    if allow_1d and arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise InvalidRecordError(
+            f"vector must have dimension {dim}, got shape {arr.shape}", field="vector"
+        )
+    if arr.size and not (
+        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    ):
+        raise InvalidRecordError(f"vector must be numeric, got dtype {arr.dtype}", field="vector")
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise InvalidRecordError("vector contains NaN or infinity", field="vector")
+    return out
+
+
+def _check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or int(value) < 1:
+        raise InvalidRecordError(f"{name} must be an int >= 1, got {value!r}", field=name)
+    return int(value)
+
+
+def _check_dim(dim: object) -> int:
+    return _check_positive_int(dim, "dim")
+
+
+@contextmanager
+def faiss_threads(threads: int | None) -> Iterator[None]:
+    """Limit FAISS's OpenMP threads in the calling thread for the block (None: leave as is)."""
+    if threads is None:
+        yield
+        return
+    n = _check_positive_int(threads, "threads")
+    previous = int(faiss.omp_get_max_threads())
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class IndexBackend(ABC):
+    """One FAISS index searched by inner product, with int64 ids chosen by the caller.
+
+    Not thread-safe for mutation: see the module docstring for what needs a lock.
+    """
+
+    kind: ClassVar[BackendKind]
+    _search_keys: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, index: Any, dim: int, params: Mapping[str, Any]) -> None:
+        self._index: Any = index
+        self._dim = dim
+        self._params: dict[str, Any] = dict(params)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Build and search parameters (JSON-safe; persisted with the index)."""
+        return dict(self._params)
+
+    @property
+    def faiss_index(self) -> Any:
+        """The raw FAISS index (benchmarks compare against it; do not mutate it unlocked)."""
+        return self._index
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dim={self._dim}, count={len(self)}, params={self._params})"
+
+    def add(self, ids: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
+        """Add ``vectors`` (n, dim) under ``ids`` (n,). Ids must be distinct within the call;
+        uniqueness against ids already present is the caller's job (FAISS keeps both)."""
+        id_arr = _check_ids(ids)
+        vec = _check_vectors(vectors, self._dim, allow_1d=False)
+        if id_arr.shape[0] != vec.shape[0]:
+            raise InvalidRecordError(
+                f"{id_arr.shape[0]} ids for {vec.shape[0]} vectors", field="ids"
+            )
+        if id_arr.size:
+            self._index.add_with_ids(vec, id_arr)
+
+    def search(
+        self,
+        queries: npt.ArrayLike,
+        k: int,
+        *,
+        params: Mapping[str, int] | None = None,
+    ) -> tuple[F32Array, I64Array]:
+        """The ``k`` best inner products per query: ``(scores, ids)``, each ``(nq, k)``.
+
+        A missing result has id -1 and score ``-inf``. ``params`` (``ef_search`` for HNSW,
+        ``nprobe`` for IVF) apply to this call only and change nothing shared.
+        """
+        kk = _check_positive_int(k, "k")
+        q = _check_vectors(queries, self._dim, allow_1d=True)
+        sp = self._search_parameters(params) if params else None
+        if sp is None:
+            scores, ids = self._index.search(q, kk)
+        else:
+            scores, ids = self._index.search(q, kk, params=sp)
+        scores = np.asarray(scores, dtype=np.float32)
+        ids = np.asarray(ids, dtype=np.int64)
+        scores[ids < 0] = -np.inf
+        return scores, ids
+
+    def remove(self, ids: npt.ArrayLike) -> int:
+        """Remove ``ids`` (absent ones are ignored); the number removed."""
+        id_arr = _check_ids(ids)
+        if not id_arr.size:
+            return 0
+        return int(self._index.remove_ids(id_arr))
+
+    def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Change the default search parameters (a write: exclude concurrent searches)."""
+        given = {
+            name: value
+            for name, value in (("ef_search", ef_search), ("nprobe", nprobe))
+            if value is not None
+        }
+        self._validate_search_params(given)
+        for name, value in given.items():
+            self._apply_search_param(name, int(value))
+            self._params[name] = int(value)
+
+    def _validate_search_params(self, params: Mapping[str, object]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name, value in params.items():
+            if name not in self._search_keys:
+                allowed = ", ".join(sorted(self._search_keys)) or "none"
+                raise InvalidRecordError(
+                    f"{self.kind} backend has no search parameter {name!r} (allowed: {allowed})",
+                    field=f"params.{name}",
+                )
+            out[name] = _check_positive_int(value, f"params.{name}")
+        return out
+
+    def _search_parameters(self, params: Mapping[str, int]) -> Any:
+        """FAISS ``SearchParameters`` for one call (None when the backend has no knobs)."""
+        self._validate_search_params(params)
+        return None
+
+    def _apply_search_param(self, name: str, value: int) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError(name)
+
+    @classmethod
+    @abstractmethod
+    def create(cls, dim: int, **params: Any) -> IndexBackend:
+        """An empty index of this kind (IVF needs ``train_vectors`` as well)."""
+
+    @classmethod
+    @abstractmethod
+    def _from_faiss(cls, index: Any, dim: int, params: Mapping[str, Any]) -> IndexBackend:
+        """Wrap a deserialized index after checking it is of this kind."""
+
+
+def _reject_unknown(kind: str, params: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise InvalidRecordError(
+            f"{kind} backend has no parameter {unknown[0]!r} (allowed: {sorted(allowed)})",
+            field=unknown[0],
+        )
+
+
+class ExactBackend(IndexBackend):
+    """``IDMap2,Flat``: brute-force inner product, exact by construction."""
+
+    kind: ClassVar[BackendKind] = "exact"
+
+    @classmethod
+    def create(cls, dim: int, **params: Any) -> ExactBackend:
+        _reject_unknown(cls.kind, params, set())
+        d = _check_dim(dim)
+        index = faiss.index_factory(d, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
+        return cls(index, d, {})
+
+    @classmethod
+    def _from_faiss(cls, index: Any, dim: int, params: Mapping[str, Any]) -> ExactBackend:
+        if not isinstance(index, faiss.IndexIDMap2) or not isinstance(
+            faiss.downcast_index(index.index), faiss.IndexFlat
+        ):
+            raise TypeError(f"expected IDMap2,Flat, got {type(index).__name__}")
+        return cls(index, dim, {})
+
+
+class HNSWBackend(IndexBackend):
+    """``IDMap2,HNSW{M}``: graph search; no removal (tombstones live in the serving layer)."""
+
+    kind: ClassVar[BackendKind] = "hnsw"
+    _search_keys: ClassVar[frozenset[str]] = frozenset({"ef_search"})
+
+    def __init__(self, index: Any, dim: int, params: Mapping[str, Any]) -> None:
+        super().__init__(index, dim, params)
+        self._hnsw: Any = faiss.downcast_index(index.index)
+
+    @classmethod
+    def create(cls, dim: int, **params: Any) -> HNSWBackend:
+        _reject_unknown(cls.kind, params, {"m", "ef_construction", "ef_search"})
+        d = _check_dim(dim)
+        m = _check_positive_int(params.get("m", DEFAULT_HNSW_M), "m")
+        efc = _check_positive_int(
+            params.get("ef_construction", DEFAULT_EF_CONSTRUCTION), "ef_construction"
+        )
+        if efc < MIN_EF_CONSTRUCTION:
+            raise InvalidRecordError(
+                f"ef_construction must be >= {MIN_EF_CONSTRUCTION} (FAISS's 40 loses recall), "
+                f"got {efc}",
+                field="ef_construction",
+            )
+        efs = _check_positive_int(params.get("ef_search", DEFAULT_EF_SEARCH), "ef_search")
+        index = faiss.index_factory(d, f"IDMap2,HNSW{m}", faiss.METRIC_INNER_PRODUCT)
+        backend = cls(index, d, {"m": m, "ef_construction": efc, "ef_search": efs})
+        backend._hnsw.hnsw.efConstruction = efc
+        backend._hnsw.hnsw.efSearch = efs
+        return backend
+
+    @classmethod
+    def _from_faiss(cls, index: Any, dim: int, params: Mapping[str, Any]) -> HNSWBackend:
+        if not isinstance(index, faiss.IndexIDMap2) or not isinstance(
+            faiss.downcast_index(index.index), faiss.IndexHNSWFlat
+        ):
+            raise TypeError(f"expected IDMap2,HNSW, got {type(index).__name__}")
+        backend = cls(index, dim, params)
+        if "ef_search" in params:
+            backend._hnsw.hnsw.efSearch = int(params["ef_search"])
+        return backend
+
+    def remove(self, ids: npt.ArrayLike) -> int:
+        """Always raises: FAISS HNSW cannot unlink a node from its graph."""
+        raise RemoveUnsupportedError(
+            "the hnsw backend cannot remove vectors (FAISS HNSW has no remove_ids); deleted and "
+            "superseded ids are the serving layer's job: keep tombstones and filter them with an "
+            "ID selector or by over-fetching, and drop them at the next rebuild"
+        )
+
+    def _search_parameters(self, params: Mapping[str, int]) -> Any:
+        checked = self._validate_search_params(params)
+        return faiss.SearchParametersHNSW(
+            efSearch=checked.get("ef_search", int(self._hnsw.hnsw.efSearch))
+        )
+
+    def _apply_search_param(self, name: str, value: int) -> None:
+        self._hnsw.hnsw.efSearch = value
+
+
+def nlist_for(n: int) -> int:
+    """IVF list count for ``n`` vectors: about 4*sqrt(n), at most n/39 (k-means needs ~39
+    training points per centroid), clamped to [1, 65536]."""
+    if n < 1:
+        return 1
+    target = round(_NLIST_PER_SQRT * math.sqrt(n))
+    return max(1, min(target, n // _MIN_POINTS_PER_CENTROID, _MAX_NLIST))
+
+
+class IVFBackend(IndexBackend):
+    """``IVF{nlist},Flat`` over inner product; trained on the data it is built from."""
+
+    kind: ClassVar[BackendKind] = "ivf"
+    _search_keys: ClassVar[frozenset[str]] = frozenset({"nprobe"})
+
+    @classmethod
+    def create(cls, dim: int, **params: Any) -> IVFBackend:
+        """An empty trained IVF index; ``train_vectors`` (n, dim) is required."""
+        _reject_unknown(cls.kind, params, {"nlist", "nprobe", "train_vectors"})
+        d = _check_dim(dim)
+        train = params.get("train_vectors")
+        if train is None:
+            raise InvalidRecordError("an ivf index needs train_vectors", field="train_vectors")
+        tv = _check_vectors(train, d, allow_1d=False)
+        if tv.shape[0] < 1:
+            raise InvalidRecordError(
+                "an ivf index needs at least one training vector", field="train_vectors"
+            )
+        nlist_raw = params.get("nlist")
+        nlist = (
+            nlist_for(tv.shape[0]) if nlist_raw is None else _check_positive_int(nlist_raw, "nlist")
+        )
+        if nlist > tv.shape[0]:
+            raise InvalidRecordError(
+                f"nlist {nlist} exceeds the {tv.shape[0]} training vectors", field="nlist"
+            )
+        nprobe = _check_positive_int(params.get("nprobe", DEFAULT_NPROBE), "nprobe")
+        index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        index.train(tv)
+        index.nprobe = nprobe
+        return cls(index, d, {"nlist": nlist, "nprobe": nprobe})
+
+    @classmethod
+    def _from_faiss(cls, index: Any, dim: int, params: Mapping[str, Any]) -> IVFBackend:
+        if not isinstance(index, faiss.IndexIVFFlat):
+            raise TypeError(f"expected IVF,Flat, got {type(index).__name__}")
+        if "nprobe" in params:
+            index.nprobe = int(params["nprobe"])
+        merged = dict(params)
+        merged["nlist"] = int(index.nlist)
+        return cls(index, dim, merged)
+
+    def _search_parameters(self, params: Mapping[str, int]) -> Any:
+        checked = self._validate_search_params(params)
+        return faiss.SearchParametersIVF(nprobe=checked.get("nprobe", int(self._index.nprobe)))
+
+    def _apply_search_param(self, name: str, value: int) -> None:
+        self._index.nprobe = value
+
+
+_CLASSES: Final[dict[str, type[IndexBackend]]] = {
+    "exact": ExactBackend,
+    "hnsw": HNSWBackend,
+    "ivf": IVFBackend,
+}
+
+
+def _check_kind(kind: object) -> BackendKind:
+    if kind not in _CLASSES:
+        raise InvalidRecordError(
+            f"unknown index kind {kind!r}; expected one of {KINDS}", field="kind"
+        )
+    return cast(BackendKind, kind)
+
+
+def choose_backend(
+    n: int, *, exact_below: int = DEFAULT_EXACT_BELOW, hnsw_below: int = DEFAULT_HNSW_BELOW
+) -> BackendKind:
+    """The kind for ``n`` vectors: exact below ``exact_below``, HNSW below ``hnsw_below``, else
+    IVF. (The store's config owns the thresholds.)"""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise InvalidRecordError(f"n must be an int >= 0, got {n!r}", field="n")
+    if not 0 <= exact_below <= hnsw_below:
+        raise InvalidRecordError(
+            f"need 0 <= exact_below ({exact_below}) <= hnsw_below ({hnsw_below})",
+            field="exact_below",
+        )
+    if n < exact_below:
+        return "exact"
+    if n < hnsw_below:
+        return "hnsw"
+    return "ivf"
+
+
+def build(
+    kind: str,
+    ids: npt.ArrayLike,
+    vectors: npt.ArrayLike,
+    *,
+    dim: int | None = None,
+    threads: int | None = None,
+    **params: Any,
+) -> IndexBackend:
+    """A backend of ``kind`` holding ``vectors`` under ``ids``.
+
+    ``dim`` defaults to the vectors' width (give it when ``vectors`` may be empty). ``threads``
+    limits FAISS's OpenMP threads in this thread for the build (a background builder should, so
+    queries keep their cores). IVF trains on ``vectors`` and needs at least one.
+    Params: hnsw ``m``, ``ef_construction`` (>= 80), ``ef_search``; ivf ``nlist``, ``nprobe``.
+    """
+    k = _check_kind(kind)
+    arr = np.asarray(vectors)
+    if dim is None:
+        if arr.ndim != 2:
+            raise InvalidRecordError(
+                f"vector must be 2-D (n, dim), got shape {arr.shape}", field="vector"
+            )
+        dim = int(arr.shape[1])
+    d = _check_dim(dim)
+    vec = _check_vectors(arr, d, allow_1d=False)
+    id_arr = _check_ids(ids)
+    if id_arr.shape[0] != vec.shape[0]:
+        raise InvalidRecordError(f"{id_arr.shape[0]} ids for {vec.shape[0]} vectors", field="ids")
+    started = time.perf_counter()
+    with faiss_threads(threads):
+        if k == "ivf":
+            backend: IndexBackend = IVFBackend.create(d, train_vectors=vec, **params)
+        else:
+            backend = _CLASSES[k].create(d, **params)
+        backend.add(id_arr, vec)
+    log.info(
+        "built %s index: %d vectors, dim %d, %.3f s, params %s",
+        k,
+        len(backend),
+        d,
+        time.perf_counter() - started,
+        backend.params,
+    )
+    return backend
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+@dataclass(frozen=True)
+class IndexMeta:
+    """What an index file says about itself; ``lsn`` is the last log position it covers."""
+
+    kind: BackendKind
+    dim: int
+    lsn: int
+    count: int
+    params: dict[str, Any]
+    index_sha256: str
+    index_size: int
+    saved_at: float
+    stats: dict[str, Any] | None = None
+    format: str = FORMAT
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "version": self.version,
+            "kind": self.kind,
+            "dim": self.dim,
+            "lsn": self.lsn,
+            "count": self.count,
+            "params": self.params,
+            "index_sha256": self.index_sha256,
+            "index_size": self.index_size,
+            "saved_at": self.saved_at,
+            "stats": self.stats,
+        }
+
+
+def save(
+    backend: IndexBackend,
+    path: str | os.PathLike[str],
+    *,
+    lsn: int,
+    stats_dict: Mapping[str, Any] | None = None,
+) -> IndexMeta:
+    """Write ``backend`` and its meta to ``path`` atomically (old file or new, never half).
+
+    Serializing reads the index: the caller excludes mutations for the duration.
+    """
+    if isinstance(lsn, bool) or not isinstance(lsn, int) or lsn < 0:
+        raise InvalidRecordError(f"lsn must be an int >= 0, got {lsn!r}", field="lsn")
+    target = Path(path)
+    blob = np.asarray(faiss.serialize_index(backend.faiss_index), dtype=np.uint8).tobytes()
+    meta = IndexMeta(
+        kind=backend.kind,
+        dim=backend.dim,
+        lsn=lsn,
+        count=len(backend),
+        params=backend.params,
+        index_sha256=hashlib.sha256(blob).hexdigest(),
+        index_size=len(blob),
+        saved_at=time.time(),
+        stats=dict(stats_dict) if stats_dict is not None else None,
+    )
+    meta_bytes = json.dumps(meta.to_json(), sort_keys=True, allow_nan=False).encode()
+    header = _HEADER.pack(
+        _MAGIC, FORMAT_VERSION, len(meta_bytes), hashlib.sha256(meta_bytes).digest()
+    )
+    tmp = target.with_name(target.name + ".tmp")
+    fs.write_file(tmp, header + meta_bytes + blob)
+    fs.replace(tmp, target)
+    fs.fsync_dir(target.parent)
+    log.info(
+        "saved %s index to %s: %d vectors, lsn %d, %d bytes",
+        meta.kind,
+        target,
+        meta.count,
+        lsn,
+        _HEADER.size + len(meta_bytes) + len(blob),
+    )
+    return meta
+
+
+def _corrupt(path: Path, what: str) -> StoreCorruptionError:
+    return StoreCorruptionError(f"index file {path}: {what}; rebuild the index from the store")
+
+
+_META_KEYS: Final = frozenset(
+    {"format", "version", "kind", "dim", "lsn", "count", "params", "index_sha256",
+     "index_size", "saved_at", "stats"}
+)  # fmt: skip
+
+
+def _parse_meta(path: Path, raw: Mapping[str, Any]) -> IndexMeta:
+    """Check the meta's fields (its checksum already matched, so a failure is a writer bug)."""
+    missing = sorted(_META_KEYS - set(raw))
+    if missing:
+        raise _corrupt(path, f"meta lacks field {missing[0]!r}")
+    if raw["format"] != FORMAT:
+        raise _corrupt(path, f"meta field 'format' is {raw['format']!r}, expected {FORMAT!r}")
+    if raw["kind"] not in _CLASSES:
+        raise _corrupt(path, f"meta field 'kind' is unknown: {raw['kind']!r}")
+    for name in ("version", "dim", "lsn", "count", "index_size"):
+        value = raw[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _corrupt(path, f"meta field {name!r} is invalid: {value!r}")
+    params, stats, sha = raw["params"], raw["stats"], raw["index_sha256"]
+    if not isinstance(params, dict):
+        raise _corrupt(path, "meta field 'params' is not an object")
+    if not (stats is None or isinstance(stats, dict)):
+        raise _corrupt(path, "meta field 'stats' is not an object")
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise _corrupt(path, f"meta field 'index_sha256' is invalid: {sha!r}")
+    if not isinstance(raw["saved_at"], int | float):
+        raise _corrupt(path, f"meta field 'saved_at' is invalid: {raw['saved_at']!r}")
+    return IndexMeta(
+        kind=cast(BackendKind, raw["kind"]),
+        dim=raw["dim"],
+        lsn=raw["lsn"],
+        count=raw["count"],
+        params=params,
+        index_sha256=sha,
+        index_size=raw["index_size"],
+        saved_at=float(raw["saved_at"]),
+        stats=stats,
+        version=raw["version"],
+    )
+
+
+def _wrap_index(path: Path, index: Any, meta: IndexMeta) -> IndexBackend:
+    """Wrap a deserialized index, checking it agrees with its meta."""
+    if int(index.d) != meta.dim or int(index.ntotal) != meta.count:
+        raise _corrupt(
+            path,
+            f"index has dim {index.d} and {index.ntotal} vectors, meta says "
+            f"{meta.dim} and {meta.count}",
+        )
+    try:
+        return _CLASSES[meta.kind]._from_faiss(index, meta.dim, meta.params)
+    except (TypeError, AttributeError) as exc:
+        raise _corrupt(path, f"index does not match its meta: {exc}") from exc
+
+
+def load(path: str | os.PathLike[str]) -> tuple[IndexBackend, IndexMeta]:
+    """Read an index written by ``save``; every checksum is verified before FAISS sees a byte.
+
+    Damage (bad magic, truncation, checksum mismatch, a meta that disagrees with the index) is a
+    ``StoreCorruptionError`` naming the file; a newer format is a ``FormatVersionError``.
+    """
+    target = Path(path)
+    data = fs.read_bytes(target)
+    if len(data) < _HEADER.size:
+        raise _corrupt(target, f"truncated: {len(data)} bytes, shorter than the header")
+    magic, version, meta_len, meta_sha = _HEADER.unpack_from(data)
+    if magic != _MAGIC:
+        raise _corrupt(target, f"bad magic {magic!r}")
+    if version > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"index file {target} has format version {version}, newer than this xpstore reads "
+            f"({FORMAT_VERSION})"
+        )
+    if version < 1:
+        raise _corrupt(target, f"invalid format version {version}")
+    meta_end = _HEADER.size + meta_len
+    if meta_end > len(data):
+        raise _corrupt(target, f"truncated: meta needs {meta_end} bytes, file has {len(data)}")
+    meta_bytes = data[_HEADER.size : meta_end]
+    if hashlib.sha256(meta_bytes).digest() != meta_sha:
+        raise _corrupt(target, "meta checksum mismatch")
+    try:
+        raw = json.loads(meta_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt(target, f"meta is not JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise _corrupt(target, "meta is not a JSON object")
+    meta = _parse_meta(target, raw)
+    blob = memoryview(data)[meta_end:]
+    if len(blob) != meta.index_size:
+        raise _corrupt(
+            target, f"index is {len(blob)} bytes, meta says {meta.index_size} (truncated?)"
+        )
+    actual = hashlib.sha256(blob).hexdigest()
+    if actual != meta.index_sha256:
+        raise _corrupt(
+            target,
+            f"index checksum mismatch: stored {meta.index_sha256[:16]}..., "
+            f"computed {actual[:16]}...",
+        )
+    try:
+        index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+    except RuntimeError as exc:
+        raise _corrupt(target, f"FAISS cannot read the index: {exc}") from exc
+    backend = _wrap_index(target, index, meta)
+    log.info(
+        "loaded %s index from %s: %d vectors, lsn %d", meta.kind, target, len(backend), meta.lsn
+    )
+    return backend, meta
