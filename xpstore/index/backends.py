@@ -293,8 +293,11 @@ class IndexBackend(ABC):
         self._validate_search_params(params)
         return None
 
-    def _apply_search_param(self, name: str, value: int) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError(name)
+    def _apply_search_param(self, name: str, value: int) -> None:
+        """Set one search knob; a backend with knobs overrides this (the exact one has none)."""
+        raise InvalidRecordError(
+            f"{self.kind} backend has no search parameter {name!r}", field=f"params.{name}"
+        )
 
     @classmethod
     @abstractmethod
