@@ -21,6 +21,7 @@ from xpstore.errors import (
     WALWriteError,
     XpStoreError,
 )
+from xpstore.index.neighbors import Neighbor
 from xpstore.persistence.snapshots import SnapshotInfo
 from xpstore.persistence.wal_recovery import RecoveryReport
 from xpstore.store.records import (
@@ -42,6 +43,7 @@ __all__ = [
     "Fingerprint",
     "FormatVersionError",
     "InvalidRecordError",
+    "Neighbor",
     "PredictionOutcome",
     "QueryMetric",
     "ReadOnlyStoreError",

@@ -73,6 +73,40 @@ class StoreConfig(BaseModel):
     embedding_dim: int | None = Field(None, ge=1, le=65_536)
     """Fixed dimension of Fingerprint.embedding; None: fixed by the first fingerprint with one."""
 
+    # ------------------------------------------------------------ k-NN index (docs/index.md)
+    index_mode: Literal["percentile", "zscore"] = "percentile"
+    """Standardization of the 25 audio values (Auralis's 5th-95th percentile range, or std)."""
+    index_audio_weight: float = Field(0.7, ge=0, le=1000)
+    index_embedding_weight: float = Field(0.3, ge=0, le=1000)
+    index_dim_weights: dict[str, float] | None = None
+    """Per-dimension audio weights by name (all 25); None: the mode's default."""
+    index_exact_below: int = Field(10_000, ge=0)
+    """Below this many tracks the main index is exact (``IDMap2,Flat``)."""
+    index_hnsw_below: int = Field(2_000_000, ge=0)
+    """Below this many (and from ``index_exact_below``) HNSW; from here IVF-Flat."""
+    index_hnsw_m: int = Field(32, ge=4, le=256)
+    index_ef_construction: int = Field(128, ge=80, le=4096)
+    index_ef_search: int = Field(64, ge=1, le=32_768)
+    index_nprobe: int = Field(32, ge=1, le=65_536)
+    index_delta_min: int = Field(256, ge=1)
+    index_delta_ratio: float = Field(0.1, gt=0, le=10)
+    index_delta_max: int = Field(10_000, ge=1)
+    """Rebuild when the delta holds min(delta_max, max(delta_min, delta_ratio * index size))."""
+    index_tombstone_ratio: float = Field(0.2, gt=0, le=1)
+    """Rebuild when tombstones reach this share of the main index (and at least 64)."""
+    index_drift_max: float = Field(0.5, gt=0)
+    """Rebuild when the delta's means moved this many scale units from the index's stats."""
+    index_auto_rebuild: bool = True
+    index_build_in: Literal["auto", "thread", "process"] = "auto"
+    index_process_above: int = Field(20_000, ge=0)
+    """``auto`` builds in a child process from this many tracks (a thread below)."""
+    index_build_threads: int = Field(1, ge=1, le=256)
+    """FAISS threads of a build: leave the other cores to queries."""
+    index_neighbors_k: int = Field(10, ge=0, le=1000)
+    """Neighbours materialized per track in LMDB after each build (0: none)."""
+    index_refresh_s: float = Field(1.0, ge=0)
+    """A read-only store catches its index up with LMDB at most this often."""
+
     def persisted(self) -> StoreConfig:
         """The copy written into a new store: session-only knobs back at their defaults."""
         defaults = {k: StoreConfig.model_fields[k].default for k in SESSION_ONLY}

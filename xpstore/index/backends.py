@@ -86,6 +86,7 @@ __all__ = [
     "faiss_threads",
     "load",
     "nlist_for",
+    "read_meta",
     "save",
 ]
 
@@ -288,6 +289,15 @@ class IndexBackend(ABC):
             out[name] = _check_positive_int(value, f"params.{name}")
         return out
 
+    def selector_parameters(self, selector: Any, params: Mapping[str, int] | None) -> Any:
+        """FAISS ``SearchParameters`` for one call that only considers ids ``selector`` takes
+        (the serving layer's tombstone filter), with this backend's knobs from ``params``."""
+        checked = self._validate_search_params(params or {})
+        return self._parameters_with(selector, checked)
+
+    def _parameters_with(self, selector: Any, checked: Mapping[str, int]) -> Any:
+        return faiss.SearchParameters(sel=selector)
+
     def _search_parameters(self, params: Mapping[str, int]) -> Any:
         """FAISS ``SearchParameters`` for one call (None when the backend has no knobs)."""
         self._validate_search_params(params)
@@ -399,6 +409,10 @@ class HNSWBackend(IndexBackend):
     def _apply_search_param(self, name: str, value: int) -> None:
         self._hnsw.hnsw.efSearch = value
 
+    def _parameters_with(self, selector: Any, checked: Mapping[str, int]) -> Any:
+        ef = checked.get("ef_search", int(self._hnsw.hnsw.efSearch))
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
+
 
 def nlist_for(n: int) -> int:
     """IVF list count for ``n`` vectors: about 4*sqrt(n), at most n/39 (k-means needs ~39
@@ -458,6 +472,10 @@ class IVFBackend(IndexBackend):
 
     def _apply_search_param(self, name: str, value: int) -> None:
         self._index.nprobe = value
+
+    def _parameters_with(self, selector: Any, checked: Mapping[str, int]) -> Any:
+        nprobe = checked.get("nprobe", int(self._index.nprobe))
+        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
 
 
 _CLASSES: Final[dict[str, type[IndexBackend]]] = {
@@ -557,6 +575,7 @@ class IndexMeta:
     index_size: int
     saved_at: float
     stats: dict[str, Any] | None = None
+    build: dict[str, Any] | None = None  # the serving layer's BuildInfo (optional key)
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
@@ -573,6 +592,7 @@ class IndexMeta:
             "index_size": self.index_size,
             "saved_at": self.saved_at,
             "stats": self.stats,
+            "build": self.build,
         }
 
 
@@ -582,6 +602,7 @@ def save(
     *,
     lsn: int,
     stats_dict: Mapping[str, Any] | None = None,
+    build: Mapping[str, Any] | None = None,
 ) -> IndexMeta:
     """Write ``backend`` and its meta to ``path`` atomically (old file or new, never half).
 
@@ -601,6 +622,7 @@ def save(
         index_size=len(blob),
         saved_at=time.time(),
         stats=dict(stats_dict) if stats_dict is not None else None,
+        build=dict(build) if build is not None else None,
     )
     meta_bytes = json.dumps(meta.to_json(), sort_keys=True, allow_nan=False).encode()
     header = _HEADER.pack(
@@ -649,6 +671,9 @@ def _parse_meta(path: Path, raw: Mapping[str, Any]) -> IndexMeta:
         raise _corrupt(path, "meta field 'params' is not an object")
     if not (stats is None or isinstance(stats, dict)):
         raise _corrupt(path, "meta field 'stats' is not an object")
+    build = raw.get("build")
+    if not (build is None or isinstance(build, dict)):
+        raise _corrupt(path, "meta field 'build' is not an object")
     if not isinstance(sha, str) or len(sha) != 64:
         raise _corrupt(path, f"meta field 'index_sha256' is invalid: {sha!r}")
     if not isinstance(raw["saved_at"], int | float):
@@ -663,6 +688,7 @@ def _parse_meta(path: Path, raw: Mapping[str, Any]) -> IndexMeta:
         index_size=raw["index_size"],
         saved_at=float(raw["saved_at"]),
         stats=stats,
+        build=build,
         version=raw["version"],
     )
 
@@ -681,14 +707,8 @@ def _wrap_index(path: Path, index: Any, meta: IndexMeta) -> IndexBackend:
         raise _corrupt(path, f"index does not match its meta: {exc}") from exc
 
 
-def load(path: str | os.PathLike[str]) -> tuple[IndexBackend, IndexMeta]:
-    """Read an index written by ``save``; every checksum is verified before FAISS sees a byte.
-
-    Damage (bad magic, truncation, checksum mismatch, a meta that disagrees with the index) is a
-    ``StoreCorruptionError`` naming the file; a newer format is a ``FormatVersionError``.
-    """
-    target = Path(path)
-    data = fs.read_bytes(target)
+def _read_header(target: Path, data: bytes) -> tuple[IndexMeta, int]:
+    """Check the header and the meta (its checksum first); returns the meta and its end."""
     if len(data) < _HEADER.size:
         raise _corrupt(target, f"truncated: {len(data)} bytes, shorter than the header")
     magic, version, meta_len, meta_sha = _HEADER.unpack_from(data)
@@ -713,7 +733,28 @@ def load(path: str | os.PathLike[str]) -> tuple[IndexBackend, IndexMeta]:
         raise _corrupt(target, f"meta is not JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise _corrupt(target, "meta is not a JSON object")
-    meta = _parse_meta(target, raw)
+    return _parse_meta(target, raw), meta_end
+
+
+def read_meta(path: str | os.PathLike[str]) -> IndexMeta:
+    """Only the meta of an index file (checksum verified), without reading the index bytes."""
+    target = Path(path)
+    with open(target, "rb") as fh:
+        head = fh.read(_HEADER.size)
+        if len(head) == _HEADER.size and head[:8] == _MAGIC:
+            head += fh.read(_HEADER.unpack(head)[2])
+    return _read_header(target, head)[0]
+
+
+def load(path: str | os.PathLike[str]) -> tuple[IndexBackend, IndexMeta]:
+    """Read an index written by ``save``; every checksum is verified before FAISS sees a byte.
+
+    Damage (bad magic, truncation, checksum mismatch, a meta that disagrees with the index) is a
+    ``StoreCorruptionError`` naming the file; a newer format is a ``FormatVersionError``.
+    """
+    target = Path(path)
+    data = fs.read_bytes(target)
+    meta, meta_end = _read_header(target, data)
     blob = memoryview(data)[meta_end:]
     if len(blob) != meta.index_size:
         raise _corrupt(

@@ -40,6 +40,7 @@ every track in the library, never to NaN or infinity.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -236,6 +237,16 @@ class AudioStats:
     ) -> AudioStats:
         """Fit from fingerprints (batch rows, and streaming-only rows for their 13 columns)."""
         return cls.fit(audio_matrix(fingerprints), mode)
+
+    @classmethod
+    def prior(cls, mode: ScalingMode = DEFAULT_MODE) -> AudioStats:
+        """Statistics to embed with before a store has fingerprints of its own.
+
+        Fitted on the generated reference library (``xpstore.synthetic``: 400 tracks of each
+        style, seed 0), i.e. on plausible ranges of the 25 values; the first index build
+        replaces them with the library's own. Deterministic, so every process agrees.
+        """
+        return _prior(mode)
 
     def with_mode(self, mode: ScalingMode) -> AudioStats:
         """The same statistics used in another mode (both modes' numbers are always kept)."""
@@ -573,6 +584,56 @@ class HybridEmbedder:
             out[i] = self.embed(fp, weights)
         return out
 
+    def embed_rows(
+        self,
+        audio: npt.ArrayLike,
+        embedding: npt.ArrayLike | None = None,
+        has_embedding: npt.ArrayLike | None = None,
+    ) -> F32Array:
+        """``embed`` of many rows at once, vectorized (index builds, the delta's re-embedding).
+
+        ``audio`` is ``(n, 25)`` raw values in ``BATCH_FIELDS`` order with NaN for missing ones
+        (``index.rows`` reads them); ``embedding`` is ``(n, embedding_dim)`` and
+        ``has_embedding`` says which rows carry one. Equal to ``embed`` row by row.
+        """
+        a = np.asarray(audio, dtype=np.float64)
+        if a.ndim != 2 or a.shape[1] != AUDIO_DIM:
+            raise InvalidRecordError(
+                f"audio rows must be (n, {AUDIO_DIM}), got shape {a.shape}", field="audio"
+            )
+        n = a.shape[0]
+        z = np.nan_to_num((a - self._center) / self._scale, nan=0.0) * self._sqrt_dim_w
+        a_norm = np.linalg.norm(z, axis=1)
+        a_ok = np.isfinite(a_norm) & (a_norm >= _MIN_NORM)
+        a_unit = np.where(a_ok[:, None], z / np.where(a_ok, a_norm, 1.0)[:, None], 0.0)
+        e_ok = np.zeros(n, dtype=bool)
+        e_unit: FloatArray | None = None
+        if self.embedding_dim is not None and embedding is not None:
+            e = np.asarray(embedding, dtype=np.float64)
+            if e.shape != (n, self.embedding_dim):
+                raise InvalidRecordError(
+                    f"embedding rows must be ({n}, {self.embedding_dim}), got shape {e.shape}",
+                    field="embedding",
+                )
+            has = (
+                np.ones(n, dtype=bool)
+                if has_embedding is None
+                else np.asarray(has_embedding, dtype=bool)
+            )
+            e_norm = np.linalg.norm(e, axis=1)
+            e_ok = has & np.isfinite(e_norm) & (e_norm >= _MIN_NORM)
+            e_unit = np.where(e_ok[:, None], e / np.where(e_ok, e_norm, 1.0)[:, None], 0.0)
+        wa, we = self.weights["audio"], self.weights["embedding"]
+        total = np.where(a_ok, wa, 0.0) + np.where(e_ok, we, 0.0)
+        safe = np.where(total > 0, total, 1.0)
+        out = np.zeros((n, self.dim), dtype=np.float64)
+        fa = np.where(a_ok & (total > 0), np.sqrt(wa / safe), 0.0)
+        out[:, :AUDIO_DIM] = a_unit * fa[:, None]
+        if e_unit is not None:
+            fe = np.where(e_ok & (total > 0), np.sqrt(we / safe), 0.0)
+            out[:, AUDIO_DIM:] = e_unit * fe[:, None]
+        return out.astype(np.float32)
+
     def embed_query(self, fp: Fingerprint, weights: Mapping[str, float] | None = None) -> F32Array:
         """A query vector that reweights blocks against vectors stored with ``self.weights``.
 
@@ -629,3 +690,12 @@ class HybridEmbedder:
                 factor = share / math.sqrt(query_scale[block] / stored_total)
             out[spans[block]] = factor * vec
         return out.astype(np.float32)
+
+
+@functools.cache
+def _prior(mode: ScalingMode) -> AudioStats:
+    from xpstore.synthetic import STYLES, sample_batch_values
+
+    rng = np.random.default_rng(0)
+    rows = np.vstack([sample_batch_values(rng, style, 400) for style in sorted(STYLES)])
+    return AudioStats.fit(rows, mode)

@@ -8,6 +8,8 @@ Tables (named databases of one environment; layouts in ``docs/formats.md``):
 ``tracks``       track_id (UTF-8) -> id of the track's current fingerprint
 ``tombstones``   id -> lsn of the delete | kind u8 (so followers can catch up after truncation)
 ``track_tombs``  track_id -> lsn of the delete_track | id of the fingerprint it retired
+``neighbors``    track_id -> a track's precomputed nearest neighbours (``index.neighbors``);
+                 derived data written after each index build, never through the WAL
 
 LMDB rules followed here (from its docs and py-lmdb's issues): one Environment per path per
 process (the registry below), ``reader_check()`` on open, every write transaction inside ``with``,
@@ -41,6 +43,8 @@ _U64 = struct.Struct(">Q")
 _TOMB = struct.Struct(">QB")
 _TRACK_TOMB = struct.Struct(">QQ")
 _DB_NAMES = (b"meta", b"records", b"by_kind_ts", b"tracks", b"tombstones", b"track_tombs")
+_OPTIONAL_DBS = (b"neighbors",)  # added by a later issue: a read-only open of an older store
+# lacks it, and that is not damage
 
 
 def u64(n: int) -> bytes:
@@ -142,7 +146,7 @@ def _open_env(path: Path, *, readonly: bool, map_size: int) -> lmdb.Environment:
         env = lmdb.open(
             str(path),
             map_size=map_size,
-            max_dbs=len(_DB_NAMES) + 2,
+            max_dbs=len(_DB_NAMES) + len(_OPTIONAL_DBS) + 2,
             subdir=True,
             readonly=readonly,
             create=not readonly,
@@ -187,9 +191,17 @@ class LmdbTables:
                 # py-lmdb: in a read-only environment, handles opened inside a caller's read
                 # transaction are not usable afterwards; let it manage its own transaction
                 self._dbs = {n: self.env.open_db(n, create=False) for n in _DB_NAMES}
+                for n in _OPTIONAL_DBS:
+                    try:
+                        self._dbs[n] = self.env.open_db(n, create=False)
+                    except lmdb.NotFoundError:
+                        log.debug("LMDB at %s has no %s table (older store)", path, n.decode())
             else:
                 with self.env.begin(write=True) as txn:
-                    self._dbs = {n: self.env.open_db(n, txn=txn, create=True) for n in _DB_NAMES}
+                    self._dbs = {
+                        n: self.env.open_db(n, txn=txn, create=True)
+                        for n in _DB_NAMES + _OPTIONAL_DBS
+                    }
         except lmdb.NotFoundError as exc:
             _REGISTRY.close(path)
             raise StoreCorruptionError(f"LMDB at {path} lacks an xpstore table: {exc}") from exc
@@ -252,6 +264,54 @@ class LmdbTables:
     def get_track(self, txn: lmdb.Transaction, track_id: str) -> int | None:
         value = txn.get(track_id.encode(), db=self._dbs[b"tracks"])
         return from_u64(bytes(value)) if value is not None else None
+
+    def iter_tracks(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, bytes]]:
+        """Every (track_id UTF-8, current fingerprint id u64 BE) pair, in key order."""
+        cur = txn.cursor(db=self._dbs[b"tracks"])
+        for key, value in cur.iternext(keys=True, values=True):
+            yield bytes(key), bytes(value)
+
+    def get_neighbors(self, txn: lmdb.Transaction, track_id: str) -> bytes | None:
+        """The encoded precomputed neighbour list of ``track_id`` (None: none stored)."""
+        db = self._dbs.get(b"neighbors")
+        if db is None:
+            return None
+        value = txn.get(track_id.encode(), db=db)
+        return bytes(value) if value is not None else None
+
+    def put_neighbors(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Write neighbour lists, one short write transaction per call (the caller chunks, so
+        the applier's transactions interleave). Derived data: it bypasses the WAL and does not
+        touch ``applied_lsn``."""
+        db = self._dbs[b"neighbors"]
+        self._write(lambda txn: txn.cursor(db=db).putmulti(list(items)))
+
+    def sweep_neighbors(self, keep: Callable[[bytes], bool], chunk: int = 10_000) -> int:
+        """Delete neighbour lists whose value fails ``keep`` (lists of an older build, of
+        tracks gone since); in chunks of short transactions. Returns how many went."""
+        db = self._dbs[b"neighbors"]
+        removed = 0
+        start = b""
+        while True:
+            doomed: list[bytes] = []
+            last: bytes | None = None
+            with self.reading() as txn:
+                cur = txn.cursor(db=db)
+                if not cur.set_range(start):
+                    break
+                for n, (key, value) in enumerate(cur.iternext(keys=True, values=True)):
+                    if n >= chunk:
+                        break
+                    last = bytes(key)
+                    if not keep(bytes(value)):
+                        doomed.append(last)
+            if doomed:
+                self._write(lambda txn, d=doomed: [txn.delete(k, db=db) for k in d])
+                removed += len(doomed)
+            if last is None or n < chunk:
+                break
+            start = last + b"\0"
+        return removed
 
     def index_chunk(
         self, kind_code: int, lo: bytes, hi: bytes, limit: int
@@ -415,7 +475,8 @@ class LmdbTables:
                 try:
                     with self.env.begin(write=True) as txn:
                         self._dbs = {
-                            n: self.env.open_db(n, txn=txn, create=True) for n in _DB_NAMES
+                            n: self.env.open_db(n, txn=txn, create=True)
+                            for n in _DB_NAMES + _OPTIONAL_DBS
                         }
                 except lmdb.Error as exc:
                     raise translate(exc, "reopening tables") from exc
@@ -434,5 +495,5 @@ class LmdbTables:
     def stat(self) -> dict[str, Any]:
         info = self.env.info()
         with self.reading() as txn:
-            entries = {n.decode(): txn.stat(self._dbs[n])["entries"] for n in _DB_NAMES}
+            entries = {n.decode(): txn.stat(db)["entries"] for n, db in self._dbs.items()}
         return {"map_size": info["map_size"], "last_txnid": info["last_txnid"], "entries": entries}

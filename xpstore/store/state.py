@@ -23,6 +23,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from xpstore.errors import RecordNotFoundError
 from xpstore.store.codec import (
@@ -58,6 +59,7 @@ class Effect:
     track: str | None = None
     track_to: int | None = None  # the track's new current fingerprint id; None: retired
     track_from: int | None = None
+    index_row: Any = None  # (raw numbers, vector, embedder generation) for the k-NN delta
 
     def count_delta(self) -> tuple[str, int] | None:
         if self.is_new:
@@ -144,6 +146,9 @@ class Overlay:
         self._p_tracks: dict[str, tuple[int, int | None]] = {}
         self._pending: deque[Effect] = deque()
         self.apply_threshold = 1 << 62  # queue length that wakes the applier (it sets this)
+        self.listener: Callable[[list[Effect]], None] | None = None
+        """Called under ``lock`` with the track-changing effects each ``make_durable`` moved
+        (the k-NN index's acknowledgement-path hook); it must not raise or block for long."""
 
     # writer side (under the store's write lock)
     def writer_get(self, rid: int) -> Effect | None:
@@ -178,13 +183,19 @@ class Overlay:
     def make_durable(self, last_lsn: int) -> None:
         """Move pending effects up to ``last_lsn`` into the durable layer (WAL leader)."""
         with self.lock:
+            listener = self.listener
+            moved: list[Effect] = []
             while self._pending and self._pending[0].lsn <= last_lsn:
                 eff = self._pending.popleft()
                 self.add_durable_locked(eff)
+                if listener is not None and eff.track is not None:
+                    moved.append(eff)
                 if eff.record_id is not None and self._p_records.get(eff.record_id) is eff:
                     del self._p_records[eff.record_id]
                 if eff.track is not None and self._p_tracks.get(eff.track, (0,))[0] == eff.lsn:
                     del self._p_tracks[eff.track]
+            if moved and listener is not None:
+                listener(moved)  # before any writer of these effects returns
             if len(self.queue) >= self.apply_threshold:
                 self.changed.notify_all()  # a full batch for the applier; otherwise it waits
 

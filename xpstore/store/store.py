@@ -39,6 +39,7 @@ from xpstore.persistence.snapshots import finish_in_place
 from xpstore.persistence.wal import WalWriter
 from xpstore.persistence.wal_recovery import RecoveryReport, recover_wal
 from xpstore.store._check_api import CheckAPI
+from xpstore.store._index_api import IndexAPI
 from xpstore.store._maintenance_api import MaintenanceAPI
 from xpstore.store._snapshot_api import SnapshotAPI
 from xpstore.store.applier import Applier
@@ -72,7 +73,7 @@ _SCAN_CHUNK = 512
 _RECORD_TYPES = (PredictionOutcome, Fingerprint, QueryMetric)
 
 
-class Store(SnapshotAPI, MaintenanceAPI, CheckAPI):
+class Store(SnapshotAPI, MaintenanceAPI, CheckAPI, IndexAPI):
     """A persistent experience store. Open with :meth:`Store.open`; use as a context manager."""
 
     def __init__(self, path: Path, config: StoreConfig, readonly: bool) -> None:
@@ -215,6 +216,11 @@ class Store(SnapshotAPI, MaintenanceAPI, CheckAPI):
                 applied,
                 len(report.warnings),
             )
+        if (self.path / "index").is_dir():
+            from xpstore.index.manager import check_file_at_open
+
+            with tables.reading() as txn:
+                check_file_at_open(self.path, self.store_id, tables.applied_lsn(txn))
         next_lsn = max(applied, report.last_lsn) + 1
         self._wal = WalWriter(
             self._layout.wal,
@@ -282,6 +288,7 @@ class Store(SnapshotAPI, MaintenanceAPI, CheckAPI):
             return
         with self._wlock:
             self._closed = True
+        self._close_index()
         self._join_retention(timeout=30.0)
         try:
             if self._wal is not None:
@@ -331,7 +338,7 @@ class Store(SnapshotAPI, MaintenanceAPI, CheckAPI):
             )
         ops: list[Op] = [PutOp(r) for r in prepared]
         payloads = [self._encode(op, i) for i, op in enumerate(ops)]
-        first, last = self._submit(ops, payloads)
+        first, last = self._submit(ops, payloads, self._index_rows(prepared))
         return list(range(first, last + 1))
 
     def update(self, id: int, **changes: Any) -> Experience:
@@ -392,7 +399,9 @@ class Store(SnapshotAPI, MaintenanceAPI, CheckAPI):
             )
         return payload
 
-    def _submit(self, ops: list[Op], payloads: list[bytes]) -> tuple[int, int]:
+    def _submit(
+        self, ops: list[Op], payloads: list[bytes], index_rows: Mapping[int, Any] | None = None
+    ) -> tuple[int, int]:
         wal = self._writable()
         with self._wlock:
             wal = self._writable()
@@ -401,7 +410,10 @@ class Store(SnapshotAPI, MaintenanceAPI, CheckAPI):
             first = wal.next_lsn
             try:
                 for i, op in enumerate(ops):
-                    self._overlay.add_pending(derive(op, first + i, view, payloads[i]))
+                    eff = derive(op, first + i, view, payloads[i])
+                    if index_rows:
+                        eff.index_row = index_rows.get(i)
+                    self._overlay.add_pending(eff)
                 span = wal.append(payloads)
             except BaseException:
                 self._overlay.drop_pending_from(first)

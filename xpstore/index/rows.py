@@ -1,0 +1,178 @@
+"""Fingerprint rows: the raw numbers an index is built from, read without pydantic.
+
+A build reads every live fingerprint; decoding a million envelopes into models would cost more
+than the FAISS build itself, so this module reads the msgpack map directly (the codec's layout:
+``batch`` is the 25 values in ``BATCH_FIELDS`` order, ``streaming`` is ``[values, confidence,
+chunk_count]`` with 13 or 10 values in their canonical order) into column arrays:
+
+* ``audio``: ``(n, 25)`` float64, NaN where a value is missing (a streaming-only track has 13);
+* ``embedding``: ``(n, dim)`` float32, or None when the store has no embedding block;
+* ``has_embedding``: which rows carry one.
+
+The same rows feed :meth:`HybridEmbedder.embed_rows`, so a vector built here and one built from
+a model by ``HybridEmbedder.embed`` are equal (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgpack
+import numpy as np
+import numpy.typing as npt
+
+from xpstore.errors import CodecError
+from xpstore.store.codec import KIND_CODES
+from xpstore.store.records import (
+    BATCH_FIELDS,
+    STREAMING_FIELDS,
+    STREAMING_FIELDS_NO_HARMONIC,
+    Fingerprint,
+)
+
+__all__ = [
+    "FingerprintRows",
+    "RawFingerprint",
+    "envelope_track",
+    "parse_fingerprint",
+    "raw_from_model",
+]
+
+AUDIO_DIM: Final = len(BATCH_FIELDS)
+_COL: Final = {name: j for j, name in enumerate(BATCH_FIELDS)}
+_STREAM_COLS: Final = {
+    len(STREAMING_FIELDS): np.array([_COL[n] for n in STREAMING_FIELDS]),
+    len(STREAMING_FIELDS_NO_HARMONIC): np.array([_COL[n] for n in STREAMING_FIELDS_NO_HARMONIC]),
+}
+_FP_CODE: Final = KIND_CODES["fingerprint"]
+
+
+@dataclass(slots=True)
+class RawFingerprint:
+    """One fingerprint's numbers and the fields a neighbour list shows."""
+
+    track_id: str
+    audio: npt.NDArray[np.float64]  # (25,), NaN = missing
+    embedding: npt.NDArray[np.float32] | None
+    metadata: dict[str, Any] | None
+
+
+def _audio_row(batch: Any, streaming: Any, where: str) -> npt.NDArray[np.float64]:
+    row = np.full(AUDIO_DIM, np.nan)
+    if batch is not None:
+        if type(batch) is not list or len(batch) != AUDIO_DIM:
+            raise CodecError(f"{where}: batch is not {AUDIO_DIM} numbers", field="batch")
+        row[:] = batch
+    elif streaming is not None:
+        if type(streaming) is not list or len(streaming) != 3 or type(streaming[0]) is not list:
+            raise CodecError(f"{where}: malformed streaming values", field="streaming")
+        cols = _STREAM_COLS.get(len(streaming[0]))
+        if cols is None:
+            raise CodecError(
+                f"{where}: {len(streaming[0])} streaming values; expected 13 or 10",
+                field="streaming.values",
+            )
+        row[cols] = streaming[0]
+    return row
+
+
+def parse_fingerprint(data: bytes | memoryview, where: str = "record") -> RawFingerprint:
+    """The raw numbers of an encoded fingerprint *envelope* (an LMDB ``records`` value)."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise CodecError(f"{where}: not a msgpack envelope: {exc}") from exc
+    if type(obj) is not list or len(obj) != 7 or obj[1] != _FP_CODE or type(obj[6]) is not dict:
+        raise CodecError(f"{where}: not an encoded fingerprint envelope")
+    m = obj[6]
+    track = m.get("track_id")
+    if type(track) is not str:
+        raise CodecError(f"{where}: fingerprint without a track_id", field="track_id")
+    emb = m.get("embedding")
+    embedding = np.asarray(emb, dtype=np.float32) if emb is not None else None
+    meta = m.get("metadata")
+    return RawFingerprint(
+        track, _audio_row(m.get("batch"), m.get("streaming"), where), embedding,
+        meta if type(meta) is dict else None,
+    )  # fmt: skip
+
+
+def envelope_track(data: bytes | memoryview) -> tuple[str, dict[str, Any] | None]:
+    """Only the track id and metadata of an encoded fingerprint envelope (result mapping)."""
+    raw = parse_fingerprint(data)
+    return raw.track_id, raw.metadata
+
+
+def raw_from_model(fp: Fingerprint) -> RawFingerprint:
+    """The same numbers from a model (the write path, which has the model in hand)."""
+    row = np.full(AUDIO_DIM, np.nan)
+    if fp.batch is not None:
+        row[:] = [getattr(fp.batch, n) for n in BATCH_FIELDS]
+    elif fp.streaming is not None:
+        for name, value in fp.streaming.values.items():
+            row[_COL[name]] = value
+    emb = np.asarray(fp.embedding, dtype=np.float32) if fp.embedding is not None else None
+    return RawFingerprint(fp.track_id, row, emb, dict(fp.metadata) if fp.metadata else None)
+
+
+@dataclass
+class FingerprintRows:
+    """Column arrays of many fingerprints (see module doc); ``ids`` are record ids."""
+
+    ids: npt.NDArray[np.int64]
+    track_ids: list[str]
+    audio: npt.NDArray[np.float64]
+    embedding: npt.NDArray[np.float32] | None
+    has_embedding: npt.NDArray[np.bool_]
+    metadata: list[dict[str, Any] | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @classmethod
+    def empty(cls, embedding_dim: int | None) -> FingerprintRows:
+        return cls.from_raw([], [], embedding_dim)
+
+    @classmethod
+    def from_raw(
+        cls,
+        ids: Sequence[int],
+        raws: Sequence[RawFingerprint],
+        embedding_dim: int | None,
+        *,
+        keep_metadata: bool = False,
+    ) -> FingerprintRows:
+        """Stack rows; embeddings of another dimension than the store's are ignored."""
+        n = len(raws)
+        audio = np.empty((n, AUDIO_DIM))
+        emb = np.zeros((n, embedding_dim), dtype=np.float32) if embedding_dim else None
+        has = np.zeros(n, dtype=bool)
+        for i, raw in enumerate(raws):
+            audio[i] = raw.audio
+            ok = emb is not None and raw.embedding is not None
+            if ok and raw.embedding.shape[0] == emb.shape[1]:  # type: ignore[union-attr]
+                emb[i] = raw.embedding  # type: ignore[index]
+                has[i] = True
+        return cls(
+            np.asarray(ids, dtype=np.int64).reshape(n),
+            [r.track_id for r in raws],
+            audio,
+            emb,
+            has,
+            [r.metadata for r in raws] if keep_metadata else [],
+        )
+
+    def select(self, mask: npt.NDArray[np.bool_]) -> FingerprintRows:
+        """The rows where ``mask`` holds."""
+        idx = np.flatnonzero(mask)
+        return FingerprintRows(
+            self.ids[idx],
+            [self.track_ids[i] for i in idx],
+            self.audio[idx],
+            self.embedding[idx] if self.embedding is not None else None,
+            self.has_embedding[idx],
+            [self.metadata[i] for i in idx] if self.metadata else [],
+        )
+

@@ -1,0 +1,569 @@
+"""Serving similar-track queries: the main index, an exact delta, and tombstones (DESIGN §5).
+
+State, all in memory:
+
+* ``main``: an immutable :class:`MainIndex` (a FAISS backend built from LMDB at LSN ``A``, the
+  embedder whose statistics built it, and the sorted ids it holds). Nothing ever mutates a
+  published main index, so concurrent searches need no lock (FAISS allows concurrent searches
+  on an unchanging index, and releases the GIL inside them).
+* ``delta``: the fingerprints acknowledged since ``A`` (and any the main index lacked when it was
+  loaded), exact, in append-only numpy buffers (:class:`Delta`).
+* ``tombs``: ids in ``main`` that are no longer a track's current fingerprint (superseded,
+  deleted, or the track deleted). HNSW cannot remove, so searches over-fetch and filter, and
+  fall back to a FAISS ID selector when filtering leaves too few.
+
+The live set is ``(main - tombs) + delta``; the two are disjoint. Record ids are fingerprint
+LSNs and a record's values never change (an update may only change ``metadata``), so an id names
+one vector for ever.
+
+Updates arrive on the acknowledgement path: the WAL leader calls :meth:`IndexServer.on_durable`
+with the effects it has just made durable, before any writer returns, so a fingerprint is
+findable as soon as its ``put`` returns and a retired one is gone as soon as the ``put`` /
+``delete_track`` that retired it returns. The writer computed the vector already (outside every
+lock); ``on_durable`` only inserts it.
+
+A rebuild (``index.rebuild``) records retirements while it runs; :meth:`IndexServer.swap`
+installs the new main index under the lock: tombstones become the retirements newer than ``A``
+of ids the new index holds, the delta keeps only ids newer than ``A`` (re-embedded if the
+statistics changed), and the old index is dropped after the lock is released.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+
+from xpstore.errors import InvalidRecordError
+from xpstore.index.backends import IndexBackend
+from xpstore.index.embedding import HybridEmbedder
+from xpstore.index.rows import FingerprintRows, RawFingerprint
+
+__all__ = ["BuildInfo", "Delta", "IndexServer", "MainIndex"]
+
+log = logging.getLogger(__name__)
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+_MIN_CAP = 64
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """What one build produced; kept in the index file's meta (``build``)."""
+
+    build_id: int
+    lsn: int
+    kind: str
+    count: int
+    params: dict[str, Any]
+    built_at: float
+    duration_s: float
+    recall_at_10: float | None
+    stats_mode: str
+    neighbors_k: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "build_id": self.build_id,
+            "lsn": self.lsn,
+            "kind": self.kind,
+            "count": self.count,
+            "params": self.params,
+            "built_at": self.built_at,
+            "duration_s": self.duration_s,
+            "recall_at_10": self.recall_at_10,
+            "stats_mode": self.stats_mode,
+            "neighbors_k": self.neighbors_k,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> BuildInfo:
+        return cls(
+            build_id=int(raw["build_id"]),
+            lsn=int(raw["lsn"]),
+            kind=str(raw["kind"]),
+            count=int(raw["count"]),
+            params=dict(raw["params"]),
+            built_at=float(raw["built_at"]),
+            duration_s=float(raw["duration_s"]),
+            recall_at_10=None if raw["recall_at_10"] is None else float(raw["recall_at_10"]),
+            stats_mode=str(raw["stats_mode"]),
+            neighbors_k=int(raw["neighbors_k"]),
+        )
+
+
+@dataclass(frozen=True)
+class MainIndex:
+    """A published main index; never mutated (see module doc). ``backend`` None: no build yet."""
+
+    backend: IndexBackend | None
+    embedder: HybridEmbedder
+    ids: I64  # sorted
+    build: BuildInfo | None
+    generation: int  # bumps at every swap; vectors embedded under another one are re-embedded
+
+    def __contains__(self, rid: int) -> bool:
+        i = int(np.searchsorted(self.ids, rid))
+        return i < self.ids.shape[0] and int(self.ids[i]) == rid
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclass(frozen=True)
+class _DeltaView:
+    """What a search reads: rows below ``n`` of these buffers never change (ids may turn -1)."""
+
+    ids: I64
+    vecs: F32
+    n: int
+
+
+@dataclass
+class Delta:
+    """Exact store of recent vectors: append-only buffers, removal by id -1, compaction on swap.
+
+    Mutations happen under the server's lock; searches read a :class:`_DeltaView` without it.
+    """
+
+    dim: int
+    embedding_dim: int | None
+    pos: dict[int, int] = field(default_factory=dict)  # live id -> row
+    tracks: dict[int, str] = field(default_factory=dict)  # live id -> track id
+    _ids: I64 = field(init=False)
+    _vecs: F32 = field(init=False)
+    _audio: npt.NDArray[np.float64] = field(init=False)
+    _emb: F32 | None = field(init=False)
+    _has: npt.NDArray[np.bool_] = field(init=False)
+    view: _DeltaView = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._alloc(_MIN_CAP)
+        self.view = _DeltaView(self._ids, self._vecs, 0)
+
+    def _alloc(self, cap: int) -> None:
+        self._ids = np.full(cap, -1, dtype=np.int64)
+        self._vecs = np.zeros((cap, self.dim), dtype=np.float32)
+        self._audio = np.full((cap, 25), np.nan)
+        self._emb = np.zeros((cap, self.embedding_dim), np.float32) if self.embedding_dim else None
+        self._has = np.zeros(cap, dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+    @property
+    def rows_used(self) -> int:
+        return self.view.n
+
+    def add(self, rid: int, raw: RawFingerprint, vec: F32) -> None:
+        if rid in self.pos:
+            return
+        n = self.view.n
+        if n == self._ids.shape[0]:
+            self._grow(max(_MIN_CAP, 2 * n))
+        self._vecs[n] = vec
+        self._audio[n] = raw.audio
+        emb = raw.embedding
+        if self._emb is not None and emb is not None and emb.shape[0] == self._emb.shape[1]:
+            self._emb[n] = emb
+            self._has[n] = True
+        self._ids[n] = rid  # last: a reader that sees the id sees its vector
+        self.pos[rid] = n
+        self.tracks[rid] = raw.track_id
+        self.view = _DeltaView(self._ids, self._vecs, n + 1)
+
+    def _grow(self, cap: int) -> None:
+        n = self.view.n
+        old = (self._ids, self._vecs, self._audio, self._emb, self._has)
+        self._alloc(cap)
+        self._ids[:n] = old[0][:n]
+        self._vecs[:n] = old[1][:n]
+        self._audio[:n] = old[2][:n]
+        if self._emb is not None and old[3] is not None:
+            self._emb[:n] = old[3][:n]
+        self._has[:n] = old[4][:n]
+
+    def remove(self, rid: int) -> bool:
+        row = self.pos.pop(rid, None)
+        if row is None:
+            return False
+        self.tracks.pop(rid, None)
+        self._ids[row] = -1
+        return True
+
+    def vector(self, rid: int) -> F32 | None:
+        row = self.pos.get(rid)
+        return None if row is None else self._vecs[row].copy()
+
+    def rows(self) -> FingerprintRows:
+        """The live entries as rows (to re-embed them under new statistics)."""
+        live = np.array(sorted(self.pos.values()), dtype=np.int64)
+        return FingerprintRows(
+            self._ids[live].copy(),
+            [self.tracks[int(r)] for r in self._ids[live]],
+            self._audio[live].copy(),
+            self._emb[live].copy() if self._emb is not None else None,
+            self._has[live].copy(),
+        )
+
+    def rebuilt(self, keep: Callable[[int], bool], vectors: dict[int, F32] | None) -> Delta:
+        """A compact copy holding the live ids ``keep`` accepts (with new vectors if given)."""
+        out = Delta(self.dim, self.embedding_dim)
+        for rid, row in sorted(self.pos.items(), key=lambda kv: kv[1]):
+            if not keep(rid):
+                continue
+            emb = None
+            if self._emb is not None and self._has[row]:
+                emb = self._emb[row]
+            raw = RawFingerprint(self.tracks[rid], self._audio[row], emb, None)
+            vec = vectors[rid] if vectors is not None else self._vecs[row]
+            out.add(rid, raw, vec)
+        return out
+
+    def search(self, q: F32, k: int) -> tuple[F32, I64]:
+        """Exact top ``k`` (scores, ids) per query row over the live entries; -1 pads."""
+        view = self.view
+        m = q.shape[0]
+        out_s = np.full((m, k), -np.inf, dtype=np.float32)
+        out_i = np.full((m, k), -1, dtype=np.int64)
+        if view.n == 0:
+            return out_s, out_i
+        scores = q @ view.vecs[: view.n].T  # (m, n)
+        ids = view.ids[: view.n].copy()
+        scores[:, ids < 0] = -np.inf
+        kk = min(k, view.n)
+        part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        top = np.take_along_axis(scores, part, axis=1)
+        order = np.argsort(-top, axis=1, kind="stable")
+        best = np.take_along_axis(part, order, axis=1)
+        out_s[:, :kk] = np.take_along_axis(scores, best, axis=1)
+        out_i[:, :kk] = ids[best]
+        out_i[out_s == -np.inf] = -1
+        return out_s, out_i
+
+
+class IndexServer:
+    """The live similar-track index of one open store (see module doc). Thread-safe."""
+
+    def __init__(self, main: MainIndex, delta: Delta, tombs: set[int]) -> None:
+        self.lock = threading.Lock()
+        self.main = main
+        self.delta = delta
+        self.tombs = tombs
+        self._building = False
+        self._retired: list[tuple[int, int]] = []  # (lsn, id), LSN order; see prune_retired
+        self.version = 0  # bumps on every mutation (selector cache key)
+        self._selector: tuple[int, Any] | None = None
+        self.on_change: Callable[[], None] | None = None  # the rebuilder's trigger check
+
+    # ------------------------------------------------------------ state
+    @property
+    def embedder(self) -> HybridEmbedder:
+        return self.main.embedder
+
+    @property
+    def generation(self) -> int:
+        return self.main.generation
+
+    def live_count(self) -> int:
+        return len(self.main) - len(self.tombs) + len(self.delta)
+
+    def is_live(self, rid: int) -> bool:
+        main, delta = self.main, self.delta
+        if rid in delta.pos:
+            return True
+        return rid not in self.tombs and rid in main
+
+    # ------------------------------------------------------------ mutations
+    def add(self, rid: int, raw: RawFingerprint, vec: F32 | None, generation: int) -> None:
+        """A new current fingerprint (vector computed by the writer under ``generation``)."""
+        with self.lock:
+            self._add_locked(rid, raw, vec, generation)
+        self._changed()
+
+    def _add_locked(self, rid: int, raw: RawFingerprint, vec: F32 | None, generation: int) -> None:
+        if rid in self.main:
+            self.tombs.discard(rid)  # a catch-up replaying an id the index already has
+        elif rid not in self.delta.pos:
+            if vec is None or generation != self.main.generation:
+                vec = self.main.embedder.embed_rows(
+                    raw.audio[None, :],
+                    raw.embedding[None, :] if raw.embedding is not None else None,
+                    None if raw.embedding is None else np.ones(1, dtype=bool),
+                )[0]
+            self.delta.add(rid, raw, vec)
+        self.version += 1
+
+    def retire(self, rid: int, lsn: int) -> None:
+        """``rid`` is no longer a track's current fingerprint (as of ``lsn``)."""
+        with self.lock:
+            self._retire_locked(rid, lsn)
+        self._changed()
+
+    def _retire_locked(self, rid: int, lsn: int) -> None:
+        if not self.delta.remove(rid) and rid in self.main:
+            self.tombs.add(rid)
+        self._retired.append((lsn, rid))
+        self.version += 1
+
+    def apply_events(self, events: Iterable[tuple[int, int | None, int | None, Any]]) -> None:
+        """Apply (lsn, retired id, new id, (raw, vector, generation)) events in LSN order."""
+        with self.lock:
+            for lsn, old, new, row in events:
+                if old is not None:
+                    self._retire_locked(old, lsn)
+                if new is not None and row is not None:
+                    raw, vec, gen = row
+                    self._add_locked(new, raw, vec, gen)
+        self._changed()
+
+    def _changed(self) -> None:
+        hook = self.on_change
+        if hook is not None:
+            hook()
+
+    # ------------------------------------------------------------ rebuilds
+    def prune_retired(self, applied_lsn: int) -> None:
+        """Forget retirements LMDB already holds (``lsn <= applied_lsn``).
+
+        Every retirement is remembered with its LSN until then, because a build reads LMDB at
+        some ``A >= applied_lsn`` and must tombstone exactly the retirements after ``A`` of ids
+        it includes, including ones acknowledged before the build started.
+        """
+        with self.lock:
+            keep = [(at, rid) for at, rid in self._retired if at > applied_lsn]
+            self._retired = keep
+
+    def begin_build(self) -> None:
+        with self.lock:
+            self._building = True
+
+    def abort_build(self) -> None:
+        with self.lock:
+            self._building = False
+
+    def swap(
+        self,
+        backend: IndexBackend,
+        embedder: HybridEmbedder,
+        build: BuildInfo,
+        ids: I64,
+    ) -> MainIndex:
+        """Install a main index built from LMDB at ``build.lsn``; returns the old one.
+
+        Vectors for the delta's survivors under the new statistics are computed before the
+        lock; only those that arrived meanwhile are embedded under it.
+        """
+        lsn = build.lsn
+        pre = self._embed_delta(embedder, lambda rid: rid > lsn)
+        with self.lock:
+            old = self.main
+            main = MainIndex(backend, embedder, np.sort(ids), build, old.generation + 1)
+            self._retired = [(at, rid) for at, rid in self._retired if at > lsn]
+            tombs = {rid for _at, rid in self._retired if rid in main}
+            missing = [rid for rid in self.delta.pos if rid > lsn and rid not in pre]
+            if missing:
+                pre.update(self._embed_delta(embedder, set(missing).__contains__))
+            self.delta = self.delta.rebuilt(lambda rid: rid > lsn, pre)
+            self.tombs = tombs
+            self.main = main
+            self._building = False
+            self._selector = None
+            self.version += 1
+        log.info(
+            "index swap: build %d (%s, %d vectors, lsn %d); delta %d, tombstones %d",
+            build.build_id, build.kind, len(main), lsn, len(self.delta), len(tombs),
+        )  # fmt: skip
+        return old
+
+    def _embed_delta(self, embedder: HybridEmbedder, keep: Callable[[int], bool]) -> dict[int, F32]:
+        with self.lock:
+            rows = self.delta.rows()
+        if not len(rows):
+            return {}
+        mask = np.array([keep(int(r)) for r in rows.ids], dtype=bool)
+        rows = rows.select(mask)
+        if not len(rows):
+            return {}
+        vecs = embedder.embed_rows(rows.audio, rows.embedding, rows.has_embedding)
+        return {int(r): vecs[i] for i, r in enumerate(rows.ids)}
+
+    # ------------------------------------------------------------ queries
+    def vector_of(self, rid: int) -> F32 | None:
+        """The stored vector of live id ``rid`` (None if not live or not reconstructible)."""
+        vec = self.delta.vector(rid)
+        if vec is not None:
+            return vec
+        main = self.main
+        if main.backend is None or rid in self.tombs or rid not in main:
+            return None
+        try:
+            out = main.backend.faiss_index.reconstruct(int(rid))
+        except RuntimeError:  # an IVF index without a direct map
+            return None
+        return np.asarray(out, dtype=np.float32)
+
+    def search(
+        self,
+        queries: F32,
+        k: int,
+        *,
+        exclude: Iterable[set[int]] | None = None,
+        accept: Callable[[int], bool] | None = None,
+        params: dict[str, int] | None = None,
+    ) -> list[list[tuple[int, float]]]:
+        """The best ``k`` live (id, score) per query row, by inner product, best first.
+
+        ``exclude`` gives each row's ids to leave out (the query track itself); ``accept`` is a
+        filter on ids (``where=``). Over-fetches and retries with more until ``k`` survive or
+        everything was seen.
+        """
+        main = self.main
+        delta = self.delta
+        m = queries.shape[0]
+        excl = list(exclude) if exclude is not None else [set() for _ in range(m)]
+        total = len(main) + delta.rows_used
+        fetch = k + max((len(e) for e in excl), default=0)
+        if accept is None:
+            fetch += min(len(self.tombs), k)
+        else:
+            fetch = max(fetch * 4, 64)
+        results: list[list[tuple[int, float]] | None] = [None] * m
+        todo = list(range(m))
+        use_selector = False
+        while todo:
+            fetch = min(fetch, max(total, 1))
+            q = queries[todo]
+            cand = self._candidates(main, delta, q, fetch, params, use_selector)
+            again: list[int] = []
+            for j, row in enumerate(todo):
+                got = self._filter(cand[j], main, delta, excl[row], accept, k)
+                exhausted = fetch >= total
+                if len(got) >= k or exhausted:
+                    results[row] = got[:k]
+                else:
+                    again.append(row)
+            if not again:
+                break
+            todo = again
+            if accept is None and not use_selector and main.backend is not None:
+                use_selector = True  # tombstones crowded the top: let FAISS skip them
+            else:
+                fetch *= 4
+        return [r if r is not None else [] for r in results]
+
+    def _candidates(
+        self,
+        main: MainIndex,
+        delta: Delta,
+        q: F32,
+        fetch: int,
+        params: dict[str, int] | None,
+        use_selector: bool,
+    ) -> list[list[tuple[int, float]]]:
+        pairs: list[list[tuple[int, float]]] = [[] for _ in range(q.shape[0])]
+        if main.backend is not None and len(main):
+            kk = min(fetch, len(main))
+            if use_selector and self.tombs:
+                scores, ids = self._search_selector(main, q, kk, params)
+            else:
+                scores, ids = main.backend.search(q, kk, params=params)
+            for j in range(q.shape[0]):
+                pairs[j].extend(
+                    (int(i), float(s)) for i, s in zip(ids[j], scores[j], strict=True) if i >= 0
+                )
+        if delta.rows_used:
+            ds, di = delta.search(q, min(fetch, delta.rows_used))
+            for j in range(q.shape[0]):
+                pairs[j].extend(
+                    (int(i), float(s)) for i, s in zip(di[j], ds[j], strict=True) if i >= 0
+                )
+        for p in pairs:
+            p.sort(key=lambda t: -t[1])
+        return pairs
+
+    def _search_selector(
+        self, main: MainIndex, q: F32, k: int, params: dict[str, int] | None
+    ) -> tuple[F32, I64]:
+        """A main-index search that skips tombstones inside FAISS (an ``IDSelectorNot``)."""
+        with self.lock:
+            cached = self._selector
+            if cached is None or cached[0] != self.version:
+                tomb_arr = np.fromiter(self.tombs, dtype=np.int64, count=len(self.tombs))
+                batch = faiss.IDSelectorBatch(tomb_arr)
+                sel = faiss.IDSelectorNot(batch)
+                cached = (self.version, (sel, batch, tomb_arr))  # keep every part alive
+                self._selector = cached
+        sel = cached[1][0]
+        backend = main.backend
+        assert backend is not None
+        sp = backend.selector_parameters(sel, params)
+        scores, ids = backend.faiss_index.search(q, k, params=sp)
+        scores = np.asarray(scores, dtype=np.float32)
+        ids = np.asarray(ids, dtype=np.int64)
+        scores[ids < 0] = -np.inf
+        return scores, ids
+
+    def _filter(
+        self,
+        cands: list[tuple[int, float]],
+        main: MainIndex,
+        delta: Delta,
+        exclude: set[int],
+        accept: Callable[[int], bool] | None,
+        k: int,
+    ) -> list[tuple[int, float]]:
+        out: list[tuple[int, float]] = []
+        tombs = self.tombs
+        seen: set[int] = set()
+        for rid, score in cands:
+            if rid in seen or rid in exclude:
+                continue
+            seen.add(rid)
+            if rid in delta.pos:
+                pass
+            elif rid in tombs or rid not in main:
+                continue
+            if accept is not None and not accept(rid):
+                continue
+            out.append((rid, score))
+            if len(out) >= k:
+                break
+        return out
+
+    # ------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        main = self.main
+        build = main.build
+        return {
+            "kind": build.kind if build is not None else None,
+            "size": len(main),
+            "delta": len(self.delta),
+            "tombstones": len(self.tombs),
+            "live": self.live_count(),
+            "lsn": build.lsn if build is not None else None,
+            "build_id": build.build_id if build is not None else None,
+            "built_at": build.built_at if build is not None else None,
+            "build_seconds": build.duration_s if build is not None else None,
+            "recall_at_10": build.recall_at_10 if build is not None else None,
+            "params": build.params if build is not None else {},
+            "stats_mode": main.embedder.stats.mode,
+            "stats_count": main.embedder.stats.count,
+            "building": self._building,
+            "age_s": time.time() - build.built_at if build is not None else None,
+        }
+
+
+def check_k(k: object) -> int:
+    """``k`` for a query: an int >= 1."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InvalidRecordError(f"k must be an int >= 1, got {k!r}", field="k")
+    return k
