@@ -32,10 +32,14 @@ COMMANDS: dict[str, list[str]] = {
     "snapshot list": [],
     "snapshot restore": ["nosuch", "--into", "{tmp}/restored"],
     "snapshot prune": ["--keep", "1"],
+    "similar": ["t1"],
+    "index status": [],
+    "index rebuild": [],
 }
 # commands that only read: a live writer does not stop them
 READ_ONLY_OK_WHEN_LOCKED = {"get", "scan", "stats", "wal inspect", "verify", "replay",
-                            "snapshot list", "snapshot restore"}  # restore writes elsewhere
+                            "snapshot list", "snapshot restore",  # restore writes elsewhere
+                            "similar", "index status"}
 
 
 def _leaves(group: click.Group = main, prefix: str = "") -> list[str]:

@@ -1,12 +1,17 @@
-"""The guided demo behind ``xpstore demo``: realistic writes, queries, then a real crash.
+"""The guided demo behind ``xpstore demo``: realistic writes, similar tracks, then a real crash.
 
 Phase 1 writes a few thousand synthetic records of all three kinds (batched and single puts),
 resolves some predictions' outcomes with updates, retires a track, and shows counts, a record and
-a filtered scan. Phase 2 is the point of the project: a child process
-(``python -m xpstore.crashwriter``) writes from four threads and prints ``ACK <id> <thread>
-<seq>`` after each acknowledged put; the demo kills it with SIGKILL mid-stream, reopens the store
-(WAL recovery), and checks that every acknowledged record is there, equal to the record the child
-was asked to write, and that every record written before the crash is unchanged.
+a filtered scan. Phase 2 adds a library of generated tracks in eight named styles (title, artist
+and style in each fingerprint's metadata), builds the similar-track index and asks it for the
+tracks nearest to one of them: the answer is a table whose styles, tempos and loudness a person
+judges at a glance, backed by the same-style share over a sample of queries, a lookup by raw
+audio values, a precomputed neighbour list, and a deleted track leaving the answers at once.
+Phase 3 is the point of the project: a child process (``python -m xpstore.crashwriter``, which
+never imports FAISS) writes from four threads and prints ``ACK <id> <thread> <seq>`` after each
+acknowledged put; the demo kills it with SIGKILL mid-stream, reopens the store (WAL recovery),
+and checks that every acknowledged record is there, equal to the record the child was asked to
+write, and that every record written before the crash (phases 1 and 2) is unchanged.
 
 The logic lives here, not in the CLI, so tests can run it; ``echo`` receives the human report.
 """
@@ -22,7 +27,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -31,10 +37,11 @@ import numpy as np
 
 from xpstore.crashwriter import record_for
 from xpstore.errors import RecordNotFoundError, XpStoreError
+from xpstore.index.neighbors import Neighbor
 from xpstore.persistence.layout import MARKER
 from xpstore.store.records import KINDS, Fingerprint, PredictionOutcome, Record
 from xpstore.store.store import Store
-from xpstore.synthetic import make_mixed
+from xpstore.synthetic import STYLES, make_fingerprint, make_mixed
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,69 @@ _CHILD_THREADS = 4
 _CHILD_BATCH = 8
 _READY_TIMEOUT_S = 60.0
 _ACK_TIMEOUT_S = 60.0
+
+LIBRARY_T0 = DEMO_T0 + 5_000_000.0
+"""Timestamps of the phase-2 track library start here (one a second): after phase 1's records,
+before the crash child's (which start at 1_700_000_000)."""
+MIN_TRACKS = 100
+"""The smallest library phase 2 builds (0 skips the phase)."""
+_K = 10
+_HNSW_FROM = 1000
+"""Phase 2 opens its session with ``index_exact_below`` at this, so a library of a few thousand
+tracks gets an HNSW index (and a recall figure worth reading) rather than the exact one."""
+_SAMPLE_QUERIES = 200
+_RAW_FIELDS = ("tempo_bpm", "lufs", "crest_db", "bass_mid_ratio", "transient_density")
+"""The raw audio values of the lookup by values (a style's means)."""
+_RAW_STYLES = ("drum_and_bass", "ambient")
+"""The style whose typical values the lookup by values asks for: the first that is not the
+query's style, so the two lookups show different corners of the library."""
+
+
+@dataclass
+class SimilarReport:
+    """What phase 2 showed: the library, the index, one lookup and how well styles cluster."""
+
+    tracks: int
+    """Tracks generated and written in phase 2."""
+    indexed: int = 0
+    """Live tracks the index holds (phase 1's fingerprinted tracks too)."""
+    kind: str = ""
+    """The main index's kind (``exact``, ``hnsw``, ``ivf``)."""
+    build_id: int | None = None
+    build_seconds: float | None = None
+    recall_at_10: float | None = None
+    """Recall of the built index against exact search, measured by the build on a probe."""
+    style_counts: dict[str, int] = field(default_factory=dict)
+    """Live tracks per style, over everything the index holds."""
+    query: str = ""
+    query_style: str = ""
+    neighbors: list[str] = field(default_factory=list)
+    """Track ids of the query's top-10 answer, best first."""
+    neighbor_styles: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    same_style: float = 0.0
+    """Share of the query's neighbours in the query's style."""
+    base_rate: float = 0.0
+    """Share of the query's style among the library's tracks (what chance would give)."""
+    sample_queries: int = 0
+    sample_same_style: float = 0.0
+    """Same-style share of the top-10 answers over ``sample_queries`` random library tracks."""
+    sample_by_style: dict[str, float] = field(default_factory=dict)
+    raw_query: dict[str, float] = field(default_factory=dict)
+    raw_style: str = ""
+    """The style whose typical values ``raw_query`` holds."""
+    raw_styles: list[str] = field(default_factory=list)
+    """Styles of the answer to ``similar(fingerprint=raw_query)``."""
+    precomputed: list[str] = field(default_factory=list)
+    """The query's precomputed neighbour list (track ids), as the last build stored it."""
+    precomputed_builds: list[int | None] = field(default_factory=list)
+    """Which build made each precomputed answer."""
+    deleted: str = ""
+    """The track removed with ``delete_track`` (the query's best neighbour)."""
+    after_delete: list[str] = field(default_factory=list)
+    """The query's live answer right after the delete."""
+    after_delete_precomputed: list[str] = field(default_factory=list)
+    """The query's precomputed list right after the delete (no rebuild in between)."""
 
 
 @dataclass
@@ -73,15 +143,18 @@ class DemoResult:
     mismatched: list[int] = field(default_factory=list)
     """Acknowledged ids present but not equal to what the child wrote."""
     damaged_before: list[int] = field(default_factory=list)
-    """Phase-1 ids missing or changed after the crash."""
+    """Ids written before the crash (phases 1 and 2) missing or changed after it."""
     checked_before: int = 0
-    """Phase-1 records (live at the end of phase 1) checked after the crash."""
+    """Records written before the crash (live at the end of phase 2) checked after it."""
     replayed_ops: int = 0
     truncated: list[dict[str, Any]] = field(default_factory=list)
     """Torn WAL tails cut off by recovery (segment and byte offset)."""
     recovery: dict[str, object] = field(default_factory=dict)
+    similar: SimilarReport | None = None
+    """Phase 2 (similar tracks); None when the demo ran with ``tracks=0``."""
     timings: dict[str, float] = field(default_factory=dict)
-    """Seconds per phase: write, crash (child run), recover (reopen), verify, total."""
+    """Seconds per phase: write, similar (phase 2, when run), crash (child run), recover (reopen),
+    verify, total."""
 
     @property
     def ok(self) -> bool:
@@ -102,26 +175,35 @@ def run_demo(
     *,
     seed: int = 0,
     records: int = 3000,
+    tracks: int = 3000,
     crash_after: int = 400,
     hold_applier: bool = False,
     echo: Echo = _quiet,
 ) -> DemoResult:
-    """Run both phases on a new store at ``path`` and return what was checked.
+    """Run the three phases on a new store at ``path`` and return what was checked.
 
-    ``crash_after`` acknowledged records (at least) are awaited before the SIGKILL;
-    ``hold_applier`` makes the child keep everything in its WAL so recovery replays all of it.
-    Raises ValueError if ``path`` already holds something, XpStoreError/OSError on failures that
-    are not about lost data (the child not starting, for instance).
+    ``records``: mixed records of phase 1; ``tracks``: the size of phase 2's track library (0
+    skips phase 2, otherwise at least ``MIN_TRACKS``). ``crash_after`` acknowledged records (at
+    least) are awaited before the SIGKILL; ``hold_applier`` makes the child keep everything in
+    its WAL so recovery replays all of it. Raises ValueError if ``path`` already holds
+    something, XpStoreError/OSError on failures that are not about lost data (the child not
+    starting, for instance).
     """
     root = Path(path)
     if (root / MARKER).exists() or (root.exists() and any(root.iterdir())):
         raise ValueError(f"{root} is not empty; the demo needs a new or empty directory")
     if records < 0 or crash_after < 1:
         raise ValueError("records must be >= 0 and crash_after >= 1")
+    if tracks != 0 and tracks < MIN_TRACKS:
+        raise ValueError(f"tracks must be 0 (no similar-track phase) or >= {MIN_TRACKS}")
     result = DemoResult(path=str(root), seed=seed)
     start = time.perf_counter()
     before = _phase_one(root, seed, records, result, echo)
     result.timings["write"] = round(time.perf_counter() - start, 3)
+    if tracks:
+        t = time.perf_counter()
+        before = _phase_similar(root, seed, tracks, result, echo)
+        result.timings["similar"] = round(time.perf_counter() - t, 3)
     acks = _phase_crash(root, seed, crash_after, hold_applier, result, echo)
     _phase_verify(root, seed, acks, before, result, echo)
     result.timings["total"] = round(time.perf_counter() - start, 3)
@@ -223,6 +305,215 @@ def _clip(value: object) -> str:
 # ---------------------------------------------------------------------------- phase 2
 
 
+def _phase_similar(
+    root: Path, seed: int, n: int, result: DemoResult, echo: Echo
+) -> dict[int, Record]:
+    """Write the track library, build the index, show lookups; return every live record by id.
+
+    The parent does this work (FAISS is imported here, never in the crash child).
+    """
+    rng = np.random.default_rng([seed, 2])
+    styles = list(STYLES)
+    library = [
+        make_fingerprint(
+            rng, f"lib-{i:05d}", style=styles[int(rng.integers(len(styles)))],
+            ts=LIBRARY_T0 + i,
+        )
+        for i in range(n)
+    ]  # fmt: skip
+    rep = SimilarReport(tracks=n)
+    result.similar = rep
+    echo(f"== phase 2: similar tracks: a library of {n} generated tracks in {len(styles)} styles")
+    with Store.open(root, index_exact_below=_HNSW_FROM) as store:
+        t = time.perf_counter()
+        for i in range(0, n, _BATCH):
+            store.put_many(library[i : i + _BATCH])
+        t_put = time.perf_counter() - t
+        status = store.rebuild_index()
+        rep.indexed = int(status["live"])
+        rep.kind = str(status["kind"])
+        rep.build_id = status["build_id"]
+        rep.build_seconds = status["build_seconds"]
+        rep.recall_at_10 = status["recall_at_10"]
+        rep.style_counts = _style_counts(store)
+        echo(
+            f"   put_many: {n} fingerprints (title, artist, style in their metadata), "
+            f"{t_put * 1000:.0f} ms"
+        )
+        echo(f"   rebuild_index(): {_describe_index(rep)}")
+        query = library[int(rng.integers(n))]
+        _show_lookup(store, query, rep, echo)
+        _sample_lookups(store, library, rng, rep, echo)
+        _raw_lookup(store, rep, echo)
+        _precomputed_and_delete(store, rep, echo)
+        before = {env.id: env.record for env in store.scan()}
+    return before
+
+
+def _style_of(metadata: dict[str, Any] | None) -> str:
+    return str((metadata or {}).get("style", "?"))
+
+
+def _style_counts(store: Store) -> dict[str, int]:
+    """Live tracks per style: each track's current fingerprint, deleted tracks left out."""
+    tracks = {env.record.track_id for env in store.scan("fingerprint")
+              if isinstance(env.record, Fingerprint)}  # fmt: skip
+    counts: Counter[str] = Counter()
+    for track in tracks:
+        try:
+            fp = store.get_fingerprint(track).record
+        except RecordNotFoundError:
+            continue
+        assert isinstance(fp, Fingerprint)
+        counts[_style_of(fp.metadata)] += 1
+    return dict(sorted(counts.items()))
+
+
+def _describe_index(rep: SimilarReport) -> str:
+    text = f"{rep.kind} index over {rep.indexed} tracks (phase 1's included)"
+    if rep.build_seconds is not None:
+        text += f", built in {rep.build_seconds:.2f} s"
+    if rep.recall_at_10 is not None:
+        text += f", recall@10 {rep.recall_at_10:.2f} against exact search"
+    return text
+
+
+def _share(styles: Sequence[str], style: str) -> float:
+    return sum(s == style for s in styles) / len(styles) if styles else 0.0
+
+
+def _show_lookup(store: Store, query: Fingerprint, rep: SimilarReport, echo: Echo) -> None:
+    """The query track, its top 10 as a table, and the one-line judgement."""
+    rep.query = query.track_id
+    rep.query_style = _style_of(query.metadata)
+    echo(f"   similar({query.track_id!r}): {_describe_track(query)}")
+    hits = store.similar(query.track_id, k=_K)
+    rep.neighbors = [h.track_id for h in hits]
+    rep.neighbor_styles = [_style_of(h.metadata) for h in hits]
+    rep.scores = [round(h.score, 4) for h in hits]
+    for line in _table(store, hits):
+        echo("     " + line)
+    total = sum(rep.style_counts.values())
+    rep.same_style = _share(rep.neighbor_styles, rep.query_style)
+    rep.base_rate = rep.style_counts.get(rep.query_style, 0) / total if total else 0.0
+    same = sum(s == rep.query_style for s in rep.neighbor_styles)
+    one_in = f"1 in {1 / rep.base_rate:.0f}" if rep.base_rate else "none"
+    others = Counter(s for s in rep.neighbor_styles if s != rep.query_style).most_common()
+    echo(
+        f"   {same} of {len(hits)} neighbours are {rep.query_style}, like the query"
+        + (" (the others: " + ", ".join(f"{s} x{c}" for s, c in others) + ")" if others else "")
+        + f"; {rep.query_style} is {one_in} of the library's tracks ({rep.base_rate:.0%})"
+    )
+
+
+def _describe_track(fp: Fingerprint) -> str:
+    meta = fp.metadata or {}
+    text = f"{meta.get('title', '?')!r} by {meta.get('artist', '?')}, {_style_of(meta)}"
+    if fp.batch is not None:
+        text += f", {fp.batch.tempo_bpm:.0f} BPM, {fp.batch.lufs:.1f} LUFS"
+    return text
+
+
+def _table(store: Store, hits: Sequence[Neighbor]) -> list[str]:
+    """Rank, title, artist, style, tempo, loudness, score: enough to judge the answer by eye."""
+    rows = [("#", "title", "artist", "style", "BPM", "LUFS", "score")]
+    for rank, hit in enumerate(hits, 1):
+        meta = hit.metadata or {}
+        fp = store.get(hit.record_id).record
+        batch = fp.batch if isinstance(fp, Fingerprint) else None
+        rows.append((
+            str(rank), str(meta.get("title", "?")), str(meta.get("artist", "?")),
+            _style_of(meta),
+            f"{batch.tempo_bpm:.0f}" if batch is not None else "-",
+            f"{batch.lufs:.1f}" if batch is not None else "-",
+            f"{hit.score:.3f}",
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right = {0, 4, 5, 6}
+    return [
+        "  ".join(
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ).rstrip()
+        for row in rows
+    ]
+
+
+def _sample_lookups(
+    store: Store,
+    library: Sequence[Fingerprint],
+    rng: np.random.Generator,
+    rep: SimilarReport,
+    echo: Echo,
+) -> None:
+    """The same-style share over many random queries, overall and per style."""
+    picks = rng.choice(len(library), size=min(_SAMPLE_QUERIES, len(library)), replace=False)
+    by_style: dict[str, list[float]] = {}
+    for i in sorted(picks.tolist()):
+        fp = library[i]
+        style = _style_of(fp.metadata)
+        styles = [_style_of(h.metadata) for h in store.similar(fp.track_id, k=_K)]
+        by_style.setdefault(style, []).append(_share(styles, style))
+    shares = [s for values in by_style.values() for s in values]
+    rep.sample_queries = len(shares)
+    rep.sample_same_style = round(float(np.mean(shares)), 4) if shares else 0.0
+    means = {style: round(float(np.mean(v)), 3) for style, v in by_style.items()}
+    rep.sample_by_style = dict(sorted(means.items(), key=lambda kv: (-kv[1], kv[0])))
+    total = sum(rep.style_counts.values())
+    chance = max(rep.style_counts.values()) / total if total else 0.0
+    echo(
+        f"   over {rep.sample_queries} random library tracks as queries, "
+        f"{rep.sample_same_style:.0%} of the top-{_K} neighbours share the query's style "
+        f"(no style is more than {chance:.0%} of the library); by style:"
+    )
+    echo("     " + ", ".join(f"{s} {v:.0%}" for s, v in rep.sample_by_style.items()))
+
+
+def _raw_lookup(store: Store, rep: SimilarReport, echo: Echo) -> None:
+    """``similar(fingerprint={...})`` with a style's typical values for a few audio names."""
+    rep.raw_style = next((s for s in _RAW_STYLES if s != rep.query_style), _RAW_STYLES[0])
+    mean = STYLES[rep.raw_style].mean
+    rep.raw_query = {name: round(float(mean[name]), 2) for name in _RAW_FIELDS}
+    hits = store.similar(fingerprint=rep.raw_query, k=_K)
+    rep.raw_styles = [_style_of(h.metadata) for h in hits]
+    counts = Counter(rep.raw_styles).most_common()
+    echo(f"   similar(fingerprint={rep.raw_query}) (typical {rep.raw_style} values):")
+    echo(f"     styles of the {len(hits)} answers: " + ", ".join(f"{s} x{c}" for s, c in counts))
+
+
+def _precomputed_and_delete(store: Store, rep: SimilarReport, echo: Echo) -> None:
+    """The build's stored list for the query; then delete its best neighbour and ask again."""
+    stored = store.similar(rep.query, k=_K, precomputed=True)
+    rep.precomputed = [h.track_id for h in stored]
+    rep.precomputed_builds = [h.build_id for h in stored]
+    same = len(set(rep.precomputed) & set(rep.neighbors))
+    builds = sorted({b for b in rep.precomputed_builds if b is not None})
+    echo(
+        f"   similar({rep.query!r}, precomputed=True): the list of build "
+        f"{', '.join(map(str, builds)) or '?'}, read from LMDB (one key, no FAISS); "
+        f"{same} of its {len(stored)} tracks are in the live answer"
+    )
+    if not rep.neighbors:
+        return
+    rep.deleted = rep.neighbors[0]
+    store.delete_track(rep.deleted)
+    rep.after_delete = [h.track_id for h in store.similar(rep.query, k=_K)]
+    rep.after_delete_precomputed = [
+        h.track_id for h in store.similar(rep.query, k=_K, precomputed=True)
+    ]
+    gone = rep.deleted not in rep.after_delete and rep.deleted not in rep.after_delete_precomputed
+    new = [t for t in rep.after_delete if t not in rep.neighbors]
+    echo(
+        f"   delete_track({rep.deleted!r}) (neighbour #1): "
+        + ("gone at once from the live answer and the precomputed list, no rebuild"
+           if gone else "STILL IN AN ANSWER (unexpected)")
+        + (f"; {new[0]!r} moved into the live top {_K}" if new else "")
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- phase 3
+
+
 @dataclass(frozen=True, slots=True)
 class Ack:
     id: int
@@ -257,7 +548,7 @@ def _phase_crash(
     ]
     if hold:
         cmd.append("--hold-applier")
-    echo(f"== phase 2: crash test: {_CHILD_THREADS} writer threads in a child process")
+    echo(f"== phase 3: crash test: {_CHILD_THREADS} writer threads in a child process")
     t = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err, subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=_child_env()
@@ -354,7 +645,7 @@ def _phase_verify(
     result: DemoResult,
     echo: Echo,
 ) -> None:
-    """Reopen (recovery), then check every ACK and every phase-1 record."""
+    """Reopen (recovery), then check every ACK and every record written before the crash."""
     echo("== recovery: reopening the store")
     t = time.perf_counter()
     with Store.open(root) as store:
@@ -403,8 +694,8 @@ def _report(result: DemoResult, echo: Echo) -> None:
     ok_acks = result.acked - len(result.lost) - len(result.mismatched)
     echo(
         f"   every acknowledged record present and equal: {ok_acks}/{result.acked}; "
-        f"phase-1 records unchanged: {result.checked_before - len(result.damaged_before)}/"
-        f"{result.checked_before}"
+        f"records written before the crash unchanged: "
+        f"{result.checked_before - len(result.damaged_before)}/{result.checked_before}"
     )
     if result.lost:
         echo(f"   LOST {len(result.lost)} acknowledged records, e.g. ids {result.lost[:10]}")
@@ -412,7 +703,8 @@ def _report(result: DemoResult, echo: Echo) -> None:
         echo(f"   {len(result.mismatched)} records differ, e.g. ids {result.mismatched[:10]}")
     if result.damaged_before:
         echo(
-            f"   {len(result.damaged_before)} phase-1 records missing or changed, e.g. "
+            f"   {len(result.damaged_before)} records written before the crash missing or "
+            f"changed, e.g. "
             f"ids {result.damaged_before[:10]}"
         )
     echo(

@@ -1,9 +1,15 @@
 """The ``xpstore`` command line: a thin layer over the public API (see docs/cli.md)."""
 
-from xpstore.cli import inspect_cmds, maintenance_cmds, recover_cmds, snapshot_cmds
+from xpstore.cli import (
+    index_cmds,
+    inspect_cmds,
+    maintenance_cmds,
+    recover_cmds,
+    snapshot_cmds,
+)
 from xpstore.cli.commands import main
 
 # the command modules register themselves on ``main`` when imported
-_COMMAND_MODULES = (inspect_cmds, maintenance_cmds, recover_cmds, snapshot_cmds)
+_COMMAND_MODULES = (index_cmds, inspect_cmds, maintenance_cmds, recover_cmds, snapshot_cmds)
 
 __all__ = ["main"]

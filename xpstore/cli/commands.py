@@ -52,13 +52,17 @@ def readonly_option(func: F) -> F:
 
 
 @contextmanager
-def open_for_reading(path: Path, readonly: bool) -> Iterator[Store]:
-    """A writer open (replays acknowledged operations) when the lock is free, else read-only."""
+def open_for_reading(path: Path, readonly: bool, **session: Any) -> Iterator[Store]:
+    """A writer open (replays acknowledged operations) when the lock is free, else read-only.
+
+    ``session`` overrides the store's config for a writer open (e.g. no automatic index
+    rebuild: a reading command must not start work it would then wait for at close).
+    """
     if readonly:
         store = Store.open(path, readonly=True)
     else:
         try:
-            store = Store.open(path)
+            store = Store.open(path, **session)
         except StoreLockedError as exc:
             log.info("%s; reading what its writer has applied", exc)
             store = Store.open(path, readonly=True)

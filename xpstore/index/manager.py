@@ -178,7 +178,8 @@ class IndexManager:
             self.rebuilder = Rebuilder(self)
             server.on_change = self.rebuilder.poke
             self.rebuilder.start()
-            if server.main.backend is None and server.live_count() > 0:
+            auto = self.config.index_auto_rebuild
+            if auto and server.main.backend is None and server.live_count() > 0:
                 self.rebuilder.request("no index yet")
         return server
 

@@ -25,6 +25,11 @@ POINTS = (
     "restore.before_rename",  # restore complete, not yet renamed into place
     "compact.after_copy",  # compacted copy written, not yet swapped in
     "compact.after_swap",  # new file in place, old one not yet removed
+    "index.build.started",  # a rebuild began; nothing written yet
+    "index.build.before_swap",  # new index file written and loaded, not yet swapped in
+    "index.swap.after_swap",  # new index serving in memory, file not yet renamed to main
+    "index.swap.after_rename",  # main.faiss replaced, neighbour lists not yet written
+    "index.neighbors.partial",  # the first chunk of the new neighbour lists is in LMDB
 )
 
 

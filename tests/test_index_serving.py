@@ -1,0 +1,298 @@
+"""Similar-track lookup through the store: read-your-writes, retirements, exactness against brute
+force, catch-up on open, read-only processes, neighbour lists, bad input (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from tests.index_support import exact_top, library, live_fingerprints, same_up_to_ties
+from xpstore import InvalidRecordError, ReadOnlyStoreError, RecordNotFoundError, Store
+from xpstore.index.backends import read_meta
+from xpstore.synthetic import make_fingerprint
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+QUIET = {"index_auto_rebuild": False}  # rebuild only when a test says so
+
+
+def _pairs(hits):
+    return [(h.record_id, h.score) for h in hits]
+
+
+def test_a_fingerprint_is_findable_as_soon_as_put_returns(tmp_path):
+    rng = np.random.default_rng(1)
+    with Store.open(tmp_path / "s", create=True, **QUIET) as st:
+        st.put_many(library(rng, 200))
+        st.rebuild_index()
+        assert st.index_status()["size"] == 200
+        fp = make_fingerprint(rng, "fresh")
+        rid = st.put(fp)
+        hits = st.similar(fingerprint=fp, k=1, exclude_self=False)
+        assert hits[0].record_id == rid and hits[0].track_id == "fresh"
+        assert math.isclose(hits[0].score, 1.0, abs_tol=1e-5)
+        assert st.index_status()["delta"] == 1  # served from the delta, no rebuild
+
+
+def test_superseded_and_deleted_tracks_are_never_returned(tmp_path):
+    rng = np.random.default_rng(2)
+    with Store.open(tmp_path / "s", create=True, **QUIET) as st:
+        fps = library(rng, 300)
+        ids = st.put_many(fps)
+        st.rebuild_index()
+        # supersede t0 (in the main index) with a copy of t1's values: the old id must go
+        old = ids[0]
+        new = st.put(fps[1].model_copy(update={"track_id": "t0", "ts": None}))
+        hits = st.similar(vector=st._index.server.vector_of(ids[1]), k=300, exclude_self=False)
+        got = {h.record_id for h in hits}
+        assert old not in got and new in got and ids[1] in got
+        # delete_track of a main-index track, and of a delta track
+        st.delete_track("t2")
+        st.delete_track("t0")
+        hits = st.similar(vector=st._index.server.vector_of(ids[1]), k=300, exclude_self=False)
+        got_tracks = {h.track_id for h in hits}
+        assert "t2" not in got_tracks and "t0" not in got_tracks
+        assert len(hits) == 298
+        # deleting the current fingerprint record retires it as well
+        st.delete(ids[3])
+        assert all(h.record_id != ids[3] for h in st.similar("t1", k=300))
+        with pytest.raises(RecordNotFoundError):
+            st.similar("t3")
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+def test_answers_equal_brute_force_over_the_live_set(tmp_path, kind):
+    rng = np.random.default_rng(3)
+    cfg = {**QUIET, "index_exact_below": 10_000 if kind == "exact" else 0}
+    with Store.open(tmp_path / "s", create=True, embedding_dim=8, **cfg) as st:
+        st.put_many(library(rng, 1500, embedding_dim=8))
+        st.rebuild_index()
+        assert st.index_status()["kind"] == kind
+        st.put_many(library(rng, 100, prefix="new", embedding_dim=8))  # delta
+        for t in range(0, 1500, 7):
+            st.delete_track(f"t{t}")  # tombstones
+        agree = 0
+        for q in range(20):
+            query = st._index.server.vector_of(st.get_fingerprint(f"t{q * 7 + 1}").id)
+            got = _pairs(st.similar(vector=query, k=10, exclude_self=False))
+            want = exact_top(st, query, 10)
+            if kind == "exact":
+                assert same_up_to_ties(got, want), (got, want)
+            agree += len({g for g, _ in got} & {w for w, _ in want})
+        if kind == "hnsw":
+            assert agree / 200 >= 0.95
+
+
+def test_tombstones_crowding_the_top_fall_back_to_an_id_selector(tmp_path):
+    rng = np.random.default_rng(4)
+    with Store.open(tmp_path / "s", create=True, index_exact_below=0, **QUIET) as st:
+        fps = library(rng, 600, style="techno")
+        ids = st.put_many(fps)
+        st.rebuild_index()
+        query = st._index.server.vector_of(ids[0])
+        first = st.similar(vector=query, k=40, exclude_self=False)
+        for h in first[1:]:  # delete the 39 nearest other tracks
+            st.delete_track(h.track_id)
+        hits = st.similar(vector=query, k=10, exclude_self=False)
+        gone = {h.record_id for h in first[1:]}
+        assert len(hits) == 10 and not gone & {h.record_id for h in hits}
+        want = exact_top(st, query, 10)
+        assert len({h.record_id for h in hits} & {w for w, _ in want}) >= 9
+
+
+def test_writes_before_the_first_query_are_caught_up(tmp_path):
+    rng = np.random.default_rng(5)
+    path = tmp_path / "s"
+    with Store.open(path, create=True, **QUIET) as st:
+        st.put_many(library(rng, 400))
+        st.rebuild_index()
+    meta = read_meta(path / "index" / "main.faiss")
+    assert meta.count == 400 and meta.build is not None
+    with Store.open(path, **QUIET) as st:  # writes while no index is attached
+        st.put_many(library(rng, 50, prefix="late"))
+        st.delete_track("t7")
+        st.put(make_fingerprint(rng, "t8"))  # supersedes t8
+    with Store.open(path, **QUIET) as st:
+        status = st.index_status()
+        assert status["size"] == 400 and status["delta"] == 51 and status["tombstones"] == 2
+        assert status["live"] == len(live_fingerprints(st)) == 449
+        late = st.get_fingerprint("late3")
+        hit = st.similar(fingerprint=late.record, k=1, exclude_self=False)[0]
+        assert hit.record_id == late.id
+        assert all(h.track_id != "t7" for h in st.similar("t9", k=449))
+
+
+def test_a_damaged_index_file_is_not_used_and_answers_stay_exact(tmp_path, caplog):
+    rng = np.random.default_rng(6)
+    path = tmp_path / "s"
+    with Store.open(path, create=True, **QUIET) as st:
+        st.put_many(library(rng, 300))
+        st.rebuild_index()
+    f = path / "index" / "main.faiss"
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with Store.open(path, **QUIET) as st:
+        q = st._index.server.vector_of(1) if st._index else None
+        assert q is None
+        status = st.index_status()
+        assert "checksum" in caplog.text
+        assert status["size"] == 0 and status["delta"] == 300  # all exact, from LMDB
+        query = st._index.server.vector_of(st.get_fingerprint("t5").id)
+        assert same_up_to_ties(_pairs(st.similar(vector=query, k=10, exclude_self=False)),
+                               exact_top(st, query, 10))
+
+
+def test_an_index_file_of_another_store_or_from_the_future_is_removed_at_open(tmp_path):
+    rng = np.random.default_rng(7)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for p in (a, b):
+        with Store.open(p, create=True, **QUIET) as st:
+            st.put_many(library(rng, 50))
+            st.rebuild_index()
+    (b / "index" / "main.faiss").write_bytes((a / "index" / "main.faiss").read_bytes())
+    with Store.open(b, **QUIET) as st:
+        assert not (b / "index" / "main.faiss").exists()
+        assert st.index_status()["delta"] == 50
+
+
+def test_read_only_processes_use_the_file_and_catch_up(tmp_path):
+    rng = np.random.default_rng(8)
+    path = tmp_path / "s"
+    with Store.open(path, create=True, **QUIET) as writer:
+        writer.put_many(library(rng, 200))
+        writer.rebuild_index()
+        writer.flush()
+        with Store.open(path, readonly=True, index_refresh_s=0) as reader:
+            assert reader.index_status()["size"] == 200
+            assert len(reader.similar("t3", k=5)) == 5
+            with pytest.raises(ReadOnlyStoreError):
+                reader.rebuild_index()
+            rid = writer.put(make_fingerprint(rng, "newcomer"))
+            writer.flush()
+            hit = reader.similar(vector=writer._index.server.vector_of(rid), k=1,
+                                 exclude_self=False)[0]
+            assert hit.track_id == "newcomer"
+
+
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_builds_in_a_thread_and_in_a_child_process_agree(tmp_path, where):
+    rng = np.random.default_rng(9)
+    with Store.open(tmp_path / "s", create=True, index_build_in=where, index_exact_below=0,
+                    **QUIET) as st:
+        st.put_many(library(rng, 800))
+        status = st.rebuild_index()
+        assert status["kind"] == "hnsw" and status["size"] == 800
+        assert status["recall_at_10"] is not None and status["recall_at_10"] >= 0.95
+        assert status["stats_count"] == 800  # statistics fitted on the library itself
+        hits = st.similar("t0", k=5, precomputed=True)
+        assert len(hits) == 5 and {h.build_id for h in hits} == {status["build_id"]}
+        live = st.similar("t0", k=5)
+        assert [h.track_id for h in hits] == [h.track_id for h in live]
+        assert not list((tmp_path / "s" / "index").glob("build-*"))
+
+
+def test_precomputed_lists_skip_retired_neighbours_and_say_their_build(tmp_path):
+    rng = np.random.default_rng(10)
+    with Store.open(tmp_path / "s", create=True, **QUIET) as st:
+        st.put_many(library(rng, 100))
+        first = st.rebuild_index()["build_id"]
+        hits = st.similar("t0", k=5, precomputed=True)
+        st.delete_track(hits[0].track_id)
+        again = st.similar("t0", k=5, precomputed=True)
+        assert hits[0].track_id not in {h.track_id for h in again}
+        assert len(again) == 5 and all(h.build_id == first for h in again)
+        st.put(make_fingerprint(rng, "after"))
+        with pytest.raises(RecordNotFoundError, match="no precomputed neighbour list"):
+            st.similar("after", precomputed=True)
+        second = st.rebuild_index()["build_id"]
+        assert second > first
+        assert st.similar("after", k=3, precomputed=True)[0].build_id == second
+        # lists of the old build are swept: every stored list is of the new build
+        from xpstore.index import neighbors as nbrs
+
+        tables = st._tables
+        with tables.reading() as txn:
+            cur = txn.cursor(db=tables.db(b"neighbors"))
+            builds = {nbrs.build_of(bytes(v)) for _k, v in cur.iternext()}
+        assert builds == {second}
+
+
+def test_where_and_weights_and_raw_values(tmp_path):
+    rng = np.random.default_rng(11)
+    with Store.open(tmp_path / "s", create=True, embedding_dim=6, **QUIET) as st:
+        st.put_many(library(rng, 400, embedding_dim=6))
+        hits = st.similar("t0", k=10, where={"metadata.style": "jazz"})
+        assert hits and all(h.metadata["style"] == "jazz" for h in hits)
+        audio_only = st.similar("t0", k=10, weights={"audio": 1.0, "embedding": 0.0})
+        fp = st.get_fingerprint("t0").record
+        server = st._index.server
+        q = server.embedder.embed_query(fp, {"audio": 1.0, "embedding": 0.0})
+        want = exact_top(st, q, 10, exclude=[st.get_fingerprint("t0").id])
+        assert same_up_to_ties(_pairs(audio_only), want)
+        raw = st.similar(fingerprint={"tempo_bpm": 174.0, "lufs": -6.0, "bass_pct": 0.3}, k=5)
+        assert len(raw) == 5 and raw[0].score >= raw[-1].score
+
+
+def test_bad_input_gets_clear_errors(tmp_path):
+    rng = np.random.default_rng(12)
+    with Store.open(tmp_path / "s", create=True, **QUIET) as st:
+        st.put_many(library(rng, 20))
+        cases = [
+            (dict(vector=np.ones(7)), "vector"),
+            (dict(vector=np.full(25, np.nan)), "vector"),
+            (dict(vector=np.zeros(25)), "vector"),
+            (dict(track_id="t1", k=0), "k"),
+            (dict(track_id="t1", k=-3), "k"),
+            (dict(track_id="t1", k=True), "k"),
+            (dict(track_id="t1", vector=np.ones(25)), "track_id"),
+            (dict(), "track_id"),
+            (dict(vector=np.ones(25), weights={"audio": 1.0}), "weights"),
+            (dict(track_id="t1", weights={"sound": 1.0}), "weights.sound"),
+            (dict(fingerprint={"tempo": 120.0}), "tempo"),
+            (dict(fingerprint={"tempo_bpm": float("nan")}), "tempo_bpm"),
+            (dict(track_id="t1", where={"metadata.style__zz": 1}), None),
+            (dict(vector=np.ones(25), precomputed=True), "precomputed"),
+        ]
+        for kwargs, field in cases:
+            with pytest.raises(InvalidRecordError) as err:
+                st.similar(**kwargs)
+            if field is not None:
+                assert err.value.field == field, (kwargs, err.value.field)
+        with pytest.raises(RecordNotFoundError, match="nosuch"):
+            st.similar("nosuch")
+        with pytest.raises(InvalidRecordError, match="2-D"):
+            st.similar_many(np.ones(25))
+        before = st.index_status()
+        assert before["live"] == 20  # nothing changed
+
+
+def test_similar_many_matches_single_queries(tmp_path):
+    rng = np.random.default_rng(13)
+    with Store.open(tmp_path / "s", create=True, **QUIET) as st:
+        ids = st.put_many(library(rng, 300))
+        server = st._index.server if st._index else None
+        assert server is None  # attached lazily
+        st.similar("t0", k=1)
+        server = st._index.server
+        q = np.vstack([server.vector_of(r) for r in ids[:16]])
+        many = st.similar_many(q, k=5)
+        for row, hits in zip(q, many, strict=True):
+            assert [h.record_id for h in hits] == [
+                h.record_id for h in st.similar(vector=row, k=5, exclude_self=False)
+            ]
+
+
+def test_status_is_json_ready(tmp_path):
+    rng = np.random.default_rng(14)
+    with Store.open(tmp_path / "s", create=True, **QUIET) as st:
+        st.put_many(library(rng, 30))
+        st.rebuild_index()
+        status = json.loads(json.dumps(st.index_status()))
+        for key in ("kind", "size", "delta", "tombstones", "lsn", "built_at", "build_seconds",
+                    "recall_at_10"):
+            assert key in status
+        assert status["lsn"] == 30 and status["kind"] == "exact"
