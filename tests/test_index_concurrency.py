@@ -34,6 +34,7 @@ def test_queries_during_writes_and_swaps(tmp_path, build_in):
         retired_at: dict[int, float] = {}
         answers: list[tuple[float, list[int]]] = []
         errors: list[BaseException] = []
+        revived: list[int] = []
         stop = threading.Event()
         lock = threading.Lock()
 
@@ -80,6 +81,9 @@ def test_queries_during_writes_and_swaps(tmp_path, build_in):
                         retired_at.setdefault(old, time.monotonic())
                     if step == 200:
                         st.rebuild_index(wait=False)
+                    if step % 5 == 0:  # no retired id may come back to life (e.g. at a swap)
+                        server = st._index.server
+                        revived.extend(r for r in list(retired_at) if server.is_live(r))
             except BaseException as exc:
                 errors.append(exc)
 
@@ -93,6 +97,7 @@ def test_queries_during_writes_and_swaps(tmp_path, build_in):
         for t in threads:
             t.join(timeout=30)
         assert not errors, errors
+        assert not revived, f"retired ids served again: {sorted(set(revived))[:10]}"
         assert len(answers) > 100
         builds = st._index.rebuilder.builds
         assert builds >= 2, f"only {builds} rebuilds ran during the test"
@@ -104,7 +109,14 @@ def test_queries_during_writes_and_swaps(tmp_path, build_in):
         ]
         assert not stale, f"{len(stale)} answers held ids retired before the query began"
 
-        st.rebuild_index()  # the last swap; every acknowledged fingerprint must be findable
+        # what the index serves is exactly the live set, before the last swap...
+        live = live_fingerprints(st)
+        server = st._index.server
+        served = (set(server.main.ids.tolist()) - server.tombs) | set(server.delta.pos)
+        assert served == set(live)
+        assert server.live_count() == len(live)
+
+        st.rebuild_index()  # ...and after it every acknowledged fingerprint is findable
         server = st._index.server
         live = live_fingerprints(st)
         assert server.live_count() == len(live)

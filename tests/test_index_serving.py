@@ -296,3 +296,31 @@ def test_status_is_json_ready(tmp_path):
                     "recall_at_10"):
             assert key in status
         assert status["lsn"] == 30 and status["kind"] == "exact"
+
+
+def test_a_swap_embeds_fingerprints_that_arrive_while_it_runs(tmp_path, monkeypatch):
+    """A put landing between the swap's two embedding passes (a race in the wild) is embedded
+    under the swap's lock and stays findable; the swap does not deadlock on its own lock."""
+    from xpstore.index.serving import IndexServer
+
+    rng = np.random.default_rng(15)
+    original = IndexServer._embed_delta
+    arrived: list[int] = []
+
+    with Store.open(tmp_path / "s", create=True, **QUIET) as st:
+        st.put_many(library(rng, 100))
+        st.rebuild_index()
+        st.put_many(library(rng, 5, prefix="d"))  # in the delta, newer than the next build
+
+        def racing(self, embedder, keep, **kw):
+            out = original(self, embedder, keep, **kw)
+            if not arrived:  # after the first pass read the delta, before the lock is taken
+                arrived.append(st.put(make_fingerprint(rng, "racer")))
+            return out
+
+        monkeypatch.setattr(IndexServer, "_embed_delta", racing)
+        status = st.rebuild_index(timeout=30)
+        assert arrived and status["delta"] >= 1
+        fp = st.get_fingerprint("racer")
+        hit = st.similar(fingerprint=fp.record, k=1, exclude_self=False)[0]
+        assert hit.record_id == fp.id and math.isclose(hit.score, 1.0, abs_tol=1e-5)

@@ -371,7 +371,7 @@ class IndexServer:
             tombs = {rid for _at, rid in self._retired if rid in main}
             missing = [rid for rid in self.delta.pos if rid > lsn and rid not in pre]
             if missing:
-                pre.update(self._embed_delta(embedder, set(missing).__contains__))
+                pre.update(self._embed_delta(embedder, set(missing).__contains__, locked=True))
             self.delta = self.delta.rebuilt(lambda rid: rid > lsn, pre)
             self.tombs = tombs
             self.main = main
@@ -384,9 +384,15 @@ class IndexServer:
         )  # fmt: skip
         return old
 
-    def _embed_delta(self, embedder: HybridEmbedder, keep: Callable[[int], bool]) -> dict[int, F32]:
-        with self.lock:
+    def _embed_delta(
+        self, embedder: HybridEmbedder, keep: Callable[[int], bool], *, locked: bool = False
+    ) -> dict[int, F32]:
+        """New vectors for the delta entries ``keep`` accepts (``locked``: caller holds lock)."""
+        if locked:
             rows = self.delta.rows()
+        else:
+            with self.lock:
+                rows = self.delta.rows()
         if not len(rows):
             return {}
         mask = np.array([keep(int(r)) for r in rows.ids], dtype=bool)
