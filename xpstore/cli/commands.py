@@ -375,6 +375,8 @@ def stats(path: Path, readonly: bool, as_json: bool) -> None:
 @click.argument("path", type=STORE_PATH, required=False)
 @click.option("--records", type=click.IntRange(min=0), default=3000, show_default=True,
               help="Synthetic records to write before the crash test.")
+@click.option("--tracks", type=int, default=3000, show_default=True,
+              help="Generated tracks of the similar-track library (0 skips that phase).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--crash-after", type=click.IntRange(min=1), default=400, show_default=True,
               help="Kill the child writer once it has acknowledged this many records.")
@@ -382,15 +384,17 @@ def stats(path: Path, readonly: bool, as_json: bool) -> None:
               help="The child keeps everything in its WAL, so recovery replays all of it.")
 @click.option("--keep", is_flag=True, help="Keep the temporary store (when PATH is not given).")
 @json_option
-def demo(path: Path | None, records: int, seed: int, crash_after: int, hold_applier: bool,
-         keep: bool, as_json: bool) -> None:
+def demo(path: Path | None, records: int, tracks: int, seed: int, crash_after: int,
+         hold_applier: bool, keep: bool, as_json: bool) -> None:
     """Write and query records, crash a writer, prove nothing was lost.
 
     \b
     1. Writes RECORDS synthetic predictions, fingerprints and query metrics
        (batched and single puts), resolves outcomes, deletes a track, and
        shows counts, a record and a where= scan.
-    2. Starts `python -m xpstore.crashwriter` (4 threads), kills it with
+    2. Writes a library of TRACKS generated tracks in named styles, builds
+       the k-NN index and shows similar-track lookups a person can judge.
+    3. Starts `python -m xpstore.crashwriter` (4 threads), kills it with
        SIGKILL mid-stream, reopens the store (WAL recovery) and checks that
        every acknowledged record is present and bit-for-bit equal.
 
@@ -401,6 +405,8 @@ def demo(path: Path | None, records: int, seed: int, crash_after: int, hold_appl
     Example:
       xpstore demo --records 5000 --seed 7
     """
+    if tracks < 0 or 0 < tracks < 100:
+        raise click.BadParameter("use 0 (skip) or at least 100 tracks", param_hint="--tracks")
     temp: Path | None = None
     if path is None:
         temp = Path(tempfile.mkdtemp(prefix="xpstore-demo-"))
@@ -409,8 +415,8 @@ def demo(path: Path | None, records: int, seed: int, crash_after: int, hold_appl
         raise CliError(f"{path} is not empty; the demo needs a new or empty directory")
     echo: Callable[[str], None] = (lambda _line: None) if as_json else click.echo
     try:
-        result = run_demo(path, seed=seed, records=records, crash_after=crash_after,
-                          hold_applier=hold_applier, echo=echo)
+        result = run_demo(path, seed=seed, records=records, tracks=tracks,
+                          crash_after=crash_after, hold_applier=hold_applier, echo=echo)
     finally:
         if temp is not None and not keep:
             shutil.rmtree(temp, ignore_errors=True)

@@ -1,8 +1,9 @@
-"""Similar-track lookup (issue 4, in progress).
+"""Similar-track lookup (DESIGN §5; docs/index.md).
 
-Done: ``embedding`` (hybrid embeddings: per-dimension standardization of the 25 named audio
-values, block weighting, checksummed statistics) and ``backends`` (exact, HNSW and IVF-Flat FAISS
-indexes behind one interface, with checksum-verified persistence). Not built yet, so nothing
-imports this package from the store: serving (main index + delta + tombstones), blue-green
-rebuilds, ``Store.similar``, the CLI and the neighbour lists.
+``embedding`` (hybrid vectors), ``rows`` (fingerprint numbers read from envelopes), ``backends``
+(exact / HNSW / IVF FAISS indexes, checksummed files), ``serving`` (main index + exact delta +
+tombstones), ``build`` (one build, in a thread or a child process), ``manager`` (attach, the
+acknowledgement-path hook, blue-green rebuilds), ``neighbors`` (precomputed lists and the
+``Neighbor`` answer type). The store attaches this package lazily, at the first similar-track
+call: nothing imports FAISS before that.
 """
