@@ -26,7 +26,10 @@ stress: $(STAMP)
 	$(BIN)/python -m pytest -q --stress -m stress
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/knn.py
+	$(BIN)/python benchmarks/sampling.py --sections memory,store
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

@@ -21,6 +21,7 @@ COMMANDS: dict[str, list[str]] = {
     "ingest": ["-"],
     "get": ["1"],
     "scan": [],
+    "sample": [],
     "stats": [],
     "wal inspect": [],
     "verify": [],
@@ -37,7 +38,7 @@ COMMANDS: dict[str, list[str]] = {
     "index rebuild": [],
 }
 # commands that only read: a live writer does not stop them
-READ_ONLY_OK_WHEN_LOCKED = {"get", "scan", "stats", "wal inspect", "verify", "replay",
+READ_ONLY_OK_WHEN_LOCKED = {"get", "scan", "sample", "stats", "wal inspect", "verify", "replay",
                             "snapshot list", "snapshot restore",  # restore writes elsewhere
                             "similar", "index status"}
 

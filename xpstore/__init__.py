@@ -7,6 +7,7 @@ moment the process dies at. See README.md and docs/ for the design and the guara
 from xpstore.config import StoreConfig
 from xpstore.errors import (
     CodecError,
+    EmptySampleError,
     FormatVersionError,
     InvalidRecordError,
     ReadOnlyStoreError,
@@ -24,6 +25,7 @@ from xpstore.errors import (
 from xpstore.index.neighbors import Neighbor
 from xpstore.persistence.snapshots import SnapshotInfo
 from xpstore.persistence.wal_recovery import RecoveryReport
+from xpstore.store._sample_api import SampleBatch
 from xpstore.store.records import (
     BatchFingerprint,
     Experience,
@@ -39,6 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchFingerprint",
     "CodecError",
+    "EmptySampleError",
     "Experience",
     "Fingerprint",
     "FormatVersionError",
@@ -50,6 +53,7 @@ __all__ = [
     "RecordNotFoundError",
     "RecordTooLargeError",
     "RecoveryReport",
+    "SampleBatch",
     "SnapshotError",
     "SnapshotInfo",
     "Store",

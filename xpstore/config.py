@@ -107,6 +107,23 @@ class StoreConfig(BaseModel):
     index_refresh_s: float = Field(1.0, ge=0)
     """A read-only store catches its index up with LMDB at most this often."""
 
+    # ------------------------------------------------------------ sampling (docs/sampling.md)
+    priority_alpha: float = Field(0.6, ge=0, le=10)
+    """P(i) = p_i**alpha / sum p**alpha (0: uniform)."""
+    priority_beta: float = Field(0.4, ge=0, le=1)
+    """Importance-weight exponent when ``sample(beta=None)``."""
+    priority_w_confidence: float = Field(0.4, ge=0, le=1000)
+    priority_w_reward: float = Field(0.4, ge=0, le=1000)
+    priority_w_age: float = Field(0.2, ge=0, le=1000)
+    priority_floor: float = Field(0.01, gt=0, le=1000)
+    priority_age_half_life_s: float = Field(7 * 86400.0, gt=0)
+    priority_value_weight: float = Field(0.5, ge=0, le=1)
+    """How far the Laplace-smoothed success rate moves priority: factor in [1-w, 1+w]."""
+    new_item_priority: float = Field(1.0, ge=0, le=1e6)
+    """Never-sampled items get at least this priority."""
+    sample_flush_retrievals: int = Field(4096, ge=1)
+    """Retrieval counts bumped by sample() are logged once this many are pending (and at close)."""
+
     def persisted(self) -> StoreConfig:
         """The copy written into a new store: session-only knobs back at their defaults."""
         defaults = {k: StoreConfig.model_fields[k].default for k in SESSION_ONLY}

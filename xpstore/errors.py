@@ -132,3 +132,7 @@ class StatsCorruptionError(StoreCorruptionError):
 class RemoveUnsupportedError(XpStoreError):
     """The index backend cannot delete vectors (FAISS HNSW has no ``remove_ids``): the serving
     layer handles deletes with tombstones and over-fetch or ID selectors."""
+
+
+class EmptySampleError(XpStoreError, LookupError):
+    """``sample`` found nothing to draw from: an empty store, kind or filter."""

@@ -5,11 +5,14 @@ from xpstore.cli import (
     inspect_cmds,
     maintenance_cmds,
     recover_cmds,
+    sample_cmds,
     snapshot_cmds,
 )
 from xpstore.cli.commands import main
 
 # the command modules register themselves on ``main`` when imported
-_COMMAND_MODULES = (index_cmds, inspect_cmds, maintenance_cmds, recover_cmds, snapshot_cmds)
+_COMMAND_MODULES = (
+    index_cmds, inspect_cmds, maintenance_cmds, recover_cmds, sample_cmds, snapshot_cmds
+)
 
 __all__ = ["main"]

@@ -155,7 +155,7 @@ class IndexManager:
             with ov.lock:
                 with self._backlog_lock:
                     self._backlog = []
-                ov.listener = self._on_durable
+                ov.listeners.append(self._on_durable)
                 ov_tracks = dict(ov.tracks)
                 ov_values = {
                     rid: eff.value
@@ -167,7 +167,7 @@ class IndexManager:
         except BaseException:
             if ov is not None:
                 with ov.lock:
-                    ov.listener = None
+                    ov.listeners.remove(self._on_durable)
             raise
         with self._backlog_lock:
             events = self._backlog or []
@@ -311,7 +311,8 @@ class IndexManager:
     def close(self) -> None:
         if self.overlay is not None:
             with self.overlay.lock:
-                self.overlay.listener = None
+                if self._on_durable in self.overlay.listeners:
+                    self.overlay.listeners.remove(self._on_durable)
         if self.rebuilder is not None:
             self.rebuilder.stop()
             self.rebuilder = None

@@ -84,7 +84,8 @@ def parse_fingerprint(data: bytes | memoryview, where: str = "record") -> RawFin
         obj = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise CodecError(f"{where}: not a msgpack envelope: {exc}") from exc
-    if type(obj) is not list or len(obj) != 7 or obj[1] != _FP_CODE or type(obj[6]) is not dict:
+    ok = type(obj) is list and len(obj) in (7, 8) and obj[1] == _FP_CODE
+    if not ok or type(obj[6]) is not dict:
         raise CodecError(f"{where}: not an encoded fingerprint envelope")
     m = obj[6]
     track = m.get("track_id")

@@ -10,6 +10,8 @@ Tables (named databases of one environment; layouts in ``docs/formats.md``):
 ``track_tombs``  track_id -> lsn of the delete_track | id of the fingerprint it retired
 ``neighbors``    track_id -> a track's precomputed nearest neighbours (``index.neighbors``);
                  derived data written after each index build, never through the WAL
+``prio``         id -> the record's 32-byte priority-input row (``store.priority``), written in
+                 the same transaction as the record; what sampling trees are rebuilt from
 
 LMDB rules followed here (from its docs and py-lmdb's issues): one Environment per path per
 process (the registry below), ``reader_check()`` on open, every write transaction inside ``with``,
@@ -43,7 +45,7 @@ _U64 = struct.Struct(">Q")
 _TOMB = struct.Struct(">QB")
 _TRACK_TOMB = struct.Struct(">QQ")
 _DB_NAMES = (b"meta", b"records", b"by_kind_ts", b"tracks", b"tombstones", b"track_tombs")
-_OPTIONAL_DBS = (b"neighbors",)  # added by a later issue: a read-only open of an older store
+_OPTIONAL_DBS = (b"neighbors", b"prio")  # added by later issues: a read-only open of an older store
 # lacks it, and that is not damage
 
 
@@ -73,6 +75,7 @@ class RecordPut:
     ts: float
     value: bytes
     is_new: bool  # a new id (count and index it) or a rewrite of an existing one
+    prio: bytes | None = None  # its priority-input row (store/priority.py); None: unchanged
 
 
 @dataclass(slots=True)
@@ -265,6 +268,27 @@ class LmdbTables:
         value = txn.get(track_id.encode(), db=self._dbs[b"tracks"])
         return from_u64(bytes(value)) if value is not None else None
 
+    def prio_rows(self) -> tuple[list[bytes], list[bytes], int]:
+        """Every (id key, priority-input row) of the ``prio`` table, and the applied_lsn of
+        the one read transaction they were read in."""
+        db = self._dbs.get(b"prio")
+        with self.reading() as txn:
+            applied = self.applied_lsn(txn)
+            if db is None:
+                return [], [], applied
+            cur = txn.cursor(db=db)
+            keys: list[bytes] = []
+            values: list[bytes] = []
+            for key, value in cur.iternext(keys=True, values=True):
+                keys.append(bytes(key))
+                values.append(bytes(value))
+        return keys, values, applied
+
+    def put_prio(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Fill in priority-input rows (rows a crash recovery's fast replay did not write)."""
+        db = self._dbs[b"prio"]
+        self._write(lambda txn: txn.cursor(db=db).putmulti(list(items)))
+
     def iter_tracks(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, bytes]]:
         """Every (track_id UTF-8, current fingerprint id u64 BE) pair, in key order."""
         cur = txn.cursor(db=self._dbs[b"tracks"])
@@ -372,16 +396,21 @@ class LmdbTables:
         recs: list[tuple[bytes, bytes]] = []
         index: list[tuple[bytes, bytes]] = []
         tracks: list[tuple[bytes, bytes]] = []
+        prio: list[tuple[bytes, bytes]] = []
         for ch in changes:
             if isinstance(ch, RecordPut):
                 recs.append((u64(ch.id), ch.value))
+                if ch.prio is not None:
+                    prio.append((u64(ch.id), ch.prio))
                 if ch.is_new:
                     index.append((index_key(ch.kind_code, ch.ts, ch.id), b""))
                     counts[ch.kind_code] = counts.get(ch.kind_code, 0) + 1
             else:
                 assert isinstance(ch, TrackSet)
                 tracks.append((ch.track_id.encode(), u64(ch.id)))
-        for name, items in ((b"records", recs), (b"by_kind_ts", index), (b"tracks", tracks)):
+        for name, items in (
+            (b"records", recs), (b"by_kind_ts", index), (b"tracks", tracks), (b"prio", prio)
+        ):
             if items:
                 txn.cursor(db=self._dbs[name]).putmulti(items)
         ttombs = self._dbs[b"track_tombs"]
@@ -398,13 +427,17 @@ class LmdbTables:
             self._dbs[b"tombstones"],
             self._dbs[b"track_tombs"],
         )
+        prio = self._dbs[b"prio"]
         for ch in changes:
             if isinstance(ch, RecordPut):
                 txn.put(u64(ch.id), ch.value, db=records)
+                if ch.prio is not None:
+                    txn.put(u64(ch.id), ch.prio, db=prio)
                 if ch.is_new:
                     txn.put(index_key(ch.kind_code, ch.ts, ch.id), b"", db=index)
                     counts[ch.kind_code] = counts.get(ch.kind_code, 0) + 1
             elif isinstance(ch, RecordDelete):
+                txn.delete(u64(ch.id), db=prio)
                 if txn.delete(u64(ch.id), db=records):
                     txn.delete(index_key(ch.kind_code, ch.ts, ch.id), db=index)
                     counts[ch.kind_code] = counts.get(ch.kind_code, 0) - 1

@@ -56,6 +56,7 @@ LMDB_CHUNK = 2000
 """Records read per LMDB read transaction when filling LSNs the WAL does not hold."""
 _CODEC = 1
 _OP_PUT, _OP_UPDATE, _OP_DELETE, _OP_DELETE_TRACK = 1, 2, 3, 4  # docs/formats.md, Operations
+_MULTI_OPS = {5: ("priority", "priorities"), 6: ("feedback", "success"), 7: ("retrieval", "counts")}
 _STREAMING_NAMES = {len(n): n for n in (STREAMING_FIELDS, STREAMING_FIELDS_NO_HARMONIC)}
 _BATCH_LEN = len(BATCH_FIELDS)
 _MAX_INDEX_JUMP = 1 << 24
@@ -75,7 +76,7 @@ class ReplayItem:
     and ``ts``: a line ``xpstore ingest`` accepts), the changed fields for an update."""
 
     lsn: int
-    op: str  # put | update | delete | delete_track
+    op: str  # put | update | delete | delete_track | priority | feedback | retrieval
     source: str  # wal | lmdb (the current state of a record whose put left the WAL)
     commit_time: float | None = None
     id: int | None = None
@@ -110,6 +111,8 @@ class ReplayItem:
             out["record"] = self.data
         elif self.op == "update":
             out["changes"] = self.data
+        elif self.data is not None:  # priority / feedback / retrieval: ids and their values
+            out.update(self.data)
         return out
 
 
@@ -484,6 +487,13 @@ class ReplayStream:
         if code == _OP_DELETE_TRACK and len(obj) == 3 and type(obj[2]) is str:
             return ReplayItem(lsn, "delete_track", "wal", commit, kind="fingerprint",
                               track_id=obj[2])
+        multi = _MULTI_OPS.get(code) if type(code) is int else None
+        if multi is not None and len(obj) in (4, 5) and type(obj[2]) is list:
+            name, values = multi
+            data: dict[str, Any] = {"ids": obj[2], values: obj[3]}
+            if name == "feedback" and len(obj) == 5:
+                data["count_retrieval"] = obj[4]
+            return ReplayItem(lsn, name, "wal", commit, data=data)
         raise _BadData(f"operation at LSN {lsn}: unknown op code {code!r} or wrong length")
 
     def _put_item(self, obj: list[Any], lsn: int, commit: float) -> ReplayItem | None:
@@ -575,9 +585,9 @@ class ReplayStream:
 def _envelope_parts(value: bytes, rid: int) -> tuple[str, float, int, Any]:
     """(kind, ts, updated_lsn, record map) of an LMDB envelope (docs/formats.md)."""
     obj = _unpack(value, f"LMDB record {rid}")
-    if len(obj) != 7:
-        raise _BadData(f"LMDB record {rid}: expected 7 items, got {len(obj)}")
-    _v, code, ts, updated, _rc, _sc, m = obj
+    if len(obj) not in (7, 8):
+        raise _BadData(f"LMDB record {rid}: expected 7 or 8 items, got {len(obj)}")
+    _v, code, ts, updated, _rc, _sc, m = obj[:7]
     kind = KIND_BY_CODE.get(code) if type(code) is int else None
     if kind is None or type(ts) not in (int, float) or type(updated) is not int:
         raise _BadData(f"LMDB record {rid}: bad kind code {code!r}, ts {ts!r} or updated_lsn")

@@ -27,7 +27,7 @@ from xpstore.persistence.wal_format import Frame
 from xpstore.store.applier import to_changes
 from xpstore.store.codec import KIND_BY_CODE, PutOp, decode_envelope, decode_op
 from xpstore.store.records import Experience, Fingerprint
-from xpstore.store.state import Effect, StateView, derive
+from xpstore.store.state import Effect, StateView, derive_all
 
 if TYPE_CHECKING:
     from xpstore.config import StoreConfig
@@ -378,7 +378,7 @@ class _Replayer:
     def _one(self, raw: bytes, lsn: int) -> None:
         op = decode_op(raw, validate=False)
         try:
-            eff = derive(op, lsn, self.view, raw)
+            effects = derive_all(op, lsn, self.view, raw)
         except RecordNotFoundError:
             log.warning("restore replay: LSN %d targets a missing record (%r); skipped", lsn, op)
             return
@@ -389,11 +389,12 @@ class _Replayer:
             and op.record.embedding
         ):
             self.embedding_dim = len(op.record.embedding)
-        self.effects.append(eff)
-        if eff.record_id is not None:
-            self.records[eff.record_id] = eff
-        if eff.track is not None:
-            self.tracks[eff.track] = eff.track_to
+        for eff in effects:
+            self.effects.append(eff)
+            if eff.record_id is not None:
+                self.records[eff.record_id] = eff
+            if eff.track is not None:
+                self.tracks[eff.track] = eff.track_to
 
     def _flush(self, last: int, force: bool = False) -> None:
         if self.effects or force:

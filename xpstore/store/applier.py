@@ -35,7 +35,7 @@ def to_changes(effects: list[Effect]) -> list[Change]:
         if eff.record_id is not None:
             code = KIND_CODES[eff.kind]
             if eff.value is not None:
-                out.append(RecordPut(eff.record_id, code, eff.ts, eff.value, eff.is_new))
+                out.append(RecordPut(eff.record_id, code, eff.ts, eff.value, eff.is_new, eff.prio))
             else:
                 out.append(RecordDelete(eff.record_id, code, eff.ts, eff.lsn))
         if eff.track is not None:

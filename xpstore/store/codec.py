@@ -7,7 +7,14 @@ record is bit-for-bit the one encoded)::
     UpdateOp       [1, 2, id, changes_map]
     DeleteOp       [1, 3, id]
     DeleteTrackOp  [1, 4, track_id]
-    envelope       [1, kind_code, ts, updated_lsn, retrieval_count, success_count, record_map]
+    PriorityOp     [1, 5, [id, ...], [priority, ...]]
+    FeedbackOp     [1, 6, [id, ...], [success (bool), ...], count_retrieval (bool)]
+    RetrievalOp    [1, 7, [id, ...], [count, ...]]
+    envelope       [1, kind_code, ts, updated_lsn, retrieval_count, success_count, record_map
+                    (, priority)]
+
+The envelope's eighth item is present only when ``update_priorities`` set an explicit priority;
+a reader of an older xpstore refuses such an envelope (and op codes 5-7) with a clear error.
 
 ``kind_code``: prediction=1, fingerprint=2, query_metric=3. The envelope's id is its LMDB key and
 is not repeated in the value.
@@ -61,8 +68,11 @@ __all__ = [
     "KIND_CODES",
     "DeleteOp",
     "DeleteTrackOp",
+    "FeedbackOp",
     "Op",
+    "PriorityOp",
     "PutOp",
+    "RetrievalOp",
     "UpdateOp",
     "decode_envelope",
     "decode_op",
@@ -81,6 +91,9 @@ _OP_PUT: Final = 1
 _OP_UPDATE: Final = 2
 _OP_DELETE: Final = 3
 _OP_DELETE_TRACK: Final = 4
+_OP_PRIORITY: Final = 5
+_OP_FEEDBACK: Final = 6
+_OP_RETRIEVAL: Final = 7
 
 
 # --------------------------------------------------------------------------- operations
@@ -115,7 +128,37 @@ class DeleteTrackOp:
     track_id: str
 
 
-Op: TypeAlias = PutOp | UpdateOp | DeleteOp | DeleteTrackOp
+@dataclass(frozen=True, slots=True)
+class PriorityOp:
+    """Set explicit sampling priorities (``update_priorities``); one per id, in order."""
+
+    ids: list[int]
+    priorities: list[float]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackOp:
+    """Value tracking (``record_feedback``): success_count += success per id; with
+    ``count_retrieval`` also retrieval_count += 1."""
+
+    ids: list[int]
+    success: list[bool]
+    count_retrieval: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievalOp:
+    """retrieval_count += count per id: ``sample``'s retrievals, made durable in batches."""
+
+    ids: list[int]
+    counts: list[int]
+
+
+Op: TypeAlias = (
+    PutOp | UpdateOp | DeleteOp | DeleteTrackOp | PriorityOp | FeedbackOp | RetrievalOp
+)
+MULTI_OPS: Final = (PriorityOp, FeedbackOp, RetrievalOp)
+"""Operations on many ids at once: one LSN, one effect per id."""
 BytesLike: TypeAlias = bytes | bytearray | memoryview
 """What the decoders take: LMDB (``buffers=True``) hands out memoryviews."""
 
@@ -334,6 +377,15 @@ def encode_op(op: Op) -> bytes:
         if type(op.track_id) is not str or not op.track_id:
             raise _bad("DeleteTrackOp needs a non-empty track_id", "track_id")
         return _pack([CODEC_VERSION, _OP_DELETE_TRACK, op.track_id])
+    if type(op) is PriorityOp:
+        return _pack([CODEC_VERSION, _OP_PRIORITY, list(op.ids), [float(p) for p in op.priorities]])
+    if type(op) is FeedbackOp:
+        return _pack(
+            [CODEC_VERSION, _OP_FEEDBACK, list(op.ids), [bool(x) for x in op.success],
+             bool(op.count_retrieval)]
+        )  # fmt: skip
+    if type(op) is RetrievalOp:
+        return _pack([CODEC_VERSION, _OP_RETRIEVAL, list(op.ids), [int(c) for c in op.counts]])
     raise _bad(f"not an operation: {type(op).__name__}")
 
 
@@ -363,6 +415,23 @@ def decode_op(data: BytesLike, *, validate: bool = True) -> Op:
         if type(obj[2]) is not str or not obj[2]:
             raise _bad(f"delete_track: bad track id {obj[2]!r}", "track_id")
         return DeleteTrackOp(obj[2])
+    if (code in (_OP_PRIORITY, _OP_RETRIEVAL) and n == 4) or (code == _OP_FEEDBACK and n == 5):
+        ids, values = obj[2], obj[3]
+        if type(ids) is not list or type(values) is not list or len(ids) != len(values):
+            raise _bad("ids and values must be arrays of one length", "ids")
+        if not all(_is_id(i) for i in ids):
+            raise _bad("ids must be ints >= 0", "ids")
+        if code == _OP_PRIORITY:
+            if not all(type(v) in (float, int) for v in values):
+                raise _bad("priorities must be numbers", "priorities")
+            return PriorityOp(ids, [float(v) for v in values])
+        if code == _OP_RETRIEVAL:
+            if not all(_is_id(v) for v in values):
+                raise _bad("retrieval counts must be ints >= 0", "counts")
+            return RetrievalOp(ids, values)
+        if not all(type(v) is bool for v in values) or type(obj[4]) is not bool:
+            raise _bad("feedback must be booleans", "success")
+        return FeedbackOp(ids, values, obj[4])
     raise _bad(f"operation: unknown op code {code!r} or wrong length {n}")
 
 
@@ -412,6 +481,7 @@ def encode_envelope(exp: Experience) -> bytes:
             exp.retrieval_count,
             exp.success_count,
             _record_map(record),
+            *(() if exp.priority is None else (float(exp.priority),)),
         ]
     )
 
@@ -445,9 +515,12 @@ def envelope_from_put(
 def decode_envelope(id: int, data: BytesLike, *, validate: bool = False) -> Experience:
     """Inverse of :func:`encode_envelope`; ``id`` is the LMDB key the value was stored under."""
     obj = _unpack(data, "envelope")
-    if len(obj) != 7:
-        raise _bad(f"envelope: expected 7 items, got {len(obj)}")
-    _, kind_code, ts, updated_lsn, retrievals, successes, m = obj
+    if len(obj) not in (7, 8):
+        raise _bad(f"envelope: expected 7 or 8 items, got {len(obj)}")
+    _, kind_code, ts, updated_lsn, retrievals, successes, m = obj[:7]
+    priority = obj[7] if len(obj) == 8 else None
+    if priority is not None and type(priority) is not float:
+        raise _bad(f"envelope: bad priority {priority!r}", "priority")
     if type(ts) is not float and type(ts) is not int:
         raise _bad(f"envelope: bad ts {ts!r}", "ts")
     if not (_is_id(updated_lsn) and _is_id(retrievals) and _is_id(successes)):
@@ -463,4 +536,5 @@ def decode_envelope(id: int, data: BytesLike, *, validate: bool = False) -> Expe
         updated_lsn=updated_lsn,
         retrieval_count=retrievals,
         success_count=successes,
+        priority=priority,
     )

@@ -526,6 +526,8 @@ class Experience:
     updated_lsn: int
     retrieval_count: int = 0
     success_count: int = 0
+    priority: float | None = None
+    """An explicit sampling priority set by ``update_priorities`` (None: the formula's)."""
 
     @property
     def success_rate(self) -> float | None:

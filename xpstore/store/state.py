@@ -29,13 +29,17 @@ from xpstore.errors import RecordNotFoundError
 from xpstore.store.codec import (
     DeleteOp,
     DeleteTrackOp,
+    FeedbackOp,
     Op,
+    PriorityOp,
     PutOp,
+    RetrievalOp,
     UpdateOp,
     decode_envelope,
     encode_envelope,
     envelope_from_put,
 )
+from xpstore.store.priority import inputs_for
 from xpstore.store.records import Experience, Fingerprint, apply_changes, kind_of
 
 _MISSING = object()
@@ -60,6 +64,7 @@ class Effect:
     track_to: int | None = None  # the track's new current fingerprint id; None: retired
     track_from: int | None = None
     index_row: Any = None  # (raw numbers, vector, embedder generation) for the k-NN delta
+    prio: bytes | None = None  # the record's new priority-input row (store/priority.py)
 
     def count_delta(self) -> tuple[str, int] | None:
         if self.is_new:
@@ -96,11 +101,13 @@ def derive(op: Op, lsn: int, view: StateView, payload: bytes) -> Effect:
         record = op.record
         assert record.ts is not None, "the store fills ts before logging"
         track = record.track_id if isinstance(record, Fingerprint) else None
-        return derive_put(lsn, payload, kind_of(record), record.ts, track, view)
+        eff = derive_put(lsn, payload, kind_of(record), record.ts, track, view)
+        eff.prio = inputs_for(record, record.ts)
+        return eff
     if isinstance(op, UpdateOp):
         prev = _require(view, op.id)
         new = replace(prev, record=apply_changes(prev.record, op.changes), updated_lsn=lsn)
-        return Effect(lsn, record_id=op.id, value=encode_envelope(new), kind=prev.kind, ts=prev.ts)
+        return _rewrite(lsn, new)
     if isinstance(op, DeleteOp):
         prev = _require(view, op.id)
         eff = Effect(lsn, record_id=op.id, value=None, kind=prev.kind, ts=prev.ts)
@@ -113,6 +120,48 @@ def derive(op: Op, lsn: int, view: StateView, payload: bytes) -> Effect:
             raise RecordNotFoundError(f"no track {op.track_id!r} (or it was already deleted)")
         return Effect(lsn, track=op.track_id, track_from=current, track_to=None)
     raise TypeError(f"unknown operation {op!r}")
+
+
+def derive_all(op: Op, lsn: int, view: StateView, payload: bytes) -> list[Effect]:
+    """The effects of ``op``: one, or one per id for the many-id operations (same LSN).
+
+    Ids repeated in one operation apply in order (the last priority wins; feedback counts
+    each occurrence). Raises RecordNotFoundError naming the first missing id.
+    """
+    if not isinstance(op, PriorityOp | FeedbackOp | RetrievalOp):
+        return [derive(op, lsn, view, payload)]
+    seen: dict[int, Experience] = {}
+    out: list[Effect] = []
+    for i, rid in enumerate(op.ids):
+        prev = seen.get(rid)
+        if prev is None:
+            if isinstance(op, RetrievalOp):
+                prev = view.get(rid)
+                if prev is None:
+                    continue  # deleted after it was sampled: its count has nowhere to go
+            else:
+                prev = _require(view, rid)
+        if isinstance(op, PriorityOp):
+            new = replace(prev, priority=float(op.priorities[i]), updated_lsn=lsn)
+        elif isinstance(op, FeedbackOp):
+            rc = prev.retrieval_count + (1 if op.count_retrieval else 0)
+            sc = prev.success_count + (1 if op.success[i] else 0)
+            new = replace(prev, retrieval_count=max(rc, sc), success_count=sc, updated_lsn=lsn)
+        else:
+            rc = prev.retrieval_count + int(op.counts[i])
+            new = replace(prev, retrieval_count=rc, updated_lsn=lsn)
+        seen[rid] = new
+        out.append(_rewrite(lsn, new))
+    return out
+
+
+def _rewrite(lsn: int, new: Experience) -> Effect:
+    """The effect of rewriting an existing record as ``new`` (same id, same ts)."""
+    eff = Effect(lsn, record_id=new.id, value=encode_envelope(new), kind=new.kind, ts=new.ts)
+    eff.prio = inputs_for(
+        new.record, new.ts, new.retrieval_count, new.success_count, new.priority
+    )
+    return eff
 
 
 def derive_put(
@@ -146,9 +195,10 @@ class Overlay:
         self._p_tracks: dict[str, tuple[int, int | None]] = {}
         self._pending: deque[Effect] = deque()
         self.apply_threshold = 1 << 62  # queue length that wakes the applier (it sets this)
-        self.listener: Callable[[list[Effect]], None] | None = None
-        """Called under ``lock`` with the track-changing effects each ``make_durable`` moved
-        (the k-NN index's acknowledgement-path hook); it must not raise or block for long."""
+        self.listeners: list[Callable[[list[Effect]], None]] = []
+        """Called under ``lock`` with the effects each ``make_durable`` moved, in LSN order,
+        before any of their writers returns (the k-NN index's and the sampler's
+        acknowledgement-path hooks); they must not raise or block for long."""
 
     # writer side (under the store's write lock)
     def writer_get(self, rid: int) -> Effect | None:
@@ -183,18 +233,18 @@ class Overlay:
     def make_durable(self, last_lsn: int) -> None:
         """Move pending effects up to ``last_lsn`` into the durable layer (WAL leader)."""
         with self.lock:
-            listener = self.listener
+            listeners = self.listeners
             moved: list[Effect] = []
             while self._pending and self._pending[0].lsn <= last_lsn:
                 eff = self._pending.popleft()
                 self.add_durable_locked(eff)
-                if listener is not None and eff.track is not None:
+                if listeners:
                     moved.append(eff)
                 if eff.record_id is not None and self._p_records.get(eff.record_id) is eff:
                     del self._p_records[eff.record_id]
                 if eff.track is not None and self._p_tracks.get(eff.track, (0,))[0] == eff.lsn:
                     del self._p_tracks[eff.track]
-            if moved and listener is not None:
+            for listener in listeners:
                 listener(moved)  # before any writer of these effects returns
             if len(self.queue) >= self.apply_threshold:
                 self.changed.notify_all()  # a full batch for the applier; otherwise it waits

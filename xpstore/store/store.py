@@ -41,6 +41,7 @@ from xpstore.persistence.wal_recovery import RecoveryReport, recover_wal
 from xpstore.store._check_api import CheckAPI
 from xpstore.store._index_api import IndexAPI
 from xpstore.store._maintenance_api import MaintenanceAPI
+from xpstore.store._sample_api import SampleAPI
 from xpstore.store._snapshot_api import SnapshotAPI
 from xpstore.store.applier import Applier
 from xpstore.store.codec import (
@@ -64,7 +65,7 @@ from xpstore.store.records import (
     Record,
     record_from_json,
 )
-from xpstore.store.state import MISSING, Effect, Overlay, StateView, derive, derive_put
+from xpstore.store.state import MISSING, Effect, Overlay, StateView, derive_all, derive_put
 from xpstore.store.where import compile_where
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ _SCAN_CHUNK = 512
 _RECORD_TYPES = (PredictionOutcome, Fingerprint, QueryMetric)
 
 
-class Store(SnapshotAPI, MaintenanceAPI, CheckAPI, IndexAPI):
+class Store(SnapshotAPI, MaintenanceAPI, CheckAPI, IndexAPI, SampleAPI):
     """A persistent experience store. Open with :meth:`Store.open`; use as a context manager."""
 
     def __init__(self, path: Path, config: StoreConfig, readonly: bool) -> None:
@@ -257,13 +258,15 @@ class Store(SnapshotAPI, MaintenanceAPI, CheckAPI, IndexAPI):
             view = self._reader_view(s.track_id for s in summaries if s and s.track_id)
             for i, (raw, summary) in enumerate(zip(ops, summaries, strict=True)):
                 if summary is not None:
-                    eff: Effect | None = derive_put(
+                    effects = [derive_put(
                         first_lsn + i, raw, summary.kind, summary.ts, summary.track_id, view
-                    )
+                    )]  # fmt: skip
                 else:
-                    eff = _replay_derive(decode_op(raw, validate=False), first_lsn + i, view, raw)
-                if eff is not None:
-                    with self._overlay.lock:
+                    effects = _replay_derive(
+                        decode_op(raw, validate=False), first_lsn + i, view, raw
+                    )
+                with self._overlay.lock:
+                    for eff in effects:
                         self._overlay.add_durable_locked(eff)
             if len(self._overlay) >= self.config.apply_batch_ops:
                 applier.apply_all()
@@ -286,6 +289,10 @@ class Store(SnapshotAPI, MaintenanceAPI, CheckAPI, IndexAPI):
         """Flush the WAL, apply what is pending to LMDB (unless the applier is held), release."""
         if self._closed:
             return
+        try:
+            self._close_sampler()  # logs pending retrieval counts: before writes are refused
+        except XpStoreError:
+            log.exception("could not save the sampler's state at close")
         with self._wlock:
             self._closed = True
         self._close_index()
@@ -410,10 +417,10 @@ class Store(SnapshotAPI, MaintenanceAPI, CheckAPI, IndexAPI):
             first = wal.next_lsn
             try:
                 for i, op in enumerate(ops):
-                    eff = derive(op, first + i, view, payloads[i])
-                    if index_rows:
-                        eff.index_row = index_rows.get(i)
-                    self._overlay.add_pending(eff)
+                    for eff in derive_all(op, first + i, view, payloads[i]):
+                        if index_rows:
+                            eff.index_row = index_rows.get(i)
+                        self._overlay.add_pending(eff)
                 span = wal.append(payloads)
             except BaseException:
                 self._overlay.drop_pending_from(first)
@@ -728,10 +735,10 @@ def _order(exp: Experience) -> tuple[float, int]:
     return (exp.ts, exp.id)
 
 
-def _replay_derive(op: Op, lsn: int, view: StateView, payload: bytes) -> Effect | None:
+def _replay_derive(op: Op, lsn: int, view: StateView, payload: bytes) -> list[Effect]:
     """derive() for replay: an op that was valid when logged stays valid, but be tolerant."""
     try:
-        return derive(op, lsn, view, payload)
+        return derive_all(op, lsn, view, payload)
     except RecordNotFoundError:
         log.warning("replay: LSN %d targets a missing record (%r); skipped", lsn, op)
-        return None
+        return []

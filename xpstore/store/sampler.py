@@ -1,0 +1,393 @@
+"""Prioritized sampling of stored experiences (DESIGN §6; docs/sampling.md).
+
+In memory, per kind: the record ids in ascending order (ids are LSNs, so new records append),
+their priority-input rows (``store.priority``) as a structured numpy array, and a
+:class:`~xpstore.store.sumtree.SumTree` of ``p ** alpha`` over the same slots (a deleted record's
+slot keeps weight 0). Whole-store sampling draws each position's kind in proportion to the
+kinds' totals (stratified), then an item within the kind (stratified): ``P(i) = w_i / Σ w``.
+
+The sampler is a cache. It is attached at the first ``sample`` of a session: the rows are read
+from the LMDB ``prio`` table in one transaction (arrays, no record is decoded), rows a recovery
+replay did not write are filled in from their records, and the overlay's unapplied effects are
+laid over them; from then on the overlay listener keeps it current before each writer returns.
+
+Durability: ``update_priorities`` and ``record_feedback`` are WAL operations like any write.
+Retrieval counts bumped by ``sample`` are applied in memory at once and made durable in batches
+(a ``RetrievalOp`` every ``sample_flush_retrievals`` retrievals, and at a clean close): a crash
+loses at most that many counts, and those items may again count as never sampled. The RNG state,
+``t_ref`` and the counters are saved in LMDB ``meta/sampler`` at a clean close, so a seeded run
+resumes with the same batches after close and reopen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from xpstore.errors import EmptySampleError, InvalidRecordError
+from xpstore.store.codec import KIND_BY_CODE, KIND_CODES, decode_envelope
+from xpstore.store.priority import INPUT_DTYPE, PriorityModel, inputs_for
+from xpstore.store.sumtree import SumTree, importance_weights
+
+if TYPE_CHECKING:
+    from xpstore.persistence.lmdb_tables import LmdbTables
+    from xpstore.store.state import Effect
+
+__all__ = ["Draw", "Sampler"]
+
+log = logging.getLogger(__name__)
+
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
+_REFRESH_FRACTION = 1.0 / 32  # of the age half-life: how far t_ref may lag the newest ts
+
+
+@dataclass
+class _Kind:
+    """One kind's slots: ids ascending, input rows, and the tree of p**alpha."""
+
+    ids: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    cols: npt.NDArray[Any] = field(default_factory=lambda: np.zeros(0, dtype=INPUT_DTYPE))
+    n: int = 0
+    tree: SumTree = field(default_factory=SumTree)
+
+    def slots_of(self, rids: I64) -> I64:
+        """Slots of ``rids`` (-1 where absent)."""
+        ids = self.ids[: self.n]
+        pos = np.searchsorted(ids, rids)
+        pos = np.minimum(pos, max(self.n - 1, 0))
+        ok = (self.n > 0) & (ids[pos] == rids) if self.n else np.zeros(len(rids), dtype=bool)
+        return np.where(ok, pos, -1).astype(np.int64)
+
+    def extend(self, rids: I64, rows: npt.NDArray[Any]) -> int:
+        """Append ids (ascending, above every present id) and their rows; the first new slot."""
+        need = self.n + int(rids.shape[0])
+        if need > self.ids.shape[0]:
+            cap = max(1024, 2 * need)
+            ids = np.zeros(cap, dtype=np.int64)
+            cols = np.zeros(cap, dtype=INPUT_DTYPE)
+            ids[: self.n] = self.ids[: self.n]
+            cols[: self.n] = self.cols[: self.n]
+            self.ids, self.cols = ids, cols
+        first = self.n
+        self.ids[first:need] = rids
+        self.cols[first:need] = rows
+        self.n = need
+        return first
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One batch: ids, P(i) of each, importance weights normalized by their global maximum."""
+
+    ids: list[int]
+    probabilities: F64
+    weights: F64
+
+
+class Sampler:
+    """The in-memory sampling state of one open store (see module doc). Thread-safe."""
+
+    def __init__(self, model: PriorityModel) -> None:
+        self.model = model
+        self.lock = threading.Lock()
+        self.kinds: dict[int, _Kind] = {code: _Kind() for code in KIND_CODES.values()}
+        self.t_ref = 0.0
+        self.newest_ts = 0.0
+        self.rng = np.random.default_rng()
+        self.pending: dict[int, int] = {}  # id -> retrievals not yet logged
+        self.draws = 0
+        self.batches = 0
+        self.changed: list[int] = []  # ids changed since filter caches last caught up
+        self.filters: dict[str, _Filter] = {}
+
+    # ------------------------------------------------------------ loading
+    def load(self, keys: list[bytes], values: list[bytes]) -> None:
+        """Build every kind's arrays and tree from ``prio`` table rows (key order = id order)."""
+        if not keys:
+            return
+        ids = np.frombuffer(b"".join(keys), dtype=">u8").astype(np.int64)
+        rows = np.frombuffer(b"".join(values), dtype=INPUT_DTYPE)
+        self.newest_ts = float(rows["ts"].max())
+        self.t_ref = self.newest_ts
+        for code, kind in self.kinds.items():
+            mask = rows["kind"] == code
+            kind.ids = ids[mask].copy()
+            kind.cols = rows[mask].copy()
+            kind.n = int(kind.ids.shape[0])
+            kind.tree = SumTree.from_weights(self.model.weights(kind.cols, self.t_ref))
+
+    def restore_state(self, raw: bytes | None) -> None:
+        """RNG, t_ref and counters saved by :meth:`state` at the last clean close."""
+        if not raw:
+            return
+        try:
+            data = json.loads(raw)
+            rng = np.random.default_rng()
+            rng.bit_generator.state = data["rng"]
+            self.rng = rng
+            self.t_ref = float(data["t_ref"])
+            self.draws = int(data["draws"])
+            self.batches = int(data["batches"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("sampler state in LMDB is unreadable (%s); starting a fresh RNG", exc)
+            return
+        self._reweigh_all()
+
+    def state(self) -> bytes:
+        return json.dumps(
+            {"rng": self.rng.bit_generator.state, "t_ref": self.t_ref, "draws": self.draws,
+             "batches": self.batches}
+        ).encode()  # fmt: skip
+
+    def _reweigh_all(self) -> None:
+        for kind in self.kinds.values():
+            if kind.n:
+                weights = self.model.weights(kind.cols[: kind.n], self.t_ref)
+                kind.tree = SumTree.from_weights(weights)
+
+    # ------------------------------------------------------------ changes
+    def on_effects(self, effects: list[Effect]) -> None:
+        """Overlay listener: upsert or remove the rows of changed records (LSN order).
+
+        Vectorized per kind (the WAL leader calls this for every commit while the sampler is
+        attached, so a 10k-record put_many must not cost 10k Python-level tree updates).
+        """
+        groups: dict[int, list[tuple[int, bytes | None, bool]]] = {}
+        for eff in effects:
+            if eff.record_id is not None:
+                groups.setdefault(KIND_CODES[eff.kind], []).append(
+                    (eff.record_id, eff.prio, eff.value is None)
+                )
+        if not groups:
+            return
+        with self.lock:
+            for code, items in groups.items():
+                self._apply_batch(code, items)
+
+    def apply_row(self, rid: int, kind_code: int, prio: bytes | None, deleted: bool) -> None:
+        with self.lock:
+            self._apply_batch(kind_code, [(rid, prio, deleted)])
+
+    def _apply_batch(self, code: int, items: list[tuple[int, bytes | None, bool]]) -> None:
+        kind = self.kinds[code]
+        last: dict[int, tuple[bytes | None, bool]] = {}
+        for rid, prio, deleted in items:  # the last change of an id wins
+            if deleted or prio is not None:
+                last[rid] = (prio, deleted)
+        if not last:
+            return
+        ups = [(rid, prio) for rid, (prio, deleted) in last.items() if not deleted and prio]
+        gone = np.array([rid for rid, (_p, deleted) in last.items() if deleted], dtype=np.int64)
+        touched: list[I64] = []
+        if ups:
+            rids = np.array([rid for rid, _ in ups], dtype=np.int64)
+            rows = np.frombuffer(b"".join(p for _, p in ups), dtype=INPUT_DTYPE).copy()
+            if self.pending:
+                extra = np.array([self.pending.get(int(r), 0) for r in rids], dtype=np.int64)
+                rows["rc"] = np.minimum(rows["rc"].astype(np.int64) + extra, (1 << 32) - 1)
+            slots = kind.slots_of(rids)
+            old = slots >= 0
+            kind.cols[slots[old]] = rows[old]
+            new_rids = rids[~old]
+            if new_rids.size:
+                order = np.argsort(new_rids, kind="stable")
+                if kind.n and int(new_rids[order[0]]) < int(kind.ids[kind.n - 1]):
+                    raise InvalidRecordError(
+                        f"record {int(new_rids[order[0]])} arrived out of id order", field="id"
+                    )
+                first = kind.extend(new_rids[order], rows[~old][order])
+                slots[np.flatnonzero(~old)[order]] = np.arange(first, kind.n)
+            self.newest_ts = max(self.newest_ts, float(rows["ts"].max()))
+            touched.append(slots)
+        if touched:
+            all_slots = np.unique(np.concatenate(touched))
+            kind.tree.set(all_slots, self.model.weights(kind.cols[all_slots], self.t_ref))
+        if gone.size:
+            slots = kind.slots_of(gone)
+            slots = slots[slots >= 0]
+            if slots.size:
+                kind.tree.set(slots, np.zeros(slots.size))
+            for rid in gone.tolist():
+                self.pending.pop(rid, None)
+        if self.filters:
+            self.changed.extend(last)
+
+    # ------------------------------------------------------------ sampling
+    def maybe_refresh(self) -> None:
+        """Move t_ref to the newest ts when it lags by more than 1/32 of the half-life."""
+        lag = self.newest_ts - self.t_ref
+        if lag > self.model.age_half_life_s * _REFRESH_FRACTION:
+            self.t_ref = self.newest_ts
+            self._reweigh_all()
+
+    def draw(
+        self,
+        n: int,
+        *,
+        kind: str | None,
+        subset: list[tuple[int, I64]] | None,
+        beta: float,
+        seed: int | None,
+        what: str,
+    ) -> Draw:
+        """Draw ``n`` ids (with replacement), stratified, with probabilities and weights."""
+        with self.lock:
+            if seed is not None:
+                self.rng = np.random.default_rng(seed)
+            self.maybe_refresh()
+            codes = [KIND_CODES[kind]] if kind is not None else sorted(self.kinds)
+            if subset is not None:
+                out = self._draw_subset(subset, n, beta, what)
+            else:
+                out = self._draw_trees(codes, n, beta, what)
+            self.draws += n
+            self.batches += 1
+            self._count(out.ids)
+            return out
+
+    def _draw_trees(self, codes: list[int], n: int, beta: float, what: str) -> Draw:
+        totals = np.array([self.kinds[c].tree.total for c in codes], dtype=np.float64)
+        grand = float(totals.sum())
+        if not grand > 0:
+            raise EmptySampleError(f"nothing to sample: {what} is empty")
+        u = (np.arange(n) + self.rng.random(n)) / n * grand
+        which = np.minimum(np.searchsorted(np.cumsum(totals), u, side="right"), len(codes) - 1)
+        ids = np.zeros(n, dtype=np.int64)
+        probs = np.zeros(n, dtype=np.float64)
+        count = 0
+        min_w = np.inf
+        for j, code in enumerate(codes):
+            tree = self.kinds[code].tree
+            count += len(tree)
+            if tree.total > 0:
+                min_w = min(min_w, tree.min_weight)
+            pos = np.flatnonzero(which == j)
+            if not pos.size:
+                continue
+            slots = tree.sample(int(pos.size), self.rng)
+            kind = self.kinds[code]
+            ids[pos] = kind.ids[slots]
+            probs[pos] = tree.get(slots) / grand
+        weights = importance_weights(probs, count, beta, float(min_w) / grand)
+        return Draw([int(i) for i in ids], probs, weights)
+
+    def _draw_subset(self, parts: list[tuple[int, I64]], n: int, beta: float, what: str) -> Draw:
+        """Sample among the given ids of the given kinds (a ``where=`` filter's matches)."""
+        all_ids: list[I64] = []
+        all_w: list[F64] = []
+        for code, subset in parts:
+            kind = self.kinds[code]
+            slots = kind.slots_of(subset) if kind.n else np.zeros(0, dtype=np.int64)
+            slots = slots[slots >= 0]
+            w = kind.tree.get(slots) if slots.size else np.zeros(0)
+            live = w > 0
+            all_ids.append(kind.ids[slots[live]])
+            all_w.append(w[live])
+        ids = np.concatenate(all_ids) if all_ids else np.zeros(0, dtype=np.int64)
+        w = np.concatenate(all_w) if all_w else np.zeros(0)
+        total = float(w.sum())
+        if not total > 0:
+            raise EmptySampleError(f"nothing to sample: {what} matches no live record")
+        cum = np.cumsum(w)
+        u = (np.arange(n) + self.rng.random(n)) / n * cum[-1]
+        pick = np.minimum(np.searchsorted(cum, u, side="right"), w.shape[0] - 1)
+        probs = w[pick] / total
+        weights = importance_weights(probs, int(w.shape[0]), beta, float(w.min()) / total)
+        return Draw([int(i) for i in ids[pick]], probs, weights)
+
+    def _count(self, ids: list[int]) -> None:
+        """Retrievals: in memory now (they move priority), logged later in batches."""
+        for rid in ids:
+            self.pending[rid] = self.pending.get(rid, 0) + 1
+        arr = np.array(ids, dtype=np.int64)
+        for kind in self.kinds.values():
+            if not kind.n:
+                continue
+            slots = kind.slots_of(arr)
+            hit = slots >= 0
+            if not hit.any():
+                continue
+            uniq, counts = np.unique(slots[hit], return_counts=True)
+            kind.cols["rc"][uniq] = np.minimum(
+                kind.cols["rc"][uniq].astype(np.int64) + counts, (1 << 32) - 1
+            )
+            kind.tree.set(uniq, self.model.weights(kind.cols[uniq], self.t_ref))
+
+    def take_pending(self) -> dict[int, int]:
+        with self.lock:
+            out, self.pending = self.pending, {}
+            return out
+
+    def pending_count(self) -> int:
+        return sum(self.pending.values())
+
+    def probabilities(self, kind: str | None = None) -> dict[int, float]:
+        """P(i) of every live item (tests, small stores)."""
+        with self.lock:
+            self.maybe_refresh()
+            codes = [KIND_CODES[kind]] if kind is not None else sorted(self.kinds)
+            grand = sum(self.kinds[c].tree.total for c in codes)
+            out: dict[int, float] = {}
+            for c in codes:
+                k = self.kinds[c]
+                if not k.n:
+                    continue
+                w = k.tree.get(np.arange(k.n))
+                for rid, wi in zip(k.ids[: k.n].tolist(), w.tolist(), strict=True):
+                    if wi > 0:
+                        out[rid] = wi / grand
+            return out
+
+    def size(self) -> dict[str, int]:
+        return {KIND_BY_CODE[c]: len(k.tree) for c, k in self.kinds.items()}
+
+
+@dataclass
+class _Filter:
+    """The ids of one kind matching one ``where=``, kept current from the changed-id log."""
+
+    kind: str
+    predicate: Callable[[Any], bool]
+    ids: set[int]
+    seen: int  # position in Sampler.changed already processed
+
+
+def fill_missing_rows(
+    tables: LmdbTables, keys: list[bytes], values: list[bytes]
+) -> tuple[list[bytes], list[bytes]]:
+    """Rows for records that have none (puts a recovery replay copied without computing them).
+
+    Compares the ``records`` table's keys with the ``prio`` table's; decodes only the missing.
+    """
+    have = set(keys)
+    missing: list[tuple[bytes, bytes]] = []
+    with tables.reading() as txn:
+        cur = txn.cursor(db=tables.db(b"records"))
+        for key, value in cur.iternext(keys=True, values=True):
+            k = bytes(key)
+            if k in have:
+                continue
+            exp = decode_envelope(int.from_bytes(k, "big"), bytes(value))
+            row = inputs_for(exp.record, exp.ts, exp.retrieval_count, exp.success_count,
+                             exp.priority)  # fmt: skip
+            missing.append((k, row))
+    if not missing:
+        return keys, values
+    for start in range(0, len(missing), 10_000):
+        tables.put_prio(missing[start : start + 10_000])
+    log.info("sampling: filled %d missing priority-input rows", len(missing))
+    merged = sorted([*zip(keys, values, strict=True), *missing])
+    return [k for k, _ in merged], [v for _, v in merged]
+
+
+def where_key(kind: str, where: Mapping[str, Any]) -> str:
+    return kind + "|" + json.dumps(where, sort_keys=True, default=repr)
+
