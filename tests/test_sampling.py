@@ -301,3 +301,20 @@ def test_tree_totals_equal_the_sum_of_live_leaves(tmp_path_factory, ops):
         assert set(probs) == set(live)
         if live:
             assert math.isclose(sum(probs.values()), 1.0, rel_tol=1e-9)
+
+
+def test_records_replayed_by_recovery_get_their_rows_at_the_first_sample(tmp_path):
+    path = tmp_path / "s"
+    with Store.open(path, create=True, hold_applier=True) as s:  # everything stays in the WAL
+        ids = s.put_many(_predictions(40))
+        s.update_priorities(ids[:2], [7.0, 8.0])
+    with Store.open(path) as s:  # recovery copies the puts into LMDB without their rows
+        tables = s._tables
+        with tables.reading() as txn:
+            rows = txn.stat(tables.db(b"prio"))["entries"]
+        assert rows == 2  # only the priority op computed rows
+        probs = s.sampling_probabilities()
+        assert set(probs) == set(ids)
+        with tables.reading() as txn:
+            assert txn.stat(tables.db(b"prio"))["entries"] == 40
+        assert s.get(ids[0]).priority == 7.0

@@ -10,7 +10,7 @@ Tables (named databases of one environment; layouts in ``docs/formats.md``):
 ``track_tombs``  track_id -> lsn of the delete_track | id of the fingerprint it retired
 ``neighbors``    track_id -> a track's precomputed nearest neighbours (``index.neighbors``);
                  derived data written after each index build, never through the WAL
-``prio``         id -> the record's 32-byte priority-input row (``store.priority``), written in
+``prio``         id -> the record's 40-byte priority-input row (``store.priority``), written in
                  the same transaction as the record; what sampling trees are rebuilt from
 
 LMDB rules followed here (from its docs and py-lmdb's issues): one Environment per path per
@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lmdb
 
@@ -268,21 +268,17 @@ class LmdbTables:
         value = txn.get(track_id.encode(), db=self._dbs[b"tracks"])
         return from_u64(bytes(value)) if value is not None else None
 
-    def prio_rows(self) -> tuple[list[bytes], list[bytes], int]:
-        """Every (id key, priority-input row) of the ``prio`` table, and the applied_lsn of
-        the one read transaction they were read in."""
+    def prio_rows(self) -> tuple[list[bytes], int]:
+        """Every priority-input row of the ``prio`` table (id order; each row repeats its id),
+        and the applied_lsn of the one read transaction they were read in. Values only: one
+        C-level iteration, no per-row Python work (the sampler's rebuild on open)."""
         db = self._dbs.get(b"prio")
         with self.reading() as txn:
             applied = self.applied_lsn(txn)
             if db is None:
-                return [], [], applied
-            cur = txn.cursor(db=db)
-            keys: list[bytes] = []
-            values: list[bytes] = []
-            for key, value in cur.iternext(keys=True, values=True):
-                keys.append(bytes(key))
-                values.append(bytes(value))
-        return keys, values, applied
+                return [], applied
+            values = cast(list[bytes], list(txn.cursor(db=db).iternext(keys=False, values=True)))
+        return values, applied
 
     def put_prio(self, items: Sequence[tuple[bytes, bytes]]) -> None:
         """Fill in priority-input rows (rows a crash recovery's fast replay did not write)."""

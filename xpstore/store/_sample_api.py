@@ -219,10 +219,10 @@ class SampleAPI:
                 ov.listeners.append(self._sampler_listener)
                 unapplied = [eff for eff in ov.queue if eff.record_id is not None]
         try:
-            keys, values, applied = tables.prio_rows()
+            values, applied = tables.prio_rows()
             if not store.readonly:
-                keys, values = fill_missing_rows(tables, keys, values)
-            sampler.load(keys, values)
+                values = fill_missing_rows(tables, values)
+            sampler.load(values)
             with tables.reading() as txn:
                 sampler.restore_state(tables.get_meta(txn, "sampler"))
             for eff in unapplied:

@@ -1,10 +1,11 @@
 """Priority inputs (the compact columnar form) and the priority model (DESIGN §6, docs/sampling.md).
 
-Every sampleable record has a 32-byte row of *priority inputs* in the LMDB table ``prio``,
+Every sampleable record has a 40-byte row of *priority inputs* in the LMDB table ``prio``,
 written in the same transaction as the record, so that opening a store rebuilds the sampling
-trees from arrays (``np.frombuffer`` over the table's values) instead of decoding every record::
+trees from arrays (``np.frombuffer`` over the table's values, which repeat the id so that only
+values need reading) instead of decoding every record::
 
-    ts f64 | confidence f32 | |reward| f32 | explicit priority f32 (NaN: none)
+    id u64 | ts f64 | confidence f32 | |reward| f32 | explicit priority f32 (NaN: none)
     | retrieval_count u32 | success_count u32 | kind code u8 | 3 bytes padding    (little-endian)
 
 Per kind: a prediction's ``confidence`` and ``|reward|`` (0 while unknown); a query metric's
@@ -39,14 +40,14 @@ import numpy.typing as npt
 from xpstore.store.codec import KIND_CODES
 from xpstore.store.records import Fingerprint, PredictionOutcome, QueryMetric, Record, kind_of
 
-__all__ = ["INPUTS", "INPUT_DTYPE", "PriorityModel", "inputs_for", "inputs_from_map"]
+__all__ = ["INPUTS", "INPUT_DTYPE", "PriorityModel", "inputs_for"]
 
-INPUTS: Final = struct.Struct("<dfffIIB3x")
+INPUTS: Final = struct.Struct("<QdfffIIB3x")
 INPUT_DTYPE: Final = np.dtype(
-    [("ts", "<f8"), ("conf", "<f4"), ("absreward", "<f4"), ("override", "<f4"),
+    [("id", "<u8"), ("ts", "<f8"), ("conf", "<f4"), ("absreward", "<f4"), ("override", "<f4"),
      ("rc", "<u4"), ("sc", "<u4"), ("kind", "u1"), ("pad", "V3")]
 )  # fmt: skip
-assert INPUT_DTYPE.itemsize == INPUTS.size == 32
+assert INPUT_DTYPE.itemsize == INPUTS.size == 40
 _U32: Final = (1 << 32) - 1
 
 
@@ -64,29 +65,20 @@ def _confidence_and_reward(record: Record) -> tuple[float, float]:
 
 
 def inputs_for(
-    record: Record, ts: float, rc: int = 0, sc: int = 0, override: float | None = None
+    record: Record,
+    rid: int,
+    ts: float,
+    rc: int = 0,
+    sc: int = 0,
+    override: float | None = None,
 ) -> bytes:
-    """The 32-byte priority-input row of a record with these counters."""
+    """The 40-byte priority-input row of record ``rid`` with these counters."""
     conf, reward = _confidence_and_reward(record)
     kind = KIND_CODES[kind_of(record)]
     return INPUTS.pack(
-        ts, conf, min(reward, 3.0e38), math.nan if override is None else override,
+        rid, ts, conf, min(reward, 3.0e38), math.nan if override is None else override,
         min(rc, _U32), min(sc, _U32), kind,
     )  # fmt: skip
-
-
-def inputs_from_map(kind: str, m: dict[str, Any], ts: float) -> bytes:
-    """The row of a new record from its encoded map (recovery: no model is built)."""
-    if kind == "prediction":
-        reward = m.get("reward")
-        conf, r = float(m["confidence"]), abs(float(reward)) if reward is not None else 0.0
-    elif kind == "query_metric":
-        conf, r = float(m.get("accuracy", 1.0)), 0.0
-    else:
-        streaming = m.get("streaming")
-        confs = streaming[1] if streaming else None
-        conf, r = (math.fsum(confs) / len(confs) if confs else 1.0), 0.0
-    return INPUTS.pack(ts, conf, r, math.nan, 0, 0, KIND_CODES[kind])
 
 
 @dataclass(frozen=True)

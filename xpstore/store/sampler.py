@@ -109,12 +109,12 @@ class Sampler:
         self.filters: dict[str, _Filter] = {}
 
     # ------------------------------------------------------------ loading
-    def load(self, keys: list[bytes], values: list[bytes]) -> None:
+    def load(self, values: list[bytes]) -> None:
         """Build every kind's arrays and tree from ``prio`` table rows (key order = id order)."""
-        if not keys:
+        if not values:
             return
-        ids = np.frombuffer(b"".join(keys), dtype=">u8").astype(np.int64)
         rows = np.frombuffer(b"".join(values), dtype=INPUT_DTYPE)
+        ids = rows["id"].astype(np.int64)
         self.newest_ts = float(rows["ts"].max())
         self.t_ref = self.newest_ts
         for code, kind in self.kinds.items():
@@ -360,32 +360,36 @@ class _Filter:
     seen: int  # position in Sampler.changed already processed
 
 
-def fill_missing_rows(
-    tables: LmdbTables, keys: list[bytes], values: list[bytes]
-) -> tuple[list[bytes], list[bytes]]:
+def fill_missing_rows(tables: LmdbTables, values: list[bytes]) -> list[bytes]:
     """Rows for records that have none (puts a recovery replay copied without computing them).
 
-    Compares the ``records`` table's keys with the ``prio`` table's; decodes only the missing.
+    Free when the tables agree in size (the common case); otherwise compares the ``records``
+    table's keys with the rows' ids and decodes only the records that lack a row.
     """
-    have = set(keys)
+    with tables.reading() as txn:
+        n_records = txn.stat(tables.db(b"records"))["entries"]
+    if n_records == len(values):
+        return values
+    have = set(np.frombuffer(b"".join(values), dtype=INPUT_DTYPE)["id"].tolist())
     missing: list[tuple[bytes, bytes]] = []
     with tables.reading() as txn:
         cur = txn.cursor(db=tables.db(b"records"))
         for key, value in cur.iternext(keys=True, values=True):
-            k = bytes(key)
-            if k in have:
+            rid = int.from_bytes(bytes(key), "big")
+            if rid in have:
                 continue
-            exp = decode_envelope(int.from_bytes(k, "big"), bytes(value))
-            row = inputs_for(exp.record, exp.ts, exp.retrieval_count, exp.success_count,
+            exp = decode_envelope(rid, bytes(value))
+            row = inputs_for(exp.record, rid, exp.ts, exp.retrieval_count, exp.success_count,
                              exp.priority)  # fmt: skip
-            missing.append((k, row))
+            missing.append((bytes(key), row))
     if not missing:
-        return keys, values
+        return values
     for start in range(0, len(missing), 10_000):
         tables.put_prio(missing[start : start + 10_000])
     log.info("sampling: filled %d missing priority-input rows", len(missing))
-    merged = sorted([*zip(keys, values, strict=True), *missing])
-    return [k for k, _ in merged], [v for _, v in merged]
+    rows = values + [row for _key, row in missing]
+    rows.sort(key=lambda v: int.from_bytes(v[:8], "little"))
+    return rows
 
 
 def where_key(kind: str, where: Mapping[str, Any]) -> str:

@@ -102,7 +102,7 @@ def derive(op: Op, lsn: int, view: StateView, payload: bytes) -> Effect:
         assert record.ts is not None, "the store fills ts before logging"
         track = record.track_id if isinstance(record, Fingerprint) else None
         eff = derive_put(lsn, payload, kind_of(record), record.ts, track, view)
-        eff.prio = inputs_for(record, record.ts)
+        eff.prio = inputs_for(record, lsn, record.ts)
         return eff
     if isinstance(op, UpdateOp):
         prev = _require(view, op.id)
@@ -159,7 +159,7 @@ def _rewrite(lsn: int, new: Experience) -> Effect:
     """The effect of rewriting an existing record as ``new`` (same id, same ts)."""
     eff = Effect(lsn, record_id=new.id, value=encode_envelope(new), kind=new.kind, ts=new.ts)
     eff.prio = inputs_for(
-        new.record, new.ts, new.retrieval_count, new.success_count, new.priority
+        new.record, new.id, new.ts, new.retrieval_count, new.success_count, new.priority
     )
     return eff
 
