@@ -222,9 +222,9 @@ class SampleAPI:
             values, applied = tables.prio_rows()
             if not store.readonly:
                 values = fill_missing_rows(tables, values)
-            sampler.load(values)
             with tables.reading() as txn:
-                sampler.restore_state(tables.get_meta(txn, "sampler"))
+                state = tables.get_meta(txn, "sampler")
+            sampler.load(values, state)
             for eff in unapplied:
                 if eff.lsn > applied:
                     sampler.apply_row(

@@ -78,7 +78,9 @@ __all__ = [
     "decode_op",
     "encode_envelope",
     "encode_op",
+    "envelope_counters",
     "envelope_from_put",
+    "pack_envelope",
     "peek_put",
 ]
 
@@ -510,6 +512,24 @@ def envelope_from_put(
         [CODEC_VERSION, kind_code, float(ts), updated_lsn, retrieval_count, success_count]
     )
     return b"\x97" + head[1:] + op_bytes[4:]  # fixarray(7): the six header items + record map
+
+
+def envelope_counters(data: BytesLike) -> list[Any]:
+    """An envelope as its msgpack list (7 or 8 items), checked just enough to rewrite its
+    counters and priority without building the record's models (many-id operations)."""
+    obj = _unpack(data, "envelope")
+    if len(obj) not in (7, 8) or type(obj[6]) is not dict or KIND_BY_CODE.get(obj[1]) is None:
+        raise _bad("envelope: malformed")
+    if not (_is_id(obj[3]) and _is_id(obj[4]) and _is_id(obj[5])):
+        raise _bad("envelope: updated_lsn and counters must be ints >= 0")
+    return obj
+
+
+def pack_envelope(obj: list[Any]) -> bytes:
+    """Inverse of :func:`envelope_counters` (drops a None priority, keeping 7 items)."""
+    if len(obj) == 8 and obj[7] is None:
+        obj = obj[:7]
+    return _pack(obj)
 
 
 def decode_envelope(id: int, data: BytesLike, *, validate: bool = False) -> Experience:

@@ -40,7 +40,7 @@ import numpy.typing as npt
 from xpstore.store.codec import KIND_CODES
 from xpstore.store.records import Fingerprint, PredictionOutcome, QueryMetric, Record, kind_of
 
-__all__ = ["INPUTS", "INPUT_DTYPE", "PriorityModel", "inputs_for"]
+__all__ = ["INPUTS", "INPUT_DTYPE", "PriorityModel", "inputs_for", "inputs_from_map"]
 
 INPUTS: Final = struct.Struct("<QdfffIIB3x")
 INPUT_DTYPE: Final = np.dtype(
@@ -78,6 +78,25 @@ def inputs_for(
     return INPUTS.pack(
         rid, ts, conf, min(reward, 3.0e38), math.nan if override is None else override,
         min(rc, _U32), min(sc, _U32), kind,
+    )  # fmt: skip
+
+
+def inputs_from_map(
+    kind: str, m: dict[str, Any], rid: int, ts: float, rc: int, sc: int, override: float | None
+) -> bytes:
+    """:func:`inputs_for` from an encoded record map (many-id operations build no model)."""
+    if kind == "prediction":
+        reward = m.get("reward")
+        conf, r = float(m["confidence"]), abs(float(reward)) if reward is not None else 0.0
+    elif kind == "query_metric":
+        conf, r = float(m.get("accuracy", 1.0)), 0.0
+    else:
+        streaming = m.get("streaming")
+        confs = streaming[1] if streaming else None
+        conf, r = (math.fsum(confs) / len(confs) if confs else 1.0), 0.0
+    return INPUTS.pack(
+        rid, ts, conf, min(r, 3.0e38), math.nan if override is None else override,
+        min(rc, _U32), min(sc, _U32), KIND_CODES[kind],
     )  # fmt: skip
 
 

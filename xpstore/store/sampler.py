@@ -109,25 +109,29 @@ class Sampler:
         self.filters: dict[str, _Filter] = {}
 
     # ------------------------------------------------------------ loading
-    def load(self, values: list[bytes]) -> None:
-        """Build every kind's arrays and tree from ``prio`` table rows (key order = id order)."""
+    def load(self, values: list[bytes], state: bytes | None = None) -> None:
+        """Build every kind's arrays and tree from ``prio`` table rows (key order = id order),
+        with the RNG, t_ref and counters of ``state`` (saved at the last clean close)."""
+        restored = self._restore_state(state)
         if not values:
             return
         rows = np.frombuffer(b"".join(values), dtype=INPUT_DTYPE)
         ids = rows["id"].astype(np.int64)
         self.newest_ts = float(rows["ts"].max())
-        self.t_ref = self.newest_ts
+        if not restored:
+            self.t_ref = self.newest_ts
+        kinds = rows["kind"]
         for code, kind in self.kinds.items():
-            mask = rows["kind"] == code
-            kind.ids = ids[mask].copy()
-            kind.cols = rows[mask].copy()
+            mask = kinds == code
+            kind.ids = ids[mask]  # boolean indexing copies: the arrays are ours to grow
+            kind.cols = rows[mask]
             kind.n = int(kind.ids.shape[0])
             kind.tree = SumTree.from_weights(self.model.weights(kind.cols, self.t_ref))
 
-    def restore_state(self, raw: bytes | None) -> None:
+    def _restore_state(self, raw: bytes | None) -> bool:
         """RNG, t_ref and counters saved by :meth:`state` at the last clean close."""
         if not raw:
-            return
+            return False
         try:
             data = json.loads(raw)
             rng = np.random.default_rng()
@@ -138,8 +142,8 @@ class Sampler:
             self.batches = int(data["batches"])
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("sampler state in LMDB is unreadable (%s); starting a fresh RNG", exc)
-            return
-        self._reweigh_all()
+            return False
+        return True
 
     def state(self) -> bytes:
         return json.dumps(

@@ -27,6 +27,7 @@ from typing import Any
 
 from xpstore.errors import RecordNotFoundError
 from xpstore.store.codec import (
+    KIND_BY_CODE,
     DeleteOp,
     DeleteTrackOp,
     FeedbackOp,
@@ -37,9 +38,11 @@ from xpstore.store.codec import (
     UpdateOp,
     decode_envelope,
     encode_envelope,
+    envelope_counters,
     envelope_from_put,
+    pack_envelope,
 )
-from xpstore.store.priority import inputs_for
+from xpstore.store.priority import inputs_for, inputs_from_map
 from xpstore.store.records import Experience, Fingerprint, apply_changes, kind_of
 
 _MISSING = object()
@@ -87,9 +90,11 @@ class StateView:
         self,
         get: Callable[[int], Experience | None],
         track: Callable[[str], int | None],
+        get_raw_many: Callable[[list[int]], dict[int, bytes]] | None = None,
     ) -> None:
         self.get = get
         self.track = track
+        self.get_raw_many = get_raw_many  # encoded envelopes of live ids (absent: missing)
 
 
 def derive(op: Op, lsn: int, view: StateView, payload: bytes) -> Effect:
@@ -130,6 +135,8 @@ def derive_all(op: Op, lsn: int, view: StateView, payload: bytes) -> list[Effect
     """
     if not isinstance(op, PriorityOp | FeedbackOp | RetrievalOp):
         return [derive(op, lsn, view, payload)]
+    if view.get_raw_many is not None:
+        return _derive_many_raw(op, lsn, view.get_raw_many(sorted(set(op.ids))))
     seen: dict[int, Experience] = {}
     out: list[Effect] = []
     for i, rid in enumerate(op.ids):
@@ -152,6 +159,41 @@ def derive_all(op: Op, lsn: int, view: StateView, payload: bytes) -> list[Effect
             new = replace(prev, retrieval_count=rc, updated_lsn=lsn)
         seen[rid] = new
         out.append(_rewrite(lsn, new))
+    return out
+
+
+def _derive_many_raw(
+    op: PriorityOp | FeedbackOp | RetrievalOp, lsn: int, raws: dict[int, bytes]
+) -> list[Effect]:
+    """derive_all for a many-id operation on encoded envelopes: the counters and priority are
+    rewritten in the msgpack list, no record model is built (10k ids per call is the norm)."""
+    lists: dict[int, list[Any]] = {}
+    out: list[Effect] = []
+    for i, rid in enumerate(op.ids):
+        obj = lists.get(rid)
+        if obj is None:
+            raw = raws.get(rid)
+            if raw is None:
+                if isinstance(op, RetrievalOp):
+                    continue  # deleted after it was sampled: its count has nowhere to go
+                raise RecordNotFoundError(f"no record with id {rid}")
+            obj = envelope_counters(raw)
+            if len(obj) == 7:
+                obj.append(None)
+            lists[rid] = obj
+        if isinstance(op, PriorityOp):
+            obj[7] = float(op.priorities[i])
+        elif isinstance(op, FeedbackOp):
+            obj[5] += 1 if op.success[i] else 0
+            obj[4] = max(obj[4] + (1 if op.count_retrieval else 0), obj[5])
+        else:
+            obj[4] += int(op.counts[i])
+        obj[3] = lsn
+        kind = KIND_BY_CODE[obj[1]]
+        ts = float(obj[2])
+        eff = Effect(lsn, record_id=rid, value=pack_envelope(obj), kind=kind, ts=ts)
+        eff.prio = inputs_from_map(kind, obj[6], rid, ts, obj[4], obj[5], obj[7])
+        out.append(eff)
     return out
 
 

@@ -522,7 +522,7 @@ class Store(SnapshotAPI, MaintenanceAPI, CheckAPI, IndexAPI, SampleAPI):
                 return known[track_id]
             return self._lmdb_track(track_id)
 
-        return StateView(self._read_get, track)
+        return StateView(self._read_get, track, self._raw_many(writer=False))
 
     def _writer_view(self, ops: list[Op]) -> StateView:
         """Newest state for derive(): pending, then durable overlay, then LMDB.
@@ -550,7 +550,32 @@ class Store(SnapshotAPI, MaintenanceAPI, CheckAPI, IndexAPI, SampleAPI):
                 return known[track_id]
             return self._lmdb_track(track_id)
 
-        return StateView(get, track)
+        return StateView(get, track, self._raw_many(writer=True))
+
+    def _raw_many(self, *, writer: bool) -> Any:
+        """Encoded envelopes of many ids: overlay first (pending too for writers), then LMDB in
+        one read transaction (the many-id operations' derive)."""
+        ov = self._overlay
+
+        def get_raw_many(ids: list[int]) -> dict[int, bytes]:
+            out: dict[int, bytes] = {}
+            rest: list[int] = []
+            for rid in ids:
+                eff = ov.writer_get(rid) if writer else ov.records.get(rid)
+                if eff is None:
+                    rest.append(rid)
+                elif eff.value is not None:
+                    out[rid] = eff.value
+            tables = self._tables
+            if rest and tables is not None:
+                with tables.reading() as txn:
+                    for rid in rest:
+                        raw = tables.get_record(txn, rid)
+                        if raw is not None:
+                            out[rid] = raw
+            return out
+
+        return get_raw_many
 
     def _lmdb_tracks(self, track_ids: list[str]) -> dict[str, int | None]:
         tables = self._tables
