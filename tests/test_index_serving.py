@@ -324,3 +324,32 @@ def test_a_swap_embeds_fingerprints_that_arrive_while_it_runs(tmp_path, monkeypa
         fp = st.get_fingerprint("racer")
         hit = st.similar(fingerprint=fp.record, k=1, exclude_self=False)[0]
         assert hit.record_id == fp.id and math.isclose(hit.score, 1.0, abs_tol=1e-5)
+
+
+def test_a_search_spanning_a_swap_never_returns_an_id_retired_before_it(tmp_path, monkeypatch):
+    """The search reads main, delta and tombstones as one snapshot: mixing the old main with
+    the new (shorter) tombstone set once returned a deleted track (found by the concurrency
+    test; reproduced here deterministically by swapping in the middle of a search)."""
+    from xpstore.index.serving import IndexServer
+
+    rng = np.random.default_rng(16)
+    with Store.open(tmp_path / "s", create=True, index_exact_below=0, **QUIET) as st:
+        ids = st.put_many(library(rng, 300))
+        st.rebuild_index()
+        x = ids[5]
+        query = st._index.server.vector_of(x)
+        st.delete_track("t5")  # a tombstone of the current main index
+        original = IndexServer._candidates
+        fired: list[bool] = []
+
+        def racing(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            if not fired:
+                fired.append(True)
+                st.rebuild_index(timeout=60)  # swap while this search holds the old state
+            return out
+
+        monkeypatch.setattr(IndexServer, "_candidates", racing)
+        hits = st.similar(vector=query, k=5, exclude_self=False)
+        assert fired and len(hits) == 5
+        assert x not in {h.record_id for h in hits}

@@ -250,14 +250,23 @@ class Delta:
         return out_s, out_i
 
 
+@dataclass(frozen=True)
+class _State:
+    """main, delta and tombstones, published together: a search reads one consistent triple
+    (a swap replaces all three at once; adds and retirements change the current delta and
+    tombstone set in place, under the server lock)."""
+
+    main: MainIndex
+    delta: Delta
+    tombs: set[int]
+
+
 class IndexServer:
     """The live similar-track index of one open store (see module doc). Thread-safe."""
 
     def __init__(self, main: MainIndex, delta: Delta, tombs: set[int]) -> None:
         self.lock = threading.Lock()
-        self.main = main
-        self.delta = delta
-        self.tombs = tombs
+        self._state = _State(main, delta, tombs)
         self._building = False
         self._retired: list[tuple[int, int]] = []  # (lsn, id), LSN order; see prune_retired
         self.version = 0  # bumps on every mutation (selector cache key)
@@ -265,6 +274,18 @@ class IndexServer:
         self.on_change: Callable[[], None] | None = None  # the rebuilder's trigger check
 
     # ------------------------------------------------------------ state
+    @property
+    def main(self) -> MainIndex:
+        return self._state.main
+
+    @property
+    def delta(self) -> Delta:
+        return self._state.delta
+
+    @property
+    def tombs(self) -> set[int]:
+        return self._state.tombs
+
     @property
     def embedder(self) -> HybridEmbedder:
         return self.main.embedder
@@ -277,10 +298,10 @@ class IndexServer:
         return len(self.main) - len(self.tombs) + len(self.delta)
 
     def is_live(self, rid: int) -> bool:
-        main, delta = self.main, self.delta
-        if rid in delta.pos:
+        st = self._state
+        if rid in st.delta.pos:
             return True
-        return rid not in self.tombs and rid in main
+        return rid not in st.tombs and rid in st.main
 
     # ------------------------------------------------------------ mutations
     def add(self, rid: int, raw: RawFingerprint, vec: F32 | None, generation: int) -> None:
@@ -372,9 +393,7 @@ class IndexServer:
             missing = [rid for rid in self.delta.pos if rid > lsn and rid not in pre]
             if missing:
                 pre.update(self._embed_delta(embedder, set(missing).__contains__, locked=True))
-            self.delta = self.delta.rebuilt(lambda rid: rid > lsn, pre)
-            self.tombs = tombs
-            self.main = main
+            self._state = _State(main, self.delta.rebuilt(lambda rid: rid > lsn, pre), tombs)
             self._building = False
             self._selector = None
             self.version += 1
@@ -432,14 +451,14 @@ class IndexServer:
         filter on ids (``where=``). Over-fetches and retries with more until ``k`` survive or
         everything was seen.
         """
-        main = self.main
-        delta = self.delta
+        st = self._state  # one consistent (main, delta, tombstones) for the whole search
+        main, delta = st.main, st.delta
         m = queries.shape[0]
         excl = list(exclude) if exclude is not None else [set() for _ in range(m)]
         total = len(main) + delta.rows_used
         fetch = k + max((len(e) for e in excl), default=0)
         if accept is None:
-            fetch += min(len(self.tombs), k)
+            fetch += min(len(st.tombs), k)
         else:
             fetch = max(fetch * 4, 64)
         results: list[list[tuple[int, float]] | None] = [None] * m
@@ -448,10 +467,10 @@ class IndexServer:
         while todo:
             fetch = min(fetch, max(total, 1))
             q = queries[todo]
-            cand = self._candidates(main, delta, q, fetch, params, use_selector)
+            cand = self._candidates(st, q, fetch, params, use_selector)
             again: list[int] = []
             for j, row in enumerate(todo):
-                got = self._filter(cand[j], main, delta, excl[row], accept, k)
+                got = self._filter(cand[j], st, excl[row], accept, k)
                 exhausted = fetch >= total
                 if len(got) >= k or exhausted:
                     results[row] = got[:k]
@@ -468,17 +487,17 @@ class IndexServer:
 
     def _candidates(
         self,
-        main: MainIndex,
-        delta: Delta,
+        st: _State,
         q: F32,
         fetch: int,
         params: dict[str, int] | None,
         use_selector: bool,
     ) -> list[list[tuple[int, float]]]:
+        main, delta = st.main, st.delta
         pairs: list[list[tuple[int, float]]] = [[] for _ in range(q.shape[0])]
         if main.backend is not None and len(main):
             kk = min(fetch, len(main))
-            if use_selector and self.tombs:
+            if use_selector and st.tombs:
                 scores, ids = self._search_selector(main, q, kk, params)
             else:
                 scores, ids = main.backend.search(q, kk, params=params)
@@ -521,22 +540,23 @@ class IndexServer:
     def _filter(
         self,
         cands: list[tuple[int, float]],
-        main: MainIndex,
-        delta: Delta,
+        st: _State,
         exclude: set[int],
         accept: Callable[[int], bool] | None,
         k: int,
     ) -> list[tuple[int, float]]:
+        """Live candidates, checked against the search's state and then against the current
+        one (a swap or a retirement may have happened while FAISS searched)."""
         out: list[tuple[int, float]] = []
-        tombs = self.tombs
         seen: set[int] = set()
+        now = self._state
         for rid, score in cands:
             if rid in seen or rid in exclude:
                 continue
             seen.add(rid)
-            if rid in delta.pos:
-                pass
-            elif rid in tombs or rid not in main:
+            if rid not in st.delta.pos and (rid in st.tombs or rid not in st.main):
+                continue
+            if now is not st and not self.is_live(rid):
                 continue
             if accept is not None and not accept(rid):
                 continue
