@@ -100,6 +100,9 @@ class StoreConfig(BaseModel):
     index_build_in: Literal["auto", "thread", "process"] = "auto"
     index_process_above: int = Field(20_000, ge=0)
     """``auto`` builds in a child process from this many tracks (a thread below)."""
+    index_query_threads: int = Field(1, ge=1, le=256)
+    """FAISS OpenMP threads of a single-query search (1: OpenMP's fork/join costs a single
+    query more than it saves, and far more on a busy machine; benchmarks.md)."""
     index_build_threads: int = Field(1, ge=1, le=256)
     """FAISS threads of a build: leave the other cores to queries."""
     index_neighbors_k: int = Field(10, ge=0, le=1000)

@@ -226,7 +226,9 @@ class IndexManager:
             len(delta),
             len(tombs),
         )
-        return IndexServer(main, delta, tombs)
+        server = IndexServer(main, delta, tombs)
+        server.query_threads = self.config.index_query_threads
+        return server
 
     def _load_main(self) -> MainIndex:
         path = self.dir / MAIN_FILE

@@ -101,9 +101,18 @@ def parse_fingerprint(data: bytes | memoryview, where: str = "record") -> RawFin
 
 
 def envelope_track(data: bytes | memoryview) -> tuple[str, dict[str, Any] | None]:
-    """Only the track id and metadata of an encoded fingerprint envelope (result mapping)."""
-    raw = parse_fingerprint(data)
-    return raw.track_id, raw.metadata
+    """Only the track id and metadata of an encoded fingerprint envelope (result mapping: no
+    arrays built, it runs for every answer of every query)."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise CodecError(f"not a msgpack envelope: {exc}") from exc
+    m = obj[6] if type(obj) is list and len(obj) in (7, 8) else None
+    track = m.get("track_id") if type(m) is dict else None
+    if type(track) is not str:
+        raise CodecError("not an encoded fingerprint envelope", field="track_id")
+    meta = m.get("metadata")  # type: ignore[union-attr]
+    return track, meta if type(meta) is dict else None
 
 
 def raw_from_model(fp: Fingerprint) -> RawFingerprint:

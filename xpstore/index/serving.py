@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from xpstore.errors import InvalidRecordError
-from xpstore.index.backends import IndexBackend
+from xpstore.index.backends import IndexBackend, faiss_threads
 from xpstore.index.embedding import HybridEmbedder
 from xpstore.index.rows import FingerprintRows, RawFingerprint
 
@@ -272,6 +272,7 @@ class IndexServer:
         self.version = 0  # bumps on every mutation (selector cache key)
         self._selector: tuple[int, Any] | None = None
         self.on_change: Callable[[], None] | None = None  # the rebuilder's trigger check
+        self.query_threads: int | None = 1  # FAISS threads of a single-query search
 
     # ------------------------------------------------------------ state
     @property
@@ -467,7 +468,8 @@ class IndexServer:
         while todo:
             fetch = min(fetch, max(total, 1))
             q = queries[todo]
-            cand = self._candidates(st, q, fetch, params, use_selector)
+            with faiss_threads(self.query_threads if len(todo) == 1 else None):
+                cand = self._candidates(st, q, fetch, params, use_selector)
             again: list[int] = []
             for j, row in enumerate(todo):
                 got = self._filter(cand[j], st, excl[row], accept, k)
