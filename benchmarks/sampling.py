@@ -398,6 +398,8 @@ def section_store(args: argparse.Namespace) -> dict[str, Any]:
         opens: list[float] = []
         updates: list[float] = []
         samples: list[float] = []
+        filt_first: list[float] = []
+        filt: list[float] = []
         batch = args.batch
         for rep in range(3):
             with Store.open(path) as st:
@@ -414,6 +416,14 @@ def section_store(args: argparse.Namespace) -> dict[str, Any]:
                     t0 = perf()
                     st.sample(batch, kind="prediction")
                     samples.append(perf() - t0)
+                where = {"context": "warm_start"}
+                t0 = perf()
+                st.sample(batch, kind="prediction", where=where)
+                filt_first.append(perf() - t0)
+                for _ in range(20):
+                    t0 = perf()
+                    st.sample(batch, kind="prediction", where=where)
+                    filt.append(perf() - t0)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     med_open = statistics.median(opens)
@@ -423,16 +433,22 @@ def section_store(args: argparse.Namespace) -> dict[str, Any]:
     print("|---|---:|---:|---:|")
     print(f"| sampler rebuild on open (prio table -> trees) | {fmt_s(med_open)} | - | - |")
     print(f"| update_priorities, {args.update_batch:,} ids per call (durable: one fsync) | "
-          f"{fmt_us(statistics.median(updates) * args.update_batch)} per call | - | "
+          f"{fmt_s(statistics.median(updates) * args.update_batch)} per call | - | "
           f"{fmt_rate(upd_rate)} updates/s |")  # fmt: skip
     print(f"| store.sample({batch}) end to end (draw + decode {batch} records) | "
           f"{fmt_us(statistics.median(samples))} | {fmt_us(pct(samples, 99))} | "
           f"{fmt_rate(batch / statistics.median(samples))} samples/s |")  # fmt: skip
+    print(f"| store.sample({batch}, where=context) first call (scans the kind once) | "
+          f"{fmt_s(statistics.median(filt_first))} | - | - |")  # fmt: skip
+    print(f"| store.sample({batch}, where=context) later calls (cached id set) | "
+          f"{fmt_us(statistics.median(filt))} | {fmt_us(pct(filt, 99))} | "
+          f"{fmt_rate(batch / statistics.median(filt))} samples/s |")  # fmt: skip
     ok = med_open <= BUILD_BAR_S or n < BUILD_BAR_ITEMS
     print()
     print(bar_line(ok, f"sampler rebuild on open <= 0.5 s at 1M: {fmt_s(med_open)} at {n:,}"))
     print()
-    return {"open_s": opens, "update_s_per_id": updates, "sample_s": samples, "load_s": load_s}
+    return {"open_s": opens, "update_s_per_id": updates, "sample_s": samples, "load_s": load_s,
+            "where_first_s": filt_first, "where_s": filt}
 
 
 # ---------------------------------------------------------------------------- main
