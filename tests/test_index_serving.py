@@ -353,3 +353,17 @@ def test_a_search_spanning_a_swap_never_returns_an_id_retired_before_it(tmp_path
         hits = st.similar(vector=query, k=5, exclude_self=False)
         assert fired and len(hits) == 5
         assert x not in {h.record_id for h in hits}
+
+
+def test_answers_show_metadata_updated_after_they_were_cached(tmp_path):
+    rng = np.random.default_rng(17)
+    with Store.open(tmp_path / "s", create=True, **QUIET) as st:
+        ids = st.put_many(library(rng, 50))
+        first = st.similar("t0", k=3)
+        target = first[0]
+        assert target.record_id in st._index.server.answers  # cached
+        st.update(target.record_id, metadata={"title": "Renamed", "artist": "Someone"})
+        again = st.similar("t0", k=3)
+        assert again[0].record_id == target.record_id
+        assert again[0].metadata == {"title": "Renamed", "artist": "Someone"}
+        assert len(ids) == 50

@@ -259,6 +259,9 @@ class IndexManager:
     def _on_durable(self, effects: list[Effect]) -> None:
         """Overlay listener (WAL leader, under the overlay lock): never raises."""
         try:
+            server = self.server
+            if server is not None and server.answers:
+                server.forget(e.record_id for e in effects if e.record_id is not None)
             events = [_event(eff) for eff in effects if eff.track is not None]
             if not events:
                 return

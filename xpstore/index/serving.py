@@ -273,6 +273,10 @@ class IndexServer:
         self._selector: tuple[int, Any] | None = None
         self.on_change: Callable[[], None] | None = None  # the rebuilder's trigger check
         self.query_threads: int | None = 1  # FAISS threads of a single-query search
+        self.answers: dict[int, tuple[str, dict[str, Any] | None]] = {}
+        """id -> (track id, metadata) of recent answers (bounded; an update of a record's
+        metadata drops its entry, see ``forget``): mapping ids to tracks without LMDB."""
+        self.answers_max = 100_000
 
     # ------------------------------------------------------------ state
     @property
@@ -303,6 +307,24 @@ class IndexServer:
         if rid in st.delta.pos:
             return True
         return rid not in st.tombs and rid in st.main
+
+    def remember(
+        self, rid: int, value: tuple[str, dict[str, Any] | None]
+    ) -> tuple[str, dict[str, Any] | None]:
+        answers = self.answers
+        if len(answers) >= self.answers_max:
+            try:
+                del answers[next(iter(answers))]  # oldest first
+            except (StopIteration, KeyError, RuntimeError):
+                answers.clear()
+        answers[rid] = value
+        return value
+
+    def forget(self, rids: Iterable[int]) -> None:
+        """Drop cached answers of records whose metadata changed (or that were deleted)."""
+        answers = self.answers
+        for rid in rids:
+            answers.pop(rid, None)
 
     # ------------------------------------------------------------ mutations
     def add(self, rid: int, raw: RawFingerprint, vec: F32 | None, generation: int) -> None:
@@ -494,27 +516,28 @@ class IndexServer:
         fetch: int,
         params: dict[str, int] | None,
         use_selector: bool,
-    ) -> list[list[tuple[int, float]]]:
+    ) -> list[list[tuple[int, float, bool]]]:
+        """(id, score, from main) per query row, best first."""
         main, delta = st.main, st.delta
-        pairs: list[list[tuple[int, float]]] = [[] for _ in range(q.shape[0])]
+        pairs: list[list[tuple[int, float, bool]]] = [[] for _ in range(q.shape[0])]
         if main.backend is not None and len(main):
             kk = min(fetch, len(main))
             if use_selector and st.tombs:
                 scores, ids = self._search_selector(main, q, kk, params)
             else:
                 scores, ids = main.backend.search(q, kk, params=params)
-            for j in range(q.shape[0]):
-                pairs[j].extend(
-                    (int(i), float(s)) for i, s in zip(ids[j], scores[j], strict=True) if i >= 0
-                )
+            rows = zip(ids.tolist(), scores.tolist(), strict=True)
+            for j, (row_ids, row_scores) in enumerate(rows):
+                pairs[j] = [
+                    (i, sc, True) for i, sc in zip(row_ids, row_scores, strict=True) if i >= 0
+                ]
         if delta.rows_used:
             ds, di = delta.search(q, min(fetch, delta.rows_used))
-            for j in range(q.shape[0]):
+            for j, (row_ids, row_scores) in enumerate(zip(di.tolist(), ds.tolist(), strict=True)):
                 pairs[j].extend(
-                    (int(i), float(s)) for i, s in zip(di[j], ds[j], strict=True) if i >= 0
+                    (i, sc, False) for i, sc in zip(row_ids, row_scores, strict=True) if i >= 0
                 )
-        for p in pairs:
-            p.sort(key=lambda t: -t[1])
+                pairs[j].sort(key=lambda t: -t[1])
         return pairs
 
     def _search_selector(
@@ -541,7 +564,7 @@ class IndexServer:
 
     def _filter(
         self,
-        cands: list[tuple[int, float]],
+        cands: list[tuple[int, float, bool]],
         st: _State,
         exclude: set[int],
         accept: Callable[[int], bool] | None,
@@ -552,11 +575,12 @@ class IndexServer:
         out: list[tuple[int, float]] = []
         seen: set[int] = set()
         now = self._state
-        for rid, score in cands:
+        tombs, pos = st.tombs, st.delta.pos
+        for rid, score, from_main in cands:
             if rid in seen or rid in exclude:
                 continue
             seen.add(rid)
-            if rid not in st.delta.pos and (rid in st.tombs or rid not in st.main):
+            if (rid in tombs) if from_main else (rid not in pos):
                 continue
             if now is not st and not self.is_live(rid):
                 continue

@@ -10,7 +10,6 @@ change reaches the index before its writer returns.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -306,25 +305,37 @@ class IndexAPI:
         return accept
 
     def _neighbors(self, server: IndexServer, hits: list[tuple[int, float]]) -> list[Neighbor]:
-        """Map (id, score) to Neighbors: track and metadata from the overlay or LMDB."""
+        """Map (id, score) to Neighbors: track and metadata from the server's answer cache,
+        else the overlay or LMDB (one read transaction for the misses)."""
         from xpstore.index.rows import envelope_track
 
         store = self._as_store()
-        out: list[Neighbor] = []
-        overlay = store._overlay
-        tables = store._tables
-        if tables is None:
-            store._check_open()
-            return out
-        with tables.reading() as txn:
-            for rid, score in hits:
-                eff = overlay.records.get(rid)
-                data = eff.value if eff is not None else tables.get_record(txn, rid)
-                if data is None:
-                    continue  # deleted after the search: not live any more
-                track, meta = envelope_track(data)
-                out.append(Neighbor(track, float(score), rid, meta))
-        return out
+        cache = server.answers
+        found: dict[int, tuple[str, dict[str, Any] | None]] = {}
+        misses = []
+        for rid, _score in hits:
+            hit = cache.get(rid)
+            if hit is None:
+                misses.append(rid)
+            else:
+                found[rid] = hit
+        if misses:
+            overlay = store._overlay
+            tables = store._tables
+            if tables is None:
+                store._check_open()
+                return []
+            with tables.reading() as txn:
+                for rid in misses:
+                    eff = overlay.records.get(rid)
+                    data = eff.value if eff is not None else tables.get_record(txn, rid)
+                    if data is not None:  # None: deleted after the search, not live any more
+                        found[rid] = server.remember(rid, envelope_track(data))
+        return [
+            Neighbor(found[rid][0], score, rid, found[rid][1])
+            for rid, score in hits
+            if rid in found
+        ]
 
     def _precomputed(self, track_id: str, k: int, predicate: Any) -> list[Neighbor]:
         from xpstore.index import neighbors as nbrs
@@ -367,7 +378,7 @@ def _params(params: Mapping[str, int] | None) -> dict[str, int] | None:
 
 def _check_vector(vector: Any, dim: int) -> npt.NDArray[np.float32]:
     try:
-        arr = np.asarray(vector, dtype=np.float32)
+        arr = np.ascontiguousarray(vector, dtype=np.float32)
     except (TypeError, ValueError) as exc:
         raise InvalidRecordError(f"vector must be numbers: {exc}", field="vector") from exc
     if arr.ndim != 1 or arr.shape[0] != dim:
@@ -377,6 +388,6 @@ def _check_vector(vector: Any, dim: int) -> npt.NDArray[np.float32]:
         )
     if not np.isfinite(arr).all():
         raise InvalidRecordError("vector contains NaN or infinity", field="vector")
-    if not math.isfinite(float(np.linalg.norm(arr))) or not np.any(arr):
+    if not arr.any():
         raise InvalidRecordError("vector is all zeros", field="vector")
-    return np.ascontiguousarray(arr)
+    return arr
