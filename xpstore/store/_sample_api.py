@@ -280,13 +280,19 @@ class SampleAPI:
         with sampler.lock:
             changed = sampler.changed[flt.seen :]
             flt.seen = len(sampler.changed)
+        before = len(flt.ids)
+        dirty = flt.array is None
         for rid in set(changed):
             exp = store._read_get(rid)
             if exp is not None and exp.kind == kind and predicate(exp):
+                dirty = dirty or rid not in flt.ids
                 flt.ids.add(rid)
-            else:
+            elif rid in flt.ids:
                 flt.ids.discard(rid)
-        return np.fromiter(sorted(flt.ids), dtype=np.int64, count=len(flt.ids))
+                dirty = True
+        if dirty or len(flt.ids) != before or flt.array is None:
+            flt.array = np.fromiter(sorted(flt.ids), dtype=np.int64, count=len(flt.ids))
+        return flt.array
 
     def _flush_retrievals(self) -> None:
         """Log the retrieval counts ``sample`` bumped in memory (one WAL operation)."""

@@ -362,6 +362,7 @@ class _Filter:
     predicate: Callable[[Any], bool]
     ids: set[int]
     seen: int  # position in Sampler.changed already processed
+    array: I64 | None = None  # ids sorted, rebuilt only when the set changed
 
 
 def fill_missing_rows(tables: LmdbTables, values: list[bytes]) -> list[bytes]:
