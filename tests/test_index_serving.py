@@ -367,3 +367,18 @@ def test_answers_show_metadata_updated_after_they_were_cached(tmp_path):
         assert again[0].record_id == target.record_id
         assert again[0].metadata == {"title": "Renamed", "artist": "Someone"}
         assert len(ids) == 50
+
+
+def test_neighbour_files_are_read_in_slices(tmp_path, monkeypatch):
+    """msgpack refuses to buffer more than 100 MiB at once; a million tracks' lists are more,
+    so the reader feeds the payload in slices (here 64 bytes, so entries straddle slices)."""
+    from xpstore.index import neighbors as nbrs
+
+    path = tmp_path / "n.bin"
+    with nbrs.NeighborFileWriter(path) as w:
+        for i in range(500):
+            w.add(f"t{i}", nbrs.encode(3, 99, [(f"t{j}", j, 0.5) for j in range(i % 7)]))
+    monkeypatch.setattr(nbrs, "FEED_BYTES", 64)
+    pairs = [p for chunk in nbrs.read_file(path, chunk=37) for p in chunk]
+    assert len(pairs) == 500 and pairs[499][0] == b"t499"
+    assert nbrs.decode(pairs[6][1], "t6").items == [(f"t{j}", j, 0.5) for j in range(6)]

@@ -177,10 +177,10 @@ class IndexManager:
         if not self.readonly:
             self.rebuilder = Rebuilder(self)
             server.on_change = self.rebuilder.poke
-            self.rebuilder.start()
             auto = self.config.index_auto_rebuild
             if auto and server.main.backend is None and server.live_count() > 0:
-                self.rebuilder.request("no index yet")
+                self.rebuilder.request("no index yet")  # before start: one build, not two
+            self.rebuilder.start()
         return server
 
     def _build_server(

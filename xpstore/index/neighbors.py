@@ -36,6 +36,7 @@ __all__ = ["Neighbor", "NeighborFileWriter", "NeighborList", "decode", "encode",
 VERSION: Final = 1
 _HEAD: Final = struct.Struct(">BQQ")
 _MAGIC: Final = b"XPSNBRS1"
+FEED_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -151,15 +152,20 @@ def read_file(path: Path, chunk: int = 5000) -> Iterator[list[tuple[bytes, bytes
     payload = memoryview(data)[len(_MAGIC) + 32 :]
     if hashlib.sha256(payload).digest() != stored:
         raise StoreCorruptionError(f"neighbour file {path}: checksum mismatch")
+    # fed in slices: msgpack's Unpacker refuses more than max_buffer_size (100 MiB) at once,
+    # and a million tracks' lists are larger than that
     unpacker = msgpack.Unpacker(raw=False, use_list=True)
-    unpacker.feed(payload)
     out: list[tuple[bytes, bytes]] = []
-    for pair in unpacker:
-        if type(pair) is not list or len(pair) != 2:
-            raise StoreCorruptionError(f"neighbour file {path}: malformed entry")
-        out.append((bytes(pair[0]), bytes(pair[1])))
-        if len(out) >= chunk:
-            yield out
-            out = []
+    for start in range(0, len(payload), FEED_BYTES):
+        unpacker.feed(payload[start : start + FEED_BYTES])
+        for pair in unpacker:
+            if type(pair) is not list or len(pair) != 2:
+                raise StoreCorruptionError(f"neighbour file {path}: malformed entry")
+            out.append((bytes(pair[0]), bytes(pair[1])))
+            if len(out) >= chunk:
+                yield out
+                out = []
+    if unpacker.tell() != len(payload):
+        raise StoreCorruptionError(f"neighbour file {path}: truncated entry at the end")
     if out:
         yield out
