@@ -41,7 +41,6 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from xpstore.errors import InvalidRecordError
 from xpstore.index.backends import IndexBackend, faiss_threads
 from xpstore.index.embedding import HybridEmbedder
 from xpstore.index.rows import FingerprintRows, RawFingerprint
@@ -612,10 +611,3 @@ class IndexServer:
             "building": self._building,
             "age_s": time.time() - build.built_at if build is not None else None,
         }
-
-
-def check_k(k: object) -> int:
-    """``k`` for a query: an int >= 1."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InvalidRecordError(f"k must be an int >= 1, got {k!r}", field="k")
-    return k
