@@ -1,7 +1,8 @@
 """Ingest benchmark (issue 2): xpstore ``put``/``put_many`` against raw and SQLite baselines.
 
 Every case runs in this one process, on the same disk and on the same records (a realistic mix
-from ``xpstore.synthetic.make_mixed``); the raw baselines write the records' encoded bytes, so the
+from ``xpstore.demo.synthetic.make_mixed``);
+the raw baselines write the records' encoded bytes, so the
 byte sizes match. Each repeat runs every case once, in an order rotated by one per repeat, and each
 run gets a fresh directory. The table shows the median rate over the repeats, the spread, latency
 percentiles pooled over the repeats (per put for single-record cases, per batch for batched ones)
@@ -50,11 +51,11 @@ import numpy as np
 import pydantic
 
 import xpstore
+from xpstore.demo.synthetic import make_mixed
+from xpstore.model.codec import KIND_CODES, PutOp, encode_op
+from xpstore.model.records import Record, kind_of, record_to_json
 from xpstore.persistence.wal_format import encode_frame
-from xpstore.store.codec import KIND_CODES, PutOp, encode_op
-from xpstore.store.records import Record, kind_of, record_to_json
 from xpstore.store.store import Store
-from xpstore.synthetic import make_mixed
 
 REPO = Path(__file__).resolve().parent.parent
 

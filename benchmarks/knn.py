@@ -2,7 +2,8 @@
 
 One run, per size N (default 20 000; the issue's 100 000 and 1 000 000 by hand):
 
-1. **Data.** N synthetic tracks in eight style clusters (``xpstore.synthetic.sample_batch_values``
+1. **Data.** N synthetic tracks in eight style clusters
+   (``xpstore.demo.synthetic.sample_batch_values``
    per style; with ``--embedding-dim`` an embedding near a per-style centroid as well), loaded with
    ``put_many`` in batches (durability ``none``: loading is not what is measured), plus
    ``--queries`` held-out tracks of the same styles that are never stored: the query vectors
@@ -70,9 +71,9 @@ import psutil
 
 import xpstore
 from xpstore import Store
+from xpstore.demo.synthetic import STYLES, sample_batch_values
 from xpstore.index.backends import faiss_threads
-from xpstore.store.records import BATCH_FIELDS, BatchFingerprint, Fingerprint
-from xpstore.synthetic import STYLES, sample_batch_values
+from xpstore.model.records import BATCH_FIELDS, BatchFingerprint, Fingerprint
 
 perf = time.perf_counter
 STYLE_NAMES = tuple(STYLES)

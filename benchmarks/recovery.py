@@ -31,7 +31,7 @@ _CHILD = r"""
 import os, signal, sys, time
 import numpy as np
 from xpstore import Store
-from xpstore.synthetic import make_mixed
+from xpstore.demo.synthetic import make_mixed
 path, n = sys.argv[1], int(sys.argv[2])
 records = make_mixed(np.random.default_rng(1), n, t0=1_700_000_000.0)
 store = Store.open(path, create=True, hold_applier=True)
@@ -50,7 +50,7 @@ def _wal_bytes(path: Path) -> int:
 
 def run_size(n: int, workdir: Path) -> dict[str, float]:
     from xpstore import Store
-    from xpstore.persistence.replay import replay
+    from xpstore.ops.replay import replay
 
     path = workdir / f"store-{n}"
     proc = subprocess.run(

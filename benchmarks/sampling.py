@@ -7,7 +7,8 @@ One section per part of the issue's performance list; ``--sections`` picks which
 sampler's rebuild on open (the LMDB ``prio`` table read as arrays, the trees built), and
 ``store.sample`` end to end including record decoding.
 
-``memory`` -- ``xpstore.store.sumtree.SumTree`` and ``cpprb.PrioritizedReplayBuffer`` (C++), loaded
+``memory`` -- ``xpstore.sampling.sumtree.SumTree``
+and ``cpprb.PrioritizedReplayBuffer`` (C++), loaded
 with the same ``--items`` priorities (uniform in [0.01, 1)), same alpha (0.6) and beta (0.4):
 
 1. **Sanity** (not timed): mean priority of sampled items for both against the exact
@@ -52,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from xpstore.store.sumtree import SumTree, importance_weights
+from xpstore.sampling.sumtree import SumTree, importance_weights
 
 try:
     import cpprb
@@ -381,7 +382,7 @@ def section_store(args: argparse.Namespace) -> dict[str, Any]:
     import tempfile
 
     from xpstore import Store
-    from xpstore.synthetic import make_prediction
+    from xpstore.demo.synthetic import make_prediction
 
     n = args.items
     root = Path(tempfile.mkdtemp(prefix="xpstore-sampling-"))

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 import numpy as np
 
 from xpstore import Store
-from xpstore.store.records import Fingerprint
-from xpstore.synthetic import make_fingerprint
+from xpstore.demo.synthetic import make_fingerprint
+from xpstore.model.records import Fingerprint
 
 
 def library(rng: np.random.Generator, n: int, prefix: str = "t", **kw: object) -> list[Fingerprint]:

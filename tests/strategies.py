@@ -10,8 +10,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from xpstore.store.codec import DeleteOp, DeleteTrackOp, Op, PutOp, UpdateOp
-from xpstore.store.records import (
+from xpstore.model.codec import DeleteOp, DeleteTrackOp, Op, PutOp, UpdateOp
+from xpstore.model.records import (
     BATCH_FIELDS,
     MUTABLE_FIELDS,
     STREAMING_FIELDS,

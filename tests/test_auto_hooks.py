@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from xpstore import Store
-from xpstore.synthetic import make_prediction
+from xpstore.demo.synthetic import make_prediction
 
 
 def _until(predicate, timeout: float = 20.0) -> bool:

@@ -21,6 +21,7 @@ from click.testing import CliRunner, Result
 from xpstore import Store, StoreLockedError
 from xpstore.cli import main
 from xpstore.cli._errors import EXIT_CODES, exit_code_for
+from xpstore.demo.synthetic import make_mixed
 from xpstore.errors import (
     CodecError,
     FormatVersionError,
@@ -31,8 +32,7 @@ from xpstore.errors import (
     WALCorruptionError,
     WALWriteError,
 )
-from xpstore.store.records import PredictionOutcome, record_to_json
-from xpstore.synthetic import make_mixed
+from xpstore.model.records import PredictionOutcome, record_to_json
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 

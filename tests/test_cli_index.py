@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 
 from xpstore import Store
 from xpstore.cli import main
-from xpstore.synthetic import STYLES, make_fingerprint
+from xpstore.demo.synthetic import STYLES, make_fingerprint
 
 N_TRACKS = 300
 STATUS_KEYS = {"kind", "size", "delta", "tombstones", "lsn", "build_id", "recall_at_10"}

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from xpstore import Store
 from xpstore.cli import main
-from xpstore.synthetic import make_prediction, make_query_metric
+from xpstore.demo.synthetic import make_prediction, make_query_metric
 
 
 def _store(tmp_path):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tests.strategies import experiences, fingerprints, ops, records
 from xpstore.errors import CodecError, InvalidRecordError, StoreCorruptionError, XpStoreError
-from xpstore.store.codec import (
+from xpstore.model.codec import (
     CODEC_VERSION,
     KIND_BY_CODE,
     KIND_CODES,
@@ -28,7 +28,7 @@ from xpstore.store.codec import (
     envelope_from_put,
     peek_put,
 )
-from xpstore.store.records import (
+from xpstore.model.records import (
     BATCH_FIELDS,
     KINDS,
     STREAMING_FIELDS,

@@ -17,10 +17,10 @@ import pytest
 
 from tests.helpers import files_of
 from xpstore import Store, WALCorruptionError
+from xpstore.demo.synthetic import make_mixed
 from xpstore.persistence.wal import WalWriter
 from xpstore.persistence.wal_format import HEADER_SIZE, Frame, scan_segment
 from xpstore.store.salvage import salvage_store
-from xpstore.synthetic import make_mixed
 
 MODES = ("tolerate_tail", "absolute", "point_in_time", "salvage")
 OPENS = "opens; torn tail truncated (.broken copy kept)"

@@ -1,7 +1,7 @@
 """SIGKILL a real writer process (several threads) at random moments; every acknowledged
 record must be back after reopen, bit for bit, and ids must never repeat.
 
-The child is ``python -m xpstore.crashwriter`` (no FAISS imported). 30 rounds in the normal
+The child is ``python -m xpstore.demo.crashwriter`` (no FAISS imported). 30 rounds in the normal
 suite; ``pytest --stress -m stress`` runs 1000.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from xpstore import Store
-from xpstore.crashwriter import record_for
+from xpstore.demo.crashwriter import record_for
 
 
 def _run_round(
@@ -29,7 +29,7 @@ def _run_round(
     cmd = [
         sys.executable,
         "-m",
-        "xpstore.crashwriter",
+        "xpstore.demo.crashwriter",
         str(path),
         "--threads",
         "4",

@@ -13,9 +13,9 @@ import numpy as np
 
 from tests.crashfs import CrashFS
 from xpstore import Store
+from xpstore.demo.synthetic import make_mixed
 from xpstore.persistence import fs
 from xpstore.persistence.wal_format import scan_segment
-from xpstore.synthetic import make_mixed
 
 
 class _Workload:

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from xpstore import RecordNotFoundError, Store
 from xpstore.cli import main
-from xpstore.crashwriter import record_for
-from xpstore.demo import DemoResult, SimilarReport, run_demo
-from xpstore.synthetic import STYLES
+from xpstore.demo.crashwriter import record_for
+from xpstore.demo.run import DemoResult, SimilarReport, run_demo
+from xpstore.demo.synthetic import STYLES
 
 
 def test_run_demo_loses_nothing_acknowledged(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from xpstore.demo.synthetic import STYLES, make_fingerprint, sample_batch_values
 from xpstore.errors import FormatVersionError, InvalidRecordError, StoreCorruptionError
 from xpstore.index.embedding import (
     AUDIO_DIM,
@@ -20,14 +21,13 @@ from xpstore.index.embedding import (
     StatsCorruptionError,
     audio_matrix,
 )
-from xpstore.store.records import (
+from xpstore.model.records import (
     BATCH_FIELDS,
     STREAMING_FIELDS,
     BatchFingerprint,
     Fingerprint,
     StreamingFingerprint,
 )
-from xpstore.synthetic import STYLES, make_fingerprint, sample_batch_values
 
 EMB_DIM = 8
 STYLE_NAMES = tuple(STYLES)

@@ -13,6 +13,7 @@ import faiss
 import numpy as np
 import pytest
 
+from xpstore.demo.synthetic import STYLES, sample_batch_values
 from xpstore.errors import (
     FormatVersionError,
     InvalidRecordError,
@@ -35,8 +36,7 @@ from xpstore.index.backends import (
     save,
 )
 from xpstore.index.embedding import AudioStats, HybridEmbedder
-from xpstore.store.records import BATCH_FIELDS
-from xpstore.synthetic import STYLES, sample_batch_values
+from xpstore.model.records import BATCH_FIELDS
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import pytest
 
 from tests.index_support import library, live_fingerprints
 from xpstore import RecordNotFoundError, Store
-from xpstore.synthetic import make_fingerprint
+from xpstore.demo.synthetic import make_fingerprint
 
 
 @pytest.mark.parametrize("build_in", ["thread", "process"])

@@ -28,7 +28,7 @@ CHILD = textwrap.dedent(
     import os, sys, time
     import numpy as np
     from xpstore import Store
-    from xpstore.synthetic import make_fingerprint
+    from xpstore.demo.synthetic import make_fingerprint
 
     path, build_in, mode = sys.argv[1], sys.argv[2], sys.argv[3]
     rng = np.random.default_rng(99)

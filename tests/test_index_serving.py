@@ -11,8 +11,8 @@ import pytest
 
 from tests.index_support import exact_top, library, live_fingerprints, same_up_to_ties
 from xpstore import InvalidRecordError, ReadOnlyStoreError, RecordNotFoundError, Store
+from xpstore.demo.synthetic import make_fingerprint
 from xpstore.index.backends import read_meta
-from xpstore.synthetic import make_fingerprint
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -19,10 +19,10 @@ from click.testing import CliRunner, Result
 from tests.helpers import files_of, segments
 from xpstore import Store
 from xpstore.cli import main
-from xpstore.persistence.inspect import WalDamage, WalFrame, WalWalk, inspect_wal
+from xpstore.demo.synthetic import make_mixed
+from xpstore.ops.inspect import WalDamage, WalFrame, WalWalk, inspect_wal
 from xpstore.persistence.lmdb_tables import index_key, u64
 from xpstore.persistence.wal_format import scan_segment
-from xpstore.synthetic import make_mixed
 
 MAX_FRAME = 64 * 1024 * 1024
 
@@ -351,7 +351,7 @@ _BUSY_WRITER = textwrap.dedent(
     import sys, threading
     import numpy as np
     from xpstore import Store
-    from xpstore.synthetic import make_mixed
+    from xpstore.demo.synthetic import make_mixed
     records = make_mixed(np.random.default_rng(3), 4000, t0=1_700_000_000.0)
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()

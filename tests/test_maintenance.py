@@ -22,13 +22,13 @@ from click.testing import CliRunner, Result
 
 from xpstore import Store
 from xpstore.cli import main
+from xpstore.demo.synthetic import make_fingerprint, make_mixed, make_query_metric
 from xpstore.errors import ReadOnlyStoreError, RecordNotFoundError, XpStoreError
-from xpstore.persistence import compaction
-from xpstore.persistence.compaction import COMPACT_DIR, INTENT, OLD_DIR, finish_interrupted
+from xpstore.model.records import PredictionOutcome, QueryMetric, Record
+from xpstore.ops import compaction
+from xpstore.ops.compaction import COMPACT_DIR, INTENT, OLD_DIR, finish_interrupted
 from xpstore.persistence.layout import Layout
 from xpstore.store import _maintenance_api
-from xpstore.store.records import PredictionOutcome, QueryMetric, Record
-from xpstore.synthetic import make_fingerprint, make_mixed, make_query_metric
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000.0
@@ -290,7 +290,7 @@ def test_compact_refuses_readonly_and_a_second_handle(store_path: Path) -> None:
 COMPACT_CHILD = """
 import sys
 from xpstore import Store
-from xpstore.store.records import PredictionOutcome
+from xpstore.model.records import PredictionOutcome
 path, puts, hold = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 with Store.open(path, hold_applier=hold) as store:
     recs = [PredictionOutcome(predicted="p", confidence=0.5, context=f"c{i}", ts=2e9 + i)

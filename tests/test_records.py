@@ -13,7 +13,7 @@ from hypothesis import given, settings
 
 from tests.strategies import records
 from xpstore.errors import InvalidRecordError, XpStoreError
-from xpstore.store.records import (
+from xpstore.model.records import (
     BATCH_FIELDS,
     HARMONIC_FIELDS,
     KINDS,

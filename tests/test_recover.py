@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from tests.helpers import files_of
 from xpstore import InvalidRecordError, Store, WALCorruptionError
 from xpstore.cli import main
+from xpstore.demo.synthetic import make_mixed
 from xpstore.persistence.wal_format import scan_segment
 from xpstore.store.salvage import salvage_store
-from xpstore.synthetic import make_mixed
 
 
 def _held_store(path: Path, n: int = 12, **kw) -> list:

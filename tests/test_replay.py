@@ -17,16 +17,16 @@ from click.testing import CliRunner, Result
 from tests.helpers import files_of, segments
 from xpstore import Store
 from xpstore.cli import main
-from xpstore.persistence.replay import ReplayItem, replay
-from xpstore.persistence.wal_format import scan_segment
-from xpstore.store.records import (
+from xpstore.demo.synthetic import make_mixed
+from xpstore.model.records import (
     Fingerprint,
     PredictionOutcome,
     Record,
     kind_of,
     record_to_json,
 )
-from xpstore.synthetic import make_mixed
+from xpstore.ops.replay import ReplayItem, replay
+from xpstore.persistence.wal_format import scan_segment
 
 T0 = 1_690_000_000.0
 MAX_FRAME = 64 * 1024 * 1024

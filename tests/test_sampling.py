@@ -25,7 +25,7 @@ from xpstore import (
     RecordNotFoundError,
     Store,
 )
-from xpstore.synthetic import make_prediction, make_query_metric
+from xpstore.demo.synthetic import make_prediction, make_query_metric
 
 # chi-square critical values at alpha = 0.001 (upper tail), by degrees of freedom
 CHI2_999 = {19: 43.82, 29: 58.30, 39: 72.05}

@@ -30,10 +30,10 @@ from xpstore import (
     Store,
 )
 from xpstore.cli import main
+from xpstore.demo.synthetic import make_fingerprint
+from xpstore.model.records import Fingerprint
+from xpstore.ops import snapshots as snap_mod
 from xpstore.persistence import fs
-from xpstore.persistence import snapshots as snap_mod
-from xpstore.store.records import Fingerprint
-from xpstore.synthetic import make_fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
 # small segments so that checkpoints have closed segments to delete; durability "none" is

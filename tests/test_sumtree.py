@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from xpstore.errors import EmptySampleError, InvalidRecordError
-from xpstore.store.sumtree import MAX_WEIGHT, SumTree, importance_weights
+from xpstore.sampling.sumtree import MAX_WEIGHT, SumTree, importance_weights
 
 # ---------------------------------------------------------------------------- chi-square helper
 

@@ -7,19 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from xpstore.store.codec import PutOp, decode_op, encode_op
-from xpstore.store.records import (
-    BATCH_FIELDS,
-    STREAMING_FIELDS,
-    STREAMING_FIELDS_NO_HARMONIC,
-    Fingerprint,
-    PredictionOutcome,
-    QueryMetric,
-    kind_of,
-    record_from_json,
-    record_to_json,
-)
-from xpstore.synthetic import (
+from xpstore.demo.synthetic import (
     AUDIO_FEATURES,
     BAND_FIELDS,
     CONTEXTS,
@@ -31,6 +19,18 @@ from xpstore.synthetic import (
     make_prediction,
     make_query_metric,
     sample_batch_values,
+)
+from xpstore.model.codec import PutOp, decode_op, encode_op
+from xpstore.model.records import (
+    BATCH_FIELDS,
+    STREAMING_FIELDS,
+    STREAMING_FIELDS_NO_HARMONIC,
+    Fingerprint,
+    PredictionOutcome,
+    QueryMetric,
+    kind_of,
+    record_from_json,
+    record_to_json,
 )
 
 

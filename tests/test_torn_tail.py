@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from xpstore import Store, WALCorruptionError
+from xpstore.demo.synthetic import make_mixed
 from xpstore.persistence.wal import WalWriter
 from xpstore.persistence.wal_format import FRAME_HEADER_SIZE, HEADER_SIZE, scan_segment
 from xpstore.persistence.wal_recovery import recover_wal
-from xpstore.synthetic import make_mixed
 
 STORE_ID = 0x5EED
 MAX_FRAME = 1 << 20

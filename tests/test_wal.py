@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from xpstore import RecordTooLargeError, Store, WALWriteError
+from xpstore.demo.synthetic import make_mixed, make_prediction
 from xpstore.persistence import fs
 from xpstore.persistence.wal import WalWriter
 from xpstore.persistence.wal_format import (
@@ -21,7 +22,6 @@ from xpstore.persistence.wal_format import (
     encode_header,
     scan_segment,
 )
-from xpstore.synthetic import make_mixed, make_prediction
 
 
 def _writer(wal: Path, **kw) -> WalWriter:

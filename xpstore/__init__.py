@@ -23,10 +23,7 @@ from xpstore.errors import (
     XpStoreError,
 )
 from xpstore.index.neighbors import Neighbor
-from xpstore.persistence.snapshots import SnapshotInfo
-from xpstore.persistence.wal_recovery import RecoveryReport
-from xpstore.store._sample_api import SampleBatch
-from xpstore.store.records import (
+from xpstore.model.records import (
     BatchFingerprint,
     Experience,
     Fingerprint,
@@ -34,6 +31,9 @@ from xpstore.store.records import (
     QueryMetric,
     StreamingFingerprint,
 )
+from xpstore.ops.snapshots import SnapshotInfo
+from xpstore.persistence.wal_recovery import RecoveryReport
+from xpstore.store._sample_api import SampleBatch
 from xpstore.store.store import Store
 
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ import click
 
 from xpstore.cli._errors import CliError
 from xpstore.errors import InvalidRecordError
-from xpstore.store.records import Record, record_from_json
+from xpstore.model.records import Record, record_from_json
 
 
 class _DuplicateKeyError(ValueError):

@@ -24,10 +24,10 @@ from xpstore import Store, StoreLockedError, __version__
 from xpstore.cli._errors import EXIT_PROBLEM, EXIT_USAGE, CliError, XpGroup
 from xpstore.cli._input import BadLine, TimestampType, parse_jsonl, parse_record, parse_where
 from xpstore.cli._output import dumps, emit_json, flatten, table
-from xpstore.demo import run_demo
+from xpstore.demo.run import run_demo
 from xpstore.errors import InvalidRecordError
+from xpstore.model.records import KINDS
 from xpstore.persistence.layout import MARKER
-from xpstore.store.records import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,7 @@ def demo(path: Path | None, records: int, tracks: int, seed: int, crash_after: i
        shows counts, a record and a where= scan.
     2. Writes a library of TRACKS generated tracks in named styles, builds
        the k-NN index and shows similar-track lookups a person can judge.
-    3. Starts `python -m xpstore.crashwriter` (4 threads), kills it with
+    3. Starts `python -m xpstore.demo.crashwriter` (4 threads), kills it with
        SIGKILL mid-stream, reopens the store (WAL recovery) and checks that
        every acknowledged record is present and bit-for-bit equal.
 

@@ -2,7 +2,7 @@
 
 None of them takes the writer lock or writes a byte: they read WAL files and open LMDB
 read-only, so they work on a store that does not open and beside a live writer. The logic is in
-:mod:`xpstore.persistence.inspect` and :mod:`xpstore.persistence.replay`; this module parses
+:mod:`xpstore.ops.inspect` and :mod:`xpstore.ops.replay`; this module parses
 arguments and renders.
 """
 
@@ -24,7 +24,13 @@ from xpstore.cli._errors import EXIT_PROBLEM, CliError
 from xpstore.cli._input import TimestampType
 from xpstore.cli._output import dumps, emit_json
 from xpstore.cli.commands import STORE_PATH, json_option, main
-from xpstore.persistence.inspect import (
+from xpstore.model.records import (
+    BATCH_FIELDS,
+    KINDS,
+    MODEL_BY_KIND,
+    STREAMING_FIELDS,
+)
+from xpstore.ops.inspect import (
     CheckReport,
     SegmentReport,
     check_store,
@@ -32,15 +38,9 @@ from xpstore.persistence.inspect import (
     verify_store,
     writer_pid,
 )
+from xpstore.ops.replay import Gap, ReplayItem, ReplayStream, replay
 from xpstore.persistence.layout import Layout, read_marker
-from xpstore.persistence.replay import Gap, ReplayItem, ReplayStream, replay
 from xpstore.persistence.wal_format import SEGMENT_NAME_RE
-from xpstore.store.records import (
-    BATCH_FIELDS,
-    KINDS,
-    MODEL_BY_KIND,
-    STREAMING_FIELDS,
-)
 
 _WRITE_CHUNK = 1000  # output lines per write() call
 

@@ -15,7 +15,7 @@ import click
 from xpstore.cli._input import parse_where
 from xpstore.cli._output import dumps, emit_json
 from xpstore.cli.commands import STORE_PATH, json_option, main, open_for_reading, readonly_option
-from xpstore.store.records import KINDS
+from xpstore.model.records import KINDS
 
 
 @main.command()

@@ -16,7 +16,7 @@ from xpstore.cli._errors import EXIT_PROBLEM, CliError
 from xpstore.cli._input import TimestampType
 from xpstore.cli._output import emit_json, table
 from xpstore.cli.commands import STORE_PATH, main
-from xpstore.persistence import snapshots as snap_mod
+from xpstore.ops import snapshots as snap_mod
 
 _JSON_KEY = "xpstore.snapshot.json"
 

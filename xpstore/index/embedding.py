@@ -57,7 +57,7 @@ from xpstore.errors import (
     InvalidRecordError,
     StatsCorruptionError,
 )
-from xpstore.store.records import BATCH_FIELDS, Fingerprint
+from xpstore.model.records import BATCH_FIELDS, Fingerprint
 
 __all__ = [
     "AUDIO_DIM",
@@ -242,7 +242,7 @@ class AudioStats:
     def prior(cls, mode: ScalingMode = DEFAULT_MODE) -> AudioStats:
         """Statistics to embed with before a store has fingerprints of its own.
 
-        Fitted on the generated reference library (``xpstore.synthetic``: 400 tracks of each
+        Fitted on the generated reference library (``xpstore.demo.synthetic``: 400 tracks of each
         style, seed 0), i.e. on plausible ranges of the 25 values; the first index build
         replaces them with the library's own. Deterministic, so every process agrees.
         """
@@ -694,7 +694,7 @@ class HybridEmbedder:
 
 @functools.cache
 def _prior(mode: ScalingMode) -> AudioStats:
-    from xpstore.synthetic import STYLES, sample_batch_values
+    from xpstore.demo.synthetic import STYLES, sample_batch_values
 
     rng = np.random.default_rng(0)
     rows = np.vstack([sample_batch_values(rng, style, 400) for style in sorted(STYLES)])

@@ -58,14 +58,15 @@ from xpstore.index.build import MIN_FIT_ROWS, BuildPlan, backend_ids, run_build
 from xpstore.index.embedding import AudioStats, HybridEmbedder
 from xpstore.index.rows import RawFingerprint, parse_fingerprint, raw_from_model
 from xpstore.index.serving import BuildInfo, Delta, IndexServer, MainIndex
+from xpstore.model.records import Fingerprint
 from xpstore.persistence import fs
 from xpstore.persistence.crashpoints import crash_point
 from xpstore.persistence.lmdb_tables import LmdbTables, from_u64
-from xpstore.store.records import Fingerprint
 
 if TYPE_CHECKING:
     from xpstore.config import StoreConfig
-    from xpstore.store.state import Effect, Overlay
+    from xpstore.model.effects import Effect
+    from xpstore.persistence.overlay import Overlay
 
 __all__ = ["MAIN_FILE", "IndexManager", "check_file_at_open"]
 

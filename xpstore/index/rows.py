@@ -24,8 +24,8 @@ import numpy as np
 import numpy.typing as npt
 
 from xpstore.errors import CodecError
-from xpstore.store.codec import KIND_CODES
-from xpstore.store.records import (
+from xpstore.model.codec import KIND_CODES
+from xpstore.model.records import (
     BATCH_FIELDS,
     STREAMING_FIELDS,
     STREAMING_FIELDS_NO_HARMONIC,

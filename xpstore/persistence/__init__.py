@@ -1,1 +1,2 @@
-"""Durability: the write-ahead log, LMDB tables, recovery, the store layout and file helpers."""
+"""The engine: the write-ahead log and its reader, LMDB tables, the overlay, the applier,
+recovery, the store layout, the lock and the file-system seam."""

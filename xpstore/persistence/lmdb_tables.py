@@ -3,14 +3,14 @@
 Tables (named databases of one environment; layouts in ``docs/formats.md``):
 
 ``meta``         ``applied_lsn``, ``config``, ``embedding_dim``, per-kind live counts
-``records``      id (u64 BE) -> encoded :class:`~xpstore.store.records.Experience`
+``records``      id (u64 BE) -> encoded :class:`~xpstore.model.records.Experience`
 ``by_kind_ts``   kind u8 | sortable ts (8 B) | id u64 BE -> empty: time-ordered scans per kind
 ``tracks``       track_id (UTF-8) -> id of the track's current fingerprint
 ``tombstones``   id -> lsn of the delete | kind u8 (so followers can catch up after truncation)
 ``track_tombs``  track_id -> lsn of the delete_track | id of the fingerprint it retired
 ``neighbors``    track_id -> a track's precomputed nearest neighbours (``index.neighbors``);
                  derived data written after each index build, never through the WAL
-``prio``         id -> the record's 40-byte priority-input row (``store.priority``), written in
+``prio``         id -> the record's 40-byte priority-input row (``model.priority_rows``), written in
                  the same transaction as the record; what sampling trees are rebuilt from
 
 LMDB rules followed here (from its docs and py-lmdb's issues): one Environment per path per

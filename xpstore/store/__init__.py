@@ -1,1 +1,1 @@
-"""Records, codec, state derivation, the applier and the Store facade."""
+"""The Store facade and the components it composes (writer, reader, one per capability)."""

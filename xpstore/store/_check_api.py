@@ -1,7 +1,7 @@
 """Store methods for integrity checks (issue 3): check.
 
 A mixin of :class:`~xpstore.store.store.Store`, kept in its own module so the facade stays small.
-The checks themselves are :mod:`xpstore.persistence.inspect`'s (they also run on a store that
+The checks themselves are :mod:`xpstore.ops.inspect`'s (they also run on a store that
 does not open, for ``xpstore verify``); this only hands them the open store's handles.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, cast
 
 from xpstore.errors import StoreClosedError
-from xpstore.persistence.inspect import CheckReport, Progress, check_store, writer_pid
+from xpstore.ops.inspect import CheckReport, Progress, check_store, writer_pid
 
 if TYPE_CHECKING:
     from xpstore.store.store import Store

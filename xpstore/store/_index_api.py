@@ -24,8 +24,8 @@ from xpstore.errors import (
     XpStoreError,
 )
 from xpstore.index.neighbors import Neighbor
-from xpstore.store.records import BATCH_FIELDS, Fingerprint, record_from_json
-from xpstore.store.where import compile_where
+from xpstore.model.records import BATCH_FIELDS, Fingerprint, record_from_json
+from xpstore.model.where import compile_where
 
 if TYPE_CHECKING:
     from xpstore.index.manager import IndexManager

@@ -3,8 +3,8 @@
 A mixin of :class:`~xpstore.store.store.Store`, kept in its own module so the facade stays small.
 
 Retention evicts through the WAL, exactly like ``delete``: each eviction is a logged
-:class:`~xpstore.store.codec.DeleteOp`, so a crash before the applier reaches it replays it
-instead of resurrecting the record. Compaction is in :mod:`xpstore.persistence.compaction`; this
+:class:`~xpstore.model.codec.DeleteOp`, so a crash before the applier reaches it replays it
+instead of resurrecting the record. Compaction is in :mod:`xpstore.ops.compaction`; this
 module only takes the store's locks around it.
 """
 
@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, cast
 
 from xpstore.config import RetentionRule
 from xpstore.errors import RecordNotFoundError
-from xpstore.persistence import compaction
-from xpstore.persistence.compaction import CompactReport
-from xpstore.store.codec import DeleteOp, Op, encode_op
-from xpstore.store.records import Experience
+from xpstore.model.codec import DeleteOp, Op, encode_op
+from xpstore.model.records import Experience
+from xpstore.ops import compaction
+from xpstore.ops.compaction import CompactReport
 
 if TYPE_CHECKING:
     from xpstore.store.store import Store

@@ -1,7 +1,8 @@
 """Store methods for prioritized sampling (issue 5): sample, update_priorities, record_feedback.
 
 A mixin of :class:`~xpstore.store.store.Store`; the sampler itself is
-:mod:`xpstore.store.sampler`, the model :mod:`xpstore.store.priority`, and the page for users is
+:mod:`xpstore.sampling.sampler`, the model
+ :mod:`xpstore.sampling.priority`, and the page for users is
 docs/sampling.md. The sampler is attached at the first ``sample`` of a session.
 """
 
@@ -18,14 +19,14 @@ import numpy as np
 import numpy.typing as npt
 
 from xpstore.errors import InvalidRecordError, XpStoreError
-from xpstore.store.codec import KIND_CODES, FeedbackOp, PriorityOp, RetrievalOp
-from xpstore.store.priority import PriorityModel
-from xpstore.store.records import Experience
-from xpstore.store.where import compile_where
+from xpstore.model.codec import KIND_CODES, FeedbackOp, PriorityOp, RetrievalOp
+from xpstore.model.records import Experience
+from xpstore.model.where import compile_where
+from xpstore.sampling.priority import PriorityModel
 
 if TYPE_CHECKING:
-    from xpstore.store.sampler import Sampler
-    from xpstore.store.state import Effect
+    from xpstore.model.effects import Effect
+    from xpstore.sampling.sampler import Sampler
     from xpstore.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ class SampleAPI:
         return self._sampler_obj
 
     def _attach_sampler(self) -> Sampler:
-        from xpstore.store.sampler import Sampler, fill_missing_rows
+        from xpstore.sampling.sampler import Sampler, fill_missing_rows
 
         store = self._as_store()
         cfg = store.config
@@ -260,7 +261,7 @@ class SampleAPI:
     ) -> npt.NDArray[np.int64]:
         """Ids of ``kind`` matching ``where``: scanned once, then kept current from the
         changed-id log (no copy of the tree per query)."""
-        from xpstore.store.sampler import _Filter, where_key
+        from xpstore.sampling.sampler import _Filter, where_key
 
         store = self._as_store()
         key = where_key(kind, where)

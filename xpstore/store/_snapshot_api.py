@@ -2,9 +2,9 @@
 and the automatic-snapshot check the applier calls.
 
 A mixin of :class:`~xpstore.store.store.Store`, kept in its own module so the facade stays small.
-Files and LMDB copies are :mod:`xpstore.persistence.snapshots`' business; what lives here is
+Files and LMDB copies are :mod:`xpstore.ops.snapshots`' business; what lives here is
 what needs the store's meaning of operations: rolling a restored copy forward through the WAL
-with the same :func:`~xpstore.store.state.derive` that writers and recovery use.
+with the same :func:`~xpstore.model.effects.derive` that writers and recovery use.
 """
 
 from __future__ import annotations
@@ -20,20 +20,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xpstore.errors import InvalidRecordError, RecordNotFoundError, SnapshotError
-from xpstore.persistence import snapshots as snap_mod
+from xpstore.model.codec import KIND_BY_CODE, PutOp, decode_envelope, decode_op
+from xpstore.model.effects import Effect, StateView, derive_all
+from xpstore.model.records import Experience, Fingerprint
+from xpstore.ops import snapshots as snap_mod
+from xpstore.ops.snapshots import Snapshot, SnapshotInfo
+from xpstore.persistence.applier import to_changes
 from xpstore.persistence.lmdb_tables import LmdbTables
-from xpstore.persistence.snapshots import Snapshot, SnapshotInfo
 from xpstore.persistence.wal_format import Frame
-from xpstore.store.applier import to_changes
-from xpstore.store.codec import KIND_BY_CODE, PutOp, decode_envelope, decode_op
-from xpstore.store.records import Experience, Fingerprint
-from xpstore.store.state import Effect, StateView, derive_all
 
 if TYPE_CHECKING:
     from xpstore.config import StoreConfig
+    from xpstore.persistence.applier import Applier
     from xpstore.persistence.layout import Layout
     from xpstore.persistence.wal import WalWriter
-    from xpstore.store.applier import Applier
 
 log = logging.getLogger(__name__)
 

@@ -30,21 +30,7 @@ from xpstore.errors import (
     StoreClosedError,
     XpStoreError,
 )
-from xpstore.persistence import compaction
-from xpstore.persistence import layout as layout_mod
-from xpstore.persistence.layout import Layout
-from xpstore.persistence.lmdb_tables import LmdbTables, from_u64, index_key
-from xpstore.persistence.lock import WriterLock
-from xpstore.persistence.snapshots import finish_in_place
-from xpstore.persistence.wal import WalWriter
-from xpstore.persistence.wal_recovery import RecoveryReport, recover_wal
-from xpstore.store._check_api import CheckAPI
-from xpstore.store._index_api import IndexAPI
-from xpstore.store._maintenance_api import MaintenanceAPI
-from xpstore.store._sample_api import SampleAPI
-from xpstore.store._snapshot_api import SnapshotAPI
-from xpstore.store.applier import Applier
-from xpstore.store.codec import (
+from xpstore.model.codec import (
     KIND_CODES,
     DeleteOp,
     DeleteTrackOp,
@@ -56,7 +42,8 @@ from xpstore.store.codec import (
     encode_op,
     peek_put,
 )
-from xpstore.store.records import (
+from xpstore.model.effects import Effect, StateView, derive_all, derive_put
+from xpstore.model.records import (
     KINDS,
     Experience,
     Fingerprint,
@@ -65,8 +52,22 @@ from xpstore.store.records import (
     Record,
     record_from_json,
 )
-from xpstore.store.state import MISSING, Effect, Overlay, StateView, derive_all, derive_put
-from xpstore.store.where import compile_where
+from xpstore.model.where import compile_where
+from xpstore.ops import compaction
+from xpstore.ops.snapshots import finish_in_place
+from xpstore.persistence import layout as layout_mod
+from xpstore.persistence.applier import Applier
+from xpstore.persistence.layout import Layout
+from xpstore.persistence.lmdb_tables import LmdbTables, from_u64, index_key
+from xpstore.persistence.lock import WriterLock
+from xpstore.persistence.overlay import MISSING, Overlay
+from xpstore.persistence.wal import WalWriter
+from xpstore.persistence.wal_recovery import RecoveryReport, recover_wal
+from xpstore.store._check_api import CheckAPI
+from xpstore.store._index_api import IndexAPI
+from xpstore.store._maintenance_api import MaintenanceAPI
+from xpstore.store._sample_api import SampleAPI
+from xpstore.store._snapshot_api import SnapshotAPI
 
 log = logging.getLogger(__name__)
 

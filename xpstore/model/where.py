@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from xpstore.errors import InvalidRecordError
-from xpstore.store.records import MODEL_BY_KIND, Experience
+from xpstore.model.records import MODEL_BY_KIND, Experience
 
 ENVELOPE_FIELDS = frozenset({"id", "kind", "ts", "updated_lsn", "retrieval_count", "success_count"})
 _OPS: dict[str, Callable[[Any, Any], bool]] = {

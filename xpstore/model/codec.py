@@ -46,7 +46,7 @@ import msgpack
 from pydantic import BaseModel
 
 from xpstore.errors import CodecError, InvalidRecordError
-from xpstore.store.records import (
+from xpstore.model.records import (
     BATCH_FIELDS,
     MUTABLE_FIELDS,
     STREAMING_FIELDS,

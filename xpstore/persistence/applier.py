@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 
 from xpstore.errors import XpStoreError
+from xpstore.model.codec import KIND_CODES
+from xpstore.model.effects import Effect
 from xpstore.persistence.lmdb_tables import (
     Change,
     LmdbTables,
@@ -21,9 +23,8 @@ from xpstore.persistence.lmdb_tables import (
     TrackDelete,
     TrackSet,
 )
+from xpstore.persistence.overlay import Overlay
 from xpstore.persistence.wal import WalWriter
-from xpstore.store.codec import KIND_CODES
-from xpstore.store.state import Effect, Overlay
 
 log = logging.getLogger(__name__)
 

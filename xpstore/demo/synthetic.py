@@ -18,7 +18,7 @@ from typing import Final, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from xpstore.store.records import (
+from xpstore.model.records import (
     BATCH_FIELDS,
     HARMONIC_FIELDS,
     STREAMING_FIELDS,

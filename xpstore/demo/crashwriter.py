@@ -1,4 +1,4 @@
-"""A writer process for crash demos and crash tests: ``python -m xpstore.crashwriter STORE``.
+"""A writer process for crash demos and crash tests: ``python -m xpstore.demo.crashwriter STORE``.
 
 It opens (or creates) the store, writes deterministic records from several threads, and prints
 ``ACK <id> <thread> <seq>`` on stdout, flushed, after each ``put`` returns, so a parent that
@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from xpstore.store.records import Record
+from xpstore.demo.synthetic import make_fingerprint, make_prediction, make_query_metric
+from xpstore.model.records import Record
 from xpstore.store.store import Store
-from xpstore.synthetic import make_fingerprint, make_prediction, make_query_metric
 
 
 def record_for(seed: int, thread: int, seq: int) -> Record:
@@ -55,7 +55,7 @@ def _writer(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xpstore.crashwriter", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m xpstore.demo.crashwriter", description=__doc__)
     parser.add_argument("store")
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,8 +1,8 @@
 """Prioritized sampling of stored experiences (DESIGN §6; docs/sampling.md).
 
 In memory, per kind: the record ids in ascending order (ids are LSNs, so new records append),
-their priority-input rows (``store.priority``) as a structured numpy array, and a
-:class:`~xpstore.store.sumtree.SumTree` of ``p ** alpha`` over the same slots (a deleted record's
+their priority-input rows (``model.priority_rows``) as a structured numpy array, and a
+:class:`~xpstore.sampling.sumtree.SumTree` of ``p ** alpha`` over the same slots (a deleted record's
 slot keeps weight 0). Whole-store sampling draws each position's kind in proportion to the
 kinds' totals (stratified), then an item within the kind (stratified): ``P(i) = w_i / Σ w``.
 
@@ -32,13 +32,14 @@ import numpy as np
 import numpy.typing as npt
 
 from xpstore.errors import EmptySampleError, InvalidRecordError
-from xpstore.store.codec import KIND_BY_CODE, KIND_CODES, decode_envelope
-from xpstore.store.priority import INPUT_DTYPE, PriorityModel, inputs_for
-from xpstore.store.sumtree import SumTree, importance_weights
+from xpstore.model.codec import KIND_BY_CODE, KIND_CODES, decode_envelope
+from xpstore.model.priority_rows import INPUT_DTYPE, inputs_for
+from xpstore.sampling.priority import PriorityModel
+from xpstore.sampling.sumtree import SumTree, importance_weights
 
 if TYPE_CHECKING:
+    from xpstore.model.effects import Effect
     from xpstore.persistence.lmdb_tables import LmdbTables
-    from xpstore.store.state import Effect
 
 __all__ = ["Draw", "Sampler"]
 

@@ -7,7 +7,7 @@ and style in each fingerprint's metadata), builds the similar-track index and as
 tracks nearest to one of them: the answer is a table whose styles, tempos and loudness a person
 judges at a glance, backed by the same-style share over a sample of queries, a lookup by raw
 audio values, a precomputed neighbour list, and a deleted track leaving the answers at once.
-Phase 3 is the point of the project: a child process (``python -m xpstore.crashwriter``, which
+Phase 3 is the point of the project: a child process (``python -m xpstore.demo.crashwriter``, which
 never imports FAISS) writes from four threads and prints ``ACK <id> <thread> <seq>`` after each
 acknowledged put; the demo kills it with SIGKILL mid-stream, reopens the store (WAL recovery),
 and checks that every acknowledged record is there, equal to the record the child was asked to
@@ -35,13 +35,13 @@ from typing import IO, Any
 
 import numpy as np
 
-from xpstore.crashwriter import record_for
+from xpstore.demo.crashwriter import record_for
+from xpstore.demo.synthetic import STYLES, make_fingerprint, make_mixed
 from xpstore.errors import RecordNotFoundError, XpStoreError
 from xpstore.index.neighbors import Neighbor
+from xpstore.model.records import KINDS, Fingerprint, PredictionOutcome, Record
 from xpstore.persistence.layout import MARKER
-from xpstore.store.records import KINDS, Fingerprint, PredictionOutcome, Record
 from xpstore.store.store import Store
-from xpstore.synthetic import STYLES, make_fingerprint, make_mixed
 
 log = logging.getLogger(__name__)
 
@@ -543,7 +543,7 @@ def _phase_crash(
 ) -> list[Ack]:
     """Start the crash writer, wait for ``crash_after`` ACKs, SIGKILL it; return every ACK."""
     cmd = [
-        sys.executable, "-m", "xpstore.crashwriter", str(root),
+        sys.executable, "-m", "xpstore.demo.crashwriter", str(root),
         "--threads", str(_CHILD_THREADS), "--seed", str(seed), "--batch", str(_CHILD_BATCH),
     ]
     if hold:

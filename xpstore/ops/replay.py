@@ -9,7 +9,7 @@ For offline learners and audits. Every LSN is served from the best source there 
   state (``source: "lmdb"``: updates are folded in, deleted records are absent, no commit time).
 
 Damage never stops the stream: an unreadable stretch of the log is skipped, the walk resumes at
-the next valid frame (:class:`~xpstore.persistence.inspect.WalWalk`), and a :class:`Gap` says
+the next valid frame (:class:`~xpstore.ops.inspect.WalWalk`), and a :class:`Gap` says
 where it was (segment, offset), which LSNs it hid, which of them LMDB supplied, and whether any
 operation is lost. Nothing is written: WAL files are read, LMDB is read in short read
 transactions (the store may be in use by a live writer).
@@ -37,11 +37,8 @@ import msgpack
 
 from xpstore.config import StoreConfig
 from xpstore.errors import InvalidRecordError, XpStoreError
-from xpstore.persistence.inspect import FRAME_CAP, WalDamage, WalFrame, WalWalk, writer_pid
-from xpstore.persistence.layout import Layout, read_marker
-from xpstore.persistence.lmdb_tables import LmdbTables, from_u64, u64
-from xpstore.store.codec import KIND_BY_CODE, KIND_CODES
-from xpstore.store.records import (
+from xpstore.model.codec import KIND_BY_CODE, KIND_CODES
+from xpstore.model.records import (
     BATCH_FIELDS,
     KINDS,
     STREAMING_FIELDS,
@@ -49,6 +46,9 @@ from xpstore.store.records import (
     Record,
     record_from_json,
 )
+from xpstore.ops.inspect import FRAME_CAP, WalDamage, WalFrame, WalWalk, writer_pid
+from xpstore.persistence.layout import Layout, read_marker
+from xpstore.persistence.lmdb_tables import LmdbTables, from_u64, u64
 
 log = logging.getLogger(__name__)
 

@@ -47,8 +47,10 @@ from xpstore.errors import (
     SnapshotError,
     XpStoreError,
 )
+from xpstore.model.codec import KIND_BY_CODE, decode_envelope, decode_op
+from xpstore.model.records import Fingerprint
+from xpstore.ops import snapshots as snap_mod
 from xpstore.persistence import fs
-from xpstore.persistence import snapshots as snap_mod
 from xpstore.persistence.layout import Layout, read_marker
 from xpstore.persistence.lmdb_tables import LmdbTables, from_u64, index_key, u64
 from xpstore.persistence.wal import _list_segments
@@ -64,8 +66,6 @@ from xpstore.persistence.wal_format import (
     find_valid_frame,
     scan_segment,
 )
-from xpstore.store.codec import KIND_BY_CODE, decode_envelope, decode_op
-from xpstore.store.records import Fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -964,7 +964,7 @@ def _check_tombstones(tables: LmdbTables, txn: Any, report: CheckReport) -> None
 def check_snapshots(snap_dir: Path, store_id: int, report: CheckReport) -> None:
     """Every snapshot's manifest parses and every file matches its size and sha256.
 
-    The manifest layout and its checks are :mod:`xpstore.persistence.snapshots`' (``scan``,
+    The manifest layout and its checks are :mod:`xpstore.ops.snapshots`' (``scan``,
     ``load``, ``verify``); this only turns their verdicts into problems and notes.
     """
     listing = snap_mod.scan(snap_dir, store_id)

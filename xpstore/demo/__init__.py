@@ -1,0 +1,1 @@
+"""The demo, the synthetic data it uses and the crash-test writer; never imported by the core."""

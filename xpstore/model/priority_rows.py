@@ -1,0 +1,88 @@
+"""Priority inputs: the 40-byte columnar row every sampleable record has (docs/sampling.md).
+
+The row is written to the LMDB table ``prio`` in the same transaction as the record, so that
+opening a store rebuilds the sampling trees from arrays (``np.frombuffer`` over the table's
+values, which repeat the id so that only values need reading) instead of decoding every record::
+
+    id u64 | ts f64 | confidence f32 | |reward| f32 | explicit priority f32 (NaN: none)
+    | retrieval_count u32 | success_count u32 | kind code u8 | 3 bytes padding    (little-endian)
+
+Per kind: a prediction's ``confidence`` and ``|reward|`` (0 while unknown); a query metric's
+``accuracy`` stands in for confidence and its reward is 0; a fingerprint's confidence is the mean
+of its streaming confidences (1.0 for a batch-only fingerprint) and its reward is 0.
+
+It is part of the vocabulary (``model/``) because deriving an operation's effect computes it;
+the model that turns rows into priorities is :mod:`xpstore.sampling.priority`.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any, Final
+
+import numpy as np
+
+from xpstore.model.codec import KIND_CODES
+from xpstore.model.records import Fingerprint, PredictionOutcome, QueryMetric, Record, kind_of
+
+__all__ = ["INPUTS", "INPUT_DTYPE", "inputs_for", "inputs_from_map"]
+
+INPUTS: Final = struct.Struct("<QdfffIIB3x")
+INPUT_DTYPE: Final = np.dtype(
+    [("id", "<u8"), ("ts", "<f8"), ("conf", "<f4"), ("absreward", "<f4"), ("override", "<f4"),
+     ("rc", "<u4"), ("sc", "<u4"), ("kind", "u1"), ("pad", "V3")]
+)  # fmt: skip
+assert INPUT_DTYPE.itemsize == INPUTS.size == 40
+_U32: Final = (1 << 32) - 1
+
+
+def _confidence_and_reward(record: Record) -> tuple[float, float]:
+    if type(record) is PredictionOutcome:
+        reward = record.reward
+        return record.confidence, abs(reward) if reward is not None else 0.0
+    if type(record) is QueryMetric:
+        return record.accuracy, 0.0
+    assert type(record) is Fingerprint
+    s = record.streaming
+    if s is None or not s.confidence:
+        return 1.0, 0.0
+    return math.fsum(s.confidence.values()) / len(s.confidence), 0.0
+
+
+def inputs_for(
+    record: Record,
+    rid: int,
+    ts: float,
+    rc: int = 0,
+    sc: int = 0,
+    override: float | None = None,
+) -> bytes:
+    """The 40-byte priority-input row of record ``rid`` with these counters."""
+    conf, reward = _confidence_and_reward(record)
+    kind = KIND_CODES[kind_of(record)]
+    return INPUTS.pack(
+        rid, ts, conf, min(reward, 3.0e38), math.nan if override is None else override,
+        min(rc, _U32), min(sc, _U32), kind,
+    )  # fmt: skip
+
+
+def inputs_from_map(
+    kind: str, m: dict[str, Any], rid: int, ts: float, rc: int, sc: int, override: float | None
+) -> bytes:
+    """:func:`inputs_for` from an encoded record map (many-id operations build no model)."""
+    if kind == "prediction":
+        reward = m.get("reward")
+        conf, r = float(m["confidence"]), abs(float(reward)) if reward is not None else 0.0
+    elif kind == "query_metric":
+        conf, r = float(m.get("accuracy", 1.0)), 0.0
+    else:
+        streaming = m.get("streaming")
+        confs = streaming[1] if streaming else None
+        conf, r = (math.fsum(confs) / len(confs) if confs else 1.0), 0.0
+    return INPUTS.pack(
+        rid, ts, conf, min(r, 3.0e38), math.nan if override is None else override,
+        min(rc, _U32), min(sc, _U32), KIND_CODES[kind],
+    )  # fmt: skip
+
+
