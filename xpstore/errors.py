@@ -6,6 +6,8 @@ The tree (each also inherits the builtin a caller would naturally catch)::
     ├── InvalidRecordError (ValueError)        bad field, bad JSON line, too large
     │   ├── RecordTooLargeError
     │   └── CodecError                         bytes that do not decode to a record/operation
+    ├── InvalidArgumentError (ValueError)      a bad plain argument (k, n, beta, to_lsn, a setting)
+    ├── EmptySampleError (LookupError)         nothing to sample from (an empty store, kind or filter)
     ├── RecordNotFoundError (KeyError)         no such id or track
     ├── StoreNotFoundError (FileNotFoundError) path is not a store
     ├── FormatVersionError (ValueError)        written by a newer xpstore
@@ -32,6 +34,15 @@ class XpStoreError(Exception):
 
 class InvalidRecordError(XpStoreError, ValueError):
     """A record, update or input line failed validation; ``field`` names the culprit."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidArgumentError(XpStoreError, ValueError):
+    """A plain argument (``k``, ``n``, ``beta``, ``to_lsn``, a setting) is out of range or of the
+    wrong type; ``field`` names it. Records and their fields raise InvalidRecordError instead."""
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)

@@ -21,6 +21,7 @@ import click
 
 from xpstore.errors import (
     FormatVersionError,
+    InvalidArgumentError,
     InvalidRecordError,
     RecordNotFoundError,
     StoreLockedError,
@@ -38,6 +39,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (StoreLockedError, EXIT_BUSY),
     (RecordNotFoundError, EXIT_PROBLEM),
     (InvalidRecordError, EXIT_USAGE),
+    (InvalidArgumentError, EXIT_USAGE),
     (StoreNotFoundError, EXIT_USAGE),
     (FormatVersionError, EXIT_USAGE),
     (XpStoreError, EXIT_PROBLEM),  # corruption, WAL write failure, ...
