@@ -7,7 +7,7 @@ The tree (each also inherits the builtin a caller would naturally catch)::
     │   ├── RecordTooLargeError
     │   └── CodecError                         bytes that do not decode to a record/operation
     ├── InvalidArgumentError (ValueError)      a bad plain argument (k, n, beta, to_lsn, a setting)
-    ├── EmptySampleError (LookupError)         nothing to sample from (an empty store, kind or filter)
+    ├── EmptySampleError (LookupError)         nothing to sample from (empty store, kind, filter)
     ├── RecordNotFoundError (KeyError)         no such id or track
     ├── StoreNotFoundError (FileNotFoundError) path is not a store
     ├── FormatVersionError (ValueError)        written by a newer xpstore
