@@ -34,7 +34,7 @@ def exact_top(
     store: Store, query: np.ndarray, k: int, exclude: Iterable[int] = ()
 ) -> list[tuple[int, float]]:
     """Brute force over the live fingerprints with the index's own embedder: (id, score)."""
-    server = store._index.server  # type: ignore[union-attr]
+    server = store.parts.index.manager.server  # type: ignore[union-attr]
     live = live_fingerprints(store)
     ids = np.array(sorted(set(live) - set(exclude)), dtype=np.int64)
     vecs = server.embedder.embed_many([live[int(i)] for i in ids])

@@ -95,8 +95,8 @@ def test_init_json_reports_the_persisted_config(tmp_path: Path) -> None:
     assert data["config"]["durability"] == "group"
     assert data["config"]["segment_max_bytes"] == 1 << 20
     with Store.open(path) as store:  # persisted, not just this session's
-        assert store.config.durability == "group"
-        assert store.config.segment_max_bytes == 1 << 20
+        assert store.config.wal.durability == "group"
+        assert store.config.wal.segment_max_bytes == 1 << 20
 
 
 def test_init_refuses_an_existing_store(store_dir: Path) -> None:
@@ -116,7 +116,7 @@ def test_init_refuses_a_foreign_directory(tmp_path: Path) -> None:
 def test_init_refuses_an_out_of_range_setting(tmp_path: Path) -> None:
     result = run("init", tmp_path / "xp", "--segment-max-bytes", 10)
     assert result.exit_code == 2
-    assert result.stderr.startswith("error: config segment_max_bytes:")
+    assert result.stderr.startswith("error: config wal.segment_max_bytes:")
 
 
 # ---------------------------------------------------------------------------- put / get

@@ -18,9 +18,9 @@ import pytest
 from tests.helpers import files_of
 from xpstore import Store, WALCorruptionError
 from xpstore.demo.synthetic import make_mixed
+from xpstore.ops.salvage import salvage_store
 from xpstore.persistence.wal import WalWriter
 from xpstore.persistence.wal_format import HEADER_SIZE, Frame, scan_segment
-from xpstore.store.salvage import salvage_store
 
 MODES = ("tolerate_tail", "absolute", "point_in_time", "salvage")
 OPENS = "opens; torn tail truncated (.broken copy kept)"

@@ -36,7 +36,7 @@ class _Workload:
             return  # the store's own open (nothing acknowledged yet)
         dest = self.images / f"{len(self.taken):04d}-{kind}"
         self.crashfs.write_image(dest)
-        tables = self.store._tables
+        tables = self.store.parts.engine.tables
         assert tables is not None
         (dest / "data").mkdir(parents=True, exist_ok=True)
         tables.env.copy(str(dest / "data"))

@@ -29,7 +29,7 @@ def test_queries_during_writes_and_swaps(tmp_path, build_in):
     ) as st:
         st.put_many(library(rng, 1500))
         st.rebuild_index()
-        server = st._index.server
+        server = st.parts.index.manager.server
         probes = np.vstack([server.vector_of(st.get_fingerprint(f"t{i}").id) for i in range(50)])
         retired_at: dict[int, float] = {}
         answers: list[tuple[float, list[int]]] = []
@@ -82,7 +82,7 @@ def test_queries_during_writes_and_swaps(tmp_path, build_in):
                     if step == 200:
                         st.rebuild_index(wait=False)
                     if step % 5 == 0:  # no retired id may come back to life (e.g. at a swap)
-                        server = st._index.server
+                        server = st.parts.index.manager.server
                         revived.extend(r for r in list(retired_at) if server.is_live(r))
             except BaseException as exc:
                 errors.append(exc)
@@ -99,7 +99,7 @@ def test_queries_during_writes_and_swaps(tmp_path, build_in):
         assert not errors, errors
         assert not revived, f"retired ids served again: {sorted(set(revived))[:10]}"
         assert len(answers) > 100
-        builds = st._index.rebuilder.builds
+        builds = st.parts.index.manager.rebuilder.builds
         assert builds >= 2, f"only {builds} rebuilds ran during the test"
         stale = [
             (rid, started)
@@ -111,13 +111,13 @@ def test_queries_during_writes_and_swaps(tmp_path, build_in):
 
         # what the index serves is exactly the live set, before the last swap...
         live = live_fingerprints(st)
-        server = st._index.server
+        server = st.parts.index.manager.server
         served = (set(server.main.ids.tolist()) - server.tombs) | set(server.delta.pos)
         assert served == set(live)
         assert server.live_count() == len(live)
 
         st.rebuild_index()  # ...and after it every acknowledged fingerprint is findable
-        server = st._index.server
+        server = st.parts.index.manager.server
         live = live_fingerprints(st)
         assert server.live_count() == len(live)
         ids = sorted(live)

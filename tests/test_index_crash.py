@@ -78,7 +78,7 @@ def _check_exact(path: Path, exact_below: int) -> None:
         agree = total = 0
         for q in ["t1", "t8", "c3", "t44", "c77", "t299"]:
             fp = st.get_fingerprint(q)
-            query = st._index.server.embedder.embed(fp.record)
+            query = st.parts.index.manager.server.embedder.embed(fp.record)
             got = [(h.record_id, h.score) for h in st.similar(q, k=10)]
             want = exact_top(st, query, 10, exclude=[fp.id])
             if exact_below > 1200:

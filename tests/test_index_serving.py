@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from tests.index_support import exact_top, library, live_fingerprints, same_up_to_ties
-from xpstore import InvalidRecordError, ReadOnlyStoreError, RecordNotFoundError, Store
+from xpstore import (
+    InvalidArgumentError,
+    InvalidRecordError,
+    ReadOnlyStoreError,
+    RecordNotFoundError,
+    Store,
+)
 from xpstore.demo.synthetic import make_fingerprint
 from xpstore.index.backends import read_meta
 
@@ -46,13 +52,13 @@ def test_superseded_and_deleted_tracks_are_never_returned(tmp_path):
         # supersede t0 (in the main index) with a copy of t1's values: the old id must go
         old = ids[0]
         new = st.put(fps[1].model_copy(update={"track_id": "t0", "ts": None}))
-        hits = st.similar(vector=st._index.server.vector_of(ids[1]), k=300, exclude_self=False)
+        hits = st.similar(vector=st.track_vector("t1"), k=300, exclude_self=False)
         got = {h.record_id for h in hits}
         assert old not in got and new in got and ids[1] in got
         # delete_track of a main-index track, and of a delta track
         st.delete_track("t2")
         st.delete_track("t0")
-        hits = st.similar(vector=st._index.server.vector_of(ids[1]), k=300, exclude_self=False)
+        hits = st.similar(vector=st.track_vector("t1"), k=300, exclude_self=False)
         got_tracks = {h.track_id for h in hits}
         assert "t2" not in got_tracks and "t0" not in got_tracks
         assert len(hits) == 298
@@ -76,7 +82,7 @@ def test_answers_equal_brute_force_over_the_live_set(tmp_path, kind):
             st.delete_track(f"t{t}")  # tombstones
         agree = 0
         for q in range(20):
-            query = st._index.server.vector_of(st.get_fingerprint(f"t{q * 7 + 1}").id)
+            query = st.track_vector(f"t{q * 7 + 1}")
             got = _pairs(st.similar(vector=query, k=10, exclude_self=False))
             want = exact_top(st, query, 10)
             if kind == "exact":
@@ -92,7 +98,7 @@ def test_tombstones_crowding_the_top_fall_back_to_an_id_selector(tmp_path):
         fps = library(rng, 600, style="techno")
         ids = st.put_many(fps)
         st.rebuild_index()
-        query = st._index.server.vector_of(ids[0])
+        query = st.parts.index.manager.server.vector_of(ids[0])
         first = st.similar(vector=query, k=40, exclude_self=False)
         for h in first[1:]:  # delete the 39 nearest other tracks
             st.delete_track(h.track_id)
@@ -136,12 +142,12 @@ def test_a_damaged_index_file_is_not_used_and_answers_stay_exact(tmp_path, caplo
     data[-100] ^= 0xFF
     f.write_bytes(bytes(data))
     with Store.open(path, **QUIET) as st:
-        q = st._index.server.vector_of(1) if st._index else None
+        q = st.parts.index.manager.server.vector_of(1) if st.parts.index.manager else None
         assert q is None
         status = st.index_status()
         assert "checksum" in caplog.text
         assert status["size"] == 0 and status["delta"] == 300  # all exact, from LMDB
-        query = st._index.server.vector_of(st.get_fingerprint("t5").id)
+        query = st.track_vector("t5")
         assert same_up_to_ties(_pairs(st.similar(vector=query, k=10, exclude_self=False)),
                                exact_top(st, query, 10))
 
@@ -173,7 +179,7 @@ def test_read_only_processes_use_the_file_and_catch_up(tmp_path):
                 reader.rebuild_index()
             rid = writer.put(make_fingerprint(rng, "newcomer"))
             writer.flush()
-            hit = reader.similar(vector=writer._index.server.vector_of(rid), k=1,
+            hit = reader.similar(vector=writer.parts.index.manager.server.vector_of(rid), k=1,
                                  exclude_self=False)[0]
             assert hit.track_id == "newcomer"
 
@@ -214,7 +220,7 @@ def test_precomputed_lists_skip_retired_neighbours_and_say_their_build(tmp_path)
         # lists of the old build are swept: every stored list is of the new build
         from xpstore.index import neighbors as nbrs
 
-        tables = st._tables
+        tables = st.parts.engine.tables
         with tables.reading() as txn:
             cur = txn.cursor(db=tables.db(b"neighbors"))
             builds = {nbrs.build_of(bytes(v)) for _k, v in cur.iternext()}
@@ -229,7 +235,7 @@ def test_where_and_weights_and_raw_values(tmp_path):
         assert hits and all(h.metadata["style"] == "jazz" for h in hits)
         audio_only = st.similar("t0", k=10, weights={"audio": 1.0, "embedding": 0.0})
         fp = st.get_fingerprint("t0").record
-        server = st._index.server
+        server = st.parts.index.manager.server
         q = server.embedder.embed_query(fp, {"audio": 1.0, "embedding": 0.0})
         want = exact_top(st, q, 10, exclude=[st.get_fingerprint("t0").id])
         assert same_up_to_ties(_pairs(audio_only), want)
@@ -241,30 +247,31 @@ def test_bad_input_gets_clear_errors(tmp_path):
     rng = np.random.default_rng(12)
     with Store.open(tmp_path / "s", create=True, **QUIET) as st:
         st.put_many(library(rng, 20))
+        arg, rec = InvalidArgumentError, InvalidRecordError  # a plain argument; a record field
         cases = [
-            (dict(vector=np.ones(7)), "vector"),
-            (dict(vector=np.full(25, np.nan)), "vector"),
-            (dict(vector=np.zeros(25)), "vector"),
-            (dict(track_id="t1", k=0), "k"),
-            (dict(track_id="t1", k=-3), "k"),
-            (dict(track_id="t1", k=True), "k"),
-            (dict(track_id="t1", vector=np.ones(25)), "track_id"),
-            (dict(), "track_id"),
-            (dict(vector=np.ones(25), weights={"audio": 1.0}), "weights"),
-            (dict(track_id="t1", weights={"sound": 1.0}), "weights.sound"),
-            (dict(fingerprint={"tempo": 120.0}), "tempo"),
-            (dict(fingerprint={"tempo_bpm": float("nan")}), "tempo_bpm"),
-            (dict(track_id="t1", where={"metadata.style__zz": 1}), None),
-            (dict(vector=np.ones(25), precomputed=True), "precomputed"),
+            (dict(vector=np.ones(7)), "vector", arg),
+            (dict(vector=np.full(25, np.nan)), "vector", arg),
+            (dict(vector=np.zeros(25)), "vector", arg),
+            (dict(track_id="t1", k=0), "k", arg),
+            (dict(track_id="t1", k=-3), "k", arg),
+            (dict(track_id="t1", k=True), "k", arg),
+            (dict(track_id="t1", vector=np.ones(25)), "track_id", arg),
+            (dict(), "track_id", arg),
+            (dict(vector=np.ones(25), weights={"audio": 1.0}), "weights", arg),
+            (dict(track_id="t1", weights={"sound": 1.0}), "weights.sound", rec),
+            (dict(fingerprint={"tempo": 120.0}), "tempo", rec),
+            (dict(fingerprint={"tempo_bpm": float("nan")}), "tempo_bpm", rec),
+            (dict(track_id="t1", where={"metadata.style__zz": 1}), None, rec),
+            (dict(vector=np.ones(25), precomputed=True), "precomputed", arg),
         ]
-        for kwargs, field in cases:
-            with pytest.raises(InvalidRecordError) as err:
+        for kwargs, field, exc in cases:
+            with pytest.raises(exc) as err:
                 st.similar(**kwargs)
             if field is not None:
                 assert err.value.field == field, (kwargs, err.value.field)
         with pytest.raises(RecordNotFoundError, match="nosuch"):
             st.similar("nosuch")
-        with pytest.raises(InvalidRecordError, match="2-D"):
+        with pytest.raises(InvalidArgumentError, match="2-D"):
             st.similar_many(np.ones(25))
         before = st.index_status()
         assert before["live"] == 20  # nothing changed
@@ -274,10 +281,10 @@ def test_similar_many_matches_single_queries(tmp_path):
     rng = np.random.default_rng(13)
     with Store.open(tmp_path / "s", create=True, **QUIET) as st:
         ids = st.put_many(library(rng, 300))
-        server = st._index.server if st._index else None
+        server = st.parts.index.manager.server if st.parts.index.manager else None
         assert server is None  # attached lazily
         st.similar("t0", k=1)
-        server = st._index.server
+        server = st.parts.index.manager.server
         q = np.vstack([server.vector_of(r) for r in ids[:16]])
         many = st.similar_many(q, k=5)
         for row, hits in zip(q, many, strict=True):
@@ -337,7 +344,7 @@ def test_a_search_spanning_a_swap_never_returns_an_id_retired_before_it(tmp_path
         ids = st.put_many(library(rng, 300))
         st.rebuild_index()
         x = ids[5]
-        query = st._index.server.vector_of(x)
+        query = st.parts.index.manager.server.vector_of(x)
         st.delete_track("t5")  # a tombstone of the current main index
         original = IndexServer._candidates
         fired: list[bool] = []
@@ -361,7 +368,7 @@ def test_answers_show_metadata_updated_after_they_were_cached(tmp_path):
         ids = st.put_many(library(rng, 50))
         first = st.similar("t0", k=3)
         target = first[0]
-        assert target.record_id in st._index.server.answers  # cached
+        assert target.record_id in st.parts.index.manager.server.answers  # cached
         st.update(target.record_id, metadata={"title": "Renamed", "artist": "Someone"})
         again = st.similar("t0", k=3)
         assert again[0].record_id == target.record_id

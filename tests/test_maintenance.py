@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from xpstore.model.records import PredictionOutcome, QueryMetric, Record
 from xpstore.ops import compaction
 from xpstore.ops.compaction import COMPACT_DIR, INTENT, OLD_DIR, finish_interrupted
 from xpstore.persistence.layout import Layout
-from xpstore.store import _maintenance_api
+from xpstore.store import maintenance
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000.0
@@ -111,7 +112,7 @@ def test_retention_without_rules_and_on_a_readonly_store(store_path: Path) -> No
     with Store.open(store_path, create=True) as store:
         store.put(prediction(0))
         assert store.apply_retention() == {}
-        assert store._maybe_apply_retention() is None
+        assert not store.parts.tasks["retention"].due(now=time.monotonic() + 1e9)
     with Store.open(store_path, readonly=True) as ro, pytest.raises(ReadOnlyStoreError):
         ro.apply_retention()
 
@@ -142,7 +143,7 @@ def test_evicting_a_current_fingerprint_retires_its_track(store_path: Path) -> N
 def test_evictions_go_through_the_wal_in_small_frames(
     store_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_maintenance_api, "EVICT_BATCH", 7)
+    monkeypatch.setattr(maintenance, "EVICT_BATCH", 7)
     cfg = {"retention": {"prediction": {"max_count": 10}}}
     with Store.open(store_path, create=True, config=cfg) as store:
         store.put_many([prediction(i) for i in range(60)])
@@ -156,7 +157,7 @@ def test_a_record_deleted_meanwhile_is_skipped_not_fatal(store_path: Path) -> No
     with Store.open(store_path, create=True) as store:
         a, b, c = store.put_many([prediction(i) for i in range(3)])
         store.delete(b)  # as if a user deleted it between the scan and the eviction
-        assert _maintenance_api._evict(store, [a, b, c]) == 2
+        assert store.parts.maintenance.evict([a, b, c]) == 2
         assert store.count() == 0
 
 
@@ -201,22 +202,18 @@ def test_evictions_survive_a_sigkill_with_the_applier_held(store_path: Path) -> 
 def test_automatic_retention_runs_when_due(store_path: Path) -> None:
     cfg = {"retention": {"prediction": {"max_count": 1}}, "retention_interval_s": 3600.0}
     with Store.open(store_path, create=True, config=cfg) as store:
+        task = store.parts.tasks["retention"]
         store.put_many([prediction(i) for i in range(4)])
-        assert store._maybe_apply_retention() is None  # the first pass is due an interval later
-        assert store._retention_state is not None
-        store._retention_state.last_start -= 3600.0
-        thread = store._maybe_apply_retention()
-        assert thread is not None
-        thread.join(timeout=30)
-        assert not thread.is_alive()
+        now = time.monotonic()
+        assert not task.due(now=now)  # the first pass is due an interval after the open
+        assert task.due(now=now + 3600.0)
+        task.run()
         assert store.count("prediction") == 1
         store.put_many([prediction(i) for i in range(10, 13)])
-        assert store._maybe_apply_retention() is None  # not due for an hour
+        assert not task.due(now=time.monotonic())  # the run restarted the period
         assert store.count("prediction") == 4
-        store._retention_state.last_start -= 3600.0
-        thread = store._maybe_apply_retention()
-        assert thread is not None
-        store._join_retention(timeout=30)
+        assert task.due(now=time.monotonic() + 3600.0)
+        task.run()
         assert store.count("prediction") == 1
 
 
@@ -244,15 +241,14 @@ def test_compact_shrinks_and_keeps_every_live_record(store_path: Path) -> None:
     before = fill_and_thin(store_path)
     size = data_file(store_path).stat().st_size
     with Store.open(store_path) as store:
-        assert store._tables is not None
-        space = compaction.lmdb_space(store._tables)
+        space = compaction.lmdb_space(store.parts.engine.tables)
         assert space["reclaimable_bytes"] > size // 2
         report = store.compact()
         assert report.before_bytes == size
         assert report.after_bytes == data_file(store_path).stat().st_size
         assert report.after_bytes < size // 2
         assert live(store) == before  # readable at once, same objects
-        assert compaction.lmdb_space(store._tables)["reclaimable_bytes"] == 0
+        assert compaction.lmdb_space(store.parts.engine.tables)["reclaimable_bytes"] == 0
         new_id = store.put(prediction(0))
         assert new_id > max(before)
     assert not (store_path / COMPACT_DIR).exists() and not (store_path / OLD_DIR).exists()
@@ -322,7 +318,7 @@ def test_sigkill_mid_compaction_leaves_the_old_or_the_new_file(
     assert "DONE" not in proc.stdout
     acked = acked_ids(proc.stdout)
     assert len(acked) == puts
-    # Store._open is meant to call this itself; calling it first is harmless (idempotent)
+    # opening the store calls this itself; calling it first is harmless (idempotent)
     done = finish_interrupted(Layout(store_path))
     assert done == ("rolled_back" if point == "compact.after_copy" else "rolled_forward")
     assert finish_interrupted(Layout(store_path)) is None
@@ -361,8 +357,7 @@ def two_versions(store_path: Path) -> Iterator[tuple[Path, Path]]:
         store.flush()
         v2 = store_path.parent / "v2"
         v2.mkdir()
-        assert store._tables is not None
-        store._tables.env.copy(str(v2), compact=True)
+        store.parts.engine.tables.env.copy(str(v2), compact=True)
     yield v1, v2
 
 

@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from tests.helpers import files_of
-from xpstore import InvalidRecordError, Store, WALCorruptionError
+from xpstore import InvalidArgumentError, Store, WALCorruptionError
 from xpstore.cli import main
 from xpstore.demo.synthetic import make_mixed
+from xpstore.ops.salvage import salvage_store
 from xpstore.persistence.wal_format import scan_segment
-from xpstore.store.salvage import salvage_store
 
 
 def _held_store(path: Path, n: int = 12, **kw) -> list:
@@ -84,7 +84,7 @@ def test_salvage_over_a_missing_segment_and_a_torn_tail(tmp_path):
 def test_point_in_time_to_lsn_sets_the_rest_aside(tmp_path):
     path = tmp_path / "s"
     _held_store(path)
-    with pytest.raises(InvalidRecordError):
+    with pytest.raises(InvalidArgumentError):
         Store.open(path, to_lsn=7)  # needs recovery_mode="point_in_time"
     result = CliRunner().invoke(main, ["recover", str(path), "--mode", "point_in_time",
                                        "--to-lsn", "7", "--json"])
@@ -96,7 +96,7 @@ def test_point_in_time_to_lsn_sets_the_rest_aside(tmp_path):
         assert sorted(e.id for e in store.scan()) == list(range(1, 8))
         assert store.put(make_mixed(np.random.default_rng(2), 1)[0]) == 8
         store.flush()
-    with pytest.raises(InvalidRecordError) as info:  # LMDB already holds LSN 8
+    with pytest.raises(InvalidArgumentError) as info:  # LMDB already holds LSN 8
         Store.open(path, recovery_mode="point_in_time", to_lsn=3)
     assert "snapshot" in str(info.value)
 

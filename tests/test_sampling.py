@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from xpstore import (
     EmptySampleError,
-    InvalidRecordError,
+    InvalidArgumentError,
     PredictionOutcome,
     RecordNotFoundError,
     Store,
@@ -155,7 +155,7 @@ def test_bad_priorities_are_refused_and_nothing_is_logged(tmp_path, bad):
     with Store.open(tmp_path / "s", create=True) as s:
         ids = s.put_many(_predictions(3))
         before = s.stats()["next_lsn"]
-        with pytest.raises(InvalidRecordError) as err:
+        with pytest.raises(InvalidArgumentError) as err:
             s.update_priorities(ids, [1.0, bad, 1.0])
         assert err.value.field == "priorities[1]"
         assert s.stats()["next_lsn"] == before
@@ -167,15 +167,15 @@ def test_other_bad_arguments(tmp_path):
         before = s.stats()["next_lsn"]
         with pytest.raises(RecordNotFoundError):
             s.update_priorities([ids[0], 999_999], [1.0, 1.0])
-        with pytest.raises(InvalidRecordError, match="2 priorities"):
+        with pytest.raises(InvalidArgumentError, match="2 priorities"):
             s.update_priorities(ids, [1.0, 2.0])
-        with pytest.raises(InvalidRecordError):
+        with pytest.raises(InvalidArgumentError):
             s.record_feedback(ids, [True])
-        with pytest.raises(InvalidRecordError):
+        with pytest.raises(InvalidArgumentError):
             s.record_feedback(ids, ["yes", True, True])
         for kwargs, field in [({"n": 0}, "n"), ({"n": 4, "beta": 2.0}, "beta"),
                               ({"n": 4, "kind": "song"}, "kind"), ({"n": 4, "seed": -1}, "seed")]:
-            with pytest.raises(InvalidRecordError) as err:
+            with pytest.raises(InvalidArgumentError) as err:
                 s.sample(**kwargs)
             assert err.value.field == field
         assert s.stats()["next_lsn"] == before
@@ -250,7 +250,7 @@ def test_sigkill_after_acknowledged_priority_updates_and_feedback(tmp_path):
             exp = s.get(rid)
             assert exp.priority == 1.0 + k
             assert exp.retrieval_count == 1 and exp.success_count == (1 if k % 2 == 0 else 0)
-        alpha = s.config.priority_alpha
+        alpha = s.config.sampling.alpha
         # the tree reflects them: P ∝ p^alpha among the acknowledged ids
         a, b = acked[0], acked[-1]
         ka, kb = ordered.index(a), ordered.index(b)
@@ -293,7 +293,7 @@ def test_tree_totals_equal_the_sum_of_live_leaves(tmp_path_factory, ops):
                 s.update_priorities([live[pick % len(live)]], [value])
             else:
                 s.record_feedback([live[pick % len(live)]], [value > 50], count_retrieval=True)
-        sampler = s._sampler()
+        sampler = s.parts.sampling.attached()
         for kind in sampler.kinds.values():
             leaves = kind.tree.get(np.arange(kind.n)) if kind.n else np.zeros(0)
             assert math.isclose(kind.tree.total, float(leaves.sum()), rel_tol=1e-9, abs_tol=1e-12)
@@ -309,7 +309,7 @@ def test_records_replayed_by_recovery_get_their_rows_at_the_first_sample(tmp_pat
         ids = s.put_many(_predictions(40))
         s.update_priorities(ids[:2], [7.0, 8.0])
     with Store.open(path) as s:  # recovery copies the puts into LMDB without their rows
-        tables = s._tables
+        tables = s.parts.engine.tables
         with tables.reading() as txn:
             rows = txn.stat(tables.db(b"prio"))["entries"]
         assert rows == 2  # only the priority op computed rows

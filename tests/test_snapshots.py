@@ -22,6 +22,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from xpstore import (
+    InvalidArgumentError,
     InvalidRecordError,
     PredictionOutcome,
     ReadOnlyStoreError,
@@ -109,7 +110,7 @@ def test_restored_store_has_its_own_id_and_the_manifest_the_fields(tmp_path: Pat
     manifest = json.loads((info.path / "manifest.json").read_text())
     assert manifest["format"] == "xpstore-snapshot" and manifest["format_version"] == 1
     assert manifest["store_id"] == src_id and manifest["lsn"] == 5 and manifest["id"] == info.id
-    assert manifest["config"]["segment_max_bytes"] == 64 * 1024
+    assert manifest["config"]["wal"]["segment_max_bytes"] == 64 * 1024
     entry = manifest["files"]["data.mdb"]
     assert entry["size"] == (info.path / "data.mdb").stat().st_size and len(entry["sha256"]) == 64
     with Store.open(tmp_path / "r", readonly=True) as restored:
@@ -265,12 +266,12 @@ def test_pitr_argument_errors_create_nothing(tmp_path: Path) -> None:
         info = store.snapshot()
         store.put(pred(2))
         cases: list[tuple[dict[str, Any], type[Exception], str]] = [
-            ({"to_lsn": 0}, InvalidRecordError, "before snapshot"),
-            ({"to_lsn": 99}, InvalidRecordError, "beyond the end"),
-            ({"to_time": old}, InvalidRecordError, "committed after to_time"),
-            ({"to_lsn": 2, "to_time": 1.0}, InvalidRecordError, "not both"),
-            ({"to_lsn": -1}, InvalidRecordError, "to_lsn"),
-            ({"to_time": float("nan")}, InvalidRecordError, "to_time"),
+            ({"to_lsn": 0}, InvalidArgumentError, "before snapshot"),
+            ({"to_lsn": 99}, InvalidArgumentError, "beyond the end"),
+            ({"to_time": old}, InvalidArgumentError, "committed after to_time"),
+            ({"to_lsn": 2, "to_time": 1.0}, InvalidArgumentError, "not both"),
+            ({"to_lsn": -1}, InvalidArgumentError, "to_lsn"),
+            ({"to_time": float("nan")}, InvalidArgumentError, "to_time"),
         ]
         for kwargs, exc, text in cases:
             with pytest.raises(exc, match=text):
@@ -411,7 +412,7 @@ def test_prune_keeps_the_newest(tmp_path: Path) -> None:
         assert store.list_snapshots() == taken[2:]
         assert not taken[0].path.exists()
         assert store.prune_snapshots(keep=5) == []
-        with pytest.raises(InvalidRecordError):
+        with pytest.raises(InvalidArgumentError):
             store.prune_snapshots(keep=-1)
         assert store.prune_snapshots(keep=0) == taken[2:] and store.list_snapshots() == []
     assert sorted(os.listdir(tmp_path / "src" / "snapshots")) == []
@@ -513,41 +514,50 @@ def test_sigkill_mid_restore(tmp_path: Path, point: str) -> None:
 # ------------------------------------------------------------------------------ automatic
 
 
+QUIET: dict[str, Any] = {"apply_interval_ms": 60_000}
+"""The applier sleeps through the test, so only the test runs the snapshot task."""
+
+
+def auto(store: Store, now: float | None = None) -> SnapshotInfo | None:
+    """One look at the automatic-snapshot task, run in this thread when it is due."""
+    task = store.parts.tasks["snapshot"]
+    return task.run() if task.due(now=now) else None  # type: ignore[call-arg,return-value]
+
+
 def test_automatic_snapshots_by_records_with_keep(tmp_path: Path) -> None:
-    cfg = {"snapshot_every_records": 10, "snapshot_keep": 2}
+    cfg = {"snapshot_every_records": 10, "snapshot_keep": 2, **QUIET}
     with Store.open(tmp_path / "src", create=True, **cfg, **FAST) as store:
         store.put_many([pred(i) for i in range(9)])
-        assert store._maybe_auto_snapshot() is None
+        assert auto(store) is None
         store.put(pred(9))
-        first = store._maybe_auto_snapshot()
+        first = auto(store)
         assert first is not None and first.lsn == 10
-        assert store._maybe_auto_snapshot() is None  # nothing new
+        assert auto(store) is None  # nothing new
         for round_ in range(2):
             store.put_many([pred(i) for i in range(10)])
-            assert store._maybe_auto_snapshot() is not None, round_
+            assert auto(store) is not None, round_
         assert [i.lsn for i in store.list_snapshots()] == [20, 30]
     with Store.open(tmp_path / "src", **cfg) as store:  # the baseline survives a restart
         store.put_many([pred(i) for i in range(5)])
-        assert store._maybe_auto_snapshot() is None
+        assert auto(store) is None
 
 
 def test_automatic_snapshots_by_time_and_failures_stay_quiet(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with Store.open(tmp_path / "src", create=True, snapshot_every_seconds=60, **FAST) as store:
+    with Store.open(tmp_path / "src", create=True, snapshot_every_seconds=60, **QUIET,
+                    **FAST) as store:
         store.put(pred(0))
-        assert store._maybe_auto_snapshot() is None  # the period starts now
-        store._snapshot_state().last_time -= 61
-        assert store._maybe_auto_snapshot() is not None
-        store._snapshot_state().last_time -= 61
-        assert store._maybe_auto_snapshot() is None  # due, but nothing changed
+        assert auto(store) is None  # the period starts now
+        assert auto(store, now=time.time() + 61) is not None
+        assert auto(store, now=time.time() + 122) is None  # due, but nothing changed
         store.put(pred(1))
 
         def broken(*_a: Any, **_k: Any) -> SnapshotInfo:
             raise OSError(errno.EIO, "I/O error")
 
         monkeypatch.setattr(snap_mod, "create_snapshot", broken)
-        assert store._maybe_auto_snapshot() is None  # logged, not raised
+        assert auto(store, now=time.time() + 183) is None  # logged, not raised
         assert "automatic snapshot" in caplog.text
         assert store.put(pred(2)) == 3
 
@@ -555,7 +565,7 @@ def test_automatic_snapshots_by_time_and_failures_stay_quiet(
 def test_no_automatic_snapshot_unless_configured(tmp_path: Path) -> None:
     with Store.open(tmp_path / "src", create=True, **FAST) as store:
         store.put_many([pred(i) for i in range(100)])
-        assert store._maybe_auto_snapshot() is None
+        assert auto(store) is None
         assert store.list_snapshots() == []
 
 

@@ -15,6 +15,7 @@ import xpstore
 from xpstore import (
     Fingerprint,
     FormatVersionError,
+    InvalidArgumentError,
     InvalidRecordError,
     PredictionOutcome,
     QueryMetric,
@@ -133,7 +134,7 @@ def test_scan_orders_filters_and_merges_overlay_with_lmdb(store_path):
     with Store.open(store_path, create=True) as store:
         applied = store.put_many(make_mixed(rng, 300, t0=1000.0))
         store.flush()
-        store._applier.hold = True  # the rest stays in the overlay
+        store.parts.engine.applier.hold = True  # the rest stays in the overlay
         fresh = store.put_many(make_mixed(rng, 100, t0=1100.5))
         victim = applied[10]
         store.delete(victim)
@@ -170,7 +171,7 @@ def test_where_rejects_bad_keys(store):
     assert info.value.field == "context__like"
     with pytest.raises(InvalidRecordError):
         list(store.scan(kind="prediction", where={"nonexistent": 1}))
-    with pytest.raises(InvalidRecordError):
+    with pytest.raises(InvalidArgumentError):
         list(store.scan(kind="nope"))
 
 
@@ -392,7 +393,7 @@ def test_durability_modes_round_trip(store_path, durability):
         if durability == "none":
             assert syncs == 0
     with Store.open(store_path) as store:
-        assert store.config.durability == durability  # persisted with the store
+        assert store.config.wal.durability == durability  # persisted with the store
         assert [store.get(i).record for i in ids] == [
             r.model_copy(update={"ts": store.get(i).ts}) for i, r in zip(ids, records, strict=True)
         ]
@@ -400,9 +401,9 @@ def test_durability_modes_round_trip(store_path, durability):
 
 def test_session_only_knobs_are_not_persisted(store_path):
     with Store.open(store_path, create=True, hold_applier=True, segment_max_bytes=65536) as s:
-        assert s.config.hold_applier
+        assert s.config.apply.hold
     with Store.open(store_path) as s:
-        assert not s.config.hold_applier and s.config.segment_max_bytes == 65536
+        assert not s.config.apply.hold and s.config.wal.segment_max_bytes == 65536
 
 
 def test_out_of_range_and_non_int_ids(store):
@@ -411,7 +412,7 @@ def test_out_of_range_and_non_int_ids(store):
             store.get(bad)
         with pytest.raises(RecordNotFoundError):
             store.delete(bad)
-    with pytest.raises(InvalidRecordError):
+    with pytest.raises(InvalidArgumentError):
         store.get("1")
 
 

@@ -208,7 +208,7 @@ def test_lmdb_failure_in_the_applier_refuses_writes_and_reopen_replays(store_pat
     monkeypatch.setattr(LmdbTables, "apply", broken_apply)
     acked = store.put_many(records[:20])  # acknowledged by the WAL; the apply fails behind it
     assert failed.wait(10)
-    store._applier._thread.join(10)
+    assert store.parts.engine.applier is not None and store.parts.engine.applier.join(10)
     with pytest.raises(WALWriteError) as info:
         store.put(records[20])
     assert "No space left" in str(info.value)

@@ -34,7 +34,7 @@ from xpstore.model.records import (
 )
 from xpstore.ops.snapshots import SnapshotInfo
 from xpstore.persistence.wal_recovery import RecoveryReport
-from xpstore.store._sample_api import SampleBatch
+from xpstore.store.sampling_service import SampleBatch
 from xpstore.store.store import Store
 
 __version__ = "0.1.0"

@@ -1,156 +1,347 @@
-"""StoreConfig: every knob of a store, its default and its valid range.
+"""StoreConfig: every knob of a store, grouped by the component that uses it, with its default,
+its valid range and how it may change.
 
-The config is persisted in the store when it is created (LMDB ``meta/config``) so that every later
-open, the CLI's included, runs with the same settings. Per-open overrides (``Store.open(...,
-durability="group")``) apply to that session only and are not written back.
+The config is persisted in the store (LMDB ``meta/config``, a JSON document) so that every later
+open, the CLI's included, runs with the same settings. It changes in two ways only:
+
+- per-open overrides (``Store.open(..., durability="group")``) apply to that session and are not
+  written back;
+- ``Store.reconfigure(**changes)`` logs the new document through the WAL (durable like any write)
+  and applies what it can to the running store (:data:`LIVE`); a knob that needs a reopen is
+  refused with an error that says so, and the session-only knobs are never persisted.
+
+Knobs have two spellings: dotted by section (``"index.ef_search"``, ``config.index.ef_search``)
+and the flat names stores were created with before sections existed (``index_ef_search``,
+``durability``, ``hold_applier``), which every entry point still accepts (:data:`FLAT`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from xpstore.errors import InvalidRecordError
+from xpstore.errors import InvalidArgumentError
 
 Durability = Literal["commit", "group", "none"]
 RecoveryMode = Literal["tolerate_tail", "absolute", "point_in_time"]
+Kind = Literal["prediction", "fingerprint", "query_metric"]
 
 MiB = 1024 * 1024
-SESSION_ONLY = frozenset({"hold_applier", "recovery_mode"})
-"""Knobs that apply to one open only and are never persisted with the store."""
 
 
-class RetentionRule(BaseModel):
-    """Keep at most ``max_count`` records of a kind and/or none older than ``max_age_s``."""
-
+class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class RetentionRule(_Section):
+    """Keep at most ``max_count`` records of a kind and/or none older than ``max_age_s``."""
 
     max_count: int | None = Field(None, ge=0)
     max_age_s: float | None = Field(None, gt=0)
 
 
-class StoreConfig(BaseModel):
-    """Settings of one store. Validated on construction; unknown keys are refused."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+class WalSettings(_Section):
+    """The write-ahead log (persistence/wal.py) and its checkpoints."""
 
     durability: Durability = "commit"
     """``commit``: put returns after an fsync covering it; ``group``: after write(), fsync every
     ``group_commit_ms`` (an OS crash may lose that window); ``none``: never fsync (scratch)."""
     recovery_mode: RecoveryMode = "tolerate_tail"
+    """Session only: how an open treats a damaged log (docs/recovery.md)."""
     group_commit_ms: float = Field(2.0, gt=0, le=1000)
     segment_max_bytes: int = Field(64 * MiB, ge=64 * 1024, le=4096 * MiB)
-    max_record_bytes: int = Field(1 * MiB, ge=1024, le=256 * MiB)
     max_frame_bytes: int = Field(64 * MiB, ge=64 * 1024, le=1024 * MiB)
+    checkpoint_interval_s: float = Field(30.0, gt=0)
+    retain_segments: int = Field(0, ge=0)
+    """Segments at or below applied_lsn kept by checkpoints (for later point-in-time restore)."""
+    retain_seconds: float = Field(0.0, ge=0)
+    """Segments younger than this are kept by checkpoints (point-in-time restore window)."""
+
+
+class RecordSettings(_Section):
+    """Limits the writer checks before anything is logged."""
+
+    max_record_bytes: int = Field(1 * MiB, ge=1024, le=256 * MiB)
     max_batch_records: int = Field(100_000, ge=1, le=10_000_000)
-    apply_batch_ops: int = Field(10_000, ge=1, le=1_000_000)
+    embedding_dim: int | None = Field(None, ge=1, le=65_536)
+    """Fixed dimension of Fingerprint.embedding; None: fixed by the first fingerprint with one
+    (logged through the WAL as a settings change in that fingerprint's frame)."""
+
+
+class ApplySettings(_Section):
+    """The applier (overlay -> LMDB) and LMDB itself."""
+
+    batch_ops: int = Field(10_000, ge=1, le=1_000_000)
     """The applier moves at most this many acknowledged operations into LMDB per transaction."""
-    apply_interval_ms: float = Field(200.0, gt=0, le=60_000)
-    hold_applier: bool = False
-    """Keep acknowledged operations in the WAL and the overlay only (tests, recovery benchmarks)."""
+    interval_ms: float = Field(200.0, gt=0, le=60_000)
+    hold: bool = False
+    """Session only: keep acknowledged operations in the WAL and the overlay (tests, benchmarks)."""
     max_overlay_ops: int = Field(1_000_000, ge=1_000)
     """Back-pressure: writers wait when this many acknowledged operations are not yet applied."""
     map_size: int = Field(256 * MiB, ge=1 * MiB)
     """Initial LMDB map size; it doubles on MapFullError."""
-    checkpoint_interval_s: float = Field(30.0, gt=0)
-    wal_retain_segments: int = Field(0, ge=0)
-    """Segments at or below applied_lsn kept by checkpoints (for later point-in-time restore)."""
-    wal_retain_seconds: float = Field(0.0, ge=0)
-    """Segments younger than this are kept by checkpoints (point-in-time restore window)."""
-    snapshot_dir: str | None = None
-    """Where snapshots live; None: ``<store>/snapshots``."""
-    snapshot_every_records: int | None = Field(None, ge=1)
-    """Take a snapshot automatically after this many acknowledged operations."""
-    snapshot_every_seconds: float | None = Field(None, gt=0)
-    """Take a snapshot automatically this often (when anything changed)."""
-    snapshot_keep: int | None = Field(None, ge=1)
-    """After an automatic snapshot, prune to this many (None: keep all)."""
-    retention: dict[Literal["prediction", "fingerprint", "query_metric"], RetentionRule] = {}
-    """Per-kind retention, enforced by evicting through the WAL like deletes."""
-    retention_interval_s: float = Field(60.0, gt=0)
-    embedding_dim: int | None = Field(None, ge=1, le=65_536)
-    """Fixed dimension of Fingerprint.embedding; None: fixed by the first fingerprint with one."""
 
-    # ------------------------------------------------------------ k-NN index (docs/index.md)
-    index_mode: Literal["percentile", "zscore"] = "percentile"
+
+class SnapshotSettings(_Section):
+    """Automatic snapshots (docs/snapshots.md)."""
+
+    dir: str | None = None
+    """Where snapshots live; None: ``<store>/snapshots``."""
+    every_records: int | None = Field(None, ge=1)
+    """Take a snapshot automatically after this many acknowledged operations."""
+    every_seconds: float | None = Field(None, gt=0)
+    """Take a snapshot automatically this often (when anything changed)."""
+    keep: int | None = Field(None, ge=1)
+    """After an automatic snapshot, prune to this many (None: keep all)."""
+
+
+class RetentionSettings(_Section):
+    """Per-kind retention, enforced by evicting through the WAL like deletes."""
+
+    rules: dict[Kind, RetentionRule] = {}
+    interval_s: float = Field(60.0, gt=0)
+
+
+class IndexSettings(_Section):
+    """The k-NN index (docs/index.md). Knobs of the embedding and of the index kind take effect
+    at the next build; the search knobs at the next query."""
+
+    mode: Literal["percentile", "zscore"] = "percentile"
     """Standardization of the 25 audio values (Auralis's 5th-95th percentile range, or std)."""
-    index_audio_weight: float = Field(0.7, ge=0, le=1000)
-    index_embedding_weight: float = Field(0.3, ge=0, le=1000)
-    index_dim_weights: dict[str, float] | None = None
+    audio_weight: float = Field(0.7, ge=0, le=1000)
+    embedding_weight: float = Field(0.3, ge=0, le=1000)
+    dim_weights: dict[str, float] | None = None
     """Per-dimension audio weights by name (all 25); None: the mode's default."""
-    index_exact_below: int = Field(10_000, ge=0)
+    exact_below: int = Field(10_000, ge=0)
     """Below this many tracks the main index is exact (``IDMap2,Flat``)."""
-    index_hnsw_below: int = Field(2_000_000, ge=0)
-    """Below this many (and from ``index_exact_below``) HNSW; from here IVF-Flat."""
-    index_hnsw_m: int = Field(32, ge=4, le=256)
-    index_ef_construction: int = Field(128, ge=80, le=4096)
-    index_ef_search: int = Field(64, ge=1, le=32_768)
-    index_nprobe: int = Field(32, ge=1, le=65_536)
-    index_delta_min: int = Field(256, ge=1)
-    index_delta_ratio: float = Field(0.1, gt=0, le=10)
-    index_delta_max: int = Field(10_000, ge=1)
+    hnsw_below: int = Field(2_000_000, ge=0)
+    """Below this many (and from ``exact_below``) HNSW; from here IVF-Flat."""
+    hnsw_m: int = Field(32, ge=4, le=256)
+    ef_construction: int = Field(128, ge=80, le=4096)
+    ef_search: int = Field(64, ge=1, le=32_768)
+    nprobe: int = Field(32, ge=1, le=65_536)
+    delta_min: int = Field(256, ge=1)
+    delta_ratio: float = Field(0.1, gt=0, le=10)
+    delta_max: int = Field(10_000, ge=1)
     """Rebuild when the delta holds min(delta_max, max(delta_min, delta_ratio * index size))."""
-    index_tombstone_ratio: float = Field(0.2, gt=0, le=1)
+    tombstone_ratio: float = Field(0.2, gt=0, le=1)
     """Rebuild when tombstones reach this share of the main index (and at least 64)."""
-    index_drift_max: float = Field(0.5, gt=0)
+    drift_max: float = Field(0.5, gt=0)
     """Rebuild when the delta's means moved this many scale units from the index's stats."""
-    index_auto_rebuild: bool = True
-    index_build_in: Literal["auto", "thread", "process"] = "auto"
-    index_process_above: int = Field(20_000, ge=0)
+    auto_rebuild: bool = True
+    build_in: Literal["auto", "thread", "process"] = "auto"
+    process_above: int = Field(20_000, ge=0)
     """``auto`` builds in a child process from this many tracks (a thread below)."""
-    index_query_threads: int = Field(1, ge=1, le=256)
+    query_threads: int = Field(1, ge=1, le=256)
     """FAISS OpenMP threads of a single-query search (1: OpenMP's fork/join costs a single
     query more than it saves, and far more on a busy machine; benchmarks.md)."""
-    index_build_threads: int = Field(1, ge=1, le=256)
+    build_threads: int = Field(1, ge=1, le=256)
     """FAISS threads of a build: leave the other cores to queries."""
-    index_neighbors_k: int = Field(10, ge=0, le=1000)
+    neighbors_k: int = Field(10, ge=0, le=1000)
     """Neighbours materialized per track in LMDB after each build (0: none)."""
-    index_refresh_s: float = Field(1.0, ge=0)
+    refresh_s: float = Field(1.0, ge=0)
     """A read-only store catches its index up with LMDB at most this often."""
 
-    # ------------------------------------------------------------ sampling (docs/sampling.md)
-    priority_alpha: float = Field(0.6, ge=0, le=10)
+
+class SamplingSettings(_Section):
+    """Prioritized sampling (docs/sampling.md)."""
+
+    alpha: float = Field(0.6, ge=0, le=10)
     """P(i) = p_i**alpha / sum p**alpha (0: uniform)."""
-    priority_beta: float = Field(0.4, ge=0, le=1)
+    beta: float = Field(0.4, ge=0, le=1)
     """Importance-weight exponent when ``sample(beta=None)``."""
-    priority_w_confidence: float = Field(0.4, ge=0, le=1000)
-    priority_w_reward: float = Field(0.4, ge=0, le=1000)
-    priority_w_age: float = Field(0.2, ge=0, le=1000)
-    priority_floor: float = Field(0.01, gt=0, le=1000)
-    priority_age_half_life_s: float = Field(7 * 86400.0, gt=0)
-    priority_value_weight: float = Field(0.5, ge=0, le=1)
+    w_confidence: float = Field(0.4, ge=0, le=1000)
+    w_reward: float = Field(0.4, ge=0, le=1000)
+    w_age: float = Field(0.2, ge=0, le=1000)
+    floor: float = Field(0.01, gt=0, le=1000)
+    age_half_life_s: float = Field(7 * 86400.0, gt=0)
+    value_weight: float = Field(0.5, ge=0, le=1)
     """How far the Laplace-smoothed success rate moves priority: factor in [1-w, 1+w]."""
     new_item_priority: float = Field(1.0, ge=0, le=1e6)
     """Never-sampled items get at least this priority."""
-    sample_flush_retrievals: int = Field(4096, ge=1)
+    flush_retrievals: int = Field(4096, ge=1)
     """Retrieval counts bumped by sample() are logged once this many are pending (and at close)."""
 
+
+SECTIONS: dict[str, type[_Section]] = {
+    "wal": WalSettings,
+    "records": RecordSettings,
+    "apply": ApplySettings,
+    "snapshots": SnapshotSettings,
+    "retention": RetentionSettings,
+    "index": IndexSettings,
+    "sampling": SamplingSettings,
+}
+
+_RENAMED = {
+    "hold_applier": "apply.hold",
+    "max_overlay_ops": "apply.max_overlay_ops",
+    "map_size": "apply.map_size",
+    "wal_retain_segments": "wal.retain_segments",
+    "wal_retain_seconds": "wal.retain_seconds",
+    "retention": "retention.rules",
+    "retention_interval_s": "retention.interval_s",
+    "sample_flush_retrievals": "sampling.flush_retrievals",
+    "new_item_priority": "sampling.new_item_priority",
+}
+_PREFIXES = (("index_", "index"), ("priority_", "sampling"), ("snapshot_", "snapshots"),
+             ("apply_", "apply"))  # fmt: skip
+
+
+def _flat_names() -> dict[str, str]:
+    """Flat (pre-section) knob name -> dotted name."""
+    out: dict[str, str] = {}
+    for section, cls in SECTIONS.items():
+        for name in cls.model_fields:
+            dotted = f"{section}.{name}"
+            flat = name
+            for prefix, sec in _PREFIXES:
+                if sec == section:
+                    flat = prefix + name
+            out[flat] = dotted
+    for flat, dotted in _RENAMED.items():
+        stale = next((k for k, v in out.items() if v == dotted), None)
+        if stale is not None:
+            del out[stale]
+        out[flat] = dotted
+    return out
+
+
+FLAT: dict[str, str] = _flat_names()
+"""Every flat knob name -> its dotted name (``"index_ef_search"`` -> ``"index.ef_search"``)."""
+
+SESSION_ONLY = frozenset({"wal.recovery_mode", "apply.hold"})
+"""Knobs that apply to one open only and are never persisted with the store."""
+
+LIVE = frozenset(
+    {f"snapshots.{n}" for n in SnapshotSettings.model_fields}
+    | {f"retention.{n}" for n in RetentionSettings.model_fields}
+    | {f"index.{n}" for n in IndexSettings.model_fields}
+    | {f"sampling.{n}" for n in SamplingSettings.model_fields}
+    | {"records.max_record_bytes", "records.max_batch_records", "apply.batch_ops",
+       "apply.interval_ms", "apply.max_overlay_ops", "wal.checkpoint_interval_s",
+       "wal.retain_segments", "wal.retain_seconds"}
+)  # fmt: skip
+"""Knobs ``Store.reconfigure`` applies to a running store (index build knobs: at the next
+build). Every other persisted knob needs a reopen: reconfigure refuses it and says so."""
+
+
+def dotted(name: str) -> str:
+    """The dotted name of a knob given flat or dotted; InvalidArgumentError if unknown."""
+    if name in FLAT:
+        return FLAT[name]
+    section, _, field = name.partition(".")
+    cls = SECTIONS.get(section)
+    if cls is None or field not in cls.model_fields:
+        raise InvalidArgumentError(f"unknown setting {name!r}", field=name)
+    return name
+
+
+class StoreConfig(BaseModel):
+    """Settings of one store, in sections. Validated on construction; unknown keys are refused.
+
+    Accepts nested sections (``{"index": {"ef_search": 96}}``), dotted keys
+    (``{"index.ef_search": 96}``) and flat names (``{"index_ef_search": 96}``) alike.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    wal: WalSettings = WalSettings()
+    records: RecordSettings = RecordSettings()
+    apply: ApplySettings = ApplySettings()
+    snapshots: SnapshotSettings = SnapshotSettings()
+    retention: RetentionSettings = RetentionSettings()
+    index: IndexSettings = IndexSettings()
+    sampling: SamplingSettings = SamplingSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, data: Any) -> Any:
+        """Fold flat and dotted keys into their sections (old stores persisted flat JSON)."""
+        if not isinstance(data, Mapping):
+            return data
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in SECTIONS and not (key == "retention" and _is_rules(value)):
+                section = value.model_dump() if isinstance(value, BaseModel) else value
+                if isinstance(section, Mapping):
+                    out.setdefault(key, {}).update(section)
+                else:
+                    out[key] = section  # let pydantic name the bad type
+                continue
+            name: str = FLAT.get(key) or str(key)
+            sec, _, field = name.partition(".")
+            if not field:
+                out[key] = value  # unknown: extra="forbid" names it
+                continue
+            out.setdefault(sec, {})[field] = value
+        return out
+
+    def get(self, name: str) -> Any:
+        """The value of a knob by flat or dotted name."""
+        section, _, field = dotted(name).partition(".")
+        return getattr(getattr(self, section), field)
+
     def persisted(self) -> StoreConfig:
-        """The copy written into a new store: session-only knobs back at their defaults."""
-        defaults = {k: StoreConfig.model_fields[k].default for k in SESSION_ONLY}
-        return self.model_copy(update=defaults)
+        """The copy written into a store: session-only knobs back at their defaults."""
+        return self.changed({k: _default(k) for k in SESSION_ONLY})
+
+    def changed(self, changes: Mapping[str, Any]) -> StoreConfig:
+        """A validated copy with ``changes`` (flat or dotted names) applied."""
+        data = self.model_dump()
+        for name, value in changes.items():
+            section, _, field = dotted(name).partition(".")
+            data[section][field] = value
+        return make_config(**data)
 
     def to_json(self) -> str:
         return self.model_dump_json()
 
     @classmethod
     def from_json(cls, text: str) -> StoreConfig:
-        return cls.model_validate(json.loads(text))
+        return make_config(**json.loads(text))
 
     def with_overrides(self, **overrides: Any) -> StoreConfig:
         """Return a validated copy with ``overrides`` applied (None values are ignored)."""
-        data = self.model_dump()
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return make_config(**data)
+        return self.changed({k: v for k, v in overrides.items() if v is not None})
+
+
+def dotted_items(values: Mapping[str, Any] | StoreConfig) -> dict[str, Any]:
+    """Knobs given by section, dotted or flat name (or a whole StoreConfig) -> dotted names."""
+    data = values.model_dump() if isinstance(values, StoreConfig) else values
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS and not (key == "retention" and _is_rules(value)):
+            section = value.model_dump() if isinstance(value, BaseModel) else value
+            if not isinstance(section, Mapping):
+                raise InvalidArgumentError(f"config {key}: expected a mapping of knobs", field=key)
+            for name, v in section.items():
+                out[dotted(f"{key}.{name}")] = v
+        else:
+            out[dotted(key)] = value
+    return out
+
+
+def _is_rules(value: Any) -> bool:
+    """``retention={"prediction": {...}}`` (flat) rather than a retention section."""
+    if isinstance(value, RetentionSettings):
+        return False
+    return isinstance(value, Mapping) and not set(value) & set(RetentionSettings.model_fields)
+
+
+def _default(name: str) -> Any:
+    section, _, field = name.partition(".")
+    return SECTIONS[section].model_fields[field].default
 
 
 def make_config(**values: Any) -> StoreConfig:
-    """Build a StoreConfig, turning pydantic's error into InvalidRecordError naming the knob."""
+    """Build a StoreConfig, turning pydantic's error into InvalidArgumentError naming the knob."""
     try:
         return StoreConfig(**values)
     except ValidationError as exc:
         err = exc.errors()[0]
         name = ".".join(str(p) for p in err["loc"]) or "config"
-        raise InvalidRecordError(f"config {name}: {err['msg']}", field=name) from exc
+        raise InvalidArgumentError(f"config {name}: {err['msg']}", field=name) from exc

@@ -24,6 +24,7 @@ from xpstore import Store, StoreLockedError, __version__
 from xpstore.cli._errors import EXIT_PROBLEM, EXIT_USAGE, CliError, XpGroup
 from xpstore.cli._input import BadLine, TimestampType, parse_jsonl, parse_record, parse_where
 from xpstore.cli._output import dumps, emit_json, flatten, table
+from xpstore.config import FLAT
 from xpstore.demo.run import run_demo
 from xpstore.errors import InvalidRecordError
 from xpstore.model.records import KINDS
@@ -145,9 +146,10 @@ def init(path: Path, durability: str | None, segment_max_bytes: int | None, as_j
     if segment_max_bytes is not None:
         overrides["segment_max_bytes"] = segment_max_bytes
     with Store.open(path, create=True, durability=durability, **overrides) as store:
-        config = store.config.model_dump()
-    if as_json:
-        emit_json({"path": str(path), "config": config})
+        settings = store.config.model_dump(mode="json")
+        config = {name: settings[d.split(".")[0]][d.split(".")[1]] for name, d in FLAT.items()}
+    if as_json:  # "config" by the flat names scripts already read; "settings" by section
+        emit_json({"path": str(path), "config": config, "settings": settings})
     else:
         click.echo(
             f"created store {path} (durability={config['durability']}, "

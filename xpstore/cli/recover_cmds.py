@@ -11,8 +11,8 @@ from xpstore import Store
 from xpstore.cli._errors import CliError
 from xpstore.cli._output import emit_json
 from xpstore.cli.commands import STORE_PATH, json_option, main
+from xpstore.ops.salvage import salvage_store
 from xpstore.persistence.wal_recovery import RECOVERY_MODES, RecoveryReport
-from xpstore.store.salvage import salvage_store
 
 
 @main.command()

@@ -236,7 +236,7 @@ def _phase_one(
         echo(
             f"   put_many: {len(bulk)} records in batches of up to {_BATCH}, "
             f"{t_bulk * 1000:.0f} ms; put: {len(singles)} single records, {t_single * 1000:.0f} ms"
-            f" (durability={store.config.durability})"
+            f" (durability={store.config.wal.durability})"
         )
         result.updated = _resolve_outcomes(store, ids, recs, rng)
         echo(f"   update: resolved the outcome (actual, reward) of {result.updated} predictions")

@@ -44,10 +44,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -58,15 +58,15 @@ from xpstore.index.build import MIN_FIT_ROWS, BuildPlan, backend_ids, run_build
 from xpstore.index.embedding import AudioStats, HybridEmbedder
 from xpstore.index.rows import RawFingerprint, parse_fingerprint, raw_from_model
 from xpstore.index.serving import BuildInfo, Delta, IndexServer, MainIndex
-from xpstore.model.records import Fingerprint
+from xpstore.model.events import Acknowledged, IndexRow
+from xpstore.model.records import Fingerprint, Record
 from xpstore.persistence import fs
 from xpstore.persistence.crashpoints import crash_point
 from xpstore.persistence.lmdb_tables import LmdbTables, from_u64
 
 if TYPE_CHECKING:
-    from xpstore.config import StoreConfig
-    from xpstore.model.effects import Effect
-    from xpstore.persistence.overlay import Overlay
+    from xpstore.config import IndexSettings
+    from xpstore.persistence.overlay import Overlay, Subscription
 
 __all__ = ["MAIN_FILE", "IndexManager", "check_file_at_open"]
 
@@ -122,7 +122,7 @@ class IndexManager:
         *,
         root: Path,
         tables: LmdbTables,
-        config: StoreConfig,
+        settings: IndexSettings,
         store_id: int,
         embedding_dim: int | None,
         overlay: Overlay | None,
@@ -132,15 +132,14 @@ class IndexManager:
         self.root = root
         self.dir = index_dir(root)
         self.tables = tables
-        self.config = config
+        self.settings = settings
         self.store_id = store_id
         self.embedding_dim = embedding_dim
         self.overlay = overlay
         self.readonly = readonly
         self.flush = flush  # applies every acknowledged operation to LMDB (None: cannot)
         self.server: IndexServer | None = None
-        self._backlog_lock = threading.Lock()
-        self._backlog: list[tuple[int, int | None, int | None, Any]] | None = None
+        self._sub: Subscription | None = None
         self.rebuilder: Rebuilder | None = None
         self.listener_errors = 0
         self.attached_lsn = 0  # read-only: LMDB applied_lsn at the last catch-up
@@ -152,33 +151,31 @@ class IndexManager:
         ov = self.overlay
         ov_tracks: dict[str, tuple[int, int | None]] = {}
         ov_values: dict[int, bytes] = {}
+        sub = None
         if ov is not None:
-            with ov.lock:
-                with self._backlog_lock:
-                    self._backlog = []
-                ov.listeners.append(self._on_durable)
-                ov_tracks = dict(ov.tracks)
-                ov_values = {
-                    rid: eff.value
-                    for rid, eff in ov.records.items()
-                    if eff.kind == "fingerprint" and eff.value is not None
-                }
+            sub, unapplied = ov.subscribe(self._on_durable)
+            for eff in unapplied:
+                if eff.track is not None:
+                    ov_tracks[eff.track] = (eff.lsn, eff.track_to)
+                if eff.record_id is not None and eff.kind == "fingerprint":
+                    if eff.value is None:
+                        ov_values.pop(eff.record_id, None)
+                    else:
+                        ov_values[eff.record_id] = eff.value
         try:
             server = self._build_server(ov_tracks, ov_values)
         except BaseException:
-            if ov is not None:
-                with ov.lock:
-                    ov.listeners.remove(self._on_durable)
+            if sub is not None:
+                sub.cancel()
             raise
-        with self._backlog_lock:
-            events = self._backlog or []
-            self._backlog = None
-            server.apply_events(events)
-            self.server = server
+        self.server = server
+        self._sub = sub
+        if sub is not None:
+            sub.start()  # the batches acknowledged since subscribe, then every later one
         if not self.readonly:
             self.rebuilder = Rebuilder(self)
             server.on_change = self.rebuilder.poke
-            auto = self.config.index_auto_rebuild
+            auto = self.settings.auto_rebuild
             if auto and server.main.backend is None and server.live_count() > 0:
                 self.rebuilder.request("no index yet")  # before start: one build, not two
             self.rebuilder.start()
@@ -228,12 +225,12 @@ class IndexManager:
             len(tombs),
         )
         server = IndexServer(main, delta, tombs)
-        server.query_threads = self.config.index_query_threads
+        server.query_threads = self.settings.query_threads
         return server
 
     def _load_main(self) -> MainIndex:
         path = self.dir / MAIN_FILE
-        embedder = self.plan(0).embedder(AudioStats.prior(self.config.index_mode))
+        embedder = self.plan(0).embedder(AudioStats.prior(self.settings.mode))
         empty = MainIndex(None, embedder, np.zeros(0, dtype=np.int64), None, 0)
         if not path.exists():
             return empty
@@ -257,68 +254,62 @@ class IndexManager:
         return MainIndex(backend, embedder, backend_ids(backend), info, 1)
 
     # ---------------------------------------------------------------- ack path
-    def _on_durable(self, effects: list[Effect]) -> None:
-        """Overlay listener (WAL leader, under the overlay lock): never raises."""
+    def _on_durable(self, batch: Acknowledged) -> None:
+        """Overlay subscriber (WAL leader, before the batch's writers return): never raises."""
         try:
             server = self.server
-            if server is not None and server.answers:
-                server.forget(e.record_id for e in effects if e.record_id is not None)
-            events = [_event(eff) for eff in effects if eff.track is not None]
-            if not events:
+            if server is None:
                 return
-            with self._backlog_lock:
-                if self._backlog is not None:
-                    self._backlog.extend(events)
-                    return
-                server = self.server
-            if server is not None:
+            if server.answers:
+                server.forget(batch.record_ids())
+            events = batch.track_events()
+            if events:
                 server.apply_events(events)
         except Exception:
             self.listener_errors += 1
             log.exception("index update on the acknowledgement path failed; re-attaching")
             self.server = None  # the next query re-attaches from LMDB and the overlay
 
-    def precompute(self, records: list[Any]) -> dict[int, tuple[RawFingerprint, Any, int]]:
-        """Vectors of the fingerprints in a put batch, by position (writer thread, no lock)."""
+    def precompute(self, records: Sequence[Record]) -> dict[int, IndexRow]:
+        """Index rows of the fingerprints in a put batch, by position (writer thread, no lock)."""
         server = self.server
         if server is None:
             return {}
         pos = [i for i, r in enumerate(records) if type(r) is Fingerprint]
         if not pos:
             return {}
-        raws = [raw_from_model(records[i]) for i in pos]
+        raws = [raw_from_model(cast(Fingerprint, records[i])) for i in pos]
         gen = server.generation
         vecs = _embed_raws(server.embedder, raws)
-        return {i: (raws[j], vecs[j], gen) for j, i in enumerate(pos)}
+        return {i: IndexRow(raws[j], vecs[j], gen) for j, i in enumerate(pos)}
 
     # ---------------------------------------------------------------- config
     def plan(self, build_id: int) -> BuildPlan:
-        cfg = self.config
+        cfg = self.settings
         return BuildPlan(
             build_id=build_id,
-            mode=cfg.index_mode,
-            audio_weight=cfg.index_audio_weight,
-            embedding_weight=cfg.index_embedding_weight,
-            dim_weights=dict(cfg.index_dim_weights) if cfg.index_dim_weights else None,
+            mode=cfg.mode,
+            audio_weight=cfg.audio_weight,
+            embedding_weight=cfg.embedding_weight,
+            dim_weights=dict(cfg.dim_weights) if cfg.dim_weights else None,
             embedding_dim=self.embedding_dim,
-            exact_below=cfg.index_exact_below,
-            hnsw_below=cfg.index_hnsw_below,
+            exact_below=cfg.exact_below,
+            hnsw_below=cfg.hnsw_below,
             hnsw={
-                "m": cfg.index_hnsw_m,
-                "ef_construction": cfg.index_ef_construction,
-                "ef_search": cfg.index_ef_search,
+                "m": cfg.hnsw_m,
+                "ef_construction": cfg.ef_construction,
+                "ef_search": cfg.ef_search,
             },
-            nprobe=cfg.index_nprobe,
-            threads=cfg.index_build_threads,
-            neighbors_k=cfg.index_neighbors_k,
+            nprobe=cfg.nprobe,
+            threads=cfg.build_threads,
+            neighbors_k=cfg.neighbors_k,
             store_id=self.store_id,
         )
 
     def close(self) -> None:
-        if self.overlay is not None:
-            with self.overlay.lock:
-                if self._on_durable in self.overlay.listeners:
-                    self.overlay.listeners.remove(self._on_durable)
+        if self._sub is not None:
+            self._sub.cancel()
+            self._sub = None
         if self.rebuilder is not None:
             self.rebuilder.stop()
             self.rebuilder = None
@@ -342,21 +333,6 @@ def _embed_raws(embedder: HybridEmbedder, raws: list[RawFingerprint]) -> np.ndar
                 emb[i] = r.embedding
                 has[i] = True
     return embedder.embed_rows(audio, emb, has)
-
-
-def _event(eff: Effect) -> tuple[int, int | None, int | None, Any]:
-    """(lsn, retired id, new id, (raw, vector, generation)) of a track-changing effect."""
-    old = eff.track_from
-    new = eff.track_to
-    if old is not None and old == new:
-        old = None
-    row = eff.index_row
-    if new is not None and row is None:
-        if eff.value is None:
-            raise XpStoreError(f"effect at LSN {eff.lsn} sets a track without a value")
-        row = (parse_fingerprint(eff.value, f"record {new}"), None, -1)
-    eff.index_row = None  # the overlay keeps the effect until it is applied; drop the arrays
-    return (eff.lsn, old, new, row)
 
 
 # --------------------------------------------------------------------------- rebuilds
@@ -415,17 +391,17 @@ class Rebuilder:
 
     def _trigger(self) -> str | None:
         server = self.m.server
-        cfg = self.m.config
-        if server is None or not cfg.index_auto_rebuild:
+        cfg = self.m.settings
+        if server is None or not cfg.auto_rebuild:
             return None
         main_n = len(server.main)
         delta_n = len(server.delta)
-        scaled = max(cfg.index_delta_min, int(cfg.index_delta_ratio * main_n))
-        limit = min(cfg.index_delta_max, scaled)
+        scaled = max(cfg.delta_min, int(cfg.delta_ratio * main_n))
+        limit = min(cfg.delta_max, scaled)
         if delta_n >= limit:
             return f"delta holds {delta_n} vectors (limit {limit})"
         tombs = len(server.tombs)
-        if main_n and tombs >= 64 and tombs >= cfg.index_tombstone_ratio * main_n:
+        if main_n and tombs >= 64 and tombs >= cfg.tombstone_ratio * main_n:
             return f"{tombs} tombstones in an index of {main_n}"
         return None
 
@@ -434,7 +410,7 @@ class Rebuilder:
         now = time.monotonic()
         if server is None or now - self._last_drift_check < _DRIFT_CHECK_S:
             return None
-        if not self.m.config.index_auto_rebuild:
+        if not self.m.settings.auto_rebuild:
             return None
         self._last_drift_check = now
         if len(server.delta) < max(MIN_FIT_ROWS, 256):
@@ -444,7 +420,7 @@ class Rebuilder:
         current = server.embedder.stats
         fresh = AudioStats.fit(rows.audio, current.mode)
         drift = current.drift(fresh)
-        if drift > self.m.config.index_drift_max:
+        if drift > self.m.settings.drift_max:
             return f"statistics drifted by {drift:.2f} scale units"
         return None
 
@@ -498,9 +474,9 @@ class Rebuilder:
             m.flush()  # the build then covers every acknowledged fingerprint
         with m.tables.reading() as txn:
             n_tracks = txn.stat(m.tables.db(b"tracks"))["entries"]
-        cfg = m.config
-        in_process = cfg.index_build_in == "process" or (
-            cfg.index_build_in == "auto" and n_tracks >= cfg.index_process_above
+        cfg = m.settings
+        in_process = cfg.build_in == "process" or (
+            cfg.build_in == "auto" and n_tracks >= cfg.process_above
         )
         log.info("index rebuild %d started (%s), %d tracks, %s", build_id, reason, n_tracks,
                  "child process" if in_process else "thread")  # fmt: skip

@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from xpstore.errors import CodecError
 from xpstore.model.codec import KIND_CODES
+from xpstore.model.events import RawFingerprint
 from xpstore.model.records import (
     BATCH_FIELDS,
     STREAMING_FIELDS,
@@ -47,16 +48,6 @@ _STREAM_COLS: Final = {
     len(STREAMING_FIELDS_NO_HARMONIC): np.array([_COL[n] for n in STREAMING_FIELDS_NO_HARMONIC]),
 }
 _FP_CODE: Final = KIND_CODES["fingerprint"]
-
-
-@dataclass(slots=True)
-class RawFingerprint:
-    """One fingerprint's numbers and the fields a neighbour list shows."""
-
-    track_id: str
-    audio: npt.NDArray[np.float64]  # (25,), NaN = missing
-    embedding: npt.NDArray[np.float32] | None
-    metadata: dict[str, Any] | None
 
 
 def _audio_row(batch: Any, streaming: Any, where: str) -> npt.NDArray[np.float64]:

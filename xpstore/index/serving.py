@@ -41,9 +41,11 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from xpstore.errors import XpStoreError
 from xpstore.index.backends import IndexBackend, faiss_threads
 from xpstore.index.embedding import HybridEmbedder
-from xpstore.index.rows import FingerprintRows, RawFingerprint
+from xpstore.index.rows import FingerprintRows, RawFingerprint, parse_fingerprint
+from xpstore.model.events import TrackEvent
 
 __all__ = ["BuildInfo", "Delta", "IndexServer", "MainIndex"]
 
@@ -357,15 +359,22 @@ class IndexServer:
         self._retired.append((lsn, rid))
         self.version += 1
 
-    def apply_events(self, events: Iterable[tuple[int, int | None, int | None, Any]]) -> None:
-        """Apply (lsn, retired id, new id, (raw, vector, generation)) events in LSN order."""
+    def apply_events(self, events: Iterable[TrackEvent]) -> None:
+        """Apply acknowledged track changes in LSN order (the index row when the writer
+        computed one, else the fingerprint's numbers read from its envelope)."""
         with self.lock:
-            for lsn, old, new, row in events:
-                if old is not None:
-                    self._retire_locked(old, lsn)
-                if new is not None and row is not None:
-                    raw, vec, gen = row
-                    self._add_locked(new, raw, vec, gen)
+            for ev in events:
+                if ev.retired is not None:
+                    self._retire_locked(ev.retired, ev.lsn)
+                if ev.current is None:
+                    continue
+                if ev.row is not None:
+                    self._add_locked(ev.current, ev.row.raw, ev.row.vector, ev.row.generation)
+                elif ev.value is not None:
+                    raw = parse_fingerprint(ev.value, f"record {ev.current}")
+                    self._add_locked(ev.current, raw, None, -1)
+                else:
+                    raise XpStoreError(f"track event at LSN {ev.lsn} sets a track without a value")
         self._changed()
 
     def _changed(self) -> None:

@@ -73,6 +73,7 @@ __all__ = [
     "PriorityOp",
     "PutOp",
     "RetrievalOp",
+    "SettingsOp",
     "UpdateOp",
     "decode_envelope",
     "decode_op",
@@ -96,6 +97,7 @@ _OP_DELETE_TRACK: Final = 4
 _OP_PRIORITY: Final = 5
 _OP_FEEDBACK: Final = 6
 _OP_RETRIEVAL: Final = 7
+_OP_SETTINGS: Final = 8
 
 
 # --------------------------------------------------------------------------- operations
@@ -156,8 +158,19 @@ class RetrievalOp:
     counts: list[int]
 
 
+@dataclass(frozen=True, slots=True)
+class SettingsOp:
+    """A change of the store's persisted settings (``Store.reconfigure``, or the first embedding
+    fixing ``embedding_dim``): the knobs that changed, for the audit trail, and the whole new
+    settings document as JSON, so that replaying it needs nothing but this operation."""
+
+    changes: dict[str, Any]
+    config: str
+
+
 Op: TypeAlias = (
     PutOp | UpdateOp | DeleteOp | DeleteTrackOp | PriorityOp | FeedbackOp | RetrievalOp
+    | SettingsOp
 )
 MULTI_OPS: Final = (PriorityOp, FeedbackOp, RetrievalOp)
 """Operations on many ids at once: one LSN, one effect per id."""
@@ -388,6 +401,8 @@ def encode_op(op: Op) -> bytes:
         )  # fmt: skip
     if type(op) is RetrievalOp:
         return _pack([CODEC_VERSION, _OP_RETRIEVAL, list(op.ids), [int(c) for c in op.counts]])
+    if type(op) is SettingsOp:
+        return _pack([CODEC_VERSION, _OP_SETTINGS, dict(op.changes), op.config])
     raise _bad(f"not an operation: {type(op).__name__}")
 
 
@@ -434,6 +449,10 @@ def decode_op(data: BytesLike, *, validate: bool = True) -> Op:
         if not all(type(v) is bool for v in values) or type(obj[4]) is not bool:
             raise _bad("feedback must be booleans", "success")
         return FeedbackOp(ids, values, obj[4])
+    if code == _OP_SETTINGS and n == 4:
+        if type(obj[2]) is not dict or type(obj[3]) is not str:
+            raise _bad("settings: changes must be a map and config a string", "config")
+        return SettingsOp(obj[2], obj[3])
     raise _bad(f"operation: unknown op code {code!r} or wrong length {n}")
 
 

@@ -22,6 +22,7 @@ from xpstore.model.codec import (
     PriorityOp,
     PutOp,
     RetrievalOp,
+    SettingsOp,
     UpdateOp,
     decode_envelope,
     encode_envelope,
@@ -51,8 +52,8 @@ class Effect:
     track: str | None = None
     track_to: int | None = None  # the track's new current fingerprint id; None: retired
     track_from: int | None = None
-    index_row: Any = None  # (raw numbers, vector, embedder generation) for the k-NN delta
-    prio: bytes | None = None  # the record's new priority-input row (store/priority.py)
+    prio: bytes | None = None  # the record's new priority-input row (model/priority_rows.py)
+    meta: tuple[str, bytes] | None = None  # a ``meta`` table entry to set (SettingsOp: config)
 
     def count_delta(self) -> tuple[str, int] | None:
         if self.is_new:
@@ -104,6 +105,8 @@ def derive(op: Op, lsn: int, view: StateView, payload: bytes) -> Effect:
         if isinstance(prev.record, Fingerprint) and view.track(prev.record.track_id) == op.id:
             eff.track, eff.track_from, eff.track_to = prev.record.track_id, op.id, None
         return eff
+    if isinstance(op, SettingsOp):
+        return Effect(lsn, meta=("config", op.config.encode()))
     if isinstance(op, DeleteTrackOp):
         current = view.track(op.track_id)
         if current is None:

@@ -622,7 +622,7 @@ def verify_store(root: Path, *, progress: Progress | None = None,
     report = CheckReport(str(root))
     tables: LmdbTables | None = None
     try:
-        tables = LmdbTables(lay.data, readonly=True, map_size=StoreConfig().map_size)
+        tables = LmdbTables(lay.data, readonly=True, map_size=StoreConfig().apply.map_size)
     except (XpStoreError, lmdb.Error) as exc:
         report.add(f"lmdb {lay.data}", f"cannot be opened read-only: {exc}")
     try:
@@ -661,7 +661,7 @@ def check_store(
     if tables is not None:
         config = config or _stored_config(tables, report)
         applied_before = _applied(tables)
-    max_frame = config.max_frame_bytes if config is not None else FRAME_CAP
+    max_frame = config.wal.max_frame_bytes if config is not None else FRAME_CAP
     walk = check_wal(lay.wal, store_id=store_id, max_frame_bytes=max_frame,
                      writer_live=writer_live, report=report)
     if tables is not None:
@@ -671,7 +671,7 @@ def check_store(
             check_lmdb(tables, report, progress=progress, total=total)
         except (lmdb.Error, XpStoreError) as exc:  # a damaged page: report, go on with the rest
             report.add(f"lmdb {lay.data}", f"reading failed: {type(exc).__name__}: {exc}")
-    snap_dir = snap_mod.snapshot_root(root, config.snapshot_dir if config else None)
+    snap_dir = snap_mod.snapshot_root(root, config.snapshots.dir if config else None)
     check_snapshots(snap_dir, store_id, report)
     return report
 

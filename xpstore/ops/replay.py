@@ -325,7 +325,8 @@ class ReplayStream:
         self._lmdb_error: str | None = None
         max_frame = FRAME_CAP
         try:
-            self._tables = LmdbTables(lay.data, readonly=True, map_size=StoreConfig().map_size)
+            map_size = StoreConfig().apply.map_size
+            self._tables = LmdbTables(lay.data, readonly=True, map_size=map_size)
             max_frame = self._read_config_max_frame()
             with self._tables.reading() as txn:
                 self.stats.applied_lsn = self._tables.applied_lsn(txn)
@@ -343,7 +344,7 @@ class ReplayStream:
         with self._tables.reading() as txn:
             raw = self._tables.get_meta(txn, "config")
         try:
-            return StoreConfig.from_json(raw.decode()).max_frame_bytes if raw else FRAME_CAP
+            return StoreConfig.from_json(raw.decode()).wal.max_frame_bytes if raw else FRAME_CAP
         except (ValueError, UnicodeDecodeError):
             return FRAME_CAP
 

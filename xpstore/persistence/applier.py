@@ -10,14 +10,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
 
+from xpstore.config import ApplySettings, WalSettings
 from xpstore.errors import XpStoreError
 from xpstore.model.codec import KIND_CODES
 from xpstore.model.effects import Effect
 from xpstore.persistence.lmdb_tables import (
     Change,
     LmdbTables,
+    MetaSet,
     RecordDelete,
     RecordPut,
     TrackDelete,
@@ -39,6 +43,8 @@ def to_changes(effects: list[Effect]) -> list[Change]:
                 out.append(RecordPut(eff.record_id, code, eff.ts, eff.value, eff.is_new, eff.prio))
             else:
                 out.append(RecordDelete(eff.record_id, code, eff.ts, eff.lsn))
+        if eff.meta is not None:
+            out.append(MetaSet(*eff.meta))
         if eff.track is not None:
             if eff.track_to is not None:
                 out.append(TrackSet(eff.track, eff.track_to))
@@ -47,39 +53,70 @@ def to_changes(effects: list[Effect]) -> list[Change]:
     return out
 
 
+class MaintenanceTask(Protocol):
+    """Background work the applier schedules (automatic snapshots, retention passes).
+
+    ``due()`` is called on the applier thread at every wake-up and must be cheap and never
+    block; when it says yes, ``run()`` runs on a thread of its own (it may write through the
+    WAL and wait on back-pressure that only the applier relieves), one run of a task at a time.
+    """
+
+    name: str
+
+    def due(self) -> bool: ...
+
+    def run(self) -> object: ...  # what it returns is for callers who run it by hand
+
+
 class Applier:
-    """Background thread: overlay -> LMDB in batches, plus periodic checkpoints."""
+    """Background thread: overlay -> LMDB in batches, periodic checkpoints, maintenance tasks."""
 
     def __init__(
-        self,
-        overlay: Overlay,
-        tables: LmdbTables,
-        *,
-        batch_ops: int,
-        interval_s: float,
-        checkpoint_interval_s: float,
-        retain_segments: int,
-        hold: bool,
-        retain_seconds: float = 0.0,
+        self, overlay: Overlay, tables: LmdbTables, apply: ApplySettings, wal: WalSettings
     ) -> None:
         self._overlay = overlay
         self._tables = tables
         self._wal: WalWriter | None = None
         self._apply_lock = threading.Lock()  # the thread, close() and flush() may all apply
-        self._batch = batch_ops
-        self._interval = interval_s
-        self._ckpt_interval = checkpoint_interval_s
-        self._retain = retain_segments
-        self._retain_seconds = retain_seconds
-        self.hold = hold
+        self.hold = apply.hold
+        self.configure(apply, wal)
         self._stop = False
         self._last_ckpt = time.monotonic()
         self._applied_since_ckpt = 0
         self.error: XpStoreError | None = None
-        self.on_wake: Callable[[], object] | None = None  # Store._maybe_apply_retention
-        self.after_batch: Callable[[], object] | None = None  # Store._maybe_auto_snapshot
+        self._tasks: list[MaintenanceTask] = []
+        self._running: dict[str, threading.Thread] = {}
         self.batches = 0
         self._thread = threading.Thread(target=self._run, name="xpstore-applier", daemon=True)
+
+    def configure(self, apply: ApplySettings, wal: WalSettings) -> None:
+        """Take new batching and checkpoint knobs (a live reconfigure); ``hold`` stays."""
+        self._batch = apply.batch_ops
+        self._interval = apply.interval_ms / 1000.0
+        self._ckpt_interval = wal.checkpoint_interval_s
+        self._retain = wal.retain_segments
+        self._retain_seconds = wal.retain_seconds
+        self._overlay.apply_threshold = self._batch if self._thread_started() else 1 << 62
+
+    def _thread_started(self) -> bool:
+        thread = getattr(self, "_thread", None)
+        return thread is not None and thread.ident is not None
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold off every apply for the duration (compaction swaps the LMDB file underneath)."""
+        with self._apply_lock:
+            yield
+
+    def add_task(self, task: MaintenanceTask) -> None:
+        """Schedule ``task`` (see :class:`MaintenanceTask`) from the next wake-up on."""
+        self._tasks.append(task)
+
+    def join_tasks(self, timeout: float | None = None) -> None:
+        """Wait for running maintenance tasks (close, after the store refuses new writes)."""
+        for thread in list(self._running.values()):
+            if thread is not threading.current_thread():
+                thread.join(timeout)
 
     def attach_wal(self, wal: WalWriter) -> None:
         """Give the applier the WAL whose segments its checkpoints may delete."""
@@ -97,6 +134,12 @@ class Applier:
         if drain and self.error is None and not self.hold:
             self.apply_all()
             self.checkpoint()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end (it ends when stopped, or after an LMDB failure); True if
+        it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def apply_all(self) -> None:
         """Apply every queued effect now, in this thread (close, recovery, tests)."""
@@ -162,8 +205,7 @@ class Applier:
         while True:
             with cond:
                 while not self._stop:
-                    if self.on_wake is not None:
-                        self.on_wake()  # non-blocking: starts a retention pass when one is due
+                    self._start_due_tasks()
                     waiting = len(self._overlay)
                     left = last + self._interval - time.monotonic()
                     if not self.hold and (waiting >= self._batch or (waiting and left <= 0)):
@@ -177,9 +219,33 @@ class Applier:
                 last = time.monotonic()
                 if self._checkpoint_due():
                     self.checkpoint()
-                if self.after_batch is not None:
-                    self.after_batch()
+                self._start_due_tasks()
             except XpStoreError as exc:
                 log.exception("applier failed; writes are refused until the store is reopened")
                 self.error = exc
                 return
+
+    def _start_due_tasks(self) -> None:
+        """Start each due task that is not already running, on its own thread."""
+        for task in self._tasks:
+            running = self._running.get(task.name)
+            if running is not None and running.is_alive():
+                continue
+            try:
+                due = task.due()
+            except Exception:
+                log.exception("maintenance task %s: due() failed", task.name)
+                continue
+            if due and not self._stop:
+                thread = threading.Thread(target=_run_task, args=(task,),
+                                          name=f"xpstore-{task.name}", daemon=True)  # fmt: skip
+                self._running[task.name] = thread
+                thread.start()
+
+
+def _run_task(task: MaintenanceTask) -> None:
+    """One run of a task; its errors can only be logged (nobody waits for this thread)."""
+    try:
+        task.run()
+    except Exception:
+        log.exception("maintenance task %s failed", task.name)

@@ -99,7 +99,15 @@ class TrackDelete:
     former_id: int
 
 
-Change = RecordPut | RecordDelete | TrackSet | TrackDelete
+@dataclass(slots=True)
+class MetaSet:
+    """Set a ``meta`` entry in the same transaction (a logged settings change)."""
+
+    key: str
+    value: bytes
+
+
+Change = RecordPut | RecordDelete | TrackSet | TrackDelete | MetaSet
 
 
 class _Registry:
@@ -441,6 +449,8 @@ class LmdbTables:
             elif isinstance(ch, TrackSet):
                 txn.put(ch.track_id.encode(), u64(ch.id), db=tracks)
                 txn.delete(ch.track_id.encode(), db=ttombs)
+            elif isinstance(ch, MetaSet):
+                txn.put(ch.key.encode(), ch.value, db=self._dbs[b"meta"])
             else:
                 txn.delete(ch.track_id.encode(), db=tracks)
                 txn.put(ch.track_id.encode(), _TRACK_TOMB.pack(ch.lsn, ch.former_id), db=ttombs)

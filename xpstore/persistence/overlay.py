@@ -13,11 +13,15 @@ GIL; mutations happen under ``Overlay.lock``.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 
 from xpstore.model.effects import Effect
+from xpstore.model.events import Acknowledged, IndexRow
+
+log = logging.getLogger(__name__)
 
 MISSING = object()
 """What :meth:`Overlay.writer_track` answers when neither layer knows the track."""
@@ -36,10 +40,8 @@ class Overlay:
         self._p_tracks: dict[str, tuple[int, int | None]] = {}
         self._pending: deque[Effect] = deque()
         self.apply_threshold = 1 << 62  # queue length that wakes the applier (it sets this)
-        self.listeners: list[Callable[[list[Effect]], None]] = []
-        """Called under ``lock`` with the effects each ``make_durable`` moved, in LSN order,
-        before any of their writers returns (the k-NN index's and the sampler's
-        acknowledgement-path hooks); they must not raise or block for long."""
+        self._p_rows: dict[int, IndexRow] = {}  # LSN -> index row, pending effects only
+        self._subs: list[Subscription] = []
 
     # writer side (under the store's write lock)
     def writer_get(self, rid: int) -> Effect | None:
@@ -53,13 +55,16 @@ class Overlay:
             hit = self.tracks.get(track_id)
         return hit[1] if hit is not None else MISSING
 
-    def add_pending(self, eff: Effect) -> None:
+    def add_pending(self, eff: Effect, row: IndexRow | None = None) -> None:
+        """Park ``eff`` (and the index row its writer computed) until the WAL acknowledges it."""
         with self.lock:
             self._pending.append(eff)
             if eff.record_id is not None:
                 self._p_records[eff.record_id] = eff
             if eff.track is not None:
                 self._p_tracks[eff.track] = (eff.lsn, eff.track_to)
+            if row is not None:
+                self._p_rows[eff.lsn] = row
 
     def drop_pending_from(self, lsn: int) -> None:
         """Forget pending effects at or after ``lsn`` (their WAL append was refused)."""
@@ -70,25 +75,57 @@ class Overlay:
                     del self._p_records[eff.record_id]
                 if eff.track is not None and self._p_tracks.get(eff.track, (0,))[0] == eff.lsn:
                     del self._p_tracks[eff.track]
+                self._p_rows.pop(eff.lsn, None)
 
     def make_durable(self, last_lsn: int) -> None:
-        """Move pending effects up to ``last_lsn`` into the durable layer (WAL leader)."""
+        """Move pending effects up to ``last_lsn`` into the durable layer, then publish them.
+
+        Called by the WAL leader before any writer of these effects returns (read your writes).
+        Only one leader runs at a time, so batches reach subscribers in LSN order. Subscribers
+        run after the overlay lock is released: readers and the applier do not wait for them.
+        """
         with self.lock:
-            listeners = self.listeners
             moved: list[Effect] = []
+            rows: dict[int, IndexRow] = {}
             while self._pending and self._pending[0].lsn <= last_lsn:
                 eff = self._pending.popleft()
                 self.add_durable_locked(eff)
-                if listeners:
-                    moved.append(eff)
+                moved.append(eff)
                 if eff.record_id is not None and self._p_records.get(eff.record_id) is eff:
                     del self._p_records[eff.record_id]
                 if eff.track is not None and self._p_tracks.get(eff.track, (0,))[0] == eff.lsn:
                     del self._p_tracks[eff.track]
-            for listener in listeners:
-                listener(moved)  # before any writer of these effects returns
+                row = self._p_rows.pop(eff.lsn, None)
+                if row is not None:
+                    rows[eff.lsn] = row
+            subs = list(self._subs)  # a subscriber added after this point has these in its copy
             if len(self.queue) >= self.apply_threshold:
                 self.changed.notify_all()  # a full batch for the applier; otherwise it waits
+        if moved and subs:
+            batch = Acknowledged(moved, rows)
+            for sub in subs:
+                sub.deliver(batch)
+
+    def subscribe(
+        self, listener: Callable[[Acknowledged], None]
+    ) -> tuple[Subscription, list[Effect]]:
+        """Register ``listener`` for every later acknowledged batch; return the subscription
+        and the effects acknowledged before it and not yet applied (to catch up from).
+
+        The subscription starts *held*: batches are buffered until :meth:`Subscription.start`,
+        so a subscriber can load its state from LMDB, apply the returned effects, then start
+        without missing or repeating one.
+        """
+        sub = Subscription(self, listener)
+        with self.lock:
+            self._subs.append(sub)
+            unapplied = list(self.queue)
+        return sub, unapplied
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        with self.lock:
+            if sub in self._subs:
+                self._subs.remove(sub)
 
     def add_durable_locked(self, eff: Effect) -> None:
         self.queue.append(eff)
@@ -133,3 +170,52 @@ class Overlay:
     def __len__(self) -> int:
         return len(self.queue)
 
+
+
+class Subscription:
+    """One subscriber of the overlay (see :meth:`Overlay.subscribe`): held, then started.
+
+    A listener must not raise (an exception is logged and the subscription is cancelled, so the
+    subscriber can notice and rebuild) and must not block for long: it runs on the WAL leader's
+    thread before the batch's writers are acknowledged.
+    """
+
+    def __init__(self, overlay: Overlay, listener: Callable[[Acknowledged], None]) -> None:
+        self._overlay = overlay
+        self._listener = listener
+        self._lock = threading.Lock()
+        self._held: list[Acknowledged] | None = []
+        self.active = True
+
+    def start(self) -> list[Acknowledged]:
+        """Deliver the batches held so far to the listener, then deliver directly; return the
+        batches that were held (for the caller's bookkeeping)."""
+        with self._lock:
+            held, self._held = self._held or [], None
+            for batch in held:
+                self._call(batch)
+        return held
+
+    def deliver(self, batch: Acknowledged) -> None:
+        with self._lock:
+            if not self.active:
+                return
+            if self._held is not None:
+                self._held.append(batch)
+            else:
+                self._call(batch)
+
+    def cancel(self) -> None:
+        """Stop delivering (idempotent)."""
+        with self._lock:
+            self.active = False
+            self._held = None
+        self._overlay._unsubscribe(self)
+
+    def _call(self, batch: Acknowledged) -> None:
+        try:
+            self._listener(batch)
+        except Exception:
+            log.exception("an overlay subscriber failed; it is unsubscribed")
+            self.active = False
+            self._held = None

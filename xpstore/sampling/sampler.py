@@ -9,7 +9,9 @@ kinds' totals (stratified), then an item within the kind (stratified): ``P(i) = 
 The sampler is a cache. It is attached at the first ``sample`` of a session: the rows are read
 from the LMDB ``prio`` table in one transaction (arrays, no record is decoded), rows a recovery
 replay did not write are filled in from their records, and the overlay's unapplied effects are
-laid over them; from then on the overlay listener keeps it current before each writer returns.
+laid over them; from then on it subscribes to the overlay: each acknowledged batch is queued by
+the WAL leader (an append) and applied to the trees before the next draw (:meth:`Sampler.catch_up`),
+so sampling work never lengthens a writer's acknowledgement.
 
 Durability: ``update_priorities`` and ``record_feedback`` are WAL operations like any write.
 Retrieval counts bumped by ``sample`` are applied in memory at once and made durable in batches
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,9 +41,13 @@ from xpstore.sampling.sumtree import SumTree, importance_weights
 
 if TYPE_CHECKING:
     from xpstore.model.effects import Effect
+    from xpstore.model.events import Acknowledged
     from xpstore.persistence.lmdb_tables import LmdbTables
 
-__all__ = ["Draw", "Sampler"]
+__all__ = ["MAX_FILTERS", "Draw", "Sampler", "fill_missing_rows"]
+
+MAX_FILTERS = 8
+"""``where=`` filters whose id sets a sampler keeps current (the oldest is dropped first)."""
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +114,8 @@ class Sampler:
         self.batches = 0
         self.changed: list[int] = []  # ids changed since filter caches last caught up
         self.filters: dict[str, _Filter] = {}
+        self._inbox: list[Acknowledged] = []
+        self._inbox_lock = threading.Lock()
 
     # ------------------------------------------------------------ loading
     def load(self, values: list[bytes], state: bytes | None = None) -> None:
@@ -152,6 +160,12 @@ class Sampler:
              "batches": self.batches}
         ).encode()  # fmt: skip
 
+    def set_model(self, model: PriorityModel) -> None:
+        """Adopt new priority knobs (a live reconfigure): every tree is reweighed."""
+        with self.lock:
+            self.model = model
+            self._reweigh_all()
+
     def _reweigh_all(self) -> None:
         for kind in self.kinds.values():
             if kind.n:
@@ -159,7 +173,20 @@ class Sampler:
                 kind.tree = SumTree.from_weights(weights)
 
     # ------------------------------------------------------------ changes
-    def on_effects(self, effects: list[Effect]) -> None:
+    def receive(self, batch: Acknowledged) -> None:
+        """Overlay subscriber: queue the batch (the WAL leader only appends to a list; the trees
+        are updated by :meth:`catch_up` on the sampling side, off the acknowledgement path)."""
+        with self._inbox_lock:
+            self._inbox.append(batch)
+
+    def catch_up(self) -> None:
+        """Apply the queued acknowledged batches, in order (before every draw or query)."""
+        with self._inbox_lock:
+            batches, self._inbox = self._inbox, []
+        for batch in batches:
+            self.on_effects(batch.effects)
+
+    def on_effects(self, effects: Sequence[Effect]) -> None:
         """Overlay listener: upsert or remove the rows of changed records (LSN order).
 
         Vectorized per kind (the WAL leader calls this for every commit while the sampler is
@@ -224,6 +251,46 @@ class Sampler:
                 self.pending.pop(rid, None)
         if self.filters:
             self.changed.extend(last)
+
+    # ------------------------------------------------------------ filters
+    def filter_ids(
+        self,
+        kind: str,
+        where: Mapping[str, Any],
+        predicate: Callable[[Any], bool],
+        scan: Callable[[], Iterable[int]],
+        lookup: Callable[[int], Any],
+    ) -> I64:
+        """Ids of ``kind`` matching ``where``: ``scan()`` once, then kept current from the
+        changed-id log (``lookup(id)`` gives a changed record's current state, None if gone).
+        At most :data:`MAX_FILTERS` filters are cached."""
+        key = where_key(kind, where)
+        flt = self.filters.get(key)
+        if flt is None:
+            with self.lock:
+                seen = len(self.changed)
+                if not self.filters:
+                    self.changed.clear()
+                    seen = 0
+            flt = _Filter(kind, predicate, set(scan()), seen)
+            if len(self.filters) >= MAX_FILTERS:
+                self.filters.pop(next(iter(self.filters)))
+            self.filters[key] = flt
+        with self.lock:
+            changed = self.changed[flt.seen :]
+            flt.seen = len(self.changed)
+        dirty = flt.array is None
+        for rid in set(changed):
+            exp = lookup(rid)
+            if exp is not None and exp.kind == kind and predicate(exp):
+                dirty = dirty or rid not in flt.ids
+                flt.ids.add(rid)
+            elif rid in flt.ids:
+                flt.ids.discard(rid)
+                dirty = True
+        if dirty or flt.array is None:
+            flt.array = np.fromiter(sorted(flt.ids), dtype=np.int64, count=len(flt.ids))
+        return flt.array
 
     # ------------------------------------------------------------ sampling
     def maybe_refresh(self) -> None:

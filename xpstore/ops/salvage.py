@@ -14,14 +14,14 @@ import os
 from pathlib import Path
 
 from xpstore.config import make_config
-from xpstore.errors import InvalidRecordError
+from xpstore.errors import InvalidArgumentError
 from xpstore.persistence import fs
 from xpstore.persistence import layout as layout_mod
 from xpstore.persistence.layout import Layout
 from xpstore.persistence.lmdb_tables import LmdbTables
 from xpstore.persistence.lock import WriterLock
-from xpstore.persistence.wal_recovery import RecoveryReport
-from xpstore.store.store import Store
+from xpstore.persistence.replayer import Replayer
+from xpstore.persistence.wal_recovery import RecoveryReport, recover_wal
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,12 @@ def salvage_store(path: str | os.PathLike[str], into: str | os.PathLike[str]) ->
     marker = layout_mod.read_marker(src)
     dst = Layout(Path(into))
     if dst.root.exists() and any(dst.root.iterdir()):
-        raise InvalidRecordError(f"--into {dst.root} exists and is not empty", field="into")
+        raise InvalidArgumentError(f"--into {dst.root} exists and is not empty", field="into")
     lock = WriterLock(src.lock)
     lock.acquire()  # StoreLockedError if a writer is alive: salvage a dead store only
     try:
         layout_mod.prepare_new(dst)
-        tables = LmdbTables(src.data, readonly=True, map_size=make_config().map_size)
+        tables = LmdbTables(src.data, readonly=True, map_size=make_config().apply.map_size)
         try:
             tables.env.copy(str(dst.data), compact=True)
         finally:
@@ -49,17 +49,33 @@ def salvage_store(path: str | os.PathLike[str], into: str | os.PathLike[str]) ->
             finally:
                 fs.close(fd)
         fs.fsync_dir(dst.data)
-        layout_mod.write_marker(dst)
-        store = Store(dst.root, make_config(), readonly=False)
-        store._salvage_from = (src.wal, marker.store_id)
-        try:
-            store._open(False, {})
-            report = store.recovery_report
-        finally:
-            store.close()
+        report = _replay_into(dst, src.wal, marker.store_id)
+        layout_mod.write_marker(dst)  # last: the new store exists only once it is complete
     finally:
         lock.release()
-    assert report is not None
     log.info("salvaged %s into %s: %d operations, %d gaps", src.root, dst.root,
              report.replayed_ops, len(report.gaps))
+    return report
+
+
+def _replay_into(dst: Layout, src_wal: Path, src_id: int) -> RecoveryReport:
+    """Replay the damaged WAL (salvage mode: skip what is unreadable) into the copy's LMDB."""
+    tables = LmdbTables(dst.data, readonly=False, map_size=make_config().apply.map_size)
+    try:
+        with tables.reading() as txn:
+            applied = tables.applied_lsn(txn)
+        replayer = Replayer(tables)
+        report = recover_wal(
+            src_wal,
+            store_id=src_id,
+            applied_lsn=applied,
+            mode="salvage",
+            max_frame_bytes=make_config().wal.max_frame_bytes,
+            apply=lambda first, ops, _commit_time: replayer.apply_frame(first, ops),
+            modify=False,
+        )
+        replayer.flush()
+        tables.sync()
+    finally:
+        tables.close()
     return report

@@ -1,0 +1,380 @@
+"""Similar-track lookup for a Store (issue 4): similar, similar_many, index_status,
+rebuild_index.
+
+The index is attached lazily, at the first call that needs it (``xpstore.index.manager``): a
+store that never asks for similar tracks never imports FAISS, and a crash-test child stays light.
+From then on the index subscribes to the overlay, so every acknowledged fingerprint change reaches
+it before its writer returns, and the writer asks it (:meth:`IndexService.precompute`) for the
+vectors of a put batch before taking any lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from xpstore.config import StoreConfig
+from xpstore.errors import (
+    InvalidArgumentError,
+    InvalidRecordError,
+    RecordNotFoundError,
+    XpStoreError,
+)
+from xpstore.index.neighbors import Neighbor
+from xpstore.model.events import IndexRow
+from xpstore.model.records import BATCH_FIELDS, Experience, Fingerprint, Record, record_from_json
+from xpstore.model.where import compile_where
+from xpstore.store.engine import Engine
+from xpstore.store.reader import Reader
+
+if TYPE_CHECKING:
+    from xpstore.index.manager import IndexManager
+    from xpstore.index.serving import IndexServer
+
+__all__ = ["IndexService", "check_k"]
+
+log = logging.getLogger(__name__)
+
+Predicate = Callable[[Experience], bool]
+
+
+def check_k(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InvalidArgumentError(f"k must be an int >= 1, got {k!r}", field="k")
+    return k
+
+
+class IndexService:
+    """The k-NN index of one open store, attached on first use."""
+
+    def __init__(self, engine: Engine, reader: Reader) -> None:
+        self._engine = engine
+        self._reader = reader
+        self._lock = threading.Lock()
+        self.manager: IndexManager | None = None
+        """The attached index (None before the first similar-track call): a documented seam for
+        tests and tools (``manager.server``, ``manager.rebuilder``)."""
+        engine.settings.watch(self._configure)
+
+    # ------------------------------------------------------------------ public
+    def similar(
+        self,
+        track_id: str | None,
+        fingerprint: Fingerprint | Mapping[str, Any] | None,
+        vector: npt.ArrayLike | None,
+        *,
+        k: int,
+        weights: Mapping[str, float] | None,
+        exclude_self: bool,
+        where: Mapping[str, Any] | None,
+        precomputed: bool,
+        params: Mapping[str, int] | None,
+    ) -> list[Neighbor]:
+        """See :meth:`xpstore.Store.similar`."""
+        self._engine.check_open()
+        k = check_k(k)
+        given = [x is not None for x in (track_id, fingerprint, vector)]
+        if sum(given) != 1:
+            raise InvalidArgumentError(
+                "give exactly one of track_id, fingerprint= or vector=", field="track_id"
+            )
+        predicate = compile_where(where, ("fingerprint",))
+        if precomputed:
+            if track_id is None:
+                raise InvalidArgumentError(
+                    "precomputed=True needs a track_id (lists are stored per track)",
+                    field="precomputed",
+                )
+            return self._precomputed(str(track_id), k, predicate)
+        server = self.server()
+        exclude: set[int] = set()
+        if track_id is not None:
+            rid = self._reader.read_track(str(track_id))
+            if rid is None:
+                raise RecordNotFoundError(f"no track {track_id!r}")
+            query = self._track_vector(server, rid, weights)
+            if exclude_self:
+                exclude.add(rid)
+        elif fingerprint is not None:
+            query, own = _fingerprint_vector(server, fingerprint, weights)
+            if exclude_self and own is not None:
+                mine = self._reader.read_track(own)
+                if mine is not None:
+                    exclude.add(mine)
+        else:
+            if weights is not None:
+                raise InvalidArgumentError(
+                    "weights apply to track or fingerprint queries; a vector is already weighted",
+                    field="weights",
+                )
+            query = _check_vector(vector, server.embedder.dim)
+        accept = self._accept(predicate) if predicate is not None else None
+        hits = server.search(
+            query[None, :], k, exclude=[exclude], accept=accept, params=_params(params)
+        )[0]
+        return self._neighbors(server, hits)
+
+    def similar_many(
+        self, vectors: npt.ArrayLike, *, k: int, params: Mapping[str, int] | None
+    ) -> list[list[Neighbor]]:
+        """``similar(vector=v)`` for each row of ``vectors`` (n, dim), searched as one batch."""
+        self._engine.check_open()
+        k = check_k(k)
+        server = self.server()
+        arr = np.asarray(vectors, dtype=np.float32)
+        if arr.ndim != 2:
+            raise InvalidArgumentError(
+                f"vectors must be 2-D (n, {server.embedder.dim}), got shape {arr.shape}",
+                field="vector",
+            )
+        for row in arr:
+            _check_vector(row, server.embedder.dim)
+        hits = server.search(np.ascontiguousarray(arr), k, params=_params(params))
+        return [self._neighbors(server, h) for h in hits]
+
+    def track_vector(self, track_id: str) -> npt.NDArray[np.float32]:
+        """The hybrid vector ``similar(track_id)`` searches with (the index's embedding)."""
+        self._engine.check_open()
+        rid = self._reader.read_track(str(track_id))
+        if rid is None:
+            raise RecordNotFoundError(f"no track {track_id!r}")
+        return self._track_vector(self.server(), rid, None)
+
+    def status(self) -> dict[str, Any]:
+        """Kind, size, delta, tombstones, LSN covered, last build (time, duration, recall)."""
+        engine = self._engine
+        engine.check_open()
+        server = self.server()
+        mgr = self.manager
+        assert mgr is not None
+        out = server.status()
+        path = mgr.dir / "main.faiss"
+        out["file"] = str(path) if path.exists() else None
+        out["file_bytes"] = path.stat().st_size if path.exists() else 0
+        rb = mgr.rebuilder
+        out["rebuilding"] = rb is not None and rb.building_since is not None
+        out["last_error"] = rb.last_error if rb is not None else None
+        out["last_reason"] = rb.last_reason if rb is not None else None
+        out["auto_rebuild"] = engine.config.index.auto_rebuild and not engine.readonly
+        out["readonly"] = engine.readonly
+        return out
+
+    def rebuild(self, *, wait: bool, timeout: float | None) -> dict[str, Any]:
+        """Rebuild now, blue-green (queries keep being served); return the status."""
+        self._engine.writable()
+        self.server()
+        mgr = self.manager
+        assert mgr is not None and mgr.rebuilder is not None
+        done = mgr.rebuilder.request("manual")
+        if wait:
+            if not done.wait(timeout):
+                raise XpStoreError(f"index rebuild did not finish within {timeout} s")
+            if mgr.rebuilder.last_error is not None:
+                raise XpStoreError(f"index rebuild failed: {mgr.rebuilder.last_error}")
+        return self.status()
+
+    def precompute(self, records: Sequence[Record]) -> dict[int, IndexRow]:
+        """Index rows of a put batch's fingerprints by position ({} before the first attach)."""
+        mgr = self.manager
+        if mgr is None or mgr.server is None:
+            return {}
+        return mgr.precompute(records)
+
+    def close(self) -> None:
+        with self._lock:
+            mgr, self.manager = self.manager, None
+        if mgr is not None:
+            mgr.close()
+
+    # ------------------------------------------------------------------ attach
+    def server(self) -> IndexServer:
+        """The attached server (attaching, or re-attaching a read-only store, when due)."""
+        mgr = self.manager
+        if mgr is not None and mgr.server is not None and not self._stale(mgr):
+            return mgr.server
+        with self._lock:
+            mgr = self.manager
+            if mgr is not None and mgr.server is not None and not self._stale(mgr):
+                return mgr.server
+            if mgr is not None:
+                mgr.close()
+            self.manager = None
+            engine = self._engine
+            engine.check_open()
+            from xpstore.index.manager import IndexManager
+
+            mgr = IndexManager(
+                root=engine.path,
+                tables=engine.tables,
+                settings=engine.config.index,
+                store_id=engine.store_id,
+                embedding_dim=engine.embedding_dim,
+                overlay=None if engine.readonly else engine.overlay,
+                readonly=engine.readonly,
+                flush=None if engine.readonly else engine.apply_through_acked,
+            )
+            server = mgr.attach()
+            self.manager = mgr
+            return server
+
+    def _stale(self, mgr: IndexManager) -> bool:
+        """A read-only store re-reads the index when LMDB moved and the refresh period passed."""
+        engine = self._engine
+        if not engine.readonly:
+            return False
+        if time.monotonic() - mgr.attached_at < engine.config.index.refresh_s:
+            return False
+        tables = engine.tables_or_none
+        if tables is None:
+            return False
+        with tables.reading() as txn:
+            return bool(tables.applied_lsn(txn) != mgr.attached_lsn)
+
+    def _configure(self, config: StoreConfig) -> None:
+        """A live reconfigure: search knobs at the next query, build knobs at the next build."""
+        mgr = self.manager
+        if mgr is not None:
+            mgr.settings = config.index
+            if mgr.server is not None:
+                mgr.server.query_threads = config.index.query_threads
+            if mgr.rebuilder is not None:
+                mgr.rebuilder.poke()
+
+    # ------------------------------------------------------------------ queries
+    def _track_vector(
+        self, server: IndexServer, rid: int, weights: Mapping[str, float] | None
+    ) -> npt.NDArray[np.float32]:
+        if weights is None:
+            vec = server.vector_of(rid)
+            if vec is not None:
+                return vec
+        fp = self._reader.get(rid).record
+        assert isinstance(fp, Fingerprint)
+        return server.embedder.embed_query(fp, weights)
+
+    def _accept(self, predicate: Predicate) -> Callable[[int], bool]:
+        reader = self._reader
+
+        def accept(rid: int) -> bool:
+            exp = reader.read_get(rid)
+            return exp is not None and bool(predicate(exp))
+
+        return accept
+
+    def _neighbors(self, server: IndexServer, hits: list[tuple[int, float]]) -> list[Neighbor]:
+        """Map (id, score) to Neighbors: track and metadata from the server's answer cache,
+        else the overlay or LMDB (one read transaction for the misses)."""
+        from xpstore.index.rows import envelope_track
+
+        cache = server.answers
+        found: dict[int, tuple[str, dict[str, Any] | None]] = {}
+        misses = []
+        for rid, _score in hits:
+            hit = cache.get(rid)
+            if hit is None:
+                misses.append(rid)
+            else:
+                found[rid] = hit
+        if misses:
+            self._engine.check_open()
+            for rid, data in self._reader.envelopes(misses).items():
+                found[rid] = server.remember(rid, envelope_track(data))
+        # an id missing now was deleted after the search: not live any more
+        return [
+            Neighbor(found[rid][0], score, rid, found[rid][1])
+            for rid, score in hits
+            if rid in found
+        ]
+
+    def _precomputed(self, track_id: str, k: int, predicate: Predicate | None) -> list[Neighbor]:
+        from xpstore.index import neighbors as nbrs
+
+        reader = self._reader
+        tables = self._engine.tables
+        if reader.read_track(track_id) is None:
+            raise RecordNotFoundError(f"no track {track_id!r}")
+        with tables.reading() as txn:
+            raw = tables.get_neighbors(txn, track_id)
+        if raw is None:
+            raise RecordNotFoundError(
+                f"no precomputed neighbour list for track {track_id!r} (it arrived after the "
+                "last index build, or no build has run): rebuild the index or use "
+                "precomputed=False"
+            )
+        lst = nbrs.decode(raw, f"neighbour list of {track_id!r}")
+        out: list[Neighbor] = []
+        for track, rid, score in lst.items:
+            if reader.read_track(track) != rid:
+                continue  # superseded or deleted since that build
+            exp = reader.read_get(rid)
+            if exp is None or (predicate is not None and not predicate(exp)):
+                continue
+            data = exp.record
+            assert isinstance(data, Fingerprint)
+            out.append(
+                Neighbor(track, score, rid, dict(data.metadata) if data.metadata else None,
+                         lst.build_id)
+            )  # fmt: skip
+            if len(out) >= k:
+                break
+        return out
+
+
+def _fingerprint_vector(
+    server: IndexServer,
+    fingerprint: Fingerprint | Mapping[str, Any],
+    weights: Mapping[str, float] | None,
+) -> tuple[npt.NDArray[np.float32], str | None]:
+    if isinstance(fingerprint, Fingerprint):
+        return server.embedder.embed_query(fingerprint, weights), fingerprint.track_id
+    if not isinstance(fingerprint, Mapping):
+        raise InvalidArgumentError(
+            "fingerprint must be a Fingerprint or a mapping of raw values by name, got "
+            f"{type(fingerprint).__name__}",
+            field="fingerprint",
+        )
+    if "track_id" in fingerprint or "batch" in fingerprint or "streaming" in fingerprint:
+        fp = record_from_json({"kind": "fingerprint", **fingerprint})
+        assert isinstance(fp, Fingerprint)
+        return server.embedder.embed_query(fp, weights), fp.track_id
+    values = dict(fingerprint)
+    embedding = values.pop("embedding", None)
+    unknown = sorted(set(values) - set(BATCH_FIELDS))
+    if unknown:
+        raise InvalidRecordError(
+            f"fingerprint has unknown audio value {unknown[0]!r}", field=unknown[0]
+        )
+    vec = server.embedder.embed_parts(values or None, embedding, weights)
+    if not np.any(vec):
+        raise InvalidRecordError(
+            "the fingerprint has no direction (no values, or every value at the library mean)",
+            field="fingerprint",
+        )
+    return vec, None
+
+
+def _params(params: Mapping[str, int] | None) -> dict[str, int] | None:
+    return dict(params) if params else None
+
+
+def _check_vector(vector: Any, dim: int) -> npt.NDArray[np.float32]:
+    try:
+        arr = np.ascontiguousarray(vector, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"vector must be numbers: {exc}", field="vector") from exc
+    if arr.ndim != 1 or arr.shape[0] != dim:
+        raise InvalidArgumentError(
+            f"vector must have dimension {dim} (the index's), got shape {arr.shape}",
+            field="vector",
+        )
+    if not np.isfinite(arr).all():
+        raise InvalidArgumentError("vector contains NaN or infinity", field="vector")
+    if not arr.any():
+        raise InvalidArgumentError("vector is all zeros", field="vector")
+    return arr

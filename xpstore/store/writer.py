@@ -1,0 +1,258 @@
+"""The write path: prepare, encode, submit, back-pressure, and the state view writers derive
+against.
+
+Validation and encoding run outside any lock. Under the engine's write lock an operation is
+derived against the newest state (pending, then durable overlay, then LMDB), parked in the
+overlay's pending layer and appended to the WAL; then the writer waits, lock-free, for the group
+commit that covers it. The WAL leader moves acknowledged effects into the overlay's durable layer
+and publishes them to the overlay's subscribers before any waiter returns (read your writes); the
+applier moves them into LMDB.
+
+Settings changes go the same way: a :class:`~xpstore.model.codec.SettingsOp` carries the whole
+new settings document, derived here from the last one logged (so two changes in flight compose),
+and the session adopts it once the WAL acknowledged it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
+
+from xpstore.config import StoreConfig
+from xpstore.errors import InvalidRecordError, RecordTooLargeError
+from xpstore.model.codec import (
+    DeleteOp,
+    DeleteTrackOp,
+    Op,
+    PutOp,
+    SettingsOp,
+    UpdateOp,
+    encode_op,
+)
+from xpstore.model.effects import StateView, derive_all
+from xpstore.model.events import IndexRow
+from xpstore.model.records import (
+    Experience,
+    Fingerprint,
+    PredictionOutcome,
+    QueryMetric,
+    Record,
+    record_from_json,
+)
+from xpstore.persistence.overlay import MISSING
+from xpstore.store.engine import Engine
+from xpstore.store.reader import Reader, record_id
+
+__all__ = ["RowSource", "Writer"]
+
+_RECORD_TYPES = (PredictionOutcome, Fingerprint, QueryMetric)
+
+RowSource = Callable[[Sequence[Record]], dict[int, IndexRow]]
+"""Index rows of a put batch's fingerprints by position (the k-NN index's, once attached)."""
+
+
+class Writer:
+    """Every change of a store goes through here (records, counters, settings)."""
+
+    def __init__(self, engine: Engine, reader: Reader) -> None:
+        self._engine = engine
+        self._reader = reader
+        self.row_source: RowSource | None = None
+        self._logged = engine.settings.persisted  # the newest settings document in the WAL
+
+    # ------------------------------------------------------------------ records
+    def put_many(self, records: Iterable[Record | Mapping[str, Any]]) -> list[int]:
+        """Store records atomically (one WAL frame, one sync); return their ids in order."""
+        cfg = self._engine.config.records
+        prepared = [self._prepare(r, i) for i, r in enumerate(records)]
+        if not prepared:
+            return []
+        if len(prepared) > cfg.max_batch_records:
+            raise RecordTooLargeError(
+                f"put_many got {len(prepared)} records, over max_batch_records="
+                f"{cfg.max_batch_records}",
+                field="records",
+            )
+        ops: list[Op] = [PutOp(r) for r in prepared]
+        payloads = [self.encode(op, i) for i, op in enumerate(ops)]
+        rows = self.row_source(prepared) if self.row_source is not None else {}
+        first, _last = self.submit(ops, payloads, rows)
+        return list(range(first, first + len(prepared)))
+
+    def update(self, rid: int, changes: dict[str, Any]) -> None:
+        if not changes:
+            raise InvalidRecordError("update needs at least one field to change", field="changes")
+        self.submit_one(UpdateOp(record_id(rid), changes))
+
+    def delete(self, rid: int) -> None:
+        self.submit_one(DeleteOp(record_id(rid)))
+
+    def delete_track(self, track_id: str) -> None:
+        self.submit_one(DeleteTrackOp(str(track_id)))
+
+    def submit_one(self, op: Op) -> tuple[int, int]:
+        """Log one operation and wait for its acknowledgement."""
+        return self.submit([op], [self.encode(op, 0)])
+
+    # ------------------------------------------------------------------ settings
+    def log_settings(self, changes: Mapping[str, Any]) -> StoreConfig:
+        """Log ``changes`` (dotted names, already checked) as one settings operation; return
+        the config in force once it is acknowledged."""
+        engine = self._engine
+        wal = engine.writable()
+        with engine.write_lock:
+            wal = engine.writable()
+            new = self._logged.changed(changes).persisted()
+            op = SettingsOp(dict(changes), new.to_json())
+            span = self._append([op], [self.encode(op, 0)], {}, wal)
+            self._logged = new
+        wal.wait(span[1])
+        return engine.settings.replace_persisted(new, changes)
+
+    # ------------------------------------------------------------------ internals
+    def _prepare(self, record: Record | Mapping[str, Any], index: int) -> Record:
+        """A validated record with its ts filled in; InvalidRecordError names records[index]."""
+        rec: Record
+        if type(record) in _RECORD_TYPES:  # exact types first: isinstance on ABCs is slow
+            rec = cast(Record, record)
+        elif isinstance(record, _RECORD_TYPES):
+            rec = record
+        elif isinstance(record, Mapping):
+            try:
+                rec = record_from_json(record)
+            except InvalidRecordError as exc:
+                raise InvalidRecordError(f"records[{index}]: {exc}", field=exc.field) from exc
+        else:
+            raise InvalidRecordError(
+                f"records[{index}]: expected a PredictionOutcome, Fingerprint or QueryMetric "
+                f"(or a mapping with a 'kind'), got {type(record).__name__}",
+                field="record",
+            )
+        if rec.ts is None:
+            rec = rec.model_copy(update={"ts": time.time()})
+        if type(rec) is Fingerprint and rec.embedding is not None:
+            dim = self._logged.records.embedding_dim
+            if dim is not None and len(rec.embedding) != dim:
+                raise InvalidRecordError(
+                    f"records[{index}].embedding: dimension {len(rec.embedding)}, this store's "
+                    f"embeddings have dimension {dim}",
+                    field="embedding",
+                )
+        return rec
+
+    def encode(self, op: Op, index: int) -> bytes:
+        payload = encode_op(op)
+        limit = self._engine.config.records.max_record_bytes
+        if len(payload) > limit:
+            raise RecordTooLargeError(
+                f"records[{index}] encodes to {len(payload)} bytes, over max_record_bytes="
+                f"{limit}",
+                field="record",
+            )
+        return payload
+
+    def submit(
+        self, ops: list[Op], payloads: list[bytes], rows: Mapping[int, IndexRow] | None = None
+    ) -> tuple[int, int]:
+        """Derive, park and log ``ops`` (one frame), wait for the acknowledgement; return the
+        LSN span. ``rows`` are index rows by position in ``ops``."""
+        engine = self._engine
+        wal = engine.writable()
+        adopt: StoreConfig | None = None
+        with engine.write_lock:
+            wal = engine.writable()
+            fixed = self._fix_embedding_dim(ops)
+            if fixed is not None:
+                op = SettingsOp({"records.embedding_dim": fixed.records.embedding_dim},
+                                fixed.to_json())  # fmt: skip
+                ops, payloads = [*ops, op], [*payloads, encode_op(op)]
+            span = self._append(ops, payloads, rows or {}, wal)
+            if fixed is not None:
+                self._logged = adopt = fixed
+        wal.wait(span[1])
+        if adopt is not None:
+            engine.settings.replace_persisted(adopt)
+        self._backpressure()
+        return span
+
+    def _append(
+        self, ops: list[Op], payloads: list[bytes], rows: Mapping[int, IndexRow], wal: Any
+    ) -> tuple[int, int]:
+        """Under the write lock: derive against the newest state, park, append to the WAL."""
+        overlay = self._engine.overlay
+        view = self._view(ops)
+        first: int = wal.next_lsn
+        try:
+            for i, op in enumerate(ops):
+                for eff in derive_all(op, first + i, view, payloads[i]):
+                    overlay.add_pending(eff, rows.get(i))
+            span: tuple[int, int] = wal.append(payloads)
+        except BaseException:
+            overlay.drop_pending_from(first)
+            raise
+        return span
+
+    def _fix_embedding_dim(self, ops: list[Op]) -> StoreConfig | None:
+        """The settings that fix ``embedding_dim`` when this batch brings the first embedding."""
+        if self._logged.records.embedding_dim is not None:
+            return None
+        dims = [
+            (i, len(op.record.embedding))
+            for i, op in enumerate(ops)
+            if isinstance(op, PutOp)
+            and isinstance(op.record, Fingerprint)
+            and op.record.embedding is not None
+        ]
+        if not dims:
+            return None
+        first = dims[0][1]
+        bad = next((i for i, d in dims if d != first), None)
+        if bad is not None:
+            raise InvalidRecordError(
+                f"records[{bad}].embedding: dimensions differ within the batch ({first} first)",
+                field="embedding",
+            )
+        return self._logged.changed({"records.embedding_dim": first}).persisted()
+
+    def _backpressure(self) -> None:
+        engine = self._engine
+        applier = engine.applier
+        if applier is None or applier.hold:
+            return
+        limit = engine.config.apply.max_overlay_ops
+        overlay = engine.overlay
+        if len(overlay) <= limit:
+            return
+        with overlay.changed:
+            while len(overlay) > limit and applier.error is None and not engine.closed:
+                overlay.changed.wait(0.1)
+
+    def _view(self, ops: list[Op]) -> StateView:
+        """Newest state for derive(): pending, then durable overlay, then LMDB.
+
+        The LMDB track lookups a batch of fingerprint puts needs are done up front in one read
+        transaction (one per fingerprint cost a transaction each on the ingest path).
+        """
+        ov = self._engine.overlay
+        reader = self._reader
+        tracks = {
+            op.record.track_id
+            for op in ops
+            if isinstance(op, PutOp) and isinstance(op.record, Fingerprint)
+        }
+        known = reader.lmdb_tracks([t for t in tracks if ov.writer_track(t) is MISSING])
+
+        def get(rid: int) -> Experience | None:
+            hit = ov.writer_get(rid)
+            return reader.lmdb_get(rid) if hit is None else hit.experience()
+
+        def track(track_id: str) -> int | None:
+            hit = ov.writer_track(track_id)
+            if hit is not MISSING:
+                return cast("int | None", hit)
+            if track_id in known:
+                return known[track_id]
+            return reader.lmdb_track(track_id)
+
+        return StateView(get, track, lambda ids: reader.envelopes(ids, pending=True))
