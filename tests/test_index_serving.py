@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from tests.index_support import exact_top, library, live_fingerprints, same_up_to_ties
-from xpstore import InvalidRecordError, ReadOnlyStoreError, RecordNotFoundError, Store
+from xpstore import (
+    InvalidArgumentError,
+    InvalidRecordError,
+    ReadOnlyStoreError,
+    RecordNotFoundError,
+    Store,
+)
 from xpstore.demo.synthetic import make_fingerprint
 from xpstore.index.backends import read_meta
 
@@ -241,33 +247,43 @@ def test_bad_input_gets_clear_errors(tmp_path):
     rng = np.random.default_rng(12)
     with Store.open(tmp_path / "s", create=True, **QUIET) as st:
         st.put_many(library(rng, 20))
+        # the store's own argument checks (k, vector, which query, where=) are the store's to
+        # classify; the index's: a plain argument (weights, params) is an InvalidArgumentError,
+        # a fingerprint's values are record fields (InvalidRecordError)
+        store_side = (InvalidRecordError, InvalidArgumentError)
         cases = [
-            (dict(vector=np.ones(7)), "vector"),
-            (dict(vector=np.full(25, np.nan)), "vector"),
-            (dict(vector=np.zeros(25)), "vector"),
-            (dict(track_id="t1", k=0), "k"),
-            (dict(track_id="t1", k=-3), "k"),
-            (dict(track_id="t1", k=True), "k"),
-            (dict(track_id="t1", vector=np.ones(25)), "track_id"),
-            (dict(), "track_id"),
-            (dict(vector=np.ones(25), weights={"audio": 1.0}), "weights"),
-            (dict(track_id="t1", weights={"sound": 1.0}), "weights.sound"),
-            (dict(fingerprint={"tempo": 120.0}), "tempo"),
-            (dict(fingerprint={"tempo_bpm": float("nan")}), "tempo_bpm"),
-            (dict(track_id="t1", where={"metadata.style__zz": 1}), None),
-            (dict(vector=np.ones(25), precomputed=True), "precomputed"),
+            (dict(vector=np.ones(7)), store_side, "vector"),
+            (dict(vector=np.full(25, np.nan)), store_side, "vector"),
+            (dict(vector=np.zeros(25)), store_side, "vector"),
+            (dict(track_id="t1", k=0), store_side, "k"),
+            (dict(track_id="t1", k=-3), store_side, "k"),
+            (dict(track_id="t1", k=True), store_side, "k"),
+            (dict(track_id="t1", vector=np.ones(25)), store_side, "track_id"),
+            (dict(), store_side, "track_id"),
+            (dict(vector=np.ones(25), weights={"audio": 1.0}), store_side, "weights"),
+            (dict(track_id="t1", weights={"sound": 1.0}), InvalidArgumentError, "weights.sound"),
+            (dict(track_id="t1", weights={"audio": -1.0}), InvalidArgumentError, "weights.audio"),
+            (dict(fingerprint={"tempo": 120.0}), InvalidRecordError, "tempo"),
+            (dict(fingerprint={"tempo_bpm": float("nan")}), InvalidRecordError, "tempo_bpm"),
+            (dict(track_id="t1", where={"metadata.style__zz": 1}), store_side, None),
+            (dict(vector=np.ones(25), precomputed=True), store_side, "precomputed"),
         ]
-        for kwargs, field in cases:
-            with pytest.raises(InvalidRecordError) as err:
+        for kwargs, cls, field in cases:
+            with pytest.raises(cls) as err:
                 st.similar(**kwargs)
             if field is not None:
                 assert err.value.field == field, (kwargs, err.value.field)
         with pytest.raises(RecordNotFoundError, match="nosuch"):
             st.similar("nosuch")
-        with pytest.raises(InvalidRecordError, match="2-D"):
+        with pytest.raises(store_side, match="2-D"):
             st.similar_many(np.ones(25))
         before = st.index_status()
         assert before["live"] == 20  # nothing changed
+        st.rebuild_index()  # params reach the backend only once there is a main index
+        for params, field in [({"nprobe": 0}, "params.nprobe"), ({"lists": 3}, "params.lists")]:
+            with pytest.raises(InvalidArgumentError) as err:
+                st.similar("t1", params=params)
+            assert err.value.field == field
 
 
 def test_similar_many_matches_single_queries(tmp_path):
