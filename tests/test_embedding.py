@@ -1,10 +1,17 @@
 """Hybrid embeddings: the inner-product identity, unit norms, name-keyed streaming values,
-standardization that keeps tempo from dominating, and versioned, checksummed stats."""
+standardization that keeps tempo from dominating, versioned, checksummed stats, and the committed
+default statistics."""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -12,7 +19,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from xpstore.demo.synthetic import STYLES, make_fingerprint, sample_batch_values
-from xpstore.errors import FormatVersionError, InvalidRecordError, StoreCorruptionError
+from xpstore.errors import (
+    FormatVersionError,
+    InvalidArgumentError,
+    InvalidRecordError,
+    StoreCorruptionError,
+)
+from xpstore.index import default_stats
 from xpstore.index.embedding import (
     AUDIO_DIM,
     AURALIS_DIM_WEIGHTS,
@@ -341,11 +354,15 @@ def test_fit_skips_nan_and_streaming_rows_fill_their_columns() -> None:
     j = BATCH_FIELDS.index("tempo_bpm")
     assert stats.mean[j] == pytest.approx(float(np.mean(mat[:, j])))
     assert stats.mean[BATCH_FIELDS.index("lufs")] == 0.0  # no data: mean 0, scale 1
-    with pytest.raises(InvalidRecordError) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         AudioStats.fit(np.full((2, AUDIO_DIM), np.inf))
     assert err.value.field == "values"
-    with pytest.raises(InvalidRecordError):
+    with pytest.raises(InvalidArgumentError) as err:
         AudioStats.fit(np.zeros((3, 24)))
+    assert err.value.field == "values"
+    with pytest.raises(InvalidArgumentError) as err:
+        AudioStats.fit(LIBRARY, "minmax")  # type: ignore[arg-type]
+    assert err.value.field == "mode"
 
 
 def test_drift_measures_mean_shift_in_scale_units() -> None:
@@ -407,6 +424,94 @@ def test_stats_tampering_is_detected() -> None:
     assert err.value.field == "mode"
 
 
+# --------------------------------------------------------------------------- default statistics
+
+_ROOT = Path(__file__).resolve().parent.parent
+_TABLES = {
+    "mean": default_stats.MEAN,
+    "std": default_stats.STD,
+    "p05": default_stats.P05,
+    "p95": default_stats.P95,
+}
+
+
+def _generator() -> ModuleType:
+    """``scripts/make_default_stats.py``, loaded as a module (scripts/ is not a package)."""
+    path = _ROOT / "scripts" / "make_default_stats.py"
+    spec = importlib.util.spec_from_file_location("make_default_stats", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_default_stats_are_keyed_by_exactly_the_batch_names() -> None:
+    for name, table in _TABLES.items():
+        assert set(table) == set(BATCH_FIELDS), name
+        assert len(table) == AUDIO_DIM, name
+        assert all(type(v) is float and math.isfinite(v) for v in table.values()), name
+    assert type(default_stats.COUNT) is int and default_stats.COUNT > 0
+
+
+def test_default_stats_table_is_what_the_script_computes() -> None:
+    """The committed numbers are exactly ``AudioStats.fit`` on the demo's reference library (400
+    tracks per style, seed 0). If numpy's random stream or the generator changed, this fails:
+    regenerate with ``python scripts/make_default_stats.py`` and review the diff."""
+    gen = _generator()
+    rows = gen.reference_rows()
+    assert rows.shape == (400 * len(STYLES), AUDIO_DIM)
+    fitted = gen.compute()
+    assert fitted.count == default_stats.COUNT
+    for name, table in _TABLES.items():
+        expected = dict(zip(BATCH_FIELDS, getattr(fitted, name), strict=True))
+        assert table == expected, name  # exact: the module holds full float reprs
+    for mode in ("zscore", "percentile"):
+        assert AudioStats.prior(mode) == AudioStats.fit(rows, mode)  # type: ignore[arg-type]
+    committed = Path(default_stats.__file__).read_text()
+    assert gen.render(fitted) == committed, "run python scripts/make_default_stats.py"
+
+
+def test_prior_reads_the_table_by_name() -> None:
+    for mode in ("zscore", "percentile"):
+        prior = AudioStats.prior(mode)  # type: ignore[arg-type]
+        assert prior.mode == mode and prior.count == default_stats.COUNT
+        for name, table in _TABLES.items():
+            assert getattr(prior, name) == tuple(table[f] for f in BATCH_FIELDS), name
+
+
+def test_the_index_never_imports_the_demo_package() -> None:
+    """At run time: embedding with the prior statistics loads no ``xpstore.demo`` module."""
+    code = (
+        "import sys\n"
+        "import xpstore.index.manager\n"
+        "from xpstore.index.embedding import AudioStats, HybridEmbedder\n"
+        "HybridEmbedder(AudioStats.prior()).embed_parts({'tempo_bpm': 120.0})\n"
+        "print(sorted(m for m in sys.modules if m.startswith('xpstore.demo')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_index_imports_only_downward() -> None:
+    """Statically, function-local imports included: xpstore/index imports nothing from the
+    layers above it (store, ops, demo, cli)."""
+    above = ("xpstore.store.", "xpstore.ops.", "xpstore.demo.", "xpstore.cli.")
+    bad = []
+    for path in sorted((_ROOT / "xpstore" / "index").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                package = ["xpstore", "index"][: 2 - node.level + 1] if node.level else []
+                base = ".".join([*package, *([node.module] if node.module else [])])
+                names = [base, *(f"{base}.{a.name}" for a in node.names)]
+            bad += [f"{path.name}: {n}" for n in names if f"{n}.".startswith(above)]
+    assert bad == []
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -426,7 +531,7 @@ def test_stats_tampering_is_detected() -> None:
 )
 def test_bad_embedder_config_names_the_field(kwargs: dict[str, object], field: str) -> None:
     kwargs = {"embedding_dim": EMB_DIM, **kwargs}
-    with pytest.raises(InvalidRecordError) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         HybridEmbedder(STATS["zscore"], **kwargs)  # type: ignore[arg-type]
     assert err.value.field == field
     assert isinstance(err.value, ValueError)
@@ -441,13 +546,14 @@ def test_bad_query_weights_and_embedding_dimension_name_the_field() -> None:
         ({"audio": 0.0, "embedding": 0.0}, "weights"),
         ({"lyrics": 1.0}, "weights.lyrics"),
     ]
-    for weights, field in cases:
-        with pytest.raises(InvalidRecordError) as err:
+    for weights, field in cases:  # weights are a plain argument, not a record field
+        with pytest.raises(InvalidArgumentError) as err:
             e.embed(fp, weights=weights)
         assert err.value.field == field
     # a missing key keeps the embedder's weight
     np.testing.assert_array_equal(e.embed(fp, weights={"audio": 0.7}), e.embed(fp))
 
+    # a fingerprint's own values are record fields
     wrong = make_fingerprint(np.random.default_rng(2), "x", embedding_dim=EMB_DIM + 1)
     with pytest.raises(InvalidRecordError) as err:
         e.embed(wrong)
@@ -462,9 +568,25 @@ def test_bad_query_weights_and_embedding_dimension_name_the_field() -> None:
         e.embed_parts({"lufs": float("inf")})
     assert err.value.field == "lufs"
     audio_only = HybridEmbedder(STATS["zscore"], embedding_weight=0.0, embedding_dim=EMB_DIM)
-    with pytest.raises(InvalidRecordError) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         audio_only.embed_query(fp, weights={"embedding": 1.0})
     assert err.value.field == "weights.embedding"
+    with pytest.raises(InvalidArgumentError) as err:
+        e.embed_rows(np.zeros((2, AUDIO_DIM - 1)))
+    assert err.value.field == "audio"
+
+
+def test_bad_stats_values_name_the_field() -> None:
+    good = STATS["zscore"]
+    with pytest.raises(InvalidArgumentError) as err:
+        AudioStats("minmax", good.mean, good.std, good.p05, good.p95, 1)  # type: ignore[arg-type]
+    assert err.value.field == "mode"
+    with pytest.raises(InvalidArgumentError) as err:
+        AudioStats("zscore", good.mean[:-1], good.std, good.p05, good.p95, 1)
+    assert err.value.field == "mean"
+    with pytest.raises(InvalidArgumentError) as err:
+        AudioStats("zscore", good.mean, (math.nan,) * AUDIO_DIM, good.p05, good.p95, 1)
+    assert err.value.field == "std"
 
 
 def test_batch_preferred_over_streaming() -> None:

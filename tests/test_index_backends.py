@@ -16,7 +16,7 @@ import pytest
 from xpstore.demo.synthetic import STYLES, sample_batch_values
 from xpstore.errors import (
     FormatVersionError,
-    InvalidRecordError,
+    InvalidArgumentError,
     StoreCorruptionError,
     XpStoreError,
 )
@@ -31,6 +31,10 @@ from xpstore.index.backends import (
     RemoveUnsupportedError,
     build,
     choose_backend,
+    exact_knn,
+    exclusion,
+    faiss_errors,
+    faiss_threads,
     load,
     nlist_for,
     save,
@@ -163,13 +167,13 @@ def test_search_params_per_call_and_default(
     hnsw = build("hnsw", ids[:500], vectors[:500], m=16)
     hnsw.set_search_params(ef_search=200)
     assert hnsw.params == {"m": 16, "ef_construction": 128, "ef_search": 200}
-    with pytest.raises(InvalidRecordError) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         hnsw.set_search_params(nprobe=4)
     assert err.value.field == "params.nprobe"
-    with pytest.raises(InvalidRecordError) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         ivf.search(queries, K, params={"ef_search": 10})
     assert err.value.field == "params.ef_search"
-    with pytest.raises(InvalidRecordError) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         build("exact", ids[:10], vectors[:10]).search(queries, K, params={"nprobe": 2})
     assert err.value.field == "params.nprobe"
 
@@ -311,6 +315,136 @@ def test_meta_that_disagrees_with_index_is_corruption(saved: Path) -> None:
         load(saved)
 
 
+# --------------------------------------------------------------------------- FAISS errors
+
+
+def _resign_index(path: Path, blob: bytes) -> None:
+    """Replace the index bytes of a saved file, with every checksum recomputed to match."""
+    import hashlib
+    import json
+
+    data = path.read_bytes()
+    magic, version, meta_len, _ = backends._HEADER.unpack_from(data)
+    start = backends._HEADER.size
+    meta = json.loads(data[start : start + meta_len])
+    meta["index_sha256"] = hashlib.sha256(blob).hexdigest()
+    meta["index_size"] = len(blob)
+    new_meta = json.dumps(meta, sort_keys=True).encode()
+    header = backends._HEADER.pack(magic, version, len(new_meta), hashlib.sha256(new_meta).digest())
+    path.write_bytes(header + new_meta + blob)
+
+
+def test_garbage_faiss_bytes_are_corruption_with_the_faiss_error_attached(saved: Path) -> None:
+    """Checksums that match garbage (a writer bug, not bit rot): FAISS refuses the bytes and the
+    refusal crosses the boundary as a StoreCorruptionError naming the file."""
+    _resign_index(saved, b"not a faiss index at all" * 4)
+    with pytest.raises(StoreCorruptionError, match=str(saved)) as err:
+        load(saved)
+    assert type(err.value) is StoreCorruptionError
+    assert isinstance(err.value.__cause__, RuntimeError)
+    assert not isinstance(err.value.__cause__, XpStoreError)
+    assert "FAISS cannot read the index" in str(err.value)
+
+
+def test_search_parameter_faiss_refuses_is_an_invalid_argument() -> None:
+    """``ef_search``/``nprobe`` pass our check (an int >= 1) but overflow FAISS's C++ type: the
+    SWIG OverflowError arrives as an InvalidArgumentError naming the parameter."""
+    hnsw = _small("hnsw")
+    q = _random_unit(2, 8, seed=20)
+    for call in (
+        lambda: hnsw.search(q, 3, params={"ef_search": 2**31}),
+        lambda: hnsw.search(q, 3, params={"ef_search": 2**31}, exclude=exclusion([1, 2])),
+    ):
+        with pytest.raises(InvalidArgumentError) as err:
+            call()
+        assert err.value.field == "params.ef_search"
+        assert isinstance(err.value.__cause__, OverflowError)
+    with pytest.raises(InvalidArgumentError) as err:
+        hnsw.set_search_params(ef_search=2**31)
+    assert err.value.field == "ef_search" and isinstance(err.value.__cause__, OverflowError)
+    assert hnsw.params["ef_search"] == backends.DEFAULT_EF_SEARCH  # nothing half-applied
+    assert hnsw.search(q, 3)[1].shape == (2, 3)  # and the index still serves
+
+    ivf = _small("ivf")
+    with pytest.raises(InvalidArgumentError) as err:
+        ivf.search(q, 3, params={"nprobe": 2**70})
+    assert err.value.field == "params.nprobe" and isinstance(err.value.__cause__, OverflowError)
+
+
+def test_build_parameters_faiss_refuses_are_invalid_arguments() -> None:
+    vec = _random_unit(10, 4, seed=21)
+    with pytest.raises(InvalidArgumentError) as err:
+        build("hnsw", np.arange(10), vec, m=2**40)  # the factory string's int does not parse
+    assert err.value.field == "m" and isinstance(err.value.__cause__, RuntimeError)
+    with pytest.raises(InvalidArgumentError) as err:
+        build("hnsw", np.arange(10), vec, ef_construction=2**40)
+    assert err.value.field == "ef_construction"
+    assert isinstance(err.value.__cause__, OverflowError)
+    before = faiss.omp_get_max_threads()
+    with pytest.raises(InvalidArgumentError) as err, faiss_threads(2**40):
+        pass
+    assert err.value.field == "threads" and isinstance(err.value.__cause__, OverflowError)
+    assert faiss.omp_get_max_threads() == before
+
+
+def test_faiss_errors_picks_the_class_and_keeps_the_cause(tmp_path: Path) -> None:
+    boom = RuntimeError("Error in faiss::something: boom")
+    with pytest.raises(XpStoreError) as err, faiss_errors("doing a thing"):
+        raise boom
+    assert type(err.value) is XpStoreError and err.value.__cause__ is boom
+    assert "doing a thing" in str(err.value) and "boom" in str(err.value)
+    with pytest.raises(InvalidArgumentError) as arg, faiss_errors("x", argument="nprobe"):
+        raise OverflowError("in method 'nprobe_set', argument 2 of type 'size_t'")
+    assert arg.value.field == "nprobe" and isinstance(arg.value.__cause__, OverflowError)
+    assert isinstance(arg.value, ValueError)
+    damaged = faiss_errors("reading", damaged=tmp_path / "f")
+    with pytest.raises(StoreCorruptionError, match="rebuild") as bad, damaged:
+        raise TypeError("wrong index type")
+    assert str(tmp_path / "f") in str(bad.value)
+    assert isinstance(bad.value.__cause__, TypeError)
+    # an xpstore error raised inside passes through as itself, even though it is a ValueError
+    mine = InvalidArgumentError("k must be >= 1", field="k")
+    with pytest.raises(InvalidArgumentError) as same, faiss_errors("x", argument="nprobe"):
+        raise mine
+    assert same.value is mine
+    with pytest.raises(MemoryError), faiss_errors("x"):  # not a FAISS failure: left alone
+        raise MemoryError
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ids_reconstruct_and_exact_knn(kind: str) -> None:
+    ids = np.random.default_rng(22).permutation(10_000)[:300].astype(np.int64)
+    vectors = _random_unit(300, 8, seed=23)
+    backend = build(kind, ids, vectors)
+    np.testing.assert_array_equal(backend.ids(), np.sort(ids))
+    if kind == "ivf":  # no direct map: reconstruction is refused, not crashed on
+        with pytest.raises(XpStoreError, match="direct map"):
+            backend.reconstruct(int(ids[0]))
+    else:
+        np.testing.assert_array_equal(backend.reconstruct(int(ids[5])), vectors[5])
+        with pytest.raises(XpStoreError) as err:
+            backend.reconstruct(10**9)  # not in the index
+        assert isinstance(err.value.__cause__, RuntimeError)
+    queries = _random_unit(20, 8, seed=24)
+    truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :5]
+    np.testing.assert_array_equal(exact_knn(queries, vectors, 5), truth)
+
+
+def test_only_backends_imports_faiss() -> None:
+    """The boundary is one module: the rest of the index reaches FAISS through it."""
+    import ast
+
+    folder = Path(backends.__file__).parent
+    importers = set()
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import) and any(a.name == "faiss" for a in node.names):
+                importers.add(path.name)
+            if isinstance(node, ast.ImportFrom) and node.module == "faiss":
+                importers.add(path.name)
+    assert importers == {"backends.py"}
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -343,7 +477,7 @@ def test_bad_inputs_name_the_field(kind: str) -> None:
         (lambda: backend.search(good, 2.0), "k"),  # type: ignore[arg-type]
     ]
     for call, name in cases:
-        with pytest.raises(InvalidRecordError) as err:
+        with pytest.raises(InvalidArgumentError) as err:
             call()
         assert err.value.field == name, (call, err.value)
     assert len(backend) == 50  # nothing half-added
@@ -351,22 +485,22 @@ def test_bad_inputs_name_the_field(kind: str) -> None:
 
 def test_bad_build_arguments() -> None:
     vec = _random_unit(10, 4, seed=15)
-    with pytest.raises(InvalidRecordError) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         build("hnsw", np.arange(10), vec, ef_construction=MIN_EF_CONSTRUCTION - 1)
     assert err.value.field == "ef_construction"
-    with pytest.raises(InvalidRecordError) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         build("annoy", np.arange(10), vec)
     assert err.value.field == "kind"
-    with pytest.raises(InvalidRecordError) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         build("exact", np.arange(10), vec, nprobe=3)
     assert err.value.field == "nprobe"
-    with pytest.raises(InvalidRecordError) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         build("ivf", np.empty(0, dtype=np.int64), np.empty((0, 4), dtype=np.float32))
     assert err.value.field == "train_vectors"
-    with pytest.raises(InvalidRecordError) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         build("ivf", np.arange(10), vec, nlist=11)
     assert err.value.field == "nlist"
-    with pytest.raises(InvalidRecordError) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         save(build("exact", [1], vec[:1]), Path("unused"), lsn=-1)
     assert err.value.field == "lsn"
 
@@ -384,9 +518,9 @@ def test_choose_backend_thresholds() -> None:
     assert choose_backend(100, exact_below=100, hnsw_below=1000) == "hnsw"
     assert choose_backend(1000, exact_below=100, hnsw_below=1000) == "ivf"
     assert choose_backend(500, exact_below=100, hnsw_below=100) == "ivf"  # HNSW switched off
-    with pytest.raises(InvalidRecordError):
+    with pytest.raises(InvalidArgumentError):
         choose_backend(-1)
-    with pytest.raises(InvalidRecordError):
+    with pytest.raises(InvalidArgumentError):
         choose_backend(5, exact_below=10, hnsw_below=5)
 
 
@@ -403,7 +537,7 @@ def test_build_thread_limit_is_restored() -> None:
     backend = build("ivf", np.arange(400), _random_unit(400, 8, seed=16), threads=1)
     assert isinstance(backend, IVFBackend)
     assert faiss.omp_get_max_threads() == before
-    with pytest.raises(InvalidRecordError) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         build("exact", [1], _random_unit(1, 8, seed=17), threads=0)
     assert err.value.field == "threads"
     assert isinstance(build("hnsw", [1], _random_unit(1, 8, seed=18)), HNSWBackend)

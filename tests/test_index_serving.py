@@ -247,34 +247,42 @@ def test_bad_input_gets_clear_errors(tmp_path):
     rng = np.random.default_rng(12)
     with Store.open(tmp_path / "s", create=True, **QUIET) as st:
         st.put_many(library(rng, 20))
-        arg, rec = InvalidArgumentError, InvalidRecordError  # a plain argument; a record field
+        # a plain argument (k, vector, which query, weights, params) is an InvalidArgumentError;
+        # a fingerprint's values and where= keys name record fields (InvalidRecordError)
+        arg, rec = InvalidArgumentError, InvalidRecordError
         cases = [
-            (dict(vector=np.ones(7)), "vector", arg),
-            (dict(vector=np.full(25, np.nan)), "vector", arg),
-            (dict(vector=np.zeros(25)), "vector", arg),
-            (dict(track_id="t1", k=0), "k", arg),
-            (dict(track_id="t1", k=-3), "k", arg),
-            (dict(track_id="t1", k=True), "k", arg),
-            (dict(track_id="t1", vector=np.ones(25)), "track_id", arg),
-            (dict(), "track_id", arg),
-            (dict(vector=np.ones(25), weights={"audio": 1.0}), "weights", arg),
-            (dict(track_id="t1", weights={"sound": 1.0}), "weights.sound", rec),
-            (dict(fingerprint={"tempo": 120.0}), "tempo", rec),
-            (dict(fingerprint={"tempo_bpm": float("nan")}), "tempo_bpm", rec),
-            (dict(track_id="t1", where={"metadata.style__zz": 1}), None, rec),
-            (dict(vector=np.ones(25), precomputed=True), "precomputed", arg),
+            (dict(vector=np.ones(7)), arg, "vector"),
+            (dict(vector=np.full(25, np.nan)), arg, "vector"),
+            (dict(vector=np.zeros(25)), arg, "vector"),
+            (dict(track_id="t1", k=0), arg, "k"),
+            (dict(track_id="t1", k=-3), arg, "k"),
+            (dict(track_id="t1", k=True), arg, "k"),
+            (dict(track_id="t1", vector=np.ones(25)), arg, "track_id"),
+            (dict(), arg, "track_id"),
+            (dict(vector=np.ones(25), weights={"audio": 1.0}), arg, "weights"),
+            (dict(track_id="t1", weights={"sound": 1.0}), arg, "weights.sound"),
+            (dict(track_id="t1", weights={"audio": -1.0}), arg, "weights.audio"),
+            (dict(fingerprint={"tempo": 120.0}), rec, "tempo"),
+            (dict(fingerprint={"tempo_bpm": float("nan")}), rec, "tempo_bpm"),
+            (dict(track_id="t1", where={"metadata.style__zz": 1}), rec, None),
+            (dict(vector=np.ones(25), precomputed=True), arg, "precomputed"),
         ]
-        for kwargs, field, exc in cases:
-            with pytest.raises(exc) as err:
+        for kwargs, cls, field in cases:
+            with pytest.raises(cls) as err:
                 st.similar(**kwargs)
             if field is not None:
                 assert err.value.field == field, (kwargs, err.value.field)
         with pytest.raises(RecordNotFoundError, match="nosuch"):
             st.similar("nosuch")
-        with pytest.raises(InvalidArgumentError, match="2-D"):
+        with pytest.raises(arg, match="2-D"):
             st.similar_many(np.ones(25))
         before = st.index_status()
         assert before["live"] == 20  # nothing changed
+        st.rebuild_index()  # params reach the backend only once there is a main index
+        for params, field in [({"nprobe": 0}, "params.nprobe"), ({"lists": 3}, "params.lists")]:
+            with pytest.raises(InvalidArgumentError) as err:
+                st.similar("t1", params=params)
+            assert err.value.field == field
 
 
 def test_similar_many_matches_single_queries(tmp_path):

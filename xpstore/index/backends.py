@@ -24,6 +24,15 @@ want a different efSearch/nprobe use them instead of ``set_search_params``.
 sets the calling thread's own setting (each external thread gets its own OpenMP pool), so a
 builder thread limited this way does not starve the query threads of the same process.
 
+FAISS errors cross into xpstore at one place, :func:`faiss_errors` (as LMDB's do in
+``persistence.lmdb_tables``): every call into ``faiss`` that can raise runs inside it, and a
+failure becomes a ``StoreCorruptionError`` naming the file when FAISS was reading damaged data, an
+``InvalidArgumentError`` naming the argument when FAISS refused a plain argument (an ``ef_search``
+too large for its ``int``), else an ``XpStoreError``; always ``raise ... from``, so the FAISS
+exception stays attached as ``__cause__``. The serving layer and the builder reach FAISS only
+through this module (``IndexBackend.search(exclude=...)``, ``ids``, ``reconstruct``,
+``exact_knn``).
+
 Persistence (``save``/``load``): one container file, written atomically (temp file, fdatasync,
 rename, fsync of the directory), never pickled::
 
@@ -57,9 +66,10 @@ import numpy.typing as npt
 
 from xpstore.errors import (
     FormatVersionError,
-    InvalidRecordError,
+    InvalidArgumentError,
     RemoveUnsupportedError,
     StoreCorruptionError,
+    XpStoreError,
 )
 from xpstore.persistence import fs
 
@@ -76,6 +86,7 @@ __all__ = [
     "MIN_EF_CONSTRUCTION",
     "BackendKind",
     "ExactBackend",
+    "Exclusion",
     "HNSWBackend",
     "IVFBackend",
     "IndexBackend",
@@ -83,6 +94,9 @@ __all__ = [
     "RemoveUnsupportedError",
     "build",
     "choose_backend",
+    "exact_knn",
+    "exclusion",
+    "faiss_errors",
     "faiss_threads",
     "load",
     "nlist_for",
@@ -121,6 +135,49 @@ _MAGIC: Final = b"XPSFAISS"
 _HEADER: Final = struct.Struct("<8sII32s")  # magic, version, meta length, sha256(meta)
 
 
+# --------------------------------------------------------------------------- the FAISS boundary
+
+_FAISS_ERRORS: Final = (
+    RuntimeError,  # a C++ exception (FaissException, std::exception): bad data, bad state, I/O
+    TypeError,  # SWIG: an argument of the wrong type; also a deserialized index of the wrong type
+    ArithmeticError,  # SWIG: OverflowError, a value out of range for its C++ int / size_t
+    ValueError,
+    AttributeError,  # an index object without the attribute its kind should have
+    AssertionError,  # FAISS's Python wrappers check shapes with assert
+)
+"""What a call into FAISS raises. ``MemoryError`` is not among them: running out of memory is
+not a FAISS failure, and is left to propagate as itself."""
+
+
+@contextmanager
+def faiss_errors(
+    what: str, *, argument: str | None = None, damaged: Path | None = None
+) -> Iterator[None]:
+    """Run calls into FAISS; translate what they raise into the xpstore tree (``raise ... from``).
+
+    ``damaged``: FAISS is reading data from that file, so a failure means damage
+    (``StoreCorruptionError`` naming it). ``argument``: FAISS is taking the plain argument of that
+    name, so a failure means FAISS refused it (``InvalidArgumentError`` with ``field=argument``).
+    Neither: ``XpStoreError``. An xpstore error raised inside passes through unchanged. Keep the
+    block to the FAISS calls themselves, so a bug of ours is not reported as a FAISS failure.
+    """
+    try:
+        yield
+    except XpStoreError:
+        raise
+    except _FAISS_ERRORS as exc:
+        detail = f"{type(exc).__name__}: {exc}"
+        if damaged is not None:
+            raise _corrupt(damaged, f"{what}: {detail}") from exc
+        if argument is not None:
+            raise InvalidArgumentError(
+                f"{argument}: FAISS refused it ({what}): {detail}", field=argument
+            ) from exc
+        raise XpStoreError(f"FAISS error ({what}): {detail}") from exc
+
+
+def _corrupt(path: Path, what: str) -> StoreCorruptionError:
+    return StoreCorruptionError(f"index file {path}: {what}; rebuild the index from the store")
 
 
 # --------------------------------------------------------------------------- validation
@@ -130,14 +187,14 @@ def _check_ids(ids: npt.ArrayLike) -> I64Array:
     """A 1-D int64 array of distinct non-negative ids (-1 is FAISS's 'no result')."""
     arr = np.asarray(ids)
     if arr.ndim != 1:
-        raise InvalidRecordError(f"ids must be 1-D, got shape {arr.shape}", field="ids")
+        raise InvalidArgumentError(f"ids must be 1-D, got shape {arr.shape}", field="ids")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise InvalidRecordError(f"ids must be integers, got dtype {arr.dtype}", field="ids")
+        raise InvalidArgumentError(f"ids must be integers, got dtype {arr.dtype}", field="ids")
     out = np.ascontiguousarray(arr, dtype=np.int64)
     if out.size and int(out.min()) < 0:
-        raise InvalidRecordError("ids must be >= 0 (-1 means 'no result')", field="ids")
+        raise InvalidArgumentError("ids must be >= 0 (-1 means 'no result')", field="ids")
     if np.unique(out).size != out.size:
-        raise InvalidRecordError("ids contain duplicates", field="ids")
+        raise InvalidArgumentError("ids contain duplicates", field="ids")
     return out
 
 
@@ -147,22 +204,22 @@ def _check_vectors(vectors: npt.ArrayLike, dim: int, *, allow_1d: bool) -> F32Ar
     if allow_1d and arr.ndim == 1:
         arr = arr.reshape(1, -1)
     if arr.ndim != 2 or arr.shape[1] != dim:
-        raise InvalidRecordError(
+        raise InvalidArgumentError(
             f"vector must have dimension {dim}, got shape {arr.shape}", field="vector"
         )
     if arr.size and not (
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
     ):
-        raise InvalidRecordError(f"vector must be numeric, got dtype {arr.dtype}", field="vector")
+        raise InvalidArgumentError(f"vector must be numeric, got dtype {arr.dtype}", field="vector")
     out = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(out).all():
-        raise InvalidRecordError("vector contains NaN or infinity", field="vector")
+        raise InvalidArgumentError("vector contains NaN or infinity", field="vector")
     return out
 
 
 def _check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or int(value) < 1:
-        raise InvalidRecordError(f"{name} must be an int >= 1, got {value!r}", field=name)
+        raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}", field=name)
     return int(value)
 
 
@@ -177,15 +234,59 @@ def faiss_threads(threads: int | None) -> Iterator[None]:
         yield
         return
     n = _check_positive_int(threads, "threads")
-    previous = int(faiss.omp_get_max_threads())
-    faiss.omp_set_num_threads(n)
+    with faiss_errors("setting FAISS's OpenMP threads", argument="threads"):
+        previous = int(faiss.omp_get_max_threads())
+        faiss.omp_set_num_threads(n)
     try:
         yield
     finally:
-        faiss.omp_set_num_threads(previous)
+        with faiss_errors("restoring FAISS's OpenMP threads"):
+            faiss.omp_set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------- backends
+
+
+@dataclass(frozen=True, eq=False)
+class Exclusion:
+    """A FAISS ID selector that rejects a set of ids (the serving layer's tombstones), for
+    ``IndexBackend.search(exclude=...)``. Holds every part FAISS points into, so none is freed
+    while a search uses it. Built by :func:`exclusion`; immutable, so searches may share one."""
+
+    selector: Any
+    _parts: tuple[Any, ...]
+
+
+def exclusion(ids: npt.ArrayLike) -> Exclusion:
+    """An :class:`Exclusion` of ``ids`` (FAISS's ``IDSelectorNot(IDSelectorBatch(ids))``).
+
+    Duplicates are harmless here, so unlike ``add`` this does not sort ``ids`` to look for them
+    (the serving layer rebuilds the selector after every change of its tombstones)."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise InvalidArgumentError(
+            f"ids must be a 1-D array of integers, got shape {arr.shape}, dtype {arr.dtype}",
+            field="ids",
+        )
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    with faiss_errors("building an ID selector"):
+        batch = faiss.IDSelectorBatch(arr)
+        selector = faiss.IDSelectorNot(batch)
+    return Exclusion(selector, (batch, arr))
+
+
+def exact_knn(queries: npt.ArrayLike, base: npt.ArrayLike, k: int) -> I64Array:
+    """Positions in ``base`` of each query's ``k`` best inner products, by brute force (the
+    truth a build's recall probe is measured against); -1 pads when ``base`` is smaller."""
+    kk = _check_positive_int(k, "k")
+    b = np.asarray(base)
+    if b.ndim != 2:
+        raise InvalidArgumentError(f"base must be 2-D (n, dim), got shape {b.shape}", field="base")
+    vec = _check_vectors(b, int(b.shape[1]), allow_1d=False)
+    q = _check_vectors(queries, vec.shape[1], allow_1d=True)
+    with faiss_errors("exact k-NN"):
+        _, positions = faiss.knn(q, vec, kk, metric=faiss.METRIC_INNER_PRODUCT)
+    return np.asarray(positions, dtype=np.int64)
 
 
 class IndexBackend(ABC):
@@ -228,11 +329,12 @@ class IndexBackend(ABC):
         id_arr = _check_ids(ids)
         vec = _check_vectors(vectors, self._dim, allow_1d=False)
         if id_arr.shape[0] != vec.shape[0]:
-            raise InvalidRecordError(
+            raise InvalidArgumentError(
                 f"{id_arr.shape[0]} ids for {vec.shape[0]} vectors", field="ids"
             )
         if id_arr.size:
-            self._index.add_with_ids(vec, id_arr)
+            with faiss_errors(f"adding {id_arr.size} vectors to the {self.kind} index"):
+                self._index.add_with_ids(vec, id_arr)
 
     def search(
         self,
@@ -240,19 +342,25 @@ class IndexBackend(ABC):
         k: int,
         *,
         params: Mapping[str, int] | None = None,
+        exclude: Exclusion | None = None,
     ) -> tuple[F32Array, I64Array]:
         """The ``k`` best inner products per query: ``(scores, ids)``, each ``(nq, k)``.
 
         A missing result has id -1 and score ``-inf``. ``params`` (``ef_search`` for HNSW,
-        ``nprobe`` for IVF) apply to this call only and change nothing shared.
+        ``nprobe`` for IVF) apply to this call only and change nothing shared. ``exclude``
+        (from :func:`exclusion`) makes FAISS skip those ids inside the search.
         """
         kk = _check_positive_int(k, "k")
         q = _check_vectors(queries, self._dim, allow_1d=True)
-        sp = self._search_parameters(params) if params else None
-        if sp is None:
-            scores, ids = self._index.search(q, kk)
+        if exclude is not None:
+            sp = self._parameters_with(exclude.selector, self._validate_search_params(params or {}))
         else:
-            scores, ids = self._index.search(q, kk, params=sp)
+            sp = self._search_parameters(params) if params else None
+        with faiss_errors(f"searching the {self.kind} index"):
+            if sp is None:
+                scores, ids = self._index.search(q, kk)
+            else:
+                scores, ids = self._index.search(q, kk, params=sp)
         scores = np.asarray(scores, dtype=np.float32)
         ids = np.asarray(ids, dtype=np.int64)
         scores[ids < 0] = -np.inf
@@ -263,7 +371,20 @@ class IndexBackend(ABC):
         id_arr = _check_ids(ids)
         if not id_arr.size:
             return 0
-        return int(self._index.remove_ids(id_arr))
+        with faiss_errors(f"removing {id_arr.size} ids from the {self.kind} index"):
+            return int(self._index.remove_ids(id_arr))
+
+    def ids(self) -> I64Array:
+        """The ids the index holds, sorted."""
+        with faiss_errors(f"listing the ids of the {self.kind} index"):
+            held = faiss.vector_to_array(self._index.id_map)
+        return np.sort(np.asarray(held, dtype=np.int64))
+
+    def reconstruct(self, rid: int) -> F32Array:
+        """The stored vector of id ``rid`` (an ``XpStoreError`` if the index lacks it)."""
+        with faiss_errors(f"reconstructing id {rid} from the {self.kind} index"):
+            out = self._index.reconstruct(int(rid))
+        return np.asarray(out, dtype=np.float32)
 
     def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
         """Change the default search parameters (a write: exclude concurrent searches)."""
@@ -274,7 +395,8 @@ class IndexBackend(ABC):
         }
         self._validate_search_params(given)
         for name, value in given.items():
-            self._apply_search_param(name, int(value))
+            with faiss_errors(f"setting the {self.kind} index's {name}", argument=name):
+                self._apply_search_param(name, int(value))
             self._params[name] = int(value)
 
     def _validate_search_params(self, params: Mapping[str, object]) -> dict[str, int]:
@@ -282,21 +404,18 @@ class IndexBackend(ABC):
         for name, value in params.items():
             if name not in self._search_keys:
                 allowed = ", ".join(sorted(self._search_keys)) or "none"
-                raise InvalidRecordError(
+                raise InvalidArgumentError(
                     f"{self.kind} backend has no search parameter {name!r} (allowed: {allowed})",
                     field=f"params.{name}",
                 )
             out[name] = _check_positive_int(value, f"params.{name}")
         return out
 
-    def selector_parameters(self, selector: Any, params: Mapping[str, int] | None) -> Any:
-        """FAISS ``SearchParameters`` for one call that only considers ids ``selector`` takes
-        (the serving layer's tombstone filter), with this backend's knobs from ``params``."""
-        checked = self._validate_search_params(params or {})
-        return self._parameters_with(selector, checked)
-
     def _parameters_with(self, selector: Any, checked: Mapping[str, int]) -> Any:
-        return faiss.SearchParameters(sel=selector)
+        """FAISS ``SearchParameters`` for one call that only considers ids ``selector`` takes,
+        with this backend's knobs from ``checked`` (validated ``params``)."""
+        with faiss_errors("building search parameters"):
+            return faiss.SearchParameters(sel=selector)
 
     def _search_parameters(self, params: Mapping[str, int]) -> Any:
         """FAISS ``SearchParameters`` for one call (None when the backend has no knobs)."""
@@ -305,7 +424,7 @@ class IndexBackend(ABC):
 
     def _apply_search_param(self, name: str, value: int) -> None:
         """Set one search knob; a backend with knobs overrides this (the exact one has none)."""
-        raise InvalidRecordError(
+        raise InvalidArgumentError(
             f"{self.kind} backend has no search parameter {name!r}", field=f"params.{name}"
         )
 
@@ -317,13 +436,17 @@ class IndexBackend(ABC):
     @classmethod
     @abstractmethod
     def _from_faiss(cls, index: Any, dim: int, params: Mapping[str, Any]) -> IndexBackend:
-        """Wrap a deserialized index after checking it is of this kind."""
+        """Wrap a deserialized index after checking it is of this kind (TypeError if not).
+
+        Calls into FAISS without a boundary of its own: the caller (``load``) runs it inside
+        ``faiss_errors(damaged=...)``, so any failure reads as a damaged file.
+        """
 
 
 def _reject_unknown(kind: str, params: Mapping[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(params) - allowed)
     if unknown:
-        raise InvalidRecordError(
+        raise InvalidArgumentError(
             f"{kind} backend has no parameter {unknown[0]!r} (allowed: {sorted(allowed)})",
             field=unknown[0],
         )
@@ -338,7 +461,8 @@ class ExactBackend(IndexBackend):
     def create(cls, dim: int, **params: Any) -> ExactBackend:
         _reject_unknown(cls.kind, params, set())
         d = _check_dim(dim)
-        index = faiss.index_factory(d, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
+        with faiss_errors(f"creating IDMap2,Flat of dimension {d}", argument="dim"):
+            index = faiss.index_factory(d, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
         return cls(index, d, {})
 
     @classmethod
@@ -358,7 +482,7 @@ class HNSWBackend(IndexBackend):
 
     def __init__(self, index: Any, dim: int, params: Mapping[str, Any]) -> None:
         super().__init__(index, dim, params)
-        self._hnsw: Any = faiss.downcast_index(index.index)
+        self._hnsw: Any = faiss.downcast_index(index.index)  # callers hold the boundary
 
     @classmethod
     def create(cls, dim: int, **params: Any) -> HNSWBackend:
@@ -369,16 +493,19 @@ class HNSWBackend(IndexBackend):
             params.get("ef_construction", DEFAULT_EF_CONSTRUCTION), "ef_construction"
         )
         if efc < MIN_EF_CONSTRUCTION:
-            raise InvalidRecordError(
+            raise InvalidArgumentError(
                 f"ef_construction must be >= {MIN_EF_CONSTRUCTION} (FAISS's 40 loses recall), "
                 f"got {efc}",
                 field="ef_construction",
             )
         efs = _check_positive_int(params.get("ef_search", DEFAULT_EF_SEARCH), "ef_search")
-        index = faiss.index_factory(d, f"IDMap2,HNSW{m}", faiss.METRIC_INNER_PRODUCT)
-        backend = cls(index, d, {"m": m, "ef_construction": efc, "ef_search": efs})
-        backend._hnsw.hnsw.efConstruction = efc
-        backend._hnsw.hnsw.efSearch = efs
+        with faiss_errors(f"creating IDMap2,HNSW{m} of dimension {d}", argument="m"):
+            index = faiss.index_factory(d, f"IDMap2,HNSW{m}", faiss.METRIC_INNER_PRODUCT)
+            backend = cls(index, d, {"m": m, "ef_construction": efc, "ef_search": efs})
+        with faiss_errors("setting efConstruction", argument="ef_construction"):
+            backend._hnsw.hnsw.efConstruction = efc
+        with faiss_errors("setting efSearch", argument="ef_search"):
+            backend._hnsw.hnsw.efSearch = efs
         return backend
 
     @classmethod
@@ -401,17 +528,17 @@ class HNSWBackend(IndexBackend):
         )
 
     def _search_parameters(self, params: Mapping[str, int]) -> Any:
-        checked = self._validate_search_params(params)
-        return faiss.SearchParametersHNSW(
-            efSearch=checked.get("ef_search", int(self._hnsw.hnsw.efSearch))
-        )
+        return self._parameters_with(None, self._validate_search_params(params))
 
     def _apply_search_param(self, name: str, value: int) -> None:
         self._hnsw.hnsw.efSearch = value
 
     def _parameters_with(self, selector: Any, checked: Mapping[str, int]) -> Any:
-        ef = checked.get("ef_search", int(self._hnsw.hnsw.efSearch))
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
+        with faiss_errors("building HNSW search parameters", argument="params.ef_search"):
+            ef = checked.get("ef_search", int(self._hnsw.hnsw.efSearch))
+            if selector is None:
+                return faiss.SearchParametersHNSW(efSearch=ef)
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
 
 
 def nlist_for(n: int) -> int:
@@ -436,10 +563,10 @@ class IVFBackend(IndexBackend):
         d = _check_dim(dim)
         train = params.get("train_vectors")
         if train is None:
-            raise InvalidRecordError("an ivf index needs train_vectors", field="train_vectors")
+            raise InvalidArgumentError("an ivf index needs train_vectors", field="train_vectors")
         tv = _check_vectors(train, d, allow_1d=False)
         if tv.shape[0] < 1:
-            raise InvalidRecordError(
+            raise InvalidArgumentError(
                 "an ivf index needs at least one training vector", field="train_vectors"
             )
         nlist_raw = params.get("nlist")
@@ -447,13 +574,16 @@ class IVFBackend(IndexBackend):
             nlist_for(tv.shape[0]) if nlist_raw is None else _check_positive_int(nlist_raw, "nlist")
         )
         if nlist > tv.shape[0]:
-            raise InvalidRecordError(
+            raise InvalidArgumentError(
                 f"nlist {nlist} exceeds the {tv.shape[0]} training vectors", field="nlist"
             )
         nprobe = _check_positive_int(params.get("nprobe", DEFAULT_NPROBE), "nprobe")
-        index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-        index.train(tv)
-        index.nprobe = nprobe
+        with faiss_errors(f"creating IVF{nlist},Flat of dimension {d}", argument="nlist"):
+            index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        with faiss_errors(f"training IVF{nlist},Flat on {tv.shape[0]} vectors"):
+            index.train(tv)
+        with faiss_errors("setting nprobe", argument="nprobe"):
+            index.nprobe = nprobe
         return cls(index, d, {"nlist": nlist, "nprobe": nprobe})
 
     @classmethod
@@ -466,16 +596,38 @@ class IVFBackend(IndexBackend):
         merged["nlist"] = int(index.nlist)
         return cls(index, dim, merged)
 
+    def ids(self) -> I64Array:
+        """The ids the index holds, sorted (read from the inverted lists)."""
+        with faiss_errors("listing the ids of the ivf index"):
+            invlists = self._index.invlists
+            parts = [
+                faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
+                for i in range(invlists.nlist)
+                if invlists.list_size(i)
+            ]
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        return np.sort(np.concatenate(parts).astype(np.int64))
+
+    def reconstruct(self, rid: int) -> F32Array:
+        """Always raises: the index is built without a direct map (it would cost memory per
+        vector), so FAISS cannot find a vector by id; the caller re-embeds the record."""
+        raise XpStoreError(
+            f"the ivf index cannot reconstruct id {rid}: it has no direct map (re-embed instead)"
+        )
+
     def _search_parameters(self, params: Mapping[str, int]) -> Any:
-        checked = self._validate_search_params(params)
-        return faiss.SearchParametersIVF(nprobe=checked.get("nprobe", int(self._index.nprobe)))
+        return self._parameters_with(None, self._validate_search_params(params))
 
     def _apply_search_param(self, name: str, value: int) -> None:
         self._index.nprobe = value
 
     def _parameters_with(self, selector: Any, checked: Mapping[str, int]) -> Any:
-        nprobe = checked.get("nprobe", int(self._index.nprobe))
-        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+        with faiss_errors("building IVF search parameters", argument="params.nprobe"):
+            nprobe = checked.get("nprobe", int(self._index.nprobe))
+            if selector is None:
+                return faiss.SearchParametersIVF(nprobe=nprobe)
+            return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
 
 
 _CLASSES: Final[dict[str, type[IndexBackend]]] = {
@@ -487,7 +639,7 @@ _CLASSES: Final[dict[str, type[IndexBackend]]] = {
 
 def _check_kind(kind: object) -> BackendKind:
     if kind not in _CLASSES:
-        raise InvalidRecordError(
+        raise InvalidArgumentError(
             f"unknown index kind {kind!r}; expected one of {KINDS}", field="kind"
         )
     return cast(BackendKind, kind)
@@ -499,9 +651,9 @@ def choose_backend(
     """The kind for ``n`` vectors: exact below ``exact_below``, HNSW below ``hnsw_below``, else
     IVF. (The store's config owns the thresholds.)"""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise InvalidRecordError(f"n must be an int >= 0, got {n!r}", field="n")
+        raise InvalidArgumentError(f"n must be an int >= 0, got {n!r}", field="n")
     if not 0 <= exact_below <= hnsw_below:
-        raise InvalidRecordError(
+        raise InvalidArgumentError(
             f"need 0 <= exact_below ({exact_below}) <= hnsw_below ({hnsw_below})",
             field="exact_below",
         )
@@ -532,7 +684,7 @@ def build(
     arr = np.asarray(vectors)
     if dim is None:
         if arr.ndim != 2:
-            raise InvalidRecordError(
+            raise InvalidArgumentError(
                 f"vector must be 2-D (n, dim), got shape {arr.shape}", field="vector"
             )
         dim = int(arr.shape[1])
@@ -540,7 +692,7 @@ def build(
     vec = _check_vectors(arr, d, allow_1d=False)
     id_arr = _check_ids(ids)
     if id_arr.shape[0] != vec.shape[0]:
-        raise InvalidRecordError(f"{id_arr.shape[0]} ids for {vec.shape[0]} vectors", field="ids")
+        raise InvalidArgumentError(f"{id_arr.shape[0]} ids for {vec.shape[0]} vectors", field="ids")
     started = time.perf_counter()
     with faiss_threads(threads):
         if k == "ivf":
@@ -609,9 +761,11 @@ def save(
     Serializing reads the index: the caller excludes mutations for the duration.
     """
     if isinstance(lsn, bool) or not isinstance(lsn, int) or lsn < 0:
-        raise InvalidRecordError(f"lsn must be an int >= 0, got {lsn!r}", field="lsn")
+        raise InvalidArgumentError(f"lsn must be an int >= 0, got {lsn!r}", field="lsn")
     target = Path(path)
-    blob = np.asarray(faiss.serialize_index(backend.faiss_index), dtype=np.uint8).tobytes()
+    with faiss_errors(f"serializing the {backend.kind} index for {target}"):
+        serialized = faiss.serialize_index(backend.faiss_index)
+    blob = np.asarray(serialized, dtype=np.uint8).tobytes()
     meta = IndexMeta(
         kind=backend.kind,
         dim=backend.dim,
@@ -641,10 +795,6 @@ def save(
         _HEADER.size + len(meta_bytes) + len(blob),
     )
     return meta
-
-
-def _corrupt(path: Path, what: str) -> StoreCorruptionError:
-    return StoreCorruptionError(f"index file {path}: {what}; rebuild the index from the store")
 
 
 _META_KEYS: Final = frozenset(
@@ -695,16 +845,15 @@ def _parse_meta(path: Path, raw: Mapping[str, Any]) -> IndexMeta:
 
 def _wrap_index(path: Path, index: Any, meta: IndexMeta) -> IndexBackend:
     """Wrap a deserialized index, checking it agrees with its meta."""
-    if int(index.d) != meta.dim or int(index.ntotal) != meta.count:
+    with faiss_errors("index does not match its meta", damaged=path):
+        dim, count = int(index.d), int(index.ntotal)
+    if dim != meta.dim or count != meta.count:
         raise _corrupt(
             path,
-            f"index has dim {index.d} and {index.ntotal} vectors, meta says "
-            f"{meta.dim} and {meta.count}",
+            f"index has dim {dim} and {count} vectors, meta says {meta.dim} and {meta.count}",
         )
-    try:
+    with faiss_errors("index does not match its meta", damaged=path):
         return _CLASSES[meta.kind]._from_faiss(index, meta.dim, meta.params)
-    except (TypeError, AttributeError) as exc:
-        raise _corrupt(path, f"index does not match its meta: {exc}") from exc
 
 
 def _read_header(target: Path, data: bytes) -> tuple[IndexMeta, int]:
@@ -767,10 +916,8 @@ def load(path: str | os.PathLike[str]) -> tuple[IndexBackend, IndexMeta]:
             f"index checksum mismatch: stored {meta.index_sha256[:16]}..., "
             f"computed {actual[:16]}...",
         )
-    try:
+    with faiss_errors("FAISS cannot read the index", damaged=target):
         index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
-    except RuntimeError as exc:
-        raise _corrupt(target, f"FAISS cannot read the index: {exc}") from exc
     backend = _wrap_index(target, index, meta)
     log.info(
         "loaded %s index from %s: %d vectors, lsn %d", meta.kind, target, len(backend), meta.lsn

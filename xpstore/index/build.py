@@ -22,17 +22,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from xpstore.index import neighbors as nbrs
-from xpstore.index.backends import IndexBackend, build, choose_backend, faiss_threads, save
+from xpstore.index.backends import (
+    IndexBackend,
+    build,
+    choose_backend,
+    exact_knn,
+    faiss_threads,
+    save,
+)
 from xpstore.index.embedding import AudioStats, HybridEmbedder, ScalingMode
 from xpstore.index.rows import FingerprintRows, parse_fingerprint
 from xpstore.index.serving import BuildInfo
 from xpstore.persistence.lmdb_tables import LmdbTables, from_u64
 
-__all__ = ["BuildOutcome", "BuildPlan", "backend_ids", "read_live", "run_build"]
+__all__ = ["BuildOutcome", "BuildPlan", "read_live", "run_build"]
 
 log = logging.getLogger(__name__)
 
@@ -96,22 +102,6 @@ def read_live(
             ids.append(rid)
             raws.append(parse_fingerprint(data, f"record {rid}"))
     return lsn, FingerprintRows.from_raw(ids, raws, embedding_dim)
-
-
-def backend_ids(backend: IndexBackend) -> np.ndarray[Any, np.dtype[np.int64]]:
-    """The ids an index holds, sorted."""
-    index = backend.faiss_index
-    if hasattr(index, "id_map"):
-        return np.sort(faiss.vector_to_array(index.id_map).astype(np.int64))
-    invlists = index.invlists
-    parts = [
-        faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
-        for i in range(invlists.nlist)
-        if invlists.list_size(i)
-    ]
-    if not parts:
-        return np.zeros(0, dtype=np.int64)
-    return np.sort(np.concatenate(parts).astype(np.int64))
 
 
 def run_build(
@@ -181,7 +171,7 @@ def _recall_ids(
     sample = rng.choice(n, size=min(RECALL_PROBE, n), replace=False)
     q = np.ascontiguousarray(vecs[sample])
     k = min(10, n)
-    _, truth_pos = faiss.knn(q, np.ascontiguousarray(vecs), k, metric=faiss.METRIC_INNER_PRODUCT)
+    truth_pos = exact_knn(q, vecs, k)
     _, got = backend.search(q, k)
     hits = [
         len(set(ids[t].tolist()) & set(g.tolist())) / k

@@ -54,9 +54,11 @@ import numpy.typing as npt
 
 from xpstore.errors import (
     FormatVersionError,
+    InvalidArgumentError,
     InvalidRecordError,
     StatsCorruptionError,
 )
+from xpstore.index import default_stats
 from xpstore.model.records import BATCH_FIELDS, Fingerprint
 
 __all__ = [
@@ -179,14 +181,16 @@ class AudioStats:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise InvalidRecordError(
+            raise InvalidArgumentError(
                 f"unknown standardization mode {self.mode!r}; expected one of {MODES}",
                 field="mode",
             )
         for name in ("mean", "std", "p05", "p95"):
             values = getattr(self, name)
             if len(values) != AUDIO_DIM or not all(math.isfinite(v) for v in values):
-                raise InvalidRecordError(f"{name} must hold {AUDIO_DIM} finite values", field=name)
+                raise InvalidArgumentError(
+                    f"{name} must hold {AUDIO_DIM} finite values", field=name
+                )
 
     @classmethod
     def fit(cls, values: npt.ArrayLike, mode: ScalingMode = DEFAULT_MODE) -> AudioStats:
@@ -198,14 +202,14 @@ class AudioStats:
         """
         arr = np.asarray(values, dtype=np.float64)
         if arr.ndim != 2 or arr.shape[1] != AUDIO_DIM:
-            raise InvalidRecordError(
+            raise InvalidArgumentError(
                 f"stats need a 2-D array with {AUDIO_DIM} columns, got shape {arr.shape}",
                 field="values",
             )
         if np.isinf(arr).any():
-            raise InvalidRecordError("stats input contains infinity", field="values")
+            raise InvalidArgumentError("stats input contains infinity", field="values")
         if mode not in MODES:
-            raise InvalidRecordError(
+            raise InvalidArgumentError(
                 f"unknown standardization mode {mode!r}; expected one of {MODES}", field="mode"
             )
         present = ~np.isnan(arr)
@@ -242,15 +246,12 @@ class AudioStats:
     def prior(cls, mode: ScalingMode = DEFAULT_MODE) -> AudioStats:
         """Statistics to embed with before a store has fingerprints of its own.
 
-        Fitted on the generated reference library (``xpstore.demo.synthetic``: 400 tracks of each
-        style, seed 0), i.e. on plausible ranges of the 25 values; the first index build
-        replaces them with the library's own. Deterministic, so every process agrees.
+        The committed table in ``index.default_stats``: fitted once on the generated reference
+        library (400 tracks of each style, seed 0; ``scripts/make_default_stats.py`` regenerates
+        it), i.e. on plausible ranges of the 25 values. The first index build replaces them with
+        the library's own. A table of numbers, so every process and every numpy agrees.
         """
         return _prior(mode)
-
-    def with_mode(self, mode: ScalingMode) -> AudioStats:
-        """The same statistics used in another mode (both modes' numbers are always kept)."""
-        return AudioStats(mode, self.mean, self.std, self.p05, self.p95, self.count, self.version)
 
     def scale(self) -> FloatArray:
         """The per-dimension divisor of the current mode (1 where the dimension is constant)."""
@@ -263,11 +264,6 @@ class AudioStats:
     def center(self) -> FloatArray:
         """The per-dimension value that standardizes to 0 (the mean, in both modes)."""
         return np.asarray(self.mean, dtype=np.float64)
-
-    def standardize(self, values: npt.ArrayLike) -> FloatArray:
-        """Standardize rows (or one row) of 25 values in ``BATCH_FIELDS`` order."""
-        arr = np.asarray(values, dtype=np.float64)
-        return (arr - self.center()) / self.scale()
 
     def drift(self, other: AudioStats) -> float:
         """Largest shift of a dimension's mean between ``self`` and ``other``, in ``self``'s scale.
@@ -401,10 +397,10 @@ def _raw_audio(fp: Fingerprint) -> dict[str, float] | None:
 def _check_weight(value: object, field: str) -> float:
     """A block or dimension weight: a finite real number >= 0."""
     if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
-        raise InvalidRecordError(f"{field} must be a number, got {value!r}", field=field)
+        raise InvalidArgumentError(f"{field} must be a number, got {value!r}", field=field)
     out = float(value)
     if not math.isfinite(out) or out < 0:
-        raise InvalidRecordError(f"{field} must be finite and >= 0, got {value!r}", field=field)
+        raise InvalidArgumentError(f"{field} must be finite and >= 0, got {value!r}", field=field)
     return out
 
 
@@ -441,7 +437,7 @@ class HybridEmbedder:
             or not isinstance(embedding_dim, int)
             or embedding_dim < 1
         ):
-            raise InvalidRecordError(
+            raise InvalidArgumentError(
                 f"embedding_dim must be a positive int or None, got {embedding_dim!r}",
                 field="embedding_dim",
             )
@@ -477,19 +473,19 @@ class HybridEmbedder:
             return np.full(AUDIO_DIM, 1.0 / AUDIO_DIM)
         unknown = sorted(set(dim_weights) - set(BATCH_FIELDS))
         if unknown:
-            raise InvalidRecordError(
+            raise InvalidArgumentError(
                 f"dim_weights has unknown name {unknown[0]!r}", field=f"dim_weights.{unknown[0]}"
             )
         missing = [n for n in BATCH_FIELDS if n not in dim_weights]
         if missing:
-            raise InvalidRecordError(
+            raise InvalidArgumentError(
                 f"dim_weights must give all 25 batch names; {missing[0]!r} is missing",
                 field=f"dim_weights.{missing[0]}",
             )
         w = np.array([_check_weight(dim_weights[n], f"dim_weights.{n}") for n in BATCH_FIELDS])
         total = float(w.sum())
         if not total > 0:
-            raise InvalidRecordError("dim_weights are all zero", field="dim_weights")
+            raise InvalidArgumentError("dim_weights are all zero", field="dim_weights")
         return w / total
 
     def _resolve_weights(
@@ -498,7 +494,7 @@ class HybridEmbedder:
         """Validate block weights; keys missing from ``weights`` keep ``base``'s value."""
         unknown = sorted(set(weights) - set(BLOCKS))
         if unknown:
-            raise InvalidRecordError(
+            raise InvalidArgumentError(
                 f"unknown weight {unknown[0]!r}; blocks are {BLOCKS}", field=f"weights.{unknown[0]}"
             )
         out: dict[str, float] = {}
@@ -509,12 +505,12 @@ class HybridEmbedder:
                 out[block] = base[block] if base is not None else 0.0
         if self.embedding_dim is None:
             if not out["audio"] > 0:
-                raise InvalidRecordError(
+                raise InvalidArgumentError(
                     "weights.audio must be > 0 when there is no embedding block",
                     field="weights.audio",
                 )
         elif not out["audio"] + out["embedding"] > 0:
-            raise InvalidRecordError("weights are both zero", field="weights")
+            raise InvalidArgumentError("weights are both zero", field="weights")
         return out
 
     # ------------------------------------------------------------------ blocks
@@ -598,7 +594,7 @@ class HybridEmbedder:
         """
         a = np.asarray(audio, dtype=np.float64)
         if a.ndim != 2 or a.shape[1] != AUDIO_DIM:
-            raise InvalidRecordError(
+            raise InvalidArgumentError(
                 f"audio rows must be (n, {AUDIO_DIM}), got shape {a.shape}", field="audio"
             )
         n = a.shape[0]
@@ -611,7 +607,7 @@ class HybridEmbedder:
         if self.embedding_dim is not None and embedding is not None:
             e = np.asarray(embedding, dtype=np.float64)
             if e.shape != (n, self.embedding_dim):
-                raise InvalidRecordError(
+                raise InvalidArgumentError(
                     f"embedding rows must be ({n}, {self.embedding_dim}), got shape {e.shape}",
                     field="embedding",
                 )
@@ -649,7 +645,7 @@ class HybridEmbedder:
         q = self._resolve_weights(weights, self.weights)
         for block in BLOCKS:
             if q[block] > 0 and self.weights[block] == 0:
-                raise InvalidRecordError(
+                raise InvalidArgumentError(
                     f"the index stores the {block} block with weight 0; a query cannot weight it",
                     field=f"weights.{block}",
                 )
@@ -694,8 +690,16 @@ class HybridEmbedder:
 
 @functools.cache
 def _prior(mode: ScalingMode) -> AudioStats:
-    from xpstore.demo.synthetic import STYLES, sample_batch_values
+    """``AudioStats.prior``: the committed table, read by name."""
 
-    rng = np.random.default_rng(0)
-    rows = np.vstack([sample_batch_values(rng, style, 400) for style in sorted(STYLES)])
-    return AudioStats.fit(rows, mode)
+    def column(table: Mapping[str, float]) -> tuple[float, ...]:
+        return tuple(float(table[name]) for name in BATCH_FIELDS)
+
+    return AudioStats(
+        mode=mode,
+        mean=column(default_stats.MEAN),
+        std=column(default_stats.STD),
+        p05=column(default_stats.P05),
+        p95=column(default_stats.P95),
+        count=default_stats.COUNT,
+    )

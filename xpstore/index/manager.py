@@ -20,7 +20,10 @@ server before its writer returns.
 model): triggered by the delta's size, the tombstone ratio, drift of the statistics (fitted on
 the delta and compared with the index's), a missing index, or by hand. Steps:
 
-1. ``server.begin_build``: retirements from here on are remembered with their LSNs;
+1. flush the applier (the build then covers every acknowledged fingerprint), forget the
+   retirements LMDB already holds (``server.prune_retired``: every later one stays remembered
+   with its LSN, since the build may read LMDB at an ``A`` older than it), ``server.begin_build``
+   (``index_status`` reports the build);
 2. the build (``index.build.run_build``) reads LMDB at ``applied_lsn = A`` in one read
    transaction, with no store lock held, in this thread (small libraries) or in a child process
    (large ones: no GIL contention with queries, ``index_build_threads`` FAISS threads);
@@ -54,7 +57,7 @@ import numpy as np
 from xpstore.errors import StoreCorruptionError, XpStoreError
 from xpstore.index import neighbors as nbrs
 from xpstore.index.backends import faiss_threads, load, read_meta
-from xpstore.index.build import MIN_FIT_ROWS, BuildPlan, backend_ids, run_build
+from xpstore.index.build import MIN_FIT_ROWS, BuildPlan, run_build
 from xpstore.index.embedding import AudioStats, HybridEmbedder
 from xpstore.index.rows import RawFingerprint, parse_fingerprint, raw_from_model
 from xpstore.index.serving import BuildInfo, Delta, IndexServer, MainIndex
@@ -251,7 +254,7 @@ class IndexManager:
         except XpStoreError as exc:
             log.warning("index file not usable (%s); serving from LMDB and rebuilding", exc)
             return empty
-        return MainIndex(backend, embedder, backend_ids(backend), info, 1)
+        return MainIndex(backend, embedder, backend.ids(), info, 1)
 
     # ---------------------------------------------------------------- ack path
     def _on_durable(self, batch: Acknowledged) -> None:
@@ -492,7 +495,7 @@ class Rebuilder:
                     outcome = run_build(m.tables, plan, out, nb_path)
                 assert outcome.backend is not None
                 backend, info, stats = outcome.backend, outcome.info, outcome.stats
-            ids = backend_ids(backend)
+            ids = backend.ids()
             crash_point("index.build.before_swap")
             old = server.swap(backend, plan.embedder(stats), info, ids)
             crash_point("index.swap.after_swap")

@@ -16,16 +16,21 @@ The live set is ``(main - tombs) + delta``; the two are disjoint. Record ids are
 LSNs and a record's values never change (an update may only change ``metadata``), so an id names
 one vector for ever.
 
-Updates arrive on the acknowledgement path: the WAL leader calls :meth:`IndexServer.on_durable`
-with the effects it has just made durable, before any writer returns, so a fingerprint is
-findable as soon as its ``put`` returns and a retired one is gone as soon as the ``put`` /
-``delete_track`` that retired it returns. The writer computed the vector already (outside every
-lock); ``on_durable`` only inserts it.
+Updates arrive on the acknowledgement path: after the sync the WAL leader moves the commit's
+effects into the overlay's durable layer (``Overlay.make_durable``), which publishes them as one
+``Acknowledged`` batch to its subscribers; ``IndexManager._on_durable`` hands the batch's
+``TrackEvent``s to :meth:`IndexServer.apply_events`, all before any writer of the commit
+returns. So a fingerprint is findable as soon as its ``put`` returns and a retired one is gone as
+soon as the ``put`` / ``delete_track`` that retired it returns. The writer computed the vector
+already (``IndexManager.precompute``, outside every lock); ``apply_events`` only inserts it,
+re-embedding only if a swap changed the statistics in between.
 
-A rebuild (``index.rebuild``) records retirements while it runs; :meth:`IndexServer.swap`
-installs the new main index under the lock: tombstones become the retirements newer than ``A``
-of ids the new index holds, the delta keeps only ids newer than ``A`` (re-embedded if the
-statistics changed), and the old index is dropped after the lock is released.
+Every retirement is remembered with its LSN until LMDB holds it (:meth:`IndexServer.prune_retired`),
+because a rebuild (``Rebuilder.rebuild`` in ``index.manager``) reads LMDB at some LSN ``A`` while
+retirements keep arriving. :meth:`IndexServer.swap` installs the new main index under the lock:
+tombstones become the retirements newer than ``A`` of ids the new index holds, the delta keeps only
+ids newer than ``A`` (re-embedded if the statistics changed), and it returns the old index for
+the caller to drop after the lock is released.
 """
 
 from __future__ import annotations
@@ -37,12 +42,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import faiss
 import numpy as np
 import numpy.typing as npt
 
 from xpstore.errors import XpStoreError
-from xpstore.index.backends import IndexBackend, faiss_threads
+from xpstore.index.backends import Exclusion, IndexBackend, exclusion, faiss_threads
 from xpstore.index.embedding import HybridEmbedder
 from xpstore.index.rows import FingerprintRows, RawFingerprint, parse_fingerprint
 from xpstore.model.events import TrackEvent
@@ -271,7 +275,7 @@ class IndexServer:
         self._building = False
         self._retired: list[tuple[int, int]] = []  # (lsn, id), LSN order; see prune_retired
         self.version = 0  # bumps on every mutation (selector cache key)
-        self._selector: tuple[int, Any] | None = None
+        self._selector: tuple[int, Exclusion] | None = None
         self.on_change: Callable[[], None] | None = None  # the rebuilder's trigger check
         self.query_threads: int | None = 1  # FAISS threads of a single-query search
         self.answers: dict[int, tuple[str, dict[str, Any] | None]] = {}
@@ -347,13 +351,8 @@ class IndexServer:
             self.delta.add(rid, raw, vec)
         self.version += 1
 
-    def retire(self, rid: int, lsn: int) -> None:
-        """``rid`` is no longer a track's current fingerprint (as of ``lsn``)."""
-        with self.lock:
-            self._retire_locked(rid, lsn)
-        self._changed()
-
     def _retire_locked(self, rid: int, lsn: int) -> None:
+        """``rid`` is no longer a track's current fingerprint (as of ``lsn``)."""
         if not self.delta.remove(rid) and rid in self.main:
             self.tombs.add(rid)
         self._retired.append((lsn, rid))
@@ -462,10 +461,10 @@ class IndexServer:
         if main.backend is None or rid in self.tombs or rid not in main:
             return None
         try:
-            out = main.backend.faiss_index.reconstruct(int(rid))
-        except RuntimeError:  # an IVF index without a direct map
+            return main.backend.reconstruct(rid)
+        except XpStoreError as exc:  # an IVF index has no direct map: the caller re-embeds
+            log.debug("no stored vector for id %d: %s", rid, exc)
             return None
-        return np.asarray(out, dtype=np.float32)
 
     def search(
         self,
@@ -556,19 +555,11 @@ class IndexServer:
             cached = self._selector
             if cached is None or cached[0] != self.version:
                 tomb_arr = np.fromiter(self.tombs, dtype=np.int64, count=len(self.tombs))
-                batch = faiss.IDSelectorBatch(tomb_arr)
-                sel = faiss.IDSelectorNot(batch)
-                cached = (self.version, (sel, batch, tomb_arr))  # keep every part alive
+                cached = (self.version, exclusion(tomb_arr))
                 self._selector = cached
-        sel = cached[1][0]
         backend = main.backend
         assert backend is not None
-        sp = backend.selector_parameters(sel, params)
-        scores, ids = backend.faiss_index.search(q, k, params=sp)
-        scores = np.asarray(scores, dtype=np.float32)
-        ids = np.asarray(ids, dtype=np.int64)
-        scores[ids < 0] = -np.inf
-        return scores, ids
+        return backend.search(q, k, params=params, exclude=cached[1])
 
     def _filter(
         self,
