@@ -282,7 +282,7 @@ def run_size(n: int, args: argparse.Namespace, root: Path, log_times: LogTimes) 
                 f"index of {n} (sizes from index_exact_below to index_hnsw_below)"
             )
 
-        mgr = store._index  # internals: the same FAISS object the store searches
+        mgr = store.parts.index.manager  # the same FAISS object the store searches
         assert mgr is not None and mgr.server is not None
         server = mgr.server
         backend = server.main.backend
@@ -354,7 +354,7 @@ def run_size(n: int, args: argparse.Namespace, root: Path, log_times: LogTimes) 
         ]
         # the store runs a single-query search with index_query_threads OpenMP threads; the
         # raw and exact baselines get the same (the setting is per calling thread)
-        query_threads = int(store.config.index_query_threads)
+        query_threads = int(store.config.index.query_threads)
         out["omp_threads"] = int(faiss.omp_get_max_threads())
         out["query_threads"] = query_threads
         lat = {key: (Lat(key), Lat(key)) for key, *_ in cases}
@@ -454,7 +454,7 @@ def run_size(n: int, args: argparse.Namespace, root: Path, log_times: LogTimes) 
         # reopened with the value, a session-only override)
         out["rebuild"] = {}
         for qt in [int(x) for x in args.rebuild_query_threads.split(",")]:
-            if qt != store.config.index_query_threads:
+            if qt != store.config.index.query_threads:
                 store.close()
                 store = open_store(path, args, n, create=False, query_threads=qt)
                 store.index_status()  # attach: loads the index file
@@ -493,7 +493,7 @@ def rebuild_under_load(
         store.similar(vector=queries[i % nq], k=K)
         return perf() - t0
 
-    mgr = store._index
+    mgr = store.parts.index.manager
     assert mgr is not None and mgr.rebuilder is not None
     rb = mgr.rebuilder
     rest = [one(i) for i in range(args.rest_queries)]

@@ -19,8 +19,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from xpstore import Store, StoreLockedError
-from xpstore.cli import main
-from xpstore.cli._errors import EXIT_CODES, exit_code_for
+from xpstore.cli import EXIT_CODES, exit_code_for, main
 from xpstore.demo.synthetic import make_mixed
 from xpstore.errors import (
     CodecError,

@@ -408,10 +408,10 @@ def test_stats_tampering_is_detected() -> None:
 
     # structurally wrong but correctly checksummed: still rejected, naming the field
     def resign(body: dict[str, object]) -> dict[str, object]:
-        from xpstore.index.embedding import _checksum
+        from xpstore.index.embedding import stats_checksum
 
         body = {k: v for k, v in body.items() if k != "checksum"}
-        return {**body, "checksum": _checksum(body)}
+        return {**body, "checksum": stats_checksum(body)}
 
     missing = json.loads(json.dumps(d))
     del missing["std"]["air_pct"]

@@ -80,7 +80,7 @@ def _draw_counts(tree: SumTree, slots: np.ndarray, mode: str) -> np.ndarray:
     if mode == "stratified":
         drawn = np.concatenate([tree.sample(512, rng) for _ in range(400)])
     else:
-        drawn = tree._descend(rng.random(204_800) * tree.total)
+        drawn = tree.descend(rng.random(204_800) * tree.total)
     assert np.isin(drawn, slots).all(), "sampled an empty slot"
     pos = np.searchsorted(slots, drawn)
     return np.bincount(pos, minlength=slots.shape[0]).astype(np.float64)
@@ -378,15 +378,15 @@ def test_draws_on_boundaries_never_return_an_empty_slot(capacity: int) -> None:
     total = tree.total
     assert total == 3.5
     u = np.array([0.0, 1.0, 1.5, 3.4999999, total, np.nextafter(total, np.inf), total * 4])
-    got = tree._descend(u)
+    got = tree.descend(u)
     assert got.tolist() == [1, 2, last - 3, last - 3, last - 3, last - 3, last - 3]
     assert (tree.get(got) > 0).all()
     # The slot left of a boundary is empty and the right one holds the rest: boundary goes right.
     tree.set([0, 1], [0.0, 0.0])
-    assert tree._descend(np.array([0.0, 0.5])).tolist() == [2, last - 3]
+    assert tree.descend(np.array([0.0, 0.5])).tolist() == [2, last - 3]
     # A live slot whose right neighbours are all empty is taken for any draw at/after its start.
     tree.set([last - 3], 0.0)
-    assert tree._descend(np.array([0.0, 0.25, 0.5, 1.0, 1e9])).tolist() == [2] * 5
+    assert tree.descend(np.array([0.0, 0.25, 0.5, 1.0, 1e9])).tolist() == [2] * 5
 
 
 def test_careful_descent_handles_a_left_sum_rounded_above_the_draw() -> None:
@@ -396,7 +396,7 @@ def test_careful_descent_handles_a_left_sum_rounded_above_the_draw() -> None:
     tree.set([100], [0.1])
     tree.set([101], [0.2])
     tree.set([101], [0.0])
-    got = tree._descend(np.array([0.1, 0.1 + 1e-17, np.nextafter(0.1, 1.0)]))
+    got = tree.descend(np.array([0.1, 0.1 + 1e-17, np.nextafter(0.1, 1.0)]))
     assert got.tolist() == [100, 100, 100]
 
 

@@ -8,6 +8,7 @@ from xpstore.cli import (
     sample_cmds,
     snapshot_cmds,
 )
+from xpstore.cli._errors import EXIT_CODES, exit_code_for
 from xpstore.cli.commands import main
 
 # the command modules register themselves on ``main`` when imported
@@ -15,4 +16,4 @@ _COMMAND_MODULES = (
     index_cmds, inspect_cmds, maintenance_cmds, recover_cmds, sample_cmds, snapshot_cmds
 )
 
-__all__ = ["main"]
+__all__ = ["EXIT_CODES", "exit_code_for", "main"]

@@ -151,7 +151,7 @@ def audio_matrix(fingerprints: Sequence[Fingerprint]) -> FloatArray:
     return out
 
 
-def _checksum(payload: Mapping[str, Any]) -> str:
+def stats_checksum(payload: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of ``payload`` (sorted keys, no whitespace, no NaN)."""
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -291,7 +291,7 @@ class AudioStats:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict with ``version`` and a sha256 ``checksum`` over the rest."""
         payload = self._payload()
-        payload["checksum"] = _checksum(payload)
+        payload["checksum"] = stats_checksum(payload)
         return payload
 
     @classmethod
@@ -317,7 +317,7 @@ class AudioStats:
             raise StatsCorruptionError("audio stats field 'checksum' is missing", field="checksum")
         body = {k: v for k, v in data.items() if k != "checksum"}
         try:
-            actual = _checksum(body)
+            actual = stats_checksum(body)
         except (TypeError, ValueError) as exc:
             raise StatsCorruptionError(
                 f"audio stats are not canonical JSON: {exc}", field="checksum"

@@ -133,10 +133,6 @@ class FingerprintRows:
         return int(self.ids.shape[0])
 
     @classmethod
-    def empty(cls, embedding_dim: int | None) -> FingerprintRows:
-        return cls.from_raw([], [], embedding_dim)
-
-    @classmethod
     def from_raw(
         cls,
         ids: Sequence[int],

@@ -332,13 +332,8 @@ class IndexServer:
             answers.pop(rid, None)
 
     # ------------------------------------------------------------ mutations
-    def add(self, rid: int, raw: RawFingerprint, vec: F32 | None, generation: int) -> None:
-        """A new current fingerprint (vector computed by the writer under ``generation``)."""
-        with self.lock:
-            self._add_locked(rid, raw, vec, generation)
-        self._changed()
-
     def _add_locked(self, rid: int, raw: RawFingerprint, vec: F32 | None, generation: int) -> None:
+        """A new current fingerprint (vector computed by the writer under ``generation``)."""
         if rid in self.main:
             self.tombs.discard(rid)  # a catch-up replaying an id the index already has
         elif rid not in self.delta.pos:

@@ -327,9 +327,9 @@ class SumTree:
         u = rng.random(n)
         u += np.arange(n)
         u *= total / n
-        return self._descend(u)
+        return self.descend(u)
 
-    def _descend(self, u: FloatArray) -> IntArray:
+    def descend(self, u: FloatArray) -> IntArray:
         """Slots whose cumulative-weight interval holds each ``u`` (0 <= u, ideally < total)."""
         cs0 = self._prefix()
         top_size = cs0.shape[0] - 1
@@ -349,7 +349,7 @@ class SumTree:
         return node
 
     def _descend_careful(self, u: FloatArray) -> IntArray:
-        """Like ``_descend`` but never enters an empty subtree (for draws on a boundary).
+        """Like ``descend`` but never enters an empty subtree (for draws on a boundary).
 
         At the top, the first node whose prefix sum exceeds ``u`` has a positive weight; a draw
         at or past ``total`` takes the last non-empty top node. Below, a draw goes right only
