@@ -106,8 +106,10 @@ class RetentionSettings(_Section):
 
 
 class IndexSettings(_Section):
-    """The k-NN index (docs/index.md). Knobs of the embedding and of the index kind take effect
-    at the next build; the search knobs at the next query."""
+    """The k-NN index (docs/index.md). A reconfigure reaches the rebuild triggers, the query
+    threads and the read-only refresh at once; the embedding, the index kind and its search
+    defaults (``ef_search``, ``nprobe``) at the next build (``similar(params=...)`` sets the
+    search knobs of one query)."""
 
     mode: Literal["percentile", "zscore"] = "percentile"
     """Standardization of the 25 audio values (Auralis's 5th-95th percentile range, or std)."""

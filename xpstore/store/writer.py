@@ -75,7 +75,8 @@ class Writer:
                 field="records",
             )
         ops: list[Op] = [PutOp(r) for r in prepared]
-        payloads = [self.encode(op, i) for i, op in enumerate(ops)]
+        limit = cfg.max_record_bytes
+        payloads = [self.encode(op, i, limit) for i, op in enumerate(ops)]
         rows = self.row_source(prepared) if self.row_source is not None else {}
         first, _last = self.submit(ops, payloads, rows)
         return list(range(first, first + len(prepared)))
@@ -141,9 +142,11 @@ class Writer:
                 )
         return rec
 
-    def encode(self, op: Op, index: int) -> bytes:
+    def encode(self, op: Op, index: int, limit: int | None = None) -> bytes:
+        """``op`` encoded; RecordTooLargeError naming ``records[index]`` over the size limit."""
         payload = encode_op(op)
-        limit = self._engine.config.records.max_record_bytes
+        if limit is None:
+            limit = self._engine.config.records.max_record_bytes
         if len(payload) > limit:
             raise RecordTooLargeError(
                 f"records[{index}] encodes to {len(payload)} bytes, over max_record_bytes="
