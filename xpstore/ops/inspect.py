@@ -53,7 +53,7 @@ from xpstore.ops import snapshots as snap_mod
 from xpstore.persistence import fs
 from xpstore.persistence.layout import Layout, read_marker
 from xpstore.persistence.lmdb_tables import LmdbTables, from_u64, index_key, u64
-from xpstore.persistence.wal import _list_segments
+from xpstore.persistence.wal import list_segments
 from xpstore.persistence.wal_format import (
     HEADER_SIZE,
     SEGMENT_NAME_RE,
@@ -170,7 +170,7 @@ def inspect_wal(
 def _wal_files(wal_dir: Path) -> list[tuple[str, Path]]:
     if not wal_dir.is_dir():
         return []
-    segs = [("segment", p) for _first, p in _list_segments(wal_dir)]
+    segs = [("segment", p) for _first, p in list_segments(wal_dir)]
     others = sorted(wal_dir.iterdir())
     broken = [("broken", p) for p in others if _BROKEN_RE.match(p.name)]
     tmp = [("tmp", p) for p in others if _TMP_RE.match(p.name)]
@@ -374,7 +374,7 @@ class WalWalk:
         """Segments not listed yet (after the first pass: only with a live writer)."""
         if not self.wal_dir.is_dir():
             return []
-        segs = _list_segments(self.wal_dir)
+        segs = list_segments(self.wal_dir)
         if self._last_listed is None:
             return segs
         return [s for s in segs if s[0] > self._last_listed]

@@ -38,7 +38,7 @@ from xpstore.persistence import layout as layout_mod
 from xpstore.persistence.crashpoints import crash_point
 from xpstore.persistence.lmdb_tables import LmdbTables, translate
 from xpstore.persistence.lock import WriterLock
-from xpstore.persistence.wal import _list_segments
+from xpstore.persistence.wal import list_segments
 from xpstore.persistence.wal_format import Frame, scan_segment
 
 log = logging.getLogger(__name__)
@@ -562,7 +562,7 @@ def wal_frames(
     gone (a checkpoint deleted it) or two segments do not join up. It ends at the end of the
     log: the first invalid frame of the last segment (a torn tail, or a frame being written).
     """
-    segs = _list_segments(wal_dir)
+    segs = list_segments(wal_dir)
     start = 0
     for i in range(len(segs) - 1):
         if segs[i + 1][0] <= from_lsn:

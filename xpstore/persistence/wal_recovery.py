@@ -27,7 +27,7 @@ from pathlib import Path
 
 from xpstore.errors import WALCorruptionError
 from xpstore.persistence import fs
-from xpstore.persistence.wal import _list_segments
+from xpstore.persistence.wal import list_segments
 from xpstore.persistence.wal_format import (
     HEADER_SIZE,
     Frame,
@@ -141,7 +141,7 @@ def recover_wal(
     if modify:
         for tmp in wal_dir.glob("*.wal.tmp"):  # a segment create that never reached its rename
             fs.unlink(tmp)
-    segs = _list_segments(wal_dir)
+    segs = list_segments(wal_dir)
     report = RecoveryReport(mode=mode, applied_lsn=applied_lsn, segments=len(segs))
     reader = _Reader(segs, store_id, applied_lsn, max_frame_bytes, apply, report)
     reader.salvage = mode == "salvage"
@@ -459,7 +459,7 @@ def _set_aside(path: Path, report: RecoveryReport) -> None:
 
 def _remove_trailing_empty(wal_dir: Path, report: RecoveryReport) -> None:
     """Delete header-only segments at the end (crash right after a create or rotation)."""
-    segs = _list_segments(wal_dir)
+    segs = list_segments(wal_dir)
     removed = False
     while segs:
         _first, path = segs[-1]
