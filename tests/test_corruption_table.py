@@ -19,7 +19,8 @@ from tests.helpers import files_of
 from xpstore import Store, WALCorruptionError
 from xpstore.demo.synthetic import make_mixed
 from xpstore.persistence.wal import WalWriter
-from xpstore.persistence.wal_format import HEADER_SIZE, Frame, scan_segment
+from xpstore.persistence.wal_format import HEADER_SIZE, Frame
+from xpstore.persistence.wal_reader import scan_segment
 from xpstore.store.salvage import salvage_store
 
 MODES = ("tolerate_tail", "absolute", "point_in_time", "salvage")
