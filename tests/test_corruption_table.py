@@ -20,7 +20,8 @@ from xpstore import Store, WALCorruptionError
 from xpstore.demo.synthetic import make_mixed
 from xpstore.ops.salvage import salvage_store
 from xpstore.persistence.wal import WalWriter
-from xpstore.persistence.wal_format import HEADER_SIZE, Frame, scan_segment
+from xpstore.persistence.wal_format import HEADER_SIZE, Frame
+from xpstore.persistence.wal_reader import scan_segment
 
 MODES = ("tolerate_tail", "absolute", "point_in_time", "salvage")
 OPENS = "opens; torn tail truncated (.broken copy kept)"

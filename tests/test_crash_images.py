@@ -15,7 +15,7 @@ from tests.crashfs import CrashFS
 from xpstore import Store
 from xpstore.demo.synthetic import make_mixed
 from xpstore.persistence import fs
-from xpstore.persistence.wal_format import scan_segment
+from xpstore.persistence.wal_reader import scan_segment
 
 
 class _Workload:

@@ -20,9 +20,10 @@ from tests.helpers import files_of, segments
 from xpstore import Store
 from xpstore.cli import main
 from xpstore.demo.synthetic import make_mixed
-from xpstore.ops.inspect import WalDamage, WalFrame, WalWalk, inspect_wal
+from xpstore.ops.inspect import inspect_wal
 from xpstore.persistence.lmdb_tables import index_key, u64
-from xpstore.persistence.wal_format import scan_segment
+from xpstore.persistence.wal_format import Frame
+from xpstore.persistence.wal_reader import BadFrame, WalReader, scan_segment
 
 MAX_FRAME = 64 * 1024 * 1024
 
@@ -181,17 +182,18 @@ def test_walk_resyncs_after_damage_and_reports_the_hidden_lsns(held: Path) -> No
     scan = scan_segment(seg, seg.read_bytes(), MAX_FRAME)
     hit = scan.frames[2]
     flip(seg, hit.offset + 40)
-    walk = WalWalk(held / "wal", store_id=_store_id(held))
-    items = list(walk)
-    damage = [i for i in items if isinstance(i, WalDamage)]
+    reader = WalReader(held / "wal", store_id=_store_id(held), max_frame_bytes=MAX_FRAME)
+    items = list(reader)
+    damage = [i for i in items if not isinstance(i, Frame)]
     assert len(damage) == 1
     d = damage[0]
-    assert (d.segment, d.offset, d.reason) == (seg.name, hit.offset, "crc_mismatch")
+    assert isinstance(d, BadFrame)
+    assert (d.segment, d.offset, d.reason) == (seg, hit.offset, "crc_mismatch")
     assert (d.first_lsn, d.last_lsn) == (hit.first_lsn, hit.last_lsn)
     assert not d.torn
-    lsns = [f.frame.first_lsn for f in items if isinstance(f, WalFrame)]
+    lsns = [f.first_lsn for f in items if isinstance(f, Frame)]
     assert hit.first_lsn not in lsns and hit.last_lsn + 1 in lsns
-    assert walk.end_lsn == 603
+    assert reader.end_lsn == 603
 
 
 # ------------------------------------------------------------------------ verify: clean

@@ -15,7 +15,7 @@ from xpstore import InvalidArgumentError, Store, WALCorruptionError
 from xpstore.cli import main
 from xpstore.demo.synthetic import make_mixed
 from xpstore.ops.salvage import salvage_store
-from xpstore.persistence.wal_format import scan_segment
+from xpstore.persistence.wal_reader import scan_segment
 
 
 def _held_store(path: Path, n: int = 12, **kw) -> list:
@@ -53,7 +53,7 @@ def test_salvage_skips_a_damaged_frame_and_reports_the_gap(tmp_path):
         Store.open(src)
     assert files_of(src) == before  # the refused open changed nothing
     report = salvage_store(src, tmp_path / "dst")
-    assert [(g.first, g.last, g.reason) for g in report.gaps] == [(5, 5, "crc_mismatch")]
+    assert [(g.first_lsn, g.last_lsn, g.reason) for g in report.gaps] == [(5, 5, "crc_mismatch")]
     with Store.open(tmp_path / "dst") as dst:
         assert sorted(e.id for e in dst.scan()) == [i for i in range(1, 13) if i != 5]
         new_id = dst.put(make_mixed(np.random.default_rng(1), 1)[0])
@@ -73,7 +73,7 @@ def test_salvage_over_a_missing_segment_and_a_torn_tail(tmp_path):
     with last_seg.open("r+b") as fh:  # tear the last frame
         fh.truncate(last.offset + 10)
     report = salvage_store(src, tmp_path / "dst")
-    gaps = [(g.first, g.last) for g in report.gaps]
+    gaps = [(g.first_lsn, g.last_lsn) for g in report.gaps]
     assert (lost[0].first_lsn, lost[-1].last_lsn) in gaps
     assert (last.first_lsn, None) in gaps
     expected = {f.first_lsn for s, f in frames if s != segs[1]} - {last.first_lsn}

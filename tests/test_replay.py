@@ -26,7 +26,7 @@ from xpstore.model.records import (
     record_to_json,
 )
 from xpstore.ops.replay import ReplayItem, replay
-from xpstore.persistence.wal_format import scan_segment
+from xpstore.persistence.wal_reader import scan_segment
 
 T0 = 1_690_000_000.0
 MAX_FRAME = 64 * 1024 * 1024

@@ -226,3 +226,17 @@ def test_a_legacy_embedding_dim_key_is_read_as_the_setting(store_path: Path) -> 
         tables.close()
     with Store.open(store_path) as store:
         assert store.embedding_dim == 12
+
+
+def test_settings_changes_are_in_the_history(store_path: Path) -> None:
+    from xpstore.ops.replay import replay
+
+    with Store.open(store_path, create=True, hold_applier=True) as store:
+        store.put(make_fingerprint(np.random.default_rng(4), "t1", embedding_dim=3))
+        store.reconfigure(priority_alpha=0.25)
+    items = [item.to_json() for item in replay(store_path)]
+    settings = [i for i in items if i["op"] == "settings"]
+    assert [s["changes"] for s in settings] == [{"records.embedding_dim": 3},
+                                                {"sampling.alpha": 0.25}]  # fmt: skip
+    assert [i["op"] for i in items] == ["put", "settings", "settings"]
+    assert [i["lsn"] for i in items] == [1, 2, 3]  # the dimension is logged in the put's frame

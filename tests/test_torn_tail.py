@@ -11,7 +11,8 @@ import pytest
 from xpstore import Store, WALCorruptionError
 from xpstore.demo.synthetic import make_mixed
 from xpstore.persistence.wal import WalWriter
-from xpstore.persistence.wal_format import FRAME_HEADER_SIZE, HEADER_SIZE, scan_segment
+from xpstore.persistence.wal_format import FRAME_HEADER_SIZE, HEADER_SIZE
+from xpstore.persistence.wal_reader import scan_segment
 from xpstore.persistence.wal_recovery import recover_wal
 
 STORE_ID = 0x5EED

@@ -20,8 +20,8 @@ from xpstore.persistence.wal_format import (
     decode_header,
     encode_frame,
     encode_header,
-    scan_segment,
 )
+from xpstore.persistence.wal_reader import scan_segment
 
 
 def _writer(wal: Path, **kw) -> WalWriter:

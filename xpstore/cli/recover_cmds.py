@@ -73,9 +73,9 @@ def _show(report: RecoveryReport, records: int, where: Path, as_json: bool) -> N
         lo, hi = report.dropped_lsns
         click.echo(f"  dropped LSNs {lo}..{hi} (set aside, not deleted)")
     for gap in report.gaps:
-        last = "end" if gap.last is None else gap.last
-        click.echo(f"  gap: LSNs {gap.first}..{last} unreadable ({gap.reason} at "
-                   f"{gap.segment}+{gap.offset})")
+        last = "end" if gap.last_lsn is None else gap.last_lsn
+        click.echo(f"  gap: LSNs {gap.first_lsn}..{last} unreadable ({gap.reason} at "
+                   f"{gap.where})")
     for name in report.broken_copies:
         click.echo(f"  kept a copy of the damaged bytes: wal/{name}")
     for warning in report.warnings:

@@ -1,22 +1,20 @@
-"""Read-only inspection of a store: the WAL segment by segment, a salvage walk over the log, and
-the integrity checks behind ``xpstore verify`` and ``Store.check()``.
+"""Read-only inspection of a store: the WAL segment by segment, and the integrity checks behind
+``xpstore verify`` and ``Store.check()``.
 
 Everything here takes paths (or an already open :class:`LmdbTables`), not a ``Store``, so it
 works on a store that does not open (a damaged WAL, a newer config) and while another process
 holds the writer lock. Nothing is ever written: WAL files are read whole through the fs seam,
 LMDB only through read transactions (``lock=True``: a reader slot, never a page).
 
-Three layers:
+Two layers:
 
 - :func:`inspect_wal`: per segment (and per ``.broken`` copy) what
-  :func:`~xpstore.persistence.wal_format.scan_segment` finds: LSN range, frames, commit times,
+  :func:`~xpstore.persistence.wal_reader.scan_segment` finds: LSN range, frames, commit times,
   the first bad frame and where valid frames resume.
-- :class:`WalWalk`: the whole log in LSN order in salvage fashion: valid frames, and a
-  :class:`WalDamage` for every unreadable stretch (resynchronizing at the next valid frame with
-  :func:`~xpstore.persistence.wal_format.find_valid_frame`), each naming its segment, offset and
-  the LSNs it hides. ``verify`` reports the damage; ``replay`` streams around it.
 - :func:`check_store`: every check of DESIGN §4 (WAL, LMDB records, indexes, counts,
-  ``applied_lsn``, snapshot manifests), collected as :class:`Problem` entries.
+  ``applied_lsn``, snapshot manifests), collected as :class:`Problem` entries. The WAL part
+  walks the log with :class:`~xpstore.persistence.wal_reader.WalReader` and reports each damage
+  event it yields, with the LSNs it hides; ``replay`` streams around the same events.
 
 Concurrency with a live writer: record checks run in short read transactions of
 ``CHECK_BATCH`` records, each consistent in itself; the cross-table checks (index <-> records,
@@ -32,7 +30,7 @@ import os
 import re
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,17 +51,14 @@ from xpstore.ops import snapshots as snap_mod
 from xpstore.persistence import fs
 from xpstore.persistence.layout import Layout, read_marker
 from xpstore.persistence.lmdb_tables import LmdbTables, from_u64, index_key, u64
-from xpstore.persistence.wal import _list_segments
-from xpstore.persistence.wal_format import (
-    HEADER_SIZE,
-    SEGMENT_NAME_RE,
-    Frame,
-    FrameError,
-    HeaderError,
-    SegmentHeader,
-    decode_frame,
-    decode_header,
-    find_valid_frame,
+from xpstore.persistence.wal import list_segments
+from xpstore.persistence.wal_format import SEGMENT_NAME_RE, Frame
+from xpstore.persistence.wal_reader import (
+    BadFrame,
+    Damage,
+    MissingLsns,
+    WalReader,
+    header_damage,
     scan_segment,
 )
 
@@ -75,12 +70,7 @@ CHECK_BATCH = 5000
 """Records decoded per read transaction by the record check (short transactions)."""
 _BROKEN_RE = re.compile(r"^(\d{20})\.wal\.\d+\.broken$")
 _TMP_RE = re.compile(r"^(\d{20})\.wal\.tmp$")
-_STRUCTURAL = frozenset(
-    {"foreign_segment", "name_mismatch", "missing_segment", "lsn_overlap", "lsn_gap",
-     "newer_version"}
-)
 _TS = struct.Struct(">d")
-_MAX_RELISTS = 1000  # a writer rotating faster than segments can be read: stop somewhere
 
 
 # ============================================================================ wal inspect
@@ -156,11 +146,7 @@ def inspect_wal(
             data = fs.read_bytes(path)
         except FileNotFoundError:  # removed by a live writer's checkpoint since the listing
             continue
-        rep = _segment_report(path, role, data, with_frames, max_frame_bytes)
-        if store_id is not None and rep.store_id is not None and rep.store_id != store_id:
-            rep.problems.append(
-                f"belongs to store {rep.store_id:#x}, not this store ({store_id:#x})"
-            )
+        rep = _segment_report(path, role, data, store_id, with_frames, max_frame_bytes)
         if role == "segment":
             expected = _continuity(rep, expected)
         reports.append(rep)
@@ -170,7 +156,7 @@ def inspect_wal(
 def _wal_files(wal_dir: Path) -> list[tuple[str, Path]]:
     if not wal_dir.is_dir():
         return []
-    segs = [("segment", p) for _first, p in _list_segments(wal_dir)]
+    segs = [("segment", p) for _first, p in list_segments(wal_dir)]
     others = sorted(wal_dir.iterdir())
     broken = [("broken", p) for p in others if _BROKEN_RE.match(p.name)]
     tmp = [("tmp", p) for p in others if _TMP_RE.match(p.name)]
@@ -178,8 +164,10 @@ def _wal_files(wal_dir: Path) -> list[tuple[str, Path]]:
 
 
 def _segment_report(
-    path: Path, role: str, data: bytes, with_frames: bool, max_frame: int
+    path: Path, role: str, data: bytes, store_id: int | None, with_frames: bool, max_frame: int
 ) -> SegmentReport:
+    """One file on its own, up to its first bad spot; header problems (another store, a name
+    that contradicts the header) are listed, not enforced: this is a report, not a reader."""
     scan = scan_segment(path, data, max_frame)
     frames = scan.frames
     name_lsn = _name_lsn(path.name)
@@ -197,18 +185,14 @@ def _segment_report(
     if header is not None:
         rep.store_id, rep.salt = header.store_id, header.salt
         rep.created, rep.version = header.created, header.version
-        if name_lsn is not None and header.first_lsn != name_lsn:
-            rep.problems.append(
-                f"header says first LSN {header.first_lsn}, file name says {name_lsn}"
-            )
+        found = header_damage(path, header, store_id=store_id, name_lsn=name_lsn)
+        rep.problems.extend(d.detail for d in found)
     if scan.error is not None:
-        rep.bad_offset = scan.error_offset
+        rep.bad_offset = scan.error.offset
         rep.bad_reason = scan.error.reason
-        rep.bad_detail = str(scan.error)
-        if header is not None and scan.error_offset is not None:
-            start = frames[-1].last_lsn + 1 if frames else header.first_lsn
-            nxt = find_valid_frame(data, scan.error_offset, header.salt_bytes, start, max_frame)
-            rep.resumes_at = nxt.offset if nxt is not None else None
+        rep.bad_detail = scan.error.detail
+        if isinstance(scan.error, BadFrame):
+            rep.resumes_at = scan.error.resume_offset
     if with_frames:
         rep.frame_list = [
             FrameInfo(f.offset, f.first_lsn, f.count, f.size, f.commit_time) for f in frames
@@ -234,289 +218,6 @@ def _continuity(rep: SegmentReport, expected: int | None) -> int | None:
 def _name_lsn(name: str) -> int | None:
     m = SEGMENT_NAME_RE.match(name) or _BROKEN_RE.match(name) or _TMP_RE.match(name)
     return int(m.group(1)) if m else None
-
-
-# ============================================================================ salvage walk
-
-
-@dataclass(frozen=True, slots=True)
-class WalDamage:
-    """An unreadable stretch of the log: where, why, and which LSNs it hides.
-
-    ``first_lsn..last_lsn`` are the operations lost there (``last_lsn`` None: up to the end,
-    nothing valid follows; ``first_lsn`` None: no operation lost, e.g. garbage between two
-    frames that are in sequence). ``torn``: at the very end of the log with nothing valid after
-    it. ``concurrent``: explained by a live writer (the frame it is writing right now).
-    """
-
-    segment: str
-    offset: int
-    reason: str
-    detail: str
-    first_lsn: int | None
-    last_lsn: int | None
-    torn: bool = False
-    concurrent: bool = False
-
-    @property
-    def where(self) -> str:
-        return f"wal/{self.segment}+{self.offset}"
-
-    def lsn_text(self) -> str:
-        if self.first_lsn is None:
-            return "no operation lost"
-        if self.last_lsn is None:
-            return f"LSNs from {self.first_lsn} on unreadable"
-        if self.last_lsn < self.first_lsn:
-            return "no operation lost"
-        return f"LSNs {self.first_lsn}..{self.last_lsn} unreadable"
-
-    def describe(self) -> str:
-        if self.concurrent:
-            return f"tail being written by the live writer ({self.reason})"
-        what = "torn tail: " if self.torn else ""
-        return f"{what}{self.reason}: {self.detail}; {self.lsn_text()}"
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["where"] = self.where
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class WalFrame:
-    """A valid frame found by the walk, with the segment it is in."""
-
-    segment: str
-    frame: Frame
-
-
-@dataclass(slots=True)
-class _Pending:
-    segment: str
-    offset: int
-    reason: str
-    detail: str
-    first_lsn: int | None
-
-
-@dataclass(slots=True)
-class _Tail:
-    """Where the scan of the newest segment read so far stopped (a live writer may append)."""
-
-    name: str
-    path: Path
-    header: SegmentHeader
-    offset: int
-    stop: _Pending | None  # the damage the scan stopped at, if it stopped early
-
-
-class WalWalk:
-    """Iterate the log in LSN order: :class:`WalFrame` items and :class:`WalDamage` items.
-
-    Damage is yielded when the LSNs it hides are known, i.e. just before the next valid frame
-    (or at the end). After the iteration ``first_lsn``/``end_lsn`` are the first and last LSN
-    the log covers (None when it holds no segment).
-
-    Beside a live writer (``writer_live``) the log moves while it is read: the newest segment
-    grows, new segments appear, checkpoints delete old ones. So after each pass the directory is
-    listed again, the segment that was newest is read again from where its scan stopped, and
-    the new segments follow; LSNs missing between segments are then marked ``concurrent``
-    (checkpointed into LMDB meanwhile), as is a bad tail of the newest segment (being written).
-    """
-
-    def __init__(
-        self,
-        wal_dir: Path,
-        *,
-        store_id: int | None,
-        max_frame_bytes: int = FRAME_CAP,
-        writer_live: bool = False,
-    ) -> None:
-        self.wal_dir = wal_dir
-        self.store_id = store_id
-        self.max_frame = max_frame_bytes
-        self.writer_live = writer_live
-        self.first_lsn: int | None = None
-        self.end_lsn: int | None = None
-        self.segments = 0
-        self.frames = 0
-        self.vanished: list[str] = []
-        self._expected: int | None = None
-        self._pending: list[_Pending] = []
-        self._valid_after_pending = False
-        self._last_listed: int | None = None
-        self._last_name: str | None = None
-        self._tail: _Tail | None = None
-
-    def __iter__(self) -> Iterator[WalFrame | WalDamage]:
-        for _ in range(_MAX_RELISTS):
-            segs = self._new_segments()
-            if not segs:
-                break
-            yield from self._reread_tail()
-            for name_lsn, path in segs:
-                self._last_listed = name_lsn
-                try:
-                    data = fs.read_bytes(path)
-                except FileNotFoundError:  # a live writer's checkpoint removed it: LMDB has it
-                    self.vanished.append(path.name)
-                    continue
-                self.segments += 1
-                self._last_name = path.name
-                self._tail = None
-                yield from self._segment(path, name_lsn, data)
-            if not self.writer_live:
-                break
-        yield from self._finish()
-
-    def _new_segments(self) -> list[tuple[int, Path]]:
-        """Segments not listed yet (after the first pass: only with a live writer)."""
-        if not self.wal_dir.is_dir():
-            return []
-        segs = _list_segments(self.wal_dir)
-        if self._last_listed is None:
-            return segs
-        return [s for s in segs if s[0] > self._last_listed]
-
-    def _reread_tail(self) -> Iterator[WalFrame | WalDamage]:
-        """Continue the previously newest segment from where its scan stopped."""
-        tail = self._tail
-        if tail is None:
-            return
-        self._tail = None
-        try:
-            data = fs.read_bytes(tail.path)
-        except FileNotFoundError:
-            self.vanished.append(tail.name)
-            return
-        if tail.stop is not None and tail.stop in self._pending:
-            self._pending.remove(tail.stop)  # looked again below
-        yield from self._frames(tail.name, tail.path, data, tail.header, tail.offset)
-
-    def _segment(self, path: Path, name_lsn: int, data: bytes) -> Iterator[WalFrame | WalDamage]:
-        name = path.name
-        try:
-            header = decode_header(data)
-        except HeaderError as exc:
-            self._damage(name, 0, exc.reason, str(exc), name_lsn)
-            return
-        problem = self._header_problem(header, name_lsn)
-        if problem is not None:
-            self._damage(name, 0, *problem, None)
-            return
-        if self._pending:
-            self._valid_after_pending = True
-        if self.first_lsn is None:
-            self.first_lsn = header.first_lsn
-        if self._expected is None:
-            self._expected = header.first_lsn
-        elif header.first_lsn > self._expected and not self._pending:
-            yield WalDamage(
-                name, 0, "missing_segment",
-                f"segment starts at LSN {header.first_lsn}, the log before it ends at LSN "
-                f"{self._expected - 1}",
-                self._expected, header.first_lsn - 1,
-                concurrent=self.writer_live,  # checkpointed while being read: LMDB holds them
-            )
-            self._expected = header.first_lsn
-        yield from self._frames(name, path, data, header, HEADER_SIZE)
-
-    def _header_problem(self, header: SegmentHeader, name_lsn: int) -> tuple[str, str] | None:
-        if self.store_id is not None and header.store_id != self.store_id:
-            return "foreign_segment", (
-                f"segment belongs to store {header.store_id:#x}, not this store "
-                f"({self.store_id:#x})"
-            )
-        if header.first_lsn != name_lsn:
-            return "name_mismatch", (
-                f"header says first LSN {header.first_lsn}, file name says {name_lsn}"
-            )
-        return None
-
-    def _frames(
-        self, name: str, path: Path, data: bytes, header: SegmentHeader, offset: int
-    ) -> Iterator[WalFrame | WalDamage]:
-        view = memoryview(data)
-        salt = header.salt_bytes
-        overlap_reported = False
-        stop: _Pending | None = None
-        while offset < len(data):
-            expected = self._expected
-            assert expected is not None
-            try:
-                frame = decode_frame(view, offset, salt, self.max_frame)
-            except FrameError as exc:
-                pending = self._damage(name, offset, exc.reason, str(exc), expected)
-                nxt = find_valid_frame(data, offset, salt, expected, self.max_frame)
-                if nxt is None:
-                    stop = pending
-                    break
-                offset = nxt.offset
-                continue
-            if frame.first_lsn < expected:
-                if not overlap_reported:
-                    overlap_reported = True
-                    yield WalDamage(
-                        name, offset, "lsn_overlap",
-                        f"frame has LSNs {frame.first_lsn}..{frame.last_lsn}, already read up "
-                        f"to {expected - 1} (a duplicated or stale segment); skipped",
-                        None, None,
-                    )
-                offset += frame.size
-                continue
-            yield from self._resolve(name, offset, frame.first_lsn)
-            self.frames += 1
-            self._expected = frame.last_lsn + 1
-            yield WalFrame(name, frame)
-            offset += frame.size
-        self._tail = _Tail(name, path, header, offset, stop)
-
-    def _resolve(self, name: str, offset: int, first_lsn: int) -> Iterator[WalDamage]:
-        """Pending damage ends before this frame: now its LSN range is known."""
-        expected = self._expected
-        assert expected is not None
-        if not self._pending:
-            if first_lsn > expected:
-                yield WalDamage(
-                    name, offset, "lsn_gap",
-                    f"frame starts at LSN {first_lsn}, expected {expected}",
-                    expected, first_lsn - 1,
-                )
-            return
-        for i, p in enumerate(self._pending):
-            lost = i == 0 and first_lsn > expected
-            yield WalDamage(
-                p.segment, p.offset, p.reason, p.detail,
-                expected if lost else None, first_lsn - 1 if lost else None,
-            )
-        self._pending.clear()
-        self._valid_after_pending = False
-
-    def _damage(
-        self, name: str, offset: int, reason: str, detail: str, first_lsn: int | None
-    ) -> _Pending:
-        start = self._expected if self._expected is not None else first_lsn
-        pending = _Pending(name, offset, reason, detail, start)
-        self._pending.append(pending)
-        return pending
-
-    def _finish(self) -> Iterator[WalDamage]:
-        last_name = self._last_name
-        for i, p in enumerate(self._pending):
-            torn = (
-                not self._valid_after_pending
-                and p.reason not in _STRUCTURAL
-                and p.segment == last_name
-            )
-            yield WalDamage(
-                p.segment, p.offset, p.reason, p.detail,
-                p.first_lsn if i == 0 else None, None,
-                torn=torn, concurrent=torn and self.writer_live,
-            )
-        self._pending.clear()
-        if self._expected is not None:
-            self.end_lsn = self._expected - 1
 
 
 # ============================================================================ checks
@@ -662,12 +363,12 @@ def check_store(
         config = config or _stored_config(tables, report)
         applied_before = _applied(tables)
     max_frame = config.wal.max_frame_bytes if config is not None else FRAME_CAP
-    walk = check_wal(lay.wal, store_id=store_id, max_frame_bytes=max_frame,
-                     writer_live=writer_live, report=report)
+    reader = check_wal(lay.wal, store_id=store_id, max_frame_bytes=max_frame,
+                       writer_live=writer_live, report=report)
     if tables is not None:
         assert applied_before is not None
         try:
-            _check_applied(walk, applied_before, _applied(tables), report)
+            _check_applied(reader, applied_before, _applied(tables), report)
             check_lmdb(tables, report, progress=progress, total=total)
         except (lmdb.Error, XpStoreError) as exc:  # a damaged page: report, go on with the rest
             report.add(f"lmdb {lay.data}", f"reading failed: {type(exc).__name__}: {exc}")
@@ -704,59 +405,87 @@ def check_wal(
     max_frame_bytes: int,
     writer_live: bool,
     report: CheckReport,
-) -> WalWalk:
-    """Checksums and LSN continuity of every segment; every operation decodes (shape check)."""
-    walk = WalWalk(wal_dir, store_id=store_id, max_frame_bytes=max_frame_bytes,
-                   writer_live=writer_live)
-    ops = 0
-    for item in walk:
-        if isinstance(item, WalDamage):
-            if item.concurrent:
-                report.notes.append(f"{item.where}: {item.describe()}")
+) -> WalReader:
+    """Checksums and LSN continuity of every segment; every operation decodes (shape check).
+
+    Returns the reader, which knows the LSN range the log covers.
+    """
+    reader = WalReader(wal_dir, store_id=store_id, max_frame_bytes=max_frame_bytes,
+                       follow=writer_live)
+    frames = ops = 0
+    for item in reader:
+        if isinstance(item, Damage):
+            if concurrent_damage(item, writer_live):
+                report.notes.append(f"{item.where}: {damage_text(item, concurrent=True)}")
             else:
-                report.add(item.where, item.describe())
+                report.add(item.where, damage_text(item))
             continue
-        for i, raw in enumerate(item.frame.ops()):
-            ops += 1
-            try:
-                decode_op(raw, validate=False)
-            except (ValueError, TypeError, KeyError) as exc:  # CodecError is a ValueError
-                lsn = item.frame.first_lsn + i
-                report.add(
-                    f"wal/{item.segment}+{item.frame.offset}",
-                    f"LSN {lsn}: operation does not decode: {exc}",
-                )
-    if walk.vanished:
+        assert reader.segment is not None
+        frames += 1
+        ops += item.count
+        _check_ops(item, f"wal/{reader.segment.name}+{item.offset}", report)
+    if reader.vanished:
         report.notes.append(
-            f"{len(walk.vanished)} segments were removed by a checkpoint while being checked"
+            f"{len(reader.vanished)} segments were removed by a checkpoint while being checked"
         )
     for name in sorted(p.name for p in wal_dir.glob("*.broken")) if wal_dir.is_dir() else []:
         report.notes.append(f"wal/{name}: a copy kept by an earlier recovery")
     report.stats["wal"] = {
-        "segments": walk.segments, "frames": walk.frames, "ops": ops,
-        "first_lsn": walk.first_lsn, "end_lsn": walk.end_lsn,
+        "segments": reader.segments_read, "frames": frames, "ops": ops,
+        "first_lsn": reader.first_lsn, "end_lsn": reader.end_lsn,
     }
-    return walk
+    return reader
 
 
-def _check_applied(walk: WalWalk, before: int, after: int, report: CheckReport) -> None:
+def concurrent_damage(damage: Damage, writer_live: bool) -> bool:
+    """Whether a live writer explains ``damage``: the frame it is writing right now (a torn
+    tail), or LSNs its checkpoint moved into LMDB while the log was being read."""
+    checkpointed = isinstance(damage, MissingLsns) and damage.offset == 0
+    return writer_live and (damage.torn or checkpointed)
+
+
+def damage_text(damage: Damage, *, concurrent: bool = False) -> str:
+    """What ``verify`` says about a damage event: why, and which LSNs it hides."""
+    if concurrent:
+        return f"tail being written by the live writer ({damage.reason})"
+    first, last = damage.first_lsn, damage.last_lsn
+    if first is None or (last is not None and last < first):
+        lsns = "no operation lost"
+    elif last is None:
+        lsns = f"LSNs from {first} on unreadable"
+    else:
+        lsns = f"LSNs {first}..{last} unreadable"
+    torn = "torn tail: " if damage.torn else ""
+    return f"{torn}{damage.reason}: {damage.detail}; {lsns}"
+
+
+def _check_ops(frame: Frame, where: str, report: CheckReport) -> None:
+    """Every operation of a checksummed frame decodes (its shape; no model validation)."""
+    for i, raw in enumerate(frame.ops()):
+        try:
+            decode_op(raw, validate=False)
+        except (ValueError, TypeError, KeyError) as exc:  # CodecError is a ValueError
+            report.add(where, f"LSN {frame.first_lsn + i}: operation does not decode: {exc}")
+
+
+def _check_applied(reader: WalReader, before: int, after: int, report: CheckReport) -> None:
     """applied_lsn <= the WAL's end, and no LSN in neither LMDB nor the WAL.
 
     ``before`` was read before the WAL and ``after`` after it: applied_lsn only grows, and a
     live writer's checkpoint deletes segments only below it, so neither check can misfire.
     """
     report.stats["applied_lsn"] = after
-    if walk.end_lsn is not None and before > walk.end_lsn:
+    if reader.end_lsn is not None and before > reader.end_lsn:
         report.add(
             "lmdb meta applied_lsn",
-            f"{before} is beyond the end of the WAL (LSN {walk.end_lsn}): the WAL lost "
+            f"{before} is beyond the end of the WAL (LSN {reader.end_lsn}): the WAL lost "
             "operations LMDB has, or a segment is missing",
         )
-    if walk.first_lsn is not None and walk.first_lsn > after + 1:
+    if reader.first_lsn is not None and reader.first_lsn > after + 1:
         report.add(
             "wal",
-            f"LSNs {after + 1}..{walk.first_lsn - 1} are in neither LMDB (applied_lsn {after}) "
-            f"nor the WAL (first segment starts at LSN {walk.first_lsn})",
+            f"LSNs {after + 1}..{reader.first_lsn - 1} are in neither LMDB (applied_lsn "
+            f"{after}) nor the WAL (first segment starts at LSN {reader.first_lsn})",
         )
 
 

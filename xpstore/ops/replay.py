@@ -9,7 +9,7 @@ For offline learners and audits. Every LSN is served from the best source there 
   state (``source: "lmdb"``: updates are folded in, deleted records are absent, no commit time).
 
 Damage never stops the stream: an unreadable stretch of the log is skipped, the walk resumes at
-the next valid frame (:class:`~xpstore.ops.inspect.WalWalk`), and a :class:`Gap` says
+the next valid frame (:class:`~xpstore.persistence.wal_reader.WalReader`), and a :class:`Gap` says
 where it was (segment, offset), which LSNs it hid, which of them LMDB supplied, and whether any
 operation is lost. Nothing is written: WAL files are read, LMDB is read in short read
 transactions (the store may be in use by a live writer).
@@ -46,9 +46,11 @@ from xpstore.model.records import (
     Record,
     record_from_json,
 )
-from xpstore.ops.inspect import FRAME_CAP, WalDamage, WalFrame, WalWalk, writer_pid
+from xpstore.ops.inspect import FRAME_CAP, concurrent_damage, writer_pid
 from xpstore.persistence.layout import Layout, read_marker
 from xpstore.persistence.lmdb_tables import LmdbTables, from_u64, u64
+from xpstore.persistence.wal_format import Frame
+from xpstore.persistence.wal_reader import Damage, Gap, WalReader
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ LMDB_CHUNK = 2000
 _CODEC = 1
 _OP_PUT, _OP_UPDATE, _OP_DELETE, _OP_DELETE_TRACK = 1, 2, 3, 4  # docs/formats.md, Operations
 _MULTI_OPS = {5: ("priority", "priorities"), 6: ("feedback", "success"), 7: ("retrieval", "counts")}
+_OP_SETTINGS = 8
 _STREAMING_NAMES = {len(n): n for n in (STREAMING_FIELDS, STREAMING_FIELDS_NO_HARMONIC)}
 _BATCH_LEN = len(BATCH_FIELDS)
 _MAX_INDEX_JUMP = 1 << 24
@@ -76,7 +79,7 @@ class ReplayItem:
     and ``ts``: a line ``xpstore ingest`` accepts), the changed fields for an update."""
 
     lsn: int
-    op: str  # put | update | delete | delete_track | priority | feedback | retrieval
+    op: str  # put | update | delete | delete_track | priority | feedback | retrieval | settings
     source: str  # wal | lmdb (the current state of a record whose put left the WAL)
     commit_time: float | None = None
     id: int | None = None
@@ -111,61 +114,10 @@ class ReplayItem:
             out["record"] = self.data
         elif self.op == "update":
             out["changes"] = self.data
-        elif self.data is not None:  # priority / feedback / retrieval: ids and their values
+        elif self.data is not None:  # priority / feedback / retrieval: ids and their values;
+            # settings: the changed knobs by dotted name
             out.update(self.data)
         return out
-
-
-@dataclass(frozen=True, slots=True)
-class Gap:
-    """A stretch of history that could not be read from the WAL, and what became of it.
-
-    ``first_lsn..last_lsn``: the LSNs it hides (``last_lsn`` None: up to the end; ``first_lsn``
-    None: none). ``from_lmdb``: the part LMDB holds, streamed as the current state of those
-    records. ``lost``: operations that no source holds (not for a torn tail, which was never
-    acknowledged, nor for the frame a live writer is writing).
-    """
-
-    where: str
-    reason: str
-    detail: str
-    first_lsn: int | None
-    last_lsn: int | None
-    from_lmdb: tuple[int, int] | None = None
-    lost: bool = False
-    torn: bool = False
-    concurrent: bool = False
-
-    def describe(self) -> str:
-        if self.first_lsn is None:
-            span = "no operation lost"
-        elif self.last_lsn is None:
-            span = f"LSNs from {self.first_lsn} on"
-        else:
-            span = f"LSNs {self.first_lsn}..{self.last_lsn}"
-        kind = "tail being written by the live writer" if self.concurrent else (
-            "torn tail (never acknowledged)" if self.torn else "gap"
-        )
-        text = f"{kind} at {self.where}: {self.reason}: {self.detail}; {span}"
-        if self.from_lmdb is not None:
-            a, b = self.from_lmdb
-            text += f"; LSNs {a}..{b} taken from LMDB (current state of live records)"
-        if self.lost:
-            text += "; operations lost"
-        return text
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "where": self.where,
-            "reason": self.reason,
-            "detail": self.detail,
-            "first_lsn": self.first_lsn,
-            "last_lsn": self.last_lsn,
-            "from_lmdb": list(self.from_lmdb) if self.from_lmdb else None,
-            "lost": self.lost,
-            "torn": self.torn,
-            "concurrent": self.concurrent,
-        }
 
 
 # ============================================================================ record JSON
@@ -332,9 +284,10 @@ class ReplayStream:
                 self.stats.applied_lsn = self._tables.applied_lsn(txn)
         except (XpStoreError, lmdb.Error) as exc:
             self._lmdb_error = str(exc)
-        self._walk = WalWalk(
+        self._writer_live = writer_pid(store_path) is not None
+        self._reader = WalReader(
             lay.wal, store_id=self._store_id, max_frame_bytes=max_frame,
-            writer_live=writer_pid(store_path) is not None,
+            follow=self._writer_live,
         )
         self._puts = _PutIndex()
         self._gen: Generator[ReplayItem, None, None] = self._generate()
@@ -389,38 +342,32 @@ class ReplayStream:
     def _run(self) -> Iterator[ReplayItem]:
         flt = self._flt
         cursor = flt.lo
-        for item in self._walk:
-            if isinstance(item, WalDamage):
+        for item in self._reader:
+            if isinstance(item, Damage):
                 self._damage(item)
                 continue
-            frame = item.frame
-            if frame.last_lsn < cursor:
+            if item.last_lsn < cursor:
                 continue
-            if flt.hi is not None and frame.first_lsn > flt.hi:
+            if flt.hi is not None and item.first_lsn > flt.hi:
                 break
-            if frame.first_lsn > cursor:
-                yield from self._from_lmdb(cursor, frame.first_lsn - 1)
+            if item.first_lsn > cursor:
+                yield from self._from_lmdb(cursor, item.first_lsn - 1)
             yield from self._frame_items(item, cursor)
-            cursor = frame.last_lsn + 1
-        self.stats.wal_first_lsn = self._walk.first_lsn
-        self.stats.wal_end_lsn = self._walk.end_lsn
+            cursor = item.last_lsn + 1
+        self.stats.wal_first_lsn = self._reader.first_lsn
+        self.stats.wal_end_lsn = self._reader.end_lsn
         if flt.hi is None or cursor <= flt.hi:
             yield from self._from_lmdb(cursor, flt.hi)
 
     # ------------------------------------------------------------ gaps
-    def _damage(self, dmg: WalDamage) -> None:
+    def _damage(self, dmg: Damage) -> None:
+        """Report the gap a damage event leaves in the range asked for, and what LMDB covers."""
         first, last = dmg.first_lsn, dmg.last_lsn
         if first is not None and not self._in_range(first, last):
             return
         applied = self._refresh_applied()
-        from_lmdb: tuple[int, int] | None = None
-        lost = False
-        if first is not None:
-            if first <= applied and self._tables is not None:
-                from_lmdb = (first, applied if last is None else min(last, applied))
-            lost = (last is None or last > applied) and not (dmg.torn or dmg.concurrent)
-        self._gap(Gap(dmg.where, dmg.reason, dmg.detail, first, last, from_lmdb, lost,
-                      dmg.torn, dmg.concurrent))
+        self._gap(Gap.of(dmg, applied_lsn=applied, lmdb=self._tables is not None,
+                         concurrent=concurrent_damage(dmg, self._writer_live)))
 
     def _refresh_applied(self) -> int:
         """applied_lsn now: a live writer's checkpoint may have moved LSNs into LMDB since."""
@@ -443,8 +390,7 @@ class ReplayStream:
             self._on_gap(gap)
 
     # ------------------------------------------------------------ WAL
-    def _frame_items(self, wf: WalFrame, cursor: int) -> Iterator[ReplayItem]:
-        frame = wf.frame
+    def _frame_items(self, frame: Frame, cursor: int) -> Iterator[ReplayItem]:
         hi = self._flt.hi
         for i, raw in enumerate(frame.ops()):
             lsn = frame.first_lsn + i
@@ -456,17 +402,19 @@ class ReplayStream:
             try:
                 item = self._op_item(raw, lsn, frame.commit_time)
             except _BadData as exc:
-                yield from self._bad_op(wf, lsn, str(exc))
+                yield from self._bad_op(frame, lsn, str(exc))
                 continue
             if item is not None and self._flt.kind_ok(item.kind) and self._flt.ts_ok(item.ts):
                 self.stats.emitted += 1
                 yield item
 
-    def _bad_op(self, wf: WalFrame, lsn: int, detail: str) -> Iterator[ReplayItem]:
+    def _bad_op(self, frame: Frame, lsn: int, detail: str) -> Iterator[ReplayItem]:
         """A checksummed operation that does not decode: report it, take LMDB's record if any."""
         applied = self.stats.applied_lsn
         in_lmdb = lsn <= applied and self._tables is not None
-        self._gap(Gap(f"wal/{wf.segment}+{wf.frame.offset}", "bad_operation", detail, lsn, lsn,
+        assert self._reader.segment is not None  # the segment of the frame being streamed
+        where = f"wal/{self._reader.segment.name}+{frame.offset}"
+        self._gap(Gap(where, "bad_operation", detail, lsn, lsn,
                       (lsn, lsn) if in_lmdb else None, not in_lmdb))
         if in_lmdb:
             yield from self._from_lmdb(lsn, lsn)
@@ -495,6 +443,8 @@ class ReplayStream:
             if name == "feedback" and len(obj) == 5:
                 data["count_retrieval"] = obj[4]
             return ReplayItem(lsn, name, "wal", commit, data=data)
+        if code == _OP_SETTINGS and len(obj) == 4 and type(obj[2]) is dict:
+            return ReplayItem(lsn, "settings", "wal", commit, data={"changes": obj[2]})
         raise _BadData(f"operation at LSN {lsn}: unknown op code {code!r} or wrong length")
 
     def _put_item(self, obj: list[Any], lsn: int, commit: float) -> ReplayItem | None:

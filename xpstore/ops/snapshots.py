@@ -38,8 +38,8 @@ from xpstore.persistence import layout as layout_mod
 from xpstore.persistence.crashpoints import crash_point
 from xpstore.persistence.lmdb_tables import LmdbTables, translate
 from xpstore.persistence.lock import WriterLock
-from xpstore.persistence.wal import _list_segments
-from xpstore.persistence.wal_format import Frame, scan_segment
+from xpstore.persistence.wal_format import Frame
+from xpstore.persistence.wal_reader import BadFrame, Damage, MissingLsns, WalReader
 
 log = logging.getLogger(__name__)
 
@@ -559,48 +559,57 @@ def wal_frames(
     """The retained WAL's frames that hold any LSN >= ``from_lsn``, in LSN order.
 
     Raises SnapshotError naming the missing LSN range when the segment holding ``from_lsn`` is
-    gone (a checkpoint deleted it) or two segments do not join up. It ends at the end of the
-    log: the first invalid frame of the last segment (a torn tail, or a frame being written).
+    gone (a checkpoint deleted it) or damage hides LSNs the restore needs. It ends at the end of
+    the log: the first bad frame of the newest segment (a torn tail, or a frame being written).
     """
-    segs = _list_segments(wal_dir)
-    start = 0
-    for i in range(len(segs) - 1):
-        if segs[i + 1][0] <= from_lsn:
-            start = i + 1  # segment i holds only LSNs below from_lsn
-    segs = segs[start:]
-    if not segs or segs[0][0] > from_lsn:
-        oldest = f"the oldest retained segment starts at LSN {segs[0][0]}" if segs else "none"
-        hi = segs[0][0] - 1 if segs else None
-        span = f"{from_lsn}..{hi}" if hi is not None else f"{from_lsn} onward"
-        raise SnapshotError(
-            f"point-in-time restore needs LSNs {span} from the WAL in {wal_dir}, which are no "
-            f"longer retained ({oldest}); raise wal_retain_seconds / wal_retain_segments or "
-            "restore a newer snapshot"
-        )
-    expected: int | None = None
-    for index, (first, path) in enumerate(segs):
-        scan_ = scan_segment(path, fs.read_bytes(path), max_frame_bytes)
-        header = scan_.header
-        if header is None or header.store_id != store_id or header.first_lsn != first:
-            raise SnapshotError(f"{path}: not a valid segment of this store's WAL")
-        if expected is not None and first != expected:
-            lo, hi = sorted((expected, first - 1))
-            raise SnapshotError(
-                f"the WAL in {wal_dir} lacks LSNs {lo}..{hi} (segment {path.name} starts at "
-                f"{first}); point-in-time restore cannot cross the gap"
-            )
-        expected = first
-        for frame in scan_.frames:
-            if frame.first_lsn != expected:
-                raise SnapshotError(
-                    f"{path}+{frame.offset}: frame starts at LSN {frame.first_lsn}, expected "
-                    f"{expected}"
-                )
-            expected = frame.last_lsn + 1
-            if frame.last_lsn >= from_lsn:
-                yield frame
-        if scan_.error is not None and index < len(segs) - 1:
-            log.warning("%s: %s at offset %s", path, scan_.error, scan_.error_offset)
+    reader = WalReader(wal_dir, store_id=store_id, max_frame_bytes=max_frame_bytes,
+                       start_lsn=from_lsn, skip_older=True)
+    for item in reader:
+        if isinstance(item, Frame):
+            if item.last_lsn >= from_lsn:
+                yield item
+        elif isinstance(item, BadFrame) and item.segment == reader.listed[-1][1]:
+            return
+        elif _before_oldest(item, reader):
+            raise _not_retained(wal_dir, from_lsn, item.last_lsn)
+        else:
+            _pitr_damage(wal_dir, item, from_lsn)
+    if not reader.listed:
+        raise _not_retained(wal_dir, from_lsn, None)
+
+
+def _before_oldest(damage: Damage, reader: WalReader) -> bool:
+    """LSNs missing before the oldest segment read: a checkpoint deleted the one holding them."""
+    oldest = reader.listed[0][1]
+    return isinstance(damage, MissingLsns) and (damage.segment, damage.offset) == (oldest, 0)
+
+
+def _not_retained(wal_dir: Path, from_lsn: int, hi: int | None) -> SnapshotError:
+    """The WAL starts after ``from_lsn`` (at ``hi + 1``; None: there is no segment at all)."""
+    oldest = f"the oldest retained segment starts at LSN {hi + 1}" if hi is not None else "none"
+    span = f"{from_lsn}..{hi}" if hi is not None else f"{from_lsn} onward"
+    return SnapshotError(
+        f"point-in-time restore needs LSNs {span} from the WAL in {wal_dir}, which are no "
+        f"longer retained ({oldest}); raise wal_retain_seconds / wal_retain_segments or "
+        "restore a newer snapshot"
+    )
+
+
+def _pitr_damage(wal_dir: Path, damage: Damage, from_lsn: int) -> None:
+    """Raise unless ``damage`` hides no LSN the restore needs (then only log it)."""
+    if damage.offset == 0 and not isinstance(damage, MissingLsns):
+        raise SnapshotError(f"{damage.segment}: not a valid segment of this store's WAL "
+                            f"({damage.reason}: {damage.detail})")
+    first, last = damage.first_lsn, damage.last_lsn
+    if first is None or (last is not None and last < from_lsn):
+        log.warning("%s: %s: %s (no LSN the restore needs is lost)", damage.where,
+                    damage.reason, damage.detail)
+        return
+    hi = "the end" if last is None else str(last)
+    raise SnapshotError(
+        f"the WAL in {wal_dir} lacks LSNs {first}..{hi} ({damage.where}: {damage.reason}: "
+        f"{damage.detail}); point-in-time restore cannot cross the gap"
+    )
 
 
 # ------------------------------------------------------------------------------- in place

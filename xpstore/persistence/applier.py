@@ -201,11 +201,15 @@ class Applier:
         """
         cond = self._overlay.changed
         self._overlay.apply_threshold = self._batch
-        last = time.monotonic()
+        last = looked = time.monotonic()
         while True:
             with cond:
                 while not self._stop:
-                    self._start_due_tasks()
+                    if time.monotonic() - looked >= self._interval:
+                        # tasks are looked at once per interval, not at every notification (an
+                        # apply by flush() or a snapshot wakes this thread too)
+                        self._start_due_tasks()
+                        looked = time.monotonic()
                     waiting = len(self._overlay)
                     left = last + self._interval - time.monotonic()
                     if not self.hold and (waiting >= self._batch or (waiting and left <= 0)):
@@ -220,6 +224,7 @@ class Applier:
                 if self._checkpoint_due():
                     self.checkpoint()
                 self._start_due_tasks()
+                looked = time.monotonic()
             except XpStoreError as exc:
                 log.exception("applier failed; writes are refused until the store is reopened")
                 self.error = exc

@@ -98,7 +98,7 @@ class WalWriter:
         self._seg_path = Path()
         self._seg_size = 0
         self._salt = b""
-        self._segments: list[tuple[int, Path]] = _list_segments(wal_dir)
+        self._segments: list[tuple[int, Path]] = list_segments(wal_dir)
         self._open_segment(next_lsn)
         self._syncer: threading.Thread | None = None
         self._stop = threading.Event()
@@ -369,7 +369,13 @@ def _mtime(path: Path) -> float:
         return float("inf")
 
 
-def _list_segments(wal_dir: Path) -> list[tuple[int, Path]]:
+def list_segments(wal_dir: Path) -> list[tuple[int, Path]]:
+    """``(first_lsn, path)`` of every segment in ``wal_dir``, oldest first.
+
+    The first LSN comes from the file name (``<first_lsn:020d>.wal``); temporaries and
+    ``.broken`` copies do not match and are left out. The writer and every reader list the log
+    the same way through this one function.
+    """
     out = []
     for entry in wal_dir.iterdir():
         m = SEGMENT_NAME_RE.match(entry.name)

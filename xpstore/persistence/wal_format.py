@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 import google_crc32c
 import numpy as np
@@ -206,53 +205,15 @@ def _check_payload(payload: memoryview, count: int, offset: int) -> None:
         )
 
 
-@dataclass(slots=True)
-class SegmentScan:
-    """What one pass over a segment found: its header, its valid frames, the first bad spot."""
-
-    path: Path
-    size: int
-    header: SegmentHeader | None
-    frames: list[Frame]
-    error: FrameError | HeaderError | None = None
-    error_offset: int | None = None
-
-    @property
-    def end_lsn(self) -> int | None:
-        """The LSN after the last valid frame, or the header's first LSN if none."""
-        if self.frames:
-            return self.frames[-1].last_lsn + 1
-        return self.header.first_lsn if self.header else None
-
-
-def scan_segment(path: Path, data: bytes, max_frame_bytes: int) -> SegmentScan:
-    """Decode ``data`` (a segment's bytes) up to the end or the first invalid frame."""
-    view = memoryview(data)
-    try:
-        header = decode_header(view)
-    except HeaderError as exc:
-        return SegmentScan(path, len(data), None, [], exc, 0)
-    frames: list[Frame] = []
-    offset = HEADER_SIZE
-    salt = header.salt_bytes
-    while offset < len(data):
-        try:
-            frame = decode_frame(view, offset, salt, max_frame_bytes)
-        except FrameError as exc:
-            return SegmentScan(path, len(data), header, frames, exc, offset)
-        frames.append(frame)
-        offset += frame.size
-    return SegmentScan(path, len(data), header, frames)
-
-
 def find_valid_frame(
     data: bytes, start: int, salt_bytes: bytes, min_lsn: int, max_frame_bytes: int
 ) -> Frame | None:
     """The first valid frame at an 8-aligned offset > ``start`` with first_lsn >= ``min_lsn``.
 
-    Used to tell a torn tail (nothing valid follows) from damage in the middle of the log, and by
-    salvage to resynchronize. Candidate offsets are filtered with numpy on the LSN field before
-    any checksum is computed, so a 64 MiB segment is searched in milliseconds.
+    The WAL reader resumes here after a bad frame, which is also how a torn tail (nothing valid
+    follows) is told from damage in the middle of the log. Candidate offsets are filtered with
+    numpy on the LSN field before any checksum is computed, so a 64 MiB segment is searched in
+    milliseconds.
     """
     first = padded(start + 1)
     if first + FRAME_HEADER_SIZE > len(data):

@@ -197,9 +197,9 @@ class Writer:
         return span
 
     def _fix_embedding_dim(self, ops: list[Op]) -> StoreConfig | None:
-        """The settings that fix ``embedding_dim`` when this batch brings the first embedding."""
-        if self._logged.records.embedding_dim is not None:
-            return None
+        """Under the write lock: check the batch's embeddings against the store's dimension
+        (``_prepare`` checked before the lock, and another batch may have fixed it since); return
+        the settings that fix the dimension when this batch brings the first embedding."""
         dims = [
             (i, len(op.record.embedding))
             for i, op in enumerate(ops)
@@ -209,13 +209,17 @@ class Writer:
         ]
         if not dims:
             return None
-        first = dims[0][1]
+        known = self._logged.records.embedding_dim
+        first = dims[0][1] if known is None else known
         bad = next((i for i, d in dims if d != first), None)
         if bad is not None:
-            raise InvalidRecordError(
-                f"records[{bad}].embedding: dimensions differ within the batch ({first} first)",
-                field="embedding",
-            )
+            if known is None:
+                msg = f"dimensions differ within the batch ({first} first)"
+            else:
+                msg = f"dimension {dict(dims)[bad]}, this store's embeddings have dimension {known}"
+            raise InvalidRecordError(f"records[{bad}].embedding: {msg}", field="embedding")
+        if known is not None:
+            return None
         return self._logged.changed({"records.embedding_dim": first}).persisted()
 
     def _backpressure(self) -> None:
