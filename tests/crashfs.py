@@ -113,10 +113,10 @@ class CrashFS(OsFS):
             self._dir_moves.setdefault(os.path.dirname(d), []).append((s, d))
             self.on_point("rename")
             return
-        ino = self.current.pop(s, None)
-        if ino is not None:
-            self.current[d] = ino
-            self.live_path[ino] = d
+        moved = self.current.pop(s, None)
+        if moved is not None:
+            self.current[d] = moved
+            self.live_path[moved] = d
             self.on_point("rename")
 
     def unlink(self, path: PathLike) -> None:

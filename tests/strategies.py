@@ -29,7 +29,9 @@ from xpstore.model.records import (
 INT64_MAX = 2**63 - 1
 
 
-def finite(min_value: float | None = None, max_value: float | None = None, **kw: Any) -> Any:
+def finite(
+    min_value: float | None = None, max_value: float | None = None, **kw: Any
+) -> st.SearchStrategy[float]:
     """Finite floats (NaN and ±inf are invalid everywhere in a record)."""
     return st.floats(
         min_value=min_value, max_value=max_value, allow_nan=False, allow_infinity=False, **kw
@@ -45,7 +47,7 @@ labels = st.sampled_from(["adaptive", "gentle", "warm", "bright", "punchy", "liv
 short_text = st.text(max_size=16)
 ids = st.integers(min_value=0, max_value=INT64_MAX)
 
-VALUE_STRATEGY: dict[str, Any] = dict.fromkeys(BATCH_FIELDS, fractions)
+VALUE_STRATEGY: dict[str, st.SearchStrategy[float]] = dict.fromkeys(BATCH_FIELDS, fractions)
 VALUE_STRATEGY.update(
     lufs=finite(max_value=0.0),
     crest_db=non_negative,

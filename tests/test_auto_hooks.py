@@ -5,6 +5,8 @@ a few milliseconds here."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -12,7 +14,7 @@ from xpstore import Store
 from xpstore.demo.synthetic import make_prediction
 
 
-def _until(predicate, timeout: float = 20.0) -> bool:
+def _until(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -21,7 +23,7 @@ def _until(predicate, timeout: float = 20.0) -> bool:
     return False
 
 
-def test_automatic_snapshot_from_the_applier(store_path):
+def test_automatic_snapshot_from_the_applier(store_path: Path) -> None:
     rng = np.random.default_rng(1)
     with Store.open(store_path, create=True, snapshot_every_records=50, apply_interval_ms=5,
                     apply_batch_ops=20) as store:
@@ -32,7 +34,7 @@ def test_automatic_snapshot_from_the_applier(store_path):
         assert snap.lsn >= 50
 
 
-def test_automatic_retention_from_the_applier(store_path):
+def test_automatic_retention_from_the_applier(store_path: Path) -> None:
     rng = np.random.default_rng(2)
     config = {"retention": {"prediction": {"max_count": 30}}, "retention_interval_s": 0.05,
               "apply_interval_ms": 5}

@@ -60,12 +60,12 @@ def _argv(command: str, path: Path, tmp: Path) -> list[str]:
 
 
 
-def test_the_table_covers_every_command_that_takes_a_store():
+def test_the_table_covers_every_command_that_takes_a_store() -> None:
     assert set(_leaves()) - {"init", "demo"} == set(COMMANDS)
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_missing_path_and_not_a_store(tmp_path, command):
+def test_missing_path_and_not_a_store(tmp_path: Path, command: str) -> None:
     runner = CliRunner()
     missing = tmp_path / "nothing"
     result = runner.invoke(main, _argv(command, missing, tmp_path), input="")
@@ -81,7 +81,7 @@ def test_missing_path_and_not_a_store(tmp_path, command):
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_newer_format_version(tmp_path, command):
+def test_newer_format_version(tmp_path: Path, command: str) -> None:
     path = tmp_path / "store"
     Store.open(path, create=True).close()
     marker = path / "xpstore.json"
@@ -96,7 +96,7 @@ def test_newer_format_version(tmp_path, command):
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_locked_store(tmp_path, command):
+def test_locked_store(tmp_path: Path, command: str) -> None:
     path = tmp_path / "store"
     with Store.open(path, create=True) as store:
         store.put({"kind": "prediction", "predicted": "a", "confidence": 0.5, "context": "c"})
@@ -120,7 +120,7 @@ def test_locked_store(tmp_path, command):
         ["get", "{path}", "-5"],
     ],
 )
-def test_lsn_out_of_range(tmp_path, argv):
+def test_lsn_out_of_range(tmp_path: Path, argv: list[str]) -> None:
     path = tmp_path / "store"
     Store.open(path, create=True).close()
     before = files_of(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from click.testing import CliRunner
@@ -12,7 +13,7 @@ from xpstore.cli import main
 from xpstore.demo.synthetic import make_prediction, make_query_metric
 
 
-def _store(tmp_path):
+def _store(tmp_path: Path) -> Path:
     path = tmp_path / "s"
     rng = np.random.default_rng(0)
     with Store.open(path, create=True) as s:
@@ -21,7 +22,7 @@ def _store(tmp_path):
     return path
 
 
-def test_sample_rows_and_jsonl(tmp_path):
+def test_sample_rows_and_jsonl(tmp_path: Path) -> None:
     path = _store(tmp_path)
     r = CliRunner().invoke(main, ["sample", str(path), "-n", "5", "--kind", "prediction"])
     assert r.exit_code == 0, r.output
@@ -37,7 +38,7 @@ def test_sample_rows_and_jsonl(tmp_path):
         assert sum(s.get(row["id"]).retrieval_count for row in rows) >= 7
 
 
-def test_sample_errors(tmp_path):
+def test_sample_errors(tmp_path: Path) -> None:
     path = _store(tmp_path)
     runner = CliRunner()
     r = runner.invoke(main, ["sample", str(path), "-n", "0"])

@@ -392,7 +392,7 @@ def test_corrupted_encodings_never_escape_as_other_errors(
 
 @given(records())
 @settings(max_examples=100, deadline=None)
-def test_envelope_from_put_equals_a_full_encode(record):
+def test_envelope_from_put_equals_a_full_encode(record: Record) -> None:
     rec = record.model_copy(update={"ts": 12.5})
     exp = Experience(id=7, kind=kind_of(rec), ts=12.5, record=rec, updated_lsn=7)
     fast = envelope_from_put(encode_op(PutOp(rec)), kind=exp.kind, ts=12.5, updated_lsn=7)
@@ -403,7 +403,7 @@ def test_envelope_from_put_equals_a_full_encode(record):
 
 @given(records())
 @settings(max_examples=100, deadline=None)
-def test_peek_put_reads_kind_ts_and_track_without_models(record):
+def test_peek_put_reads_kind_ts_and_track_without_models(record: Record) -> None:
     rec = record.model_copy(update={"ts": 7.0})
     summary = peek_put(encode_op(PutOp(rec)))
     assert summary is not None

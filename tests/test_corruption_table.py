@@ -22,6 +22,7 @@ from xpstore.ops.salvage import salvage_store
 from xpstore.persistence.wal import WalWriter
 from xpstore.persistence.wal_format import HEADER_SIZE, Frame
 from xpstore.persistence.wal_reader import scan_segment
+from xpstore.persistence.wal_recovery import RecoveryReport
 
 MODES = ("tolerate_tail", "absolute", "point_in_time", "salvage")
 OPENS = "opens; torn tail truncated (.broken copy kept)"
@@ -51,7 +52,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _frames(path: Path) -> list[tuple[Path, Frame]]:
-    out = []
+    out: list[tuple[Path, Frame]] = []
     for seg in sorted((path / "wal").glob("*.wal")):
         out.extend((seg, f) for f in scan_segment(seg, seg.read_bytes(), 1 << 26).frames)
     return out
@@ -117,8 +118,8 @@ def _damage(case: str, path: Path) -> tuple[set[int], set[int]]:
         w = WalWriter(other, store_id=12345, next_lsn=nxt, durability="none",
                       segment_max_bytes=1 << 20, max_frame_bytes=1 << 20, group_commit_ms=1,
                       on_durable=lambda a, b: None)
-        _a, last = w.append([b"not ours"])
-        w.wait(last)
+        _a, last_lsn = w.append([b"not ours"])
+        w.wait(last_lsn)
         w.close()
         shutil.copyfile(next(other.glob("*.wal")), path / "wal" / f"{nxt:020d}.wal")
         return every, every
@@ -129,7 +130,8 @@ def _damage(case: str, path: Path) -> tuple[set[int], set[int]]:
 
 @pytest.mark.parametrize("case", list(TABLE))
 @pytest.mark.parametrize("mode", MODES)
-def test_corruption_table(tmp_path, base, case, mode):
+def test_corruption_table(tmp_path: Path, base: Path, case: str, mode: str) -> None:
+    report: RecoveryReport | None
     path = tmp_path / "store"
     shutil.copytree(base, path)
     prefix_keeps, salvage_keeps = _damage(case, path)
@@ -166,7 +168,7 @@ def test_corruption_table(tmp_path, base, case, mode):
         assert {e.id for e in again.scan()} == ids
 
 
-def test_docs_recovery_md_has_this_table():
+def test_docs_recovery_md_has_this_table() -> None:
     text = (Path(__file__).parent.parent / "docs" / "recovery.md").read_text()
     rows = {}
     for line in text.splitlines():

@@ -42,6 +42,7 @@ def _run_round(
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, **(env or {})})
     assert proc.stdout is not None
+    assert proc.stderr is not None
     acks: list[tuple[int, int, int]] = []
     buf = b""
     sel = selectors.DefaultSelector()
@@ -112,10 +113,10 @@ def _crash_rounds(path: Path, n: int, seed: int) -> None:
     )
 
 
-def test_sigkill_rounds_lose_nothing_acknowledged(tmp_path):
+def test_sigkill_rounds_lose_nothing_acknowledged(tmp_path: Path) -> None:
     _crash_rounds(tmp_path / "store", 30, seed=1)
 
 
 @pytest.mark.stress
-def test_sigkill_stress_1000_rounds(tmp_path):
+def test_sigkill_stress_1000_rounds(tmp_path: Path) -> None:
     _crash_rounds(tmp_path / "store", 1000, seed=2)

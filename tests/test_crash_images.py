@@ -14,6 +14,7 @@ import numpy as np
 from tests.crashfs import CrashFS
 from xpstore import Store
 from xpstore.demo.synthetic import make_mixed
+from xpstore.model.records import Record
 from xpstore.persistence import fs
 from xpstore.persistence.wal_reader import scan_segment
 
@@ -23,10 +24,10 @@ class _Workload:
         self.root = root
         self.images = images
         self.store: Store | None = None
-        self.acked: dict[int, object] = {}
+        self.acked: dict[int, Record] = {}
         self.deleted: set[int] = set()
         self.in_flight: set[int] = set()  # a delete being logged: either outcome is right
-        self.taken: list[tuple[Path, dict[int, object], set[int], str]] = []
+        self.taken: list[tuple[Path, dict[int, Record], set[int], str]] = []
         self.crashfs: CrashFS | None = None
         self.torn_images = 0
 
@@ -85,7 +86,7 @@ def _run_workload(tmp_path: Path) -> _Workload:
     return work
 
 
-def test_every_crash_image_opens_with_every_acknowledged_record(tmp_path):
+def test_every_crash_image_opens_with_every_acknowledged_record(tmp_path: Path) -> None:
     work = _run_workload(tmp_path)
     kinds = {k for *_rest, k in work.taken}
     assert {"write", "fdatasync", "fsync_dir", "rename"} <= kinds
@@ -115,7 +116,7 @@ def test_every_crash_image_opens_with_every_acknowledged_record(tmp_path):
     assert listed > 0 and half > 0  # images caught complete snapshots and half-made ones
 
 
-def test_crashfs_undoes_unsynced_renames_and_data(tmp_path):
+def test_crashfs_undoes_unsynced_renames_and_data(tmp_path: Path) -> None:
     root = tmp_path / "r"
     root.mkdir()
     points: list[str] = []

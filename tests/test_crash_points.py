@@ -5,6 +5,8 @@ their features)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.test_crash import _check, _run_round
@@ -21,7 +23,7 @@ from xpstore import Store
         ("checkpoint.after_unlink", "2"),
     ],
 )
-def test_sigkill_at_wal_crash_points(tmp_path, point, skip):
+def test_sigkill_at_wal_crash_points(tmp_path: Path, point: str, skip: str) -> None:
     path = tmp_path / "store"
     env = {"XPSTORE_CRASH_AT": point, "XPSTORE_CRASH_SKIP": skip}
     acks = _run_round(path, 7, 10**9, ["--segment-max-bytes", "65536"], env=env)

@@ -330,7 +330,7 @@ def test_constant_dimension_gives_no_nan() -> None:
     lib = LIBRARY.copy()
     lib[:, BATCH_FIELDS.index("silence_ratio")] = 0.0
     for mode in ("zscore", "percentile"):
-        stats = AudioStats.fit(lib, mode)  # type: ignore[arg-type]
+        stats = AudioStats.fit(lib, mode)
         assert stats.scale()[BATCH_FIELDS.index("silence_ratio")] == 1.0
         e = HybridEmbedder(stats)
         v = e.embed_many(
@@ -466,14 +466,14 @@ def test_default_stats_table_is_what_the_script_computes() -> None:
         expected = dict(zip(BATCH_FIELDS, getattr(fitted, name), strict=True))
         assert table == expected, name  # exact: the module holds full float reprs
     for mode in ("zscore", "percentile"):
-        assert AudioStats.prior(mode) == AudioStats.fit(rows, mode)  # type: ignore[arg-type]
+        assert AudioStats.prior(mode) == AudioStats.fit(rows, mode)
     committed = Path(default_stats.__file__).read_text()
     assert gen.render(fitted) == committed, "run python scripts/make_default_stats.py"
 
 
 def test_prior_reads_the_table_by_name() -> None:
     for mode in ("zscore", "percentile"):
-        prior = AudioStats.prior(mode)  # type: ignore[arg-type]
+        prior = AudioStats.prior(mode)
         assert prior.mode == mode and prior.count == default_stats.COUNT
         for name, table in _TABLES.items():
             assert getattr(prior, name) == tuple(table[f] for f in BATCH_FIELDS), name
@@ -546,6 +546,7 @@ def test_bad_query_weights_and_embedding_dimension_name_the_field() -> None:
         ({"audio": 0.0, "embedding": 0.0}, "weights"),
         ({"lyrics": 1.0}, "weights.lyrics"),
     ]
+    err: pytest.ExceptionInfo[InvalidArgumentError | InvalidRecordError]  # both kinds below
     for weights, field in cases:  # weights are a plain argument, not a record field
         with pytest.raises(InvalidArgumentError) as err:
             e.embed(fp, weights=weights)

@@ -351,10 +351,11 @@ def test_search_parameter_faiss_refuses_is_an_invalid_argument() -> None:
     SWIG OverflowError arrives as an InvalidArgumentError naming the parameter."""
     hnsw = _small("hnsw")
     q = _random_unit(2, 8, seed=20)
-    for call in (
+    calls: tuple[Callable[[], object], ...] = (
         lambda: hnsw.search(q, 3, params={"ef_search": 2**31}),
         lambda: hnsw.search(q, 3, params={"ef_search": 2**31}, exclude=exclusion([1, 2])),
-    ):
+    )
+    for call in calls:
         with pytest.raises(InvalidArgumentError) as err:
             call()
         assert err.value.field == "params.ef_search"

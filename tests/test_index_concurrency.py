@@ -6,17 +6,24 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.index_support import library, live_fingerprints
+from tests.index_support import (
+    index_rebuilder,
+    index_server,
+    library,
+    live_fingerprints,
+    vector_of,
+)
 from xpstore import RecordNotFoundError, Store
 from xpstore.demo.synthetic import make_fingerprint
 
 
 @pytest.mark.parametrize("build_in", ["thread", "process"])
-def test_queries_during_writes_and_swaps(tmp_path, build_in):
+def test_queries_during_writes_and_swaps(tmp_path: Path, build_in: str) -> None:
     rng = np.random.default_rng(21)
     with Store.open(
         tmp_path / "s",
@@ -29,8 +36,8 @@ def test_queries_during_writes_and_swaps(tmp_path, build_in):
     ) as st:
         st.put_many(library(rng, 1500))
         st.rebuild_index()
-        server = st.parts.index.manager.server
-        probes = np.vstack([server.vector_of(st.get_fingerprint(f"t{i}").id) for i in range(50)])
+        server = index_server(st)
+        probes = np.vstack([vector_of(server, st.get_fingerprint(f"t{i}").id) for i in range(50)])
         retired_at: dict[int, float] = {}
         answers: list[tuple[float, list[int]]] = []
         errors: list[BaseException] = []
@@ -82,7 +89,7 @@ def test_queries_during_writes_and_swaps(tmp_path, build_in):
                     if step == 200:
                         st.rebuild_index(wait=False)
                     if step % 5 == 0:  # no retired id may come back to life (e.g. at a swap)
-                        server = st.parts.index.manager.server
+                        server = index_server(st)
                         revived.extend(r for r in list(retired_at) if server.is_live(r))
             except BaseException as exc:
                 errors.append(exc)
@@ -99,7 +106,7 @@ def test_queries_during_writes_and_swaps(tmp_path, build_in):
         assert not errors, errors
         assert not revived, f"retired ids served again: {sorted(set(revived))[:10]}"
         assert len(answers) > 100
-        builds = st.parts.index.manager.rebuilder.builds
+        builds = index_rebuilder(st).builds
         assert builds >= 2, f"only {builds} rebuilds ran during the test"
         stale = [
             (rid, started)
@@ -111,13 +118,13 @@ def test_queries_during_writes_and_swaps(tmp_path, build_in):
 
         # what the index serves is exactly the live set, before the last swap...
         live = live_fingerprints(st)
-        server = st.parts.index.manager.server
+        server = index_server(st)
         served = (set(server.main.ids.tolist()) - server.tombs) | set(server.delta.pos)
         assert served == set(live)
         assert server.live_count() == len(live)
 
         st.rebuild_index()  # ...and after it every acknowledged fingerprint is findable
-        server = st.parts.index.manager.server
+        server = index_server(st)
         live = live_fingerprints(st)
         assert server.live_count() == len(live)
         ids = sorted(live)

@@ -20,8 +20,9 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.index_support import exact_top, library, same_up_to_ties
-from xpstore import Store
+from tests.helpers import record_as
+from tests.index_support import exact_top, index_server, library, same_up_to_ties
+from xpstore import Fingerprint, Store
 
 CHILD = textwrap.dedent(
     """
@@ -78,7 +79,7 @@ def _check_exact(path: Path, exact_below: int) -> None:
         agree = total = 0
         for q in ["t1", "t8", "c3", "t44", "c77", "t299"]:
             fp = st.get_fingerprint(q)
-            query = st.parts.index.manager.server.embedder.embed(fp.record)
+            query = index_server(st).embedder.embed(record_as(fp, Fingerprint))
             got = [(h.record_id, h.score) for h in st.similar(q, k=10)]
             want = exact_top(st, query, 10, exclude=[fp.id])
             if exact_below > 1200:
@@ -100,7 +101,7 @@ def _check_exact(path: Path, exact_below: int) -> None:
         "index.neighbors.partial",
     ],
 )
-def test_sigkill_at_each_index_crash_point(tmp_path, point):
+def test_sigkill_at_each_index_crash_point(tmp_path: Path, point: str) -> None:
     path = tmp_path / "s"
     _seed(path, 10_000)
     proc = _child(path, "thread", "crash-point", 10_000, {"XPSTORE_CRASH_AT": point})
@@ -118,7 +119,7 @@ def _builders(path: Path) -> list[psutil.Process]:
     return out
 
 
-def test_sigkill_while_a_child_process_builds(tmp_path):
+def test_sigkill_while_a_child_process_builds(tmp_path: Path) -> None:
     """The store dies mid-build; its build process notices and exits; reopen serves correctly."""
     path = tmp_path / "s"
     _seed(path, 0)  # HNSW

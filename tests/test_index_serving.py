@@ -5,12 +5,26 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
-from tests.index_support import exact_top, library, live_fingerprints, same_up_to_ties
+from tests.helpers import record_as
+from tests.index_support import (
+    exact_top,
+    index_manager,
+    index_server,
+    library,
+    live_fingerprints,
+    same_up_to_ties,
+    vector_of,
+)
 from xpstore import (
+    Fingerprint,
     InvalidArgumentError,
     InvalidRecordError,
     ReadOnlyStoreError,
@@ -19,17 +33,19 @@ from xpstore import (
 )
 from xpstore.demo.synthetic import make_fingerprint
 from xpstore.index.backends import read_meta
+from xpstore.index.embedding import HybridEmbedder
+from xpstore.index.neighbors import Neighbor
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-QUIET = {"index_auto_rebuild": False}  # rebuild only when a test says so
+QUIET: dict[str, Any] = {"index_auto_rebuild": False}  # rebuild only when a test says so
 
 
-def _pairs(hits):
+def _pairs(hits: Sequence[Neighbor]) -> list[tuple[int, float]]:
     return [(h.record_id, h.score) for h in hits]
 
 
-def test_a_fingerprint_is_findable_as_soon_as_put_returns(tmp_path):
+def test_a_fingerprint_is_findable_as_soon_as_put_returns(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     with Store.open(tmp_path / "s", create=True, **QUIET) as st:
         st.put_many(library(rng, 200))
@@ -43,7 +59,7 @@ def test_a_fingerprint_is_findable_as_soon_as_put_returns(tmp_path):
         assert st.index_status()["delta"] == 1  # served from the delta, no rebuild
 
 
-def test_superseded_and_deleted_tracks_are_never_returned(tmp_path):
+def test_superseded_and_deleted_tracks_are_never_returned(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     with Store.open(tmp_path / "s", create=True, **QUIET) as st:
         fps = library(rng, 300)
@@ -70,7 +86,7 @@ def test_superseded_and_deleted_tracks_are_never_returned(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["exact", "hnsw"])
-def test_answers_equal_brute_force_over_the_live_set(tmp_path, kind):
+def test_answers_equal_brute_force_over_the_live_set(tmp_path: Path, kind: str) -> None:
     rng = np.random.default_rng(3)
     cfg = {**QUIET, "index_exact_below": 10_000 if kind == "exact" else 0}
     with Store.open(tmp_path / "s", create=True, embedding_dim=8, **cfg) as st:
@@ -92,13 +108,13 @@ def test_answers_equal_brute_force_over_the_live_set(tmp_path, kind):
             assert agree / 200 >= 0.95
 
 
-def test_tombstones_crowding_the_top_fall_back_to_an_id_selector(tmp_path):
+def test_tombstones_crowding_the_top_fall_back_to_an_id_selector(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     with Store.open(tmp_path / "s", create=True, index_exact_below=0, **QUIET) as st:
         fps = library(rng, 600, style="techno")
         ids = st.put_many(fps)
         st.rebuild_index()
-        query = st.parts.index.manager.server.vector_of(ids[0])
+        query = vector_of(index_server(st), ids[0])
         first = st.similar(vector=query, k=40, exclude_self=False)
         for h in first[1:]:  # delete the 39 nearest other tracks
             st.delete_track(h.track_id)
@@ -109,7 +125,7 @@ def test_tombstones_crowding_the_top_fall_back_to_an_id_selector(tmp_path):
         assert len({h.record_id for h in hits} & {w for w, _ in want}) >= 9
 
 
-def test_writes_before_the_first_query_are_caught_up(tmp_path):
+def test_writes_before_the_first_query_are_caught_up(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     path = tmp_path / "s"
     with Store.open(path, create=True, **QUIET) as st:
@@ -126,12 +142,14 @@ def test_writes_before_the_first_query_are_caught_up(tmp_path):
         assert status["size"] == 400 and status["delta"] == 51 and status["tombstones"] == 2
         assert status["live"] == len(live_fingerprints(st)) == 449
         late = st.get_fingerprint("late3")
-        hit = st.similar(fingerprint=late.record, k=1, exclude_self=False)[0]
+        hit = st.similar(fingerprint=record_as(late, Fingerprint), k=1, exclude_self=False)[0]
         assert hit.record_id == late.id
         assert all(h.track_id != "t7" for h in st.similar("t9", k=449))
 
 
-def test_a_damaged_index_file_is_not_used_and_answers_stay_exact(tmp_path, caplog):
+def test_a_damaged_index_file_is_not_used_and_answers_stay_exact(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     rng = np.random.default_rng(6)
     path = tmp_path / "s"
     with Store.open(path, create=True, **QUIET) as st:
@@ -142,7 +160,7 @@ def test_a_damaged_index_file_is_not_used_and_answers_stay_exact(tmp_path, caplo
     data[-100] ^= 0xFF
     f.write_bytes(bytes(data))
     with Store.open(path, **QUIET) as st:
-        q = st.parts.index.manager.server.vector_of(1) if st.parts.index.manager else None
+        q = index_server(st).vector_of(1) if st.parts.index.manager else None
         assert q is None
         status = st.index_status()
         assert "checksum" in caplog.text
@@ -152,7 +170,9 @@ def test_a_damaged_index_file_is_not_used_and_answers_stay_exact(tmp_path, caplo
                                exact_top(st, query, 10))
 
 
-def test_an_index_file_of_another_store_or_from_the_future_is_removed_at_open(tmp_path):
+def test_an_index_file_of_another_store_or_from_the_future_is_removed_at_open(
+    tmp_path: Path,
+) -> None:
     rng = np.random.default_rng(7)
     a, b = tmp_path / "a", tmp_path / "b"
     for p in (a, b):
@@ -165,7 +185,7 @@ def test_an_index_file_of_another_store_or_from_the_future_is_removed_at_open(tm
         assert st.index_status()["delta"] == 50
 
 
-def test_read_only_processes_use_the_file_and_catch_up(tmp_path):
+def test_read_only_processes_use_the_file_and_catch_up(tmp_path: Path) -> None:
     rng = np.random.default_rng(8)
     path = tmp_path / "s"
     with Store.open(path, create=True, **QUIET) as writer:
@@ -179,13 +199,13 @@ def test_read_only_processes_use_the_file_and_catch_up(tmp_path):
                 reader.rebuild_index()
             rid = writer.put(make_fingerprint(rng, "newcomer"))
             writer.flush()
-            hit = reader.similar(vector=writer.parts.index.manager.server.vector_of(rid), k=1,
+            hit = reader.similar(vector=index_server(writer).vector_of(rid), k=1,
                                  exclude_self=False)[0]
             assert hit.track_id == "newcomer"
 
 
 @pytest.mark.parametrize("where", ["thread", "process"])
-def test_builds_in_a_thread_and_in_a_child_process_agree(tmp_path, where):
+def test_builds_in_a_thread_and_in_a_child_process_agree(tmp_path: Path, where: str) -> None:
     rng = np.random.default_rng(9)
     with Store.open(tmp_path / "s", create=True, index_build_in=where, index_exact_below=0,
                     **QUIET) as st:
@@ -201,7 +221,7 @@ def test_builds_in_a_thread_and_in_a_child_process_agree(tmp_path, where):
         assert not list((tmp_path / "s" / "index").glob("build-*"))
 
 
-def test_precomputed_lists_skip_retired_neighbours_and_say_their_build(tmp_path):
+def test_precomputed_lists_skip_retired_neighbours_and_say_their_build(tmp_path: Path) -> None:
     rng = np.random.default_rng(10)
     with Store.open(tmp_path / "s", create=True, **QUIET) as st:
         st.put_many(library(rng, 100))
@@ -227,15 +247,15 @@ def test_precomputed_lists_skip_retired_neighbours_and_say_their_build(tmp_path)
         assert builds == {second}
 
 
-def test_where_and_weights_and_raw_values(tmp_path):
+def test_where_and_weights_and_raw_values(tmp_path: Path) -> None:
     rng = np.random.default_rng(11)
     with Store.open(tmp_path / "s", create=True, embedding_dim=6, **QUIET) as st:
         st.put_many(library(rng, 400, embedding_dim=6))
         hits = st.similar("t0", k=10, where={"metadata.style": "jazz"})
-        assert hits and all(h.metadata["style"] == "jazz" for h in hits)
+        assert hits and all(h.metadata is not None and h.metadata["style"] == "jazz" for h in hits)
         audio_only = st.similar("t0", k=10, weights={"audio": 1.0, "embedding": 0.0})
-        fp = st.get_fingerprint("t0").record
-        server = st.parts.index.manager.server
+        fp = record_as(st.get_fingerprint("t0"), Fingerprint)
+        server = index_server(st)
         q = server.embedder.embed_query(fp, {"audio": 1.0, "embedding": 0.0})
         want = exact_top(st, q, 10, exclude=[st.get_fingerprint("t0").id])
         assert same_up_to_ties(_pairs(audio_only), want)
@@ -243,14 +263,15 @@ def test_where_and_weights_and_raw_values(tmp_path):
         assert len(raw) == 5 and raw[0].score >= raw[-1].score
 
 
-def test_bad_input_gets_clear_errors(tmp_path):
+def test_bad_input_gets_clear_errors(tmp_path: Path) -> None:
     rng = np.random.default_rng(12)
     with Store.open(tmp_path / "s", create=True, **QUIET) as st:
         st.put_many(library(rng, 20))
         # a plain argument (k, vector, which query, weights, params) is an InvalidArgumentError;
         # a fingerprint's values and where= keys name record fields (InvalidRecordError)
         arg, rec = InvalidArgumentError, InvalidRecordError
-        cases = [
+        cases: list[tuple[dict[str, Any], type[InvalidArgumentError | InvalidRecordError],
+                          str | None]] = [
             (dict(vector=np.ones(7)), arg, "vector"),
             (dict(vector=np.full(25, np.nan)), arg, "vector"),
             (dict(vector=np.zeros(25)), arg, "vector"),
@@ -270,8 +291,10 @@ def test_bad_input_gets_clear_errors(tmp_path):
         for kwargs, cls, field in cases:
             with pytest.raises(cls) as err:
                 st.similar(**kwargs)
+            error = err.value  # one of the two (mypy joins the pair to XpStoreError)
+            assert isinstance(error, InvalidArgumentError | InvalidRecordError)
             if field is not None:
-                assert err.value.field == field, (kwargs, err.value.field)
+                assert error.field == field, (kwargs, error.field)
         with pytest.raises(RecordNotFoundError, match="nosuch"):
             st.similar("nosuch")
         with pytest.raises(arg, match="2-D"):
@@ -285,15 +308,15 @@ def test_bad_input_gets_clear_errors(tmp_path):
             assert err.value.field == field
 
 
-def test_similar_many_matches_single_queries(tmp_path):
+def test_similar_many_matches_single_queries(tmp_path: Path) -> None:
     rng = np.random.default_rng(13)
     with Store.open(tmp_path / "s", create=True, **QUIET) as st:
         ids = st.put_many(library(rng, 300))
-        server = st.parts.index.manager.server if st.parts.index.manager else None
+        server = index_manager(st).server if st.parts.index.manager else None
         assert server is None  # attached lazily
         st.similar("t0", k=1)
-        server = st.parts.index.manager.server
-        q = np.vstack([server.vector_of(r) for r in ids[:16]])
+        server = index_server(st)
+        q = np.vstack([vector_of(server, r) for r in ids[:16]])
         many = st.similar_many(q, k=5)
         for row, hits in zip(q, many, strict=True):
             assert [h.record_id for h in hits] == [
@@ -301,7 +324,7 @@ def test_similar_many_matches_single_queries(tmp_path):
             ]
 
 
-def test_status_is_json_ready(tmp_path):
+def test_status_is_json_ready(tmp_path: Path) -> None:
     rng = np.random.default_rng(14)
     with Store.open(tmp_path / "s", create=True, **QUIET) as st:
         st.put_many(library(rng, 30))
@@ -313,7 +336,9 @@ def test_status_is_json_ready(tmp_path):
         assert status["lsn"] == 30 and status["kind"] == "exact"
 
 
-def test_a_swap_embeds_fingerprints_that_arrive_while_it_runs(tmp_path, monkeypatch):
+def test_a_swap_embeds_fingerprints_that_arrive_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A put landing between the swap's two embedding passes (a race in the wild) is embedded
     under the swap's lock and stays findable; the swap does not deadlock on its own lock."""
     from xpstore.index.serving import IndexServer
@@ -327,7 +352,9 @@ def test_a_swap_embeds_fingerprints_that_arrive_while_it_runs(tmp_path, monkeypa
         st.rebuild_index()
         st.put_many(library(rng, 5, prefix="d"))  # in the delta, newer than the next build
 
-        def racing(self, embedder, keep, **kw):
+        def racing(
+            self: IndexServer, embedder: HybridEmbedder, keep: Callable[[int], bool], **kw: Any
+        ) -> dict[int, npt.NDArray[np.float32]]:
             out = original(self, embedder, keep, **kw)
             if not arrived:  # after the first pass read the delta, before the lock is taken
                 arrived.append(st.put(make_fingerprint(rng, "racer")))
@@ -337,11 +364,13 @@ def test_a_swap_embeds_fingerprints_that_arrive_while_it_runs(tmp_path, monkeypa
         status = st.rebuild_index(timeout=30)
         assert arrived and status["delta"] >= 1
         fp = st.get_fingerprint("racer")
-        hit = st.similar(fingerprint=fp.record, k=1, exclude_self=False)[0]
+        hit = st.similar(fingerprint=record_as(fp, Fingerprint), k=1, exclude_self=False)[0]
         assert hit.record_id == fp.id and math.isclose(hit.score, 1.0, abs_tol=1e-5)
 
 
-def test_a_search_spanning_a_swap_never_returns_an_id_retired_before_it(tmp_path, monkeypatch):
+def test_a_search_spanning_a_swap_never_returns_an_id_retired_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The search reads main, delta and tombstones as one snapshot: mixing the old main with
     the new (shorter) tombstone set once returned a deleted track (found by the concurrency
     test; reproduced here deterministically by swapping in the middle of a search)."""
@@ -352,12 +381,14 @@ def test_a_search_spanning_a_swap_never_returns_an_id_retired_before_it(tmp_path
         ids = st.put_many(library(rng, 300))
         st.rebuild_index()
         x = ids[5]
-        query = st.parts.index.manager.server.vector_of(x)
+        query = index_server(st).vector_of(x)
         st.delete_track("t5")  # a tombstone of the current main index
         original = IndexServer._candidates
         fired: list[bool] = []
 
-        def racing(self, *args, **kwargs):
+        def racing(
+            self: IndexServer, *args: Any, **kwargs: Any
+        ) -> list[list[tuple[int, float, bool]]]:
             out = original(self, *args, **kwargs)
             if not fired:
                 fired.append(True)
@@ -370,13 +401,13 @@ def test_a_search_spanning_a_swap_never_returns_an_id_retired_before_it(tmp_path
         assert x not in {h.record_id for h in hits}
 
 
-def test_answers_show_metadata_updated_after_they_were_cached(tmp_path):
+def test_answers_show_metadata_updated_after_they_were_cached(tmp_path: Path) -> None:
     rng = np.random.default_rng(17)
     with Store.open(tmp_path / "s", create=True, **QUIET) as st:
         ids = st.put_many(library(rng, 50))
         first = st.similar("t0", k=3)
         target = first[0]
-        assert target.record_id in st.parts.index.manager.server.answers  # cached
+        assert target.record_id in index_server(st).answers  # cached
         st.update(target.record_id, metadata={"title": "Renamed", "artist": "Someone"})
         again = st.similar("t0", k=3)
         assert again[0].record_id == target.record_id
@@ -384,7 +415,9 @@ def test_answers_show_metadata_updated_after_they_were_cached(tmp_path):
         assert len(ids) == 50
 
 
-def test_neighbour_files_are_read_in_slices(tmp_path, monkeypatch):
+def test_neighbour_files_are_read_in_slices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """msgpack refuses to buffer more than 100 MiB at once; a million tracks' lists are more,
     so the reader feeds the payload in slices (here 64 bytes, so entries straddle slices)."""
     from xpstore.index import neighbors as nbrs

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-from tests.helpers import files_of, segments
-from xpstore import Store
+from tests.helpers import files_of, record_as, segments
+from xpstore import Fingerprint, Store
 from xpstore.cli import main
 from xpstore.demo.synthetic import make_mixed
 from xpstore.ops.inspect import inspect_wal
@@ -44,7 +44,7 @@ def make_store(path: Path, n: int = 300, *, batch: int = 50, **config: Any) -> l
         fps = [i for i in ids if kinds[i] == "fingerprint"]
         store.update(preds[0], actual="warm")
         store.delete(preds[1])
-        store.delete_track(store.get(fps[-1]).record.track_id)  # type: ignore[union-attr]
+        store.delete_track(record_as(store.get(fps[-1]), Fingerprint).track_id)
     return ids
 
 
@@ -89,7 +89,7 @@ def test_inspect_clean_wal_reports_every_segment_in_lsn_order(held: Path) -> Non
             assert rep.frame_list[-1].last_lsn == rep.last_lsn
             assert rep.first_commit is not None and rep.last_commit is not None
             assert rep.first_commit <= rep.last_commit
-            expected = rep.last_lsn + 1  # type: ignore[operator]
+            expected = rep.last_lsn + 1
         assert rep.size == (held / "wal" / rep.name).stat().st_size
     assert expected - 1 == 603  # 600 puts + update + delete + delete_track
 
@@ -290,7 +290,9 @@ def test_verify_finds_a_count_mismatch(applied: tuple[Path, list[int]]) -> None:
     env = _raw_env(root)
     with env.begin(write=True) as txn:
         meta = env.open_db(b"meta", txn=txn)
-        counts = json.loads(txn.get(b"counts", db=meta))
+        raw = txn.get(b"counts", db=meta)
+        assert raw is not None
+        counts = json.loads(raw)
         counts["3"] += 5
         txn.put(b"counts", json.dumps(counts).encode(), db=meta)
     env.close()

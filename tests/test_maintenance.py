@@ -53,6 +53,13 @@ def live(store: Store, kind: str | None = None) -> dict[int, Record]:
     return {exp.id: exp.record for exp in store.scan(kind)}
 
 
+def retention_task(store: Store) -> maintenance.RetentionTask:
+    """The store's retention task as its own class (whose ``due`` takes a ``now``)."""
+    task = store.parts.tasks["retention"]
+    assert isinstance(task, maintenance.RetentionTask)
+    return task
+
+
 def child(script: str, *args: Any, crash_at: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``script`` in a fresh interpreter (no FAISS), optionally dying at a crash point."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -112,7 +119,7 @@ def test_retention_without_rules_and_on_a_readonly_store(store_path: Path) -> No
     with Store.open(store_path, create=True) as store:
         store.put(prediction(0))
         assert store.apply_retention() == {}
-        assert not store.parts.tasks["retention"].due(now=time.monotonic() + 1e9)
+        assert not retention_task(store).due(now=time.monotonic() + 1e9)
     with Store.open(store_path, readonly=True) as ro, pytest.raises(ReadOnlyStoreError):
         ro.apply_retention()
 
@@ -202,7 +209,7 @@ def test_evictions_survive_a_sigkill_with_the_applier_held(store_path: Path) -> 
 def test_automatic_retention_runs_when_due(store_path: Path) -> None:
     cfg = {"retention": {"prediction": {"max_count": 1}}, "retention_interval_s": 3600.0}
     with Store.open(store_path, create=True, config=cfg) as store:
-        task = store.parts.tasks["retention"]
+        task = retention_task(store)
         store.put_many([prediction(i) for i in range(4)])
         now = time.monotonic()
         assert not task.due(now=now)  # the first pass is due an interval after the open

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,11 +15,13 @@ from tests.helpers import files_of
 from xpstore import InvalidArgumentError, Store, WALCorruptionError
 from xpstore.cli import main
 from xpstore.demo.synthetic import make_mixed
+from xpstore.model.records import Record
 from xpstore.ops.salvage import salvage_store
+from xpstore.persistence.wal_format import Frame
 from xpstore.persistence.wal_reader import scan_segment
 
 
-def _held_store(path: Path, n: int = 12, **kw) -> list:
+def _held_store(path: Path, n: int = 12, **kw: Any) -> list[Record]:
     records = make_mixed(np.random.default_rng(11), n, t0=100.0)
     with Store.open(path, create=True, hold_applier=True, **kw) as store:
         for r in records:
@@ -26,9 +29,9 @@ def _held_store(path: Path, n: int = 12, **kw) -> list:
     return records
 
 
-def _frames(path: Path):
+def _frames(path: Path) -> list[tuple[Path, Frame]]:
     segs = sorted((path / "wal").glob("*.wal"))
-    out = []
+    out: list[tuple[Path, Frame]] = []
     for seg in segs:
         scan = scan_segment(seg, seg.read_bytes(), 1 << 26)
         out.extend((seg, f) for f in scan.frames)
@@ -43,7 +46,7 @@ def _flip(seg: Path, offset: int) -> None:
 
 
 
-def test_salvage_skips_a_damaged_frame_and_reports_the_gap(tmp_path):
+def test_salvage_skips_a_damaged_frame_and_reports_the_gap(tmp_path: Path) -> None:
     src = tmp_path / "src"
     _held_store(src)
     seg, frame = _frames(src)[4]  # LSN 5
@@ -61,7 +64,7 @@ def test_salvage_skips_a_damaged_frame_and_reports_the_gap(tmp_path):
     assert files_of(src) == before  # salvage never writes into the damaged store
 
 
-def test_salvage_over_a_missing_segment_and_a_torn_tail(tmp_path):
+def test_salvage_over_a_missing_segment_and_a_torn_tail(tmp_path: Path) -> None:
     src = tmp_path / "src"
     _held_store(src, n=500, segment_max_bytes=64 * 1024)
     segs = sorted((src / "wal").glob("*.wal"))
@@ -81,7 +84,7 @@ def test_salvage_over_a_missing_segment_and_a_torn_tail(tmp_path):
         assert {e.id for e in dst.scan()} == expected
 
 
-def test_point_in_time_to_lsn_sets_the_rest_aside(tmp_path):
+def test_point_in_time_to_lsn_sets_the_rest_aside(tmp_path: Path) -> None:
     path = tmp_path / "s"
     _held_store(path)
     with pytest.raises(InvalidArgumentError):
@@ -101,7 +104,7 @@ def test_point_in_time_to_lsn_sets_the_rest_aside(tmp_path):
     assert "snapshot" in str(info.value)
 
 
-def test_recover_modes_through_the_cli(tmp_path):
+def test_recover_modes_through_the_cli(tmp_path: Path) -> None:
     runner = CliRunner()
     clean = tmp_path / "clean"
     _held_store(clean)
@@ -126,7 +129,7 @@ def test_recover_modes_through_the_cli(tmp_path):
     assert result.exit_code == 0 and "dropped LSNs 3..12" in result.output
 
 
-def test_recover_bad_arguments(tmp_path):
+def test_recover_bad_arguments(tmp_path: Path) -> None:
     runner = CliRunner()
     path = tmp_path / "s"
     _held_store(path, n=3)

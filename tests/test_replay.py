@@ -25,11 +25,15 @@ from xpstore.model.records import (
     kind_of,
     record_to_json,
 )
-from xpstore.ops.replay import ReplayItem, replay
+from xpstore.ops.replay import ReplayItem, ReplayStream, replay
+from xpstore.persistence.wal_format import Frame
 from xpstore.persistence.wal_reader import scan_segment
 
 T0 = 1_690_000_000.0
 MAX_FRAME = 64 * 1024 * 1024
+
+# the store's root, the records put (in order), and the ids of the updated and deleted records
+Held = tuple[Path, list[Record], dict[str, int]]
 
 
 def run(*args: Any) -> Result:
@@ -51,7 +55,7 @@ def write(store: Store, records: list[Record], batch: int = 40) -> list[int]:
 
 
 
-def frames_of(seg: Path) -> list[Any]:
+def frames_of(seg: Path) -> list[Frame]:
     scan = scan_segment(seg, seg.read_bytes(), MAX_FRAME)
     assert scan.error is None
     return scan.frames
@@ -63,14 +67,14 @@ def flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def items_of(root: Path, **kw: Any) -> tuple[list[ReplayItem], Any]:
+def items_of(root: Path, **kw: Any) -> tuple[list[ReplayItem], ReplayStream]:
     with replay(root, **kw) as stream:
         items = list(stream)
     return items, stream
 
 
 @pytest.fixture
-def held(tmp_path: Path) -> tuple[Path, list[Record], dict[str, int]]:
+def held(tmp_path: Path) -> Held:
     """Everything in the WAL: 600 puts, then an update, a delete and a delete_track."""
     root = tmp_path / "held"
     recs = originals(600)
@@ -88,7 +92,7 @@ def held(tmp_path: Path) -> tuple[Path, list[Record], dict[str, int]]:
 # ------------------------------------------------------------------------ order and content
 
 
-def test_replay_streams_every_operation_in_lsn_order(held: Any) -> None:
+def test_replay_streams_every_operation_in_lsn_order(held: Held) -> None:
     root, recs, ids = held
     before = files_of(root)
     items, stream = items_of(root)
@@ -112,7 +116,7 @@ def test_replay_streams_every_operation_in_lsn_order(held: Any) -> None:
     assert files_of(root) == before
 
 
-def test_replay_filters(held: Any) -> None:
+def test_replay_filters(held: Held) -> None:
     root, recs, _ids = held
     preds, _ = items_of(root, kinds=["prediction"])
     assert preds and all(i.kind == "prediction" for i in preds)
@@ -133,7 +137,7 @@ def test_replay_filters(held: Any) -> None:
     assert max(i.lsn for i in both) <= 50
 
 
-def test_cli_jsonl_records_are_reingestable(held: Any, tmp_path: Path) -> None:
+def test_cli_jsonl_records_are_reingestable(held: Held, tmp_path: Path) -> None:
     root, recs, _ids = held
     result = run("replay", root, "--records")
     assert result.exit_code == 0
@@ -151,7 +155,7 @@ def test_cli_jsonl_records_are_reingestable(held: Any, tmp_path: Path) -> None:
     assert ops[0]["record"] == record_to_json(recs[598]) and ops[0]["source"] == "wal"
 
 
-def test_cli_csv_flattens_fields(held: Any) -> None:
+def test_cli_csv_flattens_fields(held: Held) -> None:
     root, recs, _ids = held
     result = run("replay", root, "--format", "csv", "--to-lsn", 60)
     assert result.exit_code == 0
@@ -210,7 +214,7 @@ def test_replay_of_a_partly_checkpointed_store(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------ damage
 
 
-def test_replay_skips_a_damaged_frame_reports_the_gap_and_continues(held: Any) -> None:
+def test_replay_skips_a_damaged_frame_reports_the_gap_and_continues(held: Held) -> None:
     root, _recs, _ids = held
     seg = segments(root)[1]
     hit = frames_of(seg)[1]
@@ -260,7 +264,7 @@ def test_damage_inside_applied_lsns_is_filled_from_lmdb(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "taken from LMDB" in result.stderr
 
 
-def test_torn_tail_is_reported_not_lost(held: Any) -> None:
+def test_torn_tail_is_reported_not_lost(held: Held) -> None:
     root, _recs, _ids = held
     last = segments(root)[-1]
     tail = frames_of(last)[-1]
@@ -318,7 +322,7 @@ def test_bad_paths_exit_2_and_modify_nothing(
         (("--kind", "nonsense"), "nonsense"),
     ],
 )
-def test_bad_replay_arguments_exit_2(held: Any, args: tuple[str, ...], message: str) -> None:
+def test_bad_replay_arguments_exit_2(held: Held, args: tuple[str, ...], message: str) -> None:
     root, _recs, _ids = held
     before = files_of(root)
     result = run("replay", root, *args)
@@ -334,10 +338,10 @@ def test_library_range_errors() -> None:
     for kw in ({"from_lsn": -1}, {"from_lsn": 5, "to_lsn": 4}, {"kinds": ["bogus"]},
                {"since": 5.0, "until": 5.0}):
         with pytest.raises(InvalidRecordError):
-            replay("/nonexistent", **kw)  # type: ignore[arg-type]
+            replay("/nonexistent", **kw)
 
 
-def test_replay_beyond_the_end_is_empty_not_an_error(held: Any) -> None:
+def test_replay_beyond_the_end_is_empty_not_an_error(held: Held) -> None:
     root, _recs, _ids = held
     result = run("replay", root, "--from-lsn", 10_000)
     assert result.exit_code == 0 and result.stdout == ""

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -44,7 +45,7 @@ def _predictions(n: int, seed: int = 0, context: str | None = None) -> list[Pred
     return out
 
 
-def _frequencies(st_: Store, ids: list[int], draws: int, **kw) -> np.ndarray:
+def _frequencies(st_: Store, ids: list[int], draws: int, **kw: Any) -> np.ndarray:
     index = {rid: j for j, rid in enumerate(ids)}
     counts = np.zeros(len(ids))
     for b in range(draws // 256):
@@ -55,7 +56,7 @@ def _frequencies(st_: Store, ids: list[int], draws: int, **kw) -> np.ndarray:
     return counts
 
 
-def test_frequencies_match_p_alpha_over_the_sum_whole_store(tmp_path):
+def test_frequencies_match_p_alpha_over_the_sum_whole_store(tmp_path: Path) -> None:
     with Store.open(tmp_path / "s", create=True, priority_alpha=0.7) as s:
         ids = s.put_many(_predictions(40))
         prios = np.geomspace(0.05, 20.0, 40)  # three orders of magnitude
@@ -70,7 +71,7 @@ def test_frequencies_match_p_alpha_over_the_sum_whole_store(tmp_path):
         assert _chi2(counts, np.full(40, 1 / 40)) > 10 * CHI2_999[39]
 
 
-def test_frequencies_match_within_kind_and_where_filters(tmp_path):
+def test_frequencies_match_within_kind_and_where_filters(tmp_path: Path) -> None:
     with Store.open(tmp_path / "s", create=True, priority_alpha=1.0) as s:
         rng = np.random.default_rng(4)
         preds = _predictions(60, seed=4)
@@ -92,7 +93,7 @@ def test_frequencies_match_within_kind_and_where_filters(tmp_path):
         assert _chi2(counts, prios / prios.sum()) < 1.0 + 59 + 3.1 * math.sqrt(118) + 2.0
 
 
-def test_importance_weights_equal_the_formula(tmp_path):
+def test_importance_weights_equal_the_formula(tmp_path: Path) -> None:
     with Store.open(tmp_path / "s", create=True) as s:
         ids = s.put_many(_predictions(30))
         s.update_priorities(ids, np.linspace(0.2, 3.0, 30).tolist())
@@ -108,8 +109,8 @@ def test_importance_weights_equal_the_formula(tmp_path):
         assert all(0 < w <= 1 for w in batch.weights)
 
 
-def test_the_default_model_per_kind(tmp_path):
-    cfg = {"new_item_priority": 0.0, "priority_alpha": 1.0}
+def test_the_default_model_per_kind(tmp_path: Path) -> None:
+    cfg: dict[str, Any] = {"new_item_priority": 0.0, "priority_alpha": 1.0}
     with Store.open(tmp_path / "s", create=True, **cfg) as s:
         t = 1_700_000_000.0
         a = s.put(PredictionOutcome(predicted="warm", confidence=0.2, context="c", reward=-0.5,
@@ -130,7 +131,7 @@ def test_the_default_model_per_kind(tmp_path):
         assert (exp.retrieval_count, exp.success_count) == (1, 1)
 
 
-def test_never_sampled_items_get_new_item_priority(tmp_path):
+def test_never_sampled_items_get_new_item_priority(tmp_path: Path) -> None:
     with Store.open(tmp_path / "s", create=True, new_item_priority=5.0, priority_alpha=1.0) as s:
         ids = s.put_many(_predictions(10))
         probs = s.sampling_probabilities()
@@ -141,7 +142,7 @@ def test_never_sampled_items_get_new_item_priority(tmp_path):
         assert all(after[i] < 0.1 for i in drawn)  # sampled once: back to the formula
 
 
-def test_duplicate_ids_last_priority_wins_and_feedback_counts_each(tmp_path):
+def test_duplicate_ids_last_priority_wins_and_feedback_counts_each(tmp_path: Path) -> None:
     with Store.open(tmp_path / "s", create=True) as s:
         ids = s.put_many(_predictions(3))
         s.update_priorities([ids[0], ids[0], ids[1]], [1.0, 9.0, 2.0])
@@ -151,7 +152,7 @@ def test_duplicate_ids_last_priority_wins_and_feedback_counts_each(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), "x", True])
-def test_bad_priorities_are_refused_and_nothing_is_logged(tmp_path, bad):
+def test_bad_priorities_are_refused_and_nothing_is_logged(tmp_path: Path, bad: Any) -> None:
     with Store.open(tmp_path / "s", create=True) as s:
         ids = s.put_many(_predictions(3))
         before = s.stats()["next_lsn"]
@@ -161,7 +162,7 @@ def test_bad_priorities_are_refused_and_nothing_is_logged(tmp_path, bad):
         assert s.stats()["next_lsn"] == before
 
 
-def test_other_bad_arguments(tmp_path):
+def test_other_bad_arguments(tmp_path: Path) -> None:
     with Store.open(tmp_path / "s", create=True) as s:
         ids = s.put_many(_predictions(3))
         before = s.stats()["next_lsn"]
@@ -172,16 +173,18 @@ def test_other_bad_arguments(tmp_path):
         with pytest.raises(InvalidArgumentError):
             s.record_feedback(ids, [True])
         with pytest.raises(InvalidArgumentError):
-            s.record_feedback(ids, ["yes", True, True])
-        for kwargs, field in [({"n": 0}, "n"), ({"n": 4, "beta": 2.0}, "beta"),
-                              ({"n": 4, "kind": "song"}, "kind"), ({"n": 4, "seed": -1}, "seed")]:
+            s.record_feedback(ids, ["yes", True, True])  # type: ignore[list-item]
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"n": 0}, "n"), ({"n": 4, "beta": 2.0}, "beta"),
+            ({"n": 4, "kind": "song"}, "kind"), ({"n": 4, "seed": -1}, "seed")]
+        for kwargs, field in cases:
             with pytest.raises(InvalidArgumentError) as err:
                 s.sample(**kwargs)
             assert err.value.field == field
         assert s.stats()["next_lsn"] == before
 
 
-def test_empty_store_and_empty_filters_raise_empty_sample_error(tmp_path):
+def test_empty_store_and_empty_filters_raise_empty_sample_error(tmp_path: Path) -> None:
     with Store.open(tmp_path / "s", create=True) as s:
         with pytest.raises(EmptySampleError):
             s.sample(4)
@@ -195,7 +198,7 @@ def test_empty_store_and_empty_filters_raise_empty_sample_error(tmp_path):
         assert rid not in s.sampling_probabilities()
 
 
-def test_where_filter_follows_later_writes(tmp_path):
+def test_where_filter_follows_later_writes(tmp_path: Path) -> None:
     with Store.open(tmp_path / "s", create=True) as s:
         s.put_many(_predictions(20, context="cold_start"))
         with pytest.raises(EmptySampleError):
@@ -225,7 +228,7 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_sigkill_after_acknowledged_priority_updates_and_feedback(tmp_path):
+def test_sigkill_after_acknowledged_priority_updates_and_feedback(tmp_path: Path) -> None:
     path = tmp_path / "s"
     with Store.open(path, create=True) as s:
         s.put_many(_predictions(200))
@@ -258,7 +261,7 @@ def test_sigkill_after_acknowledged_priority_updates_and_feedback(tmp_path):
         assert math.isclose(ratio, ((1.0 + kb) / (1.0 + ka)) ** alpha, rel_tol=1e-6)
 
 
-def test_a_seeded_run_resumes_identically_after_close_and_reopen(tmp_path):
+def test_a_seeded_run_resumes_identically_after_close_and_reopen(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     with Store.open(a, create=True) as s:
         s.put_many(_predictions(300))
@@ -277,7 +280,9 @@ def test_a_seeded_run_resumes_identically_after_close_and_reopen(tmp_path):
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.sampled_from(["put", "delete", "prio", "feedback"]),
                           st.integers(0, 50), st.floats(0.01, 100.0)), max_size=40))
-def test_tree_totals_equal_the_sum_of_live_leaves(tmp_path_factory, ops):
+def test_tree_totals_equal_the_sum_of_live_leaves(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int, float]]
+) -> None:
     path = tmp_path_factory.mktemp("h") / "s"
     with Store.open(path, create=True, durability="none") as s:
         live = s.put_many(_predictions(5))
@@ -303,7 +308,7 @@ def test_tree_totals_equal_the_sum_of_live_leaves(tmp_path_factory, ops):
             assert math.isclose(sum(probs.values()), 1.0, rel_tol=1e-9)
 
 
-def test_records_replayed_by_recovery_get_their_rows_at_the_first_sample(tmp_path):
+def test_records_replayed_by_recovery_get_their_rows_at_the_first_sample(tmp_path: Path) -> None:
     path = tmp_path / "s"
     with Store.open(path, create=True, hold_applier=True) as s:  # everything stays in the WAL
         ids = s.put_many(_predictions(40))

@@ -11,13 +11,15 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from tests.helpers import record_as
 from tests.strategies import records
 from xpstore import Fingerprint, PredictionOutcome, RecordNotFoundError, Store
+from xpstore.model.records import Record
 
 TRACKS = st.sampled_from(["t1", "t2", "t3"])
 
 
-def _fixed_dim(record):
+def _fixed_dim(record: Record) -> Record:
     """A store fixes one embedding dimension; give every generated embedding dimension 3."""
     if isinstance(record, Fingerprint) and record.embedding is not None:
         return record.model_copy(update={"embedding": (record.embedding * 3)[:3]})
@@ -31,7 +33,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.path = self.dir / "store"
         self.held = False
         self.store = Store.open(self.path, create=True, durability="none")
-        self.model: dict[int, object] = {}  # id -> record (with ts as stored)
+        self.model: dict[int, Record] = {}  # id -> record (with ts as stored)
         self.tracks: dict[str, int] = {}
         self.max_id = 0
 
@@ -44,16 +46,16 @@ class StoreMachine(RuleBasedStateMachine):
             self.tracks[rec.track_id] = rid
 
     @rule(record=records())
-    def put(self, record) -> None:
+    def put(self, record: Record) -> None:
         self._remember(self.store.put(_fixed_dim(record)))
 
     @rule(batch=st.lists(records(), min_size=1, max_size=5))
-    def put_many(self, batch) -> None:
+    def put_many(self, batch: list[Record]) -> None:
         for rid in self.store.put_many([_fixed_dim(r) for r in batch]):
             self._remember(rid)
 
     @rule(track=TRACKS, record=records())
-    def put_fingerprint_for_known_track(self, track, record) -> None:
+    def put_fingerprint_for_known_track(self, track: str, record: Record) -> None:
         if isinstance(record, Fingerprint):
             self._remember(
                 self.store.put(_fixed_dim(record).model_copy(update={"track_id": track}))
@@ -61,7 +63,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: bool(self.model))
     @rule(data=st.data())
-    def delete(self, data) -> None:
+    def delete(self, data: st.DataObject) -> None:
         rid = data.draw(st.sampled_from(sorted(self.model)))
         self.store.delete(rid)
         rec = self.model.pop(rid)
@@ -69,7 +71,7 @@ class StoreMachine(RuleBasedStateMachine):
             del self.tracks[rec.track_id]
 
     @rule(rid=st.integers(min_value=1, max_value=10_000))
-    def delete_missing(self, rid) -> None:
+    def delete_missing(self, rid: int) -> None:
         if rid in self.model:
             return
         try:
@@ -84,23 +86,24 @@ class StoreMachine(RuleBasedStateMachine):
         actual=st.sampled_from(["warm", "bright", None]),
         reward=st.one_of(st.none(), st.floats(-1, 1)),
     )
-    def update(self, data, actual, reward) -> None:
+    def update(self, data: st.DataObject, actual: str | None, reward: float | None) -> None:
         ids = sorted(i for i, r in self.model.items() if isinstance(r, PredictionOutcome))
         rid = data.draw(st.sampled_from(ids))
         exp = self.store.update(rid, actual=actual, reward=reward)
         assert exp.id == rid
         self.model[rid] = exp.record
-        assert exp.record.actual == actual and exp.record.reward == reward
+        updated = record_as(exp, PredictionOutcome)
+        assert updated.actual == actual and updated.reward == reward
 
     @precondition(lambda self: bool(self.tracks))
     @rule(data=st.data())
-    def delete_track(self, data) -> None:
+    def delete_track(self, data: st.DataObject) -> None:
         track = data.draw(st.sampled_from(sorted(self.tracks)))
         self.store.delete_track(track)
         del self.tracks[track]
 
     @rule(hold=st.booleans())
-    def reopen(self, hold) -> None:
+    def reopen(self, hold: bool) -> None:
         self.store.close()
         self.held = hold
         self.store = Store.open(self.path, durability="none", hold_applier=hold)

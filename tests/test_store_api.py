@@ -7,11 +7,15 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 import xpstore
+from tests.helpers import record_as
 from xpstore import (
     Fingerprint,
     FormatVersionError,
@@ -28,24 +32,27 @@ from xpstore import (
     XpStoreError,
 )
 from xpstore.demo.synthetic import make_fingerprint, make_mixed, make_prediction, make_query_metric
+from xpstore.model.records import Record
 
 
-def _pred(**kw) -> PredictionOutcome:
-    base = dict(predicted="punchy", confidence=0.8, context="warm_start")
+def _pred(**kw: Any) -> PredictionOutcome:
+    base: dict[str, Any] = dict(predicted="punchy", confidence=0.8, context="warm_start")
     base.update(kw)
     return PredictionOutcome(**base)
 
 
 @pytest.fixture(params=[False, True], ids=["applied", "held"])
-def any_store(request, store_path):
+def any_store(request: pytest.FixtureRequest, store_path: Path) -> Iterator[Store]:
     """The same tests with LMDB apply running and with everything served from the overlay."""
     with Store.open(store_path, create=True, hold_applier=request.param) as s:
         yield s
 
 
-def test_put_get_round_trip_all_kinds(any_store):
+def test_put_get_round_trip_all_kinds(any_store: Store) -> None:
     rng = np.random.default_rng(0)
-    records = [make_prediction(rng), make_fingerprint(rng, "trk-1"), make_query_metric(rng)]
+    records: list[Record] = [
+        make_prediction(rng), make_fingerprint(rng, "trk-1"), make_query_metric(rng)
+    ]
     ids = [any_store.put(r) for r in records]
     assert ids == sorted(ids) and len(set(ids)) == 3
     for rid, rec in zip(ids, records, strict=True):
@@ -63,7 +70,7 @@ def test_put_get_round_trip_all_kinds(any_store):
         assert exp.retrieval_count == 0 and exp.success_rate is None
 
 
-def test_ts_defaults_to_put_time_and_is_kept_when_given(any_store):
+def test_ts_defaults_to_put_time_and_is_kept_when_given(any_store: Store) -> None:
     import time
 
     before = time.time()
@@ -73,18 +80,19 @@ def test_ts_defaults_to_put_time_and_is_kept_when_given(any_store):
     assert any_store.get(rid2).ts == 123.5
 
 
-def test_put_accepts_json_mappings(any_store):
+def test_put_accepts_json_mappings(any_store: Store) -> None:
     rid = any_store.put(
         {"kind": "prediction", "predicted": "warm", "confidence": 0.5, "context": "cold_start"}
     )
-    assert any_store.get(rid).record.predicted == "warm"
+    assert record_as(any_store.get(rid), PredictionOutcome).predicted == "warm"
 
 
-def test_update_resolves_an_outcome_through_the_wal(any_store, store_path):
+def test_update_resolves_an_outcome_through_the_wal(any_store: Store, store_path: Path) -> None:
     rid = any_store.put(_pred())
     exp = any_store.update(rid, actual="warm", reward=1.0)
     assert exp.id == rid and exp.updated_lsn > rid
-    assert exp.record.actual == "warm" and exp.record.was_correct is False
+    updated = record_as(exp, PredictionOutcome)
+    assert updated.actual == "warm" and updated.was_correct is False
     with pytest.raises(InvalidRecordError) as info:
         any_store.update(rid, confidence=0.1)
     assert info.value.field == "confidence"
@@ -92,10 +100,10 @@ def test_update_resolves_an_outcome_through_the_wal(any_store, store_path):
         any_store.update(rid, reward=float("nan"))
     with pytest.raises(RecordNotFoundError):
         any_store.update(10**9, actual="warm")
-    assert any_store.get(rid).record.actual == "warm"
+    assert record_as(any_store.get(rid), PredictionOutcome).actual == "warm"
 
 
-def test_delete_keeps_ids_unique(any_store):
+def test_delete_keeps_ids_unique(any_store: Store) -> None:
     a = any_store.put(_pred())
     any_store.delete(a)
     with pytest.raises(RecordNotFoundError):
@@ -108,7 +116,7 @@ def test_delete_keeps_ids_unique(any_store):
     assert b > a and any_store.count() == 1
 
 
-def test_fingerprints_supersede_and_delete_track_keeps_history(any_store):
+def test_fingerprints_supersede_and_delete_track_keeps_history(any_store: Store) -> None:
     rng = np.random.default_rng(1)
     old = any_store.put(make_fingerprint(rng, "trk-9"))
     new = any_store.put(make_fingerprint(rng, "trk-9"))
@@ -123,17 +131,18 @@ def test_fingerprints_supersede_and_delete_track_keeps_history(any_store):
     assert any_store.get_fingerprint("trk-9").id == again
 
 
-def test_put_many_supersedes_within_one_batch(any_store):
+def test_put_many_supersedes_within_one_batch(any_store: Store) -> None:
     rng = np.random.default_rng(2)
     ids = any_store.put_many([make_fingerprint(rng, "t"), make_fingerprint(rng, "t")])
     assert any_store.get_fingerprint("t").id == ids[1]
 
 
-def test_scan_orders_filters_and_merges_overlay_with_lmdb(store_path):
+def test_scan_orders_filters_and_merges_overlay_with_lmdb(store_path: Path) -> None:
     rng = np.random.default_rng(3)
     with Store.open(store_path, create=True) as store:
         applied = store.put_many(make_mixed(rng, 300, t0=1000.0))
         store.flush()
+        assert store.parts.engine.applier is not None
         store.parts.engine.applier.hold = True  # the rest stays in the overlay
         fresh = store.put_many(make_mixed(rng, 100, t0=1100.5))
         victim = applied[10]
@@ -148,16 +157,19 @@ def test_scan_orders_filters_and_merges_overlay_with_lmdb(store_path):
                 kind="prediction", where={"context": "warm_start", "audio_features.energy__gt": 0.6}
             )
         )
+        warm_preds = [record_as(e, PredictionOutcome) for e in warm]
         assert all(
-            e.record.context == "warm_start" and e.record.audio_features["energy"] > 0.6
-            for e in warm
+            p.context == "warm_start"
+            and p.audio_features is not None
+            and p.audio_features["energy"] > 0.6
+            for p in warm_preds
         )
         everything_warm = [
             e
             for e in store.scan(kind="prediction")
-            if e.record.context == "warm_start"
-            and e.record.audio_features
-            and e.record.audio_features.get("energy", 0) > 0.6
+            if (p := record_as(e, PredictionOutcome)).context == "warm_start"
+            and p.audio_features
+            and p.audio_features.get("energy", 0) > 0.6
         ]
         assert [e.id for e in warm] == [e.id for e in everything_warm]
         assert len(list(store.scan(limit=7))) == 7
@@ -165,7 +177,7 @@ def test_scan_orders_filters_and_merges_overlay_with_lmdb(store_path):
         assert store.count("fingerprint") == sum(1 for e in every if e.kind == "fingerprint")
 
 
-def test_where_rejects_bad_keys(store):
+def test_where_rejects_bad_keys(store: Store) -> None:
     with pytest.raises(InvalidRecordError) as info:
         list(store.scan(kind="prediction", where={"context__like": "x"}))
     assert info.value.field == "context__like"
@@ -175,7 +187,7 @@ def test_where_rejects_bad_keys(store):
         list(store.scan(kind="nope"))
 
 
-def test_bad_input_names_the_field_and_leaves_the_store_unchanged(store):
+def test_bad_input_names_the_field_and_leaves_the_store_unchanged(store: Store) -> None:
     store.put(_pred())
     bad = [
         ({"kind": "prediction", "predicted": "x", "confidence": 1.5, "context": "c"}, "confidence"),
@@ -209,7 +221,7 @@ def test_bad_input_names_the_field_and_leaves_the_store_unchanged(store):
     assert store.count() == 1  # nothing of the failed batch was written
 
 
-def test_embedding_dimension_is_fixed_per_store(store_path):
+def test_embedding_dimension_is_fixed_per_store(store_path: Path) -> None:
     rng = np.random.default_rng(4)
     with Store.open(store_path, create=True) as store:
         store.put(make_fingerprint(rng, "a", embedding_dim=8))
@@ -222,7 +234,7 @@ def test_embedding_dimension_is_fixed_per_store(store_path):
         store.put(make_fingerprint(rng, "b", embedding_dim=8))
 
 
-def test_lmdb_map_grows_on_map_full(store_path):
+def test_lmdb_map_grows_on_map_full(store_path: Path) -> None:
     rng = np.random.default_rng(5)
     with Store.open(store_path, create=True, map_size=1 << 20) as store:
         for _ in range(10):
@@ -232,7 +244,7 @@ def test_lmdb_map_grows_on_map_full(store_path):
         assert store.count() == 5000
 
 
-def test_concurrent_writers_get_unique_ids_and_read_their_writes(store):
+def test_concurrent_writers_get_unique_ids_and_read_their_writes(store: Store) -> None:
     rng_seeds = range(6)
     out: dict[int, list[int]] = {}
     barrier = threading.Barrier(6)
@@ -256,7 +268,7 @@ def test_concurrent_writers_get_unique_ids_and_read_their_writes(store):
     assert len(ids) == len(set(ids)) == 360 and store.count() == 360
 
 
-def test_lifecycle_errors(store_path, tmp_path):
+def test_lifecycle_errors(store_path: Path, tmp_path: Path) -> None:
     with pytest.raises(StoreNotFoundError):
         Store.open(tmp_path / "nothing")
     (tmp_path / "foreign").mkdir()
@@ -280,7 +292,7 @@ def test_lifecycle_errors(store_path, tmp_path):
     assert "99" in str(info.value)
 
 
-def test_second_writer_is_refused_naming_the_holder(store_path):
+def test_second_writer_is_refused_naming_the_holder(store_path: Path) -> None:
     with Store.open(store_path, create=True) as store:
         store.put(_pred())
         with pytest.raises(StoreLockedError) as info:
@@ -300,7 +312,7 @@ def test_second_writer_is_refused_naming_the_holder(store_path):
         assert proc.returncode == 3 and proc.stdout.strip() == str(os.getpid())
 
 
-def test_readonly_open_in_another_process_sees_applied_data(store_path):
+def test_readonly_open_in_another_process_sees_applied_data(store_path: Path) -> None:
     rng = np.random.default_rng(6)
     with Store.open(store_path, create=True) as store:
         ids = store.put_many(make_mixed(rng, 200))
@@ -322,7 +334,7 @@ def test_readonly_open_in_another_process_sees_applied_data(store_path):
         assert proc.stdout.split() == ["200", str(ids[-1]), "refused"]
 
 
-def test_readonly_in_process_refuses_writes(store_path):
+def test_readonly_in_process_refuses_writes(store_path: Path) -> None:
     with Store.open(store_path, create=True) as store:
         store.put(_pred())
     with Store.open(store_path, readonly=True) as ro:
@@ -331,7 +343,7 @@ def test_readonly_in_process_refuses_writes(store_path):
             ro.put(_pred())
 
 
-def test_stats_reports_counts_and_wal(store):
+def test_stats_reports_counts_and_wal(store: Store) -> None:
     rng = np.random.default_rng(7)
     store.put_many(make_mixed(rng, 100))
     st = store.stats()
@@ -339,7 +351,7 @@ def test_stats_reports_counts_and_wal(store):
     assert st["wal"]["segments"] >= 1 and st["next_lsn"] == 101
 
 
-def test_public_api_is_exactly_all():
+def test_public_api_is_exactly_all() -> None:
     public = {n for n in dir(xpstore) if not n.startswith("_")}
     modules = {
         "config",
@@ -359,7 +371,7 @@ def test_public_api_is_exactly_all():
         assert getattr(xpstore, name) is not None
 
 
-def test_every_error_derives_from_the_base():
+def test_every_error_derives_from_the_base() -> None:
     errors = [getattr(xpstore, n) for n in xpstore.__all__ if n.endswith("Error")]
     assert errors and all(issubclass(e, XpStoreError) for e in errors)
     assert issubclass(xpstore.InvalidRecordError, ValueError)
@@ -367,7 +379,7 @@ def test_every_error_derives_from_the_base():
     assert issubclass(xpstore.WALCorruptionError, xpstore.StoreCorruptionError)
 
 
-def test_lmdb_errors_are_translated(store_path, monkeypatch):
+def test_lmdb_errors_are_translated(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import lmdb
 
     from xpstore.persistence import lmdb_tables
@@ -382,7 +394,7 @@ def test_lmdb_errors_are_translated(store_path, monkeypatch):
 
 
 @pytest.mark.parametrize("durability", ["commit", "group", "none"])
-def test_durability_modes_round_trip(store_path, durability):
+def test_durability_modes_round_trip(store_path: Path, durability: str) -> None:
     rng = np.random.default_rng(8)
     records = make_mixed(rng, 50)
     with Store.open(store_path, create=True, durability=durability) as store:
@@ -399,24 +411,24 @@ def test_durability_modes_round_trip(store_path, durability):
         ]
 
 
-def test_session_only_knobs_are_not_persisted(store_path):
+def test_session_only_knobs_are_not_persisted(store_path: Path) -> None:
     with Store.open(store_path, create=True, hold_applier=True, segment_max_bytes=65536) as s:
         assert s.config.apply.hold
     with Store.open(store_path) as s:
         assert not s.config.apply.hold and s.config.wal.segment_max_bytes == 65536
 
 
-def test_out_of_range_and_non_int_ids(store):
+def test_out_of_range_and_non_int_ids(store: Store) -> None:
     for bad in (-1, 0, 2**64):
         with pytest.raises(RecordNotFoundError):
             store.get(bad)
         with pytest.raises(RecordNotFoundError):
             store.delete(bad)
     with pytest.raises(InvalidArgumentError):
-        store.get("1")
+        store.get("1")  # type: ignore[arg-type]
 
 
-def test_where_none_finds_unresolved_outcomes(store):
+def test_where_none_finds_unresolved_outcomes(store: Store) -> None:
     open_id = store.put(_pred())
     done_id = store.put(_pred(actual="warm"))
     assert [e.id for e in store.scan(kind="prediction", where={"actual": None})] == [open_id]
@@ -425,8 +437,8 @@ def test_where_none_finds_unresolved_outcomes(store):
     assert store.embedding_dim is None
 
 
-def test_put_of_a_non_record_names_the_position(store):
+def test_put_of_a_non_record_names_the_position(store: Store) -> None:
     with pytest.raises(InvalidRecordError) as info:
-        store.put_many([_pred(), object()])
+        store.put_many([_pred(), object()])  # type: ignore[list-item]
     assert "records[1]" in str(info.value) and info.value.field == "record"
     assert store.count() == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,10 +14,13 @@ from xpstore.demo.synthetic import make_mixed
 from xpstore.persistence.wal import WalWriter
 from xpstore.persistence.wal_format import FRAME_HEADER_SIZE, HEADER_SIZE
 from xpstore.persistence.wal_reader import scan_segment
-from xpstore.persistence.wal_recovery import recover_wal
+from xpstore.persistence.wal_recovery import RecoveryReport, recover_wal
 
 STORE_ID = 0x5EED
 MAX_FRAME = 1 << 20
+
+# the pristine segment, its ops per frame, frame offsets (+ the size), checksummed ends
+Pristine = tuple[Path, list[list[bytes]], list[int], list[int]]
 
 
 def _write_wal(wal_dir: Path, n_frames: int) -> list[list[bytes]]:
@@ -42,7 +46,9 @@ def _write_wal(wal_dir: Path, n_frames: int) -> list[list[bytes]]:
     return frames
 
 
-def _recover(wal_dir: Path, mode: str, applied: int = 0):
+def _recover(
+    wal_dir: Path, mode: str, applied: int = 0
+) -> tuple[list[tuple[int, bytes]], RecoveryReport]:
     got: list[tuple[int, bytes]] = []
 
     def apply(first: int, ops: list[bytes], _t: float) -> None:
@@ -60,7 +66,7 @@ def _recover(wal_dir: Path, mode: str, applied: int = 0):
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[bytes]], list[int]]:
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Pristine:
     wal = tmp_path_factory.mktemp("pristine") / "wal"
     frames = _write_wal(wal, 8)
     seg = next(wal.glob("*.wal"))
@@ -81,7 +87,9 @@ def _expected_ops(frames: list[list[bytes]], n_complete: int) -> list[tuple[int,
 
 
 @pytest.mark.parametrize("mode", ["tolerate_tail", "point_in_time", "absolute"])
-def test_truncation_at_every_offset_of_the_last_three_frames(tmp_path, pristine, mode):
+def test_truncation_at_every_offset_of_the_last_three_frames(
+    tmp_path: Path, pristine: Pristine, mode: str
+) -> None:
     seg, frames, bounds, data_ends = pristine
     data = seg.read_bytes()
     start = bounds[-4]  # first byte of the third frame from the end
@@ -125,7 +133,7 @@ FLIP_POSITIONS = {
 
 
 @pytest.mark.parametrize("where", sorted(FLIP_POSITIONS))
-def test_bit_flip_in_an_earlier_frame(tmp_path, pristine, where):
+def test_bit_flip_in_an_earlier_frame(tmp_path: Path, pristine: Pristine, where: str) -> None:
     seg, frames, bounds, _ends = pristine
     damaged_frame = 2
     offset = bounds[damaged_frame]
@@ -153,7 +161,7 @@ def test_bit_flip_in_an_earlier_frame(tmp_path, pristine, where):
         shutil.rmtree(wal)
 
 
-def test_zeroed_sector_mid_log_is_not_a_torn_tail(tmp_path, pristine):
+def test_zeroed_sector_mid_log_is_not_a_torn_tail(tmp_path: Path, pristine: Pristine) -> None:
     seg, _frames, bounds, _ends = pristine
     data = bytearray(seg.read_bytes())
     data[bounds[1] : bounds[1] + 64] = bytes(64)
@@ -165,7 +173,7 @@ def test_zeroed_sector_mid_log_is_not_a_torn_tail(tmp_path, pristine):
     assert info.value.offset == bounds[1]
 
 
-def test_damage_inside_applied_lsns_is_skipped(tmp_path, pristine):
+def test_damage_inside_applied_lsns_is_skipped(tmp_path: Path, pristine: Pristine) -> None:
     seg, frames, bounds, _ends = pristine
     data = bytearray(seg.read_bytes())
     data[bounds[1] + 40] ^= 0xFF  # frame 2 (LSNs 2..3) is damaged, but LMDB already has them
@@ -178,9 +186,9 @@ def test_damage_inside_applied_lsns_is_skipped(tmp_path, pristine):
     assert report.warnings and "already applied" in report.warnings[0]
 
 
-def test_missing_and_foreign_segments_refuse_to_open(tmp_path):
+def test_missing_and_foreign_segments_refuse_to_open(tmp_path: Path) -> None:
     wal = tmp_path / "wal"
-    WalWriter_kwargs = dict(
+    WalWriter_kwargs: dict[str, Any] = dict(
         store_id=STORE_ID,
         durability="none",
         segment_max_bytes=64 * 1024,
@@ -222,7 +230,7 @@ def _store_with_held_frames(path: Path, n: int) -> None:
             store.put(r)  # one frame per put
 
 
-def test_store_opens_with_exactly_the_complete_frames(tmp_path):
+def test_store_opens_with_exactly_the_complete_frames(tmp_path: Path) -> None:
     base = tmp_path / "base"
     _store_with_held_frames(base, 12)
     seg = sorted((base / "wal").glob("*.wal"))[-1]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import itertools
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,9 +26,9 @@ from xpstore.persistence.wal_format import (
 from xpstore.persistence.wal_reader import scan_segment
 
 
-def _writer(wal: Path, **kw) -> WalWriter:
+def _writer(wal: Path, **kw: Any) -> WalWriter:
     wal.mkdir(exist_ok=True)
-    args = dict(
+    args: dict[str, Any] = dict(
         store_id=1,
         next_lsn=1,
         durability="commit",
@@ -39,7 +41,7 @@ def _writer(wal: Path, **kw) -> WalWriter:
     return WalWriter(wal, **args)
 
 
-def test_header_round_trip_and_damage():
+def test_header_round_trip_and_damage() -> None:
     raw = encode_header(42, 7, 1000, 1.5)
     assert len(raw) == HEADER_SIZE
     hdr = decode_header(raw)
@@ -54,7 +56,7 @@ def test_header_round_trip_and_damage():
     assert info.value.reason == "truncated_header"
 
 
-def test_frames_are_aligned_and_checksummed_with_the_salt(tmp_path):
+def test_frames_are_aligned_and_checksummed_with_the_salt(tmp_path: Path) -> None:
     salt = (9).to_bytes(4, "little")
     frame = encode_frame(salt, 5, [b"a", b"bcd"], 2.0)
     assert len(frame) % 8 == 0
@@ -69,7 +71,7 @@ def test_frames_are_aligned_and_checksummed_with_the_salt(tmp_path):
     assert scan.frames == [] and scan.error is not None and scan.error.reason == "crc_mismatch"
 
 
-def test_lsns_are_consecutive_and_rotation_creates_named_segments(tmp_path):
+def test_lsns_are_consecutive_and_rotation_creates_named_segments(tmp_path: Path) -> None:
     w = _writer(tmp_path / "wal", segment_max_bytes=64 * 1024)
     spans = []
     for i in range(200):
@@ -81,7 +83,7 @@ def test_lsns_are_consecutive_and_rotation_creates_named_segments(tmp_path):
     assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(spans))
     segs = sorted((tmp_path / "wal").glob("*.wal"))
     assert len(segs) > 3 and w.stats.rotations == len(segs) - 1
-    expected = 1
+    expected: int | None = 1
     for seg in segs:
         scan = scan_segment(seg, seg.read_bytes(), 1 << 20)
         assert scan.error is None
@@ -90,7 +92,7 @@ def test_lsns_are_consecutive_and_rotation_creates_named_segments(tmp_path):
     assert expected == spans[-1][1] + 1
 
 
-def test_group_commit_shares_syncs_between_threads(tmp_path):
+def test_group_commit_shares_syncs_between_threads(tmp_path: Path) -> None:
     w = _writer(tmp_path / "wal")
     barrier = threading.Barrier(8)
 
@@ -113,7 +115,7 @@ def test_group_commit_shares_syncs_between_threads(tmp_path):
     assert sum(f.count for f in scan.frames) == 800
 
 
-def test_oversized_batch_is_refused_before_anything_is_logged(store_path):
+def test_oversized_batch_is_refused_before_anything_is_logged(store_path: Path) -> None:
     with Store.open(store_path, create=True, max_frame_bytes=64 * 1024) as store:
         rng = np.random.default_rng(0)
         records = [make_prediction(rng) for _ in range(2000)]
@@ -125,7 +127,7 @@ def test_oversized_batch_is_refused_before_anything_is_logged(store_path):
         assert store.count() == 1
 
 
-def test_checkpoint_removes_covered_segments(store_path):
+def test_checkpoint_removes_covered_segments(store_path: Path) -> None:
     rng = np.random.default_rng(1)
     with Store.open(store_path, create=True, segment_max_bytes=64 * 1024) as store:
         for _ in range(20):
@@ -138,7 +140,7 @@ def test_checkpoint_removes_covered_segments(store_path):
         assert store.count() == 4000
 
 
-def _failing_fdatasync(err: int):
+def _failing_fdatasync(err: int) -> Callable[[int], None]:
     def fail(fd: int) -> None:
         raise OSError(err, "injected")
 
@@ -146,7 +148,9 @@ def _failing_fdatasync(err: int):
 
 
 @pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC])
-def test_fsync_failure_poisons_the_log_and_reopen_recovers_acked(store_path, monkeypatch, err):
+def test_fsync_failure_poisons_the_log_and_reopen_recovers_acked(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
     rng = np.random.default_rng(2)
     records = make_mixed(rng, 50)
     store = Store.open(store_path, create=True, hold_applier=True)
@@ -168,7 +172,9 @@ def test_fsync_failure_poisons_the_log_and_reopen_recovers_acked(store_path, mon
         assert new_id > max(acked)
 
 
-def test_write_enospc_poisons_with_a_clear_error(store_path, monkeypatch):
+def test_write_enospc_poisons_with_a_clear_error(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(3)
     store = Store.open(store_path, create=True)
     first = store.put(make_prediction(rng))
@@ -188,10 +194,12 @@ def test_write_enospc_poisons_with_a_clear_error(store_path, monkeypatch):
         assert reopened.count() == 1 and reopened.get(first).id == first
 
 
-def test_lmdb_failure_in_the_applier_refuses_writes_and_reopen_replays(store_path, monkeypatch):
+def test_lmdb_failure_in_the_applier_refuses_writes_and_reopen_replays(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import lmdb
 
-    from xpstore.persistence.lmdb_tables import LmdbTables
+    from xpstore.persistence.lmdb_tables import Change, LmdbTables
 
     rng = np.random.default_rng(4)
     records = make_mixed(rng, 30)
@@ -199,7 +207,7 @@ def test_lmdb_failure_in_the_applier_refuses_writes_and_reopen_replays(store_pat
     real_apply = LmdbTables.apply
     failed = threading.Event()
 
-    def broken_apply(self, changes, applied_lsn):
+    def broken_apply(self: LmdbTables, changes: Sequence[Change], applied_lsn: int) -> None:
         failed.set()
         raise lmdb_tables.translate(lmdb.DiskError("mdb_txn_commit: No space left on device"), "x")
 
@@ -220,7 +228,7 @@ def test_lmdb_failure_in_the_applier_refuses_writes_and_reopen_replays(store_pat
         assert [reopened.get(i).id for i in acked] == acked
 
 
-def test_background_checkpoint_bounds_the_wal_under_steady_writes(store_path):
+def test_background_checkpoint_bounds_the_wal_under_steady_writes(store_path: Path) -> None:
     rng = np.random.default_rng(9)
     with Store.open(
         store_path, create=True, segment_max_bytes=64 * 1024, apply_interval_ms=5,
