@@ -87,6 +87,7 @@ class Overlay:
         with self.lock:
             moved: list[Effect] = []
             rows: dict[int, IndexRow] = {}
+            p_rows = self._p_rows
             while self._pending and self._pending[0].lsn <= last_lsn:
                 eff = self._pending.popleft()
                 self.add_durable_locked(eff)
@@ -95,9 +96,10 @@ class Overlay:
                     del self._p_records[eff.record_id]
                 if eff.track is not None and self._p_tracks.get(eff.track, (0,))[0] == eff.lsn:
                     del self._p_tracks[eff.track]
-                row = self._p_rows.pop(eff.lsn, None)
-                if row is not None:
-                    rows[eff.lsn] = row
+                if p_rows:
+                    row = p_rows.pop(eff.lsn, None)
+                    if row is not None:
+                        rows[eff.lsn] = row
             subs = list(self._subs)  # a subscriber added after this point has these in its copy
             if len(self.queue) >= self.apply_threshold:
                 self.changed.notify_all()  # a full batch for the applier; otherwise it waits

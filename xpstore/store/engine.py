@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from xpstore.config import SESSION_ONLY, StoreConfig, dotted, make_config
+from xpstore.config import LIVE, SESSION_ONLY, StoreConfig, dotted, make_config
 from xpstore.errors import (
     InvalidArgumentError,
     ReadOnlyStoreError,
@@ -36,7 +36,7 @@ from xpstore.persistence.replayer import Replayer
 from xpstore.persistence.wal import WalWriter
 from xpstore.persistence.wal_recovery import RecoveryReport, recover_wal
 
-__all__ = ["Engine", "Settings", "open_engine"]
+__all__ = ["Engine", "Settings", "checked_changes", "open_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -275,11 +275,9 @@ def _recover(engine: Engine, to_lsn: int | None) -> None:
         check_file_at_open(engine.path, engine.store_id, engine.applied_lsn())
 
 
-def settings_change(engine: Engine, changes: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
-    """Validate ``changes`` against the persisted document; return (changes by dotted name,
-    the new document as JSON). Refuses session-only knobs and knobs that need a reopen."""
-    from xpstore.config import LIVE
-
+def checked_changes(engine: Engine, changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``changes`` by dotted name, validated against the persisted document; refuses unknown,
+    session-only and reopen-only knobs and bad values (InvalidArgumentError naming the knob)."""
     named: dict[str, Any] = {}
     for name, value in changes.items():
         key = dotted(name)
@@ -294,5 +292,5 @@ def settings_change(engine: Engine, changes: Mapping[str, Any]) -> tuple[dict[st
                 field=name,
             )
         named[key] = value
-    new = engine.settings.persisted.changed(named)
-    return named, new.persisted().to_json()
+    engine.settings.persisted.changed(named)  # validates every value, changes nothing
+    return named

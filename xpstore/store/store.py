@@ -29,7 +29,7 @@ from xpstore.ops.snapshots import SnapshotInfo
 from xpstore.persistence.applier import MaintenanceTask
 from xpstore.persistence.wal_recovery import RecoveryReport
 from xpstore.store.checker import Checker
-from xpstore.store.engine import Engine, open_engine, settings_change
+from xpstore.store.engine import Engine, checked_changes, open_engine
 from xpstore.store.index_service import IndexService
 from xpstore.store.maintenance import Maintenance, RetentionTask
 from xpstore.store.reader import Reader
@@ -167,8 +167,7 @@ class Store:
         engine.writable()
         if not changes:
             return engine.config
-        named, _doc = settings_change(engine, changes)
-        return self.parts.writer.log_settings(named)
+        return self.parts.writer.log_settings(checked_changes(engine, changes))
 
     # --------------------------------------------------------------- writes
     def put(self, record: Record | Mapping[str, Any]) -> int:

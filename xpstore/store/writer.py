@@ -188,8 +188,9 @@ class Writer:
         first: int = wal.next_lsn
         try:
             for i, op in enumerate(ops):
+                row = rows.get(i) if rows else None
                 for eff in derive_all(op, first + i, view, payloads[i]):
-                    overlay.add_pending(eff, rows.get(i))
+                    overlay.add_pending(eff, row)
             span: tuple[int, int] = wal.append(payloads)
         except BaseException:
             overlay.drop_pending_from(first)
