@@ -355,7 +355,8 @@ def test_scan_bad_arguments_exit_2(store_dir: Path, args: list[str], message: st
 
 def test_stats_table_and_json(filled: Path) -> None:
     with Store.open(filled) as store:
-        counts = {k: store.count(k) for k in ("prediction", "fingerprint", "query_metric")}
+        counts = {k: store.count(k) for k in ("prediction", "fingerprint", "query_metric",
+                                              "decision")}
     data = json.loads(run("stats", filled, "--json").stdout)
     assert data["counts"] == counts
     assert data["total"] == 600

@@ -202,7 +202,7 @@ def test_layout_is_the_documented_one() -> None:
     exp = Experience(3, "prediction", 2.0, prediction(), 4, 1, 0)
     env = msgpack.unpackb(encode_envelope(exp))
     assert env[:6] == [1, 1, 2.0, 4, 1, 0]
-    assert KIND_BY_CODE == {1: "prediction", 2: "fingerprint", 3: "query_metric"}
+    assert KIND_BY_CODE == {1: "prediction", 2: "fingerprint", 3: "query_metric", 4: "decision"}
     assert set(KIND_CODES) == set(KINDS)
 
 

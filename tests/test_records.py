@@ -126,10 +126,22 @@ def metric_data(**over: Any) -> dict[str, Any]:
     return data
 
 
+def decision_data(**over: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "component": "learner", "action": "weight", "target": "user_weight/u1", "old": 0.7,
+        "new": 0.65, "reason": "audio-enhanced accuracy leads by 8 points",
+        "evidence": {"window": 100.0, "user_only": 0.52, "audio_enhanced": 0.6},
+        "user_id": "u1", "policy": "seed", "ts": 1_700_000_000.0,
+    }  # fmt: skip
+    data.update(over)
+    return data
+
+
 DATA: dict[str, Callable[..., dict[str, Any]]] = {
     "prediction": prediction_data,
     "fingerprint": fingerprint_data,
     "query_metric": metric_data,
+    "decision": decision_data,
 }
 
 

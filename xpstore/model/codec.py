@@ -52,6 +52,7 @@ from xpstore.model.records import (
     STREAMING_FIELDS,
     STREAMING_FIELDS_NO_HARMONIC,
     BatchFingerprint,
+    Decision,
     Experience,
     Fingerprint,
     PredictionOutcome,
@@ -87,7 +88,9 @@ __all__ = [
 
 CODEC_VERSION: Final = 1
 
-KIND_CODES: Final[dict[str, int]] = {"prediction": 1, "fingerprint": 2, "query_metric": 3}
+KIND_CODES: Final[dict[str, int]] = {
+    "prediction": 1, "fingerprint": 2, "query_metric": 3, "decision": 4
+}
 KIND_BY_CODE: Final[dict[int, str]] = {code: kind for kind, code in KIND_CODES.items()}
 
 _OP_PUT: Final = 1
@@ -256,6 +259,7 @@ _SHAPES: Final[dict[str, _Shape]] = {
     "prediction": _shape(PredictionOutcome),
     "fingerprint": _shape(Fingerprint),
     "query_metric": _shape(QueryMetric),
+    "decision": _shape(Decision),
 }
 
 
@@ -306,6 +310,8 @@ def _fast_record(kind: str, m: dict[str, Any]) -> Record:
         return _construct(PredictionOutcome, values, fields_set)
     if kind == "query_metric":
         return _construct(QueryMetric, values, fields_set)
+    if kind == "decision":
+        return _construct(Decision, values, fields_set)
     batch = values["batch"]
     if batch is not None:
         values["batch"] = _decode_batch(batch)

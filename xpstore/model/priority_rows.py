@@ -24,7 +24,14 @@ from typing import Any, Final
 import numpy as np
 
 from xpstore.model.codec import KIND_CODES
-from xpstore.model.records import Fingerprint, PredictionOutcome, QueryMetric, Record, kind_of
+from xpstore.model.records import (
+    SAMPLEABLE_KINDS,
+    Fingerprint,
+    PredictionOutcome,
+    QueryMetric,
+    Record,
+    kind_of,
+)
 
 __all__ = ["INPUTS", "INPUT_DTYPE", "inputs_for", "inputs_from_map"]
 
@@ -57,10 +64,14 @@ def inputs_for(
     rc: int = 0,
     sc: int = 0,
     override: float | None = None,
-) -> bytes:
-    """The 40-byte priority-input row of record ``rid`` with these counters."""
+) -> bytes | None:
+    """The 40-byte priority-input row of record ``rid`` with these counters (None for a kind
+    that is not sampled: a decision)."""
+    name = kind_of(record)
+    if name not in SAMPLEABLE_KINDS:
+        return None
     conf, reward = _confidence_and_reward(record)
-    kind = KIND_CODES[kind_of(record)]
+    kind = KIND_CODES[name]
     return INPUTS.pack(
         rid, ts, conf, min(reward, 3.0e38), math.nan if override is None else override,
         min(rc, _U32), min(sc, _U32), kind,
@@ -69,8 +80,10 @@ def inputs_for(
 
 def inputs_from_map(
     kind: str, m: dict[str, Any], rid: int, ts: float, rc: int, sc: int, override: float | None
-) -> bytes:
+) -> bytes | None:
     """:func:`inputs_for` from an encoded record map (many-id operations build no model)."""
+    if kind not in SAMPLEABLE_KINDS:
+        return None
     if kind == "prediction":
         reward = m.get("reward")
         conf, r = float(m["confidence"]), abs(float(reward)) if reward is not None else 0.0

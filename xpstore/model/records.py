@@ -40,7 +40,9 @@ __all__ = [
     "MUTABLE_FIELDS",
     "STREAMING_FIELDS",
     "STREAMING_FIELDS_NO_HARMONIC",
+    "SAMPLEABLE_KINDS",
     "BatchFingerprint",
+    "Decision",
     "Experience",
     "Fingerprint",
     "PredictionOutcome",
@@ -121,12 +123,15 @@ STREAMING_FIELDS_NO_HARMONIC: Final[tuple[str, ...]] = tuple(
 _STREAMING_13: Final = frozenset(STREAMING_FIELDS)
 _STREAMING_10: Final = frozenset(STREAMING_FIELDS_NO_HARMONIC)
 
-KINDS: Final[tuple[str, ...]] = ("prediction", "fingerprint", "query_metric")
+KINDS: Final[tuple[str, ...]] = ("prediction", "fingerprint", "query_metric", "decision")
+SAMPLEABLE_KINDS: Final[tuple[str, ...]] = ("prediction", "fingerprint", "query_metric")
+"""The experiences: what priority sampling draws from (a decision is an audit record)."""
 
 MUTABLE_FIELDS: Final[dict[str, frozenset[str]]] = {
     "prediction": frozenset({"actual", "reward"}),
     "fingerprint": frozenset({"metadata"}),
     "query_metric": frozenset({"user_satisfaction"}),
+    "decision": frozenset(),
 }
 """Fields an update may change, per kind; everything else is fixed once written."""
 
@@ -346,6 +351,9 @@ class PredictionOutcome(_RecordModel):
     audio_features: dict[str, Fraction] | None = None
     reward: float | None = None
     user_weight: Fraction | None = None
+    score: Fraction | None = None
+    """The predictor's raw (uncalibrated) score of ``predicted``, when it has one: what its
+    confidence calibration is fitted on (``xpstore.tuning``)."""
     ts: Timestamp | None = None
 
     @property
@@ -392,15 +400,35 @@ class QueryMetric(_RecordModel):
         return self
 
 
+class Decision(_RecordModel):
+    """An auditable decision of a component that learns or tunes (DESIGN §7): what changed
+    (``target``), ``old`` -> ``new``, why, and on what evidence. A component's current state is
+    the last decision per target; a reset is a decision too (``action="reset"``)."""
+
+    component: NonEmptyStr  # "learner", "tuner"
+    action: NonEmptyStr  # "weight", "affinity", "reset", ...
+    target: NonEmptyStr  # e.g. "user_weight/u1", "affinity/high_energy/punchy"
+    old: float | None = None
+    new: float | None = None
+    reason: str = ""
+    evidence: dict[str, float] = Field(default_factory=dict)
+    user_id: NonEmptyStr | None = None
+    policy: str | None = None
+    ts: Timestamp | None = None
+
+
 # --------------------------------------------------------------------------- kinds
 
-Record: TypeAlias = PredictionOutcome | Fingerprint | QueryMetric
-RecordModel: TypeAlias = type[PredictionOutcome] | type[Fingerprint] | type[QueryMetric]
+Record: TypeAlias = PredictionOutcome | Fingerprint | QueryMetric | Decision
+RecordModel: TypeAlias = (
+    type[PredictionOutcome] | type[Fingerprint] | type[QueryMetric] | type[Decision]
+)
 
 MODEL_BY_KIND: Final[dict[str, RecordModel]] = {
     "prediction": PredictionOutcome,
     "fingerprint": Fingerprint,
     "query_metric": QueryMetric,
+    "decision": Decision,
 }
 _KIND_BY_TYPE: Final[dict[type, str]] = {model: kind for kind, model in MODEL_BY_KIND.items()}
 

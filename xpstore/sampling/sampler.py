@@ -36,6 +36,7 @@ import numpy.typing as npt
 from xpstore.errors import EmptySampleError, InvalidRecordError
 from xpstore.model.codec import KIND_BY_CODE, KIND_CODES, decode_envelope
 from xpstore.model.priority_rows import INPUT_DTYPE, inputs_for
+from xpstore.model.records import SAMPLEABLE_KINDS
 from xpstore.sampling.priority import PriorityModel
 from xpstore.sampling.sumtree import SumTree, importance_weights
 
@@ -105,7 +106,7 @@ class Sampler:
     def __init__(self, model: PriorityModel) -> None:
         self.model = model
         self.lock = threading.Lock()
-        self.kinds: dict[int, _Kind] = {code: _Kind() for code in KIND_CODES.values()}
+        self.kinds: dict[int, _Kind] = {KIND_CODES[k]: _Kind() for k in SAMPLEABLE_KINDS}
         self.t_ref = 0.0
         self.newest_ts = 0.0
         self.rng = np.random.default_rng()
@@ -440,8 +441,8 @@ def fill_missing_rows(tables: LmdbTables, values: list[bytes]) -> list[bytes]:
     table's keys with the rows' ids and decodes only the records that lack a row.
     """
     with tables.reading() as txn:
-        n_records = txn.stat(tables.db(b"records"))["entries"]
-    if n_records == len(values):
+        counts = tables.counts(txn)
+    if sum(counts.get(KIND_CODES[k], 0) for k in SAMPLEABLE_KINDS) == len(values):
         return values
     have = set(np.frombuffer(b"".join(values), dtype=INPUT_DTYPE)["id"].tolist())
     missing: list[tuple[bytes, bytes]] = []
@@ -454,7 +455,8 @@ def fill_missing_rows(tables: LmdbTables, values: list[bytes]) -> list[bytes]:
             exp = decode_envelope(rid, bytes(value))
             row = inputs_for(exp.record, rid, exp.ts, exp.retrieval_count, exp.success_count,
                              exp.priority)  # fmt: skip
-            missing.append((bytes(key), row))
+            if row is not None:  # None: not a sampled kind
+                missing.append((bytes(key), row))
     if not missing:
         return values
     for start in range(0, len(missing), 10_000):

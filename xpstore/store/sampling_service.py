@@ -21,7 +21,7 @@ import numpy.typing as npt
 from xpstore.config import SamplingSettings, StoreConfig
 from xpstore.errors import InvalidArgumentError
 from xpstore.model.codec import KIND_CODES, FeedbackOp, PriorityOp, RetrievalOp
-from xpstore.model.records import Experience
+from xpstore.model.records import SAMPLEABLE_KINDS, Experience
 from xpstore.model.where import compile_where
 from xpstore.sampling.priority import PriorityModel
 from xpstore.store.engine import Engine
@@ -80,7 +80,7 @@ class Sampling:
         engine.check_open()
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InvalidArgumentError(f"n must be an int >= 1, got {n!r}", field="n")
-        kinds = kinds_arg(kind)
+        kinds = _sampleable(kind)
         cfg = engine.config.sampling
         b = cfg.beta if beta is None else beta
         if isinstance(b, bool) or not isinstance(b, int | float) or not 0 <= b <= 1:
@@ -158,7 +158,7 @@ class Sampling:
     def probabilities(self, kind: str | None) -> dict[int, float]:
         """P(i) of every live item of ``kind`` (or the store): for checks and small stores."""
         self._engine.check_open()
-        kinds_arg(kind)
+        _sampleable(kind)
         return self.attached().probabilities(kind)
 
     def attached(self) -> Sampler:
@@ -260,6 +260,19 @@ def _model(cfg: SamplingSettings) -> PriorityModel:
         new_item_priority=cfg.new_item_priority,
         alpha=cfg.alpha,
     )
+
+
+def _sampleable(kind: str | None) -> tuple[str, ...]:
+    """The experience kinds ``kind=`` selects (decisions are audit records, never sampled)."""
+    if kind is None:
+        return SAMPLEABLE_KINDS
+    kinds = kinds_arg(kind)
+    if kind not in SAMPLEABLE_KINDS:
+        raise InvalidArgumentError(
+            f"{kind} records are not sampled; use one of {', '.join(SAMPLEABLE_KINDS)}",
+            field="kind",
+        )
+    return kinds
 
 
 def _ids_arg(ids: Iterable[int], name: str = "ids") -> list[int]:
