@@ -26,6 +26,7 @@ from xpstore.errors import (
 from xpstore.index.neighbors import Neighbor
 from xpstore.model.records import (
     BatchFingerprint,
+    Decision,
     Experience,
     Fingerprint,
     PredictionOutcome,
@@ -36,19 +37,23 @@ from xpstore.ops.snapshots import SnapshotInfo
 from xpstore.persistence.wal_recovery import RecoveryReport
 from xpstore.store.sampling_service import SampleBatch
 from xpstore.store.store import Store
+from xpstore.tuning import Learner, Prediction, StepReport
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchFingerprint",
     "CodecError",
+    "Decision",
     "EmptySampleError",
     "Experience",
     "Fingerprint",
     "FormatVersionError",
     "InvalidArgumentError",
     "InvalidRecordError",
+    "Learner",
     "Neighbor",
+    "Prediction",
     "PredictionOutcome",
     "QueryMetric",
     "ReadOnlyStoreError",
@@ -58,6 +63,7 @@ __all__ = [
     "SampleBatch",
     "SnapshotError",
     "SnapshotInfo",
+    "StepReport",
     "Store",
     "StoreClosedError",
     "StoreConfig",

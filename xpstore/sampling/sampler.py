@@ -194,11 +194,13 @@ class Sampler:
         attached, so a 10k-record put_many must not cost 10k Python-level tree updates).
         """
         groups: dict[int, list[tuple[int, bytes | None, bool]]] = {}
+        kinds = self.kinds
         for eff in effects:
             if eff.record_id is not None:
-                groups.setdefault(KIND_CODES[eff.kind], []).append(
-                    (eff.record_id, eff.prio, eff.value is None)
-                )
+                code = KIND_CODES[eff.kind]
+                if code in kinds:  # decisions are not sampled
+                    groups.setdefault(code, []).append((eff.record_id, eff.prio,
+                                                        eff.value is None))  # fmt: skip
         if not groups:
             return
         with self.lock:

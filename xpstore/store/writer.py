@@ -33,6 +33,7 @@ from xpstore.model.codec import (
 from xpstore.model.effects import StateView, derive_all
 from xpstore.model.events import IndexRow
 from xpstore.model.records import (
+    Decision,
     Experience,
     Fingerprint,
     PredictionOutcome,
@@ -46,7 +47,7 @@ from xpstore.store.reader import Reader, record_id
 
 __all__ = ["RowSource", "Writer"]
 
-_RECORD_TYPES = (PredictionOutcome, Fingerprint, QueryMetric)
+_RECORD_TYPES = (PredictionOutcome, Fingerprint, QueryMetric, Decision)
 
 RowSource = Callable[[Sequence[Record]], dict[int, IndexRow]]
 """Index rows of a put batch's fingerprints by position (the k-NN index's, once attached)."""
@@ -126,8 +127,8 @@ class Writer:
                 raise InvalidRecordError(f"records[{index}]: {exc}", field=exc.field) from exc
         else:
             raise InvalidRecordError(
-                f"records[{index}]: expected a PredictionOutcome, Fingerprint or QueryMetric "
-                f"(or a mapping with a 'kind'), got {type(record).__name__}",
+                f"records[{index}]: expected a PredictionOutcome, Fingerprint, QueryMetric or "
+                f"Decision (or a mapping with a 'kind'), got {type(record).__name__}",
                 field="record",
             )
         if rec.ts is None:
