@@ -54,6 +54,10 @@ DEFAULT_RULES: Final[dict[str, str]] = {
 }
 """Condition -> the label practitioners' hard-coded rules favour ("high energy -> punchy")."""
 
+SHARPNESS: Final = 4
+"""Exponent of a condition's strength in its share of A (4: the feature furthest from neutral
+dominates, as in listeners' choices; measured in docs/learning.md)."""
+
 RULE_AFFINITY: Final = 0.8
 """Affinity of a rule's label for its condition; every other label starts at OTHER_AFFINITY."""
 OTHER_AFFINITY: Final = 0.2
@@ -98,9 +102,9 @@ def conditions(
 
 
 def weights_of(conds: Active) -> list[float]:
-    """How much each active condition counts in A: its squared strength, normalized (the
-    feature furthest from neutral dominates, as it does in listeners' choices)."""
-    sq = [s * s for _c, s in conds]
+    """How much each active condition counts in A: its strength to the power SHARPNESS,
+    normalized (the feature furthest from neutral dominates)."""
+    sq = [s**SHARPNESS for _c, s in conds]
     total = sum(sq)
     return [x / total for x in sq] if total > 0 else [1.0 / len(conds)] * len(conds)
 
