@@ -3,6 +3,7 @@
 from xpstore.cli import (
     index_cmds,
     inspect_cmds,
+    learn_cmds,
     maintenance_cmds,
     recover_cmds,
     sample_cmds,
@@ -13,7 +14,7 @@ from xpstore.cli.commands import main
 
 # the command modules register themselves on ``main`` when imported
 _COMMAND_MODULES = (
-    index_cmds, inspect_cmds, maintenance_cmds, recover_cmds, sample_cmds, snapshot_cmds
+    index_cmds, inspect_cmds, learn_cmds, maintenance_cmds, recover_cmds, sample_cmds, snapshot_cmds
 )
 
 __all__ = ["EXIT_CODES", "exit_code_for", "main"]
