@@ -159,9 +159,10 @@ class SeedPolicy(Policy):
     @classmethod
     def next_weight(cls, old: float, user_only: float, enhanced: float) -> float:
         """The published weight rule: more than 5 points either way moves 5 % that way."""
-        if enhanced - user_only > cls.LEAD:
+        lead = round(enhanced - user_only, 9)  # 0.55 - 0.50 is 0.05000000000000004 in floats
+        if lead > cls.LEAD:
             new = old - cls.STEP
-        elif user_only - enhanced > cls.LEAD:
+        elif -lead > cls.LEAD:
             new = old + cls.STEP
         else:
             return old
@@ -193,7 +194,7 @@ class SeedPolicy(Policy):
         < 0.4 lowers by 0.05, within [0, 1]."""
         if n < cls.AFF_MIN_OUTCOMES:
             return old
-        rate = hits / n
+        rate = round(hits / n, 9)
         if rate > cls.AFF_HIGH:
             return round(min(1.0, old + cls.AFF_STEP), 10)
         if rate < cls.AFF_LOW:
