@@ -149,7 +149,7 @@ def test_predict_record_resolve_through_the_store(store: Store) -> None:
     lrn = Learner(store, policy="fixed")
     pred = lrn.predict("u1", {"energy": 0.9, "brightness": 0.5}, context="cold_start")
     assert pred.label == "punchy" and pred.conditions == ("high_energy",)
-    assert (pred.user_weight, pred.audio_weight) == (0.7, pytest.approx(0.3))
+    assert pred.user_weight == 0.7 and pred.audio_weight == pytest.approx(0.3)
     assert abs(sum(pred.scores.values()) - 1.0) < 1e-9
     rid = lrn.record(pred, track_id="t1")
     rec = store.get(rid).record
