@@ -1,0 +1,133 @@
+"""Learning benchmark (issue 10): simulated listeners against the learner's policies.
+
+For each seed: ``--listeners`` x ``--interactions`` predict -> record -> resolve rounds
+(``xpstore.demo.listeners``) per policy, fixed / seed / default and the oracle that knows the
+simulator, each against its own store (durability none: the accuracy is the point). Reports the
+accuracy over each listener's last ``--last`` interactions (mean and spread over the seeds), the
+ECE, the cost of ``predict`` (p50), ``resolve`` (durable updates per call) and ``step`` (256),
+and prioritized vs uniform replay: interactions needed to reach a target accuracy, both.
+
+Usage: ``PYTHONPATH=. python benchmarks/learning.py`` (small defaults; the issue's run is
+``--listeners 20 --interactions 5000 --seeds 5``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xpstore import Learner, Store
+from xpstore.demo.listeners import make_listeners, simulate, track_features
+
+POLICIES = ("fixed", "seed", "default", "oracle")
+
+
+def accuracy_runs(args: argparse.Namespace, work: Path) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {p: [] for p in POLICIES}
+    for seed in range(args.seeds):
+        for policy in POLICIES:
+            with Store.open(work / f"acc-{policy}-{seed}", create=True, durability="none") as st:
+                res = simulate(st, policy, listeners=args.listeners,
+                               interactions=args.interactions, seed=seed,
+                               last=min(args.last, args.interactions))  # fmt: skip
+            out[policy].append(res)
+            print(f"  seed {seed} {policy:<8} last {res.accuracy_last:.3f}", flush=True)
+    return out
+
+
+def costs(work: Path) -> dict[str, float]:
+    """predict p50, resolve's durable updates per call, step(256) median, on a commit store."""
+    rng = np.random.default_rng(9)
+    with Store.open(work / "costs", create=True) as st:  # durability commit: the real cost
+        lrn = Learner(st, policy="default", learn_every=1_000_000, seed=1)
+        people = make_listeners(10, rng, 300)
+        feats = [track_features(rng) for _ in range(3000)]
+        times = []
+        for i, f in enumerate(feats):
+            t0 = time.perf_counter()
+            pred = lrn.predict(people[i % 10].user_id, f)
+            times.append(time.perf_counter() - t0)
+            if i < 600:
+                rid = lrn.record(pred)
+                before = st.stats()["next_lsn"]
+                lrn.resolve(rid, people[i % 10].choose(f, i // 10, rng))
+                assert st.stats()["next_lsn"] == before + 1
+        steps = []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            lrn.step()
+            steps.append(time.perf_counter() - t0)
+    return {"predict_p50_us": statistics.median(times) * 1e6,
+            "predict_p99_us": float(np.percentile(times, 99)) * 1e6,
+            "resolve_durable_updates": 1.0,
+            "step_256_median_ms": statistics.median(steps) * 1e3}  # fmt: skip
+
+
+def replay_race(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Prioritized (alpha 0.6) vs uniform (alpha 0) replay on the same data: interactions until
+    the default policy's rolling accuracy first reaches ``--target``."""
+    out: dict[str, Any] = {}
+    for name, alpha in (("prioritized", 0.6), ("uniform", 0.0)):
+        reached = []
+        for seed in range(args.seeds):
+            with Store.open(work / f"race-{name}-{seed}", create=True, durability="none",
+                            priority_alpha=alpha) as st:  # fmt: skip
+                res = simulate(st, "default", listeners=args.listeners,
+                               interactions=args.interactions, seed=seed, block=50)  # fmt: skip
+            hit = next((i for i, a in enumerate(res.curve) if a >= args.target), None)
+            reached.append(None if hit is None else (hit + 1) * 50 * args.listeners)
+        out[name] = reached
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--listeners", type=int, default=10)
+    p.add_argument("--interactions", type=int, default=1000, help="per listener")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--last", type=int, default=1000)
+    p.add_argument("--target", type=float, default=0.58, help="accuracy for the replay race")
+    args = p.parse_args()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        print(f"# learning benchmark: {args.listeners} listeners x {args.interactions} "
+              f"interactions, {args.seeds} seeds", flush=True)  # fmt: skip
+        acc = accuracy_runs(args, work)
+        cost = costs(work)
+        race = replay_race(args, work)
+    print("\n| policy | accuracy, last interactions (mean ± sd over seeds) | ECE |")
+    print("|---|---:|---:|")
+    means = {}
+    for policy, runs in acc.items():
+        vals = [r.accuracy_last for r in runs]
+        means[policy] = statistics.mean(vals)
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        eces = [r.ece for r in runs if r.ece is not None]
+        ece = f"{statistics.mean(eces):.3f}" if eces else "-"
+        print(f"| {policy} | {means[policy]:.3f} ± {sd:.3f} | {ece} |")
+    print(f"\npredict p50 {cost['predict_p50_us']:.1f} µs (p99 {cost['predict_p99_us']:.1f} µs); "
+          f"resolve: {cost['resolve_durable_updates']:.0f} durable update per call (checked); "
+          f"step(256) median {cost['step_256_median_ms']:.1f} ms")  # fmt: skip
+    print(f"replay race to accuracy {args.target}: interactions needed per seed, "
+          f"prioritized {race['prioritized']} vs uniform {race['uniform']}")  # fmt: skip
+    default_ece = statistics.mean([r.ece for r in acc["default"] if r.ece is not None] or [1.0])
+    for bar, ok in (
+        ("default >= fixed + 10 points", means["default"] >= means["fixed"] + 0.10),
+        ("default >= seed + 3 points", means["default"] >= means["seed"] + 0.03),
+        ("ECE <= 0.05 (default)", default_ece <= 0.05),
+        ("predict p50 <= 50 µs", cost["predict_p50_us"] <= 50),
+        ("step of 256 <= 20 ms", cost["step_256_median_ms"] <= 20),
+    ):
+        print(f"- {'PASS' if ok else 'MISS'} {bar}")
+    print(f"\nrun took {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
