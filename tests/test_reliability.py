@@ -93,3 +93,27 @@ def test_replay_names_the_kind_of_an_update_to_a_prioritized_record(store_path: 
     with replay(store_path) as stream:
         updates = [item for item in stream if item.op == "update"]
     assert [(u.kind, u.ts) for u in updates] == [("prediction", ts)]
+
+
+# ------------------------------------------------------------------ 4. a bound on sample -n
+
+
+def test_sample_refuses_n_over_the_limit(store_path: Path) -> None:
+    """Issue 14.4: ``sample -n 1000000000`` on a 303-record store grew to 24 GB and was
+    OOM-killed. ``n`` is bounded by ``sampling.max_sample`` (default 1,000,000)."""
+    from xpstore.errors import InvalidArgumentError
+
+    with Store.open(store_path, create=True) as store:
+        store.put_many(make_mixed(np.random.default_rng(3), 303, t0=1_690_000_000.0))
+        assert store.config.sampling.max_sample == 1_000_000
+        with pytest.raises(InvalidArgumentError, match=r"\bn\b.*1,000,000") as info:
+            store.sample(1_000_000_000)
+        assert info.value.field == "n"
+        store.reconfigure(**{"sampling.max_sample": 10})
+        assert len(store.sample(10).ids) == 10
+        with pytest.raises(InvalidArgumentError, match="sampling.max_sample"):
+            store.sample(11)
+    result = run("sample", store_path, "-n", 1_000_000_000)
+    assert result.exit_code == 2
+    assert "-n" in result.output and "10" in result.output and "max_sample" in result.output
+    assert run("sample", store_path, "-n", 10, "--json").exit_code == 0
