@@ -172,7 +172,7 @@ def test_snapshot_restore_rolls_forward_without_the_damaged_file(
 
 def test_salvage_starts_from_the_snapshot(damaged: Damaged,
                                           tmp_path: Path) -> None:
-    path, live, snap_id, last = damaged
+    path, live, snap_id, _last = damaged
     into = tmp_path / "salvaged"
     result = cli("recover", path, "--mode", "salvage", "--into", into, "--json")
     assert result.returncode == 0, result.stderr

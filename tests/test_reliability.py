@@ -111,9 +111,44 @@ def test_sample_refuses_n_over_the_limit(store_path: Path) -> None:
         assert info.value.field == "n"
         store.reconfigure(**{"sampling.max_sample": 10})
         assert len(store.sample(10).ids) == 10
-        with pytest.raises(InvalidArgumentError, match="sampling.max_sample"):
+        with pytest.raises(InvalidArgumentError, match=r"sampling\.max_sample"):
             store.sample(11)
     result = run("sample", store_path, "-n", 1_000_000_000)
     assert result.exit_code == 2
     assert "-n" in result.output and "10" in result.output and "max_sample" in result.output
     assert run("sample", store_path, "-n", 10, "--json").exit_code == 0
+
+
+# ------------------------------------------------------------------ a failed salvage
+
+
+def test_failed_salvage_leaves_nothing_at_into(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14: a salvage that failed half-way left a half-built ``--into`` directory (LMDB
+    copied, no marker), which the next attempt refused as "not empty"."""
+    import errno
+
+    from xpstore.ops import salvage
+
+    src = tmp_path / "store"
+    with Store.open(src, create=True) as store:
+        store.put_many(make_mixed(np.random.default_rng(4), 50, t0=1_690_000_000.0))
+
+    def full_disk(*_args: Any, **_kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for case in ("new", "empty"):
+        parent = tmp_path / case
+        parent.mkdir()
+        into = parent / "salvaged"
+        if case == "empty":
+            into.mkdir()
+        with monkeypatch.context() as m:
+            m.setattr(salvage, "recover_wal", full_disk)
+            with pytest.raises(OSError, match="No space"):
+                salvage.salvage_store(src, into)
+        left = sorted(str(p.relative_to(parent)) for p in parent.rglob("*"))
+        assert left == (["salvaged"] if case == "empty" else []), left
+        salvage.salvage_store(src, into)  # and a retry works
+        with Store.open(into, readonly=True) as store:
+            assert store.count() == 50
