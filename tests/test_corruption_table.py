@@ -8,6 +8,7 @@ printed in docs/recovery.md (a test below keeps the two equal).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import files_of
-from xpstore import Store, WALCorruptionError
+from xpstore import LmdbCorruptionError, Store, WALCorruptionError
 from xpstore.demo.synthetic import make_mixed
 from xpstore.ops.salvage import salvage_store
 from xpstore.persistence.wal import WalWriter
@@ -30,6 +31,8 @@ REFUSES = "refuses to open: WALCorruptionError naming segment, offset, expected 
 PREFIX = "opens the prefix before the damage; later LSNs set aside and reported"
 GAP = "new store with every readable frame; the damaged range reported as a gap"
 SKIP = "new store with every frame; the bad segment skipped with a warning"
+LMDB_REFUSES = "refuses to open: LmdbCorruptionError naming data.mdb, checked before mapping it"
+REBUILDS = "new store from the newest good snapshot (none here: empty) plus every WAL frame"
 TABLE: dict[str, tuple[str, str, str, str]] = {
     "torn last frame": (OPENS, REFUSES, OPENS, GAP),
     "zeroed last 4 KiB sector": (OPENS, REFUSES, OPENS, GAP),
@@ -38,6 +41,7 @@ TABLE: dict[str, tuple[str, str, str, str]] = {
     "deleted middle segment": (REFUSES, REFUSES, PREFIX, GAP),
     "duplicated segment": (REFUSES, REFUSES, PREFIX, SKIP),
     "segment from another store": (REFUSES, REFUSES, PREFIX, SKIP),
+    "LMDB data.mdb truncated to half": (LMDB_REFUSES, LMDB_REFUSES, LMDB_REFUSES, REBUILDS),
 }
 
 
@@ -123,6 +127,10 @@ def _damage(case: str, path: Path) -> tuple[set[int], set[int]]:
         w.close()
         shutil.copyfile(next(other.glob("*.wal")), path / "wal" / f"{nxt:020d}.wal")
         return every, every
+    if case == "LMDB data.mdb truncated to half":
+        data = path / "data" / "data.mdb"
+        os.truncate(data, data.stat().st_size // 2)
+        return set(), every
     raise AssertionError(case)
 
 
@@ -144,6 +152,13 @@ def test_corruption_table(tmp_path: Path, base: Path, case: str, mode: str) -> N
         assert err.segment and err.offset is not None and err.expected_lsn and err.reason
         assert files_of(path) == before  # a refused open changes nothing
         return
+    if expected == LMDB_REFUSES:  # in-process: the size check runs before LMDB maps the file
+        for readonly in (False, True):
+            with pytest.raises(LmdbCorruptionError, match=r"data\.mdb.*truncated") as lmdb_info:
+                Store.open(path, recovery_mode=None if readonly else mode, readonly=readonly)
+            assert lmdb_info.value.path == path / "data" / "data.mdb"
+        assert files_of(path) == before
+        return
     if mode == "salvage":
         report = salvage_store(path, tmp_path / "salvaged")
         assert files_of(path) == before  # salvage never writes into the damaged store
@@ -153,6 +168,8 @@ def test_corruption_table(tmp_path: Path, base: Path, case: str, mode: str) -> N
             assert report.gaps
         else:
             assert not report.gaps and report.warnings
+        if expected == REBUILDS:
+            assert any("data.mdb" in w and "no usable snapshot" in w for w in report.warnings)
         return
     with Store.open(path, recovery_mode=mode) as store:
         ids = {e.id for e in store.scan()}
@@ -175,6 +192,7 @@ def test_docs_recovery_md_has_this_table() -> None:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 5 and cells[0] in TABLE:
             rows[cells[0]] = tuple(cells[1:])
-    short = {OPENS: "opens", REFUSES: "refuses", PREFIX: "prefix", GAP: "gap", SKIP: "skip"}
+    short = {OPENS: "opens", REFUSES: "refuses", PREFIX: "prefix", GAP: "gap", SKIP: "skip",
+             LMDB_REFUSES: "refuses", REBUILDS: "rebuilds"}
     expected = {case: tuple(short[o] for o in outcomes) for case, outcomes in TABLE.items()}
     assert {k: tuple(re.sub(r"\W.*", "", v) for v in vals) for k, vals in rows.items()} == expected

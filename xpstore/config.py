@@ -166,6 +166,9 @@ class SamplingSettings(_Section):
     """Never-sampled items get at least this priority."""
     flush_retrievals: int = Field(4096, ge=1)
     """Retrieval counts bumped by sample() are logged once this many are pending (and at close)."""
+    max_sample: int = Field(1_000_000, ge=1, le=1_000_000_000)
+    """The largest ``n`` one ``sample()`` call draws. Draws are with replacement, so ``n`` is not
+    bounded by the population: without a limit a typo (``-n 1000000000``) asks for tens of GB."""
 
 
 SECTIONS: dict[str, type[_Section]] = {

@@ -18,6 +18,7 @@ The tree (each also inherits the builtin a caller would naturally catch)::
     ├── RemoveUnsupportedError                 an index backend (HNSW) cannot delete vectors
     └── StoreCorruptionError                   on-disk damage
         ├── WALCorruptionError                 a bad WAL segment or frame
+        ├── LmdbCorruptionError                an LMDB data file found damaged before mapping it
         ├── SnapshotError                      a damaged snapshot, or WAL a restore lacks
         └── StatsCorruptionError               persisted embedding statistics fail their check
 
@@ -26,6 +27,8 @@ and ``persistence.wal``), always with ``raise ... from`` so the original stays a
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class XpStoreError(Exception):
@@ -114,6 +117,19 @@ class WALCorruptionError(StoreCorruptionError):
         self.offset = offset
         self.expected_lsn = expected_lsn
         self.reason = reason
+
+
+class LmdbCorruptionError(StoreCorruptionError):
+    """An LMDB data file (``path``) is damaged in a way that is found before it is mapped: shorter
+    than its meta pages say (truncated), or without valid meta pages.
+
+    Mapping such a file and touching a page past its end kills the process with SIGBUS, so every
+    open checks first. The message names the file and what to do (restore a snapshot, salvage).
+    """
+
+    def __init__(self, message: str, *, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class CodecError(InvalidRecordError):

@@ -21,7 +21,8 @@ from xpstore.model.records import KINDS
 @main.command()
 @click.argument("path", type=STORE_PATH)
 @click.option("-n", "n", type=click.IntRange(min=1), default=32, show_default=True,
-              help="How many experiences to draw (with replacement).")
+              help="How many experiences to draw, with replacement (at most the store's "
+              "sampling.max_sample, 1,000,000 by default).")
 @click.option("--kind", type=click.Choice(KINDS), default=None, help="Only this kind.")
 @click.option("--where", "wheres", multiple=True, metavar="PATH[__OP]=VALUE",
               help="Only records matching, as scan's --where. Repeat to AND.")
@@ -44,6 +45,14 @@ def sample(path: Path, n: int, kind: str | None, wheres: tuple[str, ...], beta: 
     """
     where = parse_where(wheres)
     with open_for_reading(path, readonly, index_auto_rebuild=False) as store:
+        limit = store.config.sampling.max_sample
+        if n > limit:
+            raise click.BadParameter(
+                f"{n:,} is over this store's limit of {limit:,} draws per call "
+                "(its sampling.max_sample setting; draws are with replacement): draw in "
+                "several calls",
+                param_hint="-n",
+            )
         batch = store.sample(n, kind=kind, where=where or None, beta=beta, seed=seed)
     rows: list[dict[str, Any]] = [
         {

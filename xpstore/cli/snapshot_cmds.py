@@ -11,12 +11,15 @@ from typing import Any
 
 import click
 
-from xpstore import SnapshotInfo, Store
+from xpstore import LmdbCorruptionError, SnapshotInfo, Store
 from xpstore.cli._errors import EXIT_PROBLEM, CliError
 from xpstore.cli._input import TimestampType
 from xpstore.cli._output import emit_json, table
+from xpstore.cli._progress import progress_bar
 from xpstore.cli.commands import STORE_PATH, main
 from xpstore.ops import snapshots as snap_mod
+from xpstore.persistence.layout import Layout, read_marker
+from xpstore.persistence.lock import WriterLock
 
 _JSON_KEY = "xpstore.snapshot.json"
 
@@ -108,10 +111,15 @@ def list_(ctx: click.Context, path: Path, verify: bool, show_all: bool, as_json:
       xpstore snapshot list data/xp --verify
     """
     _finish_pending(path)
-    with Store.open(path, readonly=True) as store:
-        listing = snap_mod.scan(store.snapshot_dir, store.store_id)
-        problems = store.check_snapshots(checksums=verify)
-        root = store.snapshot_dir
+    try:
+        with Store.open(path, readonly=True) as store:
+            root, store_id = store.snapshot_dir, store.store_id
+    except LmdbCorruptionError as exc:  # the snapshots are what an operator needs now
+        _warn_files_only(exc)
+        root = snap_mod.snapshot_root(path, None)
+        store_id = read_marker(Layout(path)).store_id
+    listing = snap_mod.scan(root, store_id)
+    problems = snap_mod.snapshot_problems(root, store_id, checksums=verify)
     infos = listing.snapshots + (listing.foreign if show_all else [])
     if _wants_json(ctx, as_json):
         emit_json(
@@ -217,8 +225,7 @@ def restore(
         target = _restore_in_place(path, snapshot_id, to_lsn, to_time)
     else:
         assert into is not None
-        with Store.open(path, readonly=True) as store:
-            target = store.restore_snapshot(snapshot_id, into, to_lsn=to_lsn, to_time=to_time)
+        target = _restore_into(path, snapshot_id, into, to_lsn, to_time)
     with Store.open(target, readonly=True) as restored:
         st = restored.stats()
         store_id = restored.store_id
@@ -240,13 +247,50 @@ def restore(
         )
 
 
+def _warn_files_only(exc: LmdbCorruptionError) -> None:
+    click.echo(f"warning: {exc}", err=True)
+    click.echo("warning: not opening the store; reading its marker, snapshots and WAL directly",
+               err=True)  # fmt: skip
+
+
+def _restore_into(
+    path: Path, snapshot_id: str, into: Path, to_lsn: int | None, to_time: float | None
+) -> Path:
+    """Restore into a new store; from the files alone when the store's LMDB is damaged."""
+    with progress_bar() as bar:
+        try:
+            store = Store.open(path, readonly=True)
+        except LmdbCorruptionError as exc:
+            _warn_files_only(exc)
+            return snap_mod.restore_from_files(path, snapshot_id, into, to_lsn=to_lsn,
+                                               to_time=to_time, progress=bar)  # fmt: skip
+        with store:
+            return store.restore_snapshot(snapshot_id, into, to_lsn=to_lsn, to_time=to_time,
+                                          progress=bar)  # fmt: skip
+
+
 def _restore_in_place(
     path: Path, snapshot_id: str, to_lsn: int | None, to_time: float | None
 ) -> Path:
     """Stage the restored store inside PATH under the writer lock, then swap it in."""
-    with Store.open(path) as store:  # the writer lock: nobody else has the store open to write
-        staging = snap_mod.in_place_staging(path)
-        store.restore_snapshot(snapshot_id, staging, to_lsn=to_lsn, to_time=to_time)
+    with progress_bar() as bar:
+        try:
+            store = Store.open(path)  # the writer lock: nobody else has the store open to write
+        except LmdbCorruptionError as exc:
+            _warn_files_only(exc)
+            lock = WriterLock(Layout(path).lock)
+            lock.acquire()
+            try:
+                staging = snap_mod.in_place_staging(path)
+                snap_mod.restore_from_files(path, snapshot_id, staging, to_lsn=to_lsn,
+                                            to_time=to_time, progress=bar)  # fmt: skip
+            finally:
+                lock.release()
+        else:
+            with store:
+                staging = snap_mod.in_place_staging(path)
+                store.restore_snapshot(snapshot_id, staging, to_lsn=to_lsn, to_time=to_time,
+                                       progress=bar)  # fmt: skip
     snap_mod.swap_in_place(path)
     return path
 

@@ -37,6 +37,7 @@ does not decode raises :class:`~xpstore.errors.CodecError`.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import itemgetter
@@ -82,6 +83,7 @@ __all__ = [
     "encode_op",
     "envelope_counters",
     "envelope_from_put",
+    "envelope_head",
     "pack_envelope",
     "peek_put",
 ]
@@ -537,6 +539,23 @@ def envelope_from_put(
         [CODEC_VERSION, kind_code, float(ts), updated_lsn, retrieval_count, success_count]
     )
     return b"\x97" + head[1:] + op_bytes[4:]  # fixarray(7): the six header items + record map
+
+
+_ENVELOPE_ARRAYS: Final = (0x97, 0x98)  # fixarray(7), or fixarray(8) with a stored priority
+_F64 = struct.Struct(">d")
+
+
+def envelope_head(raw: BytesLike) -> tuple[int, float] | None:
+    """(kind code, ts) from an envelope's first 12 bytes, without decoding the record; None when
+    they are not an envelope of this codec version.
+
+    The layout is ``fixarray(7 or 8) | version | kind | 0xcb <ts f64 BE>``: the eighth item is
+    the priority ``update_priorities`` stores. Checkers and replay read many records this way;
+    each must accept both array sizes (verify once reported every prioritized record as damage).
+    """
+    if len(raw) < 12 or raw[0] not in _ENVELOPE_ARRAYS or raw[1] != CODEC_VERSION or raw[3] != 0xCB:
+        return None
+    return raw[2], float(_F64.unpack_from(raw, 4)[0])
 
 
 def envelope_counters(data: BytesLike) -> list[Any]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -45,7 +44,7 @@ from xpstore.errors import (
     SnapshotError,
     XpStoreError,
 )
-from xpstore.model.codec import KIND_BY_CODE, decode_envelope, decode_op
+from xpstore.model.codec import KIND_BY_CODE, decode_envelope, decode_op, envelope_head
 from xpstore.model.records import Fingerprint
 from xpstore.ops import snapshots as snap_mod
 from xpstore.persistence import fs
@@ -70,7 +69,6 @@ CHECK_BATCH = 5000
 """Records decoded per read transaction by the record check (short transactions)."""
 _BROKEN_RE = re.compile(r"^(\d{20})\.wal\.\d+\.broken$")
 _TMP_RE = re.compile(r"^(\d{20})\.wal\.tmp$")
-_TS = struct.Struct(">d")
 
 
 # ============================================================================ wal inspect
@@ -613,17 +611,10 @@ def _check_index(
             continue
         if rid in bad_ids:
             continue  # the record itself is already reported
-        head = _envelope_head(bytes(value[:12]))
+        head = envelope_head(bytes(value[:12]))
         if head is None or index_key(head[0], head[1], rid) != key:
             report.add(where, "index entry disagrees with the record's kind or ts")
     return per_kind
-
-
-def _envelope_head(raw: bytes) -> tuple[int, float] | None:
-    """(kind_code, ts) from an envelope's first bytes: ``0x97 1 kind 0xcb <f64 BE>``."""
-    if len(raw) < 12 or raw[0] != 0x97 or raw[1] != 1 or raw[3] != 0xCB:
-        return None
-    return raw[2], _TS.unpack_from(raw, 4)[0]
 
 
 def _check_counts(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 from array import array
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import msgpack
 
 from xpstore.config import StoreConfig
 from xpstore.errors import InvalidRecordError, XpStoreError
-from xpstore.model.codec import KIND_BY_CODE, KIND_CODES
+from xpstore.model.codec import KIND_BY_CODE, KIND_CODES, envelope_head
 from xpstore.model.records import (
     BATCH_FIELDS,
     KINDS,
@@ -63,7 +62,6 @@ _OP_SETTINGS = 8
 _STREAMING_NAMES = {len(n): n for n in (STREAMING_FIELDS, STREAMING_FIELDS_NO_HARMONIC)}
 _BATCH_LEN = len(BATCH_FIELDS)
 _MAX_INDEX_JUMP = 1 << 24
-_TS = struct.Struct(">d")
 
 
 class _BadData(ValueError):
@@ -473,8 +471,9 @@ class ReplayStream:
                 tomb = txn.get(u64(rid), db=tables.db(b"tombstones"))
         except (lmdb.Error, XpStoreError):
             return None, None  # the kind stays unknown; a damaged LMDB is reported when read
-        if raw is not None and len(raw) >= 12 and raw[0] == 0x97 and raw[3] == 0xCB:
-            return KIND_BY_CODE.get(raw[2]), float(_TS.unpack_from(raw, 4)[0])
+        head = envelope_head(raw) if raw is not None else None
+        if head is not None:
+            return KIND_BY_CODE.get(head[0]), head[1]
         if tomb is not None and len(tomb) == 9:
             return KIND_BY_CODE.get(tomb[8]), None
         return None, None

@@ -11,8 +11,10 @@ A snapshot directory is built under a temporary name, every file and the directo
 renamed into place only when complete, so a crash leaves either no snapshot or a whole one. The
 LMDB copy and its LSN come from one read transaction, so the LSN is exact. Restore verifies every
 checksum before it copies anything, builds the new store in a temporary sibling of the target and
-renames it into place last. This module knows files and LMDB, not records: the point-in-time
-replay is the caller's (``xpstore.store._snapshot_api``), handed in as a callback.
+renames it into place last. The point-in-time roll-forward (:func:`restore_at`) replays the
+source store's retained WAL into the copy with the recovery's own
+:class:`~xpstore.persistence.replayer.Replayer`; it needs the WAL and the store id, never the
+source store's LMDB, so :func:`restore_from_files` restores a store whose data file is damaged.
 """
 
 from __future__ import annotations
@@ -32,12 +34,20 @@ from typing import Any
 
 import lmdb
 
-from xpstore.errors import FormatVersionError, InvalidRecordError, SnapshotError
+from xpstore.config import StoreConfig, make_config
+from xpstore.errors import (
+    FormatVersionError,
+    InvalidArgumentError,
+    InvalidRecordError,
+    SnapshotError,
+)
+from xpstore.model.progress import ProgressFn
 from xpstore.persistence import fs
 from xpstore.persistence import layout as layout_mod
 from xpstore.persistence.crashpoints import crash_point
 from xpstore.persistence.lmdb_tables import LmdbTables, translate
 from xpstore.persistence.lock import WriterLock
+from xpstore.persistence.replayer import Replayer
 from xpstore.persistence.wal_format import Frame
 from xpstore.persistence.wal_reader import BadFrame, Damage, MissingLsns, WalReader
 
@@ -460,7 +470,13 @@ def check_target(into: Path) -> None:
         )
 
 
-def restore(snap: Snapshot, into: Path, *, replay: ReplayFn | None = None) -> Path:
+def restore(
+    snap: Snapshot,
+    into: Path,
+    *,
+    replay: ReplayFn | None = None,
+    progress: ProgressFn | None = None,
+) -> Path:
     """Write a new store at ``into`` from ``snap``; ``replay`` rolls it forward (PITR).
 
     Every checksum is verified before anything is created. The store is assembled in a temporary
@@ -478,7 +494,8 @@ def restore(snap: Snapshot, into: Path, *, replay: ReplayFn | None = None) -> Pa
         for sub in ("data", "wal"):
             fs.mkdir(tmp / sub)
         for entry in snap.files:
-            _copy_verified(snap.info.path / entry.name, tmp / RESTORE_PLACES[entry.name], entry)
+            _copy_verified(snap.info.path / entry.name, tmp / RESTORE_PLACES[entry.name], entry,
+                           progress)  # fmt: skip
         fs.fsync_dir(tmp / "data")
         fs.fsync_dir(tmp)
         crash_point("restore.after_copy")
@@ -496,7 +513,9 @@ def restore(snap: Snapshot, into: Path, *, replay: ReplayFn | None = None) -> Pa
     return into
 
 
-def _copy_verified(src: Path, dst: Path, entry: FileEntry) -> None:
+def _copy_verified(
+    src: Path, dst: Path, entry: FileEntry, progress: ProgressFn | None = None
+) -> None:
     """Copy and hash in one pass; a file that changed since :func:`verify` is refused."""
     digest = hashlib.sha256()
     size = 0
@@ -506,6 +525,8 @@ def _copy_verified(src: Path, dst: Path, entry: FileEntry) -> None:
             digest.update(chunk)
             size += len(chunk)
             fs.write_all(fd, chunk)
+            if progress is not None:
+                progress(f"copying {entry.name}", size, entry.size, "bytes")
         fs.fdatasync(fd)
     finally:
         fs.close(fd)
@@ -610,6 +631,234 @@ def _pitr_damage(wal_dir: Path, damage: Damage, from_lsn: int) -> None:
         f"the WAL in {wal_dir} lacks LSNs {first}..{hi} ({damage.where}: {damage.reason}: "
         f"{damage.detail}); point-in-time restore cannot cross the gap"
     )
+
+
+# ------------------------------------------------------------------------------- point in time
+
+
+@dataclass(frozen=True, slots=True)
+class WalSource:
+    """The retained WAL of the store a snapshot came from: what a point-in-time restore rolls
+    the copy forward through (the store's LMDB is never read)."""
+
+    wal_dir: Path
+    store_id: int
+    max_frame_bytes: int
+
+    def frames(self, from_lsn: int) -> Iterator[Frame]:
+        return wal_frames(self.wal_dir, store_id=self.store_id, from_lsn=from_lsn,
+                          max_frame_bytes=self.max_frame_bytes)  # fmt: skip
+
+
+def restore_at(
+    snap: Snapshot,
+    into: Path,
+    wal: WalSource,
+    *,
+    to_lsn: int | None = None,
+    to_time: float | None = None,
+    map_size: int,
+    progress: ProgressFn | None = None,
+) -> Path:
+    """Restore ``snap`` into ``into`` and roll it forward through ``wal`` to exactly ``to_lsn``,
+    or through every frame committed at or before ``to_time``; neither: the snapshot as it is.
+
+    The WAL is checked to hold every LSN needed before anything is copied. Raises SnapshotError
+    (damaged snapshot, WAL no longer retained) and InvalidArgumentError (bad arguments, an LSN
+    outside the WAL).
+    """
+    lsn, when = lsn_arg(to_lsn), time_arg(to_time)
+    if lsn is not None and when is not None:
+        raise InvalidArgumentError("give to_lsn or to_time, not both", field="to_lsn")
+    check_target(into)
+    stop = _pitr_stop(snap, wal, lsn, when)
+    after = snap.info.lsn
+
+    def replay(tmp: Path) -> None:
+        _replay_into(tmp / "data", wal, after, stop, map_size, progress)
+
+    return restore(snap, into, replay=replay if stop > after else None, progress=progress)
+
+
+def restore_from_files(
+    store_root: Path,
+    snapshot_id: str,
+    into: Path,
+    *,
+    to_lsn: int | None = None,
+    to_time: float | None = None,
+    progress: ProgressFn | None = None,
+) -> Path:
+    """:func:`restore_at` for a store that cannot be opened (its LMDB data file is damaged):
+    the store id comes from its marker, the snapshots from ``<store>/snapshots`` and the WAL
+    limits from the snapshot's own manifest, so nothing reads the store's LMDB."""
+    lay = layout_mod.Layout(store_root)
+    marker = layout_mod.read_marker(lay)
+    if to_lsn is not None and to_time is not None:
+        raise InvalidArgumentError("give to_lsn or to_time, not both", field="to_lsn")
+    check_target(into)
+    snap = load(snapshot_root(store_root, None), snapshot_id)
+    cfg = manifest_config(snap)
+    wal = WalSource(lay.wal, marker.store_id, cfg.wal.max_frame_bytes)
+    return restore_at(snap, into, wal, to_lsn=to_lsn, to_time=to_time,
+                      map_size=cfg.apply.map_size, progress=progress)  # fmt: skip
+
+
+def manifest_config(snap: Snapshot) -> StoreConfig:
+    """The store's settings as the snapshot recorded them (defaults if they do not parse)."""
+    raw = snap.manifest.get("config")
+    try:
+        return make_config(**raw) if isinstance(raw, dict) else make_config()
+    except (InvalidArgumentError, ValueError, TypeError):
+        log.warning("snapshot %s: its recorded config does not parse; using defaults",
+                    snap.info.id)  # fmt: skip
+        return make_config()
+
+
+def snapshot_problems(root: Path, store_id: int, *, checksums: bool = True) -> list[str]:
+    """One message per damaged snapshot directory in ``root``; empty when all is well."""
+    listing = scan(root, store_id)
+    problems = [f"snapshot {name}: {reason}" for name, reason in listing.damaged]
+    if checksums:
+        for info in listing.snapshots + listing.foreign:
+            try:
+                verify(load(root, info.id))
+            except SnapshotError as exc:
+                problems.append(f"snapshot {info.id}: {exc}")
+    return problems
+
+
+def newest_verified(root: Path, store_id: int) -> Snapshot | None:
+    """The newest snapshot of ``store_id`` in ``root`` whose every checksum holds (a salvage's
+    starting point when the store's own LMDB is damaged); damaged ones are logged and skipped."""
+    for info in reversed(scan(root, store_id).snapshots):
+        try:
+            snap = load(root, info.id)
+            verify(snap)
+        except SnapshotError as exc:
+            log.warning("snapshot %s cannot be used: %s", info.id, exc)
+            continue
+        return snap
+    return None
+
+
+def copy_data(snap: Snapshot, data_dir: Path) -> None:
+    """Copy the snapshot's (verified) LMDB file into ``data_dir``, re-hashing it on the way."""
+    for entry in snap.files:
+        _copy_verified(snap.info.path / entry.name, data_dir / entry.name, entry)
+    fs.fsync_dir(data_dir)
+
+
+def lsn_arg(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgumentError(f"to_lsn must be an integer >= 0, got {value!r}", field="to_lsn")
+    return value
+
+
+def time_arg(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidArgumentError(
+            f"to_time must be a finite number of seconds since the epoch, got {value!r}",
+            field="to_time",
+        )
+    return float(value)
+
+
+def _pitr_stop(snap: Snapshot, wal: WalSource, to_lsn: int | None, to_time: float | None) -> int:
+    """The last LSN a restore replays to; checks the WAL holds all of it before any copy."""
+    after = snap.info.lsn
+    rolls = to_time is not None or (to_lsn is not None and to_lsn != after)
+    if rolls and snap.info.store_id != wal.store_id:
+        raise SnapshotError(
+            f"snapshot {snap.info.id} belongs to store {snap.info.store_id:#x}, not this one "
+            f"({wal.store_id:#x}): its WAL is not here, so it restores only as it is"
+        )
+    if to_lsn is not None:
+        return _stop_at_lsn(snap, wal, to_lsn)
+    if to_time is not None:
+        return _stop_at_time(snap, wal, to_time)
+    return after
+
+
+def _stop_at_lsn(snap: Snapshot, wal: WalSource, to_lsn: int) -> int:
+    after = snap.info.lsn
+    if to_lsn < after:
+        raise InvalidArgumentError(
+            f"to_lsn {to_lsn} is before snapshot {snap.info.id}'s LSN {after}; restore an "
+            "older snapshot",
+            field="to_lsn",
+        )
+    end = after
+    if to_lsn > after:
+        for frame in wal.frames(after + 1):
+            end = frame.last_lsn
+            if end >= to_lsn:
+                break
+    if end < to_lsn:
+        raise InvalidArgumentError(
+            f"to_lsn {to_lsn} is beyond the end of this store's WAL (last LSN {end})",
+            field="to_lsn",
+        )
+    return to_lsn
+
+
+def _stop_at_time(snap: Snapshot, wal: WalSource, to_time: float) -> int:
+    after = snap.info.lsn
+    if after > 0 and to_time < snap.info.created:
+        # the snapshot may already hold operations committed after to_time: check the frame
+        # that holds its LSN
+        try:
+            first = next(iter(wal.frames(after)), None)
+        except SnapshotError as exc:
+            raise SnapshotError(
+                f"snapshot {snap.info.id} was taken after to_time and the WAL around its LSN "
+                f"{after} is gone, so it cannot be shown to hold nothing newer; restore an "
+                f"older snapshot ({exc})"
+            ) from exc
+        if first is None or first.commit_time > to_time:
+            raise InvalidArgumentError(
+                f"snapshot {snap.info.id} already holds operations committed after to_time "
+                f"{to_time} (LSN {after}); restore an older snapshot",
+                field="to_time",
+            )
+    stop = after
+    for frame in wal.frames(after + 1):
+        if frame.commit_time > to_time:
+            break
+        stop = frame.last_lsn
+    return stop
+
+
+def _replay_into(
+    data_dir: Path, wal: WalSource, after: int, stop: int, map_size: int,
+    progress: ProgressFn | None,
+) -> None:
+    """Roll the LMDB copy in ``data_dir`` forward through LSNs ``after+1 .. stop``."""
+    tables = LmdbTables(data_dir, readonly=False, map_size=map_size)
+    try:
+        replayer = Replayer(tables)
+        last = after
+        for frame in wal.frames(after + 1):
+            if frame.first_lsn > stop:
+                break
+            ops = frame.ops()
+            skip = max(0, after + 1 - frame.first_lsn)
+            keep = ops[skip : stop - frame.first_lsn + 1]
+            if keep:
+                replayer.apply_frame(frame.first_lsn + skip, keep)
+                last = frame.first_lsn + skip + len(keep) - 1
+                if progress is not None:
+                    progress(f"rolling forward to LSN {stop}", last - after, stop - after, "ops")
+        if last != stop:
+            raise SnapshotError(f"the WAL ended at LSN {last} before the target LSN {stop}")
+        replayer.flush(force=True)
+        tables.sync()
+    finally:
+        tables.close()
 
 
 # ------------------------------------------------------------------------------- in place

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TypeGuard
 
 from xpstore.errors import WALCorruptionError
+from xpstore.model.progress import ProgressFn
 from xpstore.persistence import fs
 from xpstore.persistence.wal import list_segments
 from xpstore.persistence.wal_format import HEADER_SIZE, Frame
@@ -120,6 +121,7 @@ def recover_wal(
     apply: ApplyFn,
     modify: bool = True,
     to_lsn: int | None = None,
+    progress: ProgressFn | None = None,
 ) -> RecoveryReport:
     """Replay every operation after ``applied_lsn`` through ``apply`` under ``mode``'s policy.
 
@@ -131,6 +133,7 @@ def recover_wal(
     segments, resynchronizes at the next valid frame, and lists every unreadable LSN range in
     ``report.gaps``. ``to_lsn`` (``point_in_time`` only) stops before the first frame that
     reaches past it, as if the log were damaged there: later frames are set aside and reported.
+    ``progress("replaying WAL", bytes_read, wal_bytes, "bytes")`` follows the reading.
     """
     if mode == "salvage" and modify:
         raise ValueError("salvage never modifies the damaged store: pass modify=False")
@@ -146,6 +149,8 @@ def recover_wal(
     reader = WalReader(wal_dir, store_id=store_id, max_frame_bytes=max_frame_bytes,
                        start_lsn=applied_lsn + 1)
     report = RecoveryReport(mode=mode, applied_lsn=applied_lsn)
+    if progress is not None:
+        apply = _ReadProgress(reader, apply, progress)
     stop: _Stop | None = None
     if mode == "salvage":
         _salvage(reader, report, apply)
@@ -162,11 +167,51 @@ def recover_wal(
     return report
 
 
+class _ReadProgress:
+    """An ApplyFn that also reports how far the reader is through the WAL's bytes."""
+
+    def __init__(self, reader: WalReader, apply: ApplyFn, progress: ProgressFn) -> None:
+        self._reader = reader
+        self._apply = apply
+        self._progress = progress
+        self._sizes: dict[Path, int] = {}
+        self._before: dict[Path, int] = {}
+        self._frame: Frame | None = None
+
+    def frame(self, frame: Frame) -> None:
+        """The frame whose operations the next call applies (for its offset)."""
+        self._frame = frame
+
+    def __call__(self, first: int, ops: list[bytes], commit_time: float) -> None:
+        self._apply(first, ops, commit_time)
+        seg, frame = self._reader.segment, self._frame
+        if seg is None or frame is None:
+            return
+        if seg not in self._before:
+            self._measure()
+        self._progress("replaying WAL", self._before.get(seg, 0) + frame.offset + frame.size,
+                       sum(self._sizes.values()), "bytes")  # fmt: skip
+
+    def _measure(self) -> None:
+        """Sizes of the segments listed so far (a live log's new ones are added as they come)."""
+        total = 0
+        for _first, path in self._reader.listed:
+            if path not in self._sizes:
+                try:
+                    self._sizes[path] = path.stat().st_size
+                except OSError:
+                    self._sizes[path] = 0
+            self._before[path] = total
+            total += self._sizes[path]
+
+
 def _apply(frame: Frame, report: RecoveryReport, apply: ApplyFn) -> None:
     """Hand ``apply`` the frame's operations that LMDB does not hold yet."""
     report.frames += 1
     skip = max(0, report.applied_lsn + 1 - frame.first_lsn)
     if skip < frame.count:
+        if isinstance(apply, _ReadProgress):
+            apply.frame(frame)
         ops = frame.ops()[skip:]
         apply(frame.first_lsn + skip, ops, frame.commit_time)
         report.replayed_ops += len(ops)

@@ -82,6 +82,14 @@ class Sampling:
             raise InvalidArgumentError(f"n must be an int >= 1, got {n!r}", field="n")
         kinds = _sampleable(kind)
         cfg = engine.config.sampling
+        if n > cfg.max_sample:
+            raise InvalidArgumentError(
+                f"n={n:,} is over this store's limit of {cfg.max_sample:,} draws per call "
+                "(sampling.max_sample; draws are with replacement, so n is not bounded by the "
+                "population): draw in several calls, or raise the limit with "
+                "store.reconfigure(**{'sampling.max_sample': ...})",
+                field="n",
+            )
         b = cfg.beta if beta is None else beta
         if isinstance(b, bool) or not isinstance(b, int | float) or not 0 <= b <= 1:
             raise InvalidArgumentError(f"beta must be in [0, 1], got {beta!r}", field="beta")

@@ -9,20 +9,16 @@ store's WAL with the same :class:`~xpstore.persistence.replayer.Replayer` that r
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from xpstore.errors import InvalidArgumentError, SnapshotError
+from xpstore.errors import InvalidArgumentError
 from xpstore.model.codec import KIND_BY_CODE
+from xpstore.model.progress import ProgressFn
 from xpstore.ops import snapshots as snap_mod
-from xpstore.ops.snapshots import Snapshot, SnapshotInfo
-from xpstore.persistence.lmdb_tables import LmdbTables
-from xpstore.persistence.replayer import Replayer
-from xpstore.persistence.wal_format import Frame
+from xpstore.ops.snapshots import SnapshotInfo
 from xpstore.store.engine import Engine
 
 __all__ = ["AutoSnapshotTask", "Snapshots"]
@@ -93,16 +89,8 @@ class Snapshots:
     def check_snapshots(self, *, checksums: bool = True) -> list[str]:
         """One message per damaged snapshot directory (for ``verify``); empty when all is well."""
         self._engine.check_open()
-        root = self.snapshot_dir
-        listing = snap_mod.scan(root, self._engine.store_id)
-        problems = [f"snapshot {name}: {reason}" for name, reason in listing.damaged]
-        if checksums:
-            for info in listing.snapshots + listing.foreign:
-                try:
-                    snap_mod.verify(snap_mod.load(root, info.id))
-                except SnapshotError as exc:
-                    problems.append(f"snapshot {info.id}: {exc}")
-        return problems
+        return snap_mod.snapshot_problems(self.snapshot_dir, self._engine.store_id,
+                                          checksums=checksums)  # fmt: skip
 
     def restore_snapshot(
         self,
@@ -111,6 +99,7 @@ class Snapshots:
         *,
         to_lsn: int | None = None,
         to_time: float | None = None,
+        progress: ProgressFn | None = None,
     ) -> Path:
         """Write a new store at ``into`` holding snapshot ``snapshot_id``; return its path.
 
@@ -122,19 +111,18 @@ class Snapshots:
         LSN + 1). Raises SnapshotError (damaged snapshot, WAL range no longer retained) and
         InvalidRecordError (bad arguments, ``into`` not empty, an LSN outside the WAL).
         """
-        self._engine.check_open()
+        engine = self._engine
+        engine.check_open()
         target = Path(into)
         if to_lsn is not None and to_time is not None:
             raise InvalidArgumentError("give to_lsn or to_time, not both", field="to_lsn")
         snap_mod.check_target(target)
         snap = snap_mod.load(self.snapshot_dir, snapshot_id)
-        stop = self._pitr_stop(snap, _lsn_arg(to_lsn), _time_arg(to_time))
-        after = snap.info.lsn
-
-        def replay(tmp: Path) -> None:
-            self._replay_into(tmp / "data", after, stop)
-
-        return snap_mod.restore(snap, target, replay=replay if stop > after else None)
+        wal = snap_mod.WalSource(engine.layout.wal, engine.store_id,
+                                 engine.config.wal.max_frame_bytes)  # fmt: skip
+        return snap_mod.restore_at(snap, target, wal, to_lsn=to_lsn, to_time=to_time,
+                                   map_size=engine.config.apply.map_size,
+                                   progress=progress)  # fmt: skip
 
     def prune_snapshots(self, keep: int) -> list[SnapshotInfo]:
         """Delete all but the newest ``keep`` snapshots of this store; return the removed ones.
@@ -175,101 +163,6 @@ class Snapshots:
             self.last_lsn, self.last_time = infos[-1].lsn, infos[-1].created
         else:
             self.last_lsn, self.last_time = 0, now
-
-    # --------------------------------------------------------- point in time
-    def _frames(self, from_lsn: int) -> Iterator[Frame]:
-        engine = self._engine
-        return snap_mod.wal_frames(
-            engine.layout.wal,
-            store_id=engine.store_id,
-            from_lsn=from_lsn,
-            max_frame_bytes=engine.config.wal.max_frame_bytes,
-        )
-
-    def _pitr_stop(self, snap: Snapshot, to_lsn: int | None, to_time: float | None) -> int:
-        """The last LSN a restore replays to; checks the WAL holds all of it before any copy."""
-        after = snap.info.lsn
-        rolls = to_time is not None or (to_lsn is not None and to_lsn != after)
-        own = self._engine.store_id
-        if rolls and snap.info.store_id != own:
-            raise SnapshotError(
-                f"snapshot {snap.info.id} belongs to store {snap.info.store_id:#x}, not this one "
-                f"({own:#x}): its WAL is not here, so it restores only as it is"
-            )
-        if to_lsn is not None:
-            return self._stop_at_lsn(snap, to_lsn)
-        if to_time is not None:
-            return self._stop_at_time(snap, to_time)
-        return after
-
-    def _stop_at_lsn(self, snap: Snapshot, to_lsn: int) -> int:
-        after = snap.info.lsn
-        if to_lsn < after:
-            raise InvalidArgumentError(
-                f"to_lsn {to_lsn} is before snapshot {snap.info.id}'s LSN {after}; restore an "
-                "older snapshot",
-                field="to_lsn",
-            )
-        end = after
-        if to_lsn > after:
-            for frame in self._frames(after + 1):
-                end = frame.last_lsn
-                if end >= to_lsn:
-                    break
-        if end < to_lsn:
-            raise InvalidArgumentError(
-                f"to_lsn {to_lsn} is beyond the end of this store's WAL (last LSN {end})",
-                field="to_lsn",
-            )
-        return to_lsn
-
-    def _stop_at_time(self, snap: Snapshot, to_time: float) -> int:
-        after = snap.info.lsn
-        if after > 0 and to_time < snap.info.created:
-            # the snapshot may already hold operations committed after to_time: check the frame
-            # that holds its LSN
-            try:
-                first = next(iter(self._frames(after)), None)
-            except SnapshotError as exc:
-                raise SnapshotError(
-                    f"snapshot {snap.info.id} was taken after to_time and the WAL around its LSN "
-                    f"{after} is gone, so it cannot be shown to hold nothing newer; restore an "
-                    f"older snapshot ({exc})"
-                ) from exc
-            if first is None or first.commit_time > to_time:
-                raise InvalidArgumentError(
-                    f"snapshot {snap.info.id} already holds operations committed after to_time "
-                    f"{to_time} (LSN {after}); restore an older snapshot",
-                    field="to_time",
-                )
-        stop = after
-        for frame in self._frames(after + 1):
-            if frame.commit_time > to_time:
-                break
-            stop = frame.last_lsn
-        return stop
-
-    def _replay_into(self, data_dir: Path, after: int, stop: int) -> None:
-        """Roll the LMDB copy in ``data_dir`` forward through LSNs ``after+1 .. stop``."""
-        tables = LmdbTables(data_dir, readonly=False, map_size=self._engine.config.apply.map_size)
-        try:
-            replayer = Replayer(tables)
-            last = after
-            for frame in self._frames(after + 1):
-                if frame.first_lsn > stop:
-                    break
-                ops = frame.ops()
-                skip = max(0, after + 1 - frame.first_lsn)
-                keep = ops[skip : stop - frame.first_lsn + 1]
-                if keep:
-                    replayer.apply_frame(frame.first_lsn + skip, keep)
-                    last = frame.first_lsn + skip + len(keep) - 1
-            if last != stop:
-                raise SnapshotError(f"the WAL ended at LSN {last} before the target LSN {stop}")
-            replayer.flush(force=True)
-            tables.sync()
-        finally:
-            tables.close()
 
 
 class AutoSnapshotTask:
@@ -321,22 +214,3 @@ class AutoSnapshotTask:
             snaps.last_lsn, snaps.last_time = done, time.time()
             return None
         return info
-
-
-def _lsn_arg(value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidArgumentError(f"to_lsn must be an integer >= 0, got {value!r}", field="to_lsn")
-    return value
-
-
-def _time_arg(value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidArgumentError(
-            f"to_time must be a finite number of seconds since the epoch, got {value!r}",
-            field="to_time",
-        )
-    return float(value)

@@ -22,6 +22,7 @@ import numpy.typing as npt
 from xpstore.config import StoreConfig, dotted_items
 from xpstore.errors import XpStoreError
 from xpstore.index.neighbors import Neighbor
+from xpstore.model.progress import ProgressFn
 from xpstore.model.records import Experience, Fingerprint, Record
 from xpstore.ops.compaction import CompactReport
 from xpstore.ops.inspect import CheckReport, Progress
@@ -359,12 +360,15 @@ class Store:
         *,
         to_lsn: int | None = None,
         to_time: float | None = None,
+        progress: ProgressFn | None = None,
     ) -> Path:
         """Write a new store at ``into`` holding snapshot ``snapshot_id``, rolled forward through
         this store's retained WAL to ``to_lsn`` or ``to_time`` if given; return its path.
-        Every checksum is verified first; nothing appears at ``into`` unless it completes."""
+        Every checksum is verified first; nothing appears at ``into`` unless it completes.
+        ``progress(phase, done, total, unit)`` is called as the copy and the replay advance."""
         return self.parts.snapshots.restore_snapshot(snapshot_id, into, to_lsn=to_lsn,
-                                                     to_time=to_time)  # fmt: skip
+                                                     to_time=to_time,
+                                                     progress=progress)  # fmt: skip
 
     def prune_snapshots(self, keep: int) -> list[SnapshotInfo]:
         """Delete all but the newest ``keep`` snapshots of this store; return the removed ones."""
