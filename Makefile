@@ -18,12 +18,13 @@ demo: $(STAMP)
 	$(BIN)/xpstore demo
 
 # the coverage floor: today's line coverage of the package, rounded down (see README)
-COV_FLOOR := 92
+COV_FLOOR := 91
 
 test: $(STAMP)
 	$(BIN)/ruff check xpstore tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q --cov=xpstore --cov-report=term --cov-fail-under=$(COV_FLOOR)
+	$(BIN)/python -m coverage report --fail-under=$(COV_FLOOR) > /dev/null  # pytest-cov's own check was seen exiting 0
 
 stress: $(STAMP)
 	$(BIN)/python -m pytest -q --stress -m stress
