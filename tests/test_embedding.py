@@ -427,7 +427,8 @@ def test_logratio_transform_by_name() -> None:
     assert all(off[j] > 0 for j in bands) and off[BATCH_FIELDS.index("lufs")] == 0.0
     t = log_ratio(LIBRARY[:5], off)
     np.testing.assert_allclose(t[:, bands].sum(axis=1), 0.0, atol=1e-9)
-    np.testing.assert_array_equal(t[:, BATCH_FIELDS.index("lufs")], LIBRARY[:5, BATCH_FIELDS.index("lufs")])
+    lufs = BATCH_FIELDS.index("lufs")
+    np.testing.assert_array_equal(t[:, lufs], LIBRARY[:5, lufs])
     partial = LIBRARY[:1].copy()
     partial[0, BATCH_FIELDS.index("air_pct")] = np.nan
     assert np.isnan(log_ratio(partial, off)[0, bands]).all()

@@ -4,7 +4,7 @@ Why (measured on real music, docs/index.md "Embeddings: how and why"): the seven
 *compositional* — fractions of one whole that sum to about 1 — and heavy-tailed (a band holds
 0.02 % of the energy in one track and 40 % in another). Standardizing them linearly lets one
 loud band decide the whole block and makes the seven shares mirror each other. The standard
-treatment of compositional data is the **centred log-ratio**: ``clr(b)_i = log b_i − mean_k
+treatment of compositional data is the **centred log-ratio**: ``clr(b)_i = log b_i - mean_k
 log b_k``, which turns shares into relative (scale-free) log contrasts. ``spectral_flatness``
 (0..1, a ratio of means spread over three orders of magnitude) is taken as a plain log. Every
 other value is left as it is.

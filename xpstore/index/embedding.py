@@ -279,6 +279,10 @@ class AudioStats:
             return log_ratio(values, self.log_offset)
         return values
 
+    def standardize(self, values: FloatArray) -> FloatArray:
+        """Raw rows ``(n, 25)`` (NaN = missing) -> standardized, unweighted, missing = 0."""
+        return np.nan_to_num((self.transform(values) - self.center()) / self.scale(), nan=0.0)
+
     def scale(self) -> FloatArray:
         """The per-dimension divisor of the current mode (1 where the dimension is constant)."""
         if self.mode in ("zscore", "logratio"):
@@ -483,7 +487,7 @@ class HybridEmbedder:
         self.embedding_dim = embedding_dim
         self._center = stats.center()
         self._scale = stats.scale()
-        self._sqrt_dim_w = np.sqrt(self._resolve_dim_weights(stats.mode, dim_weights))
+        self._sqrt_dim_w = np.sqrt(self.resolve_dim_weights(stats.mode, dim_weights))
         self.weights = self._resolve_weights(
             {"audio": audio_weight, "embedding": embedding_weight}, None
         )
@@ -502,7 +506,7 @@ class HybridEmbedder:
         return dict(zip(BATCH_FIELDS, w.tolist(), strict=True))
 
     @staticmethod
-    def _resolve_dim_weights(
+    def resolve_dim_weights(
         mode: ScalingMode, dim_weights: Mapping[str, float] | None
     ) -> FloatArray:
         if dim_weights is None:

@@ -211,11 +211,11 @@ class Delta:
         return True
 
     def audio_row(self, row: int) -> npt.NDArray[np.float64]:
-        return self._audio[row]
+        return np.asarray(self._audio[row], dtype=np.float64)
 
     def embedding_row(self, row: int) -> F32 | None:
         if self._emb is not None and self._has[row]:
-            return self._emb[row]
+            return np.asarray(self._emb[row], dtype=np.float32)
         return None
 
     def vector(self, rid: int) -> F32 | None:
@@ -672,6 +672,11 @@ class IndexServer:
             "params": build.params if build is not None else {},
             "stats_mode": main.embedder.stats.mode,
             "stats_count": main.embedder.stats.count,
+            "dim_weights": (
+                str(build.embedder.get("dim_weights_source"))
+                if build is not None and build.embedder is not None
+                else None
+            ),
             "building": self._building,
             "age_s": time.time() - build.built_at if build is not None else None,
         }
