@@ -43,9 +43,11 @@ def reference_rows() -> np.ndarray:
     )
 
 
-def compute() -> AudioStats:
-    """The statistics fitted on the reference library (the mode does not change the numbers)."""
-    return AudioStats.fit(reference_rows())
+def compute() -> tuple[AudioStats, AudioStats]:
+    """The statistics fitted on the reference library: of the raw values (the ``zscore`` and
+    ``percentile`` modes share them) and of the ``logratio`` mode's transformed values."""
+    rows = reference_rows()
+    return AudioStats.fit(rows, "zscore"), AudioStats.fit(rows, "logratio")
 
 
 def _table(name: str, values: Mapping[str, float]) -> list[str]:
@@ -55,8 +57,9 @@ def _table(name: str, values: Mapping[str, float]) -> list[str]:
     return lines
 
 
-def render(stats: AudioStats) -> str:
-    """The source text of ``default_stats.py`` for ``stats`` (floats in full repr)."""
+def render(fitted: tuple[AudioStats, AudioStats]) -> str:
+    """The source text of ``default_stats.py`` for ``compute()``'s pair (floats in full repr)."""
+    stats, logratio = fitted
     by_name = {
         name: dict(zip(BATCH_FIELDS, getattr(stats, name), strict=True)) for name in STATISTICS
     }
@@ -67,6 +70,8 @@ def render(stats: AudioStats) -> str:
         "``AudioStats.fit`` on ``xpstore.demo.synthetic``'s reference library (400 tracks of each",
         "style, styles in sorted order, ``numpy.random.default_rng(0)``). Every value is keyed by",
         "its ``BATCH_FIELDS`` name, never by position; ``COUNT`` is the number of tracks fitted.",
+        "``LOGRATIO_*`` are the same statistics of the ``logratio`` mode's transformed values",
+        "(``index.audio_transform``), ``LOG_OFFSET`` that mode's fitted offsets.",
         '"""',
         "",
         "from __future__ import annotations",
@@ -79,6 +84,12 @@ def render(stats: AudioStats) -> str:
     for name in STATISTICS:
         lines.append("")
         lines += _table(name, by_name[name])
+    for name in STATISTICS:
+        lines.append("")
+        values = dict(zip(BATCH_FIELDS, getattr(logratio, name), strict=True))
+        lines += _table(f"logratio_{name}", values)
+    lines.append("")
+    lines += _table("log_offset", dict(zip(BATCH_FIELDS, logratio.log_offset, strict=True)))
     return "\n".join(lines) + "\n"
 
 

@@ -52,22 +52,30 @@ def _library(n_per_style: int = 40, seed: int = 0) -> np.ndarray:
 
 
 LIBRARY = _library()
-STATS = {mode: AudioStats.fit(LIBRARY, mode) for mode in ("zscore", "percentile")}
+STATS = {mode: AudioStats.fit(LIBRARY, mode) for mode in ("zscore", "percentile", "logratio")}
 
 
 def _ref_audio(stats: AudioStats, values: dict[str, float], dim_w: dict[str, float]) -> np.ndarray:
     """Standardized, weighted audio block computed here, independently of the embedder."""
     mean = np.array(stats.mean)
-    if stats.mode == "zscore":
+    if stats.mode in ("zscore", "logratio"):
         scale = np.array(stats.std)
     else:
         scale = np.array(stats.p95) - np.array(stats.p05)
     scale = np.where(scale > 1e-12, scale, 1.0)
     total = sum(dim_w.values())
+    row = np.array([values.get(n, np.nan) for n in BATCH_FIELDS], dtype=np.float64)
+    if stats.mode == "logratio":  # by hand: clr of the seven band shares, log flatness
+        off = np.array(stats.log_offset)
+        bands = [j for j, n in enumerate(BATCH_FIELDS) if n.endswith("_pct")]
+        logs = np.log(row[bands] + off[bands])
+        row[bands] = logs - logs.mean()
+        f = BATCH_FIELDS.index("spectral_flatness")
+        row[f] = math.log(row[f] + off[f])
     z = np.zeros(len(BATCH_FIELDS))
-    for name, value in values.items():
+    for name in values:
         j = BATCH_FIELDS.index(name)
-        z[j] = (value - mean[j]) / scale[j] * math.sqrt(dim_w[name] / total)
+        z[j] = (row[j] - mean[j]) / scale[j] * math.sqrt(dim_w[name] / total)
     return z
 
 
@@ -90,7 +98,7 @@ block_weights = st.floats(0.01, 10.0, allow_nan=False)
     seed_b=st.integers(0, 2**32 - 1),
     style_a=st.sampled_from(STYLE_NAMES),
     style_b=st.sampled_from(STYLE_NAMES),
-    mode=st.sampled_from(["zscore", "percentile"]),
+    mode=st.sampled_from(["zscore", "percentile", "logratio"]),
     w_audio=block_weights,
     w_emb=block_weights,
     dim_w=st.none() | st.lists(st.floats(0.0, 5.0), min_size=25, max_size=25),
@@ -118,7 +126,7 @@ def test_inner_product_is_weighted_sum_of_block_cosines(
         embedding_dim=EMB_DIM,
         dim_weights=dim_weights,
     )
-    ref_w = dim_weights or (dict(AURALIS_DIM_WEIGHTS) if mode == "percentile" else _uniform())
+    ref_w = dim_weights or (dict(AURALIS_DIM_WEIGHTS) if mode != "zscore" else _uniform())
     fa = make_fingerprint(np.random.default_rng(seed_a), "a", style_a, embedding_dim=EMB_DIM)
     fb = make_fingerprint(np.random.default_rng(seed_b), "b", style_b, embedding_dim=EMB_DIM)
     assert fa.batch is not None and fb.batch is not None
@@ -296,7 +304,7 @@ def test_streaming_embedding_is_close_to_the_batch_one() -> None:
 # --------------------------------------------------------------------------- standardization
 
 
-@pytest.mark.parametrize("mode", ["zscore", "percentile"])
+@pytest.mark.parametrize("mode", ["zscore", "percentile", "logratio"])
 def test_tempo_does_not_dominate_after_standardization(mode: str) -> None:
     """Raw cosine: a 100 BPM tempo gap looks 'less similar' than large changes in six 0-1
     features. Standardized: the ordering flips."""
@@ -329,7 +337,7 @@ def test_tempo_does_not_dominate_after_standardization(mode: str) -> None:
 def test_constant_dimension_gives_no_nan() -> None:
     lib = LIBRARY.copy()
     lib[:, BATCH_FIELDS.index("silence_ratio")] = 0.0
-    for mode in ("zscore", "percentile"):
+    for mode in ("zscore", "percentile", "logratio"):
         stats = AudioStats.fit(lib, mode)
         assert stats.scale()[BATCH_FIELDS.index("silence_ratio")] == 1.0
         e = HybridEmbedder(stats)
@@ -377,16 +385,58 @@ def test_drift_measures_mean_shift_in_scale_units() -> None:
 # --------------------------------------------------------------------------- stats persistence
 
 
-@pytest.mark.parametrize("mode", ["zscore", "percentile"])
+@pytest.mark.parametrize("mode", ["zscore", "percentile", "logratio"])
 def test_stats_round_trip_through_json(mode: str) -> None:
     stats = STATS[mode]
     d = stats.to_dict()
-    assert d["version"] == 1 and isinstance(d["checksum"], str) and len(d["checksum"]) == 64
+    assert d["version"] == 2 and isinstance(d["checksum"], str) and len(d["checksum"]) == 64
+    assert set(d["log_offset"]) == set(BATCH_FIELDS)
     assert set(d["mean"]) == set(BATCH_FIELDS)
     loaded = AudioStats.from_dict(json.loads(json.dumps(d, allow_nan=False)))
     assert loaded == stats
     fp = make_fingerprint(np.random.default_rng(1), "x")
     np.testing.assert_array_equal(HybridEmbedder(loaded).embed(fp), HybridEmbedder(stats).embed(fp))
+
+
+def test_version_1_stats_still_load() -> None:
+    """Index files written before the logratio mode hold version-1 stats (no log offsets)."""
+    from xpstore.index.embedding import stats_checksum
+
+    d = STATS["percentile"].to_dict()
+    body = {k: v for k, v in d.items() if k not in ("checksum", "log_offset")}
+    body["version"] = 1
+    old = AudioStats.from_dict({**body, "checksum": stats_checksum(body)})
+    assert old.version == 1 and old.log_offset == (0.0,) * AUDIO_DIM
+    assert old.mean == STATS["percentile"].mean
+    assert "log_offset" not in old.to_dict()  # written back as it was read
+    lr = STATS["logratio"].to_dict()
+    body = {k: v for k, v in lr.items() if k not in ("checksum", "log_offset")}
+    body["version"] = 1  # a logratio stats dict cannot lack its offsets
+    with pytest.raises(StatsCorruptionError) as err:
+        AudioStats.from_dict({**body, "checksum": stats_checksum(body)})
+    assert err.value.field == "log_offset"
+
+
+def test_logratio_transform_by_name() -> None:
+    """The centred log-ratio of the band shares sums to 0 per row and ignores the scale of the
+    shares; a row missing any band share leaves all seven missing; flatness is logged."""
+    from xpstore.index.audio_transform import BAND_NAMES, fit_log_offsets, log_ratio
+
+    off = fit_log_offsets(LIBRARY)
+    bands = [BATCH_FIELDS.index(n) for n in BAND_NAMES]
+    assert all(off[j] > 0 for j in bands) and off[BATCH_FIELDS.index("lufs")] == 0.0
+    t = log_ratio(LIBRARY[:5], off)
+    np.testing.assert_allclose(t[:, bands].sum(axis=1), 0.0, atol=1e-9)
+    lufs = BATCH_FIELDS.index("lufs")
+    np.testing.assert_array_equal(t[:, lufs], LIBRARY[:5, lufs])
+    partial = LIBRARY[:1].copy()
+    partial[0, BATCH_FIELDS.index("air_pct")] = np.nan
+    assert np.isnan(log_ratio(partial, off)[0, bands]).all()
+    e = HybridEmbedder(STATS["logratio"])
+    # a query with only some band shares: the shares count as missing, tempo still counts
+    only = e.embed_parts({"bass_pct": 0.5, "tempo_bpm": 170.0}).astype(np.float64)
+    tempo = e.embed_parts({"tempo_bpm": 170.0}).astype(np.float64)
+    np.testing.assert_allclose(only, tempo, atol=1e-6)
 
 
 def test_stats_tampering_is_detected() -> None:
@@ -433,6 +483,13 @@ _TABLES = {
     "p05": default_stats.P05,
     "p95": default_stats.P95,
 }
+_LOGRATIO_TABLES = {
+    "mean": default_stats.LOGRATIO_MEAN,
+    "std": default_stats.LOGRATIO_STD,
+    "p05": default_stats.LOGRATIO_P05,
+    "p95": default_stats.LOGRATIO_P95,
+    "log_offset": default_stats.LOG_OFFSET,
+}
 
 
 def _generator() -> ModuleType:
@@ -446,7 +503,7 @@ def _generator() -> ModuleType:
 
 
 def test_default_stats_are_keyed_by_exactly_the_batch_names() -> None:
-    for name, table in _TABLES.items():
+    for name, table in [*_TABLES.items(), *_LOGRATIO_TABLES.items()]:
         assert set(table) == set(BATCH_FIELDS), name
         assert len(table) == AUDIO_DIM, name
         assert all(type(v) is float and math.isfinite(v) for v in table.values()), name
@@ -460,22 +517,26 @@ def test_default_stats_table_is_what_the_script_computes() -> None:
     gen = _generator()
     rows = gen.reference_rows()
     assert rows.shape == (400 * len(STYLES), AUDIO_DIM)
-    fitted = gen.compute()
-    assert fitted.count == default_stats.COUNT
+    fitted, logratio = gen.compute()
+    assert fitted.count == default_stats.COUNT == logratio.count
     for name, table in _TABLES.items():
         expected = dict(zip(BATCH_FIELDS, getattr(fitted, name), strict=True))
         assert table == expected, name  # exact: the module holds full float reprs
-    for mode in ("zscore", "percentile"):
+    for name, table in _LOGRATIO_TABLES.items():
+        expected = dict(zip(BATCH_FIELDS, getattr(logratio, name), strict=True))
+        assert table == expected, name
+    for mode in ("zscore", "percentile", "logratio"):
         assert AudioStats.prior(mode) == AudioStats.fit(rows, mode)
     committed = Path(default_stats.__file__).read_text()
-    assert gen.render(fitted) == committed, "run python scripts/make_default_stats.py"
+    assert gen.render((fitted, logratio)) == committed, "run python scripts/make_default_stats.py"
 
 
 def test_prior_reads_the_table_by_name() -> None:
-    for mode in ("zscore", "percentile"):
+    for mode in ("zscore", "percentile", "logratio"):
         prior = AudioStats.prior(mode)
         assert prior.mode == mode and prior.count == default_stats.COUNT
-        for name, table in _TABLES.items():
+        tables = _LOGRATIO_TABLES if mode == "logratio" else _TABLES
+        for name, table in tables.items():
             assert getattr(prior, name) == tuple(table[f] for f in BATCH_FIELDS), name
 
 

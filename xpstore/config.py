@@ -105,18 +105,49 @@ class RetentionSettings(_Section):
     interval_s: float = Field(60.0, gt=0)
 
 
+class LearnedWeights(_Section):
+    """Per-dimension audio weights learned by ``Store.fit_similarity`` (docs/index.md, "Learned
+    similarity"), with what they were learned on and how much they gained, cross-validated by
+    group. Written only by ``fit_similarity`` (through the WAL, as a settings change); used by
+    builds only while ``index.dim_weights == "learned"``."""
+
+    version: int = Field(ge=1)
+    """Increases with every fit of this store."""
+    mode: Literal["logratio", "percentile", "zscore"]
+    """The standardization the weights apply to (a build in another mode refuses them)."""
+    stats_checksum: str
+    """The library statistics (``AudioStats`` checksum) the fit standardized with."""
+    stats_count: int = Field(ge=0)
+    weights: dict[str, float]
+    """All 25 batch names, >= 0, summing to 1."""
+    groups: int = Field(ge=0)
+    tracks: int = Field(ge=0)
+    folds: int = Field(ge=2)
+    baseline_hit_rate: float = Field(ge=0, le=1)
+    """Same-group top-1 over the grouped tracks with the weights in force before the fit."""
+    cv_hit_rate: float = Field(ge=0, le=1)
+    """The same, each track scored with weights learned on folds without its group."""
+    gain: float
+    """``cv_hit_rate - baseline_hit_rate``."""
+    fitted_at: float
+
+
 class IndexSettings(_Section):
     """The k-NN index (docs/index.md). A reconfigure reaches the rebuild triggers, the query
     threads and the read-only refresh at once; the embedding, the index kind and its search
     defaults (``ef_search``, ``nprobe``) at the next build (``similar(params=...)`` sets the
     search knobs of one query)."""
 
-    mode: Literal["percentile", "zscore"] = "percentile"
-    """Standardization of the 25 audio values (Auralis's 5th-95th percentile range, or std)."""
+    mode: Literal["logratio", "percentile", "zscore"] = "logratio"
+    """Standardization of the 25 audio values: ``logratio`` (log-ratios of the band shares, log
+    flatness, then z-scores; chosen on real music), Auralis's 5th-95th percentile range, or std."""
     audio_weight: float = Field(0.7, ge=0, le=1000)
     embedding_weight: float = Field(0.3, ge=0, le=1000)
-    dim_weights: dict[str, float] | None = None
-    """Per-dimension audio weights by name (all 25); None: the mode's default."""
+    dim_weights: dict[str, float] | Literal["learned"] | None = None
+    """Per-dimension audio weights by name (all 25); ``"learned"``: the weights of ``learned``
+    (``Store.fit_similarity``); None: the mode's default."""
+    learned: LearnedWeights | None = None
+    """The last ``fit_similarity`` result (set by it only; see :class:`LearnedWeights`)."""
     exact_below: int = Field(10_000, ge=0)
     """Below this many tracks the main index is exact (``IDMap2,Flat``)."""
     hnsw_below: int = Field(2_000_000, ge=0)
@@ -171,6 +202,24 @@ class SamplingSettings(_Section):
     bounded by the population: without a limit a typo (``-n 1000000000``) asks for tens of GB."""
 
 
+def _check_index(index: IndexSettings) -> None:
+    """Cross-field rules of the index section (InvalidArgumentError naming the knob)."""
+    if index.dim_weights != "learned":
+        return
+    learned = index.learned
+    if learned is None:
+        raise InvalidArgumentError(
+            'index.dim_weights="learned" needs learned weights: run store.fit_similarity() first',
+            field="index.dim_weights",
+        )
+    if learned.mode != index.mode:
+        raise InvalidArgumentError(
+            f"the learned weights apply to mode {learned.mode!r}, not {index.mode!r}: fit them "
+            "again under this mode, or set index.dim_weights to None",
+            field="index.dim_weights",
+        )
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "wal": WalSettings,
     "records": RecordSettings,
@@ -219,6 +268,8 @@ FLAT: dict[str, str] = _flat_names()
 """Every flat knob name -> its dotted name (``"index_ef_search"`` -> ``"index.ef_search"``)."""
 
 SESSION_ONLY = frozenset({"wal.recovery_mode", "apply.hold"})
+MANAGED = frozenset({"index.learned"})
+"""Persisted state that a store method writes (``fit_similarity``), never set by hand."""
 """Knobs that apply to one open only and are never persisted with the store."""
 
 LIVE = frozenset(
@@ -285,6 +336,11 @@ class StoreConfig(BaseModel):
             out.setdefault(sec, {})[field] = value
         return out
 
+    @model_validator(mode="after")
+    def _cross_checks(self) -> StoreConfig:
+        _check_index(self.index)
+        return self
+
     def get(self, name: str) -> Any:
         """The value of a knob by flat or dotted name."""
         section, _, field = dotted(name).partition(".")
@@ -348,5 +404,8 @@ def make_config(**values: Any) -> StoreConfig:
         return StoreConfig(**values)
     except ValidationError as exc:
         err = exc.errors()[0]
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidArgumentError):
+            raise cause from exc
         name = ".".join(str(p) for p in err["loc"]) or "config"
         raise InvalidArgumentError(f"config {name}: {err['msg']}", field=name) from exc

@@ -33,12 +33,12 @@ from xpstore.index.backends import (
     faiss_threads,
     save,
 )
-from xpstore.index.embedding import AudioStats, HybridEmbedder, ScalingMode
+from xpstore.index.embedding import DEFAULT_MODE, AudioStats, HybridEmbedder, ScalingMode
 from xpstore.index.rows import FingerprintRows, parse_fingerprint
 from xpstore.index.serving import BuildInfo
 from xpstore.persistence.lmdb_tables import LmdbTables, from_u64
 
-__all__ = ["BuildOutcome", "BuildPlan", "read_live", "run_build"]
+__all__ = ["BuildOutcome", "BuildPlan", "embedder_from_record", "read_live", "run_build"]
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,13 @@ class BuildPlan:
     """Everything a build needs besides the data; JSON-able so a child process can take it."""
 
     build_id: int
-    mode: ScalingMode = "percentile"
+    mode: ScalingMode = DEFAULT_MODE
     audio_weight: float = 0.7
     embedding_weight: float = 0.3
     dim_weights: dict[str, float] | None = None
+    dim_weights_source: str = "default"
+    """Where ``dim_weights`` came from: ``default`` (the mode's), ``custom`` (set by name) or
+    ``learned v<N>`` (``Store.fit_similarity``); recorded in the build."""
     embedding_dim: int | None = None
     exact_below: int = 10_000
     hnsw_below: int = 2_000_000
@@ -75,6 +78,28 @@ class BuildPlan:
             embedding_dim=self.embedding_dim,
             dim_weights=self.dim_weights,
         )
+
+    def embedder_record(self, embedder: HybridEmbedder) -> dict[str, Any]:
+        """What a build records about its embedder (``BuildInfo.embedder``)."""
+        return {
+            "audio_weight": self.audio_weight,
+            "embedding_weight": self.embedding_weight,
+            "dim_weights": embedder.dim_weights,
+            "dim_weights_source": self.dim_weights_source,
+        }
+
+
+def embedder_from_record(
+    record: dict[str, Any], stats: AudioStats, embedding_dim: int | None
+) -> HybridEmbedder:
+    """The embedder a build recorded (``BuildPlan.embedder_record``), over ``stats``."""
+    return HybridEmbedder(
+        stats,
+        audio_weight=float(record["audio_weight"]),
+        embedding_weight=float(record["embedding_weight"]),
+        embedding_dim=embedding_dim,
+        dim_weights=dict(record["dim_weights"]),
+    )
 
 
 @dataclass
@@ -148,6 +173,7 @@ def run_build(
         recall_at_10=recall,
         stats_mode=stats.mode,
         neighbors_k=plan.neighbors_k if neighbors_out is not None else 0,
+        embedder=plan.embedder_record(embedder),
     )
     if neighbors_out is not None and plan.neighbors_k > 0:
         with faiss_threads(plan.threads):

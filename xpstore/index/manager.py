@@ -57,7 +57,7 @@ import numpy as np
 from xpstore.errors import StoreCorruptionError, XpStoreError
 from xpstore.index import neighbors as nbrs
 from xpstore.index.backends import faiss_threads, load, read_meta
-from xpstore.index.build import MIN_FIT_ROWS, BuildPlan, run_build
+from xpstore.index.build import MIN_FIT_ROWS, BuildPlan, embedder_from_record, run_build
 from xpstore.index.embedding import AudioStats, HybridEmbedder
 from xpstore.index.rows import RawFingerprint, parse_fingerprint, raw_from_model
 from xpstore.index.serving import BuildInfo, Delta, IndexServer, MainIndex
@@ -147,6 +147,8 @@ class IndexManager:
         self.listener_errors = 0
         self.attached_lsn = 0  # read-only: LMDB applied_lsn at the last catch-up
         self.attached_at = 0.0
+        self._refit_lock = threading.Lock()
+        self._fitted_version = -1  # server.version at the last ensure_library_stats refit
 
     # ---------------------------------------------------------------- attach
     def attach(self) -> IndexServer:
@@ -245,7 +247,10 @@ class IndexManager:
             if meta.build.get("store_id") != self.store_id:
                 raise StoreCorruptionError(f"index file {path} belongs to another store")
             stats = AudioStats.from_dict(meta.stats)
-            embedder = self.plan(0).embedder(stats)
+            if info.embedder is not None:
+                embedder = embedder_from_record(info.embedder, stats, self.embedding_dim)
+            else:
+                embedder = self.plan(0).embedder(stats)
             if embedder.dim != backend.dim:
                 raise StoreCorruptionError(
                     f"index file {path} has dimension {backend.dim}, the store embeds to "
@@ -255,6 +260,56 @@ class IndexManager:
             log.warning("index file not usable (%s); serving from LMDB and rebuilding", exc)
             return empty
         return MainIndex(backend, embedder, backend.ids(), info, 1)
+
+    # ---------------------------------------------------------------- statistics
+    def ensure_library_stats(self) -> None:
+        """Before an answer: statistics fitted on the library, whatever the background timing.
+
+        Until a build has fitted statistics (no main index, or one built from fewer than
+        ``MIN_FIT_ROWS`` fingerprints on the prior statistics), a library of at least
+        ``MIN_FIT_ROWS`` fingerprints is served from the exact delta embedded with statistics
+        fitted on every live fingerprint, refitted whenever the live set changed. A build of the
+        same library fits the same statistics (the fit does not depend on row order), so answers
+        before and after the first build agree. A main index on the prior statistics is folded
+        into the delta (its few raw values are read back from LMDB) and a build is requested.
+        """
+        server = self.server
+        if server is None or server.version == self._fitted_version:
+            return
+        build = server.main.build
+        if build is not None and build.count >= MIN_FIT_ROWS:
+            return
+        if server.live_count() < MIN_FIT_ROWS:
+            return
+        with self._refit_lock:
+            server = self.server
+            if server is None or server.version == self._fitted_version:
+                return
+            main = server.main
+            generation = main.generation
+            extra = self._main_raws(server) if main.backend is not None else []
+            with server.lock:
+                rows = server.delta.rows()
+            audio = np.vstack([rows.audio, *[raw.audio[None, :] for _rid, raw in extra]])
+            stats = AudioStats.fit(audio, self.settings.mode)
+            if server.refit(self.plan(0).embedder(stats), extra, generation):
+                self._fitted_version = server.version
+                if extra and self.rebuilder is not None and self.settings.auto_rebuild:
+                    self.rebuilder.request("library statistics replace the prior")
+
+    def _main_raws(self, server: IndexServer) -> list[tuple[int, RawFingerprint]]:
+        """The raw values of the live ids of a (small) main index, read from LMDB."""
+        tombs = set(server.tombs)
+        out: list[tuple[int, RawFingerprint]] = []
+        with self.tables.reading() as txn:
+            for rid in server.main.ids.tolist():
+                if rid in tombs:
+                    continue
+                data = self.tables.get_record(txn, rid)
+                if data is None:
+                    raise StoreCorruptionError(f"index holds record {rid}, missing from LMDB")
+                out.append((rid, parse_fingerprint(data, f"record {rid}")))
+        return out
 
     # ---------------------------------------------------------------- ack path
     def _on_durable(self, batch: Acknowledged) -> None:
@@ -289,12 +344,22 @@ class IndexManager:
     # ---------------------------------------------------------------- config
     def plan(self, build_id: int) -> BuildPlan:
         cfg = self.settings
+        dim_weights: dict[str, float] | None = None
+        source = "default"
+        if cfg.dim_weights == "learned":
+            assert cfg.learned is not None  # the config refuses "learned" without weights
+            dim_weights = dict(cfg.learned.weights)
+            source = f"learned v{cfg.learned.version}"
+        elif cfg.dim_weights:
+            dim_weights = dict(cfg.dim_weights)
+            source = "custom"
         return BuildPlan(
             build_id=build_id,
             mode=cfg.mode,
             audio_weight=cfg.audio_weight,
             embedding_weight=cfg.embedding_weight,
-            dim_weights=dict(cfg.dim_weights) if cfg.dim_weights else None,
+            dim_weights=dim_weights,
+            dim_weights_source=source,
             embedding_dim=self.embedding_dim,
             exact_below=cfg.exact_below,
             hnsw_below=cfg.hnsw_below,

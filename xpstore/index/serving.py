@@ -74,6 +74,10 @@ class BuildInfo:
     recall_at_10: float | None
     stats_mode: str
     neighbors_k: int
+    embedder: dict[str, Any] | None = None
+    """The embedder's settings the build used (block weights, per-dimension weights by name and
+    where they came from), so a later open embeds the delta exactly as the file was built, even
+    after the settings changed; None in files written before this was recorded."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -87,6 +91,7 @@ class BuildInfo:
             "recall_at_10": self.recall_at_10,
             "stats_mode": self.stats_mode,
             "neighbors_k": self.neighbors_k,
+            "embedder": self.embedder,
         }
 
     @classmethod
@@ -102,6 +107,7 @@ class BuildInfo:
             recall_at_10=None if raw["recall_at_10"] is None else float(raw["recall_at_10"]),
             stats_mode=str(raw["stats_mode"]),
             neighbors_k=int(raw["neighbors_k"]),
+            embedder=dict(raw["embedder"]) if raw.get("embedder") is not None else None,
         )
 
 
@@ -203,6 +209,14 @@ class Delta:
         self.tracks.pop(rid, None)
         self._ids[row] = -1
         return True
+
+    def audio_row(self, row: int) -> npt.NDArray[np.float64]:
+        return np.asarray(self._audio[row], dtype=np.float64)
+
+    def embedding_row(self, row: int) -> F32 | None:
+        if self._emb is not None and self._has[row]:
+            return np.asarray(self._emb[row], dtype=np.float32)
+        return None
 
     def vector(self, rid: int) -> F32 | None:
         row = self.pos.get(rid)
@@ -428,6 +442,61 @@ class IndexServer:
         )  # fmt: skip
         return old
 
+    def refit(
+        self,
+        embedder: HybridEmbedder,
+        extra: list[tuple[int, RawFingerprint]],
+        generation: int,
+    ) -> bool:
+        """Serve everything from the delta, embedded with ``embedder`` (statistics fitted on the
+        library), with no main index: the state before the first build that fitted statistics.
+
+        ``extra`` are the live entries of a main index built on the prior statistics (too few
+        tracks to fit), to move into the delta. Vectors are computed before the lock; entries
+        that arrived meanwhile are embedded under it. Returns False (and changes nothing) when
+        the main index is no longer generation ``generation`` (a build swapped in meanwhile).
+        """
+        pre = self._embed_delta(embedder, lambda _rid: True)
+        if extra:
+            audio = np.vstack([raw.audio for _rid, raw in extra])
+            emb = None
+            has = None
+            if embedder.embedding_dim is not None:
+                emb = np.zeros((len(extra), embedder.embedding_dim), dtype=np.float32)
+                has = np.zeros(len(extra), dtype=bool)
+                for i, (_rid, raw) in enumerate(extra):
+                    if raw.embedding is not None and raw.embedding.shape[0] == emb.shape[1]:
+                        emb[i] = raw.embedding
+                        has[i] = True
+            vecs = embedder.embed_rows(audio, emb, has)
+            pre.update({rid: vecs[i] for i, (rid, _raw) in enumerate(extra)})
+        with self.lock:
+            old = self._state
+            if old.main.generation != generation:
+                return False
+            main = MainIndex(None, embedder, np.zeros(0, dtype=np.int64), None, generation + 1)
+            delta = Delta(embedder.dim, embedder.embedding_dim)
+            for rid, raw in extra:
+                if rid in old.main and rid not in old.tombs:
+                    delta.add(rid, raw, pre[rid])
+            missing = [rid for rid in old.delta.pos if rid not in pre]
+            if missing:
+                pre.update(self._embed_delta(embedder, set(missing).__contains__, locked=True))
+            src = old.delta
+            for rid, row in sorted(src.pos.items(), key=lambda kv: kv[1]):
+                raw = RawFingerprint(
+                    src.tracks[rid], src.audio_row(row), src.embedding_row(row), None
+                )
+                delta.add(rid, raw, pre[rid])
+            self._state = _State(main, delta, set())
+            self._selector = None
+            self.version += 1
+        log.info(
+            "index statistics refitted on the library (%d fingerprints, %s): delta %d",
+            embedder.stats.count, embedder.stats.mode, len(delta),
+        )  # fmt: skip
+        return True
+
     def _embed_delta(
         self, embedder: HybridEmbedder, keep: Callable[[int], bool], *, locked: bool = False
     ) -> dict[int, F32]:
@@ -603,6 +672,11 @@ class IndexServer:
             "params": build.params if build is not None else {},
             "stats_mode": main.embedder.stats.mode,
             "stats_count": main.embedder.stats.count,
+            "dim_weights": (
+                str(build.embedder.get("dim_weights_source"))
+                if build is not None and build.embedder is not None
+                else None
+            ),
             "building": self._building,
             "age_s": time.time() - build.built_at if build is not None else None,
         }

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from xpstore.config import LIVE, SESSION_ONLY, StoreConfig, dotted, make_config
+from xpstore.config import LIVE, MANAGED, SESSION_ONLY, StoreConfig, dotted, make_config
 from xpstore.errors import (
     InvalidArgumentError,
     ReadOnlyStoreError,
@@ -281,6 +281,10 @@ def checked_changes(engine: Engine, changes: Mapping[str, Any]) -> dict[str, Any
     named: dict[str, Any] = {}
     for name, value in changes.items():
         key = dotted(name)
+        if key in MANAGED:
+            raise InvalidArgumentError(
+                f"{name} is written by store.fit_similarity(), not set by hand", field=name
+            )
         if key in SESSION_ONLY:
             raise InvalidArgumentError(
                 f"{name} applies to one session only: pass it to Store.open instead", field=name

@@ -92,7 +92,7 @@ class IndexService:
                     field="precomputed",
                 )
             return self._precomputed(str(track_id), k, predicate)
-        server = self.server()
+        server = self.serving()
         exclude: set[int] = set()
         if track_id is not None:
             rid = self._reader.read_track(str(track_id))
@@ -126,7 +126,7 @@ class IndexService:
         """``similar(vector=v)`` for each row of ``vectors`` (n, dim), searched as one batch."""
         self._engine.check_open()
         k = check_k(k)
-        server = self.server()
+        server = self.serving()
         arr = np.asarray(vectors, dtype=np.float32)
         if arr.ndim != 2:
             raise InvalidArgumentError(
@@ -144,7 +144,7 @@ class IndexService:
         rid = self._reader.read_track(str(track_id))
         if rid is None:
             raise RecordNotFoundError(f"no track {track_id!r}")
-        return self._track_vector(self.server(), rid, None)
+        return self._track_vector(self.serving(), rid, None)
 
     def status(self) -> dict[str, Any]:
         """Kind, size, delta, tombstones, LSN covered, last build (time, duration, recall)."""
@@ -193,6 +193,17 @@ class IndexService:
             mgr.close()
 
     # ------------------------------------------------------------------ attach
+    def serving(self) -> IndexServer:
+        """The server, with library statistics in force (``IndexManager.ensure_library_stats``):
+        what every answer is computed with."""
+        server = self.server()
+        mgr = self.manager
+        if mgr is not None:
+            mgr.ensure_library_stats()
+            if mgr.server is not None:
+                server = mgr.server
+        return server
+
     def server(self) -> IndexServer:
         """The attached server (attaching, or re-attaching a read-only store, when due)."""
         mgr = self.manager

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -27,37 +26,15 @@ from xpstore.model.records import Experience, Fingerprint, Record
 from xpstore.ops.compaction import CompactReport
 from xpstore.ops.inspect import CheckReport, Progress
 from xpstore.ops.snapshots import SnapshotInfo
-from xpstore.persistence.applier import MaintenanceTask
 from xpstore.persistence.wal_recovery import RecoveryReport
-from xpstore.store.checker import Checker
 from xpstore.store.engine import Engine, checked_changes, open_engine
-from xpstore.store.index_service import IndexService
-from xpstore.store.maintenance import Maintenance, RetentionTask
-from xpstore.store.reader import Reader
-from xpstore.store.sampling_service import SampleBatch, Sampling
-from xpstore.store.snapshot_service import AutoSnapshotTask, Snapshots
-from xpstore.store.writer import Writer
+from xpstore.store.parts import StoreParts, compose
+from xpstore.store.sampling_service import SampleBatch
+from xpstore.store.similarity import SimilarityReport
 
 __all__ = ["Store", "StoreParts"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StoreParts:
-    """The components a Store composes: the documented seam for tests, operators' tools and
-    capabilities built on a store (learner, tuner). docs/design.md describes each one."""
-
-    engine: Engine
-    reader: Reader
-    writer: Writer
-    index: IndexService
-    sampling: Sampling
-    maintenance: Maintenance
-    snapshots: Snapshots
-    checker: Checker
-    tasks: Mapping[str, MaintenanceTask]
-    """The background tasks the applier schedules, by name (``"snapshot"``, ``"retention"``)."""
 
 
 class Store:
@@ -69,22 +46,7 @@ class Store:
         self.readonly = engine.readonly
         self.store_id = engine.store_id
         self.recovery_report: RecoveryReport | None = engine.recovery_report
-        reader = Reader(engine)
-        writer = Writer(engine, reader)
-        index = IndexService(engine, reader)
-        writer.row_source = index.precompute
-        maintenance = Maintenance(engine, reader, writer)
-        snapshots = Snapshots(engine)
-        tasks: dict[str, MaintenanceTask] = {
-            "snapshot": AutoSnapshotTask(engine, snapshots),
-            "retention": RetentionTask(engine, maintenance),
-        }
-        self.parts = StoreParts(engine, reader, writer, index, Sampling(engine, reader, writer),
-                                maintenance, snapshots, Checker(engine), tasks)  # fmt: skip
-        if engine.applier is not None:
-            snapshots.clean_temps()
-            for task in tasks.values():
-                engine.applier.add_task(task)
+        self.parts = compose(engine)
 
     @classmethod
     def open(
@@ -291,6 +253,15 @@ class Store:
         With ``wait=False`` it returns at once and the build runs in the background.
         """
         return self.parts.index.rebuild(wait=wait, timeout=timeout)
+
+    def fit_similarity(
+        self, groups: Mapping[str, Hashable], *, folds: int = 5, use: bool = False, seed: int = 0
+    ) -> SimilarityReport:
+        """Learn per-dimension audio weights from tracks known to belong together (``groups``:
+        track id -> group label, e.g. the segments of one track, an album), cross-validated by
+        group in ``folds``; log them as ``index.learned`` and report their gain. Builds use
+        them only with ``use=True`` or ``reconfigure(index_dim_weights="learned")``."""
+        return self.parts.similarity.fit(groups, folds, use, seed)
 
     # ------------------------------------------------------------- sampling
     def sample(

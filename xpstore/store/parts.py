@@ -1,0 +1,62 @@
+"""The components a Store composes, and how they are wired (docs/design.md, "Components, not
+mixins"). ``Store.__init__`` calls :func:`compose`; ``store.parts`` is the documented seam."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from xpstore.persistence.applier import MaintenanceTask
+from xpstore.store.checker import Checker
+from xpstore.store.engine import Engine
+from xpstore.store.index_service import IndexService
+from xpstore.store.maintenance import Maintenance, RetentionTask
+from xpstore.store.reader import Reader
+from xpstore.store.sampling_service import Sampling
+from xpstore.store.similarity import SimilarityLearner
+from xpstore.store.snapshot_service import AutoSnapshotTask, Snapshots
+from xpstore.store.writer import Writer
+
+__all__ = ["StoreParts", "compose"]
+
+
+@dataclass(frozen=True)
+class StoreParts:
+    """The components a Store composes: the documented seam for tests, operators' tools and
+    capabilities built on a store (learner, tuner). docs/design.md describes each one."""
+
+    engine: Engine
+    reader: Reader
+    writer: Writer
+    index: IndexService
+    sampling: Sampling
+    maintenance: Maintenance
+    snapshots: Snapshots
+    checker: Checker
+    tasks: Mapping[str, MaintenanceTask]
+    """The background tasks the applier schedules, by name (``"snapshot"``, ``"retention"``)."""
+    similarity: SimilarityLearner
+    """``fit_similarity``: learned per-dimension weights (issue 11)."""
+
+
+def compose(engine: Engine) -> StoreParts:
+    """Build every component over an opened engine and register the applier's tasks."""
+    reader = Reader(engine)
+    writer = Writer(engine, reader)
+    index = IndexService(engine, reader)
+    writer.row_source = index.precompute
+    maintenance = Maintenance(engine, reader, writer)
+    snapshots = Snapshots(engine)
+    tasks: dict[str, MaintenanceTask] = {
+        "snapshot": AutoSnapshotTask(engine, snapshots),
+        "retention": RetentionTask(engine, maintenance),
+    }
+    parts = StoreParts(
+        engine, reader, writer, index, Sampling(engine, reader, writer), maintenance, snapshots,
+        Checker(engine), tasks, SimilarityLearner(engine, writer),
+    )  # fmt: skip
+    if engine.applier is not None:
+        snapshots.clean_temps()
+        for task in tasks.values():
+            engine.applier.add_task(task)
+    return parts
