@@ -236,7 +236,8 @@ def ingest(jsonl: Path, store_path: Path) -> Iterator[Callable[[str, float], tup
         seen = b""
         deadline = time.monotonic() + 60
         while phase.encode() not in seen:
-            ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+            left = max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([proc.stderr], [], [], left)
             chunk = os.read(proc.stderr.fileno(), 65536) if ready else b""
             if not chunk:
                 break

@@ -224,7 +224,9 @@ class _Registry:
         self._lock = threading.Lock()
         self._envs: dict[str, tuple[lmdb.Environment, int, bool]] = {}
 
-    def open(self, path: Path, *, readonly: bool, map_size: int) -> lmdb.Environment:
+    def open(
+        self, path: Path, *, readonly: bool, map_size: int, lock: bool = True
+    ) -> lmdb.Environment:
         key = str(path.resolve())
         with self._lock:
             if key in self._envs:
@@ -236,7 +238,7 @@ class _Registry:
                     )
                 self._envs[key] = (env, refs + 1, ro)
                 return env
-            env = _open_env(path, readonly=readonly, map_size=map_size)
+            env = _open_env(path, readonly=readonly, map_size=map_size, lock=lock)
             self._envs[key] = (env, 1, readonly)
             return env
 
@@ -259,8 +261,12 @@ class _Registry:
 _REGISTRY = _Registry()
 
 
-def _open_env(path: Path, *, readonly: bool, map_size: int) -> lmdb.Environment:
+def _open_env(
+    path: Path, *, readonly: bool, map_size: int, lock: bool = True
+) -> lmdb.Environment:
     check_data_file(path)  # before mapping it: a truncated file means SIGBUS, not an error
+    if not lock and not readonly:
+        raise ValueError("only a read-only LMDB environment may be opened without its lock file")
     try:
         env = lmdb.open(
             str(path),
@@ -273,7 +279,7 @@ def _open_env(path: Path, *, readonly: bool, map_size: int) -> lmdb.Environment:
             metasync=False,
             writemap=False,
             map_async=False,
-            lock=True,
+            lock=lock,
         )
     except lmdb.Error as exc:
         raise translate(exc, f"opening LMDB at {path}") from exc
@@ -298,10 +304,14 @@ def translate(exc: lmdb.Error, context: str) -> XpStoreError:
 class LmdbTables:
     """The store's LMDB environment and tables; thread-safe."""
 
-    def __init__(self, path: Path, *, readonly: bool, map_size: int) -> None:
+    def __init__(self, path: Path, *, readonly: bool, map_size: int, lock: bool = True) -> None:
+        """``lock=False`` (read-only only): do not use ``lock.mdb`` at all, so that nothing of
+        the store changes, not even its reader table; safe only while no writer commits (a
+        writer may then reuse pages this reader is reading). ``verify`` uses it when no writer
+        holds the store's lock, and checks again with the lock if one took it meanwhile."""
         self.path = path
         self.readonly = readonly
-        self.env = _REGISTRY.open(path, readonly=readonly, map_size=map_size)
+        self.env = _REGISTRY.open(path, readonly=readonly, map_size=map_size, lock=lock)
         self._gate = threading.Condition(threading.Lock())
         self._readers = 0
         self._resizing = False

@@ -129,21 +129,37 @@ class Engine:
         applier.apply_through(wal.acked_lsn)
 
     def shutdown(self) -> None:
-        """Flush and close the WAL, drain the applier (unless poisoned or held), release."""
+        """Flush and close the WAL, drain the applier (unless poisoned or held), release.
+
+        Every step runs even when an earlier one failed or was interrupted (a KeyboardInterrupt
+        during close), and none waits without a bound: the WAL's close is bounded by
+        ``wal.CLOSE_TIMEOUT_S``, the applier's stop by ``applier.STOP_TIMEOUT_S``.
+        """
         try:
-            if self.wal is not None:
-                self.wal.close()
-            if self.applier is not None:
-                poisoned = self.wal is not None and self.wal.poisoned is not None
-                self.applier.stop(drain=not poisoned)
+            wal_closed = False
+            try:
+                if self.wal is not None:
+                    self.wal.close()
+                wal_closed = True
+            finally:
+                if self.applier is not None:
+                    poisoned = self.wal is not None and self.wal.poisoned is not None
+                    self.applier.stop(drain=wal_closed and not poisoned)
         finally:
             self.release()
 
     def release(self) -> None:
+        """Close LMDB and release the writer lock. LMDB stays open (and is logged) if the
+        applier thread is still inside a transaction: closing it under that thread would crash
+        the process; the process's exit frees it."""
         self.closed = True
-        if self.tables_or_none is not None:
+        applier = self.applier
+        busy = applier is not None and not applier.join(0)
+        if self.tables_or_none is not None and not busy:
             self.tables_or_none.close()
             self.tables_or_none = None
+        elif busy:
+            log.error("the applier of %s did not stop; its LMDB environment stays open", self.path)
         if self.lock is not None:
             self.lock.release()
             self.lock = None

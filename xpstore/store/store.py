@@ -175,6 +175,13 @@ class Store:
         """Store one record durably; return its id (the LSN of the put)."""
         return self.parts.writer.put_many([record])[0]
 
+    def check_record(self, record: Record | Mapping[str, Any]) -> None:
+        """Raise what ``put(record)`` would raise for an invalid record, writing nothing: the
+        model's checks, the store's embedding dimension and ``records.max_record_bytes``
+        (RecordTooLargeError naming the largest field). For validating a batch before any of it
+        is written, as ``xpstore ingest`` does."""
+        self.parts.writer.check(record)
+
     def put_many(self, records: Iterable[Record | Mapping[str, Any]]) -> list[int]:
         """Store records atomically (one WAL frame, one sync); return their ids in order."""
         return self.parts.writer.put_many(records)

@@ -29,6 +29,7 @@ from xpstore.model.codec import (
     SettingsOp,
     UpdateOp,
     encode_op,
+    field_sizes,
 )
 from xpstore.model.effects import StateView, derive_all
 from xpstore.model.events import IndexRow
@@ -81,6 +82,13 @@ class Writer:
         first, _last = self.submit(ops, payloads, rows)
         return list(range(first, first + len(prepared)))
 
+    def check(self, record: Record | Mapping[str, Any]) -> None:
+        """Refuse ``record`` exactly as :meth:`put_many` would, without writing anything: the
+        model, the store's embedding dimension and ``records.max_record_bytes`` (what a whole
+        file is validated against before ``xpstore ingest`` writes any of it)."""
+        rec = self._prepare(record, None)
+        self.encode(PutOp(rec), None)
+
     def update(self, rid: int, changes: dict[str, Any]) -> None:
         if not changes:
             raise InvalidRecordError("update needs at least one field to change", field="changes")
@@ -112,8 +120,10 @@ class Writer:
         return engine.settings.replace_persisted(new, changes)
 
     # ------------------------------------------------------------------ internals
-    def _prepare(self, record: Record | Mapping[str, Any], index: int) -> Record:
-        """A validated record with its ts filled in; InvalidRecordError names records[index]."""
+    def _prepare(self, record: Record | Mapping[str, Any], index: int | None) -> Record:
+        """A validated record with its ts filled in; InvalidRecordError names records[index]
+        (``index`` None: a single record, named by its field alone)."""
+        where = "record" if index is None else f"records[{index}]"
         rec: Record
         if type(record) in _RECORD_TYPES:  # exact types first: isinstance on ABCs is slow
             rec = cast(Record, record)
@@ -123,10 +133,12 @@ class Writer:
             try:
                 rec = record_from_json(record)
             except InvalidRecordError as exc:
-                raise InvalidRecordError(f"records[{index}]: {exc}", field=exc.field) from exc
+                if index is None:
+                    raise
+                raise InvalidRecordError(f"{where}: {exc}", field=exc.field) from exc
         else:
             raise InvalidRecordError(
-                f"records[{index}]: expected a PredictionOutcome, Fingerprint or QueryMetric "
+                f"{where}: expected a PredictionOutcome, Fingerprint or QueryMetric "
                 f"(or a mapping with a 'kind'), got {type(record).__name__}",
                 field="record",
             )
@@ -135,23 +147,32 @@ class Writer:
         if type(rec) is Fingerprint and rec.embedding is not None:
             dim = self._logged.records.embedding_dim
             if dim is not None and len(rec.embedding) != dim:
+                prefix = "" if index is None else f"{where}."
                 raise InvalidRecordError(
-                    f"records[{index}].embedding: dimension {len(rec.embedding)}, this store's "
+                    f"{prefix}embedding: dimension {len(rec.embedding)}, this store's "
                     f"embeddings have dimension {dim}",
                     field="embedding",
                 )
         return rec
 
-    def encode(self, op: Op, index: int, limit: int | None = None) -> bytes:
-        """``op`` encoded; RecordTooLargeError naming ``records[index]`` over the size limit."""
+    def encode(self, op: Op, index: int | None, limit: int | None = None) -> bytes:
+        """``op`` encoded; RecordTooLargeError over the size limit, naming ``records[index]``
+        and the record's largest field (``index`` None: a single record or operation)."""
         payload = encode_op(op)
         if limit is None:
             limit = self._engine.config.records.max_record_bytes
         if len(payload) > limit:
+            what, field, detail = "operation", "record", ""
+            if isinstance(op, PutOp):
+                what = "record"
+                sizes = field_sizes(op.record)
+                field = max(sizes, key=lambda name: sizes[name])
+                detail = f"; its largest field is {field!r} ({sizes[field]:,} bytes)"
+            where = "" if index is None else f"records[{index}]: "
             raise RecordTooLargeError(
-                f"records[{index}] encodes to {len(payload)} bytes, over max_record_bytes="
-                f"{limit}",
-                field="record",
+                f"{where}{what} encodes to {len(payload):,} bytes, over this store's limit of "
+                f"{limit:,} bytes (the records.max_record_bytes setting){detail}",
+                field=field,
             )
         return payload
 
