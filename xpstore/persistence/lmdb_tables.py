@@ -30,7 +30,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,7 @@ from typing import Any, cast
 import lmdb
 
 from xpstore.errors import LmdbCorruptionError, StoreCorruptionError, WALWriteError, XpStoreError
+from xpstore.model.progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -638,6 +639,37 @@ class LmdbTables:
                 except lmdb.Error as exc:
                     raise translate(exc, "reopening tables") from exc
 
+    def live_bytes(self) -> int:
+        """Bytes of the pages every B-tree uses, plus the two meta pages: about what a compact
+        copy writes (compaction's estimate of its output; ``stats()``'s live bytes)."""
+        env = self.env
+        psize = int(env.stat()["psize"])
+        pages = 2 + _tree_pages(env.stat())  # the main tree names the tables
+        with self.reading() as txn:
+            for db in self._dbs.values():
+                pages += _tree_pages(txn.stat(db))
+        return pages * psize
+
+    def copy_compact(
+        self,
+        dest: Path,
+        *,
+        txn: lmdb.Transaction | None = None,
+        progress: ProgressFn | None = None,
+        phase: str = "copying LMDB",
+    ) -> None:
+        """``env.copy(dest, compact=True)`` (inside ``txn`` if given), translating LMDB errors.
+
+        The copy is one call into C, so ``progress`` is fed by a thread that watches the size of
+        the file being written against :meth:`live_bytes`, every 0.2 s.
+        """
+        total = self.live_bytes() if progress is not None else 0
+        with _watch_size(dest / DATA_FILE, total, phase, progress):
+            try:
+                self.env.copy(str(dest), compact=True, txn=txn)
+            except lmdb.Error as exc:
+                raise translate(exc, f"copying LMDB into {dest}") from exc
+
     def shared_refs(self) -> int:
         """How many Store objects of this process share this environment."""
         return _REGISTRY.refs(self.path)
@@ -654,3 +686,38 @@ class LmdbTables:
         with self.reading() as txn:
             entries = {n.decode(): txn.stat(db)["entries"] for n, db in self._dbs.items()}
         return {"map_size": info["map_size"], "last_txnid": info["last_txnid"], "entries": entries}
+
+
+def _tree_pages(stat: Mapping[str, Any]) -> int:
+    return int(stat["branch_pages"]) + int(stat["leaf_pages"]) + int(stat["overflow_pages"])
+
+
+@contextmanager
+def _watch_size(
+    path: Path, total: int, phase: str, progress: ProgressFn | None, every: float = 0.2
+) -> Iterator[None]:
+    """Report ``path``'s size as progress while the block runs (a copy made in C)."""
+    if progress is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def size() -> int:
+        try:
+            return path.stat().st_size
+        except OSError:
+            return 0
+
+    def watch() -> None:
+        while not stop.wait(every):
+            progress(phase, size(), total, "bytes")
+
+    watcher = threading.Thread(target=watch, name="xpstore-copy-progress", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+    done = size()
+    progress(phase, done, max(total, done), "bytes")

@@ -24,6 +24,7 @@ from xpstore.errors import (
     ReadOnlyStoreError,
     StoreClosedError,
 )
+from xpstore.model.progress import ProgressFn
 from xpstore.ops import compaction
 from xpstore.ops.snapshots import finish_in_place
 from xpstore.persistence import layout as layout_mod
@@ -172,6 +173,7 @@ def open_engine(
     readonly: bool,
     overrides: Mapping[str, Any],
     to_lsn: int | None = None,
+    progress: ProgressFn | None = None,
 ) -> Engine:
     """Open (or create) the store at ``path``: the open sequence of the module docstring."""
     lay = Layout(path)
@@ -192,14 +194,17 @@ def open_engine(
         layout_mod.read_marker(lay)
     engine = Engine(path, readonly)
     try:
-        _open(engine, is_new, session, to_lsn)
+        _open(engine, is_new, session, to_lsn, progress)
     except BaseException:
         engine.release()
         raise
     return engine
 
 
-def _open(engine: Engine, is_new: bool, session: dict[str, Any], to_lsn: int | None) -> None:
+def _open(
+    engine: Engine, is_new: bool, session: dict[str, Any], to_lsn: int | None,
+    progress: ProgressFn | None,
+) -> None:
     lay = engine.layout
     if not engine.readonly:
         engine.lock = WriterLock(lay.lock)
@@ -218,7 +223,7 @@ def _open(engine: Engine, is_new: bool, session: dict[str, Any], to_lsn: int | N
     engine.settings = Settings(_read_persisted(engine.tables), session)
     if engine.readonly:
         return
-    _recover(engine, to_lsn)
+    _recover(engine, to_lsn, progress)
     engine.settings = Settings(_read_persisted(engine.tables), session)  # replay may change it
     cfg = engine.config
     with engine.tables.reading() as txn:
@@ -257,7 +262,7 @@ def _read_persisted(tables: LmdbTables) -> StoreConfig:
     return cfg
 
 
-def _recover(engine: Engine, to_lsn: int | None) -> None:
+def _recover(engine: Engine, to_lsn: int | None, progress: ProgressFn | None) -> None:
     """Replay the WAL beyond ``applied_lsn`` into LMDB under the session's recovery mode."""
     tables = engine.tables
     cfg = engine.config
@@ -279,6 +284,7 @@ def _recover(engine: Engine, to_lsn: int | None) -> None:
         apply=lambda first, ops, _commit_time: replayer.apply_frame(first, ops),
         modify=True,
         to_lsn=to_lsn,
+        progress=progress,
     )
     replayer.flush()
     engine.recovery_report = report
