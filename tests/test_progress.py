@@ -25,7 +25,8 @@ from xpstore.demo.synthetic import make_mixed
 # "phase  12.0/48.0 MiB   25%  6.1 MiB/s  0:06 left" (a count instead of MiB for LSNs/records)
 BAR = re.compile(
     r"(?P<phase>[a-z][\w .-]*?)  (?P<done>[\d.,]+)/(?P<total>[\d.,]+ (?:MiB|LSNs|records))  "
-    r"+(?P<pct>\d+)%  (?P<rate>[\d.,]+ (?:MiB|LSNs|records))/s  (?P<left>\d+:\d\d(?::\d\d)?|--:--) left"
+    r"+(?P<pct>\d+)%  (?P<rate>[\d.,]+ (?:MiB|LSNs|records))/s  "
+    r"(?P<left>\d+:\d\d(?::\d\d)?|--:--) left"
 )
 
 
