@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from xpstore import Store, WALWriteError
+from xpstore.persistence import applier as applier_mod
 from xpstore.persistence import fs
 from xpstore.persistence import wal as wal_mod
 from xpstore.persistence.fs import OsFS
@@ -172,8 +173,10 @@ def test_interrupt_before_the_write_hands_the_flush_on(store_path: Path) -> None
 def test_close_is_bounded_when_a_flush_hangs(store_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A leader stuck in fdatasync (a hung disk) makes close() fail with a clear error after
-    wal.CLOSE_TIMEOUT_S instead of waiting forever."""
+    wal.CLOSE_TIMEOUT_S instead of waiting forever (the sampler's retrieval counts, logged at
+    close, wait no longer either)."""
     monkeypatch.setattr(wal_mod, "CLOSE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(applier_mod, "STOP_TIMEOUT_S", 0.5)  # its checkpoint may wait too
     release = threading.Event()
     entered = threading.Event()
 
@@ -184,6 +187,8 @@ def test_close_is_bounded_when_a_flush_hangs(store_path: Path,
             super().fdatasync(fd)
 
     store = Store.open(store_path, create=True)
+    store.put_many([prediction(i) for i in range(1, 11)])
+    store.sample(4)  # retrieval counts pending: close logs them through the WAL
     with fs.use(Hanging()):
         writer = threading.Thread(target=store.put, args=(prediction(0),), daemon=True)
         writer.start()
@@ -194,8 +199,8 @@ def test_close_is_bounded_when_a_flush_hangs(store_path: Path,
         assert isinstance(error, WALWriteError) and "timed out" in str(error), error
         release.set()
         writer.join(TIMEOUT)
-    with Store.open(store_path) as again:  # the lock was released; the record is there
-        assert again.count() == 1
+    with Store.open(store_path) as again:  # the lock was released; the records are there
+        assert again.count() == 11
 
 
 # ---------------------------------------------------------------------------- the CLI

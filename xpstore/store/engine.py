@@ -136,18 +136,25 @@ class Engine:
         during close), and none waits without a bound: the WAL's close is bounded by
         ``wal.CLOSE_TIMEOUT_S``, the applier's stop by ``applier.STOP_TIMEOUT_S``.
         """
+        errors: list[BaseException] = []
         try:
-            wal_closed = False
             try:
                 if self.wal is not None:
                     self.wal.close()
-                wal_closed = True
-            finally:
-                if self.applier is not None:
-                    poisoned = self.wal is not None and self.wal.poisoned is not None
-                    self.applier.stop(drain=wal_closed and not poisoned)
+            except BaseException as exc:  # KeyboardInterrupt included: stop the applier first
+                errors.append(exc)
+            if self.applier is not None:
+                poisoned = self.wal is not None and self.wal.poisoned is not None
+                try:
+                    self.applier.stop(drain=not errors and not poisoned)
+                except BaseException as exc:
+                    errors.append(exc)
         finally:
             self.release()
+        for later in errors[1:]:
+            log.error("closing %s: %s", self.path, later)
+        if errors:
+            raise errors[0]
 
     def release(self) -> None:
         """Close LMDB and release the writer lock. LMDB stays open (and is logged) if the

@@ -100,9 +100,10 @@ class Writer:
     def delete_track(self, track_id: str) -> None:
         self.submit_one(DeleteTrackOp(str(track_id)))
 
-    def submit_one(self, op: Op) -> tuple[int, int]:
-        """Log one operation and wait for its acknowledgement."""
-        return self.submit([op], [self.encode(op, 0)])
+    def submit_one(self, op: Op, *, timeout: float | None = None) -> tuple[int, int]:
+        """Log one operation and wait for its acknowledgement (at most ``timeout`` s, if given:
+        WALWriteError then)."""
+        return self.submit([op], [self.encode(op, 0)], timeout=timeout)
 
     # ------------------------------------------------------------------ settings
     def log_settings(self, changes: Mapping[str, Any]) -> StoreConfig:
@@ -177,10 +178,16 @@ class Writer:
         return payload
 
     def submit(
-        self, ops: list[Op], payloads: list[bytes], rows: Mapping[int, IndexRow] | None = None
+        self,
+        ops: list[Op],
+        payloads: list[bytes],
+        rows: Mapping[int, IndexRow] | None = None,
+        *,
+        timeout: float | None = None,
     ) -> tuple[int, int]:
         """Derive, park and log ``ops`` (one frame), wait for the acknowledgement; return the
-        LSN span. ``rows`` are index rows by position in ``ops``."""
+        LSN span. ``rows`` are index rows by position in ``ops``; ``timeout`` bounds the wait
+        (close's own writes: a hung disk must not hang it)."""
         engine = self._engine
         wal = engine.writable()
         adopt: StoreConfig | None = None
@@ -194,7 +201,7 @@ class Writer:
             span = self._append(ops, payloads, rows or {}, wal)
             if fixed is not None:
                 self._logged = adopt = fixed
-        wal.wait(span[1])
+        wal.wait(span[1], timeout=timeout)
         if adopt is not None:
             engine.settings.replace_persisted(adopt)
         self._backpressure()
