@@ -31,6 +31,13 @@ def test_run_demo_loses_nothing_acknowledged(tmp_path: Path) -> None:
     assert result.ok
     assert lines[-1].startswith("== OK: nothing acknowledged was lost")
     assert any("SIGKILL" in line for line in lines)
+    # docs/cli.md shows a real run's output: the same sections, in the same order (issue 14:
+    # the pasted output had lost the similar-tracks phase)
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    shown = docs.split("$ xpstore demo\n", 1)[1].split("```", 1)[0].splitlines()
+    assert [h.split(":")[0] for h in shown if h.startswith("==")] == [
+        h.split(":")[0] for h in lines if h.startswith("==")
+    ]
     # the demo's own check, repeated independently: the last ACKed record of thread 0 is there
     with Store.open(tmp_path / "xp") as store:
         first_child = [e for e in store.scan() if e.ts >= 1_700_000_000.0]

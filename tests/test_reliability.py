@@ -152,3 +152,150 @@ def test_failed_salvage_leaves_nothing_at_into(tmp_path: Path,
         salvage.salvage_store(src, into)  # and a retry works
         with Store.open(into, readonly=True) as store:
             assert store.count() == 50
+
+
+# ------------------------------------------------------------------ input errors
+
+
+def prediction_line(i: int, **extra: Any) -> str:
+    import json
+
+    return json.dumps({"kind": "prediction", "predicted": "warm", "confidence": 0.5,
+                       "context": "cold_start", "ts": 1_690_000_000.0 + i, **extra})
+
+
+def test_ingest_checks_the_size_limit_before_writing_anything(store_path: Path,
+                                                             tmp_path: Path) -> None:
+    """Issue 14: without --partial, ingest wrote 2000 records before failing on a 2 MiB record
+    at line 2501: the size limit was checked per batch at write time, not in the whole-file
+    validation the README promises."""
+    Store.open(store_path, create=True).close()
+    lines = [prediction_line(i) for i in range(3000)]
+    lines[2500] = prediction_line(2500, predicted="w" * (2 << 20))
+    src = tmp_path / "big.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    result = run("ingest", store_path, src)
+    assert result.exit_code == 2
+    assert f"{src}:2501: predicted: record encodes to" in result.output
+    assert "1,048,576 bytes (the records.max_record_bytes setting)" in result.output
+    assert "nothing written" in result.output
+    with Store.open(store_path, readonly=True) as store:
+        assert store.count() == 0
+    result = run("ingest", store_path, src, "--partial")  # the good lines only, still exit 2
+    assert result.exit_code == 2
+    with Store.open(store_path, readonly=True) as store:
+        assert store.count() == 2999
+
+
+def test_a_too_large_record_names_its_field(store_path: Path) -> None:
+    """Issue 14: a 10 MB record was refused as "records[0] encodes to N bytes, over
+    max_record_bytes=M", naming neither the field nor where the limit is set."""
+    from xpstore.errors import RecordTooLargeError
+
+    big = {"kind": "prediction", "predicted": "x" * (10 << 20), "confidence": 0.5,
+           "context": "c"}
+    with Store.open(store_path, create=True) as store:
+        with pytest.raises(RecordTooLargeError) as info:
+            store.put(big)
+        assert info.value.field == "predicted"
+        assert "largest field is 'predicted'" in str(info.value)
+        assert "records.max_record_bytes" in str(info.value)
+        with pytest.raises(RecordTooLargeError, match=r"^records\[1\]: "):
+            store.put_many([{**big, "predicted": "ok"}, big])
+        assert store.count() == 0
+    import json
+
+    result = run("put", store_path, "-", input=json.dumps(big))
+    assert result.exit_code == 2
+    assert "predicted:" in result.output and "records[0]" not in result.output
+
+
+def test_bad_json_is_reported_at_the_files_line(store_path: Path, tmp_path: Path) -> None:
+    """Issue 14: a broken line 3 was reported as "FILE:3: json: Expecting value: line 2
+    column 1 (char 35)": json's own line count disagreed with the file's."""
+    Store.open(store_path, create=True).close()
+    src = tmp_path / "bad.jsonl"
+    src.write_text(prediction_line(0) + "\n\n" + '{"kind": "prediction", "predicted":\n')
+    result = run("ingest", store_path, src)
+    assert result.exit_code == 2
+    assert f"{src}:3: json: Expecting value at column 36" in result.output
+    assert "line 2" not in result.output
+
+
+def test_cli_errors_name_the_option_not_the_setting(tmp_path: Path, store_path: Path) -> None:
+    """Issue 14: `init --segment-max-bytes 1` said "config wal.segment_max_bytes: ..."."""
+    result = run("init", tmp_path / "new", "--segment-max-bytes", 1)
+    assert result.exit_code == 2
+    assert "--segment-max-bytes" in result.output and "wal.segment_max_bytes" not in result.output
+    assert not (tmp_path / "new").exists()
+    Store.open(store_path, create=True).close()
+    src = tmp_path / "one.jsonl"
+    src.write_text(prediction_line(0) + "\n")
+    result = run("ingest", store_path, src, "--batch-size", 200_000)
+    assert result.exit_code == 2 and "--batch-size" in result.output
+    assert "100,000" in result.output
+
+
+@pytest.mark.parametrize("ts", [1.7e308, 1.7e12, 253_402_300_800.0])
+def test_ts_is_bounded_to_years_1970_to_9999(store_path: Path, ts: float) -> None:
+    """Issue 14: ts=1.8e308 parses to inf (refused), but 1.7e308, or a time in milliseconds,
+    was accepted and stored."""
+    from xpstore.errors import InvalidRecordError
+
+    with Store.open(store_path, create=True) as store:
+        with pytest.raises(InvalidRecordError) as info:
+            store.put({"kind": "prediction", "predicted": "w", "confidence": 0.5,
+                       "context": "c", "ts": ts})
+        assert info.value.field == "ts"
+        assert "year 10000" in str(info.value)
+        store.put({"kind": "prediction", "predicted": "w", "confidence": 0.5, "context": "c",
+                   "ts": 253_402_300_799.0})  # the last second of 9999 is fine
+    result = run("put", store_path, prediction_line(0, ts=ts).replace('"ts": 1690000000.0, ', ""))
+    assert result.exit_code == 2 and "ts:" in result.output
+
+
+# ------------------------------------------------------------------ read-only commands
+
+
+def test_verify_leaves_lmdbs_lock_file_alone(store_path: Path) -> None:
+    """Issue 14: ``verify`` (documented as never modifying the store) wrote a reader slot into
+    data/lock.mdb through its read-only open with the lock."""
+    with Store.open(store_path, create=True) as store:
+        store.put_many(make_mixed(np.random.default_rng(5), 100, t0=1_690_000_000.0))
+    lock = store_path / "data" / "lock.mdb"
+    before = (lock.stat().st_mtime_ns, lock.stat().st_size, lock.read_bytes())
+    for args in (("verify", store_path), ("verify", store_path, "--in-process")):
+        result = run(*args)
+        assert result.exit_code == 0, result.output
+        assert (lock.stat().st_mtime_ns, lock.stat().st_size, lock.read_bytes()) == before
+
+
+def test_get_and_scan_take_json(store_path: Path) -> None:
+    """Issue 14: every command takes --json, but get and scan refused it."""
+    import json
+
+    with Store.open(store_path, create=True) as store:
+        ids = store.put_many(make_mixed(np.random.default_rng(6), 5, t0=1_690_000_000.0))
+    result = run("get", store_path, ids[0], "--json")
+    assert result.exit_code == 0
+    assert result.output.count("\n") == 1 and json.loads(result.output)["id"] == ids[0]
+    plain = run("scan", store_path)
+    result = run("scan", store_path, "--json")
+    assert result.exit_code == 0 and result.output == plain.output
+    assert [json.loads(line)["ts"] for line in result.output.splitlines()] == sorted(
+        json.loads(line)["ts"] for line in result.output.splitlines())
+
+
+def test_a_reader_sees_what_the_writer_applied(store_path: Path) -> None:
+    """Issue 14: docs/cli.md said a read-only open sees a live writer's records "normally within
+    milliseconds"; it sees them once that writer's applier has committed them to LMDB, after
+    up to apply.interval_ms (200 ms by default), or at once after Store.flush()."""
+    text = (ROOT / "docs" / "cli.md").read_text()
+    assert "within milliseconds" not in text and "apply.interval_ms" in text
+    with Store.open(store_path, create=True, apply_interval_ms=60_000.0) as writer:
+        rid = writer.put({"kind": "prediction", "predicted": "w", "confidence": 0.5,
+                          "context": "c"})
+        with Store.open(store_path, readonly=True) as reader:
+            assert reader.count() == 0  # acknowledged, not applied: the reader cannot see it
+            writer.flush()
+            assert reader.get(rid).id == rid

@@ -6,6 +6,7 @@
 | 1    | a check found a problem: lost or corrupt data, a record or track that does not exist |
 | 2    | usage or input error: bad arguments, bad JSON, a path that is not a store, a newer format |
 | 3    | the store is busy: another process holds the writer lock (the message names its pid) |
+| 130  | interrupted by Ctrl-C (SIGINT); ``ingest`` says which line to resume from |
 
 Every command runs inside :class:`XpGroup`, whose ``invoke`` maps the exceptions below, prints
 ``error: <message>`` on stderr and exits; expected errors never print a traceback.
@@ -33,6 +34,7 @@ EXIT_OK = 0
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
 EXIT_BUSY = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
 
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     # first match wins: the specific classes before the bases they share
@@ -78,6 +80,11 @@ class XpGroup(click.Group):
             except (OSError, ValueError):  # no real file descriptor (CliRunner)
                 pass
             ctx.exit(EXIT_PROBLEM)
+        except KeyboardInterrupt:
+            # click would print "Aborted!" and exit 1; a shell expects 130 after Ctrl-C. Every
+            # store the command opened was closed on the way out (close is bounded)
+            click.echo("\nerror: interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
         except (XpStoreError, OSError) as exc:
             code = exit_code_for(exc)
             if code is None:  # pragma: no cover - the table ends with both bases

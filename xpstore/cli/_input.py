@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -50,6 +50,11 @@ def parse_record(text: str, what: str = "JSON") -> Record:
         raise CliError(f"{what}: {_field_message(exc)}") from exc
 
 
+def record_error(what: str, exc: InvalidRecordError) -> CliError:
+    """A CliError (exit 2) ``what: field: message`` for a record the store refused."""
+    return CliError(f"{what}: {_field_message(exc)}")
+
+
 def _field_message(exc: InvalidRecordError) -> str:
     """``field: message``; library messages mostly start with the field already."""
     text = str(exc)
@@ -72,29 +77,71 @@ class BadLine:
         return {"line": self.line, "field": self.field, "message": self.message}
 
 
-def parse_jsonl(lines: Iterable[str]) -> tuple[list[tuple[int, Record]], list[BadLine]]:
+@dataclass(slots=True)
+class Parsed:
+    """What :func:`parse_jsonl` found: the good records with their line numbers, the bad
+    lines, and whether ``stop`` cut the pass short (then nothing is to be written)."""
+
+    good: list[tuple[int, Record]]
+    bad: list[BadLine]
+    stopped: bool = False
+
+
+def parse_jsonl(
+    lines: Iterable[str],
+    *,
+    first_line: int = 1,
+    check: Callable[[Record], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> Parsed:
     """Validate every line; return the good records with their line numbers, and the bad lines.
 
-    Blank lines are skipped. Nothing stops at the first error: every bad line is reported.
+    Blank lines are skipped, and lines before ``first_line`` (a resumed ingest). Nothing stops
+    at the first error: every bad line is reported. ``check(record)`` adds the checks that
+    depend on the store (``Store.check_record``: size limit, embedding dimension), so a file is
+    refused whole before anything is written. ``progress(chars)`` follows the reading;
+    ``stop()`` is asked at every line (Ctrl-C).
     """
-    good: list[tuple[int, Record]] = []
-    bad: list[BadLine] = []
+    out = Parsed([], [])
+    done = 0
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
+        done += len(line)
+        if progress is not None and not number % 256:
+            progress(done)
+        if stop is not None and stop():
+            out.stopped = True
+            break
+        if number < first_line or not line.strip():
             continue
+        text = line.rstrip("\r\n")
         try:
-            obj = loads(line)
+            obj = loads(text)
         except ValueError as exc:
-            bad.append(BadLine(number, "json", str(exc)))
+            out.bad.append(BadLine(number, "json", _json_message(exc)))
             continue
         try:
-            good.append((number, record_from_json(obj)))
+            record = record_from_json(obj)
+            if check is not None:
+                check(record)
         except InvalidRecordError as exc:
             field = exc.field or "record"
-            text = str(exc)
-            message = text[len(field) + 2 :] if text.startswith(f"{field}: ") else text
-            bad.append(BadLine(number, field, message))
-    return good, bad
+            msg = str(exc)
+            message = msg[len(field) + 2 :] if msg.startswith(f"{field}: ") else msg
+            out.bad.append(BadLine(number, field, message))
+            continue
+        out.good.append((number, record))
+    if progress is not None:
+        progress(done)
+    return out
+
+
+def _json_message(exc: ValueError) -> str:
+    """A JSON error without json's own "line 1 column 5 (char 4)", which counts lines inside
+    the one JSON text and so disagreed with the file's line number: the column only."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at column {exc.pos + 1}"
+    return str(exc)
 
 
 def parse_where(items: Iterable[str]) -> dict[str, Any]:

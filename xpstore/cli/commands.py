@@ -3,30 +3,44 @@
 Reading commands (get, scan, stats) open the store for writing when its writer lock is free,
 so that operations a crashed writer acknowledged but did not apply are replayed first and every
 acknowledged record is visible; when a live writer holds the lock they fall back to a read-only
-open (which sees what that writer has applied, normally within milliseconds). ``--readonly``
+open (which sees what that writer has applied: up to ``apply.interval_ms`` after the
+acknowledgement, 200 ms by default). ``--readonly``
 forces the read-only open: no lock, no recovery, no file touched.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import click
 
 from xpstore import Store, StoreLockedError, __version__
-from xpstore.cli._errors import EXIT_PROBLEM, EXIT_USAGE, CliError, XpGroup
-from xpstore.cli._input import BadLine, TimestampType, parse_jsonl, parse_record, parse_where
+from xpstore.cli._errors import EXIT_INTERRUPTED, EXIT_PROBLEM, EXIT_USAGE, CliError, XpGroup
+from xpstore.cli._input import (
+    BadLine,
+    TimestampType,
+    parse_jsonl,
+    parse_record,
+    parse_where,
+    record_error,
+)
 from xpstore.cli._output import dumps, emit_json, flatten, table
+from xpstore.cli._progress import progress_bar
 from xpstore.config import FLAT
 from xpstore.demo.run import run_demo
 from xpstore.errors import InvalidRecordError
+from xpstore.model.progress import ProgressFn
 from xpstore.model.records import KINDS
 from xpstore.persistence.layout import MARKER
 
@@ -125,9 +139,9 @@ def _log_to_stderr(ctx: click.Context, level: int) -> None:
 )
 @click.option(
     "--segment-max-bytes",
-    type=int,
+    type=click.IntRange(min=64 * 1024, max=4096 * 1024 * 1024),  # WalSettings' bounds
     default=None,
-    help="Rotate WAL segments at this size (default 64 MiB, at least 64 KiB).",
+    help="Rotate WAL segments at this size (default 64 MiB, at least 64 KiB, at most 4 GiB).",
 )
 @json_option
 def init(path: Path, durability: str | None, segment_max_bytes: int | None, as_json: bool) -> None:
@@ -178,6 +192,10 @@ def put(path: Path, record_json: str, as_json: bool) -> None:
     text = sys.stdin.read() if record_json == "-" else record_json
     record = parse_record(text)
     with Store.open(path) as store:
+        try:
+            store.check_record(record)  # the store's limits, named like the model's checks
+        except InvalidRecordError as exc:
+            raise record_error("JSON", exc) from exc
         rid = store.put(record)
     if as_json:
         emit_json({"id": rid}, indent=None)
@@ -186,6 +204,39 @@ def put(path: Path, record_json: str, as_json: bool) -> None:
 
 
 # --------------------------------------------------------------------------------- ingest
+
+class _Interrupt:
+    """Ctrl-C during ``ingest``: until :meth:`defer` it interrupts at once (KeyboardInterrupt:
+    an interrupted open is safe, recovery is idempotent); after it, a flag that the command
+    checks at every line it validates and between the batches it writes, so that it stops
+    with every acknowledged batch known and can say where to resume. Only the main thread can
+    install a handler; elsewhere (an embedding application) nothing changes."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._deferring = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def defer(self) -> None:
+        self._deferring = True
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if not self._deferring:
+            raise KeyboardInterrupt
+        if not self.hit:
+            click.echo("\ninterrupted: stopping after the batch being written", err=True)
+        self.hit = True
 
 
 @main.command()
@@ -201,79 +252,135 @@ def put(path: Path, record_json: str, as_json: bool) -> None:
     show_default=True,
     help="Records per put_many (one WAL frame, one fsync each).",
 )
+@click.option(
+    "--resume-from",
+    type=click.IntRange(min=1),
+    default=1,
+    metavar="LINE",
+    help="Skip the lines before LINE (what an interrupted ingest says to resume from).",
+)
 @json_option
-def ingest(path: Path, file: IO[str], partial: bool, batch_size: int,
+def ingest(path: Path, file: IO[str], partial: bool, batch_size: int, resume_from: int,
            as_json: bool) -> None:
     """Write the records of a JSON Lines file.
 
     One record per line, as `scan` prints them ("-" reads stdin). The whole file is parsed
-    and validated first. If any line is bad, nothing is written and every bad line is
-    reported as FILE:LINE: field: message (exit 2). With --partial the valid lines are
-    written, the bad ones reported, and the exit code is still 2 so that scripts notice.
-    Blank lines are skipped.
+    and validated first, against the store's limits too (record size, embedding dimension).
+    If any line is bad, nothing is written and every bad line is reported as
+    FILE:LINE: field: message (exit 2). With --partial the valid lines are written, the bad
+    ones reported, and the exit code is still 2 so that scripts notice. Blank lines are
+    skipped. Ctrl-C stops after the batch being written (exit 130) and prints the line to
+    resume from with --resume-from, so nothing is written twice.
 
     \b
     Example:
       xpstore scan old/xp > all.jsonl && xpstore ingest data/xp all.jsonl
     """
     name = "<stdin>" if file.name == "-" else str(file.name)
-    with Store.open(path) as store:
-        good, bad = parse_jsonl(file)
-        for line in bad:
-            click.echo(line.format(name), err=True)
-        if bad and not partial:
-            _ingest_summary(as_json, name, [], bad, written=False)
-            raise CliError(
-                f"{len(bad)} bad line{'s' if len(bad) != 1 else ''} in {name}; nothing written "
-                "(--partial writes the valid lines)"
+    with _Interrupt() as interrupt, Store.open(path) as store:
+        interrupt.defer()
+        most = store.config.records.max_batch_records
+        if batch_size > most:
+            raise click.BadParameter(
+                f"{batch_size:,} is over this store's {most:,} records per batch (its "
+                "records.max_batch_records setting)",
+                param_hint="--batch-size",
             )
-        ids = _write_batches(store, good, batch_size, name)
-    _ingest_summary(as_json, name, ids, bad, written=True)
-    if bad:
+        with progress_bar() as bar:
+            parsed = parse_jsonl(
+                file, first_line=resume_from, check=store.check_record,
+                progress=_validating(bar, name, file),
+                stop=lambda: interrupt.hit,
+            )
+            if parsed.stopped:
+                raise _Stopped(f"interrupted while validating {name}; nothing written")
+            for line in parsed.bad:
+                click.echo(line.format(name), err=True)
+            if parsed.bad and not partial:
+                _ingest_summary(as_json, name, [], parsed.bad, written=False)
+                raise CliError(
+                    f"{len(parsed.bad)} bad line{'s' if len(parsed.bad) != 1 else ''} in "
+                    f"{name}; nothing written (--partial writes the valid lines)"
+                )
+            ids, resume = _write_batches(store, parsed.good, batch_size, name, bar,
+                                         lambda: interrupt.hit)  # fmt: skip
+    _ingest_summary(as_json, name, ids, parsed.bad, written=True, resume=resume)
+    if resume is not None:
+        raise _Stopped(
+            f"interrupted: lines from {resume} on were not written; to write the rest without "
+            f"duplicates: xpstore ingest {path} {name} --resume-from {resume}"
+        )
+    if parsed.bad:
         raise click.exceptions.Exit(EXIT_USAGE)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        """Nothing to draw off a terminal."""
+class _Stopped(CliError):
+    """Ctrl-C took effect: exit 130 with what was done and how to go on."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
-def _write_batches(store: Store, good: list[tuple[int, Any]], size: int, name: str) -> list[int]:
+def _validating(bar: ProgressFn | None, name: str, file: IO[str]) -> Callable[[int], None] | None:
+    """Progress over the file's characters (its size, when it is a regular file)."""
+    if bar is None:
+        return None
+    try:
+        total = os.fstat(file.fileno()).st_size
+    except (OSError, ValueError, io.UnsupportedOperation):
+        total = 0
+    return lambda done: bar(f"validating {name}", done, total, "bytes")
+
+
+def _write_batches(
+    store: Store,
+    good: list[tuple[int, Any]],
+    size: int,
+    name: str,
+    bar: ProgressFn | None,
+    stop: Callable[[], bool],
+) -> tuple[list[int], int | None]:
+    """Write ``good`` in batches; return the ids written and, if ``stop()`` ended it early, the
+    first line not written (what ``--resume-from`` takes)."""
     ids: list[int] = []
-    # a bar only on a terminal: click would still print its label into a log file
-    bar: Any = (
-        click.progressbar(length=len(good), label="ingesting", file=sys.stderr)
-        if sys.stderr.isatty()
-        else nullcontext(_NoBar())
-    )
-    with bar as progress:
-        for start in range(0, len(good), size):
-            chunk = good[start : start + size]
-            try:
-                ids += store.put_many([rec for _line, rec in chunk])
-            except InvalidRecordError as exc:
-                # store-dependent checks (embedding dimension, size limits) fail a whole batch
-                written = f"; {len(ids)} records before it were written" if ids else ""
-                if ids:
-                    written += f" (ids {ids[0]}..{ids[-1]})"
-                raise CliError(
-                    f"{name}:{chunk[0][0]}-{chunk[-1][0]}: batch refused: {exc}{written}"
-                ) from exc
-            progress.update(len(chunk))
-    return ids
+    for start in range(0, len(good), size):
+        chunk = good[start : start + size]
+        if stop():
+            return ids, chunk[0][0]
+        try:
+            ids += store.put_many([rec for _line, rec in chunk])
+        except InvalidRecordError as exc:
+            # store-dependent checks were done on every line; what still fails is the batch
+            # as a whole (max_batch_records, max_frame_bytes) or a race with a settings change
+            raise CliError(
+                f"{name}:{chunk[0][0]}-{chunk[-1][0]}: batch refused: {exc}"
+                f"{_written_before(ids)}; resume with --resume-from {chunk[0][0]}"
+            ) from exc
+        if bar is not None:
+            bar(f"ingesting {name}", start + len(chunk), len(good), "records")
+    return ids, None
+
+
+def _written_before(ids: list[int]) -> str:
+    if not ids:
+        return "; nothing was written before it"
+    return f"; {len(ids)} records before it were written (ids {ids[0]}..{ids[-1]})"
 
 
 def _ingest_summary(
-    as_json: bool, name: str, ids: list[int], bad: list[BadLine], *, written: bool
+    as_json: bool, name: str, ids: list[int], bad: list[BadLine], *, written: bool,
+    resume: int | None = None,
 ) -> None:
     if as_json:
-        emit_json({
+        data: dict[str, Any] = {
             "file": name,
             "written": len(ids),
             "first_id": ids[0] if ids else None,
             "last_id": ids[-1] if ids else None,
             "bad_lines": [b.as_dict() for b in bad],
-        })
+        }
+        if resume is not None:  # Ctrl-C: where to go on from
+            data["resume_from"] = resume
+        emit_json(data)
     elif written:
         span = f" (ids {ids[0]}..{ids[-1]})" if ids else ""
         skipped = f"; skipped {len(bad)} bad lines" if bad else ""
@@ -287,7 +394,9 @@ def _ingest_summary(
 @click.argument("path", type=STORE_PATH)
 @click.argument("record_id", metavar="ID", type=click.IntRange(min=0, max=2**64 - 1))
 @readonly_option
-def get(path: Path, record_id: int, readonly: bool) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="One compact JSON object on one line (the default is indented JSON).")
+def get(path: Path, record_id: int, readonly: bool, as_json: bool) -> None:
     """Print the envelope of record ID as JSON.
 
     Exit 1 if there is no such record. The envelope holds id, kind, ts, updated_lsn, the
@@ -297,11 +406,11 @@ def get(path: Path, record_id: int, readonly: bool) -> None:
 
     \b
     Example:
-      xpstore get data/xp 42
+      xpstore get data/xp 42 --json | jq .record
     """
     with open_for_reading(path, readonly) as store:
         env = store.get(record_id)
-        emit_json(env.envelope_json())
+        emit_json(env.envelope_json(), indent=None if as_json else 2)
 
 
 # --------------------------------------------------------------------------------- scan
@@ -324,12 +433,15 @@ def get(path: Path, record_id: int, readonly: bool) -> None:
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="At most N records.")
 @click.option("--envelope", is_flag=True, help="Print envelopes (as `get` does), one per line.")
 @readonly_option
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON lines (what scan always prints; accepted like every command's --json).")
 def scan(path: Path, kind: str | None, since: float | None, until: float | None,
-         wheres: tuple[str, ...], limit: int | None, envelope: bool, readonly: bool) -> None:
+         wheres: tuple[str, ...], limit: int | None, envelope: bool, readonly: bool,
+         as_json: bool) -> None:
     """Print records as JSON lines, which `ingest` reads back.
 
     Records come in (ts, id) order; --since is inclusive, --until exclusive. Output is always
-    JSON, one object per line. The store is opened as for `get`.
+    JSON, one object per line (--json changes nothing). The store is opened as for `get`.
 
     \b
     Example:

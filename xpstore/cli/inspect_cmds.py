@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,7 +24,9 @@ import click
 from xpstore.cli._errors import EXIT_PROBLEM, CliError
 from xpstore.cli._input import TimestampType
 from xpstore.cli._output import dumps, emit_json
+from xpstore.cli._progress import progress_bar
 from xpstore.cli.commands import STORE_PATH, json_option, main
+from xpstore.model.progress import ProgressFn
 from xpstore.model.records import (
     BATCH_FIELDS,
     KINDS,
@@ -323,12 +326,13 @@ def replay_cmd(path: Path, from_lsn: int | None, to_lsn: int | None, kinds: tupl
 
     stream = replay(path, from_lsn=from_lsn, to_lsn=to_lsn, kinds=kinds or None,
                     since=since, until=until, on_gap=on_gap)
-    with stream:
+    with stream, progress_bar() as bar:
         out = sys.stdout
+        items = _tracked(stream, bar, from_lsn or 0, to_lsn)
         if fmt == "csv":
-            _write_csv(stream, out, kinds or KINDS)
+            _write_csv(items, out, kinds or KINDS)
         else:
-            _write_jsonl(stream, out, records_only)
+            _write_jsonl(items, out, records_only)
         out.flush()
     _replay_summary(stream, as_json)
     if stream.lost:
@@ -346,7 +350,24 @@ def _check_range(from_lsn: int | None, to_lsn: int | None) -> None:
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
-def _write_jsonl(stream: ReplayStream, out: TextIO, records_only: bool) -> None:
+def _tracked(
+    stream: ReplayStream, bar: ProgressFn | None, lo: int, hi: int | None
+) -> Iterable[ReplayItem]:
+    """The stream's items, feeding the progress bar with LSNs against the store's last LSN."""
+    if bar is None:
+        return stream
+    end = hi if hi is not None else stream.last_lsn_hint()
+    total = max(0, end - max(lo, 1) + 1)
+
+    def items() -> Iterator[ReplayItem]:
+        for item in stream:
+            bar("replaying", min(total, max(0, item.lsn - max(lo, 1) + 1)), total, "LSNs")
+            yield item
+
+    return items()
+
+
+def _write_jsonl(stream: Iterable[ReplayItem], out: TextIO, records_only: bool) -> None:
     lines: list[str] = []
     for item in stream:
         if records_only:
@@ -416,7 +437,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _write_csv(stream: ReplayStream, out: TextIO, kinds: tuple[str, ...]) -> None:
+def _write_csv(stream: Iterable[ReplayItem], out: TextIO, kinds: tuple[str, ...]) -> None:
     columns = csv_columns(kinds)
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)

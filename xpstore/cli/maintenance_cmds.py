@@ -8,6 +8,7 @@ import click
 
 from xpstore import Store
 from xpstore.cli._output import emit_json
+from xpstore.cli._progress import progress_bar
 from xpstore.cli.commands import STORE_PATH, json_option, main
 
 
@@ -36,8 +37,10 @@ def compact(path: Path, as_json: bool) -> None:
     Example:
       xpstore compact data/xp --json
     """
-    with Store.open(path) as store:
-        report = store.compact()
+    with progress_bar() as bar:
+        store = Store.open(path, progress=bar)
+        with store:
+            report = store.compact(progress=bar)
     if as_json:
         emit_json({"path": str(path), **report.as_dict()})
         return

@@ -10,6 +10,7 @@ import click
 from xpstore import Store
 from xpstore.cli._errors import CliError
 from xpstore.cli._output import emit_json
+from xpstore.cli._progress import progress_bar
 from xpstore.cli.commands import STORE_PATH, json_option, main
 from xpstore.ops.salvage import salvage_store
 from xpstore.persistence.wal_recovery import RECOVERY_MODES, RecoveryReport
@@ -43,14 +44,17 @@ def recover(path: Path, mode: str, to_lsn: int | None, into: Path | None, as_jso
     if mode == "salvage":
         if into is None:
             raise CliError("--mode salvage needs --into DIR (it never modifies the damaged store)")
-        report: RecoveryReport | None = salvage_store(path, into)
+        with progress_bar() as bar:
+            report: RecoveryReport | None = salvage_store(path, into, progress=bar)
         count_path = into
     else:
         if into is not None:
             raise CliError("--into is for --mode salvage only")
         if to_lsn is not None and mode != "point_in_time":
             raise CliError("--to-lsn needs --mode point_in_time")
-        with Store.open(path, recovery_mode=mode, to_lsn=to_lsn) as store:
+        with progress_bar() as bar:
+            store = Store.open(path, recovery_mode=mode, to_lsn=to_lsn, progress=bar)
+        with store:
             report = store.recovery_report
         count_path = path
     assert report is not None

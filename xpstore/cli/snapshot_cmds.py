@@ -80,8 +80,10 @@ def create(ctx: click.Context, path: Path, as_json: bool) -> None:
       xpstore snapshot create data/xp --json
     """
     _finish_pending(path)
-    with Store.open(path) as store:
-        info = store.snapshot()
+    with progress_bar() as bar:
+        store = Store.open(path, progress=bar)
+        with store:
+            info = store.snapshot(progress=bar)
     if _wants_json(ctx, as_json):
         emit_json(info.as_dict())
     else:

@@ -84,6 +84,7 @@ __all__ = [
     "envelope_counters",
     "envelope_from_put",
     "envelope_head",
+    "field_sizes",
     "pack_envelope",
     "peek_put",
 ]
@@ -214,6 +215,12 @@ def _record_map(record: Record) -> dict[str, Any]:
         if streaming is not None:
             out["streaming"] = _encode_streaming(streaming)
     return out
+
+
+def field_sizes(record: Record) -> dict[str, int]:
+    """Encoded bytes of each top-level field of ``record``: which field makes it too large."""
+    return {name: len(msgpack.packb(value, use_bin_type=True))
+            for name, value in _record_map(record).items()}  # fmt: skip
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -3,8 +3,8 @@ compaction), reported through one callback type so that the CLI can draw a bar o
 
 The library never draws anything itself: it calls ``progress(phase, done, total, unit)`` now and
 then (``phase`` a short label such as ``"replaying WAL"``; ``done`` and ``total`` counted in
-``unit``, ``"bytes"`` or ``"ops"``; ``total`` is 0 when unknown). Callers pass None for no
-reporting.
+``unit``: ``"bytes"``, or what is counted, such as ``"LSNs"`` or ``"records"``; ``total`` is 0
+when unknown). Callers pass None for no reporting.
 """
 
 from __future__ import annotations
@@ -14,5 +14,6 @@ from collections.abc import Callable
 __all__ = ["ProgressFn"]
 
 ProgressFn = Callable[[str, int, int, str], None]
-"""``progress(phase, done, total, unit)``: called from the thread doing the work; must be
-cheap (the CLI's bar redraws at most a few times a second)."""
+"""``progress(phase, done, total, unit)``: called from the thread doing the work (or, for a copy
+made in C, a thread watching its output file); must be cheap: the CLI's bar redraws at most ten
+times a second and returns at once otherwise."""

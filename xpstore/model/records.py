@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Final, TypeAlias, cast
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -150,15 +151,28 @@ Lufs = Annotated[float, Field(le=0)]
 Tempo = Annotated[float, Field(gt=0, le=1000)]
 Correlation = Annotated[float, Field(ge=-1, le=1)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
-Timestamp = Annotated[float, Field(ge=0)]
-"""Seconds since the epoch; ``None`` on a record means "the time of the put"."""
-
 _CUSTOM_ERROR: Final = "xpstore_invalid"
+
+TS_MAX: Final = 253_402_300_800.0
+"""10000-01-01T00:00:00Z: a record's ts is seconds since the epoch in years 1970..9999. Beyond
+it a ts is a mistake (milliseconds or microseconds, 1.8e308), and datetime cannot show it."""
 
 
 def _fail(path: str, message: str) -> PydanticCustomError:
     """An error for a custom check; ``path`` (relative to where it is raised) extends its loc."""
     return PydanticCustomError(_CUSTOM_ERROR, message, {"path": path})
+
+
+def _sane_ts(ts: float) -> float:
+    if ts >= TS_MAX:
+        hint = "; a time in milliseconds must be divided by 1000" if ts < TS_MAX * 1000 else ""
+        raise _fail("", f"must be seconds since the epoch, before the year 10000 (< {TS_MAX:.0f}),"
+                        f" got {ts!r}{hint}")  # fmt: skip
+    return ts
+
+
+Timestamp = Annotated[float, Field(ge=0), AfterValidator(_sane_ts)]
+"""Seconds since the epoch, years 1970..9999; ``None`` on a record means "the time of the put"."""
 
 
 _MODEL_CONFIG: Final = ConfigDict(

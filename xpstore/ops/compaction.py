@@ -28,18 +28,16 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import lmdb
-
 from xpstore.errors import XpStoreError
+from xpstore.model.progress import ProgressFn
 from xpstore.persistence import fs
 from xpstore.persistence.crashpoints import crash_point
 from xpstore.persistence.layout import Layout
-from xpstore.persistence.lmdb_tables import LmdbTables, translate
+from xpstore.persistence.lmdb_tables import LmdbTables
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +67,14 @@ def _paths(layout: Layout) -> tuple[Path, Path, Path]:
 # ------------------------------------------------------------------------- compaction
 
 
-def compact_tables(layout: Layout, tables: LmdbTables) -> CompactReport:
+def compact_tables(
+    layout: Layout, tables: LmdbTables, progress: ProgressFn | None = None
+) -> CompactReport:
     """Copy ``tables``' environment compactly and swap the copy in; return the sizes.
 
     The caller must keep every LMDB writer out (store write lock and the applier's apply lock)
     and hold the writer lock of the store. Readers of this process wait during the swap.
+    ``progress`` follows the copy (bytes written against the live bytes).
     """
     started = time.monotonic()
     _check_sole_handle(tables)
@@ -82,11 +83,8 @@ def compact_tables(layout: Layout, tables: LmdbTables) -> CompactReport:
     before = _file_size(layout.data / _DATA_FILE)
     try:
         fs.mkdir(tmp)
-        tables.env.copy(str(tmp), compact=True)
+        tables.copy_compact(tmp, progress=progress, phase="copying LMDB compactly")
         copy_bytes = _sync_copy(tmp, layout.root)
-    except lmdb.Error as exc:
-        _discard(tmp)
-        raise translate(exc, f"copying LMDB into {tmp}") from exc
     except BaseException:
         _discard(tmp)
         raise
@@ -265,18 +263,8 @@ def lmdb_space(tables: LmdbTables) -> dict[str, int]:
     """
     info = tables.env.info()
     psize = int(tables.env.stat()["psize"])
-    pages = 2
-    pages += _tree_pages(tables.env.stat())  # the main tree: it names the tables
-    with tables.reading() as txn:
-        names = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
-        for name in names:
-            try:
-                db = tables.db(name)
-            except KeyError:
-                continue  # not an xpstore table
-            pages += _tree_pages(txn.stat(db))
     file_bytes = _file_size(tables.path / _DATA_FILE)
-    live = pages * psize
+    live = tables.live_bytes()
     return {
         "file_bytes": file_bytes,
         "used_bytes": (int(info["last_pgno"]) + 1) * psize,
@@ -284,6 +272,3 @@ def lmdb_space(tables: LmdbTables) -> dict[str, int]:
         "reclaimable_bytes": max(0, file_bytes - live),
     }
 
-
-def _tree_pages(stat: Mapping[str, Any]) -> int:
-    return int(stat["branch_pages"]) + int(stat["leaf_pages"]) + int(stat["overflow_pages"])

@@ -314,20 +314,37 @@ def verify_store(root: Path, *, progress: Progress | None = None,
                  total: Callable[[int], None] | None = None) -> CheckReport:
     """Every check on the store at ``root``, opened read-only; see :func:`check_store`.
 
+    Changes nothing, LMDB's lock file included: with no live writer, LMDB is opened without
+    ``lock.mdb`` (a read-only open with the lock writes a reader slot into it). If a writer took
+    the store while that check ran, its pages may have been reused under the check, so it runs
+    again with the lock, as it does beside a live writer from the start.
+
     Raises StoreNotFoundError / FormatVersionError when ``root`` is not a readable store.
     """
+    marker = read_marker(Layout(root))
+    writer_live = writer_pid(root) is not None
+    report = _verify_once(root, marker.store_id, writer_live, progress, total)
+    if not writer_live and writer_pid(root) is not None:
+        log.info("a writer opened %s during verify; checking again with LMDB's lock", root)
+        report = _verify_once(root, marker.store_id, True, progress, total)
+    return report
+
+
+def _verify_once(
+    root: Path, store_id: int, writer_live: bool, progress: Progress | None,
+    total: Callable[[int], None] | None,
+) -> CheckReport:
     lay = Layout(root)
-    marker = read_marker(lay)
     report = CheckReport(str(root))
     tables: LmdbTables | None = None
     try:
-        tables = LmdbTables(lay.data, readonly=True, map_size=StoreConfig().apply.map_size)
+        tables = LmdbTables(lay.data, readonly=True, map_size=StoreConfig().apply.map_size,
+                            lock=writer_live)  # fmt: skip
     except (XpStoreError, lmdb.Error) as exc:
         report.add(f"lmdb {lay.data}", f"cannot be opened read-only: {exc}")
     try:
-        pid = writer_pid(root)
         check_store(
-            root, tables=tables, store_id=marker.store_id, writer_live=pid is not None,
+            root, tables=tables, store_id=store_id, writer_live=writer_live,
             report=report, progress=progress, total=total,
         )
     finally:

@@ -46,10 +46,12 @@ from xpstore.model.records import (
     record_from_json,
 )
 from xpstore.ops.inspect import FRAME_CAP, concurrent_damage, writer_pid
+from xpstore.persistence import fs
 from xpstore.persistence.layout import Layout, read_marker
 from xpstore.persistence.lmdb_tables import LmdbTables, from_u64, u64
+from xpstore.persistence.wal import list_segments
 from xpstore.persistence.wal_format import Frame
-from xpstore.persistence.wal_reader import Damage, Gap, WalReader
+from xpstore.persistence.wal_reader import Damage, Gap, WalReader, scan_segment
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +300,22 @@ class ReplayStream:
             return StoreConfig.from_json(raw.decode()).wal.max_frame_bytes if raw else FRAME_CAP
         except (ValueError, UnicodeDecodeError):
             return FRAME_CAP
+
+    def last_lsn_hint(self) -> int:
+        """The last LSN the store holds as far as a quick look tells: LMDB's ``applied_lsn`` or
+        the newest WAL segment's last valid frame. What a progress bar needs as its total; a
+        live writer moves it on meanwhile."""
+        last = self.stats.applied_lsn
+        segments = list_segments(self._wal_dir) if self._wal_dir.is_dir() else []
+        if segments:
+            first, path = segments[-1]
+            try:
+                scan = scan_segment(path, fs.read_bytes(path), FRAME_CAP)
+            except OSError:
+                return max(last, first - 1)
+            end = scan.frames[-1].last_lsn if scan.frames else first - 1
+            last = max(last, end)
+        return last
 
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> ReplayStream:

@@ -32,8 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lmdb
-
 from xpstore.config import StoreConfig, make_config
 from xpstore.errors import (
     FormatVersionError,
@@ -45,7 +43,7 @@ from xpstore.model.progress import ProgressFn
 from xpstore.persistence import fs
 from xpstore.persistence import layout as layout_mod
 from xpstore.persistence.crashpoints import crash_point
-from xpstore.persistence.lmdb_tables import LmdbTables, translate
+from xpstore.persistence.lmdb_tables import LmdbTables
 from xpstore.persistence.lock import WriterLock
 from xpstore.persistence.replayer import Replayer
 from xpstore.persistence.wal_format import Frame
@@ -166,12 +164,15 @@ def _read_chunks(path: Path) -> Iterator[bytes]:
         fs.close(fd)
 
 
-def _sha256(path: Path) -> tuple[str, int]:
+def _sha256(path: Path, progress: ProgressFn | None = None) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
+    total = path.stat().st_size if progress is not None else 0
     for chunk in _read_chunks(path):
         digest.update(chunk)
         size += len(chunk)
+        if progress is not None:
+            progress(f"hashing {path.name}", size, total, "bytes")
     return digest.hexdigest(), size
 
 
@@ -242,6 +243,7 @@ def create_snapshot(
     embedding_dim: int | None,
     config: Mapping[str, Any],
     kind_names: Mapping[int, str],
+    progress: ProgressFn | None = None,
 ) -> SnapshotInfo:
     """Copy LMDB compactly into a new snapshot directory under ``root``; return its info.
 
@@ -253,13 +255,13 @@ def create_snapshot(
     tmp = root / f"{_temp_prefix(store_id)}{secrets.token_hex(4)}"
     fs.mkdir(tmp)
     try:
-        lsn, counts = _copy_lmdb(tables, tmp, kind_names)
+        lsn, counts = _copy_lmdb(tables, tmp, kind_names, progress)
         data = tmp / DATA_FILE
         _sync_file(data)
         fs.fsync_dir(tmp)
         crash_point("snapshot.after_copy")
         snap_id = _new_id(created, lsn, root)
-        sha, size = _sha256(data)
+        sha, size = _sha256(data, progress)
         manifest = {
             "format": SNAPSHOT_FORMAT,
             "format_version": SNAPSHOT_FORMAT_VERSION,
@@ -306,7 +308,8 @@ def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
 
 
 def _copy_lmdb(
-    tables: LmdbTables, dest: Path, kind_names: Mapping[int, str]
+    tables: LmdbTables, dest: Path, kind_names: Mapping[int, str],
+    progress: ProgressFn | None = None,
 ) -> tuple[int, dict[str, int]]:
     """env.copy(compact=True) and the applied LSN and counts, from one read transaction.
 
@@ -315,10 +318,7 @@ def _copy_lmdb(
     with tables.reading() as txn:
         lsn = tables.applied_lsn(txn)
         by_code = tables.counts(txn)
-        try:
-            tables.env.copy(str(dest), compact=True, txn=txn)
-        except lmdb.Error as exc:
-            raise translate(exc, f"copying LMDB into {dest}") from exc
+        tables.copy_compact(dest, txn=txn, progress=progress)
     counts = {name: by_code.get(code, 0) for code, name in kind_names.items()}
     return lsn, counts
 
@@ -852,7 +852,7 @@ def _replay_into(
                 replayer.apply_frame(frame.first_lsn + skip, keep)
                 last = frame.first_lsn + skip + len(keep) - 1
                 if progress is not None:
-                    progress(f"rolling forward to LSN {stop}", last - after, stop - after, "ops")
+                    progress(f"rolling forward to LSN {stop}", last - after, stop - after, "LSNs")
         if last != stop:
             raise SnapshotError(f"the WAL ended at LSN {last} before the target LSN {stop}")
         replayer.flush(force=True)

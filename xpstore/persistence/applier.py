@@ -32,6 +32,9 @@ from xpstore.persistence.wal import WalWriter
 
 log = logging.getLogger(__name__)
 
+STOP_TIMEOUT_S = 60.0
+"""The longest ``stop`` waits for the applier thread to finish its transaction."""
+
 
 def to_changes(effects: list[Effect]) -> list[Change]:
     """Translate store effects into LMDB table changes (the values are already encoded)."""
@@ -125,19 +128,34 @@ class Applier:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, drain: bool) -> None:
-        """Stop the thread; with ``drain`` apply everything first and checkpoint."""
+    def stop(self, drain: bool, timeout: float | None = None) -> None:
+        """Stop the thread; with ``drain`` apply everything first and checkpoint.
+
+        Waits at most ``timeout`` seconds (default ``STOP_TIMEOUT_S``) for the thread, which
+        finishes the LMDB transaction it is in; XpStoreError if it does not (nothing is drained
+        then: the WAL still holds every acknowledged operation).
+        """
         with self._overlay.changed:
             self._stop = True
             self._overlay.changed.notify_all()
-        self._thread.join()
+        if self._thread_started():
+            limit = STOP_TIMEOUT_S if timeout is None else timeout
+            self._thread.join(limit)
+            if self._thread.is_alive():
+                raise XpStoreError(
+                    f"the applier did not stop within {limit:g} s (an LMDB transaction is still "
+                    "running); nothing more was applied, and the WAL keeps every acknowledged "
+                    "operation for the next open to replay"
+                )
         if drain and self.error is None and not self.hold:
             self.apply_all()
             self.checkpoint()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread to end (it ends when stopped, or after an LMDB failure); True if
-        it has."""
+        it has, or never started)."""
+        if not self._thread_started():
+            return True
         self._thread.join(timeout)
         return not self._thread.is_alive()
 

@@ -30,7 +30,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,7 @@ from typing import Any, cast
 import lmdb
 
 from xpstore.errors import LmdbCorruptionError, StoreCorruptionError, WALWriteError, XpStoreError
+from xpstore.model.progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,9 @@ class _Registry:
         self._lock = threading.Lock()
         self._envs: dict[str, tuple[lmdb.Environment, int, bool]] = {}
 
-    def open(self, path: Path, *, readonly: bool, map_size: int) -> lmdb.Environment:
+    def open(
+        self, path: Path, *, readonly: bool, map_size: int, lock: bool = True
+    ) -> lmdb.Environment:
         key = str(path.resolve())
         with self._lock:
             if key in self._envs:
@@ -236,7 +239,7 @@ class _Registry:
                     )
                 self._envs[key] = (env, refs + 1, ro)
                 return env
-            env = _open_env(path, readonly=readonly, map_size=map_size)
+            env = _open_env(path, readonly=readonly, map_size=map_size, lock=lock)
             self._envs[key] = (env, 1, readonly)
             return env
 
@@ -259,8 +262,12 @@ class _Registry:
 _REGISTRY = _Registry()
 
 
-def _open_env(path: Path, *, readonly: bool, map_size: int) -> lmdb.Environment:
+def _open_env(
+    path: Path, *, readonly: bool, map_size: int, lock: bool = True
+) -> lmdb.Environment:
     check_data_file(path)  # before mapping it: a truncated file means SIGBUS, not an error
+    if not lock and not readonly:
+        raise ValueError("only a read-only LMDB environment may be opened without its lock file")
     try:
         env = lmdb.open(
             str(path),
@@ -273,7 +280,7 @@ def _open_env(path: Path, *, readonly: bool, map_size: int) -> lmdb.Environment:
             metasync=False,
             writemap=False,
             map_async=False,
-            lock=True,
+            lock=lock,
         )
     except lmdb.Error as exc:
         raise translate(exc, f"opening LMDB at {path}") from exc
@@ -298,10 +305,14 @@ def translate(exc: lmdb.Error, context: str) -> XpStoreError:
 class LmdbTables:
     """The store's LMDB environment and tables; thread-safe."""
 
-    def __init__(self, path: Path, *, readonly: bool, map_size: int) -> None:
+    def __init__(self, path: Path, *, readonly: bool, map_size: int, lock: bool = True) -> None:
+        """``lock=False`` (read-only only): do not use ``lock.mdb`` at all, so that nothing of
+        the store changes, not even its reader table; safe only while no writer commits (a
+        writer may then reuse pages this reader is reading). ``verify`` uses it when no writer
+        holds the store's lock, and checks again with the lock if one took it meanwhile."""
         self.path = path
         self.readonly = readonly
-        self.env = _REGISTRY.open(path, readonly=readonly, map_size=map_size)
+        self.env = _REGISTRY.open(path, readonly=readonly, map_size=map_size, lock=lock)
         self._gate = threading.Condition(threading.Lock())
         self._readers = 0
         self._resizing = False
@@ -628,6 +639,37 @@ class LmdbTables:
                 except lmdb.Error as exc:
                     raise translate(exc, "reopening tables") from exc
 
+    def live_bytes(self) -> int:
+        """Bytes of the pages every B-tree uses, plus the two meta pages: about what a compact
+        copy writes (compaction's estimate of its output; ``stats()``'s live bytes)."""
+        env = self.env
+        psize = int(env.stat()["psize"])
+        pages = 2 + _tree_pages(env.stat())  # the main tree names the tables
+        with self.reading() as txn:
+            for db in self._dbs.values():
+                pages += _tree_pages(txn.stat(db))
+        return pages * psize
+
+    def copy_compact(
+        self,
+        dest: Path,
+        *,
+        txn: lmdb.Transaction | None = None,
+        progress: ProgressFn | None = None,
+        phase: str = "copying LMDB",
+    ) -> None:
+        """``env.copy(dest, compact=True)`` (inside ``txn`` if given), translating LMDB errors.
+
+        The copy is one call into C, so ``progress`` is fed by a thread that watches the size of
+        the file being written against :meth:`live_bytes`, every 0.2 s.
+        """
+        total = self.live_bytes() if progress is not None else 0
+        with _watch_size(dest / DATA_FILE, total, phase, progress):
+            try:
+                self.env.copy(str(dest), compact=True, txn=txn)
+            except lmdb.Error as exc:
+                raise translate(exc, f"copying LMDB into {dest}") from exc
+
     def shared_refs(self) -> int:
         """How many Store objects of this process share this environment."""
         return _REGISTRY.refs(self.path)
@@ -644,3 +686,38 @@ class LmdbTables:
         with self.reading() as txn:
             entries = {n.decode(): txn.stat(db)["entries"] for n, db in self._dbs.items()}
         return {"map_size": info["map_size"], "last_txnid": info["last_txnid"], "entries": entries}
+
+
+def _tree_pages(stat: Mapping[str, Any]) -> int:
+    return int(stat["branch_pages"]) + int(stat["leaf_pages"]) + int(stat["overflow_pages"])
+
+
+@contextmanager
+def _watch_size(
+    path: Path, total: int, phase: str, progress: ProgressFn | None, every: float = 0.2
+) -> Iterator[None]:
+    """Report ``path``'s size as progress while the block runs (a copy made in C)."""
+    if progress is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def size() -> int:
+        try:
+            return path.stat().st_size
+        except OSError:
+            return 0
+
+    def watch() -> None:
+        while not stop.wait(every):
+            progress(phase, size(), total, "bytes")
+
+    watcher = threading.Thread(target=watch, name="xpstore-copy-progress", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+    done = size()
+    progress(phase, done, max(total, done), "bytes")

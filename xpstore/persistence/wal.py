@@ -11,6 +11,16 @@ covered, and, if more work queued up meanwhile, the oldest remaining waiter to l
 Any write or sync error poisons the log: the error is kept and every later ``append`` or ``wait``
 raises :class:`~xpstore.errors.WALWriteError`. A failed fsync is never retried, because Linux may
 already have dropped the dirty pages and a retry could report success for data that is gone.
+
+The leader is also safe against asynchronous exceptions (a KeyboardInterrupt from Ctrl-C lands
+in whatever the main thread runs, the leader's flush included). Interrupted before any byte of
+its frame reached the file (the segment's size, O_APPEND, did not move), the leader puts its
+groups back at the head of the queue and wakes the oldest waiter to lead instead: nothing
+happened. Interrupted later, the frame may be whole,
+partial or synced or not, so the log is poisoned as for a failed write: every waiter is woken
+with a WALWriteError at once, and a reopen recovers exactly what the file holds. Either way the
+leader flag is cleared, so no ``wait`` (``close``'s included) sleeps on a flush that will never
+finish; and ``close`` waits at most ``CLOSE_TIMEOUT_S`` for the last flush.
 """
 
 from __future__ import annotations
@@ -40,6 +50,9 @@ from xpstore.persistence.wal_format import (
 log = logging.getLogger(__name__)
 
 DurableCallback = Callable[[int, int], None]
+
+CLOSE_TIMEOUT_S = 60.0
+"""The longest ``close`` waits for the last flush (a hung disk), then fails with WALWriteError."""
 
 
 @dataclass(slots=True)
@@ -91,6 +104,8 @@ class WalWriter:
         self._synced_lsn = next_lsn - 1
         self._written_lsn = next_lsn - 1
         self._leader = False
+        self._frame_started = False  # the leader began writing its frame (under _io_lock)
+        self._frame_offset = 0  # where that frame starts in the segment
         self._poison: WALWriteError | None = None
         self._closed = False
         self.stats = WalStats()
@@ -137,13 +152,15 @@ class WalWriter:
             self._pending.append(_Group(first, ops, nbytes))
         return first, first + len(ops) - 1
 
-    def wait(self, lsn: int) -> None:
+    def wait(self, lsn: int, timeout: float | None = None) -> None:
         """Block until ``lsn`` is acknowledged (per the durability mode); lead a flush if idle.
 
         Each waiter sleeps on its own event: a finished flush wakes only the writers it covered
         and, when more work is queued, the oldest remaining waiter to lead the next flush, so
-        writers whose records are not yet written are not woken in vain.
+        writers whose records are not yet written are not woken in vain. With ``timeout`` (in
+        seconds) a wait that outlasts it raises WALWriteError (``close`` uses that).
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._mu:
                 if self._acked_lsn >= lsn:
@@ -160,35 +177,65 @@ class WalWriter:
                         event = self._events[lsn] = threading.Event()
             if event is None:
                 self._lead(groups)
-            else:
+            elif deadline is None:
                 event.wait()
+            elif not event.wait(max(0.0, deadline - time.monotonic())):
+                raise WALWriteError(
+                    f"timed out after {timeout:g} s waiting for the WAL to acknowledge LSN {lsn} "
+                    f"(acknowledged up to {self._acked_lsn}): a flush has not finished, the disk "
+                    f"may be hung ({self._seg_path.name}). Operations not acknowledged are not "
+                    "lost if they reached the file: a reopen recovers whatever the log holds."
+                )
 
     def sync(self) -> None:
         """fdatasync everything written so far (close, checkpoint, group-mode timer)."""
         with self._io_lock:
             self._sync_locked()
 
-    def close(self) -> None:
-        """Flush what is pending, sync, stop the timer thread, close the segment."""
+    def close(self, timeout: float | None = None) -> None:
+        """Flush what is pending, sync, stop the timer thread, close the segment.
+
+        Waits at most ``timeout`` seconds (default ``CLOSE_TIMEOUT_S``) for the last flush; if
+        it does not finish (a hung disk), the log is poisoned, the writer is closed as far as it
+        can be, and WALWriteError says so: a close never waits forever.
+        """
         if self._closed:
             return
+        limit = CLOSE_TIMEOUT_S if timeout is None else timeout
+        deadline = time.monotonic() + limit
         with self._mu:
             last = self._next_lsn - 1
-        if self._poison is None:
-            try:
-                self.wait(last)
-                if self._durability != "none":
-                    self.sync()
-            except WALWriteError:
-                log.exception("WAL flush at close failed; acknowledged data is still safe")
-        self._stop.set()
-        if self._syncer is not None:
-            self._syncer.join()
-        with self._io_lock:
-            if self._fd >= 0:
-                fs.close(self._fd)
-                self._fd = -1
-        self._closed = True
+        stuck: WALWriteError | None = None
+        try:
+            if self._poison is None:
+                try:
+                    self.wait(last, timeout=limit)
+                    if self._durability != "none":
+                        self.sync()
+                except WALWriteError as exc:
+                    if self._poison is None:  # timed out: nothing may be written after this
+                        stuck = exc
+                        with self._mu:
+                            self._poison = exc
+                            self._wake_all_locked()
+                    else:
+                        log.exception("WAL flush at close failed; acknowledged data is still safe")
+        finally:
+            self._stop.set()
+            if self._syncer is not None:
+                self._syncer.join(max(0.0, deadline - time.monotonic()))
+            if self._io_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                try:
+                    if self._fd >= 0:
+                        fs.close(self._fd)
+                        self._fd = -1
+                finally:
+                    self._io_lock.release()
+            else:
+                log.error("WAL segment %s left open: a flush still holds it", self._seg_path)
+            self._closed = True
+        if stuck is not None:
+            raise stuck
 
     def segments(self) -> list[tuple[int, Path]]:
         """(first_lsn, path) of every live segment, oldest first; the last one is active."""
@@ -236,6 +283,7 @@ class WalWriter:
         error: WALWriteError | None = None
         try:
             with self._io_lock:
+                self._frame_started = False
                 self._write_groups(groups)
                 self._written_lsn = last
                 if self._durability == "commit":
@@ -244,9 +292,16 @@ class WalWriter:
                     self._rotate(last + 1)
         except WALWriteError as exc:
             error = exc
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit, MemoryError, a bug
+            self._interrupted(groups, exc, started=self._frame_reached_file())
+            raise
         if error is None:
             # publish to the in-memory state before any waiter returns (read your writes)
-            self._on_durable(first, last)
+            try:
+                self._on_durable(first, last)
+            except BaseException as exc:
+                self._interrupted(groups, exc, started=True)
+                raise
         with self._mu:
             self._leader = False
             if error is not None:
@@ -258,6 +313,42 @@ class WalWriter:
                 self._events.pop(key).set()
             if self._pending and self._events:
                 self._events[min(self._events)].set()  # the oldest waiter leads next
+
+    def _frame_reached_file(self) -> bool:
+        """After an interrupted flush: whether any byte of its frame may be in the segment.
+
+        The segment is opened O_APPEND, so a write that got anything in moved the file's end
+        past the size recorded before it; equal sizes mean nothing reached the file.
+        """
+        if not self._frame_started:
+            return False
+        try:
+            return os.fstat(self._fd).st_size != self._frame_offset
+        except OSError:
+            return True
+
+    def _interrupted(self, groups: list[_Group], exc: BaseException, *, started: bool) -> None:
+        """The leader's flush was cut short by ``exc``: hand it on, or poison the log."""
+        first = groups[0].first_lsn
+        last = groups[-1].first_lsn + len(groups[-1].ops) - 1
+        with self._mu:
+            self._leader = False
+            if not started:  # nothing reached the file: the next waiter writes these groups
+                self._pending[:0] = groups
+                if self._events:
+                    self._events[min(self._events)].set()
+                log.warning("WAL flush of LSNs %d..%d interrupted (%s) before writing; handed on",
+                            first, last, type(exc).__name__)  # fmt: skip
+                return
+            if self._poison is None:
+                self._poison = WALWriteError(
+                    f"the WAL flush of LSNs {first}..{last} was interrupted "
+                    f"({type(exc).__name__}) after its frame began to reach "
+                    f"{self._seg_path.name}; the log refuses further writes, since that frame may "
+                    "be whole or torn. Operations acknowledged before are safe; reopen the store "
+                    "to recover them (the interrupted ones are recovered if they reached the file)."
+                )
+            self._wake_all_locked()
 
     def _write_groups(self, groups: list[_Group]) -> None:
         now = time.time()
@@ -274,6 +365,7 @@ class WalWriter:
         frames.append(encode_frame(self._salt, batch_first, batch, now))
         data = b"".join(frames) if len(frames) > 1 else frames[0]
         offset = self._seg_size
+        self._frame_started, self._frame_offset = True, offset  # see _frame_reached_file
         try:
             fs.write_all(self._fd, data)
         except OSError as exc:

@@ -24,6 +24,7 @@ from xpstore.errors import (
     ReadOnlyStoreError,
     StoreClosedError,
 )
+from xpstore.model.progress import ProgressFn
 from xpstore.ops import compaction
 from xpstore.ops.snapshots import finish_in_place
 from xpstore.persistence import layout as layout_mod
@@ -129,21 +130,44 @@ class Engine:
         applier.apply_through(wal.acked_lsn)
 
     def shutdown(self) -> None:
-        """Flush and close the WAL, drain the applier (unless poisoned or held), release."""
+        """Flush and close the WAL, drain the applier (unless poisoned or held), release.
+
+        Every step runs even when an earlier one failed or was interrupted (a KeyboardInterrupt
+        during close), and none waits without a bound: the WAL's close is bounded by
+        ``wal.CLOSE_TIMEOUT_S``, the applier's stop by ``applier.STOP_TIMEOUT_S``.
+        """
+        errors: list[BaseException] = []
         try:
-            if self.wal is not None:
-                self.wal.close()
+            try:
+                if self.wal is not None:
+                    self.wal.close()
+            except BaseException as exc:  # KeyboardInterrupt included: stop the applier first
+                errors.append(exc)
             if self.applier is not None:
                 poisoned = self.wal is not None and self.wal.poisoned is not None
-                self.applier.stop(drain=not poisoned)
+                try:
+                    self.applier.stop(drain=not errors and not poisoned)
+                except BaseException as exc:
+                    errors.append(exc)
         finally:
             self.release()
+        for later in errors[1:]:
+            log.error("closing %s: %s", self.path, later)
+        if errors:
+            raise errors[0]
 
     def release(self) -> None:
+        """Close LMDB and release the writer lock. LMDB stays open (and is logged) if the
+        applier thread is still inside a transaction: closing it under that thread would crash
+        the process; the process's exit frees it."""
         self.closed = True
-        if self.tables_or_none is not None:
+        applier = self.applier
+        busy = applier is not None and not applier.join(0)
+        if self.tables_or_none is not None and not busy:
             self.tables_or_none.close()
             self.tables_or_none = None
+        elif busy:
+            log.error("the applier of %s did not stop; its LMDB environment stays open", self.path)
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -156,6 +180,7 @@ def open_engine(
     readonly: bool,
     overrides: Mapping[str, Any],
     to_lsn: int | None = None,
+    progress: ProgressFn | None = None,
 ) -> Engine:
     """Open (or create) the store at ``path``: the open sequence of the module docstring."""
     lay = Layout(path)
@@ -176,14 +201,17 @@ def open_engine(
         layout_mod.read_marker(lay)
     engine = Engine(path, readonly)
     try:
-        _open(engine, is_new, session, to_lsn)
+        _open(engine, is_new, session, to_lsn, progress)
     except BaseException:
         engine.release()
         raise
     return engine
 
 
-def _open(engine: Engine, is_new: bool, session: dict[str, Any], to_lsn: int | None) -> None:
+def _open(
+    engine: Engine, is_new: bool, session: dict[str, Any], to_lsn: int | None,
+    progress: ProgressFn | None,
+) -> None:
     lay = engine.layout
     if not engine.readonly:
         engine.lock = WriterLock(lay.lock)
@@ -202,7 +230,7 @@ def _open(engine: Engine, is_new: bool, session: dict[str, Any], to_lsn: int | N
     engine.settings = Settings(_read_persisted(engine.tables), session)
     if engine.readonly:
         return
-    _recover(engine, to_lsn)
+    _recover(engine, to_lsn, progress)
     engine.settings = Settings(_read_persisted(engine.tables), session)  # replay may change it
     cfg = engine.config
     with engine.tables.reading() as txn:
@@ -241,7 +269,7 @@ def _read_persisted(tables: LmdbTables) -> StoreConfig:
     return cfg
 
 
-def _recover(engine: Engine, to_lsn: int | None) -> None:
+def _recover(engine: Engine, to_lsn: int | None, progress: ProgressFn | None) -> None:
     """Replay the WAL beyond ``applied_lsn`` into LMDB under the session's recovery mode."""
     tables = engine.tables
     cfg = engine.config
@@ -263,6 +291,7 @@ def _recover(engine: Engine, to_lsn: int | None) -> None:
         apply=lambda first, ops, _commit_time: replayer.apply_frame(first, ops),
         modify=True,
         to_lsn=to_lsn,
+        progress=progress,
     )
     replayer.flush()
     engine.recovery_report = report

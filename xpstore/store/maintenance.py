@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from xpstore.config import RetentionRule
 from xpstore.errors import RecordNotFoundError
 from xpstore.model.codec import DeleteOp, Op, encode_op
+from xpstore.model.progress import ProgressFn
 from xpstore.model.records import Experience
 from xpstore.ops import compaction
 from xpstore.ops.compaction import CompactReport
@@ -54,7 +55,7 @@ class Maintenance:
             log.info("retention evicted %s", ", ".join(f"{n} {k}" for k, n in out.items() if n))
         return out
 
-    def compact(self) -> CompactReport:
+    def compact(self, progress: ProgressFn | None = None) -> CompactReport:
         """See :meth:`xpstore.Store.compact`."""
         engine = self._engine
         engine.writable()
@@ -65,7 +66,7 @@ class Maintenance:
             if not applier.hold:
                 applier.apply_all()  # the copy then holds everything acknowledged so far
             with applier.exclusive():
-                return compaction.compact_tables(engine.layout, engine.tables)
+                return compaction.compact_tables(engine.layout, engine.tables, progress)
 
     def evict(self, ids: list[int]) -> int:
         """Log a DeleteOp per id as one WAL frame; skip ids someone else deleted meanwhile.

@@ -23,6 +23,7 @@ from xpstore.errors import InvalidArgumentError
 from xpstore.model.codec import KIND_CODES, FeedbackOp, PriorityOp, RetrievalOp
 from xpstore.model.records import SAMPLEABLE_KINDS, Experience
 from xpstore.model.where import compile_where
+from xpstore.persistence import wal as wal_mod
 from xpstore.sampling.priority import PriorityModel
 from xpstore.store.engine import Engine
 from xpstore.store.reader import Reader, kinds_arg
@@ -203,7 +204,7 @@ class Sampling:
         try:
             wal = engine.wal
             if not engine.readonly and wal is not None and wal.poisoned is None:
-                self._flush_retrievals()
+                self._flush_retrievals(timeout=wal_mod.CLOSE_TIMEOUT_S)
                 engine.tables.put_meta("sampler", sampler.state())
         finally:
             self._detach()
@@ -239,7 +240,7 @@ class Sampling:
         log.info("sampler attached: %s", sampler.size())
         return sampler
 
-    def _flush_retrievals(self) -> None:
+    def _flush_retrievals(self, timeout: float | None = None) -> None:
         """Log the retrieval counts ``sample`` bumped in memory (one WAL operation)."""
         sampler = self.sampler
         if sampler is None or self._engine.readonly:
@@ -247,7 +248,7 @@ class Sampling:
         pending = sampler.take_pending()
         if pending:
             ids = sorted(pending)
-            self._writer.submit_one(RetrievalOp(ids, [pending[i] for i in ids]))
+            self._writer.submit_one(RetrievalOp(ids, [pending[i] for i in ids]), timeout=timeout)
 
     def _configure(self, config: StoreConfig) -> None:
         """A live reconfigure of the priority model: reweigh every tree at the next draw."""

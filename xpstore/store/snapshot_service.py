@@ -42,7 +42,7 @@ class Snapshots:
         engine = self._engine
         return snap_mod.snapshot_root(engine.path, engine.config.snapshots.dir)
 
-    def snapshot(self) -> SnapshotInfo:
+    def snapshot(self, progress: ProgressFn | None = None) -> SnapshotInfo:
         """Take a snapshot now: a compacted LMDB copy at an exact LSN, with a manifest.
 
         Every acknowledged operation is applied first (unless the applier is held), so the
@@ -63,6 +63,7 @@ class Snapshots:
                 embedding_dim=engine.embedding_dim,
                 config=engine.settings.persisted.model_dump(mode="json"),
                 kind_names=KIND_BY_CODE,
+                progress=progress,
             )
             self.last_lsn, self.last_time = info.lsn, info.created
         return info

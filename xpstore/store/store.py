@@ -59,6 +59,7 @@ class Store:
         recovery_mode: str | None = None,
         config: StoreConfig | Mapping[str, Any] | None = None,
         to_lsn: int | None = None,
+        progress: ProgressFn | None = None,
         **overrides: Any,
     ) -> Store:
         """Open (or with ``create=True`` create) the store at ``path``.
@@ -66,15 +67,17 @@ class Store:
         ``config`` (or keyword overrides by flat or dotted name, such as ``durability=``,
         ``hold_applier=``) applies to this session; a new store persists it. ``to_lsn`` (with
         ``recovery_mode="point_in_time"``) recovers only the WAL prefix up to that LSN and sets
-        the rest aside as ``.broken`` copies. Raises StoreNotFoundError, FormatVersionError,
-        StoreLockedError, WALCorruptionError (see ``recovery_mode``).
+        the rest aside as ``.broken`` copies. ``progress(phase, done, total, unit)`` follows
+        the WAL replay of a writer open. Raises StoreNotFoundError, FormatVersionError,
+        StoreLockedError, WALCorruptionError (see ``recovery_mode``), LmdbCorruptionError (a
+        damaged LMDB data file, found before it is mapped).
         """
         given = dotted_items(config or {})
         given.update(dotted_items(overrides))
         given.update(dotted_items({"durability": durability, "recovery_mode": recovery_mode}))
         session = {k: v for k, v in given.items() if v is not None}
         engine = open_engine(Path(path), create=create, readonly=readonly, overrides=session,
-                             to_lsn=to_lsn)  # fmt: skip
+                             to_lsn=to_lsn, progress=progress)  # fmt: skip
         return cls(engine)
 
     # ----------------------------------------------------------- lifecycle
@@ -136,6 +139,13 @@ class Store:
     def put(self, record: Record | Mapping[str, Any]) -> int:
         """Store one record durably; return its id (the LSN of the put)."""
         return self.parts.writer.put_many([record])[0]
+
+    def check_record(self, record: Record | Mapping[str, Any]) -> None:
+        """Raise what ``put(record)`` would raise for an invalid record, writing nothing: the
+        model's checks, the store's embedding dimension and ``records.max_record_bytes``
+        (RecordTooLargeError naming the largest field). For validating a batch before any of it
+        is written, as ``xpstore ingest`` does."""
+        self.parts.writer.check(record)
 
     def put_many(self, records: Iterable[Record | Mapping[str, Any]]) -> list[int]:
         """Store records atomically (one WAL frame, one sync); return their ids in order."""
@@ -307,10 +317,11 @@ class Store:
         """Where this store's snapshots live (``snapshots.dir`` or <store>/snapshots)."""
         return self.parts.snapshots.snapshot_dir
 
-    def snapshot(self) -> SnapshotInfo:
+    def snapshot(self, *, progress: ProgressFn | None = None) -> SnapshotInfo:
         """Take a snapshot now: a compacted LMDB copy at an exact LSN, with a manifest; it holds
-        everything acknowledged before the call."""
-        return self.parts.snapshots.snapshot()
+        everything acknowledged before the call. ``progress(phase, done, total, unit)``
+        follows the copy and the hashing."""
+        return self.parts.snapshots.snapshot(progress)
 
     def list_snapshots(self) -> list[SnapshotInfo]:
         """This store's complete snapshots, oldest first (damaged ones are logged, not listed)."""
@@ -354,9 +365,10 @@ class Store:
         """
         return self.parts.maintenance.apply_retention(now)
 
-    def compact(self) -> CompactReport:
+    def compact(self, *, progress: ProgressFn | None = None) -> CompactReport:
         """Rewrite LMDB compactly and swap it in, crash-safely (LMDB never shrinks by itself).
 
         Writers wait for the duration; reader processes must reopen the store afterwards.
+        ``progress(phase, done, total, unit)`` follows the copy.
         """
-        return self.parts.maintenance.compact()
+        return self.parts.maintenance.compact(progress)

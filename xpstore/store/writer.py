@@ -29,6 +29,7 @@ from xpstore.model.codec import (
     SettingsOp,
     UpdateOp,
     encode_op,
+    field_sizes,
 )
 from xpstore.model.effects import StateView, derive_all
 from xpstore.model.events import IndexRow
@@ -82,6 +83,13 @@ class Writer:
         first, _last = self.submit(ops, payloads, rows)
         return list(range(first, first + len(prepared)))
 
+    def check(self, record: Record | Mapping[str, Any]) -> None:
+        """Refuse ``record`` exactly as :meth:`put_many` would, without writing anything: the
+        model, the store's embedding dimension and ``records.max_record_bytes`` (what a whole
+        file is validated against before ``xpstore ingest`` writes any of it)."""
+        rec = self._prepare(record, None)
+        self.encode(PutOp(rec), None)
+
     def update(self, rid: int, changes: dict[str, Any]) -> None:
         if not changes:
             raise InvalidRecordError("update needs at least one field to change", field="changes")
@@ -93,9 +101,10 @@ class Writer:
     def delete_track(self, track_id: str) -> None:
         self.submit_one(DeleteTrackOp(str(track_id)))
 
-    def submit_one(self, op: Op) -> tuple[int, int]:
-        """Log one operation and wait for its acknowledgement."""
-        return self.submit([op], [self.encode(op, 0)])
+    def submit_one(self, op: Op, *, timeout: float | None = None) -> tuple[int, int]:
+        """Log one operation and wait for its acknowledgement (at most ``timeout`` s, if given:
+        WALWriteError then)."""
+        return self.submit([op], [self.encode(op, 0)], timeout=timeout)
 
     # ------------------------------------------------------------------ settings
     def log_settings(self, changes: Mapping[str, Any]) -> StoreConfig:
@@ -113,8 +122,10 @@ class Writer:
         return engine.settings.replace_persisted(new, changes)
 
     # ------------------------------------------------------------------ internals
-    def _prepare(self, record: Record | Mapping[str, Any], index: int) -> Record:
-        """A validated record with its ts filled in; InvalidRecordError names records[index]."""
+    def _prepare(self, record: Record | Mapping[str, Any], index: int | None) -> Record:
+        """A validated record with its ts filled in; InvalidRecordError names records[index]
+        (``index`` None: a single record, named by its field alone)."""
+        where = "record" if index is None else f"records[{index}]"
         rec: Record
         if type(record) in _RECORD_TYPES:  # exact types first: isinstance on ABCs is slow
             rec = cast(Record, record)
@@ -124,11 +135,13 @@ class Writer:
             try:
                 rec = record_from_json(record)
             except InvalidRecordError as exc:
-                raise InvalidRecordError(f"records[{index}]: {exc}", field=exc.field) from exc
+                if index is None:
+                    raise
+                raise InvalidRecordError(f"{where}: {exc}", field=exc.field) from exc
         else:
             raise InvalidRecordError(
-                f"records[{index}]: expected a PredictionOutcome, Fingerprint, QueryMetric or "
-                f"Decision (or a mapping with a 'kind'), got {type(record).__name__}",
+                f"{where}: expected a PredictionOutcome, Fingerprint, QueryMetric or Decision "
+                f"(or a mapping with a 'kind'), got {type(record).__name__}",
                 field="record",
             )
         if rec.ts is None:
@@ -136,31 +149,46 @@ class Writer:
         if type(rec) is Fingerprint and rec.embedding is not None:
             dim = self._logged.records.embedding_dim
             if dim is not None and len(rec.embedding) != dim:
+                prefix = "" if index is None else f"{where}."
                 raise InvalidRecordError(
-                    f"records[{index}].embedding: dimension {len(rec.embedding)}, this store's "
+                    f"{prefix}embedding: dimension {len(rec.embedding)}, this store's "
                     f"embeddings have dimension {dim}",
                     field="embedding",
                 )
         return rec
 
-    def encode(self, op: Op, index: int, limit: int | None = None) -> bytes:
-        """``op`` encoded; RecordTooLargeError naming ``records[index]`` over the size limit."""
+    def encode(self, op: Op, index: int | None, limit: int | None = None) -> bytes:
+        """``op`` encoded; RecordTooLargeError over the size limit, naming ``records[index]``
+        and the record's largest field (``index`` None: a single record or operation)."""
         payload = encode_op(op)
         if limit is None:
             limit = self._engine.config.records.max_record_bytes
         if len(payload) > limit:
+            what, field, detail = "operation", "record", ""
+            if isinstance(op, PutOp):
+                what = "record"
+                sizes = field_sizes(op.record)
+                field = max(sizes, key=lambda name: sizes[name])
+                detail = f"; its largest field is {field!r} ({sizes[field]:,} bytes)"
+            where = "" if index is None else f"records[{index}]: "
             raise RecordTooLargeError(
-                f"records[{index}] encodes to {len(payload)} bytes, over max_record_bytes="
-                f"{limit}",
-                field="record",
+                f"{where}{what} encodes to {len(payload):,} bytes, over this store's limit of "
+                f"{limit:,} bytes (the records.max_record_bytes setting){detail}",
+                field=field,
             )
         return payload
 
     def submit(
-        self, ops: list[Op], payloads: list[bytes], rows: Mapping[int, IndexRow] | None = None
+        self,
+        ops: list[Op],
+        payloads: list[bytes],
+        rows: Mapping[int, IndexRow] | None = None,
+        *,
+        timeout: float | None = None,
     ) -> tuple[int, int]:
         """Derive, park and log ``ops`` (one frame), wait for the acknowledgement; return the
-        LSN span. ``rows`` are index rows by position in ``ops``."""
+        LSN span. ``rows`` are index rows by position in ``ops``; ``timeout`` bounds the wait
+        (close's own writes: a hung disk must not hang it)."""
         engine = self._engine
         wal = engine.writable()
         adopt: StoreConfig | None = None
@@ -174,7 +202,7 @@ class Writer:
             span = self._append(ops, payloads, rows or {}, wal)
             if fixed is not None:
                 self._logged = adopt = fixed
-        wal.wait(span[1])
+        wal.wait(span[1], timeout=timeout)
         if adopt is not None:
             engine.settings.replace_persisted(adopt)
         self._backpressure()
