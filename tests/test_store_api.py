@@ -442,3 +442,27 @@ def test_put_of_a_non_record_names_the_position(store: Store) -> None:
         store.put_many([_pred(), object()])  # type: ignore[list-item]
     assert "records[1]" in str(info.value) and info.value.field == "record"
     assert store.count() == 0
+
+
+def test_a_batch_is_one_frame_and_all_or_nothing(store: Store) -> None:
+    ids = store.put_many([_pred() for _ in range(3)])
+    frames = store.stats()["wal"]["frames"]
+    with store.batch() as b:
+        b.put_many([_pred(), _pred()])
+        b.record_feedback(ids, [True, False, True])
+        b.update_priorities(ids, [2.0, 3.0, 4.0])
+    assert store.stats()["wal"]["frames"] == frames + 1  # one frame, one sync
+    assert b.ids == [ids[-1] + 1, ids[-1] + 2] and store.get(b.ids[0]).id == b.ids[0]
+    assert [store.get(i).priority for i in ids] == [2.0, 3.0, 4.0]
+    assert [store.get(i).success_count for i in ids] == [1, 0, 1]
+    before = store.stats()["next_lsn"]
+    with pytest.raises(RuntimeError), store.batch() as b2:
+        b2.put_many([_pred()])
+        raise RuntimeError("the caller changed its mind")
+    with pytest.raises(InvalidArgumentError) as err, store.batch() as b3:
+        b3.put_many([_pred()])
+        b3.update_priorities(ids, [1.0, -1.0, 1.0])
+    assert err.value.field == "priorities[1]"
+    assert store.stats()["next_lsn"] == before  # nothing logged by either
+    with pytest.raises(InvalidArgumentError):
+        b.put_many([_pred()])  # a finished batch takes nothing more

@@ -126,43 +126,17 @@ class Sampling:
 
     def update_priorities(self, ids: Iterable[int], priorities: Iterable[float]) -> None:
         """See :meth:`xpstore.Store.update_priorities`."""
-        id_list = _ids_arg(ids)
-        values = list(priorities)
-        if len(values) != len(id_list):
-            raise InvalidArgumentError(
-                f"{len(id_list)} ids but {len(values)} priorities", field="priorities"
-            )
-        checked: list[float] = []
-        for i, p in enumerate(values):
-            ok = not isinstance(p, bool) and isinstance(p, int | float | np.floating | np.integer)
-            if not ok or not math.isfinite(float(p)) or not float(p) > 0:
-                raise InvalidArgumentError(
-                    f"priorities[{i}] must be a finite number > 0, got {p!r}",
-                    field=f"priorities[{i}]",
-                )
-            checked.append(float(p))
-        if id_list:
-            self._writer.submit_one(PriorityOp(id_list, checked))
+        op = priority_op(ids, priorities)
+        if op is not None:
+            self._writer.submit_one(op)
 
     def record_feedback(
         self, ids: Iterable[int], success: bool | Sequence[bool], count_retrieval: bool
     ) -> None:
         """See :meth:`xpstore.Store.record_feedback`."""
-        id_list = _ids_arg(ids)
-        flags = [success] * len(id_list) if isinstance(success, bool) else list(success)
-        if len(flags) != len(id_list):
-            raise InvalidArgumentError(
-                f"{len(id_list)} ids but {len(flags)} success flags", field="success"
-            )
-        for i, f in enumerate(flags):
-            if not isinstance(f, bool | np.bool_):
-                raise InvalidArgumentError(
-                    f"success[{i}] must be a bool, got {f!r}", field=f"success[{i}]"
-                )
-        if id_list:
-            self._writer.submit_one(
-                FeedbackOp(id_list, [bool(f) for f in flags], bool(count_retrieval))
-            )
+        op = feedback_op(ids, success, count_retrieval)
+        if op is not None:
+            self._writer.submit_one(op)
 
     def probabilities(self, kind: str | None) -> dict[int, float]:
         """P(i) of every live item of ``kind`` (or the store): for checks and small stores."""
@@ -269,6 +243,47 @@ def _model(cfg: SamplingSettings) -> PriorityModel:
         new_item_priority=cfg.new_item_priority,
         alpha=cfg.alpha,
     )
+
+
+def priority_op(ids: Iterable[int], priorities: Iterable[float]) -> PriorityOp | None:
+    """The checked operation of ``update_priorities`` (None: no ids); InvalidArgumentError
+    names the bad argument."""
+    id_list = _ids_arg(ids)
+    values = list(priorities)
+    if len(values) != len(id_list):
+        raise InvalidArgumentError(
+            f"{len(id_list)} ids but {len(values)} priorities", field="priorities"
+        )
+    checked: list[float] = []
+    for i, p in enumerate(values):
+        ok = not isinstance(p, bool) and isinstance(p, int | float | np.floating | np.integer)
+        if not ok or not math.isfinite(float(p)) or not float(p) > 0:
+            raise InvalidArgumentError(
+                f"priorities[{i}] must be a finite number > 0, got {p!r}",
+                field=f"priorities[{i}]",
+            )
+        checked.append(float(p))
+    return PriorityOp(id_list, checked) if id_list else None
+
+
+def feedback_op(
+    ids: Iterable[int], success: bool | Sequence[bool], count_retrieval: bool
+) -> FeedbackOp | None:
+    """The checked operation of ``record_feedback`` (None: no ids)."""
+    id_list = _ids_arg(ids)
+    flags = [success] * len(id_list) if isinstance(success, bool) else list(success)
+    if len(flags) != len(id_list):
+        raise InvalidArgumentError(
+            f"{len(id_list)} ids but {len(flags)} success flags", field="success"
+        )
+    for i, f in enumerate(flags):
+        if not isinstance(f, bool | np.bool_):
+            raise InvalidArgumentError(
+                f"success[{i}] must be a bool, got {f!r}", field=f"success[{i}]"
+            )
+    if not id_list:
+        return None
+    return FeedbackOp(id_list, [bool(f) for f in flags], bool(count_retrieval))
 
 
 def _sampleable(kind: str | None) -> tuple[str, ...]:

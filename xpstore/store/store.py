@@ -27,6 +27,7 @@ from xpstore.ops.compaction import CompactReport
 from xpstore.ops.inspect import CheckReport, Progress
 from xpstore.ops.snapshots import SnapshotInfo
 from xpstore.persistence.wal_recovery import RecoveryReport
+from xpstore.store.batch import WriteBatch
 from xpstore.store.engine import Engine, checked_changes, open_engine
 from xpstore.store.parts import StoreParts, compose
 from xpstore.store.sampling_service import SampleBatch
@@ -150,6 +151,12 @@ class Store:
     def put_many(self, records: Iterable[Record | Mapping[str, Any]]) -> list[int]:
         """Store records atomically (one WAL frame, one sync); return their ids in order."""
         return self.parts.writer.put_many(records)
+
+    def batch(self) -> WriteBatch:
+        """Several writes as one WAL frame (one fsync, all or nothing), logged when the
+        ``with`` block ends: ``put_many``, ``record_feedback``, ``update_priorities``."""
+        self.parts.engine.writable()
+        return WriteBatch(self.parts.writer)
 
     def update(self, id: int, **changes: Any) -> Experience:
         """Change the mutable fields of record ``id`` (same id, through the WAL); return it."""

@@ -66,10 +66,19 @@ class Writer:
     # ------------------------------------------------------------------ records
     def put_many(self, records: Iterable[Record | Mapping[str, Any]]) -> list[int]:
         """Store records atomically (one WAL frame, one sync); return their ids in order."""
+        ops, payloads, rows = self.prepare_puts(records)
+        if not ops:
+            return []
+        first, _last = self.submit(ops, payloads, rows)
+        return list(range(first, first + len(ops)))
+
+    def prepare_puts(
+        self, records: Iterable[Record | Mapping[str, Any]]
+    ) -> tuple[list[Op], list[bytes], dict[int, IndexRow]]:
+        """Validated, encoded put operations and their index rows by position (nothing is
+        written: :meth:`submit` logs them, alone or in a larger frame)."""
         cfg = self._engine.config.records
         prepared = [self._prepare(r, i) for i, r in enumerate(records)]
-        if not prepared:
-            return []
         if len(prepared) > cfg.max_batch_records:
             raise RecordTooLargeError(
                 f"put_many got {len(prepared)} records, over max_batch_records="
@@ -79,9 +88,8 @@ class Writer:
         ops: list[Op] = [PutOp(r) for r in prepared]
         limit = cfg.max_record_bytes
         payloads = [self.encode(op, i, limit) for i, op in enumerate(ops)]
-        rows = self.row_source(prepared) if self.row_source is not None else {}
-        first, _last = self.submit(ops, payloads, rows)
-        return list(range(first, first + len(prepared)))
+        rows = self.row_source(prepared) if self.row_source is not None and prepared else {}
+        return ops, payloads, rows
 
     def check(self, record: Record | Mapping[str, Any]) -> None:
         """Refuse ``record`` exactly as :meth:`put_many` would, without writing anything: the

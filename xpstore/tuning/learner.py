@@ -213,9 +213,12 @@ class Learner:
             items.append((rec, float(w)))
         losses = [self.policy.loss(rec) for rec, _w in items]
         decisions = self.policy.replay(items)
-        self.commit(decisions)
-        self.store.record_feedback(batch.ids, [rec.actual == rec.predicted for rec, _ in items])
-        self.store.update_priorities(batch.ids, [loss + 0.01 for loss in losses])
+        with self.store.batch() as writes:  # one WAL frame, one fsync for the whole step
+            writes.put_many(decisions)
+            writes.record_feedback(batch.ids, [rec.actual == rec.predicted for rec, _ in items])
+            writes.update_priorities(batch.ids, [loss + 0.01 for loss in losses])
+        for d in decisions:  # applied only once acknowledged
+            self._apply(d)
         changed = [(d.target, d.old, d.new) for d in decisions]
         return StepReport(len(items), sum(losses) / len(losses), changed, len(decisions))
 
