@@ -323,3 +323,18 @@ def test_records_replayed_by_recovery_get_their_rows_at_the_first_sample(tmp_pat
         with tables.reading() as txn:
             assert txn.stat(tables.db(b"prio"))["entries"] == 40
         assert s.get(ids[0]).priority == 7.0
+
+
+def test_a_where_filter_on_counters_follows_counter_only_changes(tmp_path: Path) -> None:
+    """Counter-only changes (feedback, priorities) skip the filter re-check unless the filter
+    looks at a counter: then it must see them."""
+    with Store.open(tmp_path / "s", create=True) as s:
+        ids = s.put_many(_predictions(6, context="warm_start"))
+        by_context = s.sample(50, kind="prediction", where={"context": "warm_start"}, seed=1)
+        assert set(by_context.ids) <= set(ids)
+        assert s.sample(4, kind="prediction", where={"success_count__gte": 0}, seed=2).ids
+        with pytest.raises(EmptySampleError):
+            s.sample(4, kind="prediction", where={"success_count__gte": 1})
+        s.record_feedback(ids[:2], True)
+        drawn = set(s.sample(50, kind="prediction", where={"success_count__gte": 1}, seed=3).ids)
+        assert drawn == set(ids[:2])

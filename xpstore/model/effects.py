@@ -54,6 +54,7 @@ class Effect:
     track_from: int | None = None
     prio: bytes | None = None  # the record's new priority-input row (model/priority_rows.py)
     meta: tuple[str, bytes] | None = None  # a ``meta`` table entry to set (SettingsOp: config)
+    counters_only: bool = False  # only counters or the priority changed (many-id operations)
 
     def count_delta(self) -> tuple[str, int] | None:
         if self.is_new:
@@ -146,7 +147,9 @@ def derive_all(op: Op, lsn: int, view: StateView, payload: bytes) -> list[Effect
             rc = prev.retrieval_count + int(op.counts[i])
             new = replace(prev, retrieval_count=rc, updated_lsn=lsn)
         seen[rid] = new
-        out.append(_rewrite(lsn, new))
+        eff = _rewrite(lsn, new)
+        eff.counters_only = True
+        out.append(eff)
     return out
 
 
@@ -179,7 +182,8 @@ def _derive_many_raw(
         obj[3] = lsn
         kind = KIND_BY_CODE[obj[1]]
         ts = float(obj[2])
-        eff = Effect(lsn, record_id=rid, value=pack_envelope(obj), kind=kind, ts=ts)
+        eff = Effect(lsn, record_id=rid, value=pack_envelope(obj), kind=kind, ts=ts,
+                     counters_only=True)
         eff.prio = inputs_from_map(kind, obj[6], rid, ts, obj[4], obj[5], obj[7])
         out.append(eff)
     return out

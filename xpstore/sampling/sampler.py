@@ -113,7 +113,8 @@ class Sampler:
         self.pending: dict[int, int] = {}  # id -> retrievals not yet logged
         self.draws = 0
         self.batches = 0
-        self.changed: list[int] = []  # ids changed since filter caches last caught up
+        self.changed: list[tuple[int, bool]] = []
+        """(id, only its counters changed) since filter caches last caught up."""
         self.filters: dict[str, _Filter] = {}
         self._inbox: list[Acknowledged] = []
         self._inbox_lock = threading.Lock()
@@ -195,23 +196,28 @@ class Sampler:
         """
         groups: dict[int, list[tuple[int, bytes | None, bool]]] = {}
         kinds = self.kinds
+        changed: set[int] = set()
         for eff in effects:
             if eff.record_id is not None:
                 code = KIND_CODES[eff.kind]
                 if code in kinds:  # decisions are not sampled
                     groups.setdefault(code, []).append((eff.record_id, eff.prio,
                                                         eff.value is None))  # fmt: skip
+                    if not eff.counters_only:  # a counter never changes what where= matches
+                        changed.add(eff.record_id)
         if not groups:
             return
         with self.lock:
             for code, items in groups.items():
-                self._apply_batch(code, items)
+                self._apply_batch(code, items, changed)
 
     def apply_row(self, rid: int, kind_code: int, prio: bytes | None, deleted: bool) -> None:
         with self.lock:
-            self._apply_batch(kind_code, [(rid, prio, deleted)])
+            self._apply_batch(kind_code, [(rid, prio, deleted)], {rid})
 
-    def _apply_batch(self, code: int, items: list[tuple[int, bytes | None, bool]]) -> None:
+    def _apply_batch(
+        self, code: int, items: list[tuple[int, bytes | None, bool]], changed: set[int]
+    ) -> None:
         kind = self.kinds[code]
         last: dict[int, tuple[bytes | None, bool]] = {}
         for rid, prio, deleted in items:  # the last change of an id wins
@@ -253,7 +259,7 @@ class Sampler:
             for rid in gone.tolist():
                 self.pending.pop(rid, None)
         if self.filters:
-            self.changed.extend(last)
+            self.changed.extend((rid, rid not in changed) for rid in last)
 
     # ------------------------------------------------------------ filters
     def filter_ids(
@@ -280,8 +286,11 @@ class Sampler:
                 self.filters.pop(next(iter(self.filters)))
             self.filters[key] = flt
         with self.lock:
-            changed = self.changed[flt.seen :]
+            pending_log = self.changed[flt.seen :]
             flt.seen = len(self.changed)
+        # a counter-only change cannot change a filter that does not look at counters
+        counters = any(_root(k) in _COUNTER_FIELDS for k in where)
+        changed = [rid for rid, only in pending_log if counters or not only]
         dirty = flt.array is None
         for rid in set(changed):
             exp = lookup(rid)
@@ -467,6 +476,13 @@ def fill_missing_rows(tables: LmdbTables, values: list[bytes]) -> list[bytes]:
     rows = values + [row for _key, row in missing]
     rows.sort(key=lambda v: int.from_bytes(v[:8], "little"))
     return rows
+
+
+_COUNTER_FIELDS = frozenset({"retrieval_count", "success_count", "updated_lsn"})
+
+
+def _root(key: str) -> str:
+    return key.partition("__")[0].partition(".")[0]
 
 
 def where_key(kind: str, where: Mapping[str, Any]) -> str:

@@ -298,28 +298,35 @@ class DefaultPolicy(Policy):
         return best[len(best) // 2], top
 
     def replay(self, items: Sequence[tuple[PredictionOutcome, float]]) -> list[Decision]:
+        """One importance-weighted batch step per condition:
+        ``aff(c, l) += Σ_i η_i (1[actual_i = l] - aff(c, l)) / max(1, Σ_i η_i)`` with
+        ``η_i = LR · w_i · s_c`` over the batch items where ``c`` is active (a weighted move
+        toward the batch's choice frequencies, never past them)."""
         lrn = self.learner
-        labels = lrn.labels
-        new: dict[tuple[str, str], float] = {}
+        mass: dict[str, float] = {}  # Σ η per condition
+        hits: dict[str, dict[str, float]] = {}  # Σ η per condition and chosen label
         for rec, weight in items:
             conds = active(rec.audio_features, lrn.high, lrn.low)
-            if not conds:
+            if not conds or rec.actual is None:
                 continue
             for (cond, _s), share in zip(conds, weights_of(conds), strict=True):
-                step = self.LR * weight * share
-                for lab in labels:
-                    key = (cond, lab)
-                    cur = new.get(key, lrn.table.get(cond, lab))
-                    target = 1.0 if rec.actual == lab else 0.0
-                    new[key] = cur + step * (target - cur)
+                eta = self.LR * weight * share
+                mass[cond] = mass.get(cond, 0.0) + eta
+                row = hits.setdefault(cond, {})
+                row[rec.actual] = row.get(rec.actual, 0.0) + eta
         out = []
         evidence = {"batch": float(len(items))}
-        for (cond, lab), raw in sorted(new.items()):
-            old = lrn.table.get(cond, lab)
-            value = round(min(1.0, max(0.0, raw)), 6)
-            if value != old:
-                out.append(lrn.decision("affinity", f"affinity/{cond}/{lab}", old, value,
-                                        "prioritized replay", evidence))
+        for cond in sorted(mass):
+            total = mass[cond]
+            scale = max(1.0, total)
+            row = hits[cond]
+            for lab in lrn.labels:
+                old = lrn.table.get(cond, lab)
+                raw = old + (row.get(lab, 0.0) - total * old) / scale
+                value = round(min(1.0, max(0.0, raw)), 6)
+                if value != old:
+                    out.append(lrn.decision("affinity", f"affinity/{cond}/{lab}", old, value,
+                                            "prioritized replay", evidence))
         return out
 
 
