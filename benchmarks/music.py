@@ -17,6 +17,7 @@ Rows, all in one run:
 * ``store learned (CV by track)``: ``fit_similarity(groups={segment: track}, folds=5)``; each
   segment scored with weights learned on folds that do not contain its track; then the same
   weights in force (``index.dim_weights="learned"``, a rebuild): in-sample, for reference only;
+  and leave one collection out (weights learned on the other soundtrack packages);
 * ``--candidates``: other standardizations computed in numpy (robust median/IQR, rank-gauss,
   log of heavy-tailed values, centred log-ratio of the band shares, whitening), the evidence
   behind the default; not store modes.
@@ -51,7 +52,14 @@ import xpstore
 from xpstore import Store
 from xpstore.demo.real_music import Segment, default_path, fingerprints, load_segments
 from xpstore.demo.synthetic import STYLES, make_fingerprint
-from xpstore.index.embedding import AURALIS_DIM_WEIGHTS, DEFAULT_MODE, MODES
+from xpstore.index.embedding import (
+    AURALIS_DIM_WEIGHTS,
+    DEFAULT_MODE,
+    MODES,
+    AudioStats,
+    HybridEmbedder,
+)
+from xpstore.index.similarity_fit import encode_groups, fit_weights, top1_hits
 from xpstore.model.records import BATCH_FIELDS
 
 BAR_DEFAULT = 0.62
@@ -114,6 +122,28 @@ def real_modes(root: Path, segs: Sequence[Segment]) -> dict[str, dict[str, Any]]
     return out
 
 
+def leave_one_collection_out(segs: Sequence[Segment]) -> dict[str, float]:
+    """Learned weights scored on a collection (soundtrack package) they never saw: fit on the
+    other collections' segments, score this one's against the whole library (default mode)."""
+    x = np.array([[s.batch[n] for n in BATCH_FIELDS] for s in segs])
+    stats = AudioStats.fit(x, DEFAULT_MODE)
+    lib = stats.standardize(x)
+    codes, _ = encode_groups([s.track_id for s in segs], {s.track_id: s.track for s in segs})
+    base = HybridEmbedder.resolve_dim_weights(DEFAULT_MODE, None)
+    coll = np.array([s.collection for s in segs])
+    out: dict[str, float] = {}
+    hits = 0
+    for c in sorted(set(coll.tolist())):
+        train = np.flatnonzero(coll != c)
+        w = fit_weights(lib[train], codes[train], base)
+        test = np.flatnonzero(coll == c)
+        got = top1_hits(lib, codes, test, w)
+        out[c] = float(got.mean())
+        hits += int(got.sum())
+    out["all"] = hits / len(segs)
+    return out
+
+
 def real_learned(root: Path, segs: Sequence[Segment], folds: int, seed: int) -> dict[str, Any]:
     with _open(root, "real-learned") as store:
         store.put_many(fingerprints(segs))
@@ -131,6 +161,7 @@ def real_learned(root: Path, segs: Sequence[Segment], folds: int, seed: int) -> 
         "in_force": after,
         "fit_s": fit_s,
         "dim_weights": status.get("dim_weights"),
+        "leave_one_collection_out": leave_one_collection_out(segs),
     }
 
 
@@ -271,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| store learned, CV by track ({args.folds} folds) | {cv} |"
               + " |" * len(collections))  # fmt: skip
         print(_row("store learned, in force (in-sample)", learned["in_force"], segs, collections))
+        loco = learned["leave_one_collection_out"]
+        print("| learned, leave one collection out | " + f"{loco['all']:.3f} | "
+              + " | ".join(f"{loco[c]:.3f}" for c in collections) + " |")  # fmt: skip
     print()
     agree = all(r["agree"] for r in modes.values())
     print(f"Answers before the first build == after rebuild_index(wait=True): {agree}; "
