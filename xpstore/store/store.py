@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy.typing as npt
 
-from xpstore.config import StoreConfig, dotted_items
+from xpstore.config import StoreConfig, ValidationCalibration, dotted_items
 from xpstore.errors import XpStoreError
 from xpstore.index.neighbors import Neighbor
 from xpstore.model.records import Experience, Fingerprint, Record
@@ -30,6 +30,7 @@ from xpstore.store.engine import Engine, checked_changes, open_engine
 from xpstore.store.parts import StoreParts, compose
 from xpstore.store.sampling_service import SampleBatch
 from xpstore.store.similarity import SimilarityReport
+from xpstore.store.validation_service import ValidationResult
 
 __all__ = ["Store", "StoreParts"]
 
@@ -90,6 +91,7 @@ class Store:
         with engine.write_lock:
             engine.closed = True
         p.index.close()
+        p.validation.close()
         if engine.applier is not None:
             engine.applier.join_tasks(timeout=30.0)
         engine.shutdown()
@@ -261,6 +263,30 @@ class Store:
         group in ``folds``; log them as ``index.learned`` and report their gain. Builds use
         them only with ``use=True`` or ``reconfigure(index_dim_weights="learned")``."""
         return self.parts.similarity.fit(groups, folds, use, seed)
+
+    # ----------------------------------------------------- streaming validation
+    def calibrate_validation(
+        self, *, target_far: float | None = None, tracks: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> ValidationCalibration:  # fmt: skip
+        """Calibrate streaming-vs-batch validation on this store's fingerprints that have both
+        parts (or only ``tracks``), to ``target_far`` (default ``validation.target_far``); logged
+        through the WAL with its sample sizes; the documented prior when too few."""
+        return self.parts.validation.calibrate(target_far, tracks, seed)
+
+    def validate_streaming(
+        self, track_id: str | None = None, *, streaming: Any = None,
+        batch: Mapping[str, float] | None = None, record: bool | None = None,
+    ) -> ValidationResult:  # fmt: skip
+        """Can ``track_id``'s streaming values (or ``streaming=``) be trusted against its batch
+        values (or ``batch=``)? Compared by name; ``record`` (default: a stored track's own
+        values) writes the verdict into the fingerprint's ``validation`` field."""
+        return self.parts.validation.validate(track_id, streaming, batch, record)
+
+    def validate_all_streaming(self, *, only_unvalidated: bool = True) -> dict[str, int]:
+        """Validate and record every current fingerprint with both parts (by default those
+        without a verdict under the calibration in force); counts by outcome."""
+        return self.parts.validation.validate_all(only_unvalidated)
 
     # ------------------------------------------------------------- sampling
     def sample(
