@@ -18,6 +18,10 @@ Rows, all in one run:
   segment scored with weights learned on folds that do not contain its track; then the same
   weights in force (``index.dim_weights="learned"``, a rebuild): in-sample, for reference only;
   and leave one collection out (weights learned on the other soundtrack packages);
+* streaming validation (``--splits``, default 10): the store holds the 450 segments with both
+  parts; ``calibrate_validation(tracks=<half the tracks>)``, then the other half scored as
+  ``validate_streaming`` scores (``xpstore.demo.real_music.validation_split``): true pairs (a
+  segment's streaming values against its own batch values) and every different-track pair;
 * ``--candidates``: other standardizations computed in numpy (robust median/IQR, rank-gauss,
   log of heavy-tailed values, centred log-ratio of the band shares, whitening), the evidence
   behind the default; not store modes.
@@ -50,7 +54,13 @@ import numpy as np
 
 import xpstore
 from xpstore import Store
-from xpstore.demo.real_music import Segment, default_path, fingerprints, load_segments
+from xpstore.demo.real_music import (
+    Segment,
+    default_path,
+    fingerprints,
+    load_segments,
+    validation_split,
+)
 from xpstore.demo.synthetic import STYLES, make_fingerprint
 from xpstore.index.embedding import (
     AURALIS_DIM_WEIGHTS,
@@ -64,6 +74,9 @@ from xpstore.model.records import BATCH_FIELDS
 
 BAR_DEFAULT = 0.62
 BAR_LEARNED = 0.65
+BAR_TRUE_ACCEPT = 0.70
+BAR_FALSE_ACCEPT = 0.05
+BAR_AUC = 0.93
 
 
 def baseline_hit_rate(x: np.ndarray, tracks: np.ndarray) -> float:
@@ -220,6 +233,26 @@ def candidates(x: np.ndarray, tracks: np.ndarray) -> dict[str, float]:
     }
 
 
+# --------------------------------------------------------------------------- validation
+
+
+def validation(root: Path, segs: Sequence[Segment], splits: int) -> list[dict[str, float]]:
+    """Streaming-vs-batch validation: calibrate on half the tracks, score the other half."""
+    with _open(root, "validation") as store:
+        store.put_many(fingerprints(segs, streaming=True))
+        t0 = time.perf_counter()
+        out = [validation_split(store, segs, seed) for seed in range(splits)]
+        elapsed = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for seg in segs[:100]:
+            store.validate_streaming(seg.track_id, record=False)
+        per_call = (time.perf_counter() - t1) / 100
+    for row in out:
+        row["split_s"] = elapsed / splits
+        row["ms_per_validate"] = 1000 * per_call
+    return out
+
+
 # --------------------------------------------------------------------------- generated tracks
 
 
@@ -252,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--no-learned", action="store_true", help="skip fit_similarity")
     p.add_argument("--candidates", action="store_true", help="also the numpy candidates")
+    p.add_argument("--splits", type=int, default=10, help="validation: calibration splits")
     p.add_argument("--dir", type=Path, default=None, help="scratch folder for the stores")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -278,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         modes = real_modes(root, segs)
         learned = None if args.no_learned else real_learned(root, segs, args.folds, 0)
         gen = generated(root, args.generated, args.seed) if args.generated > 0 else {}
+        val = validation(root, segs, args.splits) if args.splits > 0 else []
     result["baseline"] = base
     result["modes"] = {
         m: {"hit_rate": hit_rate(r["before"], segs), "agree": r["agree"],
@@ -334,6 +369,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("| standardization | same-track top-1 |\n|---|---|")
         for name, value in cand.items():
             print(f"| {name} | {value:.3f} |")
+    if val:
+        result["validation"] = val
+        print(f"\n## Streaming validation: calibrate on half the tracks, score the other half "
+              f"({len(val)} splits, seeds 0-{len(val) - 1})\n")  # fmt: skip
+        print("| split | calibration pairs | true pairs | different-track pairs | true accepted "
+              "| different-track accepted | ROC AUC | cosine >= 0.95 |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|")
+        for k, r in enumerate(val):
+            cells = [
+                f"{r['calibration_pairs']:.0f}", f"{r['test_true_pairs']:.0f}",
+                f"{r['test_false_pairs']:.0f}", f"{r['true_accept']:.3f}",
+                f"{r['false_accept']:.3f}", f"{r['auc']:.3f}", f"{r['cosine_095']:.3f}",
+            ]  # fmt: skip
+            print(f"| {k} | " + " | ".join(cells) + " |")
+        print(f"\n{val[0]['ms_per_validate']:.2f} ms per validate_streaming(track); "
+              f"median cosine of true pairs {np.median([r['cosine_median'] for r in val]):.3f}")
     default_rate = result["modes"][DEFAULT_MODE]["hit_rate"]
     print("\n## Bars\n")
     print(f"- default settings >= {BAR_DEFAULT}: {default_rate:.3f} "
@@ -343,6 +394,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"- learned, CV by track >= {BAR_LEARNED}: {cv_all:.3f} "
               f"{'PASS' if cv_all >= BAR_LEARNED else 'MISS'}")  # fmt: skip
     print(f"- answers before/after the first build agree: {'PASS' if agree else 'MISS'}")
+    if val:
+        tar = min(r["true_accept"] for r in val)
+        far = max(r["false_accept"] for r in val)
+        auc = min(r["auc"] for r in val)
+        ok = tar >= BAR_TRUE_ACCEPT and far <= BAR_FALSE_ACCEPT
+        print(f"- validation, every split: true accepted >= {BAR_TRUE_ACCEPT} (min {tar:.3f}) "
+              f"with different-track accepted <= {BAR_FALSE_ACCEPT} (max {far:.3f}): "
+              f"{'PASS' if ok else 'MISS'}")  # fmt: skip
+        print(f"- validation ROC AUC >= {BAR_AUC} (min {auc:.3f}): "
+              f"{'PASS' if auc >= BAR_AUC else 'MISS'}")  # fmt: skip
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return 0
