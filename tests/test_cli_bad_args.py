@@ -36,6 +36,7 @@ COMMANDS: dict[str, list[str]] = {
     "similar": ["t1"],
     "index status": [],
     "index rebuild": [],
+    "validate": [],
 }
 # commands that only read: a live writer does not stop them
 READ_ONLY_OK_WHEN_LOCKED = {"get", "scan", "sample", "stats", "wal inspect", "verify", "replay",

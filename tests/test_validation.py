@@ -242,3 +242,28 @@ def test_streaming_fingerprint_given_directly() -> None:
     assert fp.validation is not None and fp.validation.status == "pending"
     both = Fingerprint(track_id="q", streaming=sf, batch=_library(1, 1)[0].batch)
     assert both.validation is None
+
+
+def test_cli_validate(store_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from xpstore.cli import main
+
+    fps = _library(40, 12)
+    with Store.open(store_path, create=True, durability="none") as store:
+        store.put_many(fps)
+    runner = CliRunner()
+    result = runner.invoke(main, ["validate", str(store_path), "--calibrate", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["calibration"]["source"] == "library" and out["calibration"]["true_pairs"] == 40
+    assert out["counts"]["validated"] == 40
+    result = runner.invoke(main, ["validate", str(store_path), fps[0].track_id])
+    assert result.exit_code == 0, result.output
+    assert fps[0].track_id in result.output and "tempo_bpm" in result.output
+    result = runner.invoke(main, ["validate", str(store_path), "--all"])
+    assert result.exit_code == 0 and "validated" in result.output
+    result = runner.invoke(main, ["validate", str(store_path), "nope"])
+    assert result.exit_code == 1
