@@ -221,6 +221,21 @@ class ValidationSettings(_Section):
     """Set by ``calibrate_validation`` only; None: the prior applies until a calibration."""
 
 
+class StreamingSettings(_Section):
+    """The streaming cache and query strategies (docs/validation.md)."""
+
+    cache_mb: float = Field(64.0, gt=0, le=1_000_000)
+    """The in-memory cache of streaming values holds at most this many MiB (LRU beyond)."""
+    ttl_s: float = Field(300.0, gt=0)
+    """A cached entry not updated for this long is dropped (Auralis's TTL)."""
+    accurate_factor: int = Field(4, ge=1, le=1000)
+    """``strategy="accurate"`` re-ranks ``k * accurate_factor`` fast candidates."""
+    fast_confidence: float = Field(0.85, ge=0, le=1)
+    """``auto`` picks ``fast`` at or above this mean streaming confidence (and validated)."""
+    accurate_confidence: float = Field(0.6, ge=0, le=1)
+    """``auto`` picks ``accurate`` at or above this mean streaming confidence."""
+
+
 class SamplingSettings(_Section):
     """Prioritized sampling (docs/sampling.md)."""
 
@@ -268,6 +283,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "index": IndexSettings,
     "sampling": SamplingSettings,
     "validation": ValidationSettings,
+    "streaming": StreamingSettings,
 }
 
 _RENAMED = {
@@ -282,7 +298,8 @@ _RENAMED = {
     "new_item_priority": "sampling.new_item_priority",
 }
 _PREFIXES = (("index_", "index"), ("priority_", "sampling"), ("snapshot_", "snapshots"),
-             ("apply_", "apply"), ("validation_", "validation"))  # fmt: skip
+             ("apply_", "apply"), ("validation_", "validation"),
+             ("streaming_", "streaming"))  # fmt: skip
 
 
 def _flat_names() -> dict[str, str]:
@@ -319,6 +336,7 @@ LIVE = frozenset(
     | {f"index.{n}" for n in IndexSettings.model_fields}
     | {f"sampling.{n}" for n in SamplingSettings.model_fields}
     | {f"validation.{n}" for n in ValidationSettings.model_fields}
+    | {f"streaming.{n}" for n in StreamingSettings.model_fields}
     | {"records.max_record_bytes", "records.max_batch_records", "apply.batch_ops",
        "apply.interval_ms", "apply.max_overlay_ops", "wal.checkpoint_interval_s",
        "wal.retain_segments", "wal.retain_seconds"}
@@ -355,6 +373,7 @@ class StoreConfig(BaseModel):
     index: IndexSettings = IndexSettings()
     sampling: SamplingSettings = SamplingSettings()
     validation: ValidationSettings = ValidationSettings()
+    streaming: StreamingSettings = StreamingSettings()
 
     @model_validator(mode="before")
     @classmethod

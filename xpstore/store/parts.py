@@ -15,6 +15,7 @@ from xpstore.store.reader import Reader
 from xpstore.store.sampling_service import Sampling
 from xpstore.store.similarity import SimilarityLearner
 from xpstore.store.snapshot_service import AutoSnapshotTask, Snapshots
+from xpstore.store.streaming_service import StreamingService
 from xpstore.store.validation_service import StreamingValidator, ValidationTask
 from xpstore.store.writer import Writer
 
@@ -40,6 +41,8 @@ class StoreParts:
     """``fit_similarity``: learned per-dimension weights (issue 11)."""
     validation: StreamingValidator
     """Streaming-vs-batch validation (issue 11)."""
+    streaming: StreamingService
+    """The streaming cache and the query strategies (issue 11)."""
 
 
 def compose(engine: Engine) -> StoreParts:
@@ -59,6 +62,7 @@ def compose(engine: Engine) -> StoreParts:
     parts = StoreParts(
         engine, reader, writer, index, Sampling(engine, reader, writer), maintenance, snapshots,
         Checker(engine), tasks, SimilarityLearner(engine, writer), validator,
+        StreamingService(engine, reader, writer, index, validator),
     )  # fmt: skip
     if engine.applier is not None:
         snapshots.clean_temps()

@@ -30,6 +30,7 @@ from xpstore.store.engine import Engine, checked_changes, open_engine
 from xpstore.store.parts import StoreParts, compose
 from xpstore.store.sampling_service import SampleBatch
 from xpstore.store.similarity import SimilarityReport
+from xpstore.store.streaming_service import StreamingPut
 from xpstore.store.validation_service import ValidationResult
 
 __all__ = ["Store", "StoreParts"]
@@ -217,6 +218,7 @@ class Store:
         where: Mapping[str, Any] | None = None,
         precomputed: bool = False,
         params: Mapping[str, int] | None = None,
+        strategy: str | None = None,
     ) -> list[Neighbor]:
         """The ``k`` tracks most similar to a track, a fingerprint or a hybrid vector.
 
@@ -226,12 +228,14 @@ class Store:
         for this query (``{"audio": .5, "embedding": .5}``). ``exclude_self`` leaves the
         query's own track out. ``where`` filters the answers' fingerprint records.
         ``precomputed`` reads the neighbour list the last build stored (no FAISS). ``params``
-        sets ``ef_search``/``nprobe`` for this query. Best first; fewer than ``k`` when the
-        library is smaller.
+        sets ``ef_search``/``nprobe`` for this query. ``strategy`` (``"fast"``, ``"accurate"``,
+        ``"batch"``, ``"auto"``; docs/validation.md) searches by streaming values, re-ranks them
+        by batch values, or picks by the query's confidence; each answer names it. Best first;
+        fewer than ``k`` when the library is smaller.
         """
-        return self.parts.index.similar(
-            track_id, fingerprint, vector, k=k, weights=weights, exclude_self=exclude_self,
-            where=where, precomputed=precomputed, params=params,
+        return self.parts.streaming.similar(
+            strategy, track_id, fingerprint, vector, k=k, weights=weights,
+            exclude_self=exclude_self, where=where, precomputed=precomputed, params=params,
         )  # fmt: skip
 
     def similar_many(
@@ -282,6 +286,18 @@ class Store:
         values (or ``batch=``)? Compared by name; ``record`` (default: a stored track's own
         values) writes the verdict into the fingerprint's ``validation`` field."""
         return self.parts.validation.validate(track_id, streaming, batch, record)
+
+    def put_streaming(
+        self, track_id: str, values: Mapping[str, float], confidence: Mapping[str, float],
+        chunk_count: int, final: bool = False,
+    ) -> StreamingPut:  # fmt: skip
+        """Cache a player's streaming values (TTL, LRU by MB; kept if at least as confident);
+        ``final=True`` writes them through the WAL as the track's fingerprint."""
+        return self.parts.streaming.put(track_id, values, confidence, chunk_count, final)
+
+    def streaming_cache_stats(self) -> dict[str, Any]:
+        """Entries, bytes and hit/miss/replace/evict counters of the streaming cache."""
+        return self.parts.streaming.stats()
 
     def validate_all_streaming(self, *, only_unvalidated: bool = True) -> dict[str, int]:
         """Validate and record every current fingerprint with both parts (by default those
