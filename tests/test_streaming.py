@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -168,13 +169,14 @@ def test_strategies_refuse_bad_input(store_path: Path) -> None:
     batch_only = make_fingerprint(rng, "b", with_streaming=False)
     with Store.open(store_path, create=True, durability="none") as store:
         store.put_many([batch_only, *_styled(5, 3)])
-        for kwargs, field in [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"strategy": "fastest"}, "strategy"),
             ({"strategy": "fast"}, "strategy"),  # b has no streaming values
             ({"strategy": "fast", "weights": {"audio": 1}}, "weights"),
             ({"strategy": "accurate", "params": {"ef_search": 8}}, "params"),
             ({"strategy": "fast", "precomputed": True}, "strategy"),
-        ]:
+        ]
+        for kwargs, field in cases:
             with pytest.raises(InvalidArgumentError) as err:
                 store.similar("b", k=3, **kwargs)
             assert err.value.field == field
