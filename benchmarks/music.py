@@ -253,6 +253,56 @@ def validation(root: Path, segs: Sequence[Segment], splits: int) -> list[dict[st
     return out
 
 
+# --------------------------------------------------------------------------- strategies
+
+STRATEGIES = ("fast", "accurate", "batch", "auto")
+
+
+def strategies(root: Path, segs: Sequence[Segment]) -> dict[str, dict[str, dict[str, float]]]:
+    """Same-track top-1 and latency of ``similar(strategy=...)``: the library holds the 450
+    segments with both parts, calibrated and validated; queries are (a) each segment's
+    streaming values alone, as a player has them (``fingerprint=``, confidence 1), and (b) each
+    stored segment by track id. The query segment itself never counts as a hit."""
+    from xpstore.model.records import Fingerprint, StreamingFingerprint
+
+    track = {s.track_id: s.track for s in segs}
+    out: dict[str, dict[str, dict[str, float]]] = {"streaming query": {}, "stored track": {}}
+    with _open(root, "strategies") as store:
+        store.put_many(fingerprints(segs, streaming=True))
+        store.calibrate_validation()
+        store.validate_all_streaming()
+        queries = {
+            s.track_id: Fingerprint(
+                track_id=f"{s.track_id}?", streaming=StreamingFingerprint(
+                    values=s.streaming, confidence=dict.fromkeys(s.streaming, 1.0), chunk_count=5)
+            )
+            for s in segs
+        }  # fmt: skip
+        for strategy in STRATEGIES:  # warm: statistics fitted, streaming space built
+            store.similar(segs[0].track_id, k=3, strategy=strategy)
+        for label, rows in out.items():
+            for strategy in STRATEGIES:
+                hits = 0
+                picked: Counter[str] = Counter()
+                t0 = time.perf_counter()
+                for seg in segs:
+                    if label == "streaming query":
+                        got = store.similar(fingerprint=queries[seg.track_id], k=4,
+                                            strategy=strategy)  # fmt: skip
+                    else:
+                        got = store.similar(seg.track_id, k=3, strategy=strategy)
+                    got = [h for h in got if h.track_id != seg.track_id]
+                    hits += bool(got) and track.get(got[0].track_id) == seg.track
+                    picked[(got[0].strategy or "-") if got else "-"] += 1
+                elapsed = time.perf_counter() - t0
+                rows[strategy] = {
+                    "hit_rate": hits / len(segs),
+                    "ms_per_query": 1000 * elapsed / len(segs),
+                    **{f"picked_{k}": float(v) for k, v in picked.items()},
+                }
+    return out
+
+
 # --------------------------------------------------------------------------- generated tracks
 
 
@@ -313,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         learned = None if args.no_learned else real_learned(root, segs, args.folds, 0)
         gen = generated(root, args.generated, args.seed) if args.generated > 0 else {}
         val = validation(root, segs, args.splits) if args.splits > 0 else []
+        strat = strategies(root, segs)
     result["baseline"] = base
     result["modes"] = {
         m: {"hit_rate": hit_rate(r["before"], segs), "agree": r["agree"],
@@ -385,6 +436,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"| {k} | " + " | ".join(cells) + " |")
         print(f"\n{val[0]['ms_per_validate']:.2f} ms per validate_streaming(track); "
               f"median cosine of true pairs {np.median([r['cosine_median'] for r in val]):.3f}")
+    result["strategies"] = strat
+    print("\n## Query strategies: same-track top-1 and latency per similar()\n")
+    print("| query | strategy | same-track top-1 | ms per query | picked |\n|---|---|---|---|---|")
+    for label, rows in strat.items():
+        for strategy, r in rows.items():
+            picked = ", ".join(f"{k[7:]} {int(v)}" for k, v in r.items() if k.startswith("picked_"))
+            print(f"| {label} | {strategy} | {r['hit_rate']:.3f} | {r['ms_per_query']:.2f} | "
+                  f"{picked} |")  # fmt: skip
     default_rate = result["modes"][DEFAULT_MODE]["hit_rate"]
     print("\n## Bars\n")
     print(f"- default settings >= {BAR_DEFAULT}: {default_rate:.3f} "

@@ -139,27 +139,17 @@ def test_each_strategy_answers_and_says_which(store_path: Path) -> None:
         assert {h.track_id for h in accurate} <= {h.track_id for h in pool}  # re-ranked fast
         assert fps[0].metadata is not None
         style = fps[0].metadata["style"]
-        # auto: confident and validated -> fast; confident -> accurate; otherwise batch
-        store.calibrate_validation()
-        store.validate_all_streaming()
+        # auto: batch values win where the query has them; streaming-only: fast, or accurate
+        # when the confidence is low
+        assert store.similar(t, k=3, strategy="auto")[0].strategy == "batch"
         rec = store.get_fingerprint(t).record
         assert isinstance(rec, Fingerprint) and rec.streaming is not None
-        conf = rec.streaming.mean_confidence()
-        picked = store.similar(t, k=3, strategy="auto")[0].strategy
-        cfg = store.config.streaming
-        rec2 = store.get_fingerprint(t).record
-        assert isinstance(rec2, Fingerprint) and rec2.validation is not None
-        status = rec2.validation.status
-        if conf >= cfg.fast_confidence and status == "valid":
-            assert picked == "fast"
-        elif conf >= cfg.accurate_confidence:
-            assert picked == "accurate"
-        else:
-            assert picked == "batch"
         store.put_streaming("q", rec.streaming.values, _conf(0.95), 5)
-        assert store.similar("q", k=3, strategy="auto")[0].strategy == "accurate"  # unvalidated
+        assert store.similar("q", k=3, strategy="auto")[0].strategy == "fast"
         store.put_streaming("low", rec.streaming.values, _conf(0.1), 1)
-        assert store.similar("low", k=3, strategy="auto")[0].strategy == "accurate"  # no batch
+        assert store.similar("low", k=3, strategy="auto")[0].strategy == "accurate"
+        store.put_streaming("low", rec.streaming.values, _conf(0.7), 3)  # confidence rose
+        assert store.similar("low", k=3, strategy="auto")[0].strategy == "fast"
         where = store.similar(t, k=3, strategy="fast", where={"metadata.style": style})
         assert all(h.metadata and h.metadata.get("style") == style for h in where)
 

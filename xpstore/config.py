@@ -230,10 +230,9 @@ class StreamingSettings(_Section):
     """A cached entry not updated for this long is dropped (Auralis's TTL)."""
     accurate_factor: int = Field(4, ge=1, le=1000)
     """``strategy="accurate"`` re-ranks ``k * accurate_factor`` fast candidates."""
-    fast_confidence: float = Field(0.85, ge=0, le=1)
-    """``auto`` picks ``fast`` at or above this mean streaming confidence (and validated)."""
     accurate_confidence: float = Field(0.6, ge=0, le=1)
-    """``auto`` picks ``accurate`` at or above this mean streaming confidence."""
+    """``auto``, for a query with streaming values only: ``fast`` at or above this mean
+    confidence, ``accurate`` below it (a query with batch values: ``batch``)."""
 
 
 class SamplingSettings(_Section):
