@@ -17,6 +17,11 @@ Rows, all in one run:
 * ``store learned (CV by track)``: ``fit_similarity(groups={segment: track}, folds=5)``; each
   segment scored with weights learned on folds that do not contain its track; then the same
   weights in force (``index.dim_weights="learned"``, a rebuild): in-sample, for reference only;
+  and leave one collection out (weights learned on the other soundtrack packages);
+* streaming validation (``--splits``, default 10): the store holds the 450 segments with both
+  parts; ``calibrate_validation(tracks=<half the tracks>)``, then the other half scored as
+  ``validate_streaming`` scores (``xpstore.demo.real_music.validation_split``): true pairs (a
+  segment's streaming values against its own batch values) and every different-track pair;
 * ``--candidates``: other standardizations computed in numpy (robust median/IQR, rank-gauss,
   log of heavy-tailed values, centred log-ratio of the band shares, whitening), the evidence
   behind the default; not store modes.
@@ -49,13 +54,29 @@ import numpy as np
 
 import xpstore
 from xpstore import Store
-from xpstore.demo.real_music import Segment, default_path, fingerprints, load_segments
+from xpstore.demo.real_music import (
+    Segment,
+    default_path,
+    fingerprints,
+    load_segments,
+    validation_split,
+)
 from xpstore.demo.synthetic import STYLES, make_fingerprint
-from xpstore.index.embedding import AURALIS_DIM_WEIGHTS, DEFAULT_MODE, MODES
+from xpstore.index.embedding import (
+    AURALIS_DIM_WEIGHTS,
+    DEFAULT_MODE,
+    MODES,
+    AudioStats,
+    HybridEmbedder,
+)
+from xpstore.index.similarity_fit import encode_groups, fit_weights, top1_hits
 from xpstore.model.records import BATCH_FIELDS
 
 BAR_DEFAULT = 0.62
 BAR_LEARNED = 0.65
+BAR_TRUE_ACCEPT = 0.70
+BAR_FALSE_ACCEPT = 0.05
+BAR_AUC = 0.93
 
 
 def baseline_hit_rate(x: np.ndarray, tracks: np.ndarray) -> float:
@@ -114,6 +135,28 @@ def real_modes(root: Path, segs: Sequence[Segment]) -> dict[str, dict[str, Any]]
     return out
 
 
+def leave_one_collection_out(segs: Sequence[Segment]) -> dict[str, float]:
+    """Learned weights scored on a collection (soundtrack package) they never saw: fit on the
+    other collections' segments, score this one's against the whole library (default mode)."""
+    x = np.array([[s.batch[n] for n in BATCH_FIELDS] for s in segs])
+    stats = AudioStats.fit(x, DEFAULT_MODE)
+    lib = stats.standardize(x)
+    codes, _ = encode_groups([s.track_id for s in segs], {s.track_id: s.track for s in segs})
+    base = HybridEmbedder.resolve_dim_weights(DEFAULT_MODE, None)
+    coll = np.array([s.collection for s in segs])
+    out: dict[str, float] = {}
+    hits = 0
+    for c in sorted(set(coll.tolist())):
+        train = np.flatnonzero(coll != c)
+        w = fit_weights(lib[train], codes[train], base)
+        test = np.flatnonzero(coll == c)
+        got = top1_hits(lib, codes, test, w)
+        out[c] = float(got.mean())
+        hits += int(got.sum())
+    out["all"] = hits / len(segs)
+    return out
+
+
 def real_learned(root: Path, segs: Sequence[Segment], folds: int, seed: int) -> dict[str, Any]:
     with _open(root, "real-learned") as store:
         store.put_many(fingerprints(segs))
@@ -131,6 +174,7 @@ def real_learned(root: Path, segs: Sequence[Segment], folds: int, seed: int) -> 
         "in_force": after,
         "fit_s": fit_s,
         "dim_weights": status.get("dim_weights"),
+        "leave_one_collection_out": leave_one_collection_out(segs),
     }
 
 
@@ -189,6 +233,76 @@ def candidates(x: np.ndarray, tracks: np.ndarray) -> dict[str, float]:
     }
 
 
+# --------------------------------------------------------------------------- validation
+
+
+def validation(root: Path, segs: Sequence[Segment], splits: int) -> list[dict[str, float]]:
+    """Streaming-vs-batch validation: calibrate on half the tracks, score the other half."""
+    with _open(root, "validation") as store:
+        store.put_many(fingerprints(segs, streaming=True))
+        t0 = time.perf_counter()
+        out = [validation_split(store, segs, seed) for seed in range(splits)]
+        elapsed = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for seg in segs[:100]:
+            store.validate_streaming(seg.track_id, record=False)
+        per_call = (time.perf_counter() - t1) / 100
+    for row in out:
+        row["split_s"] = elapsed / splits
+        row["ms_per_validate"] = 1000 * per_call
+    return out
+
+
+# --------------------------------------------------------------------------- strategies
+
+STRATEGIES = ("fast", "accurate", "batch", "auto")
+
+
+def strategies(root: Path, segs: Sequence[Segment]) -> dict[str, dict[str, dict[str, float]]]:
+    """Same-track top-1 and latency of ``similar(strategy=...)``: the library holds the 450
+    segments with both parts, calibrated and validated; queries are (a) each segment's
+    streaming values alone, as a player has them (``fingerprint=``, confidence 1), and (b) each
+    stored segment by track id. The query segment itself never counts as a hit."""
+    from xpstore.model.records import Fingerprint, StreamingFingerprint
+
+    track = {s.track_id: s.track for s in segs}
+    out: dict[str, dict[str, dict[str, float]]] = {"streaming query": {}, "stored track": {}}
+    with _open(root, "strategies") as store:
+        store.put_many(fingerprints(segs, streaming=True))
+        store.calibrate_validation()
+        store.validate_all_streaming()
+        queries = {
+            s.track_id: Fingerprint(
+                track_id=f"{s.track_id}?", streaming=StreamingFingerprint(
+                    values=s.streaming, confidence=dict.fromkeys(s.streaming, 1.0), chunk_count=5)
+            )
+            for s in segs
+        }  # fmt: skip
+        for strategy in STRATEGIES:  # warm: statistics fitted, streaming space built
+            store.similar(segs[0].track_id, k=3, strategy=strategy)
+        for label, rows in out.items():
+            for strategy in STRATEGIES:
+                hits = 0
+                picked: Counter[str] = Counter()
+                t0 = time.perf_counter()
+                for seg in segs:
+                    if label == "streaming query":
+                        got = store.similar(fingerprint=queries[seg.track_id], k=4,
+                                            strategy=strategy)  # fmt: skip
+                    else:
+                        got = store.similar(seg.track_id, k=3, strategy=strategy)
+                    got = [h for h in got if h.track_id != seg.track_id]
+                    hits += bool(got) and track.get(got[0].track_id) == seg.track
+                    picked[(got[0].strategy or "-") if got else "-"] += 1
+                elapsed = time.perf_counter() - t0
+                rows[strategy] = {
+                    "hit_rate": hits / len(segs),
+                    "ms_per_query": 1000 * elapsed / len(segs),
+                    **{f"picked_{k}": float(v) for k, v in picked.items()},
+                }
+    return out
+
+
 # --------------------------------------------------------------------------- generated tracks
 
 
@@ -221,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--no-learned", action="store_true", help="skip fit_similarity")
     p.add_argument("--candidates", action="store_true", help="also the numpy candidates")
+    p.add_argument("--splits", type=int, default=10, help="validation: calibration splits")
     p.add_argument("--dir", type=Path, default=None, help="scratch folder for the stores")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -247,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         modes = real_modes(root, segs)
         learned = None if args.no_learned else real_learned(root, segs, args.folds, 0)
         gen = generated(root, args.generated, args.seed) if args.generated > 0 else {}
+        val = validation(root, segs, args.splits) if args.splits > 0 else []
+        strat = strategies(root, segs)
     result["baseline"] = base
     result["modes"] = {
         m: {"hit_rate": hit_rate(r["before"], segs), "agree": r["agree"],
@@ -271,6 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| store learned, CV by track ({args.folds} folds) | {cv} |"
               + " |" * len(collections))  # fmt: skip
         print(_row("store learned, in force (in-sample)", learned["in_force"], segs, collections))
+        loco = learned["leave_one_collection_out"]
+        print("| learned, leave one collection out | " + f"{loco['all']:.3f} | "
+              + " | ".join(f"{loco[c]:.3f}" for c in collections) + " |")  # fmt: skip
     print()
     agree = all(r["agree"] for r in modes.values())
     print(f"Answers before the first build == after rebuild_index(wait=True): {agree}; "
@@ -300,6 +420,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("| standardization | same-track top-1 |\n|---|---|")
         for name, value in cand.items():
             print(f"| {name} | {value:.3f} |")
+    if val:
+        result["validation"] = val
+        print(f"\n## Streaming validation: calibrate on half the tracks, score the other half "
+              f"({len(val)} splits, seeds 0-{len(val) - 1})\n")  # fmt: skip
+        print("| split | calibration pairs | true pairs | different-track pairs | true accepted "
+              "| different-track accepted | ROC AUC | cosine >= 0.95 |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|")
+        for k, r in enumerate(val):
+            cells = [
+                f"{r['calibration_pairs']:.0f}", f"{r['test_true_pairs']:.0f}",
+                f"{r['test_false_pairs']:.0f}", f"{r['true_accept']:.3f}",
+                f"{r['false_accept']:.3f}", f"{r['auc']:.3f}", f"{r['cosine_095']:.3f}",
+            ]  # fmt: skip
+            print(f"| {k} | " + " | ".join(cells) + " |")
+        print(f"\n{val[0]['ms_per_validate']:.2f} ms per validate_streaming(track); "
+              f"median cosine of true pairs {np.median([r['cosine_median'] for r in val]):.3f}")
+    result["strategies"] = strat
+    print("\n## Query strategies: same-track top-1 and latency per similar()\n")
+    print("| query | strategy | same-track top-1 | ms per query | picked |\n|---|---|---|---|---|")
+    for label, rows in strat.items():
+        for strategy, r in rows.items():
+            picked = ", ".join(f"{k[7:]} {int(v)}" for k, v in r.items() if k.startswith("picked_"))
+            print(f"| {label} | {strategy} | {r['hit_rate']:.3f} | {r['ms_per_query']:.2f} | "
+                  f"{picked} |")  # fmt: skip
     default_rate = result["modes"][DEFAULT_MODE]["hit_rate"]
     print("\n## Bars\n")
     print(f"- default settings >= {BAR_DEFAULT}: {default_rate:.3f} "
@@ -309,6 +453,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"- learned, CV by track >= {BAR_LEARNED}: {cv_all:.3f} "
               f"{'PASS' if cv_all >= BAR_LEARNED else 'MISS'}")  # fmt: skip
     print(f"- answers before/after the first build agree: {'PASS' if agree else 'MISS'}")
+    if val:
+        tar = min(r["true_accept"] for r in val)
+        far = max(r["false_accept"] for r in val)
+        auc = min(r["auc"] for r in val)
+        ok = tar >= BAR_TRUE_ACCEPT and far <= BAR_FALSE_ACCEPT
+        print(f"- validation, every split: true accepted >= {BAR_TRUE_ACCEPT} (min {tar:.3f}) "
+              f"with different-track accepted <= {BAR_FALSE_ACCEPT} (max {far:.3f}): "
+              f"{'PASS' if ok else 'MISS'}")  # fmt: skip
+        print(f"- validation ROC AUC >= {BAR_AUC} (min {auc:.3f}): "
+              f"{'PASS' if auc >= BAR_AUC else 'MISS'}")  # fmt: skip
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return 0

@@ -39,6 +39,7 @@ COMMANDS: dict[str, list[str]] = {
     "learn report": [],
     "learn step": [],
     "learn reset": [],
+    "validate": [],
 }
 # commands that only read: a live writer does not stop them
 READ_ONLY_OK_WHEN_LOCKED = {"get", "scan", "sample", "stats", "wal inspect", "verify", "replay",

@@ -91,7 +91,8 @@ def test_run_demo_similar_tracks_cluster_by_style(tmp_path: Path) -> None:
     assert len(sim.after_delete) == 10
     assert set(sim.neighbors[1:]) <= set(sim.after_delete)
     assert sim.after_delete_precomputed == [t for t in sim.precomputed if t != sim.deleted]
-    assert set(result.timings) == {"write", "similar", "crash", "recover", "verify", "learn", "total"}
+    assert set(result.timings) == {"write", "similar", "crash", "recover", "verify", "learn",
+                                   "total"}
     text = "\n".join(lines)
     assert "== phase 2: similar tracks: a library of 1200 generated tracks in 8 styles" in text
     assert f"neighbours are {sim.query_style}, like the query" in text
@@ -140,7 +141,8 @@ def test_demo_command_json_and_temp_dir_removed() -> None:
     assert data["ok"] is True and data["lost"] == [] and data["acked"] >= 50
     assert data["kept"] is False
     assert not Path(data["path"]).exists()
-    assert set(data["timings"]) == {"write", "similar", "crash", "recover", "verify", "learn", "total"}
+    assert set(data["timings"]) == {"write", "similar", "crash", "recover", "verify", "learn",
+                                    "total"}
     sim = data["similar"]  # the CLI's default library: 3000 tracks
     assert sim["tracks"] == 3000 and sim["kind"] == "hnsw"
     assert sim["sample_same_style"] >= 0.6

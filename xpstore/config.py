@@ -179,6 +179,62 @@ class IndexSettings(_Section):
     """A read-only store catches its index up with LMDB at most this often."""
 
 
+class ValidationCalibration(_Section):
+    """The streaming-vs-batch calibration in force (docs/validation.md), written only by
+    ``Store.calibrate_validation`` (through the WAL, as a settings change)."""
+
+    version: int = Field(ge=1)
+    source: Literal["library", "prior"]
+    """``library``: fitted on this store's fingerprints with both parts; ``prior``: too few of
+    them (``reason`` says how many), the documented prior (``index.validation_prior``)."""
+    reason: str | None = None
+    target_far: float = Field(gt=0, lt=0.5)
+    model: dict[str, Any]
+    """``ValidationModel.to_json()``: standardization and per-metric locations and scales."""
+    threshold: float
+    """On cohort-normalized scores."""
+    raw_threshold: float
+    """On raw scores (no cohort: the prior on a store with too few batch fingerprints)."""
+    cohort: list[int] = []
+    """Record ids of the batch fingerprints the scores are normalized against."""
+    true_pairs: int = Field(ge=0)
+    false_pairs: int = Field(ge=0)
+    auc: float | None = None
+    accept_rate: float | None = None
+    """Share of the calibration's true pairs accepted."""
+    false_accept_rate: float | None = None
+    calibrated_at: float
+
+
+class ValidationSettings(_Section):
+    """Streaming-vs-batch validation (docs/validation.md)."""
+
+    target_far: float = Field(0.05, gt=0, lt=0.5)
+    """The share of different-track pairs a calibration accepts (its threshold's quantile)."""
+    min_pairs: int = Field(30, ge=2)
+    """Fewer fingerprints with both parts than this: calibrate to the documented prior."""
+    cohort_size: int = Field(100, ge=0, le=10_000)
+    """Batch fingerprints drawn from the library to normalize scores against (0: raw scores)."""
+    auto: bool = True
+    """Validate when batch values arrive for a track whose fingerprint was streaming-only."""
+    calibration: ValidationCalibration | None = None
+    """Set by ``calibrate_validation`` only; None: the prior applies until a calibration."""
+
+
+class StreamingSettings(_Section):
+    """The streaming cache and query strategies (docs/validation.md)."""
+
+    cache_mb: float = Field(64.0, gt=0, le=1_000_000)
+    """The in-memory cache of streaming values holds at most this many MiB (LRU beyond)."""
+    ttl_s: float = Field(300.0, gt=0)
+    """A cached entry not updated for this long is dropped (Auralis's TTL)."""
+    accurate_factor: int = Field(4, ge=1, le=1000)
+    """``strategy="accurate"`` re-ranks ``k * accurate_factor`` fast candidates."""
+    accurate_confidence: float = Field(0.6, ge=0, le=1)
+    """``auto``, for a query with streaming values only: ``fast`` at or above this mean
+    confidence, ``accurate`` below it (a query with batch values: ``batch``)."""
+
+
 class SamplingSettings(_Section):
     """Prioritized sampling (docs/sampling.md)."""
 
@@ -228,6 +284,8 @@ SECTIONS: dict[str, type[_Section]] = {
     "retention": RetentionSettings,
     "index": IndexSettings,
     "sampling": SamplingSettings,
+    "validation": ValidationSettings,
+    "streaming": StreamingSettings,
 }
 
 _RENAMED = {
@@ -242,7 +300,8 @@ _RENAMED = {
     "new_item_priority": "sampling.new_item_priority",
 }
 _PREFIXES = (("index_", "index"), ("priority_", "sampling"), ("snapshot_", "snapshots"),
-             ("apply_", "apply"))  # fmt: skip
+             ("apply_", "apply"), ("validation_", "validation"),
+             ("streaming_", "streaming"))  # fmt: skip
 
 
 def _flat_names() -> dict[str, str]:
@@ -268,8 +327,9 @@ FLAT: dict[str, str] = _flat_names()
 """Every flat knob name -> its dotted name (``"index_ef_search"`` -> ``"index.ef_search"``)."""
 
 SESSION_ONLY = frozenset({"wal.recovery_mode", "apply.hold"})
-MANAGED = frozenset({"index.learned"})
-"""Persisted state that a store method writes (``fit_similarity``), never set by hand."""
+MANAGED = frozenset({"index.learned", "validation.calibration"})
+"""Persisted state that a store method writes (``fit_similarity``, ``calibrate_validation``),
+never set by hand."""
 """Knobs that apply to one open only and are never persisted with the store."""
 
 LIVE = frozenset(
@@ -277,6 +337,8 @@ LIVE = frozenset(
     | {f"retention.{n}" for n in RetentionSettings.model_fields}
     | {f"index.{n}" for n in IndexSettings.model_fields}
     | {f"sampling.{n}" for n in SamplingSettings.model_fields}
+    | {f"validation.{n}" for n in ValidationSettings.model_fields}
+    | {f"streaming.{n}" for n in StreamingSettings.model_fields}
     | {"records.max_record_bytes", "records.max_batch_records", "apply.batch_ops",
        "apply.interval_ms", "apply.max_overlay_ops", "wal.checkpoint_interval_s",
        "wal.retain_segments", "wal.retain_seconds"}
@@ -312,6 +374,8 @@ class StoreConfig(BaseModel):
     retention: RetentionSettings = RetentionSettings()
     index: IndexSettings = IndexSettings()
     sampling: SamplingSettings = SamplingSettings()
+    validation: ValidationSettings = ValidationSettings()
+    streaming: StreamingSettings = StreamingSettings()
 
     @model_validator(mode="before")
     @classmethod

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
+
 from xpstore.model.records import (
     BATCH_FIELDS,
     STREAMING_FIELDS,
@@ -24,6 +26,7 @@ from xpstore.model.records import (
     Fingerprint,
     StreamingFingerprint,
 )
+from xpstore.store.store import Store
 
 __all__ = [
     "ENV_VAR",
@@ -32,6 +35,7 @@ __all__ = [
     "default_path",
     "fingerprints",
     "load_segments",
+    "validation_split",
 ]
 
 ENV_VAR: Final = "XPSTORE_REAL_MUSIC"
@@ -128,3 +132,55 @@ def fingerprints(
             )
         )
     return out
+
+
+def validation_split(store: Store, segments: Sequence[Segment], seed: int) -> dict[str, float]:
+    """Issue 11's protocol on a store holding ``segments`` with both parts: calibrate on half
+    the tracks (drawn with ``seed``), score the other half. True pairs: each held-out segment's
+    streaming values against its own batch values; different-track pairs: against every other
+    held-out segment of another track. Scored exactly as ``validate_streaming`` scores (the
+    calibration's model, its cohort less the streaming segment's own batch), vectorized."""
+    from xpstore.index.validation import MIN_COHORT, ValidationModel, auc, cosine, rows_of
+
+    tracks = sorted({s.track for s in segments})
+    rng = np.random.default_rng(seed)
+    calib = {tracks[i] for i in rng.permutation(len(tracks))[: len(tracks) // 2].tolist()}
+    cal = store.calibrate_validation(tracks=[s.track_id for s in segments if s.track in calib])
+    model = ValidationModel.from_json(cal.model)
+    test = [s for s in segments if s.track not in calib]
+    stream = rows_of([s.streaming for s in test])
+    batch = rows_of([{n: s.batch[n] for n in STREAMING_FIELDS} for s in test])
+    rid_of = {s.track_id: store.get_fingerprint(s.track_id).id for s in test}
+    cohort_rows = []
+    for rid in cal.cohort:
+        rec = store.get(rid).record
+        assert isinstance(rec, Fingerprint) and rec.batch is not None
+        cohort_rows.append(rec.batch.as_dict())
+    cohort = rows_of(cohort_rows)
+    where = {rid: k for k, rid in enumerate(cal.cohort)}
+    own = np.array([where.get(rid_of[s.track_id], -1) for s in test], dtype=np.int64)
+    n = len(test)
+    grid_i, grid_j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    i, j = grid_i.ravel(), grid_j.ravel()
+    labels = np.array([s.track for s in test])
+    true = i == j
+    false = labels[i] != labels[j]
+    raw = model.raw_scores(stream[i], batch[j])
+    if cohort.shape[0] >= MIN_COHORT:
+        mean, spread = model.cohort_stats(stream, cohort, own)
+        scores = (raw - mean[i]) / spread[i]
+        threshold = cal.threshold
+    else:
+        scores, threshold = raw, cal.raw_threshold
+    cos = np.array([cosine(model, stream[k], batch[k]) for k in range(n)])
+    return {
+        "calibration_tracks": float(len(calib)),
+        "calibration_pairs": float(cal.true_pairs),
+        "test_true_pairs": float(true.sum()),
+        "test_false_pairs": float(false.sum()),
+        "true_accept": float(np.mean(scores[true] >= threshold)),
+        "false_accept": float(np.mean(scores[false] >= threshold)),
+        "auc": auc(scores[true], scores[false]),
+        "cosine_median": float(np.median(cos)),
+        "cosine_095": float(np.mean(cos >= 0.95)),
+    }

@@ -53,6 +53,9 @@ class Neighbor:
     record_id: int
     metadata: dict[str, Any] | None
     build_id: int | None = None
+    strategy: str | None = None
+    """Which query strategy produced the answer (``similar(strategy=...)``); None without one.
+    ``record_id`` is -1 for a track known only from the streaming cache (nothing written)."""
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,11 @@ from xpstore.model.records import (
 __all__ = [
     "FingerprintRows",
     "RawFingerprint",
+    "StreamingRow",
     "envelope_track",
     "parse_fingerprint",
     "raw_from_model",
+    "streaming_audio",
 ]
 
 AUDIO_DIM: Final = len(BATCH_FIELDS)
@@ -173,3 +175,32 @@ class FingerprintRows:
             [self.metadata[i] for i in idx] if self.metadata else [],
         )
 
+
+
+def streaming_audio(data: bytes | memoryview, where: str = "record") -> StreamingRow | None:
+    """The streaming values of an encoded fingerprint envelope as a 25-column row (NaN where
+    absent) with their mean confidence, or None when it has none (``similar(strategy="fast")``)."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise CodecError(f"{where}: not a msgpack envelope: {exc}") from exc
+    m = obj[6] if type(obj) is list and len(obj) in (7, 8) else None
+    if type(m) is not dict or type(m.get("track_id")) is not str:
+        raise CodecError(f"{where}: not an encoded fingerprint envelope", field="track_id")
+    streaming = m.get("streaming")
+    if streaming is None:
+        return None
+    row = _audio_row(None, streaming, where)
+    conf = streaming[1]
+    mean = float(sum(conf) / len(conf)) if conf else 0.0
+    return StreamingRow(m["track_id"], row, mean, m.get("batch") is not None)
+
+
+@dataclass(frozen=True)
+class StreamingRow:
+    """A stored fingerprint's streaming values (25 columns, NaN where absent)."""
+
+    track_id: str
+    audio: npt.NDArray[np.float64]
+    mean_confidence: float
+    has_batch: bool

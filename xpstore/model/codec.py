@@ -60,6 +60,7 @@ from xpstore.model.records import (
     QueryMetric,
     Record,
     StreamingFingerprint,
+    StreamingValidation,
     kind_of,
     validate_record,
 )
@@ -214,6 +215,9 @@ def _record_map(record: Record) -> dict[str, Any]:
         streaming = out.get("streaming")
         if streaming is not None:
             out["streaming"] = _encode_streaming(streaming)
+        validation = out.get("validation")
+        if validation is not None:
+            out["validation"] = {k: v for k, v in validation.__dict__.items() if v is not None}
     return out
 
 
@@ -270,6 +274,7 @@ _SHAPES: Final[dict[str, _Shape]] = {
     "query_metric": _shape(QueryMetric),
     "decision": _shape(Decision),
 }
+_VALIDATION_SHAPE: Final = _shape(StreamingValidation)
 
 
 def _bad(message: str, field: str | None = None) -> CodecError:
@@ -328,7 +333,21 @@ def _fast_record(kind: str, m: dict[str, Any]) -> Record:
     if streaming is not None:
         sd = _streaming_dict(streaming)
         values["streaming"] = _construct(StreamingFingerprint, sd, set(_STREAMING_FIELD_NAMES))
+    validation = values["validation"]
+    if validation is not None:
+        if type(validation) is not dict:
+            raise _bad("validation: expected a map", "validation")
+        values["validation"] = _fast_nested(StreamingValidation, _VALIDATION_SHAPE, validation)
     return _construct(Fingerprint, values, fields_set)
+
+
+def _fast_nested(cls: type[M], shape: _Shape, m: dict[str, Any]) -> M:
+    keys = m.keys()
+    if not shape.required <= keys or not keys <= shape.known:
+        culprit = sorted((shape.required - keys) | {k for k in keys if k not in shape.known})[0]
+        raise _bad(f"{cls.__name__}: bad field {culprit!r} in an encoded record", str(culprit))
+    values = {name: m.get(name, default) for name, default in shape.fields}
+    return _construct(cls, values, set(keys))
 
 
 def _validated_record(kind: str, m: dict[str, Any]) -> Record:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Final, TypeAlias, cast
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeAlias, cast
 
 from pydantic import (
     AfterValidator,
@@ -51,6 +51,7 @@ __all__ = [
     "Record",
     "RecordModel",
     "StreamingFingerprint",
+    "StreamingValidation",
     "apply_changes",
     "invalid_record_error",
     "kind_of",
@@ -130,7 +131,7 @@ SAMPLEABLE_KINDS: Final[tuple[str, ...]] = ("prediction", "fingerprint", "query_
 
 MUTABLE_FIELDS: Final[dict[str, frozenset[str]]] = {
     "prediction": frozenset({"actual", "reward"}),
-    "fingerprint": frozenset({"metadata"}),
+    "fingerprint": frozenset({"metadata", "validation"}),
     "query_metric": frozenset({"user_satisfaction"}),
     "decision": frozenset(),
 }
@@ -307,6 +308,22 @@ class StreamingFingerprint(_RecordModel):
         return sum(conf.values()) / len(conf) if conf else 0.0
 
 
+class StreamingValidation(_RecordModel):
+    """Whether a fingerprint's streaming values agree with its batch values (issue 11,
+    docs/validation.md). ``pending``: streaming values without batch values to check them
+    against (set when a streaming-only fingerprint is put); ``valid`` / ``invalid``: the
+    verdict of ``Store.validate_streaming`` under calibration ``calibration``."""
+
+    status: Literal["pending", "valid", "invalid"]
+    score: float | None = None
+    threshold: float | None = None
+    calibration: int | None = Field(None, ge=0, le=INT64_MAX)
+    """The calibration version (0: the documented prior)."""
+    quality: Literal["high", "medium", "low"] | None = None
+    """The streaming confidences' grade."""
+    validated_at: Timestamp | None = None
+
+
 MetadataKey = Annotated[str, Field(min_length=1, max_length=METADATA_MAX_KEY_CHARS)]
 MetadataValue = Annotated[str, Field(max_length=METADATA_MAX_VALUE_CHARS)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=METADATA_MAX_KEYS)]
@@ -324,6 +341,9 @@ class Fingerprint(_RecordModel):
     metadata: Metadata | None = None
     algorithm_version: str | None = None
     ts: Timestamp | None = None
+    validation: StreamingValidation | None = None
+    """Streaming-vs-batch status (``where={"validation.status": "valid"}``); a streaming-only
+    fingerprint is ``pending`` unless given otherwise."""
 
     @field_validator("batch", mode="before")
     @classmethod
@@ -346,6 +366,19 @@ class Fingerprint(_RecordModel):
         if self.batch is None and self.streaming is None:
             raise _fail("batch", "a fingerprint needs batch or streaming values (or both)")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pending_without_batch(cls, data: Any) -> Any:
+        # streaming values with nothing to check them against yet: pending (docs/validation.md)
+        if (
+            isinstance(data, Mapping)
+            and data.get("batch") is None
+            and data.get("streaming") is not None
+            and data.get("validation") is None
+        ):
+            return {**data, "validation": {"status": "pending"}}
+        return data
 
 
 # --------------------------------------------------------------------------- outcomes, metrics

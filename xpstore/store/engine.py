@@ -312,7 +312,9 @@ def checked_changes(engine: Engine, changes: Mapping[str, Any]) -> dict[str, Any
         key = dotted(name)
         if key in MANAGED:
             raise InvalidArgumentError(
-                f"{name} is written by store.fit_similarity(), not set by hand", field=name
+                f"{name} is written by the store (fit_similarity, calibrate_validation), not "
+                "set by hand",
+                field=name,
             )
         if key in SESSION_ONLY:
             raise InvalidArgumentError(

@@ -278,6 +278,10 @@ class IndexService:
 
         return accept
 
+    def neighbors(self, hits: list[tuple[int, float]]) -> list[Neighbor]:
+        """(record id, score) pairs as Neighbors (track, metadata), live ones only."""
+        return self._neighbors(self.serving(), hits)
+
     def _neighbors(self, server: IndexServer, hits: list[tuple[int, float]]) -> list[Neighbor]:
         """Map (id, score) to Neighbors: track and metadata from the server's answer cache,
         else the overlay or LMDB (one read transaction for the misses)."""

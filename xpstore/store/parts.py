@@ -15,6 +15,8 @@ from xpstore.store.reader import Reader
 from xpstore.store.sampling_service import Sampling
 from xpstore.store.similarity import SimilarityLearner
 from xpstore.store.snapshot_service import AutoSnapshotTask, Snapshots
+from xpstore.store.streaming_service import StreamingService
+from xpstore.store.validation_service import StreamingValidator, ValidationTask
 from xpstore.store.writer import Writer
 
 __all__ = ["StoreParts", "compose"]
@@ -37,6 +39,10 @@ class StoreParts:
     """The background tasks the applier schedules, by name (``"snapshot"``, ``"retention"``)."""
     similarity: SimilarityLearner
     """``fit_similarity``: learned per-dimension weights (issue 11)."""
+    validation: StreamingValidator
+    """Streaming-vs-batch validation (issue 11)."""
+    streaming: StreamingService
+    """The streaming cache and the query strategies (issue 11)."""
 
 
 def compose(engine: Engine) -> StoreParts:
@@ -47,13 +53,16 @@ def compose(engine: Engine) -> StoreParts:
     writer.row_source = index.precompute
     maintenance = Maintenance(engine, reader, writer)
     snapshots = Snapshots(engine)
+    validator = StreamingValidator(engine, reader, writer)
     tasks: dict[str, MaintenanceTask] = {
         "snapshot": AutoSnapshotTask(engine, snapshots),
         "retention": RetentionTask(engine, maintenance),
+        "validation": ValidationTask(engine, validator),
     }
     parts = StoreParts(
         engine, reader, writer, index, Sampling(engine, reader, writer), maintenance, snapshots,
-        Checker(engine), tasks, SimilarityLearner(engine, writer),
+        Checker(engine), tasks, SimilarityLearner(engine, writer), validator,
+        StreamingService(engine, reader, writer, index, validator),
     )  # fmt: skip
     if engine.applier is not None:
         snapshots.clean_temps()

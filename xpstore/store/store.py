@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy.typing as npt
 
-from xpstore.config import StoreConfig, dotted_items
+from xpstore.config import StoreConfig, ValidationCalibration, dotted_items
 from xpstore.errors import XpStoreError
 from xpstore.index.neighbors import Neighbor
 from xpstore.model.progress import ProgressFn
@@ -32,6 +32,8 @@ from xpstore.store.engine import Engine, checked_changes, open_engine
 from xpstore.store.parts import StoreParts, compose
 from xpstore.store.sampling_service import SampleBatch
 from xpstore.store.similarity import SimilarityReport
+from xpstore.store.streaming_service import StreamingPut
+from xpstore.store.validation_service import ValidationResult
 
 __all__ = ["Store", "StoreParts"]
 
@@ -95,6 +97,7 @@ class Store:
         with engine.write_lock:
             engine.closed = True
         p.index.close()
+        p.validation.close()
         if engine.applier is not None:
             engine.applier.join_tasks(timeout=30.0)
         engine.shutdown()
@@ -212,12 +215,8 @@ class Store:
         return self.parts.reader.stats()
 
     def check(self, *, progress: Progress | None = None) -> CheckReport:
-        """Verify the WAL, every LMDB record, the indexes, counts and snapshots; modify nothing.
-
-        ``report.ok`` is True when no problem was found; ``report.problems`` says where and
-        what. ``progress(n)`` is called after each batch of ``n`` records. On some damaged LMDB
-        pages liblmdb aborts the process, which is why ``xpstore verify`` runs it in a child.
-        """
+        """Verify the WAL, every LMDB record, the indexes, counts and snapshots; modify nothing
+        (``report.ok``, ``report.problems``; docs/recovery.md)."""
         return self.parts.checker.check(progress)
 
     # ------------------------------------------------------- similar tracks
@@ -233,21 +232,15 @@ class Store:
         where: Mapping[str, Any] | None = None,
         precomputed: bool = False,
         params: Mapping[str, int] | None = None,
+        strategy: str | None = None,
     ) -> list[Neighbor]:
-        """The ``k`` tracks most similar to a track, a fingerprint or a hybrid vector.
-
-        Give exactly one of ``track_id`` (a stored track), ``fingerprint`` (a Fingerprint, or a
-        mapping of raw audio values by name such as ``{"tempo_bpm": 120, "lufs": -9}``) or
-        ``vector`` (a hybrid vector of the index's dimension). ``weights`` reweights the blocks
-        for this query (``{"audio": .5, "embedding": .5}``). ``exclude_self`` leaves the
-        query's own track out. ``where`` filters the answers' fingerprint records.
-        ``precomputed`` reads the neighbour list the last build stored (no FAISS). ``params``
-        sets ``ef_search``/``nprobe`` for this query. Best first; fewer than ``k`` when the
-        library is smaller.
-        """
-        return self.parts.index.similar(
-            track_id, fingerprint, vector, k=k, weights=weights, exclude_self=exclude_self,
-            where=where, precomputed=precomputed, params=params,
+        """The ``k`` tracks most similar to one of ``track_id``, ``fingerprint`` (a model or raw
+        values by name) or ``vector``, best first. ``weights``, ``exclude_self``, ``where``,
+        ``precomputed``, ``params`` and ``strategy`` are described in docs/index.md and
+        docs/validation.md."""
+        return self.parts.streaming.similar(
+            strategy, track_id, fingerprint, vector, k=k, weights=weights,
+            exclude_self=exclude_self, where=where, precomputed=precomputed, params=params,
         )  # fmt: skip
 
     def similar_many(
@@ -280,6 +273,42 @@ class Store:
         them only with ``use=True`` or ``reconfigure(index_dim_weights="learned")``."""
         return self.parts.similarity.fit(groups, folds, use, seed)
 
+    # ----------------------------------------------------- streaming validation
+    def calibrate_validation(
+        self, *, target_far: float | None = None, tracks: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> ValidationCalibration:  # fmt: skip
+        """Calibrate streaming-vs-batch validation on this store's fingerprints that have both
+        parts (or only ``tracks``), to ``target_far`` (default ``validation.target_far``); logged
+        through the WAL with its sample sizes; the documented prior when too few."""
+        return self.parts.validation.calibrate(target_far, tracks, seed)
+
+    def validate_streaming(
+        self, track_id: str | None = None, *, streaming: Any = None,
+        batch: Mapping[str, float] | None = None, record: bool | None = None,
+    ) -> ValidationResult:  # fmt: skip
+        """Can ``track_id``'s streaming values (or ``streaming=``) be trusted against its batch
+        values (or ``batch=``)? Compared by name; ``record`` (default: a stored track's own
+        values) writes the verdict into the fingerprint's ``validation`` field."""
+        return self.parts.validation.validate(track_id, streaming, batch, record)
+
+    def put_streaming(
+        self, track_id: str, values: Mapping[str, float], confidence: Mapping[str, float],
+        chunk_count: int, final: bool = False,
+    ) -> StreamingPut:  # fmt: skip
+        """Cache a player's streaming values (TTL, LRU by MB; kept if at least as confident);
+        ``final=True`` writes them through the WAL as the track's fingerprint."""
+        return self.parts.streaming.put(track_id, values, confidence, chunk_count, final)
+
+    def streaming_cache_stats(self) -> dict[str, Any]:
+        """Entries, bytes and hit/miss/replace/evict counters of the streaming cache."""
+        return self.parts.streaming.stats()
+
+    def validate_all_streaming(self, *, only_unvalidated: bool = True) -> dict[str, int]:
+        """Validate and record every current fingerprint with both parts (by default those
+        without a verdict under the calibration in force); counts by outcome."""
+        return self.parts.validation.validate_all(only_unvalidated)
+
     # ------------------------------------------------------------- sampling
     def sample(
         self,
@@ -289,14 +318,9 @@ class Store:
         beta: float | None = None,
         seed: int | None = None,
     ) -> SampleBatch:
-        """Draw ``n`` experiences (with replacement) by priority: P(i) = p_i^alpha / sum p^alpha.
-
-        ``kind`` and ``where`` restrict the population; ``beta`` defaults to
-        ``sampling.beta``; ``seed`` restarts the sampler's RNG (saved at a clean close, so a
-        seeded run resumes identically after reopening). Each drawn id's retrieval count goes
-        up by one (durable in batches; docs/sampling.md). EmptySampleError when there is nothing
-        to draw from.
-        """
+        """Draw ``n`` experiences (with replacement) by priority, P(i) = p_i^a / sum p^a, in
+        ``kind``/``where``; ``beta`` for the importance weights; ``seed`` restarts the RNG
+        (docs/sampling.md). EmptySampleError when there is nothing to draw from."""
         return self.parts.sampling.sample(n, kind, where, beta, seed)
 
     def update_priorities(self, ids: Iterable[int], priorities: Iterable[float]) -> None:
@@ -365,17 +389,11 @@ class Store:
 
     # ---------------------------------------------------------- maintenance
     def apply_retention(self, now: float | None = None) -> dict[str, int]:
-        """Evict what ``retention.rules`` no longer allows; return the evictions per kind.
-
-        Per kind with a rule: the oldest records beyond ``max_count``, and every record with
-        ``ts < now - max_age_s``. Each eviction is a delete logged in the WAL.
-        """
+        """Evict what ``retention.rules`` no longer allows (the oldest beyond ``max_count``, those
+        older than ``max_age_s``), as deletes in the WAL; return the evictions per kind."""
         return self.parts.maintenance.apply_retention(now)
 
     def compact(self, *, progress: ProgressFn | None = None) -> CompactReport:
-        """Rewrite LMDB compactly and swap it in, crash-safely (LMDB never shrinks by itself).
-
-        Writers wait for the duration; reader processes must reopen the store afterwards.
-        ``progress(phase, done, total, unit)`` follows the copy.
-        """
+        """Rewrite LMDB compactly and swap it in, crash-safely; writers wait, reader processes
+        reopen afterwards (docs/maintenance.md)."""
         return self.parts.maintenance.compact(progress)
