@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-from xpstore import Store
+from xpstore import Fingerprint, Store
 from xpstore.cli import main
 from xpstore.demo.synthetic import make_fingerprint, make_mixed
 
@@ -49,6 +49,8 @@ def test_readme_example_runs_and_verify_passes(tmp_path: Path,
         "records": records,
         "t0": 1_690_000_000.0,
         "new_priorities": [0.5 + i / 512 for i in range(256)],
+        "groups": {r.track_id: f"album-{i % 6}" for i, r in enumerate(
+            r for r in records if isinstance(r, Fingerprint))},
     }
     exec(compile(readme_example(), "README.md", "exec"), namespace)
     with Store.open("data/xp", readonly=True) as store:
