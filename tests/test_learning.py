@@ -333,3 +333,17 @@ def test_learn_cli_reports_and_refuses_bad_arguments(tmp_path: Path) -> None:
                                    "--user", "nobody"])  # fmt: skip
     assert missing.exit_code == 2 and "nobody" in missing.stderr
     assert DEFAULT_RULES["high_energy"] == "punchy"
+
+
+def test_learn_report_plot_writes_a_png_of_the_expected_size(tmp_path: Path) -> None:
+    sim = tmp_path / "sim"
+    runner = CliRunner()
+    assert runner.invoke(main, ["learn", "simulate", str(sim), "--listeners", "2",
+                                "--interactions", "150", "--policy", "default"]).exit_code == 0
+    png = tmp_path / "learn.png"
+    res = runner.invoke(main, ["learn", "report", str(sim / "default"), "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (1000, 420)

@@ -37,11 +37,14 @@ def learn() -> None:
               help="Accuracy per predicted label, context or user.")
 @click.option("--window", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Recent resolved outcomes for the windowed figures.")
+@click.option("--plot", "plot", type=click.Path(path_type=Path), default=None,
+              help="Also draw the reliability diagram and the accuracy curve into this PNG "
+                   "(needs the plots extra: matplotlib).")
 @policy_option
 @readonly_option
 @json_option
-def report(path: Path, by: str | None, window: int, policy: str, readonly: bool,
-           as_json: bool) -> None:  # fmt: skip
+def report(path: Path, by: str | None, window: int, plot: Path | None, policy: str,
+           readonly: bool, as_json: bool) -> None:  # fmt: skip
     """Accuracy (overall and per key, windowed and all time), calibration, weights and rules.
 
     \b
@@ -61,6 +64,10 @@ def report(path: Path, by: str | None, window: int, policy: str, readonly: bool,
         }  # fmt: skip
         if by is not None:
             out["by"] = {by: lrn.accuracy(by=by, window=window)}
+        if plot is not None:
+            from xpstore.tuning.plots import plot_learning
+
+            out["plot"] = str(plot_learning(lrn, plot))
     if as_json:
         emit_json(out)
         return
@@ -75,6 +82,8 @@ def report(path: Path, by: str | None, window: int, policy: str, readonly: bool,
     g = out["weights"]["global"]
     click.echo(f"global weights: user {g['user_weight']:.2f}, audio {g['audio_weight']:.2f}; "
                f"{len(out['weights']['users'])} listeners with their own")  # fmt: skip
+    if plot is not None:
+        click.echo(f"wrote {plot}")
     if by is not None:
         click.echo(f"by {by}:")
         for key, row in out["by"][by].items():
