@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from xpstore import Learner, Store
+from xpstore import Learner, PredictionOutcome, Store
 from xpstore.demo.listeners import make_listeners, simulate, track_features
 
 POLICIES = ("fixed", "seed", "default", "oracle")
@@ -86,6 +86,30 @@ def replay_race(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return out
 
 
+def rebuild_time(n: int, work: Path) -> float:
+    """Seconds for ``Learner(store)`` to rebuild its tallies from ``n`` resolved outcomes."""
+    rng = np.random.default_rng(3)
+    people = make_listeners(20, rng, max(1, n // 20))
+    labels = ["adaptive", "gentle", "warm", "bright", "punchy", "live"]
+    with Store.open(work / f"rebuild-{n}", create=True, durability="none") as st:
+        for start in range(0, n, 10_000):
+            batch = []
+            for i in range(start, min(n, start + 10_000)):
+                f = track_features(rng)
+                batch.append(PredictionOutcome(
+                    predicted=labels[i % 6], actual=people[i % 20].choose(f, 0, rng),
+                    confidence=0.5, context="warm_start", user_id=people[i % 20].user_id,
+                    audio_features=f, score=0.4, ts=1_700_000_000.0 + i,
+                ))  # fmt: skip
+            st.put_many(batch)
+    with Store.open(work / f"rebuild-{n}") as st:
+        t0 = time.perf_counter()
+        lrn = Learner(st, policy="default")
+        took = time.perf_counter() - t0
+        assert lrn.resolved == n
+    return took
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--listeners", type=int, default=10)
@@ -93,7 +117,15 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--last", type=int, default=1000)
     p.add_argument("--target", type=float, default=0.58, help="accuracy for the replay race")
+    p.add_argument("--rebuild", type=int, default=0,
+                   help="only measure the learner's rebuild from this many resolved outcomes")
     args = p.parse_args()
+    if args.rebuild:
+        with tempfile.TemporaryDirectory() as tmp:
+            took = rebuild_time(args.rebuild, Path(tmp))
+        print(f"learner rebuild from {args.rebuild:,} resolved outcomes: {took:.2f} s "
+              f"({took / args.rebuild * 1e6:.1f} µs per outcome)")  # fmt: skip
+        return
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
