@@ -70,20 +70,45 @@ def costs(work: Path) -> dict[str, float]:
 
 
 def replay_race(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Prioritized (alpha 0.6) vs uniform (alpha 0) replay on the same data: interactions until
-    the default policy's rolling accuracy first reaches ``--target``."""
+    """Prioritized (alpha 0.6) vs uniform (alpha 0) replay on the same data. Replay trains the
+    global affinity table, so that is what is raced: after each learning step, the table's own
+    accuracy (argmax of A with the global table) over the last 500 resolved outcomes; reported:
+    interactions until it first reaches ``--target``, and its final value, per seed. The overall
+    accuracy of the default policy is reported too (it mostly comes from per-listener counts)."""
     out: dict[str, Any] = {}
     for name, alpha in (("prioritized", 0.6), ("uniform", 0.0)):
-        reached = []
+        rows = []
         for seed in range(args.seeds):
             with Store.open(work / f"race-{name}-{seed}", create=True, durability="none",
                             priority_alpha=alpha) as st:  # fmt: skip
-                res = simulate(st, "default", listeners=args.listeners,
-                               interactions=args.interactions, seed=seed, block=50)  # fmt: skip
-            hit = next((i for i, a in enumerate(res.curve) if a >= args.target), None)
-            reached.append(None if hit is None else (hit + 1) * 50 * args.listeners)
-        out[name] = reached
+                rows.append(_race_one(st, args, seed))
+        out[name] = rows
     return out
+
+
+def _race_one(st: Store, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    people = make_listeners(args.listeners, rng, args.interactions)
+    lrn = Learner(st, policy="default", seed=seed)
+    curve: list[float] = []
+    hits = 0
+    for t in range(args.interactions):
+        for person in people:
+            f = track_features(rng)
+            pred = lrn.predict(person.user_id, f)
+            actual = person.choose(f, t, rng)
+            hits += pred.label == actual
+            lrn.resolve(lrn.record(pred), actual)
+            if lrn.resolved % lrn.learn_every == 0:
+                recent = list(lrn.recent)[-500:]
+                ok = sum(1 for w in recent if max(
+                    (d := lrn.table.distribution(w.conds, lrn.labels)), key=d.__getitem__
+                ) == w.actual)  # fmt: skip
+                curve.append(ok / len(recent))
+    reach = next((i for i, a in enumerate(curve) if a >= args.target), None)
+    return {"reached_at": None if reach is None else (reach + 1) * lrn.learn_every,
+            "table_final": curve[-1] if curve else None,
+            "accuracy_all": hits / (args.interactions * args.listeners)}  # fmt: skip
 
 
 def rebuild_time(n: int, work: Path) -> float:
@@ -116,7 +141,8 @@ def main() -> None:
     p.add_argument("--interactions", type=int, default=1000, help="per listener")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--last", type=int, default=1000)
-    p.add_argument("--target", type=float, default=0.58, help="accuracy for the replay race")
+    p.add_argument("--target", type=float, default=0.30,
+                   help="table accuracy for the replay race")
     p.add_argument("--rebuild", type=int, default=0,
                    help="only measure the learner's rebuild from this many resolved outcomes")
     args = p.parse_args()
@@ -147,8 +173,11 @@ def main() -> None:
     print(f"\npredict p50 {cost['predict_p50_us']:.1f} µs (p99 {cost['predict_p99_us']:.1f} µs); "
           f"resolve: {cost['resolve_durable_updates']:.0f} durable update per call (checked); "
           f"step(256) median {cost['step_256_median_ms']:.1f} ms")  # fmt: skip
-    print(f"replay race to accuracy {args.target}: interactions needed per seed, "
-          f"prioritized {race['prioritized']} vs uniform {race['uniform']}")  # fmt: skip
+    for name, rows in race.items():
+        print(f"replay race, {name}: table accuracy reached {args.target} after "
+              f"{[r['reached_at'] for r in rows]} interactions; final table accuracy "
+              f"{[round(r['table_final'], 3) for r in rows]}; overall accuracy "
+              f"{[round(r['accuracy_all'], 3) for r in rows]}")  # fmt: skip
     default_ece = statistics.mean([r.ece for r in acc["default"] if r.ece is not None] or [1.0])
     for bar, ok in (
         ("default >= fixed + 10 points", means["default"] >= means["fixed"] + 0.10),
