@@ -256,7 +256,7 @@ class Learner:
                                        field="window")  # fmt: skip
         recent = list(self.recent)[-window:] if window else list(self.recent)
         if by is None:
-            return {"all_time": _rate(self.totals), "window": _rate(_count(recent, None)),
+            return {"all_time": _rate(self.totals), "window": _rate(_count(recent)),
                     "window_size": len(recent)}  # fmt: skip
         keyed = self.by[by]
         keys = sorted(set(keyed) | {_key(r, by) for r in recent})
@@ -400,7 +400,7 @@ def _key(w: Window, by: str) -> str:
     return w.predicted if by == "label" else w.context if by == "context" else w.user
 
 
-def _count(items: Iterable[Window], by: str | None) -> tuple[int, int]:
+def _count(items: Iterable[Window]) -> tuple[int, int]:
     out = (0, 0)
     for w in items:
         out = _inc(out, w.correct)
