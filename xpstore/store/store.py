@@ -65,16 +65,11 @@ class Store:
         progress: ProgressFn | None = None,
         **overrides: Any,
     ) -> Store:
-        """Open (or with ``create=True`` create) the store at ``path``.
-
-        ``config`` (or keyword overrides by flat or dotted name, such as ``durability=``,
-        ``hold_applier=``) applies to this session; a new store persists it. ``to_lsn`` (with
-        ``recovery_mode="point_in_time"``) recovers only the WAL prefix up to that LSN and sets
-        the rest aside as ``.broken`` copies. ``progress(phase, done, total, unit)`` follows
-        the WAL replay of a writer open. Raises StoreNotFoundError, FormatVersionError,
-        StoreLockedError, WALCorruptionError (see ``recovery_mode``), LmdbCorruptionError (a
-        damaged LMDB data file, found before it is mapped).
-        """
+        """Open (``create=True``: create) the store at ``path``. ``config``/keyword overrides
+        (flat or dotted names) apply to this session and persist for a new store; ``to_lsn``
+        goes with ``recovery_mode="point_in_time"``; ``progress(phase, done, total, unit)``
+        follows the WAL replay. Raises StoreNotFoundError, FormatVersionError, StoreLockedError,
+        WALCorruptionError, LmdbCorruptionError (docs/recovery.md)."""
         given = dotted_items(config or {})
         given.update(dotted_items(overrides))
         given.update(dotted_items({"durability": durability, "recovery_mode": recovery_mode}))
@@ -126,13 +121,8 @@ class Store:
         return self.parts.engine.embedding_dim
 
     def reconfigure(self, **changes: Any) -> StoreConfig:
-        """Change persisted settings (flat or dotted names): validated, logged through the WAL
-        (durable like any write), and applied to the running store; return the config in force.
-
-        Only knobs in :data:`xpstore.config.LIVE` change this way (index knobs take effect at
-        the next build); others raise InvalidArgumentError saying they need a reopen, and
-        session-only ones (``hold_applier``, ``recovery_mode``) belong to ``Store.open``.
-        """
+        """Change persisted settings in :data:`xpstore.config.LIVE` through the WAL and apply
+        them live; return the config in force (others raise InvalidArgumentError)."""
         engine = self.parts.engine
         engine.writable()
         if not changes:
@@ -145,10 +135,7 @@ class Store:
         return self.parts.writer.put_many([record])[0]
 
     def check_record(self, record: Record | Mapping[str, Any]) -> None:
-        """Raise what ``put(record)`` would raise for an invalid record, writing nothing: the
-        model's checks, the store's embedding dimension and ``records.max_record_bytes``
-        (RecordTooLargeError naming the largest field). For validating a batch before any of it
-        is written, as ``xpstore ingest`` does."""
+        """Raise what ``put(record)`` would raise for an invalid record, writing nothing."""
         self.parts.writer.check(record)
 
     def put_many(self, records: Iterable[Record | Mapping[str, Any]]) -> list[int]:
@@ -156,8 +143,7 @@ class Store:
         return self.parts.writer.put_many(records)
 
     def batch(self) -> WriteBatch:
-        """Several writes as one WAL frame (one fsync, all or nothing), logged when the
-        ``with`` block ends: ``put_many``, ``record_feedback``, ``update_priorities``."""
+        """Several writes as one WAL frame (one fsync, all or nothing) when ``with`` ends."""
         self.parts.engine.writable()
         return WriteBatch(self.parts.writer)
 
@@ -234,10 +220,8 @@ class Store:
         params: Mapping[str, int] | None = None,
         strategy: str | None = None,
     ) -> list[Neighbor]:
-        """The ``k`` tracks most similar to one of ``track_id``, ``fingerprint`` (a model or raw
-        values by name) or ``vector``, best first. ``weights``, ``exclude_self``, ``where``,
-        ``precomputed``, ``params`` and ``strategy`` are described in docs/index.md and
-        docs/validation.md."""
+        """The ``k`` tracks most similar to ``track_id``, ``fingerprint`` or ``vector``, best
+        first (the options: docs/index.md, docs/validation.md)."""
         return self.parts.streaming.similar(
             strategy, track_id, fingerprint, vector, k=k, weights=weights,
             exclude_self=exclude_self, where=where, precomputed=precomputed, params=params,
@@ -258,19 +242,14 @@ class Store:
         return self.parts.index.status()
 
     def rebuild_index(self, *, wait: bool = True, timeout: float | None = None) -> dict[str, Any]:
-        """Rebuild the index now, blue-green (queries keep being served); return the status.
-
-        With ``wait=False`` it returns at once and the build runs in the background.
-        """
+        """Rebuild the index blue-green (queries keep being served); ``wait=False``: background."""
         return self.parts.index.rebuild(wait=wait, timeout=timeout)
 
     def fit_similarity(
         self, groups: Mapping[str, Hashable], *, folds: int = 5, use: bool = False, seed: int = 0
     ) -> SimilarityReport:
-        """Learn per-dimension audio weights from tracks known to belong together (``groups``:
-        track id -> group label, e.g. the segments of one track, an album), cross-validated by
-        group in ``folds``; log them as ``index.learned`` and report their gain. Builds use
-        them only with ``use=True`` or ``reconfigure(index_dim_weights="learned")``."""
+        """Learn per-dimension audio weights from ``groups`` (track id -> group label),
+        cross-validated by group; logged as ``index.learned`` (docs/validation.md)."""
         return self.parts.similarity.fit(groups, folds, use, seed)
 
     # ----------------------------------------------------- streaming validation
@@ -278,26 +257,21 @@ class Store:
         self, *, target_far: float | None = None, tracks: Sequence[str] | None = None,
         seed: int = 0,
     ) -> ValidationCalibration:  # fmt: skip
-        """Calibrate streaming-vs-batch validation on this store's fingerprints that have both
-        parts (or only ``tracks``), to ``target_far`` (default ``validation.target_far``); logged
-        through the WAL with its sample sizes; the documented prior when too few."""
+        """Calibrate streaming-vs-batch validation to ``target_far`` (docs/validation.md)."""
         return self.parts.validation.calibrate(target_far, tracks, seed)
 
     def validate_streaming(
         self, track_id: str | None = None, *, streaming: Any = None,
         batch: Mapping[str, float] | None = None, record: bool | None = None,
     ) -> ValidationResult:  # fmt: skip
-        """Can ``track_id``'s streaming values (or ``streaming=``) be trusted against its batch
-        values (or ``batch=``)? Compared by name; ``record`` (default: a stored track's own
-        values) writes the verdict into the fingerprint's ``validation`` field."""
+        """Can streaming values be trusted against batch values? (docs/validation.md)."""
         return self.parts.validation.validate(track_id, streaming, batch, record)
 
     def put_streaming(
         self, track_id: str, values: Mapping[str, float], confidence: Mapping[str, float],
         chunk_count: int, final: bool = False,
     ) -> StreamingPut:  # fmt: skip
-        """Cache a player's streaming values (TTL, LRU by MB; kept if at least as confident);
-        ``final=True`` writes them through the WAL as the track's fingerprint."""
+        """Cache a player's streaming values; ``final=True`` writes the fingerprint."""
         return self.parts.streaming.put(track_id, values, confidence, chunk_count, final)
 
     def streaming_cache_stats(self) -> dict[str, Any]:
@@ -305,8 +279,7 @@ class Store:
         return self.parts.streaming.stats()
 
     def validate_all_streaming(self, *, only_unvalidated: bool = True) -> dict[str, int]:
-        """Validate and record every current fingerprint with both parts (by default those
-        without a verdict under the calibration in force); counts by outcome."""
+        """Validate and record every fingerprint with both parts; counts by outcome."""
         return self.parts.validation.validate_all(only_unvalidated)
 
     # ------------------------------------------------------------- sampling
@@ -318,24 +291,18 @@ class Store:
         beta: float | None = None,
         seed: int | None = None,
     ) -> SampleBatch:
-        """Draw ``n`` experiences (with replacement) by priority, P(i) = p_i^a / sum p^a, in
-        ``kind``/``where``; ``beta`` for the importance weights; ``seed`` restarts the RNG
-        (docs/sampling.md). EmptySampleError when there is nothing to draw from."""
+        """Draw ``n`` experiences (with replacement) by priority in ``kind``/``where``
+        (docs/sampling.md); EmptySampleError when there is nothing to draw from."""
         return self.parts.sampling.sample(n, kind, where, beta, seed)
 
     def update_priorities(self, ids: Iterable[int], priorities: Iterable[float]) -> None:
-        """Set explicit priorities (replacing the formula's) through the WAL, one sync for all.
-
-        Priorities must be finite and > 0; with repeated ids the last one wins. Unknown ids
-        raise RecordNotFoundError before anything is logged.
-        """
+        """Set explicit priorities (finite, > 0; last wins) through the WAL, one sync."""
         self.parts.sampling.update_priorities(ids, priorities)
 
     def record_feedback(
         self, ids: Iterable[int], success: bool | Sequence[bool], *, count_retrieval: bool = False
     ) -> None:
-        """Value tracking: ``success_count += 1`` for each id whose use succeeded (through the
-        WAL). ``count_retrieval=True`` also counts a retrieval (``sample`` already does)."""
+        """``success_count += 1`` for each id whose use succeeded (through the WAL)."""
         self.parts.sampling.record_feedback(ids, success, count_retrieval)
 
     def sampling_probabilities(self, kind: str | None = None) -> dict[int, float]:
@@ -349,9 +316,7 @@ class Store:
         return self.parts.snapshots.snapshot_dir
 
     def snapshot(self, *, progress: ProgressFn | None = None) -> SnapshotInfo:
-        """Take a snapshot now: a compacted LMDB copy at an exact LSN, with a manifest; it holds
-        everything acknowledged before the call. ``progress(phase, done, total, unit)``
-        follows the copy and the hashing."""
+        """Take a snapshot now holding everything acknowledged before the call."""
         return self.parts.snapshots.snapshot(progress)
 
     def list_snapshots(self) -> list[SnapshotInfo]:
@@ -375,10 +340,8 @@ class Store:
         to_time: float | None = None,
         progress: ProgressFn | None = None,
     ) -> Path:
-        """Write a new store at ``into`` holding snapshot ``snapshot_id``, rolled forward through
-        this store's retained WAL to ``to_lsn`` or ``to_time`` if given; return its path.
-        Every checksum is verified first; nothing appears at ``into`` unless it completes.
-        ``progress(phase, done, total, unit)`` is called as the copy and the replay advance."""
+        """Write a new store at ``into`` from a verified snapshot, rolled forward through the
+        retained WAL to ``to_lsn``/``to_time``; nothing appears at ``into`` unless it completes."""
         return self.parts.snapshots.restore_snapshot(snapshot_id, into, to_lsn=to_lsn,
                                                      to_time=to_time,
                                                      progress=progress)  # fmt: skip
@@ -389,11 +352,9 @@ class Store:
 
     # ---------------------------------------------------------- maintenance
     def apply_retention(self, now: float | None = None) -> dict[str, int]:
-        """Evict what ``retention.rules`` no longer allows (the oldest beyond ``max_count``, those
-        older than ``max_age_s``), as deletes in the WAL; return the evictions per kind."""
+        """Evict what ``retention.rules`` no longer allows (deletes in the WAL); counts by kind."""
         return self.parts.maintenance.apply_retention(now)
 
     def compact(self, *, progress: ProgressFn | None = None) -> CompactReport:
-        """Rewrite LMDB compactly and swap it in, crash-safely; writers wait, reader processes
-        reopen afterwards (docs/maintenance.md)."""
+        """Rewrite LMDB compactly and swap it in, crash-safely (docs/maintenance.md)."""
         return self.parts.maintenance.compact(progress)
