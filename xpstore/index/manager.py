@@ -66,6 +66,7 @@ from xpstore.model.records import Fingerprint, Record
 from xpstore.persistence import fs
 from xpstore.persistence.crashpoints import crash_point
 from xpstore.persistence.lmdb_tables import LmdbTables, from_u64
+from xpstore.persistence.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from xpstore.config import IndexSettings
@@ -131,8 +132,10 @@ class IndexManager:
         overlay: Overlay | None,
         readonly: bool,
         flush: Callable[[], None] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.root = root
+        self.telemetry = telemetry or Telemetry()
         self.dir = index_dir(root)
         self.tables = tables
         self.settings = settings
@@ -579,6 +582,7 @@ class Rebuilder:
         if nb_path is not None:
             self._store_neighbors(nb_path, build_id)
         self.builds += 1
+        self.m.telemetry.observe("index.rebuild", info.duration_s)
         log.info("index rebuild %d done: %s, %d vectors, %.2f s, recall@10 %s", build_id,
                  info.kind, info.count, info.duration_s, info.recall_at_10)  # fmt: skip
         return info

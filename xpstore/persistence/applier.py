@@ -28,6 +28,7 @@ from xpstore.persistence.lmdb_tables import (
     TrackSet,
 )
 from xpstore.persistence.overlay import Overlay
+from xpstore.persistence.telemetry import Telemetry
 from xpstore.persistence.wal import WalWriter
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,11 @@ class Applier:
     """Background thread: overlay -> LMDB in batches, periodic checkpoints, maintenance tasks."""
 
     def __init__(
-        self, overlay: Overlay, tables: LmdbTables, apply: ApplySettings, wal: WalSettings
-    ) -> None:
+        self, overlay: Overlay, tables: LmdbTables, apply: ApplySettings, wal: WalSettings,
+        telemetry: Telemetry | None = None,
+    ) -> None:  # fmt: skip
         self._overlay = overlay
+        self._telemetry = telemetry or Telemetry()
         self._tables = tables
         self._wal: WalWriter | None = None
         self._apply_lock = threading.Lock()  # the thread, close() and flush() may all apply
@@ -178,8 +181,11 @@ class Applier:
             effects = self._overlay.take(self._batch)
             if not effects:
                 return False
+            start = time.perf_counter()
             self._tables.apply(to_changes(effects), effects[-1].lsn)
             self._overlay.applied(effects)
+            self._telemetry.observe("apply", time.perf_counter() - start)
+            self._telemetry.observe("apply.batch_ops", len(effects))
         self.batches += 1
         self._applied_since_ckpt += len(effects)
         return True

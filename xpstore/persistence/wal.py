@@ -38,6 +38,7 @@ from pathlib import Path
 from xpstore.errors import RecordTooLargeError, WALWriteError
 from xpstore.persistence import fs
 from xpstore.persistence.crashpoints import crash_point
+from xpstore.persistence.telemetry import Telemetry
 from xpstore.persistence.wal_format import (
     FRAME_HEADER_SIZE,
     SEGMENT_NAME_RE,
@@ -87,6 +88,7 @@ class WalWriter:
         max_frame_bytes: int,
         group_commit_ms: float,
         on_durable: DurableCallback,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._dir = wal_dir
         self._store_id = store_id
@@ -109,6 +111,7 @@ class WalWriter:
         self._poison: WALWriteError | None = None
         self._closed = False
         self.stats = WalStats()
+        self._telemetry = telemetry or Telemetry()
         self._fd = -1
         self._seg_path = Path()
         self._seg_size = 0
@@ -374,6 +377,8 @@ class WalWriter:
         self.stats.frames += len(frames)
         self.stats.ops += sum(len(g.ops) for g in groups)
         self.stats.bytes += len(data)
+        self._telemetry.observe("wal.commit_writers", len(groups))  # writers sharing this write
+        self._telemetry.incr("wal.bytes", len(data))
 
     def _sync_locked(self) -> None:
         if self._synced_lsn >= self._written_lsn or self._fd < 0:
@@ -388,8 +393,10 @@ class WalWriter:
                 self._poison = err
                 self._wake_all_locked()
             raise err from exc
+        elapsed = time.perf_counter() - start
         self.stats.syncs += 1
-        self.stats.sync_seconds += time.perf_counter() - start
+        self.stats.sync_seconds += elapsed
+        self._telemetry.observe("wal.fsync", elapsed)
         self._synced_lsn = target
 
     def _write_error(self, what: str, exc: OSError, offset: int) -> WALWriteError:

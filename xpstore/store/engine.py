@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from xpstore.config import LIVE, MANAGED, SESSION_ONLY, StoreConfig, dotted, make_config
 from xpstore.errors import (
@@ -34,10 +35,11 @@ from xpstore.persistence.lmdb_tables import LmdbTables
 from xpstore.persistence.lock import WriterLock
 from xpstore.persistence.overlay import Overlay
 from xpstore.persistence.replayer import Replayer
+from xpstore.persistence.telemetry import Telemetry
 from xpstore.persistence.wal import WalWriter
 from xpstore.persistence.wal_recovery import RecoveryReport, recover_wal
 
-__all__ = ["Engine", "Settings", "checked_changes", "open_engine"]
+__all__ = ["Engine", "Settings", "checked_changes", "open_engine", "timed"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,8 @@ class Engine:
         self.wal: WalWriter | None = None
         self.applier: Applier | None = None
         self.recovery_report: RecoveryReport | None = None
+        self.telemetry = Telemetry()
+        """Operation latencies and counters in memory (docs/design.md, "Telemetry")."""
 
     @property
     def config(self) -> StoreConfig:
@@ -248,8 +252,9 @@ def _open(
         max_frame_bytes=cfg.wal.max_frame_bytes,
         group_commit_ms=cfg.wal.group_commit_ms,
         on_durable=lambda _first, last: overlay.make_durable(last),
+        telemetry=engine.telemetry,
     )
-    applier = Applier(overlay, engine.tables, cfg.apply, cfg.wal)
+    applier = Applier(overlay, engine.tables, cfg.apply, cfg.wal, engine.telemetry)
     engine.settings.watch(lambda new: applier.configure(new.apply, new.wal))
     engine.applier = applier
     applier.attach_wal(engine.wal)
@@ -329,3 +334,31 @@ def checked_changes(engine: Engine, changes: Mapping[str, Any]) -> dict[str, Any
         named[key] = value
     engine.settings.persisted.changed(named)  # validates every value, changes nothing
     return named
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class _Component(Protocol):
+    _engine: Engine
+
+
+def timed(
+    name: str,
+) -> Callable[[Callable[Concatenate[Any, P], R]], Callable[Concatenate[Any, P], R]]:
+    """Decorate a component method (one with ``self._engine``) so each call's wall time is
+    observed under ``name`` in ``engine.telemetry``, also when it raises."""
+
+    def wrap(fn: Callable[Concatenate[Any, P], R]) -> Callable[Concatenate[Any, P], R]:
+        def call(self: _Component, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            start = time.perf_counter()
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                self._engine.telemetry.observe(name, time.perf_counter() - start)
+
+        call.__name__, call.__qualname__, call.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+        return call
+
+    return wrap

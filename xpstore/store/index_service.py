@@ -30,7 +30,7 @@ from xpstore.index.neighbors import Neighbor
 from xpstore.model.events import IndexRow
 from xpstore.model.records import BATCH_FIELDS, Experience, Fingerprint, Record, record_from_json
 from xpstore.model.where import compile_where
-from xpstore.store.engine import Engine
+from xpstore.store.engine import Engine, timed
 from xpstore.store.reader import Reader
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ class IndexService:
         engine.settings.watch(self._configure)
 
     # ------------------------------------------------------------------ public
+    @timed("similar")
     def similar(
         self,
         track_id: str | None,
@@ -120,6 +121,7 @@ class IndexService:
         )[0]
         return self._neighbors(server, hits)
 
+    @timed("similar_many")
     def similar_many(
         self, vectors: npt.ArrayLike, *, k: int, params: Mapping[str, int] | None
     ) -> list[list[Neighbor]]:
@@ -229,6 +231,7 @@ class IndexService:
                 overlay=None if engine.readonly else engine.overlay,
                 readonly=engine.readonly,
                 flush=None if engine.readonly else engine.apply_through_acked,
+                telemetry=engine.telemetry,
             )
             server = mgr.attach()
             self.manager = mgr

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from xpstore.persistence.applier import MaintenanceTask
+from xpstore.persistence.telemetry import Telemetry
 from xpstore.store.checker import Checker
 from xpstore.store.engine import Engine
 from xpstore.store.index_service import IndexService
@@ -43,6 +44,12 @@ class StoreParts:
     """Streaming-vs-batch validation (issue 11)."""
     streaming: StreamingService
     """The streaming cache and the query strategies (issue 11)."""
+
+    @property
+    def telemetry(self) -> Telemetry:
+        """Operation latencies and counters since open (``put``, ``wal.fsync``, ``apply``,
+        ``similar``, ``sample``, ``snapshot``, ``index.rebuild``; docs/design.md)."""
+        return self.engine.telemetry
 
 
 def compose(engine: Engine) -> StoreParts:

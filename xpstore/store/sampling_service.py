@@ -25,7 +25,7 @@ from xpstore.model.records import SAMPLEABLE_KINDS, Experience
 from xpstore.model.where import compile_where
 from xpstore.persistence import wal as wal_mod
 from xpstore.sampling.priority import PriorityModel
-from xpstore.store.engine import Engine
+from xpstore.store.engine import Engine, timed
 from xpstore.store.reader import Reader, kinds_arg
 from xpstore.store.writer import Writer
 
@@ -68,6 +68,7 @@ class Sampling:
         engine.settings.watch(self._configure)
 
     # ------------------------------------------------------------------ public
+    @timed("sample")
     def sample(
         self,
         n: int,
@@ -305,4 +306,3 @@ def _ids_arg(ids: Iterable[int], name: str = "ids") -> list[int]:
         if isinstance(rid, bool) or not isinstance(rid, int | np.integer) or rid < 1:
             raise InvalidArgumentError(f"{name}[{i}] is not a record id: {rid!r}", field=name)
     return [int(r) for r in out]
-

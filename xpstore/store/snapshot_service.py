@@ -19,7 +19,7 @@ from xpstore.model.codec import KIND_BY_CODE
 from xpstore.model.progress import ProgressFn
 from xpstore.ops import snapshots as snap_mod
 from xpstore.ops.snapshots import SnapshotInfo
-from xpstore.store.engine import Engine
+from xpstore.store.engine import Engine, timed
 
 __all__ = ["AutoSnapshotTask", "Snapshots"]
 
@@ -42,6 +42,7 @@ class Snapshots:
         engine = self._engine
         return snap_mod.snapshot_root(engine.path, engine.config.snapshots.dir)
 
+    @timed("snapshot")
     def snapshot(self, progress: ProgressFn | None = None) -> SnapshotInfo:
         """Take a snapshot now: a compacted LMDB copy at an exact LSN, with a manifest.
 

@@ -43,7 +43,7 @@ from xpstore.model.records import (
     record_from_json,
 )
 from xpstore.persistence.overlay import MISSING
-from xpstore.store.engine import Engine
+from xpstore.store.engine import Engine, timed
 from xpstore.store.reader import Reader, record_id
 
 __all__ = ["RowSource", "Writer"]
@@ -64,12 +64,14 @@ class Writer:
         self._logged = engine.settings.persisted  # the newest settings document in the WAL
 
     # ------------------------------------------------------------------ records
+    @timed("put")
     def put_many(self, records: Iterable[Record | Mapping[str, Any]]) -> list[int]:
         """Store records atomically (one WAL frame, one sync); return their ids in order."""
         ops, payloads, rows = self.prepare_puts(records)
         if not ops:
             return []
         first, _last = self.submit(ops, payloads, rows)
+        self._engine.telemetry.incr("put.records", len(ops))
         return list(range(first, first + len(ops)))
 
     def prepare_puts(
