@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from xpstore.model.records import Decision, PredictionOutcome
 from xpstore.tuning.model import (
@@ -238,23 +239,39 @@ class DefaultPolicy(Policy):
             totals[cond] = totals.get(cond, 0.0) + wt
 
     def audio(self, user_id: str, conds: Active) -> dict[str, float]:
-        lrn = self.learner
-        labels = lrn.labels
-        if not conds:
-            return dict.fromkeys(labels, 1.0 / len(labels))
-        counts = self.cond_counts.get(user_id, {})
-        totals = self.cond_totals.get(user_id, {})
+        vec = self._audio_vector(user_id, conds, {})
+        return dict(zip(self.learner.labels, vec.tolist(), strict=True))
+
+    def _posterior(
+        self, user_id: str, cond: str, cache: dict[tuple[str, str], npt.NDArray[np.float64]]
+    ) -> npt.NDArray[np.float64]:
+        """The listener's Beta-Bernoulli posterior mean per label for one condition: their
+        decayed counts plus PRIOR_STRENGTH pseudo-outcomes of the global table's row."""
+        got = cache.get((user_id, cond))
+        if got is not None:
+            return got
+        labels = self.learner.labels
+        prior = self.learner.table.distribution(((cond, 1.0),), labels)
+        row = self.cond_counts.get(user_id, {}).get(cond, {})
+        n = self.cond_totals.get(user_id, {}).get(cond, 0.0)
         k = self.PRIOR_STRENGTH
-        table = lrn.table
-        raw = dict.fromkeys(labels, 0.0)
-        for (cond, strength), wt in zip(conds, weights_of(conds), strict=True):
-            prior = table.distribution(((cond, strength),), labels)
-            row = counts.get(cond, {})
-            n = totals.get(cond, 0.0)
-            for lab in labels:
-                raw[lab] += wt * (row.get(lab, 0.0) + k * prior[lab]) / (n + k)
-        s = sum(raw.values())
-        return {lab: v / s for lab, v in raw.items()}
+        vec = np.array([(row.get(lab, 0.0) + k * prior[lab]) / (n + k) for lab in labels])
+        cache[(user_id, cond)] = vec
+        return vec
+
+    def _audio_vector(
+        self, user_id: str, conds: Active, cache: dict[tuple[str, str], npt.NDArray[np.float64]]
+    ) -> npt.NDArray[np.float64]:
+        """A(features, ·) for one listener: the strength-weighted posteriors, normalized.
+        ``cache`` holds posteriors while the tallies and the table stay as they are."""
+        n = len(self.learner.labels)
+        if not conds:
+            return np.full(n, 1.0 / n)
+        raw = np.zeros(n)
+        for (cond, _s), wt in zip(conds, weights_of(conds), strict=True):
+            raw += wt * self._posterior(user_id, cond, cache)
+        total: float = float(raw.sum())
+        return raw / total
 
     def learn(self) -> list[Decision]:
         lrn = self.learner
@@ -288,8 +305,8 @@ class DefaultPolicy(Policy):
         labels = self.learner.labels
         col = {lab: j for j, lab in enumerate(labels)}
         p = np.array([[w.p_user.get(lab, 0.0) for lab in labels] for w in wins])
-        a_rows = [self.audio(user or w.user, w.conds) for w in wins]
-        a = np.array([[row[lab] for lab in labels] for row in a_rows])
+        cache: dict[tuple[str, str], npt.NDArray[np.float64]] = {}
+        a = np.array([self._audio_vector(user or w.user, w.conds, cache) for w in wins])
         truth = np.array([col.get(w.actual, -1) for w in wins])
         scores = [float((np.argmax(g * p + (1 - g) * a, axis=1) == truth).mean())
                   for g in self.GRID]  # fmt: skip
