@@ -12,7 +12,10 @@ Each listener has:
   (``xpstore.tuning.model.DEFAULT_RULES``), half a permutation of their presets (a listener who
   wants "warm" for energetic tracks), so one global rule table cannot fit everyone;
 - **noise**: with this probability the choice is uniform over the presets;
-- a **drift** point: from there the habit's favourite changes (taste moved).
+- a **drift** point: from there the habit's favourite changes (taste moved); with
+  ``audio_drift=True`` the audio mapping moves too, by one permutation of the presets shared by
+  the whole population (a trend: what everyone wants for energetic tracks changes), which is what
+  a global affinity table can follow and the replay race measures.
 
 The audio choice takes the strongest active condition (largest distance from 0.5) through the
 listener's mapping; with no active condition it falls back to the habit.
@@ -43,13 +46,16 @@ class Listener:
     mapping: dict[str, str]
     noise: float
     drift_at: int
+    drifted_mapping: dict[str, str] | None = None
 
     def distribution(self, features: Mapping[str, float], t: int) -> dict[str, float]:
         """The exact probability of each preset for this track at interaction ``t`` (what the
         oracle predicts from)."""
-        habit = self.habit if t < self.drift_at else self.drifted_habit
+        drifted = t >= self.drift_at
+        habit = self.drifted_habit if drifted else self.habit
+        mapping = self.drifted_mapping if drifted and self.drifted_mapping else self.mapping
         labels = list(habit)
-        audio = _audio_label(self.mapping, features)
+        audio = _audio_label(mapping, features)
         out = dict.fromkeys(labels, self.noise / len(labels))
         rest = 1.0 - self.noise
         for lab, p in habit.items():
@@ -86,11 +92,14 @@ def _habit(rng: np.random.Generator, favourite: str) -> dict[str, float]:
 
 
 def make_listeners(
-    n: int, rng: np.random.Generator, interactions: int, noise: float = 0.1
-) -> list[Listener]:
+    n: int, rng: np.random.Generator, interactions: int, noise: float = 0.1,
+    audio_drift: bool = False,
+) -> list[Listener]:  # fmt: skip
     """``n`` listeners, alternating habit-driven and audio-driven, half with permuted audio
-    mappings; each drifts once, somewhere in the middle half of ``interactions``."""
+    mappings; each drifts once, somewhere in the middle half of ``interactions`` (the audio
+    mapping too with ``audio_drift``: one permutation for everyone)."""
     labels = list(DEFAULT_LABELS)
+    trend = dict(zip(labels, rng.permutation(labels), strict=True)) if audio_drift else None
     out = []
     for i in range(n):
         fav, later = rng.choice(len(labels), size=2, replace=False)
@@ -107,6 +116,8 @@ def make_listeners(
             mapping=mapping,
             noise=noise,
             drift_at=int(rng.integers(interactions // 4, 3 * interactions // 4 + 1)),
+            drifted_mapping=None if trend is None else {
+                c: str(trend[lab]) for c, lab in mapping.items()},
         ))  # fmt: skip
     return out
 

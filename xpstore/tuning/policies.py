@@ -46,6 +46,13 @@ class Window:
     p_user: dict[str, float]
     score: float
     confidence: float
+    shares: tuple[tuple[str, float], ...] = ()
+    """Each active condition with its share of A (``weights_of``), computed once."""
+
+    def __post_init__(self) -> None:
+        if self.conds and not self.shares:
+            shares = tuple(zip((c for c, _s in self.conds), weights_of(self.conds), strict=True))
+            object.__setattr__(self, "shares", shares)
 
 
 class LearnerState(Protocol):
@@ -233,7 +240,7 @@ class DefaultPolicy(Policy):
             totals[cond] *= d
         if not win.conds:
             return
-        for (cond, _s), wt in zip(win.conds, weights_of(win.conds), strict=True):
+        for cond, wt in win.shares:
             row = counts.setdefault(cond, {})
             row[win.actual] = row.get(win.actual, 0.0) + wt
             totals[cond] = totals.get(cond, 0.0) + wt
@@ -305,14 +312,38 @@ class DefaultPolicy(Policy):
         labels = self.learner.labels
         col = {lab: j for j, lab in enumerate(labels)}
         p = np.array([[w.p_user.get(lab, 0.0) for lab in labels] for w in wins])
-        cache: dict[tuple[str, str], npt.NDArray[np.float64]] = {}
-        a = np.array([self._audio_vector(user or w.user, w.conds, cache) for w in wins])
+        a = self._audio_matrix(wins, user)
         truth = np.array([col.get(w.actual, -1) for w in wins])
         scores = [float((np.argmax(g * p + (1 - g) * a, axis=1) == truth).mean())
                   for g in self.GRID]  # fmt: skip
         top = max(scores)
         best = [g for g, sc in zip(self.GRID, scores, strict=True) if sc == top]
         return best[len(best) // 2], top
+
+    def _audio_matrix(
+        self, wins: Sequence[Window], user: str | None
+    ) -> npt.NDArray[np.float64]:
+        """A(features, ·) of every window (rows), as :meth:`_audio_vector` computes it one at a
+        time: condition shares in a matrix, times each listener's posterior matrix."""
+        n_lab = len(self.learner.labels)
+        out = np.full((len(wins), n_lab), 1.0 / n_lab)
+        by_user: dict[str, list[int]] = {}
+        for i, w in enumerate(wins):
+            if w.conds:
+                by_user.setdefault(user or w.user, []).append(i)
+        for uid, rows in by_user.items():
+            cond_col: dict[str, int] = {}
+            shares: list[tuple[int, int, float]] = []
+            for r, i in enumerate(rows):
+                for cond, wt in wins[i].shares:
+                    shares.append((r, cond_col.setdefault(cond, len(cond_col)), wt))
+            mix = np.zeros((len(rows), len(cond_col)))
+            r_idx, c_idx, wts = zip(*shares, strict=True)
+            np.add.at(mix, (np.array(r_idx), np.array(c_idx)), np.array(wts))
+            post = np.array([self._posterior(uid, c, {}) for c in cond_col])
+            raw = mix @ post
+            out[rows] = raw / raw.sum(axis=1, keepdims=True)
+        return out
 
     def replay(self, items: Sequence[tuple[PredictionOutcome, float]]) -> list[Decision]:
         """One importance-weighted batch step per condition:
