@@ -14,6 +14,7 @@ Usage: ``PYTHONPATH=. python benchmarks/learning.py`` (small defaults; the issue
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -87,7 +88,9 @@ def replay_race(args: argparse.Namespace, work: Path) -> dict[str, dict[str, lis
     of at most 50) chooses it. Reported per seed: outcomes until that first reaches ``--target``
     x the best any table could do at that moment (the per-track argmax of the same mean
     distribution), the mean table accuracy and the mean best over the counted period, and the
-    overall prediction accuracy."""
+    overall prediction accuracy, and how far from uniform the final sampling distribution is:
+    its effective sample size as a share of the population, ``1 / (N sum P(i)^2)`` (1.0 is
+    uniform)."""
     out: dict[str, dict[str, list[Any]]] = {}
     shapes = {
         "trend": (args.listeners, args.interactions, True),
@@ -116,7 +119,7 @@ def _race_one(
     tracks = [f for f in (track_features(evr) for _ in range(200)) if active(f, 0.6, 0.4)]
     lrn = Learner(st, policy="default", seed=seed)
     start_t = max(p.drift_at for p in people) if drift else 0
-    curve: list[tuple[int, float, float]] = []  # (outcomes counted, table accuracy, best)
+    curve: list[tuple[int, float, float, float]] = []  # (outcomes, table acc, best, KL)
     hits = 0
     for t in range(n_inter):
         for person in people:
@@ -126,20 +129,25 @@ def _race_one(
             hits += pred.label == actual
             lrn.resolve(lrn.record(pred), actual)
             if lrn.resolved % lrn.learn_every == 0 and t >= start_t:
-                acc, best = _table_accuracy(lrn, judges, tracks, t)
-                curve.append(((t - start_t) * n_people, acc, best))
-    reach = next((o for o, a, b in curve if a >= args.target * b), None)
-    return {"reached_at": reach, "table_mean": round(statistics.mean(a for _o, a, _b in curve), 4),
-            "table_best": round(statistics.mean(b for _o, _a, b in curve), 4),
+                acc, best, kl = _table_accuracy(lrn, judges, tracks, t)
+                curve.append(((t - start_t) * n_people, acc, best, kl))
+    reach = next((o for o, a, b, _k in curve if a >= args.target * b), None)
+    probs = np.array(list(st.sampling_probabilities("prediction").values()))
+    ess = float(1.0 / (len(probs) * (probs**2).sum()))
+    return {"reached_at": reach, "ess": round(ess, 3),
+            "table_mean": round(statistics.mean(c[1] for c in curve), 4),
+            "table_best": round(statistics.mean(c[2] for c in curve), 4),
+            "table_kl": round(statistics.mean(c[3] for c in curve), 4),
             "accuracy_all": round(hits / (n_inter * n_people), 4)}  # fmt: skip
 
 
 def _table_accuracy(
     lrn: Learner, judges: list[Any], tracks: list[dict[str, float]], t: int
-) -> tuple[float, float]:
-    """(the table's expected accuracy, the best any table could have) at interaction ``t``."""
+) -> tuple[float, float, float]:
+    """(the table's expected accuracy, the best any table could have, the mean KL divergence
+    of the table's A from the true mean choice distribution) at interaction ``t``."""
     labels = lrn.labels
-    got = best = 0.0
+    got = best = kl = 0.0
     for f in tracks:
         mean = dict.fromkeys(labels, 0.0)
         for person in judges:
@@ -148,7 +156,9 @@ def _table_accuracy(
         dist = lrn.table.distribution(active(f, lrn.high, lrn.low), labels)
         got += mean[max(dist, key=dist.__getitem__)]
         best += max(mean.values())
-    return got / len(tracks), best / len(tracks)
+        kl += sum(m * math.log(m / max(dist[lab], 1e-9)) for lab, m in mean.items() if m > 0)
+    n = len(tracks)
+    return got / n, best / n, kl / n
 
 
 def rebuild_time(n: int, work: Path) -> float:
@@ -231,8 +241,11 @@ def main() -> None:
         for name, rows in modes.items():
             print(f"replay race {scenario}, {name}: outcomes to {args.target:.0%} of the best "
                   f"table {[r['reached_at'] for r in rows]}; mean table accuracy "
-                  f"{[r['table_mean'] for r in rows]} (best possible {[r['table_best'] for r in rows]}); "
-                  f"overall accuracy {[r['accuracy_all'] for r in rows]}")  # fmt: skip
+                  f"{[r['table_mean'] for r in rows]} (best possible "
+                  f"{[r['table_best'] for r in rows]}); KL(true || table) "
+                  f"{[r['table_kl'] for r in rows]}; "
+                  f"overall accuracy {[r['accuracy_all'] for r in rows]}; sampling ESS/N "
+                  f"{[r['ess'] for r in rows]}")  # fmt: skip
     for bar, ok in bars:
         print(f"- {'PASS' if ok else 'MISS'} {bar}")
     print(f"\nrun took {time.perf_counter() - started:.0f} s")
