@@ -61,7 +61,8 @@ from xpstore.index.build import MIN_FIT_ROWS, BuildPlan, embedder_from_record, r
 from xpstore.index.embedding import AudioStats, HybridEmbedder
 from xpstore.index.rows import RawFingerprint, parse_fingerprint, raw_from_model
 from xpstore.index.serving import BuildInfo, Delta, IndexServer, MainIndex
-from xpstore.model.events import Acknowledged, IndexRow
+from xpstore.model.columns import FingerprintColumns
+from xpstore.model.events import Acknowledged, BulkEvent, IndexRow, IndexRows
 from xpstore.model.records import Fingerprint, Record
 from xpstore.persistence import fs
 from xpstore.persistence.crashpoints import crash_point
@@ -320,9 +321,11 @@ class IndexManager:
                 return
             if server.answers:
                 server.forget(batch.record_ids())
-            events = batch.track_events()
-            if events:
-                server.apply_events(events)
+            for segment in batch.track_segments():
+                if isinstance(segment, BulkEvent):
+                    server.apply_bulk(segment)
+                elif segment:
+                    server.apply_events(segment)
         except Exception:
             self.listener_errors += 1
             log.exception("index update on the acknowledgement path failed; re-attaching")
@@ -340,6 +343,25 @@ class IndexManager:
         gen = server.generation
         vecs = _embed_raws(server.embedder, raws)
         return {i: IndexRow(raws[j], vecs[j], gen) for j, i in enumerate(pos)}
+
+    def precompute_columns(self, cols: FingerprintColumns) -> IndexRows | None:
+        """:meth:`precompute` of a ``put_fingerprints`` batch, vectorized (writer thread)."""
+        server = self.server
+        if server is None:
+            return None
+        embedder = server.embedder
+        n = len(cols)
+        emb = has = None
+        if embedder.embedding_dim is not None:
+            emb = np.zeros((n, embedder.embedding_dim), dtype=np.float32)
+            has = np.zeros(n, dtype=bool)
+            if cols.embeddings is not None and cols.embeddings.shape[1] == embedder.embedding_dim:
+                emb[:] = cols.embeddings
+                has[:] = True
+        gen = server.generation
+        audio = cols.audio()
+        vecs = embedder.embed_rows(audio, emb, has)
+        return IndexRows(cols.track_ids, audio, emb, has, vecs, gen)
 
     # ---------------------------------------------------------------- config
     def plan(self, build_id: int) -> BuildPlan:

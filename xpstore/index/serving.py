@@ -49,7 +49,7 @@ from xpstore.errors import XpStoreError
 from xpstore.index.backends import Exclusion, IndexBackend, exclusion, faiss_threads
 from xpstore.index.embedding import HybridEmbedder
 from xpstore.index.rows import FingerprintRows, RawFingerprint, parse_fingerprint
-from xpstore.model.events import TrackEvent
+from xpstore.model.events import BulkEvent, TrackEvent
 
 __all__ = ["BuildInfo", "Delta", "IndexServer", "MainIndex"]
 
@@ -190,6 +190,36 @@ class Delta:
         self.pos[rid] = n
         self.tracks[rid] = raw.track_id
         self.view = _DeltaView(self._ids, self._vecs, n + 1)
+
+    def add_many(
+        self,
+        ids: I64,
+        track_ids: list[str],
+        audio: npt.NDArray[np.float64],
+        emb: F32 | None,
+        has: npt.NDArray[np.bool_] | None,
+        vecs: F32,
+    ) -> None:
+        """:meth:`add` of many new ids at once (none of them in the delta yet)."""
+        m = ids.shape[0]
+        if m == 0:
+            return
+        n = self.view.n
+        if n + m > self._ids.shape[0]:
+            self._grow(max(_MIN_CAP, 2 * (n + m)))
+        self._vecs[n : n + m] = vecs
+        self._audio[n : n + m] = audio
+        known = self._emb
+        if known is not None and emb is not None and has is not None and (
+            emb.shape[1] == known.shape[1]
+        ):
+            known[n : n + m] = emb
+            self._has[n : n + m] = has
+        self._ids[n : n + m] = ids  # last: a reader that sees an id sees its vector
+        keys = ids.tolist()
+        self.pos.update(zip(keys, range(n, n + m), strict=True))
+        self.tracks.update(zip(keys, track_ids, strict=True))
+        self.view = _DeltaView(self._ids, self._vecs, n + m)
 
     def _grow(self, cap: int) -> None:
         n = self.view.n
@@ -383,6 +413,42 @@ class IndexServer:
                     self._add_locked(ev.current, raw, None, -1)
                 else:
                     raise XpStoreError(f"track event at LSN {ev.lsn} sets a track without a value")
+        self._changed()
+
+    def apply_bulk(self, event: BulkEvent) -> None:
+        """A ``put_fingerprints`` run: its rows enter the delta in one vectorized call, then
+        the ids it retires leave (in LSN order; one may be a row of the run itself)."""
+        rows = event.rows
+        n = len(rows)
+        ids = np.arange(event.first_lsn, event.first_lsn + n, dtype=np.int64)
+        with self.lock:
+            main = self.main
+            vecs = rows.vectors
+            if rows.generation != main.generation:
+                vecs = main.embedder.embed_rows(rows.audio, rows.embedding, rows.has_embedding)
+            keep = np.ones(n, dtype=bool)
+            if len(main):
+                inside = np.isin(ids, main.ids)
+                for rid in ids[inside].tolist():
+                    self.tombs.discard(rid)  # a catch-up replaying ids the index already has
+                keep &= ~inside
+            pos = self.delta.pos
+            if pos:
+                keep &= np.fromiter((r not in pos for r in ids.tolist()), dtype=bool, count=n)
+            tids = list(rows.track_ids)
+            if keep.all():
+                self.delta.add_many(ids, tids, rows.audio, rows.embedding, rows.has_embedding,
+                                    vecs)  # fmt: skip
+            else:
+                sel = np.flatnonzero(keep)
+                self.delta.add_many(
+                    ids[sel], [tids[i] for i in sel.tolist()], rows.audio[sel],
+                    None if rows.embedding is None else rows.embedding[sel],
+                    None if rows.has_embedding is None else rows.has_embedding[sel], vecs[sel],
+                )  # fmt: skip
+            for lsn, rid in event.retired:
+                self._retire_locked(rid, lsn)
+            self.version += 1
         self._changed()
 
     def _changed(self) -> None:

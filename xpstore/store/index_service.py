@@ -27,7 +27,8 @@ from xpstore.errors import (
     XpStoreError,
 )
 from xpstore.index.neighbors import Neighbor
-from xpstore.model.events import IndexRow
+from xpstore.model.columns import FingerprintColumns
+from xpstore.model.events import IndexRow, IndexRows
 from xpstore.model.records import BATCH_FIELDS, Experience, Fingerprint, Record, record_from_json
 from xpstore.model.where import compile_where
 from xpstore.store.engine import Engine
@@ -185,6 +186,13 @@ class IndexService:
         if mgr is None or mgr.server is None:
             return {}
         return mgr.precompute(records)
+
+    def precompute_columns(self, cols: FingerprintColumns) -> IndexRows | None:
+        """Index rows of a ``put_fingerprints`` batch (None before the first attach)."""
+        mgr = self.manager
+        if mgr is None or mgr.server is None:
+            return None
+        return mgr.precompute_columns(cols)
 
     def close(self) -> None:
         with self._lock:

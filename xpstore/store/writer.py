@@ -29,10 +29,13 @@ from xpstore.model.codec import (
     SettingsOp,
     UpdateOp,
     encode_op,
+    envelopes_from_puts,
     field_sizes,
 )
-from xpstore.model.effects import StateView, derive_all
-from xpstore.model.events import IndexRow
+from xpstore.model.columns import FingerprintColumns
+from xpstore.model.effects import StateView, derive_all, derive_fingerprint_puts
+from xpstore.model.events import IndexRow, IndexRows
+from xpstore.model.priority_rows import fingerprint_inputs
 from xpstore.model.records import (
     Decision,
     Experience,
@@ -90,6 +93,52 @@ class Writer:
         payloads = [self.encode(op, i, limit) for i, op in enumerate(ops)]
         rows = self.row_source(prepared) if self.row_source is not None and prepared else {}
         return ops, payloads, rows
+
+    @property
+    def embedding_dim(self) -> int | None:
+        """The store's embedding dimension as logged so far (None: not fixed yet)."""
+        return self._logged.records.embedding_dim
+
+    def submit_fingerprints(
+        self, payloads: list[bytes], cols: FingerprintColumns, rows: IndexRows | None
+    ) -> tuple[int, int]:
+        """Log ``put_fingerprints``' encoded puts as one frame and wait for the acknowledgement;
+        return their LSN span. Like :meth:`submit`, with the effects derived from the columns
+        (no record model) and parked in the overlay with one lock acquisition."""
+        engine = self._engine
+        wal = engine.writable()
+        n = len(payloads)
+        dim = None if cols.embeddings is None else int(cols.embeddings.shape[1])
+        adopt: StoreConfig | None = None
+        with engine.write_lock:
+            wal = engine.writable()
+            fixed = None if dim is None else self._fixed_dim([(0, dim)])
+            first: int = wal.next_lsn
+            view = self._view_for(set(cols.track_ids), snapshot=True)
+            prio = fingerprint_inputs(first, cols.ts, cols.confidence)
+            values = envelopes_from_puts(payloads, kind="fingerprint", ts=cols.ts,
+                                         first_lsn=first)  # fmt: skip
+            effects = derive_fingerprint_puts(first, values, cols.track_ids, cols.ts.tolist(),
+                                              prio, view)  # fmt: skip
+            if fixed is not None:
+                op = SettingsOp({"records.embedding_dim": dim}, fixed.to_json())
+                payload = encode_op(op)
+                effects += derive_all(op, first + n, view, payload)
+                payloads = [*payloads, payload]
+            overlay = engine.overlay
+            try:
+                overlay.add_pending_many(effects, rows)
+                span: tuple[int, int] = wal.append(payloads)
+            except BaseException:
+                overlay.drop_pending_from(first)
+                raise
+            if fixed is not None:
+                self._logged = adopt = fixed
+        wal.wait(span[1])
+        if adopt is not None:
+            engine.settings.replace_persisted(adopt)
+        self._backpressure()
+        return first, first + n - 1
 
     def check(self, record: Record | Mapping[str, Any]) -> None:
         """Refuse ``record`` exactly as :meth:`put_many` would, without writing anything: the
@@ -247,6 +296,11 @@ class Writer:
         ]
         if not dims:
             return None
+        return self._fixed_dim(dims)
+
+    def _fixed_dim(self, dims: list[tuple[int, int]]) -> StoreConfig | None:
+        """Under the write lock: refuse ``(position, dimension)`` pairs that differ from the
+        store's (or each other's); the settings fixing it when none is logged yet."""
         known = self._logged.records.embedding_dim
         first = dims[0][1] if known is None else known
         bad = next((i for i, d in dims if d != first), None)
@@ -279,13 +333,29 @@ class Writer:
         The LMDB track lookups a batch of fingerprint puts needs are done up front in one read
         transaction (one per fingerprint cost a transaction each on the ingest path).
         """
-        ov = self._engine.overlay
-        reader = self._reader
         tracks = {
             op.record.track_id
             for op in ops
             if isinstance(op, PutOp) and isinstance(op.record, Fingerprint)
         }
+        return self._view_for(tracks)
+
+    def _view_for(self, tracks: set[str], *, snapshot: bool = False) -> StateView:
+        """:meth:`_view` with the LMDB lookups of ``tracks`` done up front; ``snapshot``: their
+        current ids resolved once (the caller derives a batch whose own changes it tracks)."""
+        ov = self._engine.overlay
+        reader = self._reader
+        if snapshot:
+            resolved: dict[str, int | None] = {}
+            missing = []
+            for t in tracks:
+                hit = ov.writer_track(t)
+                if hit is MISSING:
+                    missing.append(t)
+                else:
+                    resolved[t] = cast("int | None", hit)
+            resolved.update(reader.lmdb_tracks(missing))
+            return StateView(lambda rid: None, resolved.get)
         known = reader.lmdb_tracks([t for t in tracks if ov.writer_track(t) is MISSING])
 
         def get(rid: int) -> Experience | None:
