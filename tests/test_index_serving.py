@@ -368,12 +368,15 @@ def test_a_swap_embeds_fingerprints_that_arrive_while_it_runs(
         assert hit.record_id == fp.id and math.isclose(hit.score, 1.0, abs_tol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["general", "fast"])
 def test_a_search_spanning_a_swap_never_returns_an_id_retired_before_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     """The search reads main, delta and tombstones as one snapshot: mixing the old main with
     the new (shorter) tombstone set once returned a deleted track (found by the concurrency
-    test; reproduced here deterministically by swapping in the middle of a search)."""
+    test; reproduced here deterministically by swapping in the middle of a search). Both the
+    general search and the single-query fast path (``IndexServer.search_one``) are checked."""
+    from xpstore.index.backends import IndexBackend
     from xpstore.index.serving import IndexServer
 
     rng = np.random.default_rng(16)
@@ -395,7 +398,20 @@ def test_a_search_spanning_a_swap_never_returns_an_id_retired_before_it(
                 st.rebuild_index(timeout=60)  # swap while this search holds the old state
             return out
 
-        monkeypatch.setattr(IndexServer, "_candidates", racing)
+        original_one = IndexBackend.search_one
+
+        def racing_one(self: IndexBackend, *args: Any, **kwargs: Any) -> Any:
+            out = original_one(self, *args, **kwargs)
+            if not fired:
+                fired.append(True)
+                st.rebuild_index(timeout=60)
+            return out
+
+        if path == "general":
+            monkeypatch.setattr(IndexServer, "search_one", lambda *a, **kw: None)
+            monkeypatch.setattr(IndexServer, "_candidates", racing)
+        else:
+            monkeypatch.setattr(IndexBackend, "search_one", racing_one)
         hits = st.similar(vector=query, k=5, exclude_self=False)
         assert fired and len(hits) == 5
         assert x not in {h.record_id for h in hits}

@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -230,6 +230,7 @@ class IndexManager:
             len(delta),
             len(tombs),
         )
+        main = replace(main, tracks=aligned_tracks(main.ids, live))
         server = IndexServer(main, delta, tombs)
         server.query_threads = self.settings.query_threads
         return server
@@ -404,6 +405,22 @@ class IndexManager:
             self.rebuilder.stop()
             self.rebuilder = None
         self.server = None
+
+
+def aligned_tracks(ids: np.ndarray[Any, Any], live: dict[str, int]) -> np.ndarray[Any, Any]:
+    """The track of each of ``ids`` (sorted) by the live map track -> id; None where an id is
+    not live (an object array aligned with ``ids``: the main index's answers need no LMDB)."""
+    out = np.full(ids.shape[0], None, dtype=object)
+    if not live or not ids.size:
+        return out
+    rids = np.fromiter(live.values(), dtype=np.int64, count=len(live))
+    names = np.array(list(live), dtype=object)
+    order = np.argsort(rids, kind="stable")
+    rids, names = rids[order], names[order]
+    pos = np.minimum(np.searchsorted(rids, ids), rids.shape[0] - 1)
+    hit = rids[pos] == ids
+    out[hit] = names[pos[hit]]
+    return out
 
 
 def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
@@ -583,8 +600,9 @@ class Rebuilder:
                 assert outcome.backend is not None
                 backend, info, stats = outcome.backend, outcome.info, outcome.stats
             ids = backend.ids()
+            tracks = aligned_tracks(np.sort(ids), self._live_tracks())
             crash_point("index.build.before_swap")
-            old = server.swap(backend, plan.embedder(stats), info, ids)
+            old = server.swap(backend, plan.embedder(stats), info, ids, tracks)
             crash_point("index.swap.after_swap")
             fs.replace(out, folder / MAIN_FILE)
             fs.fsync_dir(folder)
@@ -604,6 +622,12 @@ class Rebuilder:
         log.info("index rebuild %d done: %s, %d vectors, %.2f s, recall@10 %s", build_id,
                  info.kind, info.count, info.duration_s, info.recall_at_10)  # fmt: skip
         return info
+
+    def _live_tracks(self) -> dict[str, int]:
+        """The LMDB track map (a build's ids that are not in it are retired: tombstones)."""
+        tables = self.m.tables
+        with tables.reading() as txn:
+            return {key.decode(): from_u64(value) for key, value in tables.iter_tracks(txn)}
 
     def _next_build_id(self, server: IndexServer) -> int:
         current = server.main.build.build_id if server.main.build is not None else 0

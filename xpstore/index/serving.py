@@ -46,7 +46,13 @@ import numpy as np
 import numpy.typing as npt
 
 from xpstore.errors import XpStoreError
-from xpstore.index.backends import Exclusion, IndexBackend, exclusion, faiss_threads
+from xpstore.index.backends import (
+    Exclusion,
+    IndexBackend,
+    exclusion,
+    faiss_threads,
+    query_threads,
+)
 from xpstore.index.embedding import HybridEmbedder
 from xpstore.index.rows import FingerprintRows, RawFingerprint, parse_fingerprint
 from xpstore.model.events import BulkEvent, TrackEvent
@@ -120,6 +126,19 @@ class MainIndex:
     ids: I64  # sorted
     build: BuildInfo | None
     generation: int  # bumps at every swap; vectors embedded under another one are re-embedded
+    tracks: npt.NDArray[np.object_] | None = None
+    """The track id of each of ``ids`` (same positions; None for an id no longer live when it
+    was read), so an answer needs no LMDB read for its track. None: not known."""
+
+    def track_ids(self, rids: I64) -> list[str | None]:
+        """The tracks of ``rids`` (ids of this index) from memory; None where unknown."""
+        if self.tracks is None or not rids.size or not self.ids.size:
+            return [None] * int(rids.size)
+        pos = np.minimum(np.searchsorted(self.ids, rids), self.ids.shape[0] - 1)
+        out: list[str | None] = self.tracks[pos].tolist()
+        for j in np.flatnonzero(self.ids[pos] != rids).tolist():
+            out[j] = None  # not an id of this index
+        return out
 
     def __contains__(self, rid: int) -> bool:
         i = int(np.searchsorted(self.ids, rid))
@@ -281,6 +300,8 @@ class Delta:
         """Exact top ``k`` (scores, ids) per query row over the live entries; -1 pads."""
         view = self.view
         m = q.shape[0]
+        if m == 1 and view.n:
+            return self._search_one(q[0], k, view)
         out_s = np.full((m, k), -np.inf, dtype=np.float32)
         out_i = np.full((m, k), -1, dtype=np.int64)
         if view.n == 0:
@@ -295,6 +316,25 @@ class Delta:
         best = np.take_along_axis(part, order, axis=1)
         out_s[:, :kk] = np.take_along_axis(scores, best, axis=1)
         out_i[:, :kk] = ids[best]
+        out_i[out_s == -np.inf] = -1
+        return out_s, out_i
+
+
+    @staticmethod
+    def _search_one(q: F32, k: int, view: _DeltaView) -> tuple[F32, I64]:
+        """:meth:`search` of one query, in 1-D (the general form's axis bookkeeping costs a
+        single query more than the search itself on a small delta)."""
+        n = view.n
+        scores = view.vecs[:n] @ q
+        ids = view.ids[:n]
+        scores[ids < 0] = -np.inf
+        kk = min(k, n)
+        top = np.argpartition(-scores, kk - 1)[:kk] if kk < n else np.arange(n)
+        top = top[np.argsort(-scores[top], kind="stable")]
+        out_s = np.full((1, k), -np.inf, dtype=np.float32)
+        out_i = np.full((1, k), -1, dtype=np.int64)
+        out_s[0, :kk] = scores[top]
+        out_i[0, :kk] = ids[top]
         out_i[out_s == -np.inf] = -1
         return out_s, out_i
 
@@ -482,6 +522,7 @@ class IndexServer:
         embedder: HybridEmbedder,
         build: BuildInfo,
         ids: I64,
+        tracks: npt.NDArray[np.object_] | None = None,
     ) -> MainIndex:
         """Install a main index built from LMDB at ``build.lsn``; returns the old one.
 
@@ -492,7 +533,7 @@ class IndexServer:
         pre = self._embed_delta(embedder, lambda rid: rid > lsn)
         with self.lock:
             old = self.main
-            main = MainIndex(backend, embedder, np.sort(ids), build, old.generation + 1)
+            main = MainIndex(backend, embedder, np.sort(ids), build, old.generation + 1, tracks)
             self._retired = [(at, rid) for at, rid in self._retired if at > lsn]
             tombs = {rid for _at, rid in self._retired if rid in main}
             missing = [rid for rid in self.delta.pos if rid > lsn and rid not in pre]
@@ -540,7 +581,8 @@ class IndexServer:
             old = self._state
             if old.main.generation != generation:
                 return False
-            main = MainIndex(None, embedder, np.zeros(0, dtype=np.int64), None, generation + 1)
+            main = MainIndex(None, embedder, np.zeros(0, dtype=np.int64), None, generation + 1,
+                             np.zeros(0, dtype=object))  # fmt: skip
             delta = Delta(embedder.dim, embedder.embedding_dim)
             for rid, raw in extra:
                 if rid in old.main and rid not in old.tombs:
@@ -676,6 +718,70 @@ class IndexServer:
                 )
                 pairs[j].sort(key=lambda t: -t[1])
         return pairs
+
+    def search_one(
+        self,
+        q: F32,
+        k: int,
+        exclude: set[int],
+        params: dict[str, int] | None = None,
+    ) -> list[tuple[int, float, str | None]] | None:
+        """One query without a filter, the fast path: FAISS on the checked ``(1, dim)`` query
+        directly, the delta merged in numpy, tracks from memory; ``(id, score, track)`` best
+        first (track None where memory does not know it). None when tombstones or ``exclude``
+        crowded the top so that fewer than ``k`` survived: :meth:`search` handles that."""
+        st = self._state
+        main, delta = st.main, st.delta
+        tombs = st.tombs
+        total = len(main) + delta.rows_used
+        fetch = min(k + len(exclude) + min(len(tombs), k), max(total, 1))
+        sm = im = None
+        if main.backend is not None and len(main):
+            query_threads(self.query_threads)
+            sm, im = main.backend.search_one(q, min(fetch, len(main)), params)
+        view = delta.view
+        if view.n:
+            # the exact delta, inline: on a small delta numpy's per-call cost is the search
+            ds = view.vecs[: view.n] @ q[0]
+            di = view.ids[: view.n]
+            if view.n > fetch:
+                top = np.argpartition(-ds, fetch - 1)[:fetch]
+                ds, di = ds[top], di[top]
+            n_main = 0 if im is None else im.shape[1]
+            ids = di if im is None else np.concatenate((im[0], di))
+            scores = ds if sm is None else np.concatenate((sm[0], ds))
+            order = np.argsort(-scores, kind="stable")
+            ids, scores = ids[order], scores[order]
+            from_main = order < n_main
+        elif im is not None:
+            ids, scores, n_main = im[0], sm[0], -1  # type: ignore[index]
+        else:
+            return []
+        out: list[tuple[int, float]] = []
+        now = self._state
+        pos = delta.pos
+        for j, (rid, score) in enumerate(zip(ids.tolist(), scores.tolist(), strict=True)):
+            if rid < 0 or rid in exclude:
+                continue
+            mine = n_main < 0 or (n_main > 0 and bool(from_main[j]))
+            if (rid in tombs) if mine else (rid not in pos):
+                continue
+            if now is not st and not self.is_live(rid):
+                continue
+            out.append((rid, score))
+            if len(out) >= k:
+                break
+        if len(out) < k and fetch < total:
+            return None
+        tracks = delta.tracks
+        named = [(rid, score, tracks.get(rid)) for rid, score in out]
+        unnamed = [rid for rid, _score, track in named if track is None]
+        if not unnamed:
+            return named
+        known = dict(zip(unnamed, main.track_ids(np.array(unnamed, dtype=np.int64)),
+                         strict=True))  # fmt: skip
+        return [(rid, score, known[rid] if track is None else track)
+                for rid, score, track in named]  # fmt: skip
 
     def _search_selector(
         self, main: MainIndex, q: F32, k: int, params: dict[str, int] | None

@@ -115,6 +115,11 @@ class IndexService:
                     field="weights",
                 )
             query = _check_vector(vector, server.embedder.dim)
+        if predicate is None:
+            q = np.ascontiguousarray(query[None, :], dtype=np.float32)
+            found = server.search_one(q, k, exclude, _params(params))
+            if found is not None:
+                return self._answers(server, found)
         accept = self._accept(predicate) if predicate is not None else None
         hits = server.search(
             query[None, :], k, exclude=[exclude], accept=accept, params=_params(params)
@@ -310,9 +315,36 @@ class IndexService:
                 found[rid] = server.remember(rid, envelope_track(data))
         # an id missing now was deleted after the search: not live any more
         return [
-            Neighbor(found[rid][0], score, rid, found[rid][1])
+            Neighbor.of(found[rid][0], score, rid, found[rid][1])
             for rid, score in hits
             if rid in found
+        ]
+
+    def _answers(
+        self, server: IndexServer, found: list[tuple[int, float, str | None]]
+    ) -> list[Neighbor]:
+        """Neighbors of the fast path's (id, score, track): tracks come from memory, metadata
+        from the answer cache, else from one read of the returned answers' envelopes only."""
+        cache = server.answers
+        meta: dict[int, tuple[str, dict[str, Any] | None]] = {}
+        misses = []
+        for rid, _score, _track in found:
+            hit = cache.get(rid)
+            if hit is None:
+                misses.append(rid)
+            else:
+                meta[rid] = hit
+        if misses:
+            from xpstore.index.rows import envelope_track
+
+            self._engine.check_open()
+            for rid, data in self._reader.envelopes(misses).items():
+                meta[rid] = server.remember(rid, envelope_track(data))
+        # an id missing now was deleted after the search: not live any more
+        return [
+            Neighbor.of(track or meta[rid][0], score, rid, meta[rid][1])
+            for rid, score, track in found
+            if rid in meta
         ]
 
     def _precomputed(self, track_id: str, k: int, predicate: Predicate | None) -> list[Neighbor]:
