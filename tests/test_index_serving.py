@@ -446,3 +446,33 @@ def test_neighbour_files_are_read_in_slices(
     pairs = [p for chunk in nbrs.read_file(path, chunk=37) for p in chunk]
     assert len(pairs) == 500 and pairs[499][0] == b"t499"
     assert nbrs.decode(pairs[6][1], "t6").items == [(f"t{j}", j, 0.5) for j in range(6)]
+
+
+def test_rows_read_in_columns_equal_rows_read_one_by_one(tmp_path: Path) -> None:
+    """Attaching without an index file reads every live fingerprint with
+    ``rows_from_envelopes`` (numpy decodes the values); it must agree with the per-record
+    decoder on every form: batch, streaming only, an embedding of the store's dimension, and
+    a track id full of characters that look like msgpack markers."""
+    from xpstore.index.rows import parse_fingerprint, rows_from_envelopes
+
+    rng = np.random.default_rng(21)
+    recs: list[Any] = []
+    for i in range(40):
+        fp = make_fingerprint(rng, f"t{i}\u00a9embedding\u00dc", with_batch=i % 5 != 0,
+                              embedding_dim=6 if i % 2 else None)  # fmt: skip
+        recs.append(fp)
+    with Store.open(tmp_path / "s", create=True) as st:
+        ids = st.put_many(recs)
+        st.flush()
+        tables = st.parts.engine.tables
+        with tables.reading() as txn:
+            found = tables.get_records(txn, ids)
+        datas = [found[r] for r in ids]
+    rows = rows_from_envelopes(ids, [r.track_id for r in recs], datas, 6)
+    for i, data in enumerate(datas):
+        raw = parse_fingerprint(data)
+        assert np.array_equal(rows.audio[i], raw.audio, equal_nan=True)
+        assert rows.has_embedding[i] == (raw.embedding is not None)
+        if raw.embedding is not None:
+            assert rows.embedding is not None
+            assert np.array_equal(rows.embedding[i], raw.embedding)

@@ -59,7 +59,13 @@ from xpstore.index import neighbors as nbrs
 from xpstore.index.backends import faiss_threads, load, read_meta
 from xpstore.index.build import MIN_FIT_ROWS, BuildPlan, embedder_from_record, run_build
 from xpstore.index.embedding import AudioStats, HybridEmbedder
-from xpstore.index.rows import RawFingerprint, parse_fingerprint, raw_from_model
+from xpstore.index.rows import (
+    FingerprintRows,
+    RawFingerprint,
+    parse_fingerprint,
+    raw_from_model,
+    rows_from_envelopes,
+)
 from xpstore.index.serving import BuildInfo, Delta, IndexServer, MainIndex
 from xpstore.model.columns import FingerprintColumns
 from xpstore.model.events import Acknowledged, BulkEvent, IndexRow, IndexRows
@@ -78,6 +84,7 @@ log = logging.getLogger(__name__)
 
 MAIN_FILE = "main.faiss"
 _DRIFT_CHECK_S = 5.0
+_CATCH_UP_CHUNK = 65_536
 
 
 def index_dir(root: Path) -> Path:
@@ -150,6 +157,7 @@ class IndexManager:
         self.attached_at = 0.0
         self._refit_lock = threading.Lock()
         self._fitted_version = -1  # server.version at the last ensure_library_stats refit
+        self._fitted_at_attach = False
 
     # ---------------------------------------------------------------- attach
     def attach(self) -> IndexServer:
@@ -211,16 +219,7 @@ class IndexManager:
                     "them exactly from the delta until the rebuild that was scheduled",
                     missing.size,
                 )
-            raws: list[RawFingerprint] = []
-            with self.tables.reading() as txn:
-                for rid in missing.tolist():
-                    data = ov_values.get(rid) or self.tables.get_record(txn, rid)
-                    if data is None:
-                        raise StoreCorruptionError(f"track map names missing record {rid}")
-                    raws.append(parse_fingerprint(data, f"record {rid}"))
-            vecs = _embed_raws(main.embedder, raws)
-            for i, rid in enumerate(missing.tolist()):
-                delta.add(rid, raws[i], vecs[i])
+            main, delta = self._catch_up(main, missing, live, ov_values)
         self.attached_lsn = applied
         self.attached_at = time.monotonic()
         log.info(
@@ -233,7 +232,53 @@ class IndexManager:
         main = replace(main, tracks=aligned_tracks(main.ids, live))
         server = IndexServer(main, delta, tombs)
         server.query_threads = self.settings.query_threads
+        if self._fitted_at_attach:
+            self._fitted_version = server.version  # the statistics are the library's already
         return server
+
+    def _catch_up(
+        self,
+        main: MainIndex,
+        missing: np.ndarray[Any, Any],
+        live: dict[str, int],
+        ov_values: dict[int, bytes],
+    ) -> tuple[MainIndex, Delta]:
+        """The live fingerprints the index file lacks (``missing``, sorted ids) as an exact
+        delta, read and embedded in columns (:func:`rows_from_envelopes`: numpy decodes the
+        values, no msgpack decode per record), in chunks that bound the bytes held at once.
+
+        With no main index at all (no file, or an unusable one) the library's statistics are
+        fitted here, as :meth:`ensure_library_stats` would before the first answer, so the
+        first ``similar`` after opening a large store without an index file costs one exact
+        search, not a refit of the whole delta."""
+        track_of = {rid: track for track, rid in live.items()}
+        ids_all = missing.tolist()
+        parts: list[FingerprintRows] = []
+        tables = self.tables
+        with tables.reading() as txn:
+            for lo in range(0, len(ids_all), _CATCH_UP_CHUNK):
+                ids = ids_all[lo : lo + _CATCH_UP_CHUNK]
+                found = tables.get_records(txn, [r for r in ids if r not in ov_values])
+                datas = []
+                for rid in ids:
+                    data = ov_values.get(rid) or found.get(rid)
+                    if data is None:
+                        raise StoreCorruptionError(f"track map names missing record {rid}")
+                    datas.append(data)
+                parts.append(rows_from_envelopes(ids, [track_of[r] for r in ids], datas,
+                                                 main.embedder.embedding_dim))  # fmt: skip
+        rows = FingerprintRows.concat(parts)
+        embedder = main.embedder
+        if main.backend is None and len(rows) >= MIN_FIT_ROWS:
+            stats = AudioStats.fit(rows.audio, self.settings.mode)
+            embedder = self.plan(0).embedder(stats)
+            main = replace(main, embedder=embedder, generation=main.generation + 1)
+            self._fitted_at_attach = True
+        vecs = embedder.embed_rows(rows.audio, rows.embedding, rows.has_embedding)
+        delta = Delta(embedder.dim, self.embedding_dim)
+        delta.add_many(rows.ids, rows.track_ids, rows.audio, rows.embedding, rows.has_embedding,
+                       vecs)  # fmt: skip
+        return main, delta
 
     def _load_main(self) -> MainIndex:
         path = self.dir / MAIN_FILE

@@ -441,6 +441,12 @@ class LmdbTables:
         value = txn.get(track_id.encode(), db=self._dbs[b"tracks"])
         return from_u64(bytes(value)) if value is not None else None
 
+    def get_records(self, txn: lmdb.Transaction, ids: Sequence[int]) -> dict[int, bytes]:
+        """The envelopes of those of ``ids`` that exist (one C call: catch-ups read many)."""
+        keys = u64_keys(sorted(ids))
+        found = txn.cursor(db=self._dbs[b"records"]).getmulti(keys)
+        return {from_u64(bytes(key)): bytes(value) for key, value in found}
+
     def get_tracks(self, txn: lmdb.Transaction, track_ids: Iterable[str]) -> dict[str, int]:
         """The current record ids of those of ``track_ids`` the track map holds (one C call)."""
         keys = sorted(map(str.encode, track_ids))

@@ -67,9 +67,15 @@ class Overlay:
             if row is not None:
                 self._p_rows[eff.lsn] = row
 
-    def add_pending_many(self, effects: list[Effect], bulk: IndexRows | None = None) -> None:
+    def add_pending_many(
+        self,
+        effects: list[Effect],
+        bulk: IndexRows | None = None,
+        rows: dict[int, IndexRow] | None = None,
+    ) -> None:
         """:meth:`add_pending` of a batch under one lock acquisition; ``bulk`` holds the index
-        rows of consecutive effects from the first one (``put_fingerprints``)."""
+        rows of consecutive effects from the first one (``put_fingerprints``), ``rows`` the
+        index rows of single effects by LSN."""
         if not effects:
             return
         with self.lock:
@@ -82,6 +88,8 @@ class Overlay:
                     tracks[eff.track] = (eff.lsn, eff.track_to)
             if bulk is not None:
                 self._p_bulk[effects[0].lsn] = bulk
+            if rows:
+                self._p_rows.update(rows)
 
     def drop_pending_from(self, lsn: int) -> None:
         """Forget pending effects at or after ``lsn`` (their WAL append was refused)."""

@@ -33,7 +33,7 @@ from xpstore.model.codec import (
     field_sizes,
 )
 from xpstore.model.columns import FingerprintColumns
-from xpstore.model.effects import StateView, derive_all, derive_fingerprint_puts
+from xpstore.model.effects import StateView, derive, derive_all, derive_fingerprint_puts
 from xpstore.model.events import IndexRow, IndexRows
 from xpstore.model.priority_rows import fingerprint_inputs
 from xpstore.model.records import (
@@ -273,15 +273,40 @@ class Writer:
         view = self._view(ops)
         first: int = wal.next_lsn
         try:
-            for i, op in enumerate(ops):
-                row = rows.get(i) if rows else None
-                for eff in derive_all(op, first + i, view, payloads[i]):
-                    overlay.add_pending(eff, row)
+            if all(type(op) is PutOp for op in ops):
+                self._park_puts(ops, payloads, rows, view, first)
+            else:
+                for i, op in enumerate(ops):
+                    row = rows.get(i) if rows else None
+                    for eff in derive_all(op, first + i, view, payloads[i]):
+                        overlay.add_pending(eff, row)
             span: tuple[int, int] = wal.append(payloads)
         except BaseException:
             overlay.drop_pending_from(first)
             raise
         return span
+
+    def _park_puts(self, ops: list[Op], payloads: list[bytes], rows: Mapping[int, IndexRow],
+                   view: StateView, first: int) -> None:  # fmt: skip
+        """The batched put path: derive a run of puts (a track put twice in the batch is
+        superseded by its later put, as the overlay would show it) and park them with one
+        overlay lock acquisition."""
+        latest: dict[str, int] = {}
+        lookup = view.track
+
+        def track(track_id: str) -> int | None:
+            hit = latest.get(track_id)
+            return lookup(track_id) if hit is None else hit
+
+        local = StateView(view.get, track, view.get_raw_many)
+        effects = []
+        for i, op in enumerate(ops):
+            eff = derive(op, first + i, local, payloads[i])
+            if eff.track is not None and eff.track_to is not None:
+                latest[eff.track] = eff.track_to
+            effects.append(eff)
+        by_lsn = {first + i: row for i, row in rows.items()} if rows else None
+        self._engine.overlay.add_pending_many(effects, rows=by_lsn)
 
     def _fix_embedding_dim(self, ops: list[Op]) -> StoreConfig | None:
         """Under the write lock: check the batch's embeddings against the store's dimension
