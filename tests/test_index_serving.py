@@ -368,12 +368,15 @@ def test_a_swap_embeds_fingerprints_that_arrive_while_it_runs(
         assert hit.record_id == fp.id and math.isclose(hit.score, 1.0, abs_tol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["general", "fast"])
 def test_a_search_spanning_a_swap_never_returns_an_id_retired_before_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     """The search reads main, delta and tombstones as one snapshot: mixing the old main with
     the new (shorter) tombstone set once returned a deleted track (found by the concurrency
-    test; reproduced here deterministically by swapping in the middle of a search)."""
+    test; reproduced here deterministically by swapping in the middle of a search). Both the
+    general search and the single-query fast path (``IndexServer.search_one``) are checked."""
+    from xpstore.index.backends import IndexBackend
     from xpstore.index.serving import IndexServer
 
     rng = np.random.default_rng(16)
@@ -395,7 +398,20 @@ def test_a_search_spanning_a_swap_never_returns_an_id_retired_before_it(
                 st.rebuild_index(timeout=60)  # swap while this search holds the old state
             return out
 
-        monkeypatch.setattr(IndexServer, "_candidates", racing)
+        original_one = IndexBackend.search_one
+
+        def racing_one(self: IndexBackend, *args: Any, **kwargs: Any) -> Any:
+            out = original_one(self, *args, **kwargs)
+            if not fired:
+                fired.append(True)
+                st.rebuild_index(timeout=60)
+            return out
+
+        if path == "general":
+            monkeypatch.setattr(IndexServer, "search_one", lambda *a, **kw: None)
+            monkeypatch.setattr(IndexServer, "_candidates", racing)
+        else:
+            monkeypatch.setattr(IndexBackend, "search_one", racing_one)
         hits = st.similar(vector=query, k=5, exclude_self=False)
         assert fired and len(hits) == 5
         assert x not in {h.record_id for h in hits}
@@ -430,3 +446,33 @@ def test_neighbour_files_are_read_in_slices(
     pairs = [p for chunk in nbrs.read_file(path, chunk=37) for p in chunk]
     assert len(pairs) == 500 and pairs[499][0] == b"t499"
     assert nbrs.decode(pairs[6][1], "t6").items == [(f"t{j}", j, 0.5) for j in range(6)]
+
+
+def test_rows_read_in_columns_equal_rows_read_one_by_one(tmp_path: Path) -> None:
+    """Attaching without an index file reads every live fingerprint with
+    ``rows_from_envelopes`` (numpy decodes the values); it must agree with the per-record
+    decoder on every form: batch, streaming only, an embedding of the store's dimension, and
+    a track id full of characters that look like msgpack markers."""
+    from xpstore.index.rows import parse_fingerprint, rows_from_envelopes
+
+    rng = np.random.default_rng(21)
+    recs: list[Any] = []
+    for i in range(40):
+        fp = make_fingerprint(rng, f"t{i}\u00a9embedding\u00dc", with_batch=i % 5 != 0,
+                              embedding_dim=6 if i % 2 else None)  # fmt: skip
+        recs.append(fp)
+    with Store.open(tmp_path / "s", create=True) as st:
+        ids = st.put_many(recs)
+        st.flush()
+        tables = st.parts.engine.tables
+        with tables.reading() as txn:
+            found = tables.get_records(txn, ids)
+        datas = [found[r] for r in ids]
+    rows = rows_from_envelopes(ids, [r.track_id for r in recs], datas, 6)
+    for i, data in enumerate(datas):
+        raw = parse_fingerprint(data)
+        assert np.array_equal(rows.audio[i], raw.audio, equal_nan=True)
+        assert rows.has_embedding[i] == (raw.embedding is not None)
+        if raw.embedding is not None:
+            assert rows.embedding is not None
+            assert np.array_equal(rows.embedding[i], raw.embedding)

@@ -16,7 +16,7 @@ from click.testing import CliRunner, Result
 
 from xpstore import Fingerprint, Store
 from xpstore.cli import main
-from xpstore.demo.synthetic import make_fingerprint, make_mixed
+from xpstore.demo.synthetic import make_fingerprint, make_mixed, sample_batch_values
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,6 +49,8 @@ def test_readme_example_runs_and_verify_passes(tmp_path: Path,
         "records": records,
         "t0": 1_690_000_000.0,
         "new_priorities": [0.5 + i / 512 for i in range(256)],
+        "track_ids": ["bulk-1", "bulk-2"],
+        "values": sample_batch_values(rng, "techno", 2),
         "groups": {r.track_id: f"album-{i % 6}" for i, r in enumerate(
             r for r in records if isinstance(r, Fingerprint))},
     }

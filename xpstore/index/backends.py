@@ -52,6 +52,7 @@ import logging
 import math
 import os
 import struct
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
@@ -242,6 +243,22 @@ def faiss_threads(threads: int | None) -> Iterator[None]:
     finally:
         with faiss_errors("restoring FAISS's OpenMP threads"):
             faiss.omp_set_num_threads(previous)
+        _omp.threads = None  # query_threads sets it again at the next single query
+
+
+_omp = threading.local()
+
+
+def query_threads(threads: int | None) -> None:
+    """Set FAISS's OpenMP threads for the calling thread's single-query searches, calling
+    FAISS only when the thread's setting changes (``faiss_threads`` on and off cost every
+    query a few µs). None: leave it as it is."""
+    if threads is None or getattr(_omp, "threads", None) == threads:
+        return
+    n = _check_positive_int(threads, "threads")
+    with faiss_errors("setting FAISS's OpenMP threads", argument="threads"):
+        faiss.omp_set_num_threads(n)
+    _omp.threads = n
 
 
 # --------------------------------------------------------------------------- backends
@@ -365,6 +382,22 @@ class IndexBackend(ABC):
         ids = np.asarray(ids, dtype=np.int64)
         scores[ids < 0] = -np.inf
         return scores, ids
+
+    def search_one(
+        self, q: F32Array, k: int, params: Mapping[str, int] | None = None
+    ) -> tuple[F32Array, I64Array]:
+        """:meth:`search` of one query the caller has already checked (a C-contiguous float32
+        ``(1, dim)`` row, ``k`` >= 1): FAISS is called on it directly, no second validation.
+        Missing results keep FAISS's id -1."""
+        sp = self._search_parameters(params) if params else None
+        try:
+            if sp is None:
+                return self._index.search(q, k)  # type: ignore[no-any-return]
+            return self._index.search(q, k, params=sp)  # type: ignore[no-any-return]
+        except _FAISS_ERRORS as exc:
+            raise XpStoreError(
+                f"FAISS error (searching the {self.kind} index): {type(exc).__name__}: {exc}"
+            ) from exc
 
     def remove(self, ids: npt.ArrayLike) -> int:
         """Remove ``ids`` (absent ones are ignored); the number removed."""

@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -59,9 +59,16 @@ from xpstore.index import neighbors as nbrs
 from xpstore.index.backends import faiss_threads, load, read_meta
 from xpstore.index.build import MIN_FIT_ROWS, BuildPlan, embedder_from_record, run_build
 from xpstore.index.embedding import AudioStats, HybridEmbedder
-from xpstore.index.rows import RawFingerprint, parse_fingerprint, raw_from_model
+from xpstore.index.rows import (
+    FingerprintRows,
+    RawFingerprint,
+    parse_fingerprint,
+    raw_from_model,
+    rows_from_envelopes,
+)
 from xpstore.index.serving import BuildInfo, Delta, IndexServer, MainIndex
-from xpstore.model.events import Acknowledged, IndexRow
+from xpstore.model.columns import FingerprintColumns
+from xpstore.model.events import Acknowledged, BulkEvent, IndexRow, IndexRows
 from xpstore.model.records import Fingerprint, Record
 from xpstore.persistence import fs
 from xpstore.persistence.crashpoints import crash_point
@@ -78,6 +85,7 @@ log = logging.getLogger(__name__)
 
 MAIN_FILE = "main.faiss"
 _DRIFT_CHECK_S = 5.0
+_CATCH_UP_CHUNK = 65_536
 
 
 def index_dir(root: Path) -> Path:
@@ -152,6 +160,7 @@ class IndexManager:
         self.attached_at = 0.0
         self._refit_lock = threading.Lock()
         self._fitted_version = -1  # server.version at the last ensure_library_stats refit
+        self._fitted_at_attach = False
 
     # ---------------------------------------------------------------- attach
     def attach(self) -> IndexServer:
@@ -213,16 +222,7 @@ class IndexManager:
                     "them exactly from the delta until the rebuild that was scheduled",
                     missing.size,
                 )
-            raws: list[RawFingerprint] = []
-            with self.tables.reading() as txn:
-                for rid in missing.tolist():
-                    data = ov_values.get(rid) or self.tables.get_record(txn, rid)
-                    if data is None:
-                        raise StoreCorruptionError(f"track map names missing record {rid}")
-                    raws.append(parse_fingerprint(data, f"record {rid}"))
-            vecs = _embed_raws(main.embedder, raws)
-            for i, rid in enumerate(missing.tolist()):
-                delta.add(rid, raws[i], vecs[i])
+            main, delta = self._catch_up(main, missing, live, ov_values)
         self.attached_lsn = applied
         self.attached_at = time.monotonic()
         log.info(
@@ -232,9 +232,56 @@ class IndexManager:
             len(delta),
             len(tombs),
         )
+        main = replace(main, tracks=aligned_tracks(main.ids, live))
         server = IndexServer(main, delta, tombs)
         server.query_threads = self.settings.query_threads
+        if self._fitted_at_attach:
+            self._fitted_version = server.version  # the statistics are the library's already
         return server
+
+    def _catch_up(
+        self,
+        main: MainIndex,
+        missing: np.ndarray[Any, Any],
+        live: dict[str, int],
+        ov_values: dict[int, bytes],
+    ) -> tuple[MainIndex, Delta]:
+        """The live fingerprints the index file lacks (``missing``, sorted ids) as an exact
+        delta, read and embedded in columns (:func:`rows_from_envelopes`: numpy decodes the
+        values, no msgpack decode per record), in chunks that bound the bytes held at once.
+
+        With no main index at all (no file, or an unusable one) the library's statistics are
+        fitted here, as :meth:`ensure_library_stats` would before the first answer, so the
+        first ``similar`` after opening a large store without an index file costs one exact
+        search, not a refit of the whole delta."""
+        track_of = {rid: track for track, rid in live.items()}
+        ids_all = missing.tolist()
+        parts: list[FingerprintRows] = []
+        tables = self.tables
+        with tables.reading() as txn:
+            for lo in range(0, len(ids_all), _CATCH_UP_CHUNK):
+                ids = ids_all[lo : lo + _CATCH_UP_CHUNK]
+                found = tables.get_records(txn, [r for r in ids if r not in ov_values])
+                datas = []
+                for rid in ids:
+                    data = ov_values.get(rid) or found.get(rid)
+                    if data is None:
+                        raise StoreCorruptionError(f"track map names missing record {rid}")
+                    datas.append(data)
+                parts.append(rows_from_envelopes(ids, [track_of[r] for r in ids], datas,
+                                                 main.embedder.embedding_dim))  # fmt: skip
+        rows = FingerprintRows.concat(parts)
+        embedder = main.embedder
+        if main.backend is None and len(rows) >= MIN_FIT_ROWS:
+            stats = AudioStats.fit(rows.audio, self.settings.mode)
+            embedder = self.plan(0).embedder(stats)
+            main = replace(main, embedder=embedder, generation=main.generation + 1)
+            self._fitted_at_attach = True
+        vecs = embedder.embed_rows(rows.audio, rows.embedding, rows.has_embedding)
+        delta = Delta(embedder.dim, self.embedding_dim)
+        delta.add_many(rows.ids, rows.track_ids, rows.audio, rows.embedding, rows.has_embedding,
+                       vecs)  # fmt: skip
+        return main, delta
 
     def _load_main(self) -> MainIndex:
         path = self.dir / MAIN_FILE
@@ -323,9 +370,11 @@ class IndexManager:
                 return
             if server.answers:
                 server.forget(batch.record_ids())
-            events = batch.track_events()
-            if events:
-                server.apply_events(events)
+            for segment in batch.track_segments():
+                if isinstance(segment, BulkEvent):
+                    server.apply_bulk(segment)
+                elif segment:
+                    server.apply_events(segment)
         except Exception:
             self.listener_errors += 1
             log.exception("index update on the acknowledgement path failed; re-attaching")
@@ -343,6 +392,25 @@ class IndexManager:
         gen = server.generation
         vecs = _embed_raws(server.embedder, raws)
         return {i: IndexRow(raws[j], vecs[j], gen) for j, i in enumerate(pos)}
+
+    def precompute_columns(self, cols: FingerprintColumns) -> IndexRows | None:
+        """:meth:`precompute` of a ``put_fingerprints`` batch, vectorized (writer thread)."""
+        server = self.server
+        if server is None:
+            return None
+        embedder = server.embedder
+        n = len(cols)
+        emb = has = None
+        if embedder.embedding_dim is not None:
+            emb = np.zeros((n, embedder.embedding_dim), dtype=np.float32)
+            has = np.zeros(n, dtype=bool)
+            if cols.embeddings is not None and cols.embeddings.shape[1] == embedder.embedding_dim:
+                emb[:] = cols.embeddings
+                has[:] = True
+        gen = server.generation
+        audio = cols.audio()
+        vecs = embedder.embed_rows(audio, emb, has)
+        return IndexRows(cols.track_ids, audio, emb, has, vecs, gen)
 
     # ---------------------------------------------------------------- config
     def plan(self, build_id: int) -> BuildPlan:
@@ -385,6 +453,22 @@ class IndexManager:
             self.rebuilder.stop()
             self.rebuilder = None
         self.server = None
+
+
+def aligned_tracks(ids: np.ndarray[Any, Any], live: dict[str, int]) -> np.ndarray[Any, Any]:
+    """The track of each of ``ids`` (sorted) by the live map track -> id; None where an id is
+    not live (an object array aligned with ``ids``: the main index's answers need no LMDB)."""
+    out = np.full(ids.shape[0], None, dtype=object)
+    if not live or not ids.size:
+        return out
+    rids = np.fromiter(live.values(), dtype=np.int64, count=len(live))
+    names = np.array(list(live), dtype=object)
+    order = np.argsort(rids, kind="stable")
+    rids, names = rids[order], names[order]
+    pos = np.minimum(np.searchsorted(rids, ids), rids.shape[0] - 1)
+    hit = rids[pos] == ids
+    out[hit] = names[pos[hit]]
+    return out
 
 
 def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
@@ -564,8 +648,9 @@ class Rebuilder:
                 assert outcome.backend is not None
                 backend, info, stats = outcome.backend, outcome.info, outcome.stats
             ids = backend.ids()
+            tracks = aligned_tracks(np.sort(ids), self._live_tracks())
             crash_point("index.build.before_swap")
-            old = server.swap(backend, plan.embedder(stats), info, ids)
+            old = server.swap(backend, plan.embedder(stats), info, ids, tracks)
             crash_point("index.swap.after_swap")
             fs.replace(out, folder / MAIN_FILE)
             fs.fsync_dir(folder)
@@ -586,6 +671,12 @@ class Rebuilder:
         log.info("index rebuild %d done: %s, %d vectors, %.2f s, recall@10 %s", build_id,
                  info.kind, info.count, info.duration_s, info.recall_at_10)  # fmt: skip
         return info
+
+    def _live_tracks(self) -> dict[str, int]:
+        """The LMDB track map (a build's ids that are not in it are retired: tombstones)."""
+        tables = self.m.tables
+        with tables.reading() as txn:
+            return {key.decode(): from_u64(value) for key, value in tables.iter_tracks(txn)}
 
     def _next_build_id(self, server: IndexServer) -> int:
         current = server.main.build.build_id if server.main.build is not None else 0

@@ -39,6 +39,10 @@ _MAGIC: Final = b"XPSNBRS1"
 FEED_BYTES = 1 << 20
 
 
+_new = object.__new__
+_set = object.__setattr__
+
+
 @dataclass(frozen=True)
 class Neighbor:
     """One answer of ``Store.similar``: a track, how similar it is, and its fingerprint record.
@@ -56,6 +60,16 @@ class Neighbor:
     strategy: str | None = None
     """Which query strategy produced the answer (``similar(strategy=...)``); None without one.
     ``record_id`` is -1 for a track known only from the streaming cache (nothing written)."""
+
+    @classmethod
+    def of(cls, track_id: str, score: float, record_id: int,
+           metadata: dict[str, Any] | None) -> Neighbor:  # fmt: skip
+        """A live-search answer, built without the frozen dataclass's per-field
+        ``object.__setattr__`` (ten of those per query cost as much as the result mapping)."""
+        n = _new(cls)
+        _set(n, "__dict__", {"track_id": track_id, "score": score, "record_id": record_id,
+                             "metadata": metadata, "build_id": None, "strategy": None})
+        return n
 
 
 @dataclass(frozen=True)

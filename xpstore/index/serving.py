@@ -46,10 +46,16 @@ import numpy as np
 import numpy.typing as npt
 
 from xpstore.errors import XpStoreError
-from xpstore.index.backends import Exclusion, IndexBackend, exclusion, faiss_threads
+from xpstore.index.backends import (
+    Exclusion,
+    IndexBackend,
+    exclusion,
+    faiss_threads,
+    query_threads,
+)
 from xpstore.index.embedding import HybridEmbedder
 from xpstore.index.rows import FingerprintRows, RawFingerprint, parse_fingerprint
-from xpstore.model.events import TrackEvent
+from xpstore.model.events import BulkEvent, TrackEvent
 
 __all__ = ["BuildInfo", "Delta", "IndexServer", "MainIndex"]
 
@@ -120,6 +126,19 @@ class MainIndex:
     ids: I64  # sorted
     build: BuildInfo | None
     generation: int  # bumps at every swap; vectors embedded under another one are re-embedded
+    tracks: npt.NDArray[np.object_] | None = None
+    """The track id of each of ``ids`` (same positions; None for an id no longer live when it
+    was read), so an answer needs no LMDB read for its track. None: not known."""
+
+    def track_ids(self, rids: I64) -> list[str | None]:
+        """The tracks of ``rids`` (ids of this index) from memory; None where unknown."""
+        if self.tracks is None or not rids.size or not self.ids.size:
+            return [None] * int(rids.size)
+        pos = np.minimum(np.searchsorted(self.ids, rids), self.ids.shape[0] - 1)
+        out: list[str | None] = self.tracks[pos].tolist()
+        for j in np.flatnonzero(self.ids[pos] != rids).tolist():
+            out[j] = None  # not an id of this index
+        return out
 
     def __contains__(self, rid: int) -> bool:
         i = int(np.searchsorted(self.ids, rid))
@@ -191,6 +210,36 @@ class Delta:
         self.tracks[rid] = raw.track_id
         self.view = _DeltaView(self._ids, self._vecs, n + 1)
 
+    def add_many(
+        self,
+        ids: I64,
+        track_ids: list[str],
+        audio: npt.NDArray[np.float64],
+        emb: F32 | None,
+        has: npt.NDArray[np.bool_] | None,
+        vecs: F32,
+    ) -> None:
+        """:meth:`add` of many new ids at once (none of them in the delta yet)."""
+        m = ids.shape[0]
+        if m == 0:
+            return
+        n = self.view.n
+        if n + m > self._ids.shape[0]:
+            self._grow(max(_MIN_CAP, 2 * (n + m)))
+        self._vecs[n : n + m] = vecs
+        self._audio[n : n + m] = audio
+        known = self._emb
+        if known is not None and emb is not None and has is not None and (
+            emb.shape[1] == known.shape[1]
+        ):
+            known[n : n + m] = emb
+            self._has[n : n + m] = has
+        self._ids[n : n + m] = ids  # last: a reader that sees an id sees its vector
+        keys = ids.tolist()
+        self.pos.update(zip(keys, range(n, n + m), strict=True))
+        self.tracks.update(zip(keys, track_ids, strict=True))
+        self.view = _DeltaView(self._ids, self._vecs, n + m)
+
     def _grow(self, cap: int) -> None:
         n = self.view.n
         old = (self._ids, self._vecs, self._audio, self._emb, self._has)
@@ -251,6 +300,8 @@ class Delta:
         """Exact top ``k`` (scores, ids) per query row over the live entries; -1 pads."""
         view = self.view
         m = q.shape[0]
+        if m == 1 and view.n:
+            return self._search_one(q[0], k, view)
         out_s = np.full((m, k), -np.inf, dtype=np.float32)
         out_i = np.full((m, k), -1, dtype=np.int64)
         if view.n == 0:
@@ -265,6 +316,25 @@ class Delta:
         best = np.take_along_axis(part, order, axis=1)
         out_s[:, :kk] = np.take_along_axis(scores, best, axis=1)
         out_i[:, :kk] = ids[best]
+        out_i[out_s == -np.inf] = -1
+        return out_s, out_i
+
+
+    @staticmethod
+    def _search_one(q: F32, k: int, view: _DeltaView) -> tuple[F32, I64]:
+        """:meth:`search` of one query, in 1-D (the general form's axis bookkeeping costs a
+        single query more than the search itself on a small delta)."""
+        n = view.n
+        scores = view.vecs[:n] @ q
+        ids = view.ids[:n]
+        scores[ids < 0] = -np.inf
+        kk = min(k, n)
+        top = np.argpartition(-scores, kk - 1)[:kk] if kk < n else np.arange(n)
+        top = top[np.argsort(-scores[top], kind="stable")]
+        out_s = np.full((1, k), -np.inf, dtype=np.float32)
+        out_i = np.full((1, k), -1, dtype=np.int64)
+        out_s[0, :kk] = scores[top]
+        out_i[0, :kk] = ids[top]
         out_i[out_s == -np.inf] = -1
         return out_s, out_i
 
@@ -385,6 +455,42 @@ class IndexServer:
                     raise XpStoreError(f"track event at LSN {ev.lsn} sets a track without a value")
         self._changed()
 
+    def apply_bulk(self, event: BulkEvent) -> None:
+        """A ``put_fingerprints`` run: its rows enter the delta in one vectorized call, then
+        the ids it retires leave (in LSN order; one may be a row of the run itself)."""
+        rows = event.rows
+        n = len(rows)
+        ids = np.arange(event.first_lsn, event.first_lsn + n, dtype=np.int64)
+        with self.lock:
+            main = self.main
+            vecs = rows.vectors
+            if rows.generation != main.generation:
+                vecs = main.embedder.embed_rows(rows.audio, rows.embedding, rows.has_embedding)
+            keep = np.ones(n, dtype=bool)
+            if len(main):
+                inside = np.isin(ids, main.ids)
+                for rid in ids[inside].tolist():
+                    self.tombs.discard(rid)  # a catch-up replaying ids the index already has
+                keep &= ~inside
+            pos = self.delta.pos
+            if pos:
+                keep &= np.fromiter((r not in pos for r in ids.tolist()), dtype=bool, count=n)
+            tids = list(rows.track_ids)
+            if keep.all():
+                self.delta.add_many(ids, tids, rows.audio, rows.embedding, rows.has_embedding,
+                                    vecs)  # fmt: skip
+            else:
+                sel = np.flatnonzero(keep)
+                self.delta.add_many(
+                    ids[sel], [tids[i] for i in sel.tolist()], rows.audio[sel],
+                    None if rows.embedding is None else rows.embedding[sel],
+                    None if rows.has_embedding is None else rows.has_embedding[sel], vecs[sel],
+                )  # fmt: skip
+            for lsn, rid in event.retired:
+                self._retire_locked(rid, lsn)
+            self.version += 1
+        self._changed()
+
     def _changed(self) -> None:
         hook = self.on_change
         if hook is not None:
@@ -416,6 +522,7 @@ class IndexServer:
         embedder: HybridEmbedder,
         build: BuildInfo,
         ids: I64,
+        tracks: npt.NDArray[np.object_] | None = None,
     ) -> MainIndex:
         """Install a main index built from LMDB at ``build.lsn``; returns the old one.
 
@@ -426,7 +533,7 @@ class IndexServer:
         pre = self._embed_delta(embedder, lambda rid: rid > lsn)
         with self.lock:
             old = self.main
-            main = MainIndex(backend, embedder, np.sort(ids), build, old.generation + 1)
+            main = MainIndex(backend, embedder, np.sort(ids), build, old.generation + 1, tracks)
             self._retired = [(at, rid) for at, rid in self._retired if at > lsn]
             tombs = {rid for _at, rid in self._retired if rid in main}
             missing = [rid for rid in self.delta.pos if rid > lsn and rid not in pre]
@@ -474,7 +581,8 @@ class IndexServer:
             old = self._state
             if old.main.generation != generation:
                 return False
-            main = MainIndex(None, embedder, np.zeros(0, dtype=np.int64), None, generation + 1)
+            main = MainIndex(None, embedder, np.zeros(0, dtype=np.int64), None, generation + 1,
+                             np.zeros(0, dtype=object))  # fmt: skip
             delta = Delta(embedder.dim, embedder.embedding_dim)
             for rid, raw in extra:
                 if rid in old.main and rid not in old.tombs:
@@ -610,6 +718,70 @@ class IndexServer:
                 )
                 pairs[j].sort(key=lambda t: -t[1])
         return pairs
+
+    def search_one(
+        self,
+        q: F32,
+        k: int,
+        exclude: set[int],
+        params: dict[str, int] | None = None,
+    ) -> list[tuple[int, float, str | None]] | None:
+        """One query without a filter, the fast path: FAISS on the checked ``(1, dim)`` query
+        directly, the delta merged in numpy, tracks from memory; ``(id, score, track)`` best
+        first (track None where memory does not know it). None when tombstones or ``exclude``
+        crowded the top so that fewer than ``k`` survived: :meth:`search` handles that."""
+        st = self._state
+        main, delta = st.main, st.delta
+        tombs = st.tombs
+        total = len(main) + delta.rows_used
+        fetch = min(k + len(exclude) + min(len(tombs), k), max(total, 1))
+        sm = im = None
+        if main.backend is not None and len(main):
+            query_threads(self.query_threads)
+            sm, im = main.backend.search_one(q, min(fetch, len(main)), params)
+        view = delta.view
+        if view.n:
+            # the exact delta, inline: on a small delta numpy's per-call cost is the search
+            ds = view.vecs[: view.n] @ q[0]
+            di = view.ids[: view.n]
+            if view.n > fetch:
+                top = np.argpartition(-ds, fetch - 1)[:fetch]
+                ds, di = ds[top], di[top]
+            n_main = 0 if im is None else im.shape[1]
+            ids = di if im is None else np.concatenate((im[0], di))
+            scores = ds if sm is None else np.concatenate((sm[0], ds))
+            order = np.argsort(-scores, kind="stable")
+            ids, scores = ids[order], scores[order]
+            from_main = order < n_main
+        elif im is not None:
+            ids, scores, n_main = im[0], sm[0], -1  # type: ignore[index]
+        else:
+            return []
+        out: list[tuple[int, float]] = []
+        now = self._state
+        pos = delta.pos
+        for j, (rid, score) in enumerate(zip(ids.tolist(), scores.tolist(), strict=True)):
+            if rid < 0 or rid in exclude:
+                continue
+            mine = n_main < 0 or (n_main > 0 and bool(from_main[j]))
+            if (rid in tombs) if mine else (rid not in pos):
+                continue
+            if now is not st and not self.is_live(rid):
+                continue
+            out.append((rid, score))
+            if len(out) >= k:
+                break
+        if len(out) < k and fetch < total:
+            return None
+        tracks = delta.tracks
+        named = [(rid, score, tracks.get(rid)) for rid, score in out]
+        unnamed = [rid for rid, _score, track in named if track is None]
+        if not unnamed:
+            return named
+        known = dict(zip(unnamed, main.track_ids(np.array(unnamed, dtype=np.int64)),
+                         strict=True))  # fmt: skip
+        return [(rid, score, known[rid] if track is None else track)
+                for rid, score, track in named]  # fmt: skip
 
     def _search_selector(
         self, main: MainIndex, q: F32, k: int, params: dict[str, int] | None

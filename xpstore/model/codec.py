@@ -44,9 +44,12 @@ from operator import itemgetter
 from typing import Any, Final, TypeAlias, TypeVar
 
 import msgpack
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel
 
 from xpstore.errors import CodecError, InvalidRecordError
+from xpstore.model.columns import FingerprintColumns
 from xpstore.model.records import (
     BATCH_FIELDS,
     MUTABLE_FIELDS,
@@ -81,10 +84,12 @@ __all__ = [
     "decode_envelope",
     "decode_op",
     "encode_envelope",
+    "encode_fingerprint_puts",
     "encode_op",
     "envelope_counters",
     "envelope_from_put",
     "envelope_head",
+    "envelopes_from_puts",
     "field_sizes",
     "pack_envelope",
     "peek_put",
@@ -628,3 +633,135 @@ def decode_envelope(id: int, data: BytesLike, *, validate: bool = False) -> Expe
         success_count=successes,
         priority=priority,
     )
+
+
+# --------------------------------------------------------------------------- columnar puts
+
+_F64_BE: Final = np.dtype(">f8")
+_KEYS: Final[dict[str, bytes]] = {
+    name: msgpack.packb(name) for name in ("track_id", "batch", "streaming", "embedding",
+                                           "metadata", "algorithm_version", "ts", "validation")
+}  # fmt: skip
+
+
+def _float_block(m: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
+    """(n, c) float64 -> (n, 9c) bytes: each value as msgpack float 64 (0xcb + big-endian)."""
+    n, c = m.shape
+    out = np.empty((n, c, 9), dtype=np.uint8)
+    out[:, :, 0] = 0xCB
+    out[:, :, 1:] = m.astype(_F64_BE).view(np.uint8).reshape(n, c, 8)
+    return out.reshape(n, c * 9)
+
+
+def _array_header(n: int) -> bytes:
+    return bytes((0x90 | n,)) if n < 16 else b"\xdc" + struct.pack(">H", n)
+
+
+def _const(n: int, data: bytes) -> npt.NDArray[np.uint8]:
+    return np.broadcast_to(np.frombuffer(data, dtype=np.uint8), (n, len(data)))
+
+
+def encode_fingerprint_puts(cols: FingerprintColumns) -> list[bytes]:
+    """The WAL payloads of ``PutOp(Fingerprint(...))`` for each row of ``cols``, byte for byte
+    what :func:`encode_op` writes for the same records, built without a model per row.
+
+    The record map's fixed-width parts (the float arrays, ``ts``) are laid out for all rows at
+    once with numpy; only the track id and the metadata are packed per row.
+    """
+    n = len(cols)
+    if n == 0:
+        return []
+    pack = msgpack.Packer(use_bin_type=True).pack
+    # fields in Fingerprint's order: track_id, batch, streaming, embedding, metadata,
+    # algorithm_version, ts, validation
+    fixed: list[npt.NDArray[np.uint8]] = []
+    nfields = 2  # track_id, ts
+    if cols.batch is not None:
+        nfields += 1
+        fixed += [_const(n, _KEYS["batch"] + _array_header(_BATCH_LEN)), _float_block(cols.batch)]
+    if cols.streaming is not None:
+        assert cols.confidence is not None and cols.chunk_counts is not None
+        nfields += 1
+        head = _array_header(cols.streaming.shape[1])
+        fixed += [
+            _const(n, _KEYS["streaming"] + b"\x93" + head), _float_block(cols.streaming),
+            _const(n, head), _float_block(cols.confidence),
+        ]  # fmt: skip
+    mid = list(map(bytes, np.hstack(fixed))) if fixed else [b""] * n
+    if cols.streaming is not None:
+        assert cols.chunk_counts is not None
+        mid = [m + pack(c) for m, c in zip(mid, cols.chunk_counts, strict=True)]
+    if cols.embeddings is not None:
+        nfields += 1
+        emb = np.hstack([
+            _const(n, _KEYS["embedding"] + _array_header(cols.embeddings.shape[1])),
+            _float_block(cols.embeddings),
+        ])
+        mid = [m + e for m, e in zip(mid, map(bytes, emb), strict=True)]
+    mid_bytes = mid
+    tail = b""
+    if cols.algorithm_version is not None:
+        nfields += 1
+        tail = _KEYS["algorithm_version"] + pack(cols.algorithm_version)
+    ts_key = tail + _KEYS["ts"]
+    valid = b""
+    if cols.batch is None:  # streaming only: pending validation, as the model sets it
+        nfields += 1
+        valid = _KEYS["validation"] + pack({"status": "pending"})
+    tails = np.hstack([_const(n, ts_key), _float_block(cols.ts[:, None]), _const(n, valid)])
+    tail_bytes = list(map(bytes, np.ascontiguousarray(tails)))
+    prefix = bytes((0x94, CODEC_VERSION, _OP_PUT, KIND_CODES["fingerprint"]))
+    tid_key = _KEYS["track_id"]
+    heads = {k: prefix + bytes((0x80 | (nfields + k),)) + tid_key for k in (0, 1)}
+    tids = list(map(pack, cols.track_ids))
+    meta_key = _KEYS["metadata"]
+    if cols.metadata is None:
+        head = heads[0]
+        return [b"".join((head, t, m, tl)) for t, m, tl in zip(tids, mid_bytes, tail_bytes,
+                                                             strict=True)]  # fmt: skip
+    out = []
+    for t, m, md, tl in zip(tids, mid_bytes, cols.metadata, tail_bytes, strict=True):
+        if md is None:
+            out.append(b"".join((heads[0], t, m, tl)))
+        else:
+            out.append(b"".join((heads[1], t, m, meta_key, pack(md), tl)))
+    return out
+
+
+_UINT_CLASSES: Final = (  # msgpack's smallest encoding of a non-negative int: (below, marker)
+    (1 << 7, None), (1 << 8, 0xCC), (1 << 16, 0xCD), (1 << 32, 0xCE), (1 << 64, 0xCF)
+)
+
+
+def envelopes_from_puts(
+    payloads: list[bytes], *, kind: str, ts: npt.NDArray[np.float64], first_lsn: int
+) -> list[bytes]:
+    """:func:`envelope_from_put` of consecutive new records (LSNs from ``first_lsn``, no
+    counters), the same bytes, with the headers laid out for all rows at once."""
+    n = len(payloads)
+    if n == 0:
+        return []
+    code = KIND_CODES[kind]
+    head = np.empty((n, 4), dtype=np.uint8)
+    head[:] = (0x97, CODEC_VERSION, code, 0xCB)  # fixarray(7), version, kind, float 64
+    ts_bytes = ts.astype(_F64_BE).view(np.uint8).reshape(n, 8)
+    lsns = np.arange(first_lsn, first_lsn + n, dtype=np.uint64)
+    out: list[bytes] = []
+    start = 0
+    low = 0
+    for below, marker in _UINT_CLASSES:
+        end = start + int(np.count_nonzero(lsns[start:] < below)) if low < below else start
+        low = below
+        if end == start:
+            continue
+        m = end - start
+        width = 1 if marker is None else 1 << (marker - 0xCC)
+        parts = [head[start:end], ts_bytes[start:end]]
+        if marker is not None:
+            parts.append(np.full((m, 1), marker, dtype=np.uint8))
+        be = lsns[start:end].astype(">u8").view(np.uint8).reshape(m, 8)[:, 8 - width :]
+        parts += [be, np.zeros((m, 2), dtype=np.uint8)]  # the lsn, then counters 0, 0
+        block = np.ascontiguousarray(np.hstack(parts))
+        out += [h + p[4:] for h, p in zip(map(bytes, block), payloads[start:end], strict=True)]
+        start = end
+    return out

@@ -8,7 +8,7 @@ WAL (against LMDB), so the live path and the replay paths cannot disagree.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -214,3 +214,28 @@ def _require(view: StateView, rid: int) -> Experience:
     if exp is None:
         raise RecordNotFoundError(f"no record with id {rid}")
     return exp
+
+
+def derive_fingerprint_puts(
+    first: int,
+    envelopes: Sequence[bytes],
+    track_ids: Sequence[str],
+    ts: Sequence[float],
+    prio: Sequence[bytes],
+    view: StateView,
+) -> list[Effect]:
+    """:func:`derive` of consecutive fingerprint puts from ``first`` (``put_fingerprints``),
+    given their envelopes (``codec.envelopes_from_puts``): the same effects, built from the
+    columns without a record model. A track put twice in the batch is superseded by its later
+    row, as separate puts would be."""
+    out: list[Effect] = []
+    latest: dict[str, int] = {}  # tracks set earlier in this batch
+    track = view.track
+    for i, value in enumerate(envelopes):
+        lsn = first + i
+        tid = track_ids[i]
+        before = latest.get(tid, -1)
+        latest[tid] = lsn
+        out.append(Effect(lsn, lsn, value, "fingerprint", ts[i], True, tid, lsn,
+                          track(tid) if before < 0 else before, prio[i]))  # fmt: skip
+    return out

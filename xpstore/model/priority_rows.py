@@ -22,6 +22,7 @@ import struct
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 
 from xpstore.model.codec import KIND_CODES
 from xpstore.model.records import (
@@ -33,7 +34,7 @@ from xpstore.model.records import (
     kind_of,
 )
 
-__all__ = ["INPUTS", "INPUT_DTYPE", "inputs_for", "inputs_from_map"]
+__all__ = ["INPUTS", "INPUT_DTYPE", "fingerprint_inputs", "inputs_for", "inputs_from_map"]
 
 INPUTS: Final = struct.Struct("<QdfffIIB3x")
 INPUT_DTYPE: Final = np.dtype(
@@ -99,3 +100,24 @@ def inputs_from_map(
     )  # fmt: skip
 
 
+
+
+def fingerprint_inputs(
+    first_lsn: int, ts: npt.NDArray[np.float64], confidence: npt.NDArray[np.float64] | None
+) -> list[bytes]:
+    """:func:`inputs_for` of consecutive new fingerprints (ids from ``first_lsn``), in columns:
+    the same bytes, row for row (``confidence``: the streaming confidences, None without)."""
+    n = ts.shape[0]
+    arr = np.zeros(n, dtype=INPUT_DTYPE)
+    arr["id"] = np.arange(first_lsn, first_lsn + n, dtype=np.uint64)
+    arr["ts"] = ts
+    if confidence is None:
+        arr["conf"] = 1.0
+    else:  # math.fsum per row, exactly as inputs_for averages them
+        width = confidence.shape[1]
+        arr["conf"] = [math.fsum(row) / width for row in confidence.tolist()]
+    arr["override"] = math.nan
+    arr["kind"] = KIND_CODES["fingerprint"]
+    raw = arr.tobytes()
+    size = INPUTS.size
+    return [raw[i : i + size] for i in range(0, n * size, size)]

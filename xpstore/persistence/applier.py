@@ -22,10 +22,12 @@ from xpstore.persistence.lmdb_tables import (
     Change,
     LmdbTables,
     MetaSet,
+    NewRecords,
     RecordDelete,
     RecordPut,
     TrackDelete,
     TrackSet,
+    u64_keys,
 )
 from xpstore.persistence.overlay import Overlay
 from xpstore.persistence.telemetry import Telemetry
@@ -54,6 +56,45 @@ def to_changes(effects: list[Effect]) -> list[Change]:
                 out.append(TrackSet(eff.track, eff.track_to))
             else:
                 out.append(TrackDelete(eff.track, eff.lsn, eff.track_from or 0))
+    return out
+
+
+def _new_put(eff: Effect) -> bool:
+    return (eff.is_new and eff.value is not None and eff.record_id is not None
+            and eff.meta is None and (eff.track is None or eff.track_to is not None))  # fmt: skip
+
+
+def _track_sets(run: list[Effect]) -> list[tuple[bytes, bytes]]:
+    sets = [e for e in run if e.track is not None]
+    keys = u64_keys([e.track_to for e in sets])  # type: ignore[misc]
+    return [(e.track.encode(), key) for e, key in zip(sets, keys, strict=True)]  # type: ignore[union-attr]
+
+
+def batch_changes(effects: list[Effect]) -> list[Change]:
+    """:func:`to_changes`, with each run of new records as one columnar :class:`NewRecords`
+    (an ingest batch of N puts is then one change, not 2N)."""
+    out: list[Change] = []
+    start = 0
+    n = len(effects)
+    while start < n:
+        end = start
+        while end < n and _new_put(effects[end]):
+            end += 1
+        if end == start:
+            out += to_changes([effects[start]])
+            start += 1
+            continue
+        run = effects[start:end]
+        codes = KIND_CODES
+        out.append(NewRecords(
+            [e.record_id for e in run],  # type: ignore[misc]
+            [codes[e.kind] for e in run],
+            [e.ts for e in run],
+            [e.value for e in run],  # type: ignore[misc]
+            [e.prio for e in run],
+            _track_sets(run),
+        ))  # fmt: skip
+        start = end
     return out
 
 
@@ -182,7 +223,7 @@ class Applier:
             if not effects:
                 return False
             start = time.perf_counter()
-            self._tables.apply(to_changes(effects), effects[-1].lsn)
+            self._tables.apply(batch_changes(effects), effects[-1].lsn)
             self._overlay.applied(effects)
             self._telemetry.observe("apply", time.perf_counter() - start)
             self._telemetry.observe("apply.batch_ops", len(effects))

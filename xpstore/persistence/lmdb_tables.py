@@ -30,13 +30,15 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import lmdb
+import numpy as np
 
 from xpstore.errors import LmdbCorruptionError, StoreCorruptionError, WALWriteError, XpStoreError
 from xpstore.model.progress import ProgressFn
@@ -109,7 +111,51 @@ class MetaSet:
     value: bytes
 
 
-Change = RecordPut | RecordDelete | TrackSet | TrackDelete | MetaSet
+@dataclass(slots=True)
+class NewRecords:
+    """A run of new records in columns (the ingest fast path: keys are built with numpy and
+    each table gets one ``putmulti``), with the track map entries they set, in LSN order."""
+
+    ids: list[int]
+    kind_codes: list[int]
+    ts: list[float]
+    values: list[bytes]
+    prio: list[bytes | None]
+    tracks: list[tuple[bytes, bytes]]  # (track id, u64 record id)
+
+    def expand(self) -> list[RecordPut | TrackSet]:
+        """The same changes one by one (for a batch that also holds deletes or settings)."""
+        out: list[RecordPut | TrackSet] = [
+            RecordPut(rid, code, ts, value, True, prio)
+            for rid, code, ts, value, prio in zip(
+                self.ids, self.kind_codes, self.ts, self.values, self.prio, strict=True
+            )
+        ]
+        out += [TrackSet(key.decode(), from_u64(value)) for key, value in self.tracks]
+        return out
+
+
+Change = RecordPut | RecordDelete | TrackSet | TrackDelete | MetaSet | NewRecords
+
+
+def u64_keys(ids: Sequence[int]) -> list[bytes]:
+    """``[u64(i) for i in ids]``, built in one numpy pass."""
+    raw = np.asarray(ids, dtype=">u8").tobytes()
+    return [raw[i : i + 8] for i in range(0, len(raw), 8)]
+
+
+def index_keys(kind_codes: Sequence[int], ts: Sequence[float], ids: Sequence[int]) -> list[bytes]:
+    """``[index_key(k, t, i) ...]`` in one numpy pass (the same order-preserving ts bits)."""
+    n = len(ids)
+    bits = np.asarray(ts, dtype=np.float64).view(np.uint64)
+    top = np.uint64(1 << 63)
+    bits = np.where(bits >= top, ~bits, bits | top)
+    arr = np.empty((n, 17), dtype=np.uint8)
+    arr[:, 0] = kind_codes
+    arr[:, 1:9] = bits.astype(">u8").view(np.uint8).reshape(n, 8)
+    arr[:, 9:] = np.asarray(ids, dtype=">u8").view(np.uint8).reshape(n, 8)
+    raw = arr.tobytes()
+    return [raw[i : i + 17] for i in range(0, n * 17, 17)]
 
 DATA_FILE = "data.mdb"
 
@@ -395,6 +441,18 @@ class LmdbTables:
         value = txn.get(track_id.encode(), db=self._dbs[b"tracks"])
         return from_u64(bytes(value)) if value is not None else None
 
+    def get_records(self, txn: lmdb.Transaction, ids: Sequence[int]) -> dict[int, bytes]:
+        """The envelopes of those of ``ids`` that exist (one C call: catch-ups read many)."""
+        keys = u64_keys(sorted(ids))
+        found = txn.cursor(db=self._dbs[b"records"]).getmulti(keys)
+        return {from_u64(bytes(key)): bytes(value) for key, value in found}
+
+    def get_tracks(self, txn: lmdb.Transaction, track_ids: Iterable[str]) -> dict[str, int]:
+        """The current record ids of those of ``track_ids`` the track map holds (one C call)."""
+        keys = sorted(map(str.encode, track_ids))
+        found = txn.cursor(db=self._dbs[b"tracks"]).getmulti(keys)
+        return {bytes(key).decode(): from_u64(bytes(value)) for key, value in found}
+
     def prio_rows(self) -> tuple[list[bytes], int]:
         """Every priority-input row of the ``prio`` table (id order; each row repeats its id),
         and the applied_lsn of the one read transaction they were read in. Values only: one
@@ -500,10 +558,13 @@ class LmdbTables:
         if applied <= current:
             return  # already applied: replay after a crash is idempotent
         counts = self.counts(txn)
-        if all(isinstance(ch, RecordPut | TrackSet) for ch in changes):
+        if all(isinstance(ch, RecordPut | TrackSet | NewRecords) for ch in changes):
             self._apply_puts(txn, changes, counts)
         else:
-            self._apply_mixed(txn, changes, counts)
+            flat: list[Change] = []
+            for ch in changes:
+                flat += ch.expand() if isinstance(ch, NewRecords) else [ch]
+            self._apply_mixed(txn, flat, counts)
         meta = self._dbs[b"meta"]
         txn.put(b"counts", json.dumps({str(k): v for k, v in counts.items()}).encode(), db=meta)
         txn.put(b"applied_lsn", u64(applied), db=meta)
@@ -521,7 +582,15 @@ class LmdbTables:
         tracks: list[tuple[bytes, bytes]] = []
         prio: list[tuple[bytes, bytes]] = []
         for ch in changes:
-            if isinstance(ch, RecordPut):
+            if isinstance(ch, NewRecords):
+                keys = u64_keys(ch.ids)
+                recs += zip(keys, ch.values, strict=True)
+                prio += [(k, p) for k, p in zip(keys, ch.prio, strict=True) if p is not None]
+                index += [(k, b"") for k in index_keys(ch.kind_codes, ch.ts, ch.ids)]
+                for code, added in Counter(ch.kind_codes).items():
+                    counts[code] = counts.get(code, 0) + added
+                tracks += ch.tracks
+            elif isinstance(ch, RecordPut):
                 recs.append((u64(ch.id), ch.value))
                 if ch.prio is not None:
                     prio.append((u64(ch.id), ch.prio))
@@ -571,6 +640,7 @@ class LmdbTables:
             elif isinstance(ch, MetaSet):
                 txn.put(ch.key.encode(), ch.value, db=self._dbs[b"meta"])
             else:
+                assert isinstance(ch, TrackDelete), "NewRecords are expanded before this"
                 txn.delete(ch.track_id.encode(), db=tracks)
                 txn.put(ch.track_id.encode(), _TRACK_TOMB.pack(ch.lsn, ch.former_id), db=ttombs)
 

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 
 from xpstore.model.effects import Effect
-from xpstore.model.events import Acknowledged, IndexRow
+from xpstore.model.events import Acknowledged, IndexRow, IndexRows
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class Overlay:
         self._pending: deque[Effect] = deque()
         self.apply_threshold = 1 << 62  # queue length that wakes the applier (it sets this)
         self._p_rows: dict[int, IndexRow] = {}  # LSN -> index row, pending effects only
+        self._p_bulk: dict[int, IndexRows] = {}  # first LSN -> a put_fingerprints batch's rows
         self._subs: list[Subscription] = []
 
     # writer side (under the store's write lock)
@@ -66,6 +67,30 @@ class Overlay:
             if row is not None:
                 self._p_rows[eff.lsn] = row
 
+    def add_pending_many(
+        self,
+        effects: list[Effect],
+        bulk: IndexRows | None = None,
+        rows: dict[int, IndexRow] | None = None,
+    ) -> None:
+        """:meth:`add_pending` of a batch under one lock acquisition; ``bulk`` holds the index
+        rows of consecutive effects from the first one (``put_fingerprints``), ``rows`` the
+        index rows of single effects by LSN."""
+        if not effects:
+            return
+        with self.lock:
+            self._pending.extend(effects)
+            records, tracks = self._p_records, self._p_tracks
+            for eff in effects:
+                if eff.record_id is not None:
+                    records[eff.record_id] = eff
+                if eff.track is not None:
+                    tracks[eff.track] = (eff.lsn, eff.track_to)
+            if bulk is not None:
+                self._p_bulk[effects[0].lsn] = bulk
+            if rows:
+                self._p_rows.update(rows)
+
     def drop_pending_from(self, lsn: int) -> None:
         """Forget pending effects at or after ``lsn`` (their WAL append was refused)."""
         with self.lock:
@@ -76,6 +101,7 @@ class Overlay:
                 if eff.track is not None and self._p_tracks.get(eff.track, (0,))[0] == eff.lsn:
                     del self._p_tracks[eff.track]
                 self._p_rows.pop(eff.lsn, None)
+                self._p_bulk.pop(eff.lsn, None)
 
     def make_durable(self, last_lsn: int) -> None:
         """Move pending effects up to ``last_lsn`` into the durable layer, then publish them.
@@ -87,8 +113,26 @@ class Overlay:
         with self.lock:
             moved: list[Effect] = []
             rows: dict[int, IndexRow] = {}
-            p_rows = self._p_rows
-            while self._pending and self._pending[0].lsn <= last_lsn:
+            bulk: dict[int, IndexRows] = {}
+            p_rows, p_bulk = self._p_rows, self._p_bulk
+            pending = self._pending
+            if pending and pending[-1].lsn <= last_lsn:
+                # every pending effect moves (the usual case): in bulk, and the pending dicts
+                # and rows hold nothing else
+                moved = list(pending)
+                pending.clear()
+                self._p_records.clear()
+                self._p_tracks.clear()
+                self.queue.extend(moved)
+                records, tracks = self.records, self.tracks
+                for eff in moved:
+                    if eff.record_id is not None:
+                        records[eff.record_id] = eff
+                    if eff.track is not None:
+                        tracks[eff.track] = (eff.lsn, eff.track_to)
+                rows, bulk = p_rows, p_bulk
+                self._p_rows, self._p_bulk = {}, {}
+            while pending and pending[0].lsn <= last_lsn:
                 eff = self._pending.popleft()
                 self.add_durable_locked(eff)
                 moved.append(eff)
@@ -100,11 +144,15 @@ class Overlay:
                     row = p_rows.pop(eff.lsn, None)
                     if row is not None:
                         rows[eff.lsn] = row
+                if p_bulk:
+                    many = p_bulk.pop(eff.lsn, None)
+                    if many is not None:
+                        bulk[eff.lsn] = many
             subs = list(self._subs)  # a subscriber added after this point has these in its copy
             if len(self.queue) >= self.apply_threshold:
                 self.changed.notify_all()  # a full batch for the applier; otherwise it waits
         if moved and subs:
-            batch = Acknowledged(moved, rows)
+            batch = Acknowledged(moved, rows, bulk)
             for sub in subs:
                 sub.deliver(batch)
 

@@ -27,7 +27,8 @@ from xpstore.errors import (
     XpStoreError,
 )
 from xpstore.index.neighbors import Neighbor
-from xpstore.model.events import IndexRow
+from xpstore.model.columns import FingerprintColumns
+from xpstore.model.events import IndexRow, IndexRows
 from xpstore.model.records import BATCH_FIELDS, Experience, Fingerprint, Record, record_from_json
 from xpstore.model.where import compile_where
 from xpstore.store.engine import Engine, timed
@@ -115,6 +116,11 @@ class IndexService:
                     field="weights",
                 )
             query = _check_vector(vector, server.embedder.dim)
+        if predicate is None:
+            q = np.ascontiguousarray(query[None, :], dtype=np.float32)
+            found = server.search_one(q, k, exclude, _params(params))
+            if found is not None:
+                return self._answers(server, found)
         accept = self._accept(predicate) if predicate is not None else None
         hits = server.search(
             query[None, :], k, exclude=[exclude], accept=accept, params=_params(params)
@@ -187,6 +193,13 @@ class IndexService:
         if mgr is None or mgr.server is None:
             return {}
         return mgr.precompute(records)
+
+    def precompute_columns(self, cols: FingerprintColumns) -> IndexRows | None:
+        """Index rows of a ``put_fingerprints`` batch (None before the first attach)."""
+        mgr = self.manager
+        if mgr is None or mgr.server is None:
+            return None
+        return mgr.precompute_columns(cols)
 
     def close(self) -> None:
         with self._lock:
@@ -305,9 +318,36 @@ class IndexService:
                 found[rid] = server.remember(rid, envelope_track(data))
         # an id missing now was deleted after the search: not live any more
         return [
-            Neighbor(found[rid][0], score, rid, found[rid][1])
+            Neighbor.of(found[rid][0], score, rid, found[rid][1])
             for rid, score in hits
             if rid in found
+        ]
+
+    def _answers(
+        self, server: IndexServer, found: list[tuple[int, float, str | None]]
+    ) -> list[Neighbor]:
+        """Neighbors of the fast path's (id, score, track): tracks come from memory, metadata
+        from the answer cache, else from one read of the returned answers' envelopes only."""
+        cache = server.answers
+        meta: dict[int, tuple[str, dict[str, Any] | None]] = {}
+        misses = []
+        for rid, _score, _track in found:
+            hit = cache.get(rid)
+            if hit is None:
+                misses.append(rid)
+            else:
+                meta[rid] = hit
+        if misses:
+            from xpstore.index.rows import envelope_track
+
+            self._engine.check_open()
+            for rid, data in self._reader.envelopes(misses).items():
+                meta[rid] = server.remember(rid, envelope_track(data))
+        # an id missing now was deleted after the search: not live any more
+        return [
+            Neighbor.of(track or meta[rid][0], score, rid, meta[rid][1])
+            for rid, score, track in found
+            if rid in meta
         ]
 
     def _precomputed(self, track_id: str, k: int, predicate: Predicate | None) -> list[Neighbor]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from xpstore.persistence.applier import MaintenanceTask
 from xpstore.persistence.telemetry import Telemetry
+from xpstore.store.bulk import FingerprintIngest
 from xpstore.store.checker import Checker
 from xpstore.store.engine import Engine
 from xpstore.store.index_service import IndexService
@@ -44,6 +45,8 @@ class StoreParts:
     """Streaming-vs-batch validation (issue 11)."""
     streaming: StreamingService
     """The streaming cache and the query strategies (issue 11)."""
+    bulk: FingerprintIngest
+    """``put_fingerprints``: fingerprints in columns, one frame (issue 15)."""
 
     @property
     def telemetry(self) -> Telemetry:
@@ -70,6 +73,7 @@ def compose(engine: Engine) -> StoreParts:
         engine, reader, writer, index, Sampling(engine, reader, writer), maintenance, snapshots,
         Checker(engine), tasks, SimilarityLearner(engine, writer), validator,
         StreamingService(engine, reader, writer, index, validator),
+        FingerprintIngest(engine, writer, index),
     )  # fmt: skip
     if engine.applier is not None:
         snapshots.clean_temps()

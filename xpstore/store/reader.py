@@ -101,7 +101,9 @@ class Reader:
         if not track_ids or tables is None:
             return {}
         with tables.reading() as txn:
-            return {t: tables.get_track(txn, t) for t in track_ids}
+            found: dict[str, int | None] = dict.fromkeys(track_ids)
+            found.update(tables.get_tracks(txn, track_ids))
+            return found
 
     # ------------------------------------------------------------------ scans and counts
     def scan(

@@ -142,6 +142,12 @@ class Store:
         """Store records atomically (one WAL frame, one sync); return their ids in order."""
         return self.parts.writer.put_many(records)
 
+    def put_fingerprints(
+        self, track_ids: Sequence[str], batch: Any = None, **columns: Any
+    ) -> list[int]:
+        """Store fingerprints given in columns, one frame (docs/index.md#bulk-ingest)."""
+        return self.parts.bulk.put(track_ids, batch, **columns)
+
     def batch(self) -> WriteBatch:
         """Several writes as one WAL frame (one fsync, all or nothing) when ``with`` ends."""
         self.parts.engine.writable()

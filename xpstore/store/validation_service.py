@@ -330,9 +330,10 @@ class StreamingValidator:
     # ------------------------------------------------------------------ automatic
     def _on_durable(self, batch: Acknowledged) -> None:
         """Overlay subscriber (WAL leader): queue track changes that may need a validation."""
-        events = [
-            (ev.current, ev.retired) for ev in batch.track_events()
-            if ev.current is not None and ev.retired is not None
+        events = [  # what track_events() yields with a current and a retired id
+            (eff.track_to, eff.track_from) for eff in batch.effects
+            if eff.track_to is not None and eff.track_from is not None
+            and eff.track_from != eff.track_to
         ]  # fmt: skip
         if events:
             with self._queue_lock:

@@ -29,10 +29,13 @@ from xpstore.model.codec import (
     SettingsOp,
     UpdateOp,
     encode_op,
+    envelopes_from_puts,
     field_sizes,
 )
-from xpstore.model.effects import StateView, derive_all
-from xpstore.model.events import IndexRow
+from xpstore.model.columns import FingerprintColumns
+from xpstore.model.effects import StateView, derive, derive_all, derive_fingerprint_puts
+from xpstore.model.events import IndexRow, IndexRows
+from xpstore.model.priority_rows import fingerprint_inputs
 from xpstore.model.records import (
     Decision,
     Experience,
@@ -92,6 +95,52 @@ class Writer:
         payloads = [self.encode(op, i, limit) for i, op in enumerate(ops)]
         rows = self.row_source(prepared) if self.row_source is not None and prepared else {}
         return ops, payloads, rows
+
+    @property
+    def embedding_dim(self) -> int | None:
+        """The store's embedding dimension as logged so far (None: not fixed yet)."""
+        return self._logged.records.embedding_dim
+
+    def submit_fingerprints(
+        self, payloads: list[bytes], cols: FingerprintColumns, rows: IndexRows | None
+    ) -> tuple[int, int]:
+        """Log ``put_fingerprints``' encoded puts as one frame and wait for the acknowledgement;
+        return their LSN span. Like :meth:`submit`, with the effects derived from the columns
+        (no record model) and parked in the overlay with one lock acquisition."""
+        engine = self._engine
+        wal = engine.writable()
+        n = len(payloads)
+        dim = None if cols.embeddings is None else int(cols.embeddings.shape[1])
+        adopt: StoreConfig | None = None
+        with engine.write_lock:
+            wal = engine.writable()
+            fixed = None if dim is None else self._fixed_dim([(0, dim)])
+            first: int = wal.next_lsn
+            view = self._view_for(set(cols.track_ids), snapshot=True)
+            prio = fingerprint_inputs(first, cols.ts, cols.confidence)
+            values = envelopes_from_puts(payloads, kind="fingerprint", ts=cols.ts,
+                                         first_lsn=first)  # fmt: skip
+            effects = derive_fingerprint_puts(first, values, cols.track_ids, cols.ts.tolist(),
+                                              prio, view)  # fmt: skip
+            if fixed is not None:
+                op = SettingsOp({"records.embedding_dim": dim}, fixed.to_json())
+                payload = encode_op(op)
+                effects += derive_all(op, first + n, view, payload)
+                payloads = [*payloads, payload]
+            overlay = engine.overlay
+            try:
+                overlay.add_pending_many(effects, rows)
+                span: tuple[int, int] = wal.append(payloads)
+            except BaseException:
+                overlay.drop_pending_from(first)
+                raise
+            if fixed is not None:
+                self._logged = adopt = fixed
+        wal.wait(span[1])
+        if adopt is not None:
+            engine.settings.replace_persisted(adopt)
+        self._backpressure()
+        return first, first + n - 1
 
     def check(self, record: Record | Mapping[str, Any]) -> None:
         """Refuse ``record`` exactly as :meth:`put_many` would, without writing anything: the
@@ -226,15 +275,40 @@ class Writer:
         view = self._view(ops)
         first: int = wal.next_lsn
         try:
-            for i, op in enumerate(ops):
-                row = rows.get(i) if rows else None
-                for eff in derive_all(op, first + i, view, payloads[i]):
-                    overlay.add_pending(eff, row)
+            if all(type(op) is PutOp for op in ops):
+                self._park_puts(ops, payloads, rows, view, first)
+            else:
+                for i, op in enumerate(ops):
+                    row = rows.get(i) if rows else None
+                    for eff in derive_all(op, first + i, view, payloads[i]):
+                        overlay.add_pending(eff, row)
             span: tuple[int, int] = wal.append(payloads)
         except BaseException:
             overlay.drop_pending_from(first)
             raise
         return span
+
+    def _park_puts(self, ops: list[Op], payloads: list[bytes], rows: Mapping[int, IndexRow],
+                   view: StateView, first: int) -> None:  # fmt: skip
+        """The batched put path: derive a run of puts (a track put twice in the batch is
+        superseded by its later put, as the overlay would show it) and park them with one
+        overlay lock acquisition."""
+        latest: dict[str, int] = {}
+        lookup = view.track
+
+        def track(track_id: str) -> int | None:
+            hit = latest.get(track_id)
+            return lookup(track_id) if hit is None else hit
+
+        local = StateView(view.get, track, view.get_raw_many)
+        effects = []
+        for i, op in enumerate(ops):
+            eff = derive(op, first + i, local, payloads[i])
+            if eff.track is not None and eff.track_to is not None:
+                latest[eff.track] = eff.track_to
+            effects.append(eff)
+        by_lsn = {first + i: row for i, row in rows.items()} if rows else None
+        self._engine.overlay.add_pending_many(effects, rows=by_lsn)
 
     def _fix_embedding_dim(self, ops: list[Op]) -> StoreConfig | None:
         """Under the write lock: check the batch's embeddings against the store's dimension
@@ -249,6 +323,11 @@ class Writer:
         ]
         if not dims:
             return None
+        return self._fixed_dim(dims)
+
+    def _fixed_dim(self, dims: list[tuple[int, int]]) -> StoreConfig | None:
+        """Under the write lock: refuse ``(position, dimension)`` pairs that differ from the
+        store's (or each other's); the settings fixing it when none is logged yet."""
         known = self._logged.records.embedding_dim
         first = dims[0][1] if known is None else known
         bad = next((i for i, d in dims if d != first), None)
@@ -281,13 +360,29 @@ class Writer:
         The LMDB track lookups a batch of fingerprint puts needs are done up front in one read
         transaction (one per fingerprint cost a transaction each on the ingest path).
         """
-        ov = self._engine.overlay
-        reader = self._reader
         tracks = {
             op.record.track_id
             for op in ops
             if isinstance(op, PutOp) and isinstance(op.record, Fingerprint)
         }
+        return self._view_for(tracks)
+
+    def _view_for(self, tracks: set[str], *, snapshot: bool = False) -> StateView:
+        """:meth:`_view` with the LMDB lookups of ``tracks`` done up front; ``snapshot``: their
+        current ids resolved once (the caller derives a batch whose own changes it tracks)."""
+        ov = self._engine.overlay
+        reader = self._reader
+        if snapshot:
+            resolved: dict[str, int | None] = {}
+            missing = []
+            for t in tracks:
+                hit = ov.writer_track(t)
+                if hit is MISSING:
+                    missing.append(t)
+                else:
+                    resolved[t] = cast("int | None", hit)
+            resolved.update(reader.lmdb_tracks(missing))
+            return StateView(lambda rid: None, resolved.get)
         known = reader.lmdb_tracks([t for t in tracks if ov.writer_track(t) is MISSING])
 
         def get(rid: int) -> Experience | None:
