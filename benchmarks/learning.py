@@ -32,7 +32,7 @@ POLICIES = ("fixed", "seed", "default", "oracle")
 
 def accuracy_runs(args: argparse.Namespace, work: Path) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {p: [] for p in POLICIES}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for policy in POLICIES:
             with Store.open(work / f"acc-{policy}-{seed}", create=True, durability="none") as st:
                 res = simulate(st, policy, listeners=args.listeners,
@@ -100,7 +100,7 @@ def replay_race(args: argparse.Namespace, work: Path) -> dict[str, dict[str, lis
         out[scenario] = {}
         for name, alpha in (("prioritized", 0.6), ("uniform", 0.0)):
             rows = []
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 with Store.open(work / f"race-{scenario}-{name}-{seed}", create=True,
                                 durability="none", priority_alpha=alpha) as st:  # fmt: skip
                     rows.append(_race_one(st, args, seed, n_people, n_inter, drift))
@@ -190,6 +190,8 @@ def main() -> None:
     p.add_argument("--listeners", type=int, default=10)
     p.add_argument("--interactions", type=int, default=1000, help="per listener")
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first-seed .. first-seed + seeds - 1 (to split a run over processes)")
     p.add_argument("--last", type=int, default=1000)
     p.add_argument("--target", type=float, default=0.9,
                    help="replay race: the share of the best table accuracy to reach")
