@@ -191,7 +191,7 @@ def main() -> None:
     p.add_argument("--interactions", type=int, default=1000, help="per listener")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--first-seed", type=int, default=0,
-                   help="seeds first-seed .. first-seed + seeds - 1 (to split a run over processes)")
+                   help="run seeds first-seed .. first-seed + seeds - 1 (split a run)")
     p.add_argument("--last", type=int, default=1000)
     p.add_argument("--target", type=float, default=0.9,
                    help="replay race: the share of the best table accuracy to reach")
