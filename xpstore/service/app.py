@@ -86,6 +86,22 @@ class SimilarBody(BaseModel):
     exclude_self: bool = True
 
 
+class NeighborOut(BaseModel):
+    track_id: str
+    score: float
+    record_id: int
+    metadata: dict[str, Any] | None = None
+    build_id: int | None = None
+
+
+class SimilarAnswer(BaseModel):
+    """What the similar endpoints answer, best first."""
+
+    query: str | None = None
+    k: int
+    neighbors: list[NeighborOut]
+
+
 class ResetBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -316,31 +332,39 @@ def create_app(
         return store.get(record_id).envelope_json()
 
     # -------------------------------------------------------------- similar tracks
-    @app.get("/similar/{track_id}", tags=["similar"], responses=ERRORS)
-    async def similar_get(
-        track_id: str,
-        k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
-        where: Annotated[list[str] | None, Query(
-            description='A JSON object, or key=value items: where=metadata.artist="A"')] = None,
-        precomputed: bool = False,
-    ) -> dict[str, Any]:  # fmt: skip
-        """The ``k`` tracks most similar to ``track_id``; 404 for an unknown track."""
-        flt = parse_where(where or [])
+    # the similar endpoints serialize their answer themselves (json.dumps of plain values):
+    # FastAPI's response validation and encoding cost more than the search (benchmarks.md)
+    answer = {200: {"model": SimilarAnswer}, **ERRORS}
+
+    @app.get("/similar/{track_id}", tags=["similar"], responses=answer, response_model=None,
+             openapi_extra={"parameters": SIMILAR_GET_PARAMETERS})  # fmt: skip
+    async def similar_get(request: Request) -> Response:
+        """The ``k`` tracks most similar to ``track_id``; 404 for an unknown track.
+
+        The query is parsed here, not by FastAPI's dependency machinery (half the request's
+        cost at this size; benchmarks.md): the parameters are declared for the OpenAPI
+        document by hand and checked with the same errors FastAPI's checks give."""
+        track_id: str = request.path_params["track_id"]
+        params = request.query_params
+        k = _int_param(params.get("k"), "k", 10, 1, MAX_K)
+        precomputed = _bool_param(params.get("precomputed"), "precomputed")
+        where = params.getlist("where")
+        flt = parse_where(where) if where else None
         try:
             hits = store.similar(track_id, k=k, where=flt, precomputed=precomputed)
         except RecordNotFoundError as exc:
             raise ServiceError(404, str(exc.args[0]) if exc.args else str(exc), "track_id"
                                ) from None  # fmt: skip
-        return {"query": track_id, "k": k, "neighbors": [_neighbor(n) for n in hits]}
+        return _json({"query": track_id, "k": k, "neighbors": [_neighbor(n) for n in hits]})
 
-    @app.post("/similar", tags=["similar"], responses=ERRORS)
-    def similar_post(body: SimilarBody) -> dict[str, Any]:
+    @app.post("/similar", tags=["similar"], responses=answer, response_model=None)
+    def similar_post(body: SimilarBody) -> Response:
         """The ``k`` tracks most similar to a fingerprint (its fields) or a hybrid vector."""
         if (body.fingerprint is None) == (body.vector is None):
             raise ServiceError(400, "give exactly one of fingerprint and vector", "fingerprint")
         hits = store.similar(fingerprint=body.fingerprint, vector=body.vector, k=body.k,
                              where=body.where, exclude_self=body.exclude_self)  # fmt: skip
-        return {"k": body.k, "neighbors": [_neighbor(n) for n in hits]}
+        return _json({"query": None, "k": body.k, "neighbors": [_neighbor(n) for n in hits]})
 
     # -------------------------------------------------------------- learning
     @app.get("/learning/accuracy", tags=["learning"], responses=ERRORS)
@@ -374,6 +398,48 @@ def create_app(
         return {"reset": user or "all", "decisions": len(decisions)}
 
     return app
+
+
+SIMILAR_GET_PARAMETERS: list[dict[str, Any]] = [
+    {"name": "track_id", "in": "path", "required": True, "schema": {"type": "string"},
+     "description": "The track whose neighbours are wanted."},
+    {"name": "k", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
+     "description": "How many neighbours."},
+    {"name": "where", "in": "query", "required": False,
+     "schema": {"type": "array", "items": {"type": "string"}},
+     "description": 'A JSON object, or key=value items: where=metadata.artist="A"'},
+    {"name": "precomputed", "in": "query", "required": False,
+     "schema": {"type": "boolean", "default": False},
+     "description": "Answer from the neighbour lists of the last build (faster, older)."},
+]  # fmt: skip
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _int_param(raw: str | None, name: str, default: int, lo: int, hi: int) -> int:
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ServiceError(422, f"{name}: Input should be a valid integer", name) from None
+    if not lo <= value <= hi:
+        raise ServiceError(422, f"{name}: Input should be in [{lo}, {hi}]", name)
+    return value
+
+
+def _bool_param(raw: str | None, name: str) -> bool:
+    if raw is None:
+        return False
+    low = raw.lower()
+    if low in _TRUE or low in _FALSE:
+        return low in _TRUE
+    raise ServiceError(422, f"{name}: Input should be a valid boolean", name)
+
+
+def _json(doc: dict[str, Any]) -> Response:
+    return Response(json.dumps(doc, separators=(",", ":")), media_type="application/json")
 
 
 def _neighbor(n: Neighbor) -> dict[str, Any]:
