@@ -86,6 +86,7 @@ def _recall(plt: Any, store: Store, path: Path) -> Path:
                    label=f"warning under {floor:g}")  # fmt: skip
         ax.set_ylim(min(0.5, floor - 0.05), 1.01)
         ax.set_xlabel("build")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("recall@10 vs exact search")
         size = ax.twinx()
         size.plot(xs, [int(b["count"]) for b in builds], color="tab:grey", linestyle=":",
@@ -98,7 +99,7 @@ def _recall(plt: Any, store: Store, path: Path) -> Path:
 
 def _priorities(plt: Any, store: Store, path: Path) -> Path:
     fig, ax = _figure(plt, "priorities")
-    drawn = 0
+    rels: dict[str, list[float]] = {}
     for kind in SAMPLEABLE_KINDS:
         if not store.count(kind):
             continue
@@ -106,18 +107,18 @@ def _priorities(plt: Any, store: Store, path: Path) -> Path:
             probs = store.sampling_probabilities(kind)
         except EmptySampleError:
             continue
-        n = len(probs)
         total = sum(probs.values())
-        if not n or total <= 0:
-            continue
-        rel = [p / total * n for p in probs.values() if p > 0]
-        lo, hi = math.log10(min(rel)), math.log10(max(rel))
-        if hi - lo < 1e-9:
-            lo, hi = lo - 0.5, hi + 0.5
-        bins = [10 ** (lo + (hi - lo) * i / 40) for i in range(41)]
-        ax.hist(rel, bins=bins, histtype="step", linewidth=1.5, label=f"{kind} ({n})")
-        drawn += 1
-    if drawn:
+        if probs and total > 0:
+            n = len(probs)
+            rels[kind] = [p / total * n for p in probs.values() if p > 0]
+    if rels:  # one set of log-spaced bins for every kind, so the shapes compare
+        lo = math.log10(min(min(v) for v in rels.values()))
+        hi = math.log10(max(max(v) for v in rels.values()))
+        if hi - lo < 0.2:
+            lo, hi = lo - 0.1, hi + 0.1
+        bins = [10 ** (lo + (hi - lo) * i / 50) for i in range(51)]
+        for kind, rel in rels.items():
+            ax.hist(rel, bins=bins, histtype="step", linewidth=1.5, label=f"{kind} ({len(rel)})")
         ax.set_xscale("log")
         ax.axvline(1.0, color="grey", linestyle="--", linewidth=1, label="uniform")
         ax.set_xlabel("N·P(i): sampling probability relative to uniform")
