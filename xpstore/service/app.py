@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xpstore import __version__
 from xpstore.errors import (
@@ -139,8 +140,10 @@ def parse_where(values: list[str]) -> dict[str, Any] | None:
 
 
 class _BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, by Content-Length or as they
-    stream in (a chunked body has no length to check up front)."""
+    """Refuse request bodies over ``limit`` bytes with 413, by Content-Length or, for a chunked
+    body, by reading it here first (bodies are small: the limit is 1 MiB by default), then
+    handing the app the buffered body. The app's own body parsing would turn any error raised
+    mid-read into a generic 400."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -151,36 +154,35 @@ class _BodyLimit:
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > self.limit
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    await self._refuse(send)
-                    return
-        seen = 0
-        started = False
-
-        async def limited() -> Message:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return msg
-
-        async def tracking(msg: Message) -> None:
-            nonlocal started
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
-
-        try:
-            await self.app(scope, limited, tracking)
-        except _TooLarge:
-            if not started:
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
                 await self._refuse(send)
+                return
+        chunks: list[bytes] = []
+        seen = 0
+        first: Message | None = None
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client left: let the app see it
+                first = msg
+                break
+            body = msg.get("body", b"")
+            seen += len(body)
+            if seen > self.limit:
+                await self._refuse(send)
+                return
+            chunks.append(body)
+            if not msg.get("more_body", False):
+                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+
+        async def replay() -> Message:
+            nonlocal first
+            if first is not None:
+                msg, first = first, None
+                return msg
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
         body = json.dumps({"error": f"the request body is over {self.limit} bytes",
@@ -189,10 +191,6 @@ class _BodyLimit:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})  # fmt: skip
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class _Learning:
@@ -228,7 +226,7 @@ def create_app(
     token: bytes | None = None,
     policy: str = "default",
     max_body_bytes: int = MAX_BODY_BYTES,
-    learner_refresh_s: float = 5.0,
+    learner_refresh_s: float = 30.0,
 ) -> FastAPI:
     """The app over ``store`` (writable iff the store is open for writing); ``token`` guards
     the mutating endpoints (None: they always answer 403)."""
@@ -249,6 +247,11 @@ def create_app(
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         return error(exc.status, str(exc), exc.field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # unknown paths (404), wrong methods (405) and the framework's own refusals
+        return error(exc.status_code, str(exc.detail), None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
