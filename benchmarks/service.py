@@ -42,12 +42,41 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from xpstore import Store  # noqa: E402
 from xpstore.demo.synthetic import make_fingerprint  # noqa: E402
+
+
+class CpuWatch:
+    """The CPU share that processes other than this one and the server used meanwhile
+    (NOISY above 10 %): other jobs on the machine slow the figures."""
+
+    def __init__(self, server_pid: int | None = None) -> None:
+        self.procs = [psutil.Process()] + ([psutil.Process(server_pid)] if server_pid else [])
+        self.t0 = time.perf_counter()
+        self.busy0, self.own0 = self._busy(), self._own()
+        self.start_cpu = [float(p.cpu_times().user + p.cpu_times().system) for p in self.procs]
+
+    def _busy(self) -> float:
+        t = psutil.cpu_times()
+        return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
+    def _own(self) -> float:
+        return float(sum(p.cpu_times().user + p.cpu_times().system for p in self.procs))
+
+    def cpu_of(self, i: int) -> float:
+        """CPU seconds process ``i`` (0: this one, 1: the server) used since the start."""
+        t = self.procs[i].cpu_times()
+        return float(t.user + t.system) - self.start_cpu[i]
+
+    def other_share(self) -> float:
+        wall = time.perf_counter() - self.t0
+        other = (self._busy() - self.busy0) - (self._own() - self.own0)
+        return max(0.0, other) / (wall * (os.cpu_count() or 1))
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -72,6 +101,7 @@ def in_process(path: Path, ids: list[str], k: int) -> dict[str, float]:
         for tid in ids[:200]:
             store.similar(tid, k=k)
         lat: list[float] = []
+        watch = CpuWatch()
         start = time.perf_counter()
         for tid in ids:
             t = time.perf_counter()
@@ -79,7 +109,8 @@ def in_process(path: Path, ids: list[str], k: int) -> dict[str, float]:
             lat.append(time.perf_counter() - t)
         wall = time.perf_counter() - start
     return {"clients": 0, "p50_ms": _pct(lat, 50) * 1e3, "p99_ms": _pct(lat, 99) * 1e3,
-            "per_s": len(lat) / wall, "n": len(lat)}  # fmt: skip
+            "per_s": len(lat) / wall, "n": len(lat), "other_cpu": watch.other_share(),
+            "server_cpu_us": watch.cpu_of(0) / len(lat) * 1e6, "client_cpu_us": 0.0}
 
 
 class _Conn:
@@ -101,7 +132,7 @@ class _Conn:
         return status
 
 
-async def _load(port: int, ids: list[str], k: int, clients: int, warm: int
+async def _load(port: int, pid: int, ids: list[str], k: int, clients: int, warm: int
                 ) -> dict[str, float]:  # fmt: skip
     conns = [_Conn(*await asyncio.open_connection("127.0.0.1", port)) for _ in range(clients)]
     lat: list[float] = []
@@ -125,13 +156,18 @@ async def _load(port: int, ids: list[str], k: int, clients: int, warm: int
         return time.perf_counter() - start
 
     await phase(ids[:warm], record=False)
+    watch = CpuWatch(pid)
     wall = await phase(ids[warm:], record=True)
+    other = watch.other_share()
+    server_us = watch.cpu_of(1) / len(ids[warm:]) * 1e6
+    client_us = watch.cpu_of(0) / len(ids[warm:]) * 1e6
     for c in conns:
         c.writer.close()
     if errors:
         raise SystemExit(f"{errors} requests did not answer 200")
     return {"clients": clients, "p50_ms": _pct(lat, 50) * 1e3, "p99_ms": _pct(lat, 99) * 1e3,
-            "per_s": len(lat) / wall, "n": len(lat)}  # fmt: skip
+            "per_s": len(lat) / wall, "n": len(lat), "other_cpu": other,
+            "server_cpu_us": server_us, "client_cpu_us": client_us}  # fmt: skip
 
 
 def _free_port() -> int:
@@ -182,7 +218,7 @@ def main() -> None:
         proc, port = start_service(path)
         try:
             for c in levels:
-                rows.append(asyncio.run(_load(port, ids, args.k, c, warm)))
+                rows.append(asyncio.run(_load(port, proc.pid, ids, args.k, c, warm)))
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
@@ -192,13 +228,19 @@ def main() -> None:
     print(f"\n{args.tracks} tracks, k={args.k}, {args.requests} requests per level; "
           f"{platform.machine()} {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, {dt.date.today()}\n")  # fmt: skip
-    print("| caller | p50 ms | p99 ms | req/s | p50 over in-process |")
-    print("|---|---:|---:|---:|---:|")
+    print("| caller | p50 ms | p99 ms | req/s | p50 over in-process | server CPU µs/req | "
+          "client CPU µs/req | other CPU |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         who = "in-process `store.similar`" if r["clients"] == 0 else f"HTTP, {r['clients']} clients"
         over = r["p50_ms"] - base_row["p50_ms"]
         print(f"| {who} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['per_s']:,.0f} | "
-              f"{'-' if r['clients'] == 0 else f'+{over:.3f} ms'} |")  # fmt: skip
+              f"{'-' if r['clients'] == 0 else f'+{over:.3f} ms'} | {r['server_cpu_us']:.0f} | "
+              f"{r['client_cpu_us']:.0f} | {r['other_cpu']:.0%}"
+              f"{' NOISY' if r['other_cpu'] > 0.1 else ''} |")  # fmt: skip
+    print("\nserver CPU µs/req: what the server process spent per request (the in-process row: "
+          "the caller's own CPU per call): it depends far less on other jobs than the rates "
+          "do. One event loop serves at most 1e6 / that many requests per second on a free core.")
     eight = next((r for r in rows if r["clients"] == 8), None)
     if eight is not None:
         ok = eight["per_s"] >= 1000 and eight["p99_ms"] <= 20
