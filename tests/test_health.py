@@ -257,9 +257,11 @@ def test_verify_record(tmp_path: Path) -> None:
     path = tmp_path / "s"
     Store.open(path, create=True).close()
     assert last_verify(path) is None
-    result = CliRunner().invoke(main, ["verify", str(path), "--no-record"])
+    result = CliRunner().invoke(main, ["verify", str(path)])  # changes nothing by default
     assert result.exit_code == 0 and last_verify(path) is None
-    result = CliRunner().invoke(main, ["verify", str(path)])
+    with Store.open(path, readonly=True) as store:
+        assert "no verify recorded" in store.parts.health.check("verify").message
+    result = CliRunner().invoke(main, ["verify", str(path), "--record"])
     assert result.exit_code == 0, result.output
     rec = last_verify(path)
     assert rec is not None and rec["ok"] and rec["problems"] == 0

@@ -200,10 +200,10 @@ class _Bar:
 @click.argument("path", type=STORE_PATH)
 @click.option("--in-process", is_flag=True, hidden=True,
               help="Run the checks in this process (the child of a normal run).")
-@click.option("--no-record", is_flag=True,
-              help="Do not leave the outcome in PATH/last_verify.json for `xpstore health`.")
+@click.option("--record", is_flag=True,
+              help="Leave the outcome in PATH/last_verify.json for `xpstore health`.")
 @json_option
-def verify(path: Path, in_process: bool, no_record: bool, as_json: bool) -> None:
+def verify(path: Path, in_process: bool, record: bool, as_json: bool) -> None:
     """Check a store's integrity without modifying it; exit 1 if anything is wrong.
 
     \b
@@ -213,8 +213,8 @@ def verify(path: Path, in_process: bool, no_record: bool, as_json: bool) -> None
     against the WAL; every snapshot's manifest and sha256 checksums.
 
     Read-only (LMDB is opened read-only, WAL files are only read), so it runs beside a live
-    writer; the only file written is PATH/last_verify.json, the outcome `xpstore health`
-    reports (--no-record: not even that). Each problem names its place: a WAL segment and
+    writer. With --record (the only change it can make) it leaves its outcome in
+    PATH/last_verify.json for `xpstore health`. Each problem names its place: a WAL segment and
     byte offset, a table and key, or a snapshot file. The checks run in a child process, so
     that a damaged LMDB page, on which liblmdb aborts, is reported rather than fatal. A
     progress bar is drawn on a terminal.
@@ -232,7 +232,7 @@ def verify(path: Path, in_process: bool, no_record: bool, as_json: bool) -> None
             bar.close()
     else:
         report = _verify_in_child(path, marker.store_id)
-        if not no_record:
+        if record:
             try:
                 record_verify(path, report)
             except OSError as exc:  # a read-only file system: the verdict still stands

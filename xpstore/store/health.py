@@ -11,7 +11,7 @@ resource monitor's memory level replaces the psutil one). A check that raises is
 Checks read what any process can see (files on disk, LMDB) and what this process measured
 (fsync latencies, the applier's lag exist only in the writer); a reader says which figures it
 cannot measure rather than inventing them. Nothing here writes to the store, except
-:func:`record_verify`, which ``xpstore verify`` calls to leave its outcome beside the store.
+:func:`record_verify`, which ``xpstore verify --record`` calls to leave its outcome beside it.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ STATUSES: tuple[Status, ...] = ("healthy", "warning", "critical")
 _RANK = {s: i for i, s in enumerate(STATUSES)}
 
 VERIFY_FILE = "last_verify.json"
-"""Written beside the store's data by ``xpstore verify`` (never read by recovery)."""
+"""Written beside the store's data by ``xpstore verify --record`` (never read by recovery)."""
 CACHE_SCAN_LIMIT = 10_000
 """At most this many query metrics of the window are read for the answer-cache hit rate."""
 
@@ -400,7 +400,8 @@ class Health:
     def _check_verify(self, config: StoreConfig) -> CheckResult:
         last = last_verify(self._engine.path)
         if last is None:
-            return CheckResult("verify", "healthy", "never verified (xpstore verify)", None)
+            return CheckResult("verify", "healthy",
+                               "no verify recorded (xpstore verify --record)", None)  # fmt: skip
         age = max(0.0, time.time() - float(last["at"]))
         value = {**last, "age_s": round(age, 1)}
         if not last["ok"]:
