@@ -14,7 +14,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test,dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+DEMO_STAMP := $(VENV)/.installed-demo
+
+# the demo's environment adds the service and the pictures (issue 13): the core install stays lean
+$(DEMO_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[serve,plots]'
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/xpstore demo
 
 # the coverage floor: today's line coverage of the package, rounded down (see README)

@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "store": 5,
     "tuning": 6,
     "demo": 7,
+    "service": 7,
     "cli": 8,
 }
 """Folder (or top-level module) -> layer: a module may import its own folder and lower layers;

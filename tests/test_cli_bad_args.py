@@ -40,11 +40,16 @@ COMMANDS: dict[str, list[str]] = {
     "learn step": [],
     "learn reset": [],
     "validate": [],
+    "health": [],
+    "metrics": [],
+    "report": ["--out", "{tmp}/report"],
+    "serve": ["--writable", "--port", "0"],  # writable: refused at once when locked
 }
 # commands that only read: a live writer does not stop them
 READ_ONLY_OK_WHEN_LOCKED = {"get", "scan", "sample", "stats", "wal inspect", "verify", "replay",
                             "snapshot list", "snapshot restore",  # restore writes elsewhere
-                            "similar", "index status", "learn report"}
+                            "similar", "index status", "learn report",
+                            "health", "metrics", "report"}  # read-only opens
 
 
 def _leaves(group: click.Group = main, prefix: str = "") -> list[str]:

@@ -365,6 +365,7 @@ def test_public_api_is_exactly_all() -> None:
         "tuning",
         "cli",
         "demo",
+        "service",
     }
     assert public - modules == set(xpstore.__all__) - {"__version__"}
     for name in xpstore.__all__:

@@ -258,6 +258,50 @@ class SamplingSettings(_Section):
     bounded by the population: without a limit a typo (``-n 1000000000``) asks for tens of GB."""
 
 
+class HealthSettings(_Section):
+    """Thresholds of ``store.health()`` (docs/service.md, "Health"): a check is ``warning`` past
+    its warning threshold and ``critical`` past its critical one."""
+
+    window_s: float = Field(300.0, gt=0, le=86_400)
+    """The recent window of latency figures (fsync p99) and of the answer-cache hit rate."""
+    wal_bytes_warning: int = Field(1024 * MiB, ge=0)
+    wal_bytes_critical: int = Field(8192 * MiB, ge=0)
+    """WAL on disk: a checkpoint that no longer runs lets it grow without bound."""
+    checkpoint_age_warning_s: float = Field(300.0, gt=0)
+    checkpoint_age_critical_s: float = Field(3600.0, gt=0)
+    """Age of the oldest WAL segment a checkpoint could already have deleted."""
+    lag_ops_warning: int = Field(100_000, ge=1)
+    lag_ops_critical: int = Field(900_000, ge=1)
+    """Applier lag (acknowledged minus applied LSN); writers wait at ``apply.max_overlay_ops``."""
+    fsync_p99_warning_s: float = Field(0.1, gt=0)
+    fsync_p99_critical_s: float = Field(1.0, gt=0)
+    fsync_min_count: int = Field(20, ge=1)
+    """Fewer fsyncs than this in the window: too few to judge a p99 (healthy, says so)."""
+    index_delta_warning: float = Field(2.0, gt=0)
+    """Delta size over the size that triggers a rebuild: past this, rebuilds do not keep up."""
+    index_tombstone_warning: float = Field(0.4, gt=0, le=1)
+    """Tombstones as a share of the main index (a rebuild is due at ``index.tombstone_ratio``)."""
+    recall_warning: float = Field(0.9, ge=0, le=1)
+    recall_critical: float = Field(0.7, ge=0, le=1)
+    """The last build's recall@10 probe against exact search."""
+    memory_warning_pct: float = Field(85.0, gt=0, le=100)
+    memory_critical_pct: float = Field(95.0, gt=0, le=100)
+    """System memory in use (psutil), the memory check's levels 2 and 3."""
+    disk_free_warning_bytes: int = Field(2048 * MiB, ge=0)
+    disk_free_critical_bytes: int = Field(256 * MiB, ge=0)
+    """Free space on the store's file system (LMDB doubles its map when full)."""
+    cache_hit_warning: float = Field(0.7, ge=0, le=1)
+    cache_hit_critical: float = Field(0.5, ge=0, le=1)
+    cache_min_queries: int = Field(50, ge=1)
+    """The answer-cache hit rate of the query metrics (``cache_hit``) in the window; judged
+    from this many queries."""
+    accuracy_warning: float = Field(0.4, ge=0, le=1)
+    accuracy_min_outcomes: int = Field(100, ge=1)
+    """Prediction accuracy over the learner's recent resolved outcomes, judged from this many."""
+    verify_age_warning_s: float | None = Field(None, gt=0)
+    """Warn when the last ``verify`` is older than this (None: its age is only reported)."""
+
+
 def _check_index(index: IndexSettings) -> None:
     """Cross-field rules of the index section (InvalidArgumentError naming the knob)."""
     if index.dim_weights != "learned":
@@ -286,6 +330,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "sampling": SamplingSettings,
     "validation": ValidationSettings,
     "streaming": StreamingSettings,
+    "health": HealthSettings,
 }
 
 _RENAMED = {
@@ -301,7 +346,7 @@ _RENAMED = {
 }
 _PREFIXES = (("index_", "index"), ("priority_", "sampling"), ("snapshot_", "snapshots"),
              ("apply_", "apply"), ("validation_", "validation"),
-             ("streaming_", "streaming"))  # fmt: skip
+             ("streaming_", "streaming"), ("health_", "health"))  # fmt: skip
 
 
 def _flat_names() -> dict[str, str]:
@@ -339,6 +384,7 @@ LIVE = frozenset(
     | {f"sampling.{n}" for n in SamplingSettings.model_fields}
     | {f"validation.{n}" for n in ValidationSettings.model_fields}
     | {f"streaming.{n}" for n in StreamingSettings.model_fields}
+    | {f"health.{n}" for n in HealthSettings.model_fields}
     | {"records.max_record_bytes", "records.max_batch_records", "apply.batch_ops",
        "apply.interval_ms", "apply.max_overlay_ops", "wal.checkpoint_interval_s",
        "wal.retain_segments", "wal.retain_seconds"}
@@ -376,6 +422,7 @@ class StoreConfig(BaseModel):
     sampling: SamplingSettings = SamplingSettings()
     validation: ValidationSettings = ValidationSettings()
     streaming: StreamingSettings = StreamingSettings()
+    health: HealthSettings = HealthSettings()
 
     @model_validator(mode="before")
     @classmethod

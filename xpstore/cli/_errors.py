@@ -6,6 +6,7 @@
 | 1    | a check found a problem: lost or corrupt data, a record or track that does not exist |
 | 2    | usage or input error: bad arguments, bad JSON, a path that is not a store, a newer format |
 | 3    | the store is busy: another process holds the writer lock (the message names its pid) |
+| 4    | ``health`` only: the store is critical (a check, or it cannot be opened)  |
 | 130  | interrupted by Ctrl-C (SIGINT); ``ingest`` says which line to resume from |
 
 Every command runs inside :class:`XpGroup`, whose ``invoke`` maps the exceptions below, prints
@@ -34,6 +35,7 @@ EXIT_OK = 0
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
 EXIT_BUSY = 3
+EXIT_CRITICAL = 4  # `health`: critical (0 healthy and 1 warning reuse 0 and 1)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
 
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (

@@ -101,6 +101,7 @@ def main(ctx: click.Context, verbose: bool) -> None:
       1 a check found a problem (lost data, no such record)
       2 usage or input error (bad arguments, bad JSON, not a store, newer format)
       3 the store is busy (another process holds the writer lock)
+      4 health: the store is critical (1: a warning)
 
     \b
     Example:

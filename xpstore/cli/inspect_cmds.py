@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -44,6 +45,9 @@ from xpstore.ops.inspect import (
 from xpstore.ops.replay import Gap, ReplayItem, ReplayStream, replay
 from xpstore.persistence.layout import Layout, read_marker
 from xpstore.persistence.wal_format import SEGMENT_NAME_RE
+from xpstore.store.health import record_verify
+
+log = logging.getLogger(__name__)
 
 _WRITE_CHUNK = 1000  # output lines per write() call
 
@@ -196,8 +200,10 @@ class _Bar:
 @click.argument("path", type=STORE_PATH)
 @click.option("--in-process", is_flag=True, hidden=True,
               help="Run the checks in this process (the child of a normal run).")
+@click.option("--record", is_flag=True,
+              help="Leave the outcome in PATH/last_verify.json for `xpstore health`.")
 @json_option
-def verify(path: Path, in_process: bool, as_json: bool) -> None:
+def verify(path: Path, in_process: bool, record: bool, as_json: bool) -> None:
     """Check a store's integrity without modifying it; exit 1 if anything is wrong.
 
     \b
@@ -207,9 +213,11 @@ def verify(path: Path, in_process: bool, as_json: bool) -> None:
     against the WAL; every snapshot's manifest and sha256 checksums.
 
     Read-only (LMDB is opened read-only, WAL files are only read), so it runs beside a live
-    writer. Each problem names its place: a WAL segment and byte offset, a table and key, or a
-    snapshot file. The checks run in a child process, so that a damaged LMDB page, on which
-    liblmdb aborts, is reported rather than fatal. A progress bar is drawn on a terminal.
+    writer. With --record (the only change it can make) it leaves its outcome in
+    PATH/last_verify.json for `xpstore health`. Each problem names its place: a WAL segment and
+    byte offset, a table and key, or a snapshot file. The checks run in a child process, so
+    that a damaged LMDB page, on which liblmdb aborts, is reported rather than fatal. A
+    progress bar is drawn on a terminal.
 
     \b
     Example:
@@ -224,6 +232,11 @@ def verify(path: Path, in_process: bool, as_json: bool) -> None:
             bar.close()
     else:
         report = _verify_in_child(path, marker.store_id)
+        if record:
+            try:
+                record_verify(path, report)
+            except OSError as exc:  # a read-only file system: the verdict still stands
+                log.warning("could not record the outcome for `xpstore health`: %s", exc)
     if as_json:
         emit_json(report.as_dict())
     else:

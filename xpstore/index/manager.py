@@ -59,6 +59,7 @@ from xpstore.index import neighbors as nbrs
 from xpstore.index.backends import faiss_threads, load, read_meta
 from xpstore.index.build import MIN_FIT_ROWS, BuildPlan, embedder_from_record, run_build
 from xpstore.index.embedding import AudioStats, HybridEmbedder
+from xpstore.index.history import append_build
 from xpstore.index.rows import (
     FingerprintRows,
     RawFingerprint,
@@ -668,6 +669,7 @@ class Rebuilder:
             self._store_neighbors(nb_path, build_id)
         self.builds += 1
         self.m.telemetry.observe("index.rebuild", info.duration_s)
+        append_build(folder, info, self.last_reason)
         log.info("index rebuild %d done: %s, %d vectors, %.2f s, recall@10 %s", build_id,
                  info.kind, info.count, info.duration_s, info.recall_at_10)  # fmt: skip
         return info

@@ -11,8 +11,10 @@ from xpstore.persistence.telemetry import Telemetry
 from xpstore.store.bulk import FingerprintIngest
 from xpstore.store.checker import Checker
 from xpstore.store.engine import Engine
+from xpstore.store.health import Health
 from xpstore.store.index_service import IndexService
 from xpstore.store.maintenance import Maintenance, RetentionTask
+from xpstore.store.metrics import Metrics
 from xpstore.store.reader import Reader
 from xpstore.store.sampling_service import Sampling
 from xpstore.store.similarity import SimilarityLearner
@@ -47,6 +49,10 @@ class StoreParts:
     """The streaming cache and the query strategies (issue 11)."""
     bulk: FingerprintIngest
     """``put_fingerprints``: fingerprints in columns, one frame (issue 15)."""
+    health: Health
+    """The health checks (``register_check``; docs/service.md, issue 13)."""
+    metrics: Metrics
+    """The Prometheus collector (``register_collector``, ``text()``; issue 13)."""
 
     @property
     def telemetry(self) -> Telemetry:
@@ -64,16 +70,19 @@ def compose(engine: Engine) -> StoreParts:
     maintenance = Maintenance(engine, reader, writer)
     snapshots = Snapshots(engine)
     validator = StreamingValidator(engine, reader, writer)
+    sampling = Sampling(engine, reader, writer)
+    health = Health(engine, reader, index)
     tasks: dict[str, MaintenanceTask] = {
         "snapshot": AutoSnapshotTask(engine, snapshots),
         "retention": RetentionTask(engine, maintenance),
         "validation": ValidationTask(engine, validator),
     }
     parts = StoreParts(
-        engine, reader, writer, index, Sampling(engine, reader, writer), maintenance, snapshots,
+        engine, reader, writer, index, sampling, maintenance, snapshots,
         Checker(engine), tasks, SimilarityLearner(engine, writer), validator,
         StreamingService(engine, reader, writer, index, validator),
         FingerprintIngest(engine, writer, index),
+        health, Metrics(engine, reader, index, sampling, health),
     )  # fmt: skip
     if engine.applier is not None:
         snapshots.clean_temps()

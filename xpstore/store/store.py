@@ -206,6 +206,14 @@ class Store:
         """Counts, LSNs, WAL and LMDB sizes, durability settings: a dict for humans and --json."""
         return self.parts.reader.stats()
 
+    def health(self) -> dict[str, Any]:
+        """Overall status and one entry per check (docs/service.md, "Health")."""
+        return self.parts.health.report()
+
+    def metrics(self) -> dict[str, float]:
+        """Every Prometheus sample by name (the text form: ``parts.metrics.text()``)."""
+        return self.parts.metrics.as_dict()
+
     def check(self, *, progress: Progress | None = None) -> CheckReport:
         """Verify the WAL, every LMDB record, the indexes, counts and snapshots; modify nothing
         (``report.ok``, ``report.problems``; docs/recovery.md)."""
