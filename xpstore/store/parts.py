@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from xpstore.persistence.applier import MaintenanceTask
+from xpstore.store.batches import Batches
 from xpstore.store.checker import Checker
 from xpstore.store.engine import Engine
 from xpstore.store.index_service import IndexService
@@ -43,6 +44,8 @@ class StoreParts:
     """Streaming-vs-batch validation (issue 11)."""
     streaming: StreamingService
     """The streaming cache and the query strategies (issue 11)."""
+    batches: Batches
+    """``Store.batches``: training batches as arrays (issue 16)."""
 
 
 def compose(engine: Engine) -> StoreParts:
@@ -59,10 +62,12 @@ def compose(engine: Engine) -> StoreParts:
         "retention": RetentionTask(engine, maintenance),
         "validation": ValidationTask(engine, validator),
     }
+    sampling = Sampling(engine, reader, writer)
     parts = StoreParts(
-        engine, reader, writer, index, Sampling(engine, reader, writer), maintenance, snapshots,
+        engine, reader, writer, index, sampling, maintenance, snapshots,
         Checker(engine), tasks, SimilarityLearner(engine, writer), validator,
         StreamingService(engine, reader, writer, index, validator),
+        Batches(engine, reader, sampling),
     )  # fmt: skip
     if engine.applier is not None:
         snapshots.clean_temps()

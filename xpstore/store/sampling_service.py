@@ -32,7 +32,7 @@ from xpstore.store.writer import Writer
 if TYPE_CHECKING:
     from xpstore.model.effects import Effect
     from xpstore.persistence.overlay import Subscription
-    from xpstore.sampling.sampler import Sampler
+    from xpstore.sampling.sampler import Draw, Sampler
 
 __all__ = ["SampleBatch", "Sampling"]
 
@@ -77,6 +77,26 @@ class Sampling:
         seed: int | None,
     ) -> SampleBatch:
         """See :meth:`xpstore.Store.sample`."""
+        draw = self.draw(n, kind, where, beta, seed)
+        cache: dict[int, Experience] = {}
+        records = []
+        for rid in draw.ids:
+            exp = cache.get(rid)
+            if exp is None:
+                exp = cache[rid] = self._reader.get(rid)
+            records.append(exp)
+        return SampleBatch(draw.ids, records, draw.weights, draw.probabilities)
+
+    def draw(
+        self,
+        n: int,
+        kind: str | None,
+        where: Mapping[str, Any] | None,
+        beta: float | None,
+        seed: int | None,
+    ) -> Draw:
+        """The ids, probabilities and weights of ``sample`` without decoding any record (what
+        the batch iterators build arrays from)."""
         engine = self._engine
         engine.check_open()
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -115,14 +135,7 @@ class Sampling:
         draw = sampler.draw(n, kind=kind, subset=subset, beta=float(b), seed=seed, what=what)
         if sampler.pending_count() >= cfg.flush_retrievals:
             self._flush_retrievals()
-        cache: dict[int, Experience] = {}
-        records = []
-        for rid in draw.ids:
-            exp = cache.get(rid)
-            if exp is None:
-                exp = cache[rid] = self._reader.get(rid)
-            records.append(exp)
-        return SampleBatch(draw.ids, records, draw.weights, draw.probabilities)
+        return draw
 
     def update_priorities(self, ids: Iterable[int], priorities: Iterable[float]) -> None:
         """See :meth:`xpstore.Store.update_priorities`."""

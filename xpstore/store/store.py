@@ -295,6 +295,16 @@ class Store:
         (docs/sampling.md); EmptySampleError when there is nothing to draw from."""
         return self.parts.sampling.sample(n, kind, where, beta, seed)
 
+    def batches(
+        self, batch_size: int, *, kind: str = "prediction", where: Mapping[str, Any] | None = None,
+        prioritized: bool = True, as_: str = "numpy", features: Sequence[str] | None = None,
+        label_names: Sequence[str] | None = None, max_batches: int | None = None,
+        seed: int | None = None,
+    ) -> Iterator[dict[str, Any]]:  # fmt: skip
+        """Training batches as dicts of arrays (docs/sampling.md, "Batches for learners")."""
+        return self.parts.batches.batches(batch_size, kind, where, prioritized, as_, features,
+                                          label_names, max_batches, seed)  # fmt: skip
+
     def update_priorities(self, ids: Iterable[int], priorities: Iterable[float]) -> None:
         """Set explicit priorities (finite, > 0; last wins) through the WAL, one sync."""
         self.parts.sampling.update_priorities(ids, priorities)
