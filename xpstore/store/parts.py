@@ -10,6 +10,7 @@ from xpstore.persistence.applier import MaintenanceTask
 from xpstore.store.batches import Batches
 from xpstore.store.checker import Checker
 from xpstore.store.engine import Engine
+from xpstore.store.export import Exporter
 from xpstore.store.index_service import IndexService
 from xpstore.store.maintenance import Maintenance, RetentionTask
 from xpstore.store.reader import Reader
@@ -46,6 +47,8 @@ class StoreParts:
     """The streaming cache and the query strategies (issue 11)."""
     batches: Batches
     """``Store.batches``: training batches as arrays (issue 16)."""
+    export: Exporter
+    """``Store.to_arrow`` and ``xpstore export`` (issue 16)."""
 
 
 def compose(engine: Engine) -> StoreParts:
@@ -67,7 +70,7 @@ def compose(engine: Engine) -> StoreParts:
         engine, reader, writer, index, sampling, maintenance, snapshots,
         Checker(engine), tasks, SimilarityLearner(engine, writer), validator,
         StreamingService(engine, reader, writer, index, validator),
-        Batches(engine, reader, sampling),
+        Batches(engine, reader, sampling), Exporter(engine),
     )  # fmt: skip
     if engine.applier is not None:
         snapshots.clean_temps()

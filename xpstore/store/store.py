@@ -205,6 +205,13 @@ class Store:
         (``report.ok``, ``report.problems``; docs/recovery.md)."""
         return self.parts.checker.check(progress)
 
+    def to_arrow(
+        self, kind: str, *, where: Mapping[str, Any] | None = None, since: float | None = None,
+        until: float | None = None,
+    ) -> Any:  # fmt: skip
+        """``kind``'s records as a ``pyarrow.Table``, one consistent read (docs/export.md)."""
+        return self.parts.export.to_arrow(kind, where, since, until)
+
     # ------------------------------------------------------- similar tracks
     def similar(
         self,
