@@ -12,9 +12,9 @@ import pytest
 from tests.helpers import record_as
 from xpstore import Store
 from xpstore.demo.synthetic import make_fingerprint, make_prediction, make_query_metric
-from xpstore.errors import InvalidArgumentError
+from xpstore.errors import ExtraMissingError, InvalidArgumentError
 from xpstore.model.records import BATCH_FIELDS, Fingerprint, PredictionOutcome, QueryMetric
-from xpstore.store.batches import FEATURES, TorchMissingError
+from xpstore.store.batches import FEATURES
 
 LABELS = ("adaptive", "gentle", "warm", "bright", "punchy", "live")
 
@@ -145,9 +145,10 @@ def test_bad_arguments_name_the_field(
 def test_torch_without_torch_names_the_extra(tmp_path: Path) -> None:
     with (
         _filled(tmp_path / "s", n=10) as store,
-        pytest.raises(TorchMissingError, match=r"xpstore\[torch\]"),
+        pytest.raises(ExtraMissingError, match=r"xpstore\[torch\]") as info,
     ):
         store.batches(8, as_="torch")
+    assert info.value.extra == "torch"
 
 
 NO_TORCH = "PyTorch is not installed (optional extra 'torch', not in CI)"

@@ -33,14 +33,14 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from xpstore.errors import InvalidArgumentError, XpStoreError
+from xpstore.errors import ExtraMissingError, InvalidArgumentError
 from xpstore.model.codec import KIND_CODES
 from xpstore.model.records import BATCH_FIELDS, SAMPLEABLE_KINDS, Experience
 from xpstore.store.engine import Engine
 from xpstore.store.reader import Reader
 from xpstore.store.sampling_service import Sampling
 
-__all__ = ["FEATURES", "Batches", "TorchMissingError"]
+__all__ = ["FEATURES", "Batches"]
 
 FEATURES: dict[str, tuple[str, ...]] = {
     "prediction": ("energy", "brightness", "dynamics", "vocal_presence", "tempo_energy"),
@@ -52,10 +52,6 @@ fingerprint's 25 batch values, a query metric's numeric fields."""
 
 _AS = ("numpy", "torch")
 _NAN = math.nan
-
-
-class TorchMissingError(XpStoreError, ImportError):
-    """``as_="torch"`` without PyTorch installed."""
 
 
 class Batches:
@@ -245,13 +241,14 @@ def _number(value: Any) -> float:
 
 
 def _torch_converter() -> Any:
-    """A function turning a numpy batch into tensors; TorchMissingError without PyTorch."""
+    """A function turning a numpy batch into tensors; ExtraMissingError without PyTorch."""
     try:
         import torch
     except ImportError as exc:
-        raise TorchMissingError(
+        raise ExtraMissingError(
             'as_="torch" needs PyTorch: pip install "xpstore[torch]" (or torch itself), or use '
-            'as_="numpy"'
+            'as_="numpy"',
+            extra="torch",
         ) from exc
 
     def convert(batch: dict[str, Any]) -> dict[str, Any]:

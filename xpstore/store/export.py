@@ -25,7 +25,7 @@ of ``CHUNK`` and concatenated (null-typed chunks promote), so the table of one k
 memory: export memory is about the Arrow size of the largest kind selected.
 
 pyarrow is optional (the ``arrow`` extra): without it ``to_arrow``/``export`` raise
-:class:`ArrowMissingError` naming the extra.
+:class:`~xpstore.errors.ExtraMissingError` naming the extra.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any
 
 import msgpack
 
-from xpstore.errors import InvalidArgumentError, XpStoreError
+from xpstore.errors import ExtraMissingError, InvalidArgumentError, XpStoreError
 from xpstore.model.codec import KIND_CODES, decode_envelope
 from xpstore.model.progress import ProgressFn
 from xpstore.model.records import (
@@ -56,7 +56,7 @@ from xpstore.persistence import fs
 from xpstore.persistence.lmdb_tables import from_u64
 from xpstore.store.engine import Engine
 
-__all__ = ["FORMATS", "ArrowMissingError", "ExportReport", "Exporter"]
+__all__ = ["FORMATS", "ExportReport", "Exporter"]
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +70,12 @@ _ARRAY_HEADS = (0x97, 0x98)  # msgpack fixarray of 7 or 8 items
 _SUFFIX = {"parquet": ".parquet", "arrow": ".arrow", "jsonl": ".jsonl"}
 
 
-class ArrowMissingError(XpStoreError, ImportError):
-    """pyarrow is needed (the ``arrow`` extra) and is not installed."""
-
-
 def _pyarrow() -> Any:
     try:
         import pyarrow
     except ImportError as exc:
-        raise ArrowMissingError(
-            'exporting to Arrow/Parquet needs pyarrow: pip install "xpstore[arrow]"'
+        raise ExtraMissingError(
+            'exporting to Arrow/Parquet needs pyarrow: pip install "xpstore[arrow]"', extra="arrow"
         ) from exc
     return pyarrow
 

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 
 from xpstore.persistence.applier import MaintenanceTask
 from xpstore.store.batches import Batches
+from xpstore.store.changes import ChangeFeed
 from xpstore.store.checker import Checker
 from xpstore.store.engine import Engine
 from xpstore.store.export import Exporter
 from xpstore.store.index_service import IndexService
 from xpstore.store.maintenance import Maintenance, RetentionTask
+from xpstore.store.milvus import MilvusSimilarity
 from xpstore.store.reader import Reader
 from xpstore.store.sampling_service import Sampling
 from xpstore.store.similarity import SimilarityLearner
@@ -49,6 +51,10 @@ class StoreParts:
     """``Store.batches``: training batches as arrays (issue 16)."""
     export: Exporter
     """``Store.to_arrow`` and ``xpstore export`` (issue 16)."""
+    changes: ChangeFeed
+    """``Store.changes``: the operations in LSN order, for followers (issue 16)."""
+    milvus: MilvusSimilarity
+    """``similar()`` through Milvus when ``index.backend="milvus"`` (issue 16)."""
 
 
 def compose(engine: Engine) -> StoreParts:
@@ -66,11 +72,13 @@ def compose(engine: Engine) -> StoreParts:
         "validation": ValidationTask(engine, validator),
     }
     sampling = Sampling(engine, reader, writer)
+    streaming = StreamingService(engine, reader, writer, index, validator)
+    milvus = MilvusSimilarity(engine, reader, index)
+    streaming.batch_search = milvus.route
     parts = StoreParts(
         engine, reader, writer, index, sampling, maintenance, snapshots,
-        Checker(engine), tasks, SimilarityLearner(engine, writer), validator,
-        StreamingService(engine, reader, writer, index, validator),
-        Batches(engine, reader, sampling), Exporter(engine),
+        Checker(engine), tasks, SimilarityLearner(engine, writer), validator, streaming,
+        Batches(engine, reader, sampling), Exporter(engine), ChangeFeed(engine), milvus,
     )  # fmt: skip
     if engine.applier is not None:
         snapshots.clean_temps()

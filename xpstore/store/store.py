@@ -25,6 +25,7 @@ from xpstore.model.progress import ProgressFn
 from xpstore.model.records import Experience, Fingerprint, Record
 from xpstore.ops.compaction import CompactReport
 from xpstore.ops.inspect import CheckReport, Progress
+from xpstore.ops.replay import ReplayItem
 from xpstore.ops.snapshots import SnapshotInfo
 from xpstore.persistence.wal_recovery import RecoveryReport
 from xpstore.store.batch import WriteBatch
@@ -191,6 +192,10 @@ class Store:
     ) -> Iterator[Experience]:
         """Experiences in (ts, id) order; ``since`` inclusive, ``until`` exclusive, on ``ts``."""
         return self.parts.reader.scan(kind, since=since, until=until, where=where, limit=limit)
+
+    def changes(self, since_lsn: int = 0, *, until_lsn: int | None = None) -> Iterator[ReplayItem]:
+        """Operations after ``since_lsn`` in LSN order, from the WAL (docs/scale-out.md)."""
+        return self.parts.changes.changes(since_lsn, until_lsn)
 
     def count(self, kind: str | None = None) -> int:
         """Live records (of ``kind``), acknowledged writes included."""
