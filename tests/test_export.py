@@ -16,7 +16,7 @@ from tests.helpers import record_as
 from xpstore import Store
 from xpstore.cli import main
 from xpstore.demo.synthetic import make_fingerprint, make_prediction, make_query_metric
-from xpstore.errors import InvalidArgumentError, InvalidRecordError
+from xpstore.errors import ExtraMissingError, InvalidArgumentError, InvalidRecordError
 from xpstore.model.records import BATCH_FIELDS, Experience, Fingerprint
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow (the 'arrow' extra) is not installed")
@@ -202,3 +202,15 @@ def test_cli_export(tmp_path: Path) -> None:
     bad = CliRunner().invoke(main, ["export", str(store_path), "--format", "csv", "--out",
                                     str(out)])  # fmt: skip
     assert bad.exit_code == 2
+
+
+def test_without_pyarrow_the_error_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    with _fill(tmp_path / "s") as store:
+        monkeypatch.setitem(sys.modules, "pyarrow", None)  # what an absent package looks like
+        with pytest.raises(ExtraMissingError, match=r"xpstore\[arrow\]") as info:
+            store.to_arrow("prediction")
+        assert info.value.extra == "arrow"

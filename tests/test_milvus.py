@@ -26,6 +26,7 @@ from tests.helpers import record_as
 from xpstore import Store
 from xpstore.cli import main
 from xpstore.demo.synthetic import make_fingerprint
+from xpstore.errors import IndexNotBuiltError
 from xpstore.model.records import Fingerprint
 from xpstore.store.milvus import (
     Follower,
@@ -316,3 +317,13 @@ def _status(path: Path, uri: str) -> dict[str, Any]:
                                        "--collection", ALIAS, "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     return dict(json.loads(result.output))
+
+
+def test_no_index_build_yet_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    rng = np.random.default_rng(8)
+    with Store.open(path, create=True, durability="none") as store:
+        store.put_many([make_fingerprint(rng, f"t{i}") for i in range(40)])
+        store.flush()
+        with pytest.raises(IndexNotBuiltError, match="index rebuild"):
+            _follow(path, str(tmp_path / "m.db"))

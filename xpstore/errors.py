@@ -19,6 +19,7 @@ The tree (each also inherits the builtin a caller would naturally catch)::
     ├── ExtraMissingError (ImportError)        an optional extra (arrow, torch, milvus) is absent
     ├── ChangesTruncatedError (LookupError)    the change feed cannot serve an LSN range any more
     ├── MilvusUnavailableError (ConnectionError) the Milvus server does not answer
+    ├── IndexNotBuiltError                     no index build on library statistics to mirror
     └── StoreCorruptionError                   on-disk damage
         ├── WALCorruptionError                 a bad WAL segment or frame
         ├── LmdbCorruptionError                an LMDB data file found damaged before mapping it
@@ -190,3 +191,8 @@ class ChangesTruncatedError(XpStoreError, LookupError):
 
 class MilvusUnavailableError(XpStoreError, ConnectionError):
     """The Milvus server at the configured URI cannot be reached or refused a request."""
+
+
+class IndexNotBuiltError(XpStoreError):
+    """The store's k-NN index has no build on library statistics yet, so a follower has no
+    embedding to mirror (``xpstore index rebuild PATH``, or a writer's automatic rebuild)."""

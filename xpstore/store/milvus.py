@@ -59,6 +59,7 @@ from xpstore.config import MilvusSettings
 from xpstore.errors import (
     ChangesTruncatedError,
     ExtraMissingError,
+    IndexNotBuiltError,
     InvalidArgumentError,
     MilvusUnavailableError,
     XpStoreError,
@@ -283,10 +284,6 @@ class SyncReport:
         }  # fmt: skip
 
 
-class NotReadyError(XpStoreError):
-    """The store's index has no build on library statistics yet (nothing to mirror from)."""
-
-
 class Follower:
     """Mirrors one store into Milvus (see the module doc). Built over a read-only (or writer)
     store's engine, reader, index and change feed."""
@@ -322,7 +319,7 @@ class Follower:
         while True:
             try:
                 self._round(report, on_batch)
-            except NotReadyError as exc:
+            except IndexNotBuiltError as exc:
                 if not follow:
                     raise
                 log.warning("%s; waiting", exc)
@@ -488,7 +485,7 @@ class Follower:
         server = self._index.server()
         build = server.main.build
         if server.live_count() >= MIN_FIT_ROWS and (build is None or build.count < MIN_FIT_ROWS):
-            raise NotReadyError(
+            raise IndexNotBuiltError(
                 "the store's index has no build on library statistics yet, so there is no "
                 "embedding to mirror: rebuild it (xpstore index rebuild PATH, or a writer's "
                 "automatic rebuild) and sync again"
