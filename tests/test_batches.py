@@ -163,3 +163,16 @@ def test_torch_batches_are_tensors(tmp_path: Path) -> None:
         assert isinstance(batch["features"], torch.Tensor)
         assert batch["features"].shape == (8, len(FEATURES["prediction"]))
         assert isinstance(batch["ids"], torch.Tensor)
+
+
+def test_retrieval_counting_can_be_left_to_feedback(tmp_path: Path) -> None:
+    with _filled(tmp_path / "s") as store:
+        sampler = store.parts.sampling.attached()
+        before = sampler.pending_count()
+        batch = next(store.batches(32, kind="prediction", count_retrievals=False, seed=2))
+        assert sampler.pending_count() == before
+        next(store.batches(32, kind="prediction", seed=2))
+        assert sampler.pending_count() > before
+        ids = sorted(set(batch["ids"].tolist()))
+        store.record_feedback(ids, True, count_retrieval=True)
+        assert all(store.get(rid).retrieval_count >= 1 for rid in ids)

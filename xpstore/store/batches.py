@@ -6,7 +6,11 @@ models. A prioritized batch here is the sampler's draw (ids, P(i), importance we
 drawn records' *encoded* envelopes (the overlay first, then one LMDB read transaction), unpacked
 with msgpack straight into numpy columns: no model is built. Feedback and priority updates go
 back by id as with ``sample`` (``store.record_feedback(batch["ids"], ...)``,
-``store.update_priorities(batch["ids"], ...)``).
+``store.update_priorities(batch["ids"], ...)``). Like ``sample``, every draw bumps the drawn
+items' retrieval counts (value tracking), made durable in batches of
+``sampling.flush_retrievals``; that logging costs about as much as the rest of the batch, so a
+loop that counts its uses at feedback time (``record_feedback(..., count_retrieval=True)``)
+passes ``count_retrievals=False``.
 
 The columns of every batch (docs/sampling.md, "Batches for learners"):
 
@@ -73,6 +77,7 @@ class Batches:
         label_names: Sequence[str] | None,
         max_batches: int | None,
         seed: int | None,
+        count_retrievals: bool = True,
     ) -> Iterator[dict[str, Any]]:
         """Check the arguments now (not at the first ``next``), then iterate."""
         self._engine.check_open()
@@ -101,7 +106,7 @@ class Batches:
         convert = _torch_converter() if as_ == "torch" else None
         builder = _Builder(kind, names, label_names)
         if prioritized:
-            raw = self._prioritized(batch_size, kind, where, seed, builder)
+            raw = self._prioritized(batch_size, kind, where, seed, builder, count_retrievals)
         else:
             raw = self._in_order(batch_size, kind, where, builder)
         return _limited(raw, max_batches, convert)
@@ -113,10 +118,12 @@ class Batches:
         where: Mapping[str, Any] | None,
         seed: int | None,
         builder: _Builder,
+        count: bool,
     ) -> Iterator[dict[str, Any]]:
         first = True
         while True:
-            draw = self._sampling.draw(batch_size, kind, where, None, seed if first else None)
+            draw = self._sampling.draw(batch_size, kind, where, None, seed if first else None,
+                                       count)  # fmt: skip
             first = False
             envelopes = self._reader.envelopes(draw.ids)
             unpacked = {rid: msgpack.unpackb(raw, raw=False) for rid, raw in envelopes.items()}

@@ -94,9 +94,10 @@ class Sampling:
         where: Mapping[str, Any] | None,
         beta: float | None,
         seed: int | None,
+        count: bool = True,
     ) -> Draw:
         """The ids, probabilities and weights of ``sample`` without decoding any record (what
-        the batch iterators build arrays from)."""
+        the batch iterators build arrays from); ``count=False`` leaves retrieval counts alone."""
         engine = self._engine
         engine.check_open()
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -132,7 +133,8 @@ class Sampling:
                 for k in kinds
             ]  # fmt: skip
             what += f" with where={dict(where)!r}"
-        draw = sampler.draw(n, kind=kind, subset=subset, beta=float(b), seed=seed, what=what)
+        draw = sampler.draw(n, kind=kind, subset=subset, beta=float(b), seed=seed, what=what,
+                            count=count)  # fmt: skip
         if sampler.pending_count() >= cfg.flush_retrievals:
             self._flush_retrievals()
         return draw

@@ -311,11 +311,12 @@ class Store:
         self, batch_size: int, *, kind: str = "prediction", where: Mapping[str, Any] | None = None,
         prioritized: bool = True, as_: str = "numpy", features: Sequence[str] | None = None,
         label_names: Sequence[str] | None = None, max_batches: int | None = None,
-        seed: int | None = None,
+        seed: int | None = None, count_retrievals: bool = True,
     ) -> Iterator[dict[str, Any]]:  # fmt: skip
         """Training batches as dicts of arrays (docs/sampling.md, "Batches for learners")."""
         return self.parts.batches.batches(batch_size, kind, where, prioritized, as_, features,
-                                          label_names, max_batches, seed)  # fmt: skip
+                                          label_names, max_batches, seed,
+                                          count_retrievals)  # fmt: skip
 
     def update_priorities(self, ids: Iterable[int], priorities: Iterable[float]) -> None:
         """Set explicit priorities (finite, > 0; last wins) through the WAL, one sync."""
