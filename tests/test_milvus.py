@@ -327,3 +327,24 @@ def test_no_index_build_yet_is_a_clear_error(tmp_path: Path) -> None:
         store.flush()
         with pytest.raises(IndexNotBuiltError, match="index rebuild"):
             _follow(path, str(tmp_path / "m.db"))
+
+
+def test_a_long_lived_follower_notices_a_rebuild_that_moved_no_lsn(tmp_path: Path) -> None:
+    uri = str(tmp_path / "m.db")
+    path = tmp_path / "s"
+    rng = np.random.default_rng(10)
+    with _library(path) as store, Store.open(path, readonly=True) as ro:
+        p = ro.parts
+        mirror = MilvusMirror(connect(uri, 10.0), ALIAS)
+        follower = Follower(p.engine, p.reader, p.index, p.changes, mirror, ro.config.milvus)
+        first = follower.run()
+        store.put_many([make_fingerprint(rng, f"x{i}", style="metal", embedding_dim=4)
+                        for i in range(80)])  # fmt: skip
+        store.flush()
+        follower.run()
+        lsn = store.parts.changes.upto()
+        store.rebuild_index()  # new statistics; LMDB's applied_lsn does not move
+        assert store.parts.changes.upto() == lsn
+        third = follower.run()
+        assert third.switches and third.collection != first.collection
+        _assert_mirrors(store, uri)

@@ -50,6 +50,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -303,6 +304,7 @@ class Follower:
         self._feed = feed
         self.mirror = mirror
         self.settings = settings
+        self._stamp: tuple[int, int, int] | None = None
 
     # ------------------------------------------------------------------ public
     def run(
@@ -481,7 +483,13 @@ class Follower:
         return rows
 
     def _embedder(self) -> Any:
-        """The embedder of the index's last build (what the local index embeds with)."""
+        """The embedder of the index's last build (what the local index embeds with). A
+        read-only store re-reads its index when LMDB moved; a rebuild alone does not move
+        LMDB, so a new ``main.faiss`` (another inode, size or mtime) re-attaches it too."""
+        stamp = _file_stamp(self._engine.path / "index" / "main.faiss")
+        if stamp != self._stamp and self._engine.readonly:
+            self._index.close()
+        self._stamp = stamp
         server = self._index.server()
         build = server.main.build
         if server.live_count() >= MIN_FIT_ROWS and (build is None or build.count < MIN_FIT_ROWS):
@@ -491,6 +499,14 @@ class Follower:
                 "automatic rebuild) and sync again"
             )
         return server.main.embedder
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def sync_status(mirror: MilvusMirror, store_lsn: int, local_key: str | None) -> dict[str, Any]:
@@ -566,6 +582,7 @@ class MilvusSimilarity:
         self._mirror: MilvusMirror | None = None
         self._uri: str | None = None
         self._loaded: str | None = None
+        self._target: tuple[float, str | None, str | None] | None = None
         self.fallbacks = 0
         """Queries the local index answered because Milvus could not (tests, metrics)."""
 
@@ -602,6 +619,7 @@ class MilvusSimilarity:
             except Exception as exc:  # grpc / pymilvus errors: the server did not answer
                 reason = f"{type(exc).__name__}: {exc}"
                 self._mirror = None  # reconnect next time
+                self._target = None
         self.fallbacks += 1
         log.warning("similar() answered by the local index: %s", reason)
         return self._index.similar(track_id, fingerprint, vector, **kw)
@@ -649,12 +667,11 @@ class MilvusSimilarity:
         mirror = self._connection()
         timeout = self._engine.config.milvus.timeout_s
         alias = mirror.alias
-        active = mirror.active()
+        active, key = self._active(mirror)
         if active is None:
             return None
-        if active != self._loaded:
-            mirror.load(active)
-            self._loaded = active
+        local = self._index.server().main.embedder
+        same = key == embedder_key(local)
         exclude: str | None = None
         if track_id is not None:
             track_id = str(track_id)
@@ -662,16 +679,19 @@ class MilvusSimilarity:
                 from xpstore.errors import RecordNotFoundError
 
                 raise RecordNotFoundError(f"no track {track_id!r}")
-            got = mirror.client.get(alias, ids=[track_id], output_fields=["vector"],
-                                    timeout=timeout)  # fmt: skip
-            if not got:
-                return None
-            query = np.asarray(got[0]["vector"], dtype=np.float32)
+            if same:  # the collection holds the local index's vectors: no round trip
+                query = self._index.track_vector(track_id)
+            else:
+                got = mirror.client.get(alias, ids=[track_id], output_fields=["vector"],
+                                        timeout=timeout)  # fmt: skip
+                if not got:
+                    return None
+                query = np.asarray(got[0]["vector"], dtype=np.float32)
             exclude = track_id if exclude_self else None
         elif fingerprint is not None:
-            embedded, own = self._embed_fingerprint(mirror, fingerprint)
-            if embedded is None:
+            if not same:
                 return None
+            embedded, own = self._embed_fingerprint(local, fingerprint)
             query = embedded
             exclude = own if exclude_self else None
         else:
@@ -703,17 +723,28 @@ class MilvusSimilarity:
                 break
         return out
 
+    def _active(self, mirror: MilvusMirror) -> tuple[str | None, str | None]:
+        """The alias's collection and its embedder key, re-read at most once a second (two
+        round trips a query otherwise); the collection is loaded on first use."""
+        now = time.monotonic()
+        cached = self._target
+        if cached is not None and now - cached[0] < 1.0:
+            return cached[1], cached[2]
+        active = mirror.active()
+        key = mirror.properties(active).get(KEY) if active is not None else None
+        if active is not None and active != self._loaded:
+            mirror.load(active)
+            self._loaded = active
+        self._target = (now, active, key)
+        return active, key
+
+    @staticmethod
     def _embed_fingerprint(
-        self, mirror: MilvusMirror, fingerprint: Fingerprint | Mapping[str, Any]
-    ) -> tuple[npt.NDArray[np.float32] | None, str | None]:
-        """The query embedded locally, only when the local embedder is the collection's."""
+        embedder: Any, fingerprint: Fingerprint | Mapping[str, Any]
+    ) -> tuple[npt.NDArray[np.float32], str | None]:
+        """The query embedded locally (the caller checked the embedder is the collection's)."""
         from xpstore.model.records import record_from_json
 
-        server = self._index.server()
-        embedder = server.main.embedder
-        active = mirror.active()
-        if active is None or mirror.properties(active).get(KEY) != embedder_key(embedder):
-            return None, None
         fp = fingerprint if isinstance(fingerprint, Fingerprint) else record_from_json(
             {"kind": "fingerprint", **fingerprint})  # fmt: skip
         assert isinstance(fp, Fingerprint)
