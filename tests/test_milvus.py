@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.helpers import record_as
 from xpstore import Store
@@ -82,6 +84,7 @@ def _assert_mirrors(store: Store, uri: str) -> None:
         row = rows[track]
         assert row["record_id"] == exp.id
         assert row["lsn"] == exp.updated_lsn
+        assert row["metadata"] == (record_as(exp, Fingerprint).metadata or {})
         np.testing.assert_allclose(np.asarray(row["vector"], dtype=np.float32),
                                    store.track_vector(track), atol=1e-6)  # fmt: skip
 
@@ -347,4 +350,51 @@ def test_a_long_lived_follower_notices_a_rebuild_that_moved_no_lsn(tmp_path: Pat
         assert store.parts.changes.upto() == lsn
         third = follower.run()
         assert third.switches and third.collection != first.collection
+        _assert_mirrors(store, uri)
+
+
+# ---------------------------------------------------------------- property
+
+
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "put", "delete_track", "delete", "meta", "sync"]),
+        st.integers(0, 7),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=_OPS, batch=st.integers(1, 5))
+def test_any_history_mirrors_the_live_set(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int]], batch: int
+) -> None:
+    """Whatever puts, supersedes, deletes and metadata updates happen, and wherever the
+    follower syncs in between, Milvus ends up holding exactly the live tracks."""
+    root = tmp_path_factory.mktemp("prop")
+    path, uri = root / "s", str(root / "m.db")
+    rng = np.random.default_rng(len(ops))
+    with Store.open(path, create=True, durability="none") as store:  # < 32 tracks: no build
+        store.put_many([make_fingerprint(rng, f"t{i}", embedding_dim=4) for i in range(3)])
+        for op, k in ops:
+            track = f"t{k}"
+            rid = store.parts.reader.read_track(track)
+            if op == "put":
+                store.put(make_fingerprint(rng, track, embedding_dim=4))
+            elif op == "delete_track" and rid is not None:
+                store.delete_track(track)
+            elif op == "delete" and rid is not None:
+                store.delete(rid)
+            elif op == "meta" and rid is not None:
+                store.update(rid, metadata={"n": str(k)})
+            elif op == "sync":
+                store.flush()
+                _follow(path, uri, batch_size=batch)
+        store.flush()
+        report = _follow(path, uri, batch_size=batch)
+        assert report.hwm == store.parts.changes.upto()
         _assert_mirrors(store, uri)
