@@ -63,6 +63,31 @@ def _fill_predictions(path: Path, n: int) -> Store:
     return store
 
 
+def _cpu_busy() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its children)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + ticks[4]
+    hz = os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return (sum(ticks[:8]) - idle) / hz, t.user + t.system + t.children_user + t.children_system
+
+
+class CpuWatch:
+    """CPU share other processes used since construction (NOISY above 10 %)."""
+
+    def __init__(self) -> None:
+        self.t0 = perf()
+        self.b0, self.o0 = _cpu_busy()
+
+    def report(self, what: str) -> None:
+        busy, own = _cpu_busy()
+        wall = perf() - self.t0
+        share = max(0.0, (busy - self.b0) - (own - self.o0)) / (wall * (os.cpu_count() or 1))
+        noisy = " (NOISY: compare ratios only)" if share > 0.1 else ""
+        print(f"\nother processes used {share:.0%} of the machine's CPU during {what}{noisy}")
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -125,10 +150,12 @@ def export_section(store: Store, n: int, repeats: int, scan_limit: int) -> None:
         f"store.scan (pydantic, first {min(n, scan_limit):,})": scan,
     }
     rates: dict[str, list[float]] = {k: [] for k in cases}
+    watch = CpuWatch()
     for r in range(repeats):
         order = list(cases) if r % 2 == 0 else list(reversed(cases))
         for name in order:
             rates[name].append(cases[name]())
+    watch.report("the export runs")
     _rate_table(f"Export of {n:,} predictions", rates, "decode floor (cursor + msgpack)",
                 "records/s")  # fmt: skip
     best = _median(rates["export parquet (files fsynced)"])
@@ -173,9 +200,11 @@ def batches_section(store: Store, repeats: int, iters: int, size: int = 256) -> 
     cases = [("store.sample + arrays (baseline)", baseline), ("store.batches (numpy)", ours),
              ("store.batches (count_retrievals=False)", uncounted)]  # fmt: skip
     rates: dict[str, list[float]] = {name: [] for name, _ in cases}
+    watch = CpuWatch()
     for r in range(repeats):
         for name, fn in cases if r % 2 == 0 else reversed(cases):
             rates[name].append(fn())
+    watch.report("the batch runs")
     _rate_table(f"Training batches of {size} ({iters} per repeat)", rates,
                 "store.sample + arrays (baseline)", "samples/s")  # fmt: skip
     for name in ("store.batches (numpy)", "store.batches (count_retrievals=False)"):
@@ -210,6 +239,7 @@ def milvus_section(root: Path, tracks: int, updates: int, queries: int, repeats:
             return Follower(p.engine, p.reader, p.index, p.changes, mirror,
                             ro.config.milvus).run()  # fmt: skip
 
+    watch = CpuWatch()
     t = perf()
     first = follow()
     catch_up = perf() - t
@@ -229,6 +259,7 @@ def milvus_section(root: Path, tracks: int, updates: int, queries: int, repeats:
           f"{dt_feed:.2f} | {feed.operations / dt_feed:,.0f} |")  # fmt: skip
     if feed.resyncs:
         print("(the feed run resynchronized: an index rebuild or a checkpoint intervened)")
+    watch.report("the follower runs")
 
     ids = [f"t{int(i)}" for i in rng.integers(0, tracks, size=queries)]
     local: list[float] = []
@@ -240,6 +271,7 @@ def milvus_section(root: Path, tracks: int, updates: int, queries: int, repeats:
         s.similar(ids[0], k=10)
         s.reconfigure(**{"index.backend": "faiss"})
         s.similar(ids[0], k=10)
+        watch = CpuWatch()
         for r in range(repeats):
             for backend in (("faiss", "milvus") if r % 2 == 0 else ("milvus", "faiss")):
                 s.reconfigure(**{"index.backend": backend})
@@ -249,6 +281,7 @@ def milvus_section(root: Path, tracks: int, updates: int, queries: int, repeats:
                     s.similar(tr, k=10)
                     out.append((perf() - t) * 1e3)
         fallbacks = milvus.fallbacks
+        watch.report("the queries")
     print(f"\n### similar(track, k=10), {queries} tracks x {repeats} repeats\n")
     print("| engine | median ms | p99 ms | / local |")
     print("|---|---:|---:|---:|")
