@@ -28,7 +28,7 @@ from tests.helpers import record_as
 from xpstore import Store
 from xpstore.cli import main
 from xpstore.demo.synthetic import make_fingerprint
-from xpstore.errors import IndexNotBuiltError
+from xpstore.errors import IndexNotBuiltError, InvalidRecordError, RecordNotFoundError
 from xpstore.model.records import Fingerprint
 from xpstore.store.milvus import (
     Follower,
@@ -116,7 +116,11 @@ def test_mirror_answers_equal_the_local_exact_index(tmp_path: Path) -> None:
         _same(store.similar("t1", k=5, where={"metadata.style": style}), local_where)
         _same(store.similar("t7", k=5, where={"batch.tempo_bpm__gt": 110.0}), local_post)
         _same(store.similar(fingerprint=fp, k=6), local_fp)
-        assert store.parts.milvus.fallbacks == 0
+        with pytest.raises(RecordNotFoundError):
+            store.similar("nope", k=3)
+        with pytest.raises(InvalidRecordError):
+            store.similar("t1", k=3, where={"nope": 1})
+        assert store.parts.milvus.fallbacks == 0  # input errors are not Milvus's failures
 
 
 def test_deletes_supersedes_and_updates_follow(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -62,7 +63,9 @@ from xpstore.errors import (
     ExtraMissingError,
     IndexNotBuiltError,
     InvalidArgumentError,
+    InvalidRecordError,
     MilvusUnavailableError,
+    RecordNotFoundError,
     XpStoreError,
 )
 from xpstore.index.neighbors import Neighbor
@@ -113,8 +116,6 @@ def _pymilvus() -> Any:
 def connect(uri: str, timeout_s: float) -> Any:
     """A ``MilvusClient`` for ``uri`` (a server URL or a Milvus Lite ``.db`` file); the token
     comes from ``XPSTORE_MILVUS_TOKEN`` when set. MilvusUnavailableError if it cannot connect."""
-    import os
-
     pymilvus = _pymilvus()
     token = os.environ.get("XPSTORE_MILVUS_TOKEN", "")
     try:
@@ -583,6 +584,7 @@ class MilvusSimilarity:
         self._uri: str | None = None
         self._loaded: str | None = None
         self._target: tuple[float, str | None, str | None] | None = None
+        self._local_key: tuple[Any, str] | None = None
         self.fallbacks = 0
         """Queries the local index answered because Milvus could not (tests, metrics)."""
 
@@ -614,6 +616,8 @@ class MilvusSimilarity:
                 if hits is not None:
                     return hits
                 reason = "the collection does not hold this query's vector yet"
+            except (InvalidArgumentError, InvalidRecordError, RecordNotFoundError):
+                raise  # the caller's mistake, whichever engine answers
             except (MilvusUnavailableError, ExtraMissingError) as exc:
                 reason = str(exc)
             except Exception as exc:  # grpc / pymilvus errors: the server did not answer
@@ -671,13 +675,13 @@ class MilvusSimilarity:
         if active is None:
             return None
         local = self._index.server().main.embedder
-        same = key == embedder_key(local)
+        if self._local_key is None or self._local_key[0] is not local:
+            self._local_key = (local, embedder_key(local))
+        same = key == self._local_key[1]
         exclude: str | None = None
         if track_id is not None:
             track_id = str(track_id)
             if self._reader.read_track(track_id) is None:
-                from xpstore.errors import RecordNotFoundError
-
                 raise RecordNotFoundError(f"no track {track_id!r}")
             if same:  # the collection holds the local index's vectors: no round trip
                 query = self._index.track_vector(track_id)
