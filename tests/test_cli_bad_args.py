@@ -40,11 +40,15 @@ COMMANDS: dict[str, list[str]] = {
     "learn step": [],
     "learn reset": [],
     "validate": [],
+    "export": ["--out", "{tmp}/exported"],
+    "sync milvus": ["--uri", "{tmp}/milvus.db"],
+    "sync status": ["--uri", "{tmp}/milvus.db"],
 }
 # commands that only read: a live writer does not stop them
 READ_ONLY_OK_WHEN_LOCKED = {"get", "scan", "sample", "stats", "wal inspect", "verify", "replay",
                             "snapshot list", "snapshot restore",  # restore writes elsewhere
-                            "similar", "index status", "learn report"}
+                            "similar", "index status", "learn report",
+                            "export", "sync milvus", "sync status"}  # fmt: skip
 
 
 def _leaves(group: click.Group = main, prefix: str = "") -> list[str]:
