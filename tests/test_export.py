@@ -214,3 +214,16 @@ def test_without_pyarrow_the_error_names_the_extra(
         with pytest.raises(ExtraMissingError, match=r"xpstore\[arrow\]") as info:
             store.to_arrow("prediction")
         assert info.value.extra == "arrow"
+
+
+def test_cli_export_draws_a_progress_bar(tmp_path: Path) -> None:
+    store_path = tmp_path / "s"
+    _fill(store_path).close()
+    result = CliRunner().invoke(
+        main, ["export", str(store_path), "--out", str(tmp_path / "o"), "--format", "arrow"],
+        env={"XPSTORE_PROGRESS": "1"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "exporting prediction" in result.stderr
+    assert "499/499 records" in result.stderr  # finished at the kind's count
+    assert "prediction" in result.stdout and "499 rows" in result.stdout
