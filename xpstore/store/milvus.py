@@ -701,11 +701,8 @@ class MilvusSimilarity:
         else:
             query = np.asarray(vector, dtype=np.float32).reshape(-1)
         expr, rest = translate_where(where or {})
-        if exclude is not None:
-            own_term = f"track_id != {json.dumps(exclude)}"
-            expr = f"{expr} and {own_term}" if expr else own_term
         post = compile_where(rest, ("fingerprint",)) if rest else None
-        limit = min(_MAX_TOPK, k * self._engine.config.milvus.overfetch)
+        limit = min(_MAX_TOPK, k * self._engine.config.milvus.overfetch + 1)
         res = mirror.client.search(
             alias, data=[query.tolist()], limit=limit, filter=expr,
             output_fields=["record_id", "metadata"], timeout=timeout,
@@ -716,6 +713,8 @@ class MilvusSimilarity:
         for hit in res[0]:
             entity = hit.get("entity", {})
             track, rid = str(hit.get("track_id", hit.get("id"))), int(entity["record_id"])
+            if track == exclude:
+                continue  # the query's own track: dropped here, not by a filter expression
             if reader.read_track(track) != rid:
                 continue  # superseded or retired in the store, not yet in Milvus
             if post is not None:
