@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,12 @@ from tests.helpers import record_as
 from xpstore import Store
 from xpstore.cli import main
 from xpstore.demo.synthetic import make_fingerprint
-from xpstore.errors import IndexNotBuiltError, InvalidRecordError, RecordNotFoundError
+from xpstore.errors import (
+    IndexNotBuiltError,
+    InvalidRecordError,
+    MilvusUnavailableError,
+    RecordNotFoundError,
+)
 from xpstore.model.records import Fingerprint
 from xpstore.store.milvus import (
     Follower,
@@ -402,3 +408,58 @@ def test_any_history_mirrors_the_live_set(
         report = _follow(path, uri, batch_size=batch)
         assert report.hwm == store.parts.changes.upto()
         _assert_mirrors(store, uri)
+
+
+def test_sync_against_an_unreachable_server_exits_1(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    _library(path, n=10).close()
+    result = CliRunner().invoke(main, ["sync", "milvus", str(path), "--uri",
+                                       f"http://127.0.0.1:{_free_port()}"])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "Milvus" in result.output
+
+
+def test_follow_mode_rides_out_a_milvus_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pymilvus.exceptions import MilvusException
+
+    uri = str(tmp_path / "m.db")
+    path = tmp_path / "s"
+    rng = np.random.default_rng(12)
+    with _library(path) as store:
+        _follow(path, uri)
+        store.put_many([make_fingerprint(rng, f"n{i}", embedding_dim=4) for i in range(5)])
+        store.flush()
+        target = store.parts.changes.upto()
+        with Store.open(path, readonly=True) as ro:
+            p = ro.parts
+            mirror = MilvusMirror(connect(uri, 10.0), ALIAS)
+            settings = ro.config.milvus.model_copy(update={"poll_s": 0.01})
+            follower = Follower(p.engine, p.reader, p.index, p.changes, mirror, settings)
+            real = mirror.set_hwm
+            failures = [MilvusException(message="injected: server restarting")]
+
+            def flaky(collection: str, lsn: int) -> None:
+                if failures:
+                    raise failures.pop()
+                real(collection, lsn)
+
+            monkeypatch.setattr(mirror, "set_hwm", flaky)
+            stop = threading.Event()
+
+            def done(report: SyncReport) -> None:
+                if report.hwm == target:
+                    stop.set()
+
+            with caplog.at_level(logging.WARNING, logger="xpstore.store.milvus"):
+                follower.run(follow=True, stop=stop, on_batch=done)
+        assert "injected" in caplog.text and not failures
+        _assert_mirrors(store, uri)
+        with pytest.raises(MilvusUnavailableError):  # without --follow: a clear error
+            monkeypatch.setattr(mirror, "set_hwm", lambda c, lsn: (_ for _ in ()).throw(
+                MilvusException(message="down")))  # fmt: skip
+            store.put(make_fingerprint(rng, "late", embedding_dim=4))
+            store.flush()
+            Follower(store.parts.engine, store.parts.reader, store.parts.index,
+                     store.parts.changes, mirror, settings).run()  # fmt: skip

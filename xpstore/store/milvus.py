@@ -326,6 +326,16 @@ class Follower:
                 if not follow:
                     raise
                 log.warning("%s; waiting", exc)
+            except XpStoreError:
+                raise
+            except Exception as exc:
+                if not _from_milvus(exc):
+                    raise
+                if not follow:
+                    raise MilvusUnavailableError(
+                        f"Milvus refused a request or did not answer: {exc}"
+                    ) from exc
+                log.warning("Milvus refused a request or did not answer (%s); retrying", exc)
             report.seconds = time.monotonic() - start
             if not follow or stop.wait(self.settings.poll_s):
                 return report
@@ -500,6 +510,11 @@ class Follower:
                 "automatic rebuild) and sync again"
             )
         return server.main.embedder
+
+
+def _from_milvus(exc: BaseException) -> bool:
+    """Whether ``exc`` is the client's or the transport's (pymilvus, grpc), not a bug here."""
+    return type(exc).__module__.split(".", 1)[0] in ("pymilvus", "grpc")
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int] | None:
