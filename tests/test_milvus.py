@@ -65,13 +65,19 @@ def _follow(store_path: Path, uri: str, **settings: Any) -> SyncReport:
         p = ro.parts
         cfg = ro.config.milvus.model_copy(update=settings)
         mirror = MilvusMirror(connect(uri, 10.0), ALIAS)
-        return Follower(p.engine, p.reader, p.index, p.changes, mirror, cfg).run()
+        try:
+            return Follower(p.engine, p.reader, p.index, p.changes, mirror, cfg).run()
+        finally:
+            mirror.client.close()
 
 
 def _rows(uri: str) -> dict[str, dict[str, Any]]:
     client = connect(uri, 10.0)
     fields = ["track_id", "record_id", "vector", "lsn", "metadata"]
-    rows = client.query(ALIAS, filter="record_id >= 0", limit=16_384, output_fields=fields)
+    try:
+        rows = client.query(ALIAS, filter="record_id >= 0", limit=16_384, output_fields=fields)
+    finally:
+        client.close()
     return {str(r["track_id"]): r for r in rows}
 
 
@@ -289,9 +295,12 @@ def test_sigkill_mid_batch_resumes_without_loss_or_duplicates(
 
 def _follow_hwm(uri: str) -> int:
     mirror = MilvusMirror(connect(uri, 10.0), ALIAS)
-    active = mirror.active()
-    assert active is not None
-    return mirror.hwm(active)
+    try:
+        active = mirror.active()
+        assert active is not None
+        return mirror.hwm(active)
+    finally:
+        mirror.client.close()
 
 
 def test_follow_while_a_writer_ingests(tmp_path: Path, milvus_server: str) -> None:
