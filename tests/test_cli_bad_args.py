@@ -44,12 +44,16 @@ COMMANDS: dict[str, list[str]] = {
     "metrics": [],
     "report": ["--out", "{tmp}/report"],
     "serve": ["--writable", "--port", "0"],  # writable: refused at once when locked
+    "export": ["--out", "{tmp}/exported"],
+    "sync milvus": ["--uri", "{tmp}/milvus.db"],
+    "sync status": ["--uri", "{tmp}/milvus.db"],
 }
 # commands that only read: a live writer does not stop them
 READ_ONLY_OK_WHEN_LOCKED = {"get", "scan", "sample", "stats", "wal inspect", "verify", "replay",
                             "snapshot list", "snapshot restore",  # restore writes elsewhere
                             "similar", "index status", "learn report",
-                            "health", "metrics", "report"}  # read-only opens
+                            "health", "metrics", "report",
+                            "export", "sync milvus", "sync status"}  # read-only opens  # fmt: skip
 
 
 def _leaves(group: click.Group = main, prefix: str = "") -> list[str]:

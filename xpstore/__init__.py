@@ -6,12 +6,16 @@ moment the process dies at. See README.md and docs/ for the design and the guara
 
 from xpstore.config import StoreConfig
 from xpstore.errors import (
+    ChangesTruncatedError,
     CodecError,
     EmptySampleError,
+    ExtraMissingError,
     FormatVersionError,
+    IndexNotBuiltError,
     InvalidArgumentError,
     InvalidRecordError,
     LmdbCorruptionError,
+    MilvusUnavailableError,
     ReadOnlyStoreError,
     RecordNotFoundError,
     RecordTooLargeError,
@@ -44,16 +48,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchFingerprint",
+    "ChangesTruncatedError",
     "CodecError",
     "Decision",
     "EmptySampleError",
     "Experience",
+    "ExtraMissingError",
     "Fingerprint",
     "FormatVersionError",
+    "IndexNotBuiltError",
     "InvalidArgumentError",
     "InvalidRecordError",
     "Learner",
     "LmdbCorruptionError",
+    "MilvusUnavailableError",
     "Neighbor",
     "Prediction",
     "PredictionOutcome",

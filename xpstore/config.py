@@ -177,6 +177,10 @@ class IndexSettings(_Section):
     """Neighbours materialized per track in LMDB after each build (0: none)."""
     refresh_s: float = Field(1.0, ge=0)
     """A read-only store catches its index up with LMDB at most this often."""
+    backend: Literal["faiss", "milvus"] = "faiss"
+    """What answers ``similar()``: the local FAISS index, or the Milvus collection a follower
+    (``xpstore sync milvus``) mirrors this store into (``milvus.uri``; docs/scale-out.md). With
+    ``milvus`` an unreachable server falls back to the local index with a logged warning."""
 
 
 class ValidationCalibration(_Section):
@@ -302,6 +306,24 @@ class HealthSettings(_Section):
     """Warn when the last ``verify`` is older than this (None: its age is only reported)."""
 
 
+class MilvusSettings(_Section):
+    """The Milvus follower and the ``milvus`` similarity backend (docs/scale-out.md)."""
+
+    uri: str | None = None
+    """Where Milvus answers: ``http://host:19530`` (a server or cluster), or a local ``.db``
+    file (Milvus Lite, one process at a time)."""
+    collection: str = Field("xpstore", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
+    """The alias readers query; the follower's collections are ``<collection>__<embedder>``."""
+    timeout_s: float = Field(5.0, gt=0, le=600)
+    """Per-request timeout of a query; past it the local index answers (with a warning)."""
+    batch_size: int = Field(1000, ge=1, le=100_000)
+    """Operations the follower reads before it writes to Milvus and records its high-water LSN."""
+    poll_s: float = Field(0.5, gt=0, le=3600)
+    """How often ``--follow`` looks for new operations when it is caught up."""
+    overfetch: int = Field(4, ge=1, le=100)
+    """A ``where=`` Milvus cannot evaluate is applied after a search of ``k * overfetch``."""
+
+
 def _check_index(index: IndexSettings) -> None:
     """Cross-field rules of the index section (InvalidArgumentError naming the knob)."""
     if index.dim_weights != "learned":
@@ -331,6 +353,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "validation": ValidationSettings,
     "streaming": StreamingSettings,
     "health": HealthSettings,
+    "milvus": MilvusSettings,
 }
 
 _RENAMED = {
@@ -346,7 +369,7 @@ _RENAMED = {
 }
 _PREFIXES = (("index_", "index"), ("priority_", "sampling"), ("snapshot_", "snapshots"),
              ("apply_", "apply"), ("validation_", "validation"),
-             ("streaming_", "streaming"), ("health_", "health"))  # fmt: skip
+             ("streaming_", "streaming"), ("health_", "health"), ("milvus_", "milvus"))  # fmt: skip
 
 
 def _flat_names() -> dict[str, str]:
@@ -385,6 +408,7 @@ LIVE = frozenset(
     | {f"validation.{n}" for n in ValidationSettings.model_fields}
     | {f"streaming.{n}" for n in StreamingSettings.model_fields}
     | {f"health.{n}" for n in HealthSettings.model_fields}
+    | {f"milvus.{n}" for n in MilvusSettings.model_fields}
     | {"records.max_record_bytes", "records.max_batch_records", "apply.batch_ops",
        "apply.interval_ms", "apply.max_overlay_ops", "wal.checkpoint_interval_s",
        "wal.retain_segments", "wal.retain_seconds"}
@@ -423,6 +447,7 @@ class StoreConfig(BaseModel):
     validation: ValidationSettings = ValidationSettings()
     streaming: StreamingSettings = StreamingSettings()
     health: HealthSettings = HealthSettings()
+    milvus: MilvusSettings = MilvusSettings()
 
     @model_validator(mode="before")
     @classmethod

@@ -16,6 +16,10 @@ The tree (each also inherits the builtin a caller would naturally catch)::
     ├── StoreClosedError                       use after close()
     ├── WALWriteError (OSError)                the log cannot take writes any more
     ├── RemoveUnsupportedError                 an index backend (HNSW) cannot delete vectors
+    ├── ExtraMissingError (ImportError)        an optional extra (arrow, torch, milvus) is absent
+    ├── ChangesTruncatedError (LookupError)    the change feed cannot serve an LSN range any more
+    ├── MilvusUnavailableError (ConnectionError) the Milvus server does not answer
+    ├── IndexNotBuiltError                     no index build on library statistics to mirror
     └── StoreCorruptionError                   on-disk damage
         ├── WALCorruptionError                 a bad WAL segment or frame
         ├── LmdbCorruptionError                an LMDB data file found damaged before mapping it
@@ -163,3 +167,32 @@ class RemoveUnsupportedError(XpStoreError):
 
 class EmptySampleError(XpStoreError, LookupError):
     """``sample`` found nothing to draw from: an empty store, kind or filter."""
+
+
+class ExtraMissingError(XpStoreError, ImportError):
+    """A feature needs an optional extra that is not installed; ``extra`` names it
+    (``pip install "xpstore[<extra>]"``)."""
+
+    def __init__(self, message: str, *, extra: str) -> None:
+        super().__init__(message)
+        self.extra = extra
+
+
+class ChangesTruncatedError(XpStoreError, LookupError):
+    """``Store.changes(since_lsn)`` cannot serve the operations after ``since_lsn``: a checkpoint
+    removed the WAL segments holding some of them (``first_lsn``: the oldest LSN the WAL still
+    holds). A follower resynchronizes from a full read of the current state (docs/scale-out.md)."""
+
+    def __init__(self, message: str, *, since_lsn: int, first_lsn: int | None) -> None:
+        super().__init__(message)
+        self.since_lsn = since_lsn
+        self.first_lsn = first_lsn
+
+
+class MilvusUnavailableError(XpStoreError, ConnectionError):
+    """The Milvus server at the configured URI cannot be reached or refused a request."""
+
+
+class IndexNotBuiltError(XpStoreError):
+    """The store's k-NN index has no build on library statistics yet, so a follower has no
+    embedding to mirror (``xpstore index rebuild PATH``, or a writer's automatic rebuild)."""

@@ -1,6 +1,7 @@
 """The ``xpstore`` command line: a thin layer over the public API (see docs/cli.md)."""
 
 from xpstore.cli import (
+    data_cmds,
     index_cmds,
     inspect_cmds,
     learn_cmds,
@@ -16,7 +17,7 @@ from xpstore.cli.commands import main
 
 # the command modules register themselves on ``main`` when imported
 _COMMAND_MODULES = (
-    index_cmds, inspect_cmds, learn_cmds, maintenance_cmds, recover_cmds, sample_cmds,
+    data_cmds, index_cmds, inspect_cmds, learn_cmds, maintenance_cmds, recover_cmds, sample_cmds,
     service_cmds, snapshot_cmds, validate_cmds,
 )
 

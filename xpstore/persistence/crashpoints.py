@@ -30,6 +30,8 @@ POINTS = (
     "index.swap.after_swap",  # new index serving in memory, file not yet renamed to main
     "index.swap.after_rename",  # main.faiss replaced, neighbour lists not yet written
     "index.neighbors.partial",  # the first chunk of the new neighbour lists is in LMDB
+    "milvus.sync.after_upsert",  # a follower batch's rows upserted, its deletes not yet sent
+    "milvus.sync.before_hwm",  # a follower batch written to Milvus, high-water LSN not yet
 )
 
 

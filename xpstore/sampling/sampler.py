@@ -321,8 +321,10 @@ class Sampler:
         beta: float,
         seed: int | None,
         what: str,
+        count: bool = True,
     ) -> Draw:
-        """Draw ``n`` ids (with replacement), stratified, with probabilities and weights."""
+        """Draw ``n`` ids (with replacement), stratified, with probabilities and weights;
+        ``count``: bump the drawn items' retrieval counts (value tracking)."""
         with self.lock:
             if seed is not None:
                 self.rng = np.random.default_rng(seed)
@@ -334,7 +336,8 @@ class Sampler:
                 out = self._draw_trees(codes, n, beta, what)
             self.draws += n
             self.batches += 1
-            self._count(out.ids)
+            if count:
+                self._count(out.ids)
             return out
 
     def _draw_trees(self, codes: list[int], n: int, beta: float, what: str) -> Draw:

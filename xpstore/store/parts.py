@@ -8,13 +8,17 @@ from dataclasses import dataclass
 
 from xpstore.persistence.applier import MaintenanceTask
 from xpstore.persistence.telemetry import Telemetry
+from xpstore.store.batches import Batches
 from xpstore.store.bulk import FingerprintIngest
+from xpstore.store.changes import ChangeFeed
 from xpstore.store.checker import Checker
 from xpstore.store.engine import Engine
+from xpstore.store.export import Exporter
 from xpstore.store.health import Health
 from xpstore.store.index_service import IndexService
 from xpstore.store.maintenance import Maintenance, RetentionTask
 from xpstore.store.metrics import Metrics
+from xpstore.store.milvus import MilvusSimilarity
 from xpstore.store.reader import Reader
 from xpstore.store.sampling_service import Sampling
 from xpstore.store.similarity import SimilarityLearner
@@ -53,6 +57,14 @@ class StoreParts:
     """The health checks (``register_check``; docs/service.md, issue 13)."""
     metrics: Metrics
     """The Prometheus collector (``register_collector``, ``text()``; issue 13)."""
+    batches: Batches
+    """``Store.batches``: training batches as arrays (issue 16)."""
+    export: Exporter
+    """``Store.to_arrow`` and ``xpstore export`` (issue 16)."""
+    changes: ChangeFeed
+    """``Store.changes``: the operations in LSN order, for followers (issue 16)."""
+    milvus: MilvusSimilarity
+    """``similar()`` through Milvus when ``index.backend="milvus"`` (issue 16)."""
 
     @property
     def telemetry(self) -> Telemetry:
@@ -77,12 +89,15 @@ def compose(engine: Engine) -> StoreParts:
         "retention": RetentionTask(engine, maintenance),
         "validation": ValidationTask(engine, validator),
     }
+    streaming = StreamingService(engine, reader, writer, index, validator)
+    milvus = MilvusSimilarity(engine, reader, index)
+    streaming.batch_search = milvus.route
     parts = StoreParts(
         engine, reader, writer, index, sampling, maintenance, snapshots,
-        Checker(engine), tasks, SimilarityLearner(engine, writer), validator,
-        StreamingService(engine, reader, writer, index, validator),
+        Checker(engine), tasks, SimilarityLearner(engine, writer), validator, streaming,
         FingerprintIngest(engine, writer, index),
         health, Metrics(engine, reader, index, sampling, health),
+        Batches(engine, reader, sampling), Exporter(engine), ChangeFeed(engine), milvus,
     )  # fmt: skip
     if engine.applier is not None:
         snapshots.clean_temps()

@@ -32,7 +32,7 @@ from xpstore.store.writer import Writer
 if TYPE_CHECKING:
     from xpstore.model.effects import Effect
     from xpstore.persistence.overlay import Subscription
-    from xpstore.sampling.sampler import Sampler
+    from xpstore.sampling.sampler import Draw, Sampler
 
 __all__ = ["SampleBatch", "Sampling"]
 
@@ -78,6 +78,27 @@ class Sampling:
         seed: int | None,
     ) -> SampleBatch:
         """See :meth:`xpstore.Store.sample`."""
+        draw = self.draw(n, kind, where, beta, seed)
+        cache: dict[int, Experience] = {}
+        records = []
+        for rid in draw.ids:
+            exp = cache.get(rid)
+            if exp is None:
+                exp = cache[rid] = self._reader.get(rid)
+            records.append(exp)
+        return SampleBatch(draw.ids, records, draw.weights, draw.probabilities)
+
+    def draw(
+        self,
+        n: int,
+        kind: str | None,
+        where: Mapping[str, Any] | None,
+        beta: float | None,
+        seed: int | None,
+        count: bool = True,
+    ) -> Draw:
+        """The ids, probabilities and weights of ``sample`` without decoding any record (what
+        the batch iterators build arrays from); ``count=False`` leaves retrieval counts alone."""
         engine = self._engine
         engine.check_open()
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -113,17 +134,11 @@ class Sampling:
                 for k in kinds
             ]  # fmt: skip
             what += f" with where={dict(where)!r}"
-        draw = sampler.draw(n, kind=kind, subset=subset, beta=float(b), seed=seed, what=what)
+        draw = sampler.draw(n, kind=kind, subset=subset, beta=float(b), seed=seed, what=what,
+                            count=count)  # fmt: skip
         if sampler.pending_count() >= cfg.flush_retrievals:
             self._flush_retrievals()
-        cache: dict[int, Experience] = {}
-        records = []
-        for rid in draw.ids:
-            exp = cache.get(rid)
-            if exp is None:
-                exp = cache[rid] = self._reader.get(rid)
-            records.append(exp)
-        return SampleBatch(draw.ids, records, draw.weights, draw.probabilities)
+        return draw
 
     def update_priorities(self, ids: Iterable[int], priorities: Iterable[float]) -> None:
         """See :meth:`xpstore.Store.update_priorities`."""

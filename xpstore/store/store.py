@@ -25,6 +25,7 @@ from xpstore.model.progress import ProgressFn
 from xpstore.model.records import Experience, Fingerprint, Record
 from xpstore.ops.compaction import CompactReport
 from xpstore.ops.inspect import CheckReport, Progress
+from xpstore.ops.replay import ReplayItem
 from xpstore.ops.snapshots import SnapshotInfo
 from xpstore.persistence.wal_recovery import RecoveryReport
 from xpstore.store.batch import WriteBatch
@@ -198,6 +199,10 @@ class Store:
         """Experiences in (ts, id) order; ``since`` inclusive, ``until`` exclusive, on ``ts``."""
         return self.parts.reader.scan(kind, since=since, until=until, where=where, limit=limit)
 
+    def changes(self, since_lsn: int = 0, *, until_lsn: int | None = None) -> Iterator[ReplayItem]:
+        """Operations after ``since_lsn`` in LSN order, from the WAL (docs/scale-out.md)."""
+        return self.parts.changes.changes(since_lsn, until_lsn)
+
     def count(self, kind: str | None = None) -> int:
         """Live records (of ``kind``), acknowledged writes included."""
         return self.parts.reader.count(kind)
@@ -218,6 +223,13 @@ class Store:
         """Verify the WAL, every LMDB record, the indexes, counts and snapshots; modify nothing
         (``report.ok``, ``report.problems``; docs/recovery.md)."""
         return self.parts.checker.check(progress)
+
+    def to_arrow(
+        self, kind: str, *, where: Mapping[str, Any] | None = None, since: float | None = None,
+        until: float | None = None,
+    ) -> Any:  # fmt: skip
+        """``kind``'s records as a ``pyarrow.Table``, one consistent read (docs/export.md)."""
+        return self.parts.export.to_arrow(kind, where, since, until)
 
     # ------------------------------------------------------- similar tracks
     def similar(
@@ -308,6 +320,17 @@ class Store:
         """Draw ``n`` experiences (with replacement) by priority in ``kind``/``where``
         (docs/sampling.md); EmptySampleError when there is nothing to draw from."""
         return self.parts.sampling.sample(n, kind, where, beta, seed)
+
+    def batches(
+        self, batch_size: int, *, kind: str = "prediction", where: Mapping[str, Any] | None = None,
+        prioritized: bool = True, as_: str = "numpy", features: Sequence[str] | None = None,
+        label_names: Sequence[str] | None = None, max_batches: int | None = None,
+        seed: int | None = None, count_retrievals: bool = True,
+    ) -> Iterator[dict[str, Any]]:  # fmt: skip
+        """Training batches as dicts of arrays (docs/sampling.md, "Batches for learners")."""
+        return self.parts.batches.batches(batch_size, kind, where, prioritized, as_, features,
+                                          label_names, max_batches, seed,
+                                          count_retrievals)  # fmt: skip
 
     def update_priorities(self, ids: Iterable[int], priorities: Iterable[float]) -> None:
         """Set explicit priorities (finite, > 0; last wins) through the WAL, one sync."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +91,9 @@ class StreamingService:
         self._writer = writer
         self._index = index
         self._validator = validator
+        self.batch_search: Callable[..., list[Neighbor]] = index.similar
+        """What the ``batch`` strategy (and no strategy) searches with: the local index, or
+        the configured backend's router (``parts.compose`` sets it; issue 16)."""
         cfg = engine.config.streaming
         self.cache = StreamingCache(int(cfg.cache_mb * MiB), cfg.ttl_s)
         self._lock = threading.Lock()
@@ -156,7 +159,7 @@ class StreamingService:
     ) -> list[Neighbor]:
         """See :meth:`xpstore.Store.similar`: ``strategy`` None or ``"batch"`` is the index."""
         if strategy is None:
-            return self._index.similar(track_id, fingerprint, vector, **kw)
+            return self.batch_search(track_id, fingerprint, vector, **kw)
         if strategy not in STRATEGIES:
             raise InvalidArgumentError(
                 f"unknown strategy {strategy!r}; expected one of {STRATEGIES}", field="strategy"
@@ -164,7 +167,7 @@ class StreamingService:
         self._engine.check_open()
         k = check_k(kw["k"])
         if strategy == "batch":
-            return _tag(self._index.similar(track_id, fingerprint, vector, **kw), "batch")
+            return _tag(self.batch_search(track_id, fingerprint, vector, **kw), "batch")
         for name in ("weights", "params"):
             if kw.get(name) is not None:
                 raise InvalidArgumentError(f"{name}= applies to the batch strategy only",
@@ -178,7 +181,7 @@ class StreamingService:
         if strategy == "auto":
             picked = self._pick(query)
             if picked == "batch":
-                return _tag(self._index.similar(track_id, fingerprint, None, **kw), "batch")
+                return _tag(self.batch_search(track_id, fingerprint, None, **kw), "batch")
         if query.stream is None:
             raise InvalidArgumentError(
                 f"strategy={strategy!r} needs streaming values; the query has none",
