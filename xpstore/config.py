@@ -134,9 +134,9 @@ class LearnedWeights(_Section):
 
 class IndexSettings(_Section):
     """The k-NN index (docs/index.md). A reconfigure reaches the rebuild triggers, the query
-    threads and the read-only refresh at once; the embedding, the index kind and its search
-    defaults (``ef_search``, ``nprobe``) at the next build (``similar(params=...)`` sets the
-    search knobs of one query)."""
+    threads, the search defaults (``ef_search``, ``nprobe``), the answer cache and the read-only
+    refresh at once; the embedding, the index kind and its graph at the next build
+    (``similar(params=...)`` sets the search knobs of one query)."""
 
     mode: Literal["logratio", "percentile", "zscore"] = "logratio"
     """Standardization of the 25 audio values: ``logratio`` (log-ratios of the band shares, log
@@ -177,6 +177,9 @@ class IndexSettings(_Section):
     """Neighbours materialized per track in LMDB after each build (0: none)."""
     refresh_s: float = Field(1.0, ge=0)
     """A read-only store catches its index up with LMDB at most this often."""
+    answer_cache: int = Field(100_000, ge=0, le=100_000_000)
+    """Entries of the answer cache (record id -> track and metadata of recent answers, so an
+    answer needs no LMDB read); live. The auto-tuner and the memory monitor move it."""
 
 
 class ValidationCalibration(_Section):

@@ -152,6 +152,12 @@ class IndexManager:
         self.attached_at = 0.0
         self._refit_lock = threading.Lock()
         self._fitted_version = -1  # server.version at the last ensure_library_stats refit
+        self.on_rebuilt: list[Callable[[BuildInfo], None]] = []
+        """Called after each rebuild is swapped in and its neighbour lists stored (the
+        rebuilder's thread; a callback must not raise): prewarming, memory-pressure re-apply."""
+        self.rebuilds_paused = False
+        """Set under memory pressure (``store.parts.pressure``): no build starts, requested
+        or triggered, until it is cleared."""
 
     # ---------------------------------------------------------------- attach
     def attach(self) -> IndexServer:
@@ -233,7 +239,7 @@ class IndexManager:
             len(tombs),
         )
         server = IndexServer(main, delta, tombs)
-        server.query_threads = self.settings.query_threads
+        configure_server(server, self.settings)
         return server
 
     def _load_main(self) -> MainIndex:
@@ -387,6 +393,14 @@ class IndexManager:
         self.server = None
 
 
+def configure_server(server: IndexServer, cfg: IndexSettings) -> None:
+    """The live serving knobs of ``cfg``: query threads, search defaults, answer cache size."""
+    server.query_threads = cfg.query_threads
+    server.search_defaults = {"ef_search": cfg.ef_search, "nprobe": cfg.nprobe}
+    server.answers_max = cfg.answer_cache
+    server.shrink_answers(cfg.answer_cache)
+
+
 def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k != key}
 
@@ -446,6 +460,11 @@ class Rebuilder:
             with self._cond:
                 self._cond.notify_all()
 
+    def wake(self) -> None:
+        """Re-check now (rebuilds were resumed, or the settings changed)."""
+        with self._cond:
+            self._cond.notify_all()
+
     def request(self, reason: str) -> threading.Event:
         """Ask for a build now; the event is set when it is done (or failed: see last_error)."""
         done = threading.Event()
@@ -500,8 +519,9 @@ class Rebuilder:
             with self._cond:
                 reason: str | None = None
                 while not self._stop:
-                    reason = self._requested
-                    if reason is None and time.monotonic() >= self._next_try:
+                    reason = None if self.m.rebuilds_paused else self._requested
+                    due = time.monotonic() >= self._next_try and not self.m.rebuilds_paused
+                    if reason is None and due:
                         reason = self._trigger() or self._drift()
                     if reason is not None:
                         break
@@ -583,6 +603,11 @@ class Rebuilder:
             self._store_neighbors(nb_path, build_id)
         self.builds += 1
         self.m.telemetry.observe("index.rebuild", info.duration_s)
+        for callback in list(self.m.on_rebuilt):
+            try:
+                callback(info)
+            except Exception:
+                log.exception("an after-rebuild callback failed")
         log.info("index rebuild %d done: %s, %d vectors, %.2f s, recall@10 %s", build_id,
                  info.kind, info.count, info.duration_s, info.recall_at_10)  # fmt: skip
         return info

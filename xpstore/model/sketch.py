@@ -53,9 +53,9 @@ class LogHistogram:
             raise InvalidArgumentError(f"a histogram value must be finite and >= 0, got {value!r}")
         self.count += n
         self.sum += value * n
-        if value < self.min:
+        if value < self.min:  # noqa: PLR1730 - a compare is cheaper than min() on this path
             self.min = value
-        if value > self.max:
+        if value > self.max:  # noqa: PLR1730
             self.max = value
 
     def extend(self, values: Iterable[float]) -> None:

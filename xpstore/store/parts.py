@@ -12,6 +12,7 @@ from xpstore.store.checker import Checker
 from xpstore.store.engine import Engine
 from xpstore.store.index_service import IndexService
 from xpstore.store.maintenance import Maintenance, RetentionTask
+from xpstore.store.pressure import Pressure
 from xpstore.store.reader import Reader
 from xpstore.store.sampling_service import Sampling
 from xpstore.store.similarity import SimilarityLearner
@@ -44,6 +45,9 @@ class StoreParts:
     """Streaming-vs-batch validation (issue 11)."""
     streaming: StreamingService
     """The streaming cache and the query strategies (issue 11)."""
+    pressure: Pressure
+    """Memory-pressure actions, levels 0-3 (issue 12; the level comes from
+    ``xpstore.tuning.ResourceMonitor``)."""
 
     @property
     def telemetry(self) -> Telemetry:
@@ -70,6 +74,7 @@ def compose(engine: Engine) -> StoreParts:
         engine, reader, writer, index, Sampling(engine, reader, writer), maintenance, snapshots,
         Checker(engine), tasks, SimilarityLearner(engine, writer), validator,
         StreamingService(engine, reader, writer, index, validator),
+        Pressure(engine, reader, index),
     )  # fmt: skip
     if engine.applier is not None:
         snapshots.clean_temps()
