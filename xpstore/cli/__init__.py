@@ -8,6 +8,7 @@ from xpstore.cli import (
     recover_cmds,
     sample_cmds,
     snapshot_cmds,
+    tune_cmds,
     validate_cmds,
 )
 from xpstore.cli._errors import EXIT_CODES, exit_code_for
@@ -16,7 +17,7 @@ from xpstore.cli.commands import main
 # the command modules register themselves on ``main`` when imported
 _COMMAND_MODULES = (
     index_cmds, inspect_cmds, learn_cmds, maintenance_cmds, recover_cmds, sample_cmds,
-    snapshot_cmds, validate_cmds,
+    snapshot_cmds, tune_cmds, validate_cmds,
 )
 
 __all__ = ["EXIT_CODES", "exit_code_for", "main"]

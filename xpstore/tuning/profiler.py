@@ -417,12 +417,15 @@ class Profiler:
                 return
 
     def close(self) -> None:
-        """Stop the thread, log the last interval (when the store is still writable)."""
+        """Stop the thread and unsubscribe; in background mode, log the last interval (a
+        profiler without its thread only flushes when asked: ``xpstore profile`` writes
+        nothing)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
         if self._sub is not None:
             self._sub.cancel()
+        if self._thread is None:
+            return
+        self._thread.join(timeout=30)
         if not self.store.readonly and not self.store.parts.engine.closed:
             try:
                 self.flush()

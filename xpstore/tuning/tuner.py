@@ -324,7 +324,7 @@ class AutoTuner:
                     return result
             change = self._propose(probes)
             if change is not None:
-                self._commit(change)
+                self.commit(change)
                 result["change"] = {"knobs": change.knobs, "reason": change.reason}
             self._finish_run(result)
             return result
@@ -337,8 +337,9 @@ class AutoTuner:
         self.last_run = time.time()
         self.last_result = result
 
-    def _commit(self, change: Change) -> None:
-        """Decisions and settings in one WAL frame; rebuild when the knob needs it."""
+    def commit(self, change: Change) -> list[Decision]:
+        """Log ``change``: its decisions and the settings in one WAL frame (both survive a crash
+        or neither), then rebuild when a knob needs it; it is judged at the next ``run``."""
         self.runs += 1
         cfg = self.store.config
         evidence = dict(change.evidence, change=float(self.runs))
@@ -350,6 +351,7 @@ class AutoTuner:
         log.info("tuner (%s): %s (%s)", self.strategy, change.knobs, change.reason)
         if change.rebuild:
             self.store.rebuild_index(wait=True, timeout=3600)
+        return decisions
 
     def _log(self, decisions: Sequence[Decision], changes: Mapping[str, Any]) -> None:
         parts = self.store.parts
@@ -424,6 +426,8 @@ class AutoTuner:
         """A probe set drawn by priority (1 + retrievals), with exact answers; None when the
         index is not attached or too small to tune."""
         server = self._server()
+        if server is None and self.store.count("fingerprint") >= MIN_PROBE_TRACKS:
+            server = self.store.parts.index.serving()  # attach: the probes need the index
         if server is None or server.main.backend is None:
             return None
         if server.live_count() < MIN_PROBE_TRACKS:
