@@ -18,8 +18,9 @@ Two sources:
 State: the window is cut into slots of ``slot_s`` (an hour); each slot keeps, per
 ``(query_type, layer)``, a :class:`~xpstore.model.sketch.LogHistogram` of latencies (±2 %,
 mergeable exactly; why not a t-digest: docs/design.md, "Telemetry") and plain counters, plus
-bounded tallies of query texts (trending) and the slowest queries. A query merges at most
-``window / slot`` slots, whatever the number of stored metrics.
+bounded tallies of query texts (trending) and the slowest queries. ``profile()`` over the whole
+window merges the closed slots once (cached until one of them changes or expires) and adds the
+current slot: its cost does not grow with the number of stored metrics.
 """
 
 from __future__ import annotations
@@ -48,53 +49,54 @@ log = logging.getLogger(__name__)
 ALL_LAYERS = "*"
 """The layer key of a whole query (its total latency)."""
 STORE_PREFIX = "store."
-TEXT_CAP = 2048
-"""Distinct query texts tallied per slot; beyond it the rarest are dropped (lossy counting)."""
+TEXT_CAP = 256
+"""Distinct query texts tallied per slot and type; beyond it the rarer half is dropped (lossy
+counting: a text frequent over the slot survives)."""
 SLOW_KEEP = 20
 """Slowest queries remembered per slot and type."""
 
 
 @dataclass
 class TypeStats:
-    """Counters and sketches of one (query_type, layer) in one slot; mergeable."""
+    """Counters and one latency sketch of one (query_type, layer) in one slot; mergeable. Only
+    the latency needs quantiles; the cache, parallel and concurrency splits keep sums and
+    counts for their means, so a query costs one sketch update per (type, layer)."""
 
     latency: LogHistogram = field(default_factory=LogHistogram)
     errors: int = 0
     successes: int = 0
-    cache_hits: int = 0
-    hit_latency: LogHistogram = field(default_factory=LogHistogram)
-    miss_latency: LogHistogram = field(default_factory=LogHistogram)
-    parallel: LogHistogram = field(default_factory=LogHistogram)
-    sequential: LogHistogram = field(default_factory=LogHistogram)
-    layer_speedup_sum: float = 0.0
-    layer_speedup_n: int = 0
-    by_concurrency: dict[int, LogHistogram] = field(default_factory=dict)
+    hits: list[float] = field(default_factory=lambda: [0.0, 0.0])  # count, latency sum
+    misses: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    parallel: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    sequential: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    layer_speedup: list[float] = field(default_factory=lambda: [0.0, 0.0])  # count, sum
+    by_concurrency: dict[int, list[float]] = field(default_factory=dict)  # count, sum, max
     hours: list[int] = field(default_factory=lambda: [0] * 24)
 
     def merge(self, o: TypeStats) -> TypeStats:
+        """Add ``o``'s counts to these."""
+        sign = 1
         self.latency.merge(o.latency)
         self.errors += o.errors
         self.successes += o.successes
-        self.cache_hits += o.cache_hits
-        self.hit_latency.merge(o.hit_latency)
-        self.miss_latency.merge(o.miss_latency)
-        self.parallel.merge(o.parallel)
-        self.sequential.merge(o.sequential)
-        self.layer_speedup_sum += o.layer_speedup_sum
-        self.layer_speedup_n += o.layer_speedup_n
-        for c, h in o.by_concurrency.items():
-            self.by_concurrency.setdefault(c, LogHistogram()).merge(h)
-        self.hours = [a + b for a, b in zip(self.hours, o.hours, strict=True)]
+        for mine, theirs in ((self.hits, o.hits), (self.misses, o.misses),
+                             (self.parallel, o.parallel), (self.sequential, o.sequential),
+                             (self.layer_speedup, o.layer_speedup)):  # fmt: skip
+            mine[0] += sign * theirs[0]
+            mine[1] += sign * theirs[1]
+        for c, (n, total, top) in o.by_concurrency.items():
+            row = self.by_concurrency.setdefault(c, [0.0, 0.0, 0.0])
+            row[0] += sign * n
+            row[1] += sign * total
+            row[2] = max(row[2], top)
+        self.hours = [a + sign * b for a, b in zip(self.hours, o.hours, strict=True)]
         return self
 
     def summary(self) -> dict[str, Any]:
         """The figures ``profile`` reports (latencies in ms)."""
         n = self.latency.count
-        par, seq = self.parallel, self.sequential
-        speedup = seq.mean / par.mean if par.count and seq.count and par.mean > 0 else None
-        layer_speedup = (
-            self.layer_speedup_sum / self.layer_speedup_n if self.layer_speedup_n else None
-        )
+        par, seq = _mean(self.parallel), _mean(self.sequential)
+        speedup = seq / par if par and seq else None
         return {
             "count": n,
             "mean_ms": _ms(self.latency.mean) if n else None,
@@ -104,12 +106,16 @@ class TypeStats:
             "max_ms": _ms(self.latency.max) if n else None,
             "error_rate": self.errors / n if n else None,
             "success_rate": self.successes / n if n else None,
-            "cache_hit_rate": self.cache_hits / n if n else None,
+            "cache_hit_rate": self.hits[0] / n if n else None,
             "parallel_speedup": speedup,
-            "layer_speedup": layer_speedup,
-            "parallel_count": par.count,
-            "sequential_count": seq.count,
+            "layer_speedup": _mean(self.layer_speedup),
+            "parallel_count": int(self.parallel[0]),
+            "sequential_count": int(self.sequential[0]),
         }
+
+
+def _mean(pair: list[float]) -> float | None:
+    return pair[1] / pair[0] if pair[0] > 0 else None
 
 
 def _ms(seconds: float) -> float:
@@ -150,6 +156,49 @@ class _Slot:
             heapq.heapreplace(heap, item)
 
 
+class _Merged:
+    """Several slots merged: stats per (type, layer), text tallies, slow-query candidates."""
+
+    def __init__(self, slots: Iterable[_Slot], query_type: str | None) -> None:
+        self.stats: dict[tuple[str, str], TypeStats] = {}
+        self.texts: dict[str, dict[str, int]] = {}
+        self.slow: dict[str, list[tuple[float, int, str]]] = {}
+        for slot in slots:
+            self.add(slot, query_type)
+
+    def add(self, slot: _Slot, query_type: str | None) -> None:
+        for key, st in slot.stats.items():
+            if query_type is not None and key[0] != query_type:
+                continue
+            have = self.stats.get(key)
+            if have is None:
+                self.stats[key] = TypeStats().merge(st)
+            else:
+                have.merge(st)
+        for qt, tally in slot.texts.items():
+            if query_type is None or qt == query_type:
+                into = self.texts.setdefault(qt, {})
+                for t, c in tally.items():
+                    into[t] = into.get(t, 0) + c
+        for qt, heap in slot.slow.items():
+            if query_type is None or qt == query_type:
+                self.slow.setdefault(qt, []).extend(heap)
+
+    def copy(self, query_type: str | None) -> _Merged:
+        """A copy limited to ``query_type`` (None: all), safe to add to."""
+        out = _Merged((), None)
+        for key, st in self.stats.items():
+            if query_type is None or key[0] == query_type:
+                out.stats[key] = TypeStats().merge(st)
+        for qt, tally in self.texts.items():
+            if query_type is None or qt == query_type:
+                out.texts[qt] = dict(tally)
+        for qt, heap in self.slow.items():
+            if query_type is None or qt == query_type:
+                out.slow[qt] = list(heap)
+        return out
+
+
 class Profiler:
     """See the module docstring. ``Profiler(store)`` subscribes and rebuilds the window;
     ``close()`` flushes the last interval and unsubscribes."""
@@ -180,6 +229,8 @@ class Profiler:
         self.slow_quantile = slow_quantile
         self._lock = threading.Lock()
         self._slots: dict[int, _Slot] = {}
+        self._version = 0
+        self._closed: tuple[int, int, _Merged] | None = None
         self._inbox: deque[Acknowledged] = deque()
         self._scanned_max = 0
         self.fingerprints_acked = 0
@@ -235,6 +286,7 @@ class Profiler:
         top = 0
         with self._lock:
             self._slots.clear()
+            self._version += 1
         for exp in self.store.scan("query_metric", since=since):
             self.add(exp)
             top = max(top, exp.id)
@@ -262,8 +314,8 @@ class Profiler:
             whole = slot.get(rec.query_type, ALL_LAYERS)
             _count(whole, rec, latency, hour)
             if rec.parallel and latency > 0 and rec.layer_latencies_ms:
-                whole.layer_speedup_sum += sum(rec.layer_latencies_ms.values()) / rec.latency_ms
-                whole.layer_speedup_n += 1
+                whole.layer_speedup[0] += 1
+                whole.layer_speedup[1] += sum(rec.layer_latencies_ms.values()) / rec.latency_ms
             for layer in rec.layers:
                 lat = rec.layer_latencies_ms.get(layer)
                 if lat is not None:
@@ -290,6 +342,8 @@ class Profiler:
         oldest = int((now - self.window_s) // self.slot_s)
         if key < oldest:
             return None
+        if key < int(now // self.slot_s):
+            self._version += 1  # a closed slot changed: the cached merge is stale
         if len(self._slots) > self.window_s / self.slot_s + 2:
             for k in [k for k in self._slots if k < oldest]:
                 del self._slots[k]
@@ -326,38 +380,30 @@ class Profiler:
         if hours is not None and not (isinstance(hours, int | float) and hours > 0):
             raise InvalidArgumentError(f"hours must be > 0, got {hours!r}", field="hours")
         self.catch_up()
-        merged: dict[tuple[str, str], TypeStats] = {}
-        texts: dict[str, dict[str, int]] = {}
-        slow: dict[str, list[tuple[float, int, str]]] = {}
         with self._lock:
-            for slot in self._window(hours):
-                for key, st in slot.stats.items():
-                    if query_type is not None and key[0] != query_type:
-                        continue
-                    have = merged.get(key)
-                    if have is None:
-                        merged[key] = TypeStats().merge(st)
-                    else:
-                        have.merge(st)
-                for qt, tally in slot.texts.items():
-                    if query_type is None or qt == query_type:
-                        into = texts.setdefault(qt, {})
-                        for t, c in tally.items():
-                            into[t] = into.get(t, 0) + c
-                for qt, heap in slot.slow.items():
-                    if query_type is None or qt == query_type:
-                        slow.setdefault(qt, []).extend(heap)
+            if hours is None:  # the closed slots merged once (cached), plus the current one
+                now_key = int(time.time() // self.slot_s)
+                cache = self._closed
+                if cache is None or cache[0] != self._version or cache[1] != now_key:
+                    closed = [s for k, s in self._window_items(None) if k < now_key]
+                    self._closed = cache = (self._version, now_key, _Merged(closed, None))
+                current = self._slots.get(now_key)
+                merged = cache[2].copy(query_type)
+                if current is not None:
+                    merged.add(current, query_type)
+            else:
+                merged = _Merged(self._window(hours), query_type)
         types: dict[str, Any] = {}
-        for (qt, layer), st in sorted(merged.items()):
+        slow, texts = merged.slow, merged.texts
+        for (qt, layer), st in sorted(merged.stats.items()):
             entry = types.setdefault(qt, {"layers": {}})
             if layer == ALL_LAYERS:
                 entry.update(st.summary())
                 entry["hour_of_day"] = list(st.hours)
                 entry["cache"] = _cache(st)
                 entry["concurrency"] = {
-                    str(c): {"count": h.count, "mean_ms": _ms(h.mean),
-                             "p99_ms": _ms(h.quantile(0.99))}
-                    for c, h in sorted(st.by_concurrency.items())
+                    str(c): {"count": int(n), "mean_ms": _ms(total / n), "max_ms": _ms(peak)}
+                    for c, (n, total, peak) in sorted(st.by_concurrency.items()) if n > 0
                 }  # fmt: skip
                 thr = st.latency.quantile(self.slow_quantile) if st.latency.count else math.inf
                 entry["slow"] = {
@@ -380,10 +426,13 @@ class Profiler:
             "trending": [{"query_text": t, "query_type": qt, "count": c} for c, qt, t in trending],
         }
 
-    def _window(self, hours: float | None) -> Iterable[_Slot]:
+    def _window(self, hours: float | None) -> list[_Slot]:
+        return [s for _k, s in self._window_items(hours)]
+
+    def _window_items(self, hours: float | None) -> list[tuple[int, _Slot]]:
         span = self.window_s if hours is None else min(self.window_s, hours * 3600.0)
         oldest = int((time.time() - span) // self.slot_s)
-        return [s for k, s in self._slots.items() if k >= oldest]
+        return [(k, s) for k, s in self._slots.items() if k >= oldest]
 
     # ------------------------------------------------------------------ store summaries
     def flush(self) -> int:
@@ -437,15 +486,21 @@ def _count(st: TypeStats, rec: QueryMetric, latency: float, hour: int) -> None:
     st.latency.add(latency)
     if rec.success:
         st.successes += 1
-    if rec.error is not None or not rec.success:
-        st.errors += 1
-    if rec.cache_hit:
-        st.cache_hits += 1
-        st.hit_latency.add(latency)
     else:
-        st.miss_latency.add(latency)
-    (st.parallel if rec.parallel else st.sequential).add(latency)
-    st.by_concurrency.setdefault(_concurrency_bucket(rec.concurrency), LogHistogram()).add(latency)
+        st.errors += 1
+    split = st.hits if rec.cache_hit else st.misses
+    split[0] += 1
+    split[1] += latency
+    split = st.parallel if rec.parallel else st.sequential
+    split[0] += 1
+    split[1] += latency
+    key = _concurrency_bucket(rec.concurrency)
+    row = st.by_concurrency.get(key)
+    if row is None:
+        row = st.by_concurrency[key] = [0.0, 0.0, 0.0]
+    row[0] += 1
+    row[1] += latency
+    row[2] = max(row[2], latency)
     st.hours[hour] += 1
 
 
@@ -455,13 +510,10 @@ def _concurrency_bucket(c: int) -> int:
 
 
 def _cache(st: TypeStats) -> dict[str, Any]:
-    hit, miss = st.hit_latency, st.miss_latency
-    saved = None
-    if hit.count and miss.count and miss.mean > 0:
-        saved = 1.0 - hit.mean / miss.mean
+    hit, miss = _mean(st.hits), _mean(st.misses)
     return {
-        "hit_rate": st.cache_hits / st.latency.count if st.latency.count else None,
-        "hit_mean_ms": _ms(hit.mean) if hit.count else None,
-        "miss_mean_ms": _ms(miss.mean) if miss.count else None,
-        "latency_saved": saved,
+        "hit_rate": st.hits[0] / st.latency.count if st.latency.count else None,
+        "hit_mean_ms": _ms(hit) if hit is not None else None,
+        "miss_mean_ms": _ms(miss) if miss is not None else None,
+        "latency_saved": 1.0 - hit / miss if hit is not None and miss else None,
     }
