@@ -228,8 +228,8 @@ def overhead(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for i in range(args.metrics):
             rec = samples[i % len(samples)]
             ts = now - (i % 86_000)
-            prof.add(Experience(i + 1, "query_metric", ts,
-                                QueryMetric.model_construct(**{**dict(rec), "ts": ts}), i + 1))  # fmt: skip
+            model = QueryMetric.model_construct(**{**dict(rec), "ts": ts})
+            prof.add(Experience(i + 1, "query_metric", ts, model, i + 1))
         feed = time.perf_counter() - t0
         qt = samples[0].query_type
         times = []

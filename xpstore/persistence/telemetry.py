@@ -70,8 +70,8 @@ class Telemetry:
             h = self._interval[name] = LogHistogram()
         try:
             h.add_many(values)
-        except InvalidArgumentError as exc:
-            log.error("telemetry %s: %s; those %d values are dropped", name, exc, n)
+        except InvalidArgumentError:
+            log.exception("telemetry %s: %d values dropped", name, n)
 
     def _fold_all(self) -> None:
         for name, buf in list(self._raw.items()):
