@@ -49,6 +49,7 @@ from xpstore.model.records import Experience, QueryMetric
 from xpstore.persistence.telemetry import Telemetry
 from xpstore.store.engine import timed
 from xpstore.tuning import AutoTuner, PatternDetector, Profiler
+from xpstore.tuning.tuner import live_vectors
 
 DEFAULTS = {"index.ef_search": 64, "index.nprobe": 32, "index.hnsw_m": 32,
             "index.query_threads": 1, "index.answer_cache": 100_000, "index.delta_ratio": 0.1,
@@ -80,9 +81,7 @@ def _recall(store: Store, rng: np.random.Generator, n_tracks: int, k: int = 10) 
     mgr = store.parts.index.manager
     assert mgr is not None and mgr.server is not None
     server = mgr.server
-    backend = server.main.backend
-    assert backend is not None
-    ids, vecs = backend.vectors()
+    ids, vecs = live_vectors(server)  # main minus tombstones, plus the delta
     tracks = [f"t{int(i)}" for i in rng.choice(n_tracks, size=300, replace=False)]
     own = [store.parts.reader.read_track(t) for t in tracks]
     q = np.vstack([server.vector_of(int(r)) for r in own if r is not None])
@@ -95,10 +94,11 @@ def _recall(store: Store, rng: np.random.Generator, n_tracks: int, k: int = 10) 
     return hits / (k * len(tracks))
 
 
-def measure(store: Store, args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    """The workload under the config in force."""
+def measure(store: Store, args: argparse.Namespace, seed: int,
+            n: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """The workload under the config in force (``n`` queries, default ``--queries``)."""
     rng = np.random.default_rng(seed)
-    queries = zipf_tracks(rng, args.tracks, args.queries)
+    queries = zipf_tracks(rng, args.tracks, n or args.queries)
     stop = threading.Event()
     ingest_rng = np.random.default_rng(seed + 1)
     counter = [0]
@@ -136,6 +136,7 @@ def measure(store: Store, args: argparse.Namespace, seed: int) -> dict[str, Any]
     arr = np.array(lat) * 1000
     return {
         "p50_ms": float(np.percentile(arr, 50)),
+        "p90_ms": float(np.percentile(arr, 90)),
         "p99_ms": float(np.percentile(arr, 99)),
         "qps_many": statistics.median(qps),
         "recall": _recall(store, np.random.default_rng(seed + 2), args.tracks),
@@ -162,7 +163,8 @@ def strategies(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                               recall_floor=args.floor, seed=args.seed,
                               background=False)  # fmt: skip
             log = []
-            for _ in range(args.runs):
+            for run in range(args.runs):
+                measure(store, args, args.seed + 1000 + run, n=args.queries // 4)  # traffic
                 res = tuner.run()
                 log.append(res)
                 if res["change"] is None and not tuner.pending:
@@ -177,7 +179,8 @@ def strategies(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def fmt(m: dict[str, Any]) -> str:
-    return (f"p99 {m['p99_ms']:.3f} ms, p50 {m['p50_ms']:.3f} ms, similar_many "
+    return (f"p99 {m['p99_ms']:.3f} ms, p90 {m['p90_ms']:.3f} ms, p50 {m['p50_ms']:.3f} ms, "
+            "similar_many "
             f"{m['qps_many']:.0f} q/s, recall {m['recall']:.3f}, index "
             f"{m['memory_bytes'] / 2**20:.1f} MiB, {m['config']}")  # fmt: skip
 

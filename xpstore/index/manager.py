@@ -332,6 +332,7 @@ class IndexManager:
             events = batch.track_events()
             if events:
                 server.apply_events(events)
+                self.telemetry.incr("index.track_events", len(events))
         except Exception:
             self.listener_errors += 1
             log.exception("index update on the acknowledgement path failed; re-attaching")
