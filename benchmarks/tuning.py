@@ -169,12 +169,35 @@ def strategies(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 log.append(res)
                 if res["change"] is None and not tuner.pending:
                     break
-            tuned = measure(store, args, args.seed)
-            out["results"][strat] = {"default": default, "tuned": tuned, "runs": log,
+            tuned_cfg = {k: store.config.get(k) for k in DEFAULTS}
+            live_default = {k: v for k, v in DEFAULTS.items() if k != "index.hnsw_m"}
+            live_tuned = {k: v for k, v in tuned_cfg.items() if k != "index.hnsw_m"}
+            pairs: dict[str, list[dict[str, Any]]] = {"default": [], "tuned": []}
+            for r in range(args.rounds):  # interleaved, same index: live knobs switched back
+                order = (("default", live_default), ("tuned", live_tuned))
+                for name, cfg in order if r % 2 == 0 else order[::-1]:
+                    store.reconfigure(**cfg)
+                    pairs[name].append(measure(store, args, args.seed + 10 * r))
+            store.reconfigure(**live_tuned)
+            tuned = _median(pairs["tuned"])
+            same_index_default = _median(pairs["default"])
+            out["results"][strat] = {"default_before_tuning": default,
+                                     "default_same_index": same_index_default,
+                                     "tuned": tuned, "rounds": pairs, "runs": log,
                                      "decisions": len(tuner.history())}  # fmt: skip
             tuner.close()
-            print(f"{strat}: default {fmt(default)}\n{' ' * len(strat)}  tuned   {fmt(tuned)}",
-                  flush=True)  # fmt: skip
+            pad = " " * len(strat)
+            print(f"{strat}: default (before tuning) {fmt(default)}\n"
+                  f"{pad}  default (same index, median of {args.rounds}) "
+                  f"{fmt(same_index_default)}\n"
+                  f"{pad}  tuned   (median of {args.rounds}) {fmt(tuned)}", flush=True)  # fmt: skip
+    return out
+
+
+def _median(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out = dict(rows[0])
+    for key in ("p50_ms", "p90_ms", "p99_ms", "qps_many", "recall", "memory_bytes"):
+        out[key] = statistics.median(r[key] for r in rows)
     return out
 
 

@@ -82,6 +82,8 @@ EF_CANDIDATES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 NPROBE_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 MIN_HNSW_M = 8
 BUILD_WAIT_S = 600.0
+BATCH_REPEATS = 7
+"""Batched probe searches per measurement (a few ms each); the median is kept."""
 REPEATS = 3
 """Probe passes per measurement; the median pass's p50, p99 and batch time are kept (one pass
 of 200 single queries puts p99 at the 2nd-slowest query: a stray pause of another process on
@@ -460,7 +462,8 @@ class AutoTuner:
         tracks = sorted(counts)
         weights = np.array([1.0 + counts[t] for t in tracks], dtype=np.float64)
         tree = SumTree.from_weights(weights)
-        rng = np.random.default_rng(self.seed * 1_000_003 + self.runs)
+        rng = np.random.default_rng(self.seed)  # the same draw while the weights hold: no
+        # flapping between two efSearch values that two probe sets would each pick
         want = min(self.probes, len(tracks))
         picked: list[int] = []
         seen: set[int] = set()
@@ -519,11 +522,11 @@ class AutoTuner:
             server.query_threads = saved
         batches = []
         excl = [{r} for r in probes.own]
-        for _rep in range(REPEATS):
+        for _rep in range(BATCH_REPEATS):
             t0 = time.perf_counter()
             server.search(probes.queries, K, exclude=excl, params=params)
             batches.append(time.perf_counter() - t0)
-        batch = sorted(batches)[REPEATS // 2]
+        batch = sorted(batches)[BATCH_REPEATS // 2]
         total = sum(len(t) for t in probes.truth)
         return Measurement(
             p50_ms=sorted(p50s)[REPEATS // 2] * 1000, p99_ms=sorted(p99s)[REPEATS // 2] * 1000,
@@ -532,9 +535,12 @@ class AutoTuner:
         )  # fmt: skip
 
     def _memory(self, server: IndexServer | None) -> float | None:
+        """The index's bytes plus the answer cache's capacity (not its fill: the fill follows
+        the traffic, and would be charged to whatever change is being judged)."""
         if server is None or server.main.backend is None:
             return None
-        return float(server.main.backend.memory_bytes() + len(server.answers) * ENTRY_BYTES)
+        cap = int(self.store.config.index.answer_cache)
+        return float(server.main.backend.memory_bytes() + cap * ENTRY_BYTES)
 
     def _since_last(self, name: str) -> int:
         h = self.store.parts.telemetry.histograms().get(name)
