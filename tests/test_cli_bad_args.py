@@ -40,11 +40,18 @@ COMMANDS: dict[str, list[str]] = {
     "learn step": [],
     "learn reset": [],
     "validate": [],
+    "profile": [],
+    "tune status": [],
+    "tune run": [],
+    "tune enable": [],
+    "tune disable": [],
+    "tune history": [],
 }
 # commands that only read: a live writer does not stop them
 READ_ONLY_OK_WHEN_LOCKED = {"get", "scan", "sample", "stats", "wal inspect", "verify", "replay",
                             "snapshot list", "snapshot restore",  # restore writes elsewhere
-                            "similar", "index status", "learn report"}
+                            "similar", "index status", "learn report", "profile",
+                            "tune history"}
 
 
 def _leaves(group: click.Group = main, prefix: str = "") -> list[str]:

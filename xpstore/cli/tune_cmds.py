@@ -32,8 +32,9 @@ def strategy_option(func: Any) -> Any:
 @json_option
 def profile(path: Path, query_type: str | None, hours: float | None, top: int, readonly: bool,
             as_json: bool) -> None:  # fmt: skip
-    """Latency, errors, cache and parallel figures per query type and layer, from the stored
-    QueryMetrics (and the store's own operation summaries, types ``store.*``).
+    """Query latency and rates per type and layer, from the stored QueryMetrics.
+
+    The store's own operation summaries appear as types ``store.*``.
 
     \b
     Example:
@@ -143,20 +144,40 @@ def run(path: Path, strategy: str | None, as_json: bool) -> None:
 @tune.command()
 @click.argument("path", type=STORE_PATH)
 @strategy_option
-def enable(path: Path, strategy: str | None) -> None:
-    """Let the tuner run in the background of every store that attaches ``Tuning``."""
+@json_option
+def enable(path: Path, strategy: str | None, as_json: bool) -> None:
+    """Let the tuner run in the background wherever ``Tuning`` is attached.
+
+    \b
+    Example:
+      xpstore tune enable data/xp --strategy balanced
+    """
     with Store.open(path, index_auto_rebuild=False) as store, _tuning(store, strategy) as t:
         t.tuner.enable()
-        click.echo(f"tuner enabled, strategy {t.tuner.strategy}")
+        out = {"enabled": True, "strategy": t.tuner.strategy}
+    if as_json:
+        emit_json(out)
+    else:
+        click.echo(f"tuner enabled, strategy {out['strategy']}")
 
 
 @tune.command()
 @click.argument("path", type=STORE_PATH)
 @strategy_option
-def disable(path: Path, strategy: str | None) -> None:
-    """Stop background tuning (``tune run`` still works)."""
+@json_option
+def disable(path: Path, strategy: str | None, as_json: bool) -> None:
+    """Stop background tuning (``tune run`` still works).
+
+    \b
+    Example:
+      xpstore tune disable data/xp
+    """
     with Store.open(path, index_auto_rebuild=False) as store, _tuning(store, strategy) as t:
         t.tuner.disable()
+        out = {"enabled": False, "strategy": t.tuner.strategy}
+    if as_json:
+        emit_json(out)
+    else:
         click.echo("tuner disabled")
 
 
