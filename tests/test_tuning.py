@@ -307,6 +307,30 @@ def test_a_change_that_makes_the_objective_worse_is_rolled_back(store_path: Path
         assert rb["action"] == "rollback" and rb["evidence"]["objective"] > 1.1
 
 
+def test_the_cost_strategy_shrinks_the_graph_and_the_cache(store_path: Path) -> None:
+    with _hnsw_store(store_path) as store:
+        server = store.parts.index.serving()
+        backend = server.main.backend
+        assert backend is not None
+        before = backend.memory_bytes()
+        tuner = AutoTuner(store, Profiler(store, background=False), strategy="cost",
+                          background=False)  # fmt: skip
+        changed: list[str] = []
+        for _ in range(6):
+            out = tuner.run()
+            if out["change"] is not None:
+                changed.extend(out["change"]["knobs"])
+        assert "index.hnsw_m" in changed and "index.answer_cache" in changed
+        assert store.config.index.hnsw_m < 32  # kept: the floor still held at the judge
+        assert store.config.index.answer_cache < 100_000  # nearly empty cache: shrunk
+        after = store.parts.index.serving().main.backend
+        assert after is not None and after.memory_bytes() < 0.8 * before
+        m = tuner._measure(tuner._probes())
+        assert m.recall is not None and m.recall >= 0.95
+        assert all(h["action"] != "rollback" or h["target"] != "index.hnsw_m"
+                   for h in tuner.history())  # fmt: skip
+
+
 def test_enable_disable_and_the_strategy_are_durable_and_validated(store_path: Path) -> None:
     with Store.open(store_path, create=True, durability="none") as store, Tuning(
         store, background=False, prewarm=False
