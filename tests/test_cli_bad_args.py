@@ -47,12 +47,18 @@ COMMANDS: dict[str, list[str]] = {
     "export": ["--out", "{tmp}/exported"],
     "sync milvus": ["--uri", "{tmp}/milvus.db"],
     "sync status": ["--uri", "{tmp}/milvus.db"],
+    "profile": [],
+    "tune status": [],
+    "tune run": [],
+    "tune enable": [],
+    "tune disable": [],
+    "tune history": [],
 }
 # commands that only read: a live writer does not stop them
 READ_ONLY_OK_WHEN_LOCKED = {"get", "scan", "sample", "stats", "wal inspect", "verify", "replay",
                             "snapshot list", "snapshot restore",  # restore writes elsewhere
-                            "similar", "index status", "learn report",
-                            "health", "metrics", "report",
+                            "similar", "index status", "learn report", "profile",
+                            "tune history", "health", "metrics", "report",
                             "export", "sync milvus", "sync status"}  # read-only opens  # fmt: skip
 
 

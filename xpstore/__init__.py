@@ -42,7 +42,7 @@ from xpstore.ops.snapshots import SnapshotInfo
 from xpstore.persistence.wal_recovery import RecoveryReport
 from xpstore.store.sampling_service import SampleBatch
 from xpstore.store.store import Store
-from xpstore.tuning import Learner, Prediction, StepReport
+from xpstore.tuning import Learner, Prediction, StepReport, Tuning, TuningConfig
 
 __version__ = "0.1.0"
 
@@ -81,6 +81,8 @@ __all__ = [
     "StoreLockedError",
     "StoreNotFoundError",
     "StreamingFingerprint",
+    "Tuning",
+    "TuningConfig",
     "WALCorruptionError",
     "WALWriteError",
     "XpStoreError",

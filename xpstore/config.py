@@ -134,9 +134,9 @@ class LearnedWeights(_Section):
 
 class IndexSettings(_Section):
     """The k-NN index (docs/index.md). A reconfigure reaches the rebuild triggers, the query
-    threads and the read-only refresh at once; the embedding, the index kind and its search
-    defaults (``ef_search``, ``nprobe``) at the next build (``similar(params=...)`` sets the
-    search knobs of one query)."""
+    threads, the search defaults (``ef_search``, ``nprobe``), the answer cache and the read-only
+    refresh at once; the embedding, the index kind and its graph at the next build
+    (``similar(params=...)`` sets the search knobs of one query)."""
 
     mode: Literal["logratio", "percentile", "zscore"] = "logratio"
     """Standardization of the 25 audio values: ``logratio`` (log-ratios of the band shares, log
@@ -181,6 +181,9 @@ class IndexSettings(_Section):
     """What answers ``similar()``: the local FAISS index, or the Milvus collection a follower
     (``xpstore sync milvus``) mirrors this store into (``milvus.uri``; docs/scale-out.md). With
     ``milvus`` an unreachable server falls back to the local index with a logged warning."""
+    answer_cache: int = Field(100_000, ge=0, le=100_000_000)
+    """Entries of the answer cache (record id -> track and metadata of recent answers, so an
+    answer needs no LMDB read); live. The auto-tuner and the memory monitor move it."""
 
 
 class ValidationCalibration(_Section):

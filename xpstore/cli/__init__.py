@@ -10,6 +10,7 @@ from xpstore.cli import (
     sample_cmds,
     service_cmds,
     snapshot_cmds,
+    tune_cmds,
     validate_cmds,
 )
 from xpstore.cli._errors import EXIT_CODES, exit_code_for
@@ -18,7 +19,7 @@ from xpstore.cli.commands import main
 # the command modules register themselves on ``main`` when imported
 _COMMAND_MODULES = (
     data_cmds, index_cmds, inspect_cmds, learn_cmds, maintenance_cmds, recover_cmds, sample_cmds,
-    service_cmds, snapshot_cmds, validate_cmds,
+    service_cmds, snapshot_cmds, tune_cmds, validate_cmds,
 )
 
 __all__ = ["EXIT_CODES", "exit_code_for", "main"]

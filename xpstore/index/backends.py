@@ -92,6 +92,7 @@ __all__ = [
     "IVFBackend",
     "IndexBackend",
     "IndexMeta",
+    "QuantizedCopy",
     "RemoveUnsupportedError",
     "build",
     "choose_backend",
@@ -419,6 +420,23 @@ class IndexBackend(ABC):
             out = self._index.reconstruct(int(rid))
         return np.asarray(out, dtype=np.float32)
 
+    def vectors(self) -> tuple[I64Array, F32Array]:
+        """Every ``(id, vector)`` the index stores, in its internal order: the base of exact
+        recall probes and of a quantized copy. Exact and HNSW read their flat storage."""
+        with faiss_errors(f"reading the vectors of the {self.kind} index"):
+            inner = faiss.downcast_index(self._index.index)
+            storage = faiss.downcast_index(inner.storage) if hasattr(inner, "storage") else inner
+            n = int(storage.ntotal)
+            vecs = storage.reconstruct_n(0, n) if n else np.zeros((0, self._dim), np.float32)
+            ids = faiss.vector_to_array(self._index.id_map)
+        return np.asarray(ids, dtype=np.int64), np.asarray(vecs, dtype=np.float32)
+
+    def memory_bytes(self) -> int:
+        """About the memory the index holds: the size of its serialized form (FAISS writes
+        the same arrays it keeps in memory: vectors, graph links, id map)."""
+        with faiss_errors(f"measuring the {self.kind} index"):
+            return int(faiss.serialize_index(self._index).nbytes)
+
     def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
         """Change the default search parameters (a write: exclude concurrent searches)."""
         given = {
@@ -642,6 +660,24 @@ class IVFBackend(IndexBackend):
             return np.zeros(0, dtype=np.int64)
         return np.sort(np.concatenate(parts).astype(np.int64))
 
+    def vectors(self) -> tuple[I64Array, F32Array]:
+        """Every ``(id, vector)``, read list by list from the inverted lists (IVF-Flat stores
+        the raw float32 vectors as its codes)."""
+        with faiss_errors("reading the vectors of the ivf index"):
+            invlists = self._index.invlists
+            ids: list[I64Array] = []
+            vecs: list[F32Array] = []
+            for i in range(invlists.nlist):
+                size = invlists.list_size(i)
+                if not size:
+                    continue
+                ids.append(faiss.rev_swig_ptr(invlists.get_ids(i), size).copy())
+                codes = faiss.rev_swig_ptr(invlists.get_codes(i), size * self._dim * 4).copy()
+                vecs.append(codes.view(np.float32).reshape(size, self._dim))
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros((0, self._dim), np.float32)
+        return np.concatenate(ids).astype(np.int64), np.vstack(vecs)
+
     def reconstruct(self, rid: int) -> F32Array:
         """Always raises: the index is built without a direct map (it would cost memory per
         vector), so FAISS cannot find a vector by id; the caller re-embeds the record."""
@@ -661,6 +697,24 @@ class IVFBackend(IndexBackend):
             if selector is None:
                 return faiss.SearchParametersIVF(nprobe=nprobe)
             return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+
+
+class QuantizedCopy(ExactBackend):
+    """``IDMap2,SQ8``: a brute-force copy of another index's vectors at one byte per
+    dimension (a quarter of the float vectors, none of HNSW's graph): what the store serves
+    from under critical memory pressure. Never persisted; the file keeps the full index."""
+
+    @classmethod
+    def of(cls, source: IndexBackend) -> QuantizedCopy:
+        """Quantize ``source``'s vectors (trained on them: per-dimension min/max)."""
+        ids, vecs = source.vectors()
+        d = source.dim
+        with faiss_errors(f"building an SQ8 copy of {len(ids)} vectors"):
+            index = faiss.index_factory(d, "IDMap2,SQ8", faiss.METRIC_INNER_PRODUCT)
+            if len(ids):
+                index.train(vecs)
+                index.add_with_ids(vecs, ids)
+        return cls(index, d, {"quantized": "sq8", "of": source.kind})
 
 
 _CLASSES: Final[dict[str, type[IndexBackend]]] = {

@@ -162,6 +162,12 @@ class IndexManager:
         self._refit_lock = threading.Lock()
         self._fitted_version = -1  # server.version at the last ensure_library_stats refit
         self._fitted_at_attach = False
+        self.on_rebuilt: list[Callable[[BuildInfo], None]] = []
+        """Called after each rebuild is swapped in and its neighbour lists stored (the
+        rebuilder's thread; a callback must not raise): prewarming, memory-pressure re-apply."""
+        self.rebuilds_paused = False
+        """Set under memory pressure (``store.parts.pressure``): no build starts, requested
+        or triggered, until it is cleared."""
 
     # ---------------------------------------------------------------- attach
     def attach(self) -> IndexServer:
@@ -235,7 +241,7 @@ class IndexManager:
         )
         main = replace(main, tracks=aligned_tracks(main.ids, live))
         server = IndexServer(main, delta, tombs)
-        server.query_threads = self.settings.query_threads
+        configure_server(server, self.settings)
         if self._fitted_at_attach:
             self._fitted_version = server.version  # the statistics are the library's already
         return server
@@ -374,8 +380,10 @@ class IndexManager:
             for segment in batch.track_segments():
                 if isinstance(segment, BulkEvent):
                     server.apply_bulk(segment)
+                    self.telemetry.incr("index.track_events", len(segment.rows.track_ids))
                 elif segment:
                     server.apply_events(segment)
+                    self.telemetry.incr("index.track_events", len(segment))
         except Exception:
             self.listener_errors += 1
             log.exception("index update on the acknowledgement path failed; re-attaching")
@@ -472,6 +480,14 @@ def aligned_tracks(ids: np.ndarray[Any, Any], live: dict[str, int]) -> np.ndarra
     return out
 
 
+def configure_server(server: IndexServer, cfg: IndexSettings) -> None:
+    """The live serving knobs of ``cfg``: query threads, search defaults, answer cache size."""
+    server.query_threads = cfg.query_threads
+    server.search_defaults = {"ef_search": cfg.ef_search, "nprobe": cfg.nprobe}
+    server.answers_max = cfg.answer_cache
+    server.shrink_answers(cfg.answer_cache)
+
+
 def _without(d: dict[str, Any], key: str) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k != key}
 
@@ -531,6 +547,11 @@ class Rebuilder:
             with self._cond:
                 self._cond.notify_all()
 
+    def wake(self) -> None:
+        """Re-check now (rebuilds were resumed, or the settings changed)."""
+        with self._cond:
+            self._cond.notify_all()
+
     def request(self, reason: str) -> threading.Event:
         """Ask for a build now; the event is set when it is done (or failed: see last_error)."""
         done = threading.Event()
@@ -585,8 +606,9 @@ class Rebuilder:
             with self._cond:
                 reason: str | None = None
                 while not self._stop:
-                    reason = self._requested
-                    if reason is None and time.monotonic() >= self._next_try:
+                    reason = None if self.m.rebuilds_paused else self._requested
+                    due = time.monotonic() >= self._next_try and not self.m.rebuilds_paused
+                    if reason is None and due:
                         reason = self._trigger() or self._drift()
                     if reason is not None:
                         break
@@ -670,6 +692,11 @@ class Rebuilder:
         self.builds += 1
         self.m.telemetry.observe("index.rebuild", info.duration_s)
         append_build(folder, info, self.last_reason)
+        for callback in list(self.m.on_rebuilt):
+            try:
+                callback(info)
+            except Exception:
+                log.exception("an after-rebuild callback failed")
         log.info("index rebuild %d done: %s, %d vectors, %.2f s, recall@10 %s", build_id,
                  info.kind, info.count, info.duration_s, info.recall_at_10)  # fmt: skip
         return info

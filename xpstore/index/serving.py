@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 _MIN_CAP = 64
+_SEARCH_KEY = {"hnsw": "ef_search", "ivf": "nprobe"}
 
 
 @dataclass(frozen=True)
@@ -366,6 +367,10 @@ class IndexServer:
         """id -> (track id, metadata) of recent answers (bounded; an update of a record's
         metadata drops its entry, see ``forget``): mapping ids to tracks without LMDB."""
         self.answers_max = 100_000
+        self.search_defaults: dict[str, int] = {}
+        """``ef_search`` / ``nprobe`` every search uses unless its caller gives ``params``
+        (``index.ef_search`` / ``index.nprobe``, live): a per-call FAISS parameter, so a change
+        needs no lock and no rebuild; only the key the main index's kind knows is passed."""
 
     # ------------------------------------------------------------ state
     @property
@@ -408,6 +413,46 @@ class IndexServer:
                 answers.clear()
         answers[rid] = value
         return value
+
+    def shrink_answers(self, max_entries: int, hot: set[int] | frozenset[int] = frozenset()) -> int:
+        """Evict answer-cache entries down to ``max_entries``: entries outside ``hot`` first
+        (oldest first), the hot ones last; return how many were evicted (memory pressure)."""
+        answers = self.answers
+        excess = len(answers) - max(0, max_entries)
+        if excess <= 0:
+            return 0
+        victims = [rid for rid in list(answers) if rid not in hot][:excess]
+        if len(victims) < excess:
+            victims += [rid for rid in list(answers) if rid in hot][: excess - len(victims)]
+        for rid in victims:
+            answers.pop(rid, None)
+        return len(victims)
+
+    def replace_backend(self, backend: IndexBackend) -> IndexBackend | None:
+        """Serve the same ids from another backend (a quantized copy under memory pressure,
+        or the full index reloaded from its file when pressure falls): same embedder, build
+        and generation, so the delta and tombstones stay valid. Returns the old backend for
+        the caller to drop outside the lock."""
+        with self.lock:
+            st = self._state
+            old = st.main
+            main = MainIndex(backend, old.embedder, old.ids, old.build, old.generation)
+            self._state = _State(main, st.delta, st.tombs)
+            self._selector = None
+            self.version += 1
+        return old.backend
+
+    def _params_for(
+        self, backend: IndexBackend, params: dict[str, int] | None
+    ) -> dict[str, int] | None:
+        """The caller's params, else the live search defaults this backend's kind knows."""
+        if params is not None or not self.search_defaults:
+            return params
+        key = _SEARCH_KEY.get(backend.kind)
+        if key is None or key not in self.search_defaults:
+            return None
+        value = self.search_defaults[key]
+        return None if backend.params.get(key) == value else {key: value}
 
     def forget(self, rids: Iterable[int]) -> None:
         """Drop cached answers of records whose metadata changed (or that were deleted)."""
@@ -701,6 +746,7 @@ class IndexServer:
         pairs: list[list[tuple[int, float, bool]]] = [[] for _ in range(q.shape[0])]
         if main.backend is not None and len(main):
             kk = min(fetch, len(main))
+            params = self._params_for(main.backend, params)
             if use_selector and st.tombs:
                 scores, ids = self._search_selector(main, q, kk, params)
             else:

@@ -18,6 +18,9 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from xpstore.errors import InvalidArgumentError
 
 __all__ = ["LogHistogram"]
@@ -61,6 +64,27 @@ class LogHistogram:
     def extend(self, values: Iterable[float]) -> None:
         for v in values:
             self.add(v)
+
+    def add_many(self, values: npt.ArrayLike) -> None:
+        """Count every value of an array at once (vectorized; the same buckets as ``add``)."""
+        arr = np.asarray(values, dtype=np.float64).ravel()
+        if not arr.size:
+            return
+        if not np.isfinite(arr).all() or (arr < 0).any():
+            bad = arr[~np.isfinite(arr) | (arr < 0)][0]
+            raise InvalidArgumentError(f"a histogram value must be finite and >= 0, got {bad!r}")
+        pos = arr[arr > 0]
+        if pos.size:
+            idx = np.floor(np.log(pos) * self._inv_log_gamma).astype(np.int64)
+            keys, counts = np.unique(idx, return_counts=True)
+            b = self.buckets
+            for i, c in zip(keys.tolist(), counts.tolist(), strict=True):
+                b[i] = b.get(i, 0) + c
+        self.zeros += int(arr.size - pos.size)
+        self.count += int(arr.size)
+        self.sum += float(arr.sum())
+        self.min = min(self.min, float(arr.min()))
+        self.max = max(self.max, float(arr.max()))
 
     def merge(self, other: LogHistogram) -> LogHistogram:
         """Add ``other``'s counts to this one (same gamma); return self."""

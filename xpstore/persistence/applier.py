@@ -133,6 +133,9 @@ class Applier:
         self.error: XpStoreError | None = None
         self._tasks: list[MaintenanceTask] = []
         self._running: dict[str, threading.Thread] = {}
+        self.paused_tasks: frozenset[str] = frozenset()
+        """Task names not started while listed (memory emergency: ``"snapshot"``; the store's
+        compaction reads ``"compaction"`` here too). Cleared, they run at the next wake-up."""
         self.batches = 0
         self._thread = threading.Thread(target=self._run, name="xpstore-applier", daemon=True)
 
@@ -158,6 +161,11 @@ class Applier:
     def add_task(self, task: MaintenanceTask) -> None:
         """Schedule ``task`` (see :class:`MaintenanceTask`) from the next wake-up on."""
         self._tasks.append(task)
+
+    def is_running(self, name: str) -> bool:
+        """Whether a run of task ``name`` is in progress now."""
+        thread = self._running.get(name)
+        return thread is not None and thread.is_alive()
 
     def join_tasks(self, timeout: float | None = None) -> None:
         """Wait for running maintenance tasks (close, after the store refuses new writes)."""
@@ -297,7 +305,10 @@ class Applier:
 
     def _start_due_tasks(self) -> None:
         """Start each due task that is not already running, on its own thread."""
+        paused = self.paused_tasks
         for task in self._tasks:
+            if task.name in paused:
+                continue
             running = self._running.get(task.name)
             if running is not None and running.is_alive():
                 continue

@@ -350,13 +350,15 @@ def timed(
     """Decorate a component method (one with ``self._engine``) so each call's wall time is
     observed under ``name`` in ``engine.telemetry``, also when it raises."""
 
+    clock = time.perf_counter
+
     def wrap(fn: Callable[Concatenate[Any, P], R]) -> Callable[Concatenate[Any, P], R]:
         def call(self: _Component, /, *args: P.args, **kwargs: P.kwargs) -> R:
-            start = time.perf_counter()
+            start = clock()
             try:
                 return fn(self, *args, **kwargs)
             finally:
-                self._engine.telemetry.observe(name, time.perf_counter() - start)
+                self._engine.telemetry.observe(name, clock() - start)
 
         call.__name__, call.__qualname__, call.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
         return call

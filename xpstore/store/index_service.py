@@ -61,6 +61,14 @@ class IndexService:
         self.manager: IndexManager | None = None
         """The attached index (None before the first similar-track call): a documented seam for
         tests and tools (``manager.server``, ``manager.rebuilder``)."""
+        self.access_listeners: list[Callable[[str], None]] = []
+        """Called with the track id of every ``similar(track_id)`` (the pattern detector's
+        access counts); a listener must be cheap and must not raise."""
+        self.on_rebuilt: list[Callable[[Any], None]] = []
+        """Called with the BuildInfo after each rebuild (kept across re-attaches)."""
+        self.lists_first = False
+        """Memory pressure (level 2+): answer ``similar(track_id)`` from the track's
+        precomputed neighbour list when it has one (no index search, no vector read)."""
         engine.settings.watch(self._configure)
 
     # ------------------------------------------------------------------ public
@@ -87,6 +95,16 @@ class IndexService:
                 "give exactly one of track_id, fingerprint= or vector=", field="track_id"
             )
         predicate = compile_where(where, ("fingerprint",))
+        if track_id is not None:
+            for listener in self.access_listeners:
+                listener(str(track_id))
+        if (
+            self.lists_first and not precomputed and track_id is not None and weights is None
+            and exclude_self and params is None
+        ):  # fmt: skip
+            listed = self._from_list(str(track_id), k, predicate)
+            if listed is not None:
+                return listed
         if precomputed:
             if track_id is None:
                 raise InvalidArgumentError(
@@ -187,6 +205,27 @@ class IndexService:
                 raise XpStoreError(f"index rebuild failed: {mgr.rebuilder.last_error}")
         return self.status()
 
+    def prewarm(self, track_ids: Sequence[str], k: int = 10) -> dict[str, int]:
+        """Fill the answer cache with the neighbours of ``track_ids`` (a search each, batched)
+        and read their precomputed lists: the hot set after an open or a rebuild. Returns
+        counts (tracks, cached answers); unknown tracks are skipped."""
+        self._engine.check_open()
+        server = self.serving()
+        ids = [rid for t in track_ids if (rid := self._reader.read_track(str(t))) is not None]
+        vecs = [v for rid in ids if (v := server.vector_of(rid)) is not None]
+        if not vecs:
+            return {"tracks": 0, "answers": 0}
+        before = len(server.answers)
+        hits = server.search(np.vstack(vecs), k + 1)
+        wanted = {rid for row in hits for rid, _score in row} | set(ids)
+        misses = [rid for rid in wanted if rid not in server.answers]
+        if misses:
+            from xpstore.index.rows import envelope_track
+
+            for rid, data in self._reader.envelopes(misses).items():
+                server.remember(rid, envelope_track(data))
+        return {"tracks": len(vecs), "answers": len(server.answers) - before}
+
     def precompute(self, records: Sequence[Record]) -> dict[int, IndexRow]:
         """Index rows of a put batch's fingerprints by position ({} before the first attach)."""
         mgr = self.manager
@@ -246,6 +285,7 @@ class IndexService:
                 flush=None if engine.readonly else engine.apply_through_acked,
                 telemetry=engine.telemetry,
             )
+            mgr.on_rebuilt = self.on_rebuilt  # the same list: callbacks survive re-attaches
             server = mgr.attach()
             self.manager = mgr
             return server
@@ -267,9 +307,11 @@ class IndexService:
         """A live reconfigure: search knobs at the next query, build knobs at the next build."""
         mgr = self.manager
         if mgr is not None:
+            from xpstore.index.manager import configure_server
+
             mgr.settings = config.index
             if mgr.server is not None:
-                mgr.server.query_threads = config.index.query_threads
+                configure_server(mgr.server, config.index)
             if mgr.rebuilder is not None:
                 mgr.rebuilder.poke()
 
@@ -312,7 +354,10 @@ class IndexService:
                 misses.append(rid)
             else:
                 found[rid] = hit
+        telemetry = self._engine.telemetry
+        telemetry.incr("answers.hits", len(found))
         if misses:
+            telemetry.incr("answers.misses", len(misses))
             self._engine.check_open()
             for rid, data in self._reader.envelopes(misses).items():
                 found[rid] = server.remember(rid, envelope_track(data))
@@ -349,6 +394,22 @@ class IndexService:
             for rid, score, track in found
             if rid in meta
         ]
+
+    def _from_list(
+        self, track_id: str, k: int, predicate: Predicate | None
+    ) -> list[Neighbor] | None:
+        """The precomputed answer when the track has a list holding ``k`` live entries (else
+        None: the caller searches the index)."""
+        if self._reader.read_track(track_id) is None:
+            return None  # the index path raises the error that names it
+        try:
+            out = self._precomputed(track_id, k, predicate)
+        except RecordNotFoundError:
+            return None
+        if len(out) < k:
+            return None
+        self._engine.telemetry.incr("similar.from_lists")
+        return out
 
     def _precomputed(self, track_id: str, k: int, predicate: Predicate | None) -> list[Neighbor]:
         from xpstore.index import neighbors as nbrs

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from xpstore.config import RetentionRule
-from xpstore.errors import RecordNotFoundError
+from xpstore.errors import RecordNotFoundError, XpStoreError
 from xpstore.model.codec import DeleteOp, Op, encode_op
 from xpstore.model.progress import ProgressFn
 from xpstore.model.records import Experience
@@ -63,6 +63,11 @@ class Maintenance:
             engine.writable()
             applier = engine.applier
             assert applier is not None
+            if "compaction" in applier.paused_tasks:
+                raise XpStoreError(
+                    "compaction is paused: the store is in a memory emergency (level 3, "
+                    "docs/tuning.md); it resumes when memory pressure falls"
+                )
             if not applier.hold:
                 applier.apply_all()  # the copy then holds everything acknowledged so far
             with applier.exclusive():

@@ -19,6 +19,7 @@ from xpstore.store.index_service import IndexService
 from xpstore.store.maintenance import Maintenance, RetentionTask
 from xpstore.store.metrics import Metrics
 from xpstore.store.milvus import MilvusSimilarity
+from xpstore.store.pressure import Pressure
 from xpstore.store.reader import Reader
 from xpstore.store.sampling_service import Sampling
 from xpstore.store.similarity import SimilarityLearner
@@ -65,6 +66,9 @@ class StoreParts:
     """``Store.changes``: the operations in LSN order, for followers (issue 16)."""
     milvus: MilvusSimilarity
     """``similar()`` through Milvus when ``index.backend="milvus"`` (issue 16)."""
+    pressure: Pressure
+    """Memory-pressure actions, levels 0-3 (issue 12; the level comes from
+    ``xpstore.tuning.ResourceMonitor``)."""
 
     @property
     def telemetry(self) -> Telemetry:
@@ -98,6 +102,7 @@ def compose(engine: Engine) -> StoreParts:
         FingerprintIngest(engine, writer, index),
         health, Metrics(engine, reader, index, sampling, health),
         Batches(engine, reader, sampling), Exporter(engine), ChangeFeed(engine), milvus,
+        Pressure(engine, reader, index),
     )  # fmt: skip
     if engine.applier is not None:
         snapshots.clean_temps()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +65,9 @@ class Sampling:
         self.sampler: Sampler | None = None
         """The attached sampler (None before the first ``sample``): a documented seam for tests
         and tools."""
+        self.draw_listeners: list[Callable[[SampleBatch], None]] = []
+        """Called with every drawn batch (the pattern detector counts retrievals of
+        fingerprints); a listener must be cheap and must not raise."""
         engine.settings.watch(self._configure)
 
     # ------------------------------------------------------------------ public
@@ -86,7 +89,10 @@ class Sampling:
             if exp is None:
                 exp = cache[rid] = self._reader.get(rid)
             records.append(exp)
-        return SampleBatch(draw.ids, records, draw.weights, draw.probabilities)
+        batch = SampleBatch(draw.ids, records, draw.weights, draw.probabilities)
+        for listener in self.draw_listeners:
+            listener(batch)
+        return batch
 
     def draw(
         self,

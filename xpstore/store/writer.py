@@ -166,16 +166,22 @@ class Writer:
         return self.submit([op], [self.encode(op, 0)], timeout=timeout)
 
     # ------------------------------------------------------------------ settings
-    def log_settings(self, changes: Mapping[str, Any]) -> StoreConfig:
-        """Log ``changes`` (dotted names, already checked) as one settings operation; return
-        the config in force once it is acknowledged."""
+    def log_settings(
+        self, changes: Mapping[str, Any], records: Sequence[Record] = ()
+    ) -> StoreConfig:
+        """Log ``changes`` (dotted names, already checked) as one settings operation, with
+        ``records`` in the same frame (a tuner's decision: both survive a crash or neither);
+        return the config in force once it is acknowledged."""
         engine = self._engine
+        ops, payloads, _rows = self.prepare_puts(records) if records else ([], [], {})
         wal = engine.writable()
         with engine.write_lock:
             wal = engine.writable()
             new = self._logged.changed(changes).persisted()
             op = SettingsOp(dict(changes), new.to_json())
-            span = self._append([op], [self.encode(op, 0)], {}, wal)
+            ops = [*ops, op]
+            payloads = [*payloads, self.encode(op, len(payloads))]
+            span = self._append(ops, payloads, {}, wal)
             self._logged = new
         wal.wait(span[1])
         return engine.settings.replace_persisted(new, changes)
