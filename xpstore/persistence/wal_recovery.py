@@ -162,6 +162,8 @@ def recover_wal(
         _salvage(reader, report, apply)
     else:
         stop = _strict(reader, report, apply, to_lsn)
+    if isinstance(apply, _ReadProgress):
+        apply.done()
     report.segments = len(reader.listed)
     end = stop.expected_lsn - 1 if stop is not None else reader.end_lsn
     report.last_lsn = max(applied_lsn, end or 0)
@@ -197,6 +199,13 @@ class _ReadProgress:
             self._measure()
         self._progress("replaying WAL", self._before.get(seg, 0) + frame.offset + frame.size,
                        sum(self._sizes.values()), "bytes")  # fmt: skip
+
+    def done(self) -> None:
+        """Every segment was read to its end: a preallocated one's zeros after its last frame
+        count as read (they are the end of its log), so the bar ends at its total."""
+        if self._sizes:
+            total = sum(self._sizes.values())
+            self._progress("replaying WAL", total, total, "bytes")
 
     def _measure(self) -> None:
         """Sizes of the segments listed so far (a live log's new ones are added as they come)."""
