@@ -45,7 +45,15 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _wal_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in (path / "wal").glob("*.wal"))
+    """Bytes of the log (headers and frames), not of the files: a preallocated segment's zeros
+    after its last frame are not read as data and do not count."""
+    from xpstore.persistence.wal_reader import scan_segment
+
+    total = 0
+    for seg in (path / "wal").glob("*.wal"):
+        scan = scan_segment(seg, seg.read_bytes(), 1 << 30)
+        total += scan.frames[-1].offset + scan.frames[-1].size if scan.frames else scan.size
+    return total
 
 
 def run_size(n: int, workdir: Path) -> dict[str, float]:

@@ -4,7 +4,8 @@ It wraps the real file system (every call still happens on disk) and keeps a mod
 *durable*: the content of each file as of its last ``fdatasync``, and the entries of each
 directory as of its last ``fsync_dir``. From that model it writes a "crash image": files created,
 renamed or unlinked since their directory's last sync are undone, unsynced data is dropped, and
-the unsynced tail of the last written file is kept torn at a 512-byte sector boundary.
+the first unsynced change of the last written file (an append, or an overwrite of the zeros
+of a preallocated WAL segment) is kept torn at a 512-byte sector boundary.
 
 LMDB does its own I/O in C, below this seam, so the store's ``data/`` directory is not modelled:
 the image gets LMDB through ``env.copy`` (its newest committed transaction). That is what LMDB
@@ -20,6 +21,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from xpstore.persistence.fs import OsFS, PathLike
 
@@ -80,6 +83,13 @@ class CrashFS(OsFS):
             self.on_point("write")  # power loss before the sync: the tail may be torn
         return n
 
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        n = super().pwrite(fd, data, offset)
+        if fd in self.fds:
+            self.last_written = self.fds[fd]
+            self.on_point("write")
+        return n
+
     def fdatasync(self, fd: int) -> None:
         super().fdatasync(fd)
         ino = self.fds.get(fd)
@@ -136,18 +146,25 @@ class CrashFS(OsFS):
         for p, ino in self.durable.items():
             data = self.durable_content.get(ino, b"")
             if ino == self.last_written:
-                data += self._torn_tail(ino, len(data))
+                data = self._torn(ino, data)
             target = dest / os.path.relpath(p, self.root)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
 
-    def _torn_tail(self, ino: int, durable_len: int) -> bytes:
-        """Unsynced bytes after ``durable_len`` that a torn write kept: up to a sector edge."""
+    def _torn(self, ino: int, durable: bytes) -> bytes:
+        """The durable bytes plus what a torn write kept of the unsynced change: from the first
+        byte that differs (an append, or an overwrite of preallocated zeros) up to a sector edge.
+        """
         try:
             live = Path(self.live_path[ino]).read_bytes()
         except FileNotFoundError:
-            return b""
-        if len(live) <= durable_len:
-            return b""
-        keep = SECTOR - durable_len % SECTOR
-        return live[durable_len : durable_len + keep]
+            return durable
+        common = min(len(live), len(durable))
+        differs = np.flatnonzero(
+            np.frombuffer(live, np.uint8, common) != np.frombuffer(durable, np.uint8, common)
+        )
+        diff = int(differs[0]) if differs.size else common
+        if diff == common and len(live) <= len(durable):
+            return durable
+        end = min(len(live), diff + SECTOR - diff % SECTOR)
+        return durable[:diff] + live[diff:end] + durable[end:]

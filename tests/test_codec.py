@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -25,8 +26,10 @@ from xpstore.model.codec import (
     decode_op,
     encode_envelope,
     encode_op,
+    envelope_at,
     envelope_from_put,
     peek_put,
+    put_head,
 )
 from xpstore.model.records import (
     BATCH_FIELDS,
@@ -185,10 +188,17 @@ def test_fast_path_fills_defaults_and_nested_models() -> None:
 
 
 def test_layout_is_the_documented_one() -> None:
-    fp = full_fingerprint()
-    obj = msgpack.unpackb(encode_op(PutOp(fp)))
-    assert obj[:3] == [CODEC_VERSION, 1, KIND_CODES["fingerprint"]]
-    m = obj[3]
+    fp = full_fingerprint().model_copy(update={"ts": 12.25})
+    raw = encode_op(PutOp(fp))
+    obj = msgpack.unpackb(raw)
+    assert obj[:5] == [CODEC_VERSION, 1, KIND_CODES["fingerprint"], 12.25, fp.track_id]
+    # the fixed 13 bytes: fixarray(6), version 2, put, kind, float64 marker, ts big-endian
+    assert raw[:5] == bytes((0x96, 2, 1, KIND_CODES["fingerprint"], 0xCB))
+    assert struct.unpack(">d", raw[5:13]) == (12.25,)
+    assert put_head(raw) == (KIND_CODES["fingerprint"], 12.25, fp.track_id,
+                             len(raw) - len(msgpack.packb(obj[5])))
+    m = obj[5]
+    assert m["ts"] == 12.25 and m["track_id"] == fp.track_id  # the record map is whole
     assert m["batch"] == [BATCH[n] for n in BATCH_FIELDS]
     assert m["streaming"] == [[BATCH[n] for n in STREAMING_FIELDS], [0.9] * 13, 5]
     assert "kind" not in m
@@ -237,7 +247,7 @@ MAKERS: dict[str, Callable[[], Record]] = {
 
 
 def good_map(kind: str) -> dict[str, Any]:
-    m: dict[str, Any] = msgpack.unpackb(encode_op(PutOp(MAKERS[kind]())))[3]
+    m: dict[str, Any] = msgpack.unpackb(encode_op(PutOp(MAKERS[kind]())))[-1]
     return m
 
 
@@ -280,6 +290,18 @@ GARBAGE: list[tuple[str, bytes]] = [
     ("delete-float-id", pack([1, 3, 1.0])),
     ("delete-track-empty", pack([1, 4, ""])),
     ("delete-track-int", pack([1, 4, 5])),
+    ("v2-delete", pack([2, 3, 1])),
+    ("v2-put-short", pack([2, 1, 1, 5.0, None])),
+    ("v2-put-ts-differs", pack([2, 1, 1, 5.0, None, {**good_map("prediction"), "ts": 6.0}])),
+    ("v2-put-ts-int", pack([2, 1, 1, 5, None, {**good_map("prediction"), "ts": 5.0}])),
+    ("v2-put-track-differs", pack([2, 1, 2, 5.0, "b", fp_map(ts=5.0, track_id="a")])),
+    ("v2-put-track-on-prediction", pack([2, 1, 1, 5.0, "a", {**good_map("prediction"),
+                                                              "ts": 5.0}])),
+    ("v2-put-track-int", pack([2, 1, 2, 5.0, 7, fp_map(ts=5.0)])),
+    ("v2-put-unknown-kind", pack([2, 1, 9, 5.0, None, {"ts": 5.0}])),
+    ("v2-put-record-list", pack([2, 1, 1, 5.0, None, [1]])),
+    ("v2-put-cut", encode_op(PutOp(PredictionOutcome(predicted="a", confidence=1, context="c",
+                                                     ts=5.0)))[:14]),
     ("ext-type", pack(msgpack.ExtType(5, b"xx"))),
     ("deep-nesting", b"\x91" * 5000),
 ]
@@ -410,3 +432,56 @@ def test_peek_put_reads_kind_ts_and_track_without_models(record: Record) -> None
     assert (summary.kind, summary.ts) == (kind_of(rec), 7.0)
     assert summary.track_id == (rec.track_id if isinstance(rec, Fingerprint) else None)
     assert peek_put(encode_op(DeleteOp(3))) is None
+
+
+def _v1_put(rec: Record) -> bytes:
+    """A put as codec version 1 wrote it (stores written before version 2)."""
+    return pack([1, 1, KIND_CODES[kind_of(rec)], msgpack.unpackb(encode_op(PutOp(rec)))[-1]])
+
+
+@given(records(), st.integers(min_value=1, max_value=2**63))
+@settings(max_examples=150, deadline=None)
+def test_v2_put_header_and_envelope_agree_with_the_record(record: Record, lsn: int) -> None:
+    ts0 = 1_700_000_000.125
+    rec = record.model_copy(update={"ts": ts0})
+    raw = encode_op(PutOp(rec))
+    head = put_head(raw)
+    assert head is not None
+    kind_code, ts, track, offset = head
+    assert (KIND_BY_CODE[kind_code], ts) == (kind_of(rec), rec.ts)
+    assert track == (rec.track_id if isinstance(rec, Fingerprint) else None)
+    assert msgpack.unpackb(raw[offset:]) == msgpack.unpackb(raw)[-1]
+    exp = Experience(id=lsn, kind=kind_of(rec), ts=ts0, record=rec, updated_lsn=lsn)
+    assert envelope_at(raw, kind_code, offset, lsn) == encode_envelope(exp)
+    assert envelope_from_put(raw, kind=exp.kind, ts=ts0, updated_lsn=lsn) == encode_envelope(exp)
+    # a store written with codec version 1 reads the same
+    old = _v1_put(rec)
+    assert put_head(old) is None
+    back = decode_op(old, validate=True)
+    new = decode_op(raw, validate=True)
+    assert isinstance(back, PutOp) and isinstance(new, PutOp) and back.record == new.record
+    summary = peek_put(old)
+    assert summary is not None and (summary.kind, summary.ts) == (kind_of(rec), ts0)
+    assert envelope_from_put(old, kind=exp.kind, ts=ts0, updated_lsn=lsn) == encode_envelope(exp)
+
+
+def test_put_head_names_what_is_wrong_with_a_bad_fixed_header() -> None:
+    rec = Fingerprint(track_id="a" * 40, batch=BATCH, ts=5.0)
+    raw = encode_op(PutOp(rec))
+    assert raw[13] == 0xD9  # a track of 40 bytes: str8
+    cases = {
+        "float marker": raw[:4] + b"\xca" + raw[5:],
+        "kind": raw[:3] + b"\x09" + raw[4:],
+        "track tag": raw[:13] + b"\xc3" + raw[14:],
+        "track length": raw[:14] + b"\xff" + raw[15:],
+        "track utf-8": raw[:15] + b"\xff" + raw[16:],
+        "record": raw[:15 + 40] + b"\x93" + raw[16 + 40:],
+        "cut": raw[:14],
+    }
+    for what, data in cases.items():
+        with pytest.raises(CodecError):
+            put_head(data)
+            pytest.fail(f"put_head took a bad {what}")
+        with pytest.raises(CodecError):
+            decode_op(data, validate=False)
+            pytest.fail(f"decode_op took a bad {what}")

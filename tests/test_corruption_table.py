@@ -1,9 +1,11 @@
 """The corruption table of docs/recovery.md: each kind of damage x each recovery mode.
 
 A base store holds 120 frames of 5 records each (LSNs 1..600) across 3+ WAL segments, all
-beyond ``applied_lsn`` (applier held). Each case damages a copy; each mode opens it (salvage:
-copies it into a new store) and the outcome is checked against ``TABLE``, which is also the table
-printed in docs/recovery.md (a test below keeps the two equal).
+beyond ``applied_lsn`` (applier held), in append-only segments, and again in preallocated ones
+(zero-filled ahead of the frames) for the rows that name them. Each case damages a copy; each
+mode opens it (salvage: copies it into a new store) and the outcome is checked against
+``TABLE``, which is also the table printed in docs/recovery.md (a test below keeps the two
+equal).
 """
 
 from __future__ import annotations
@@ -33,25 +35,50 @@ GAP = "new store with every readable frame; the damaged range reported as a gap"
 SKIP = "new store with every frame; the bad segment skipped with a warning"
 LMDB_REFUSES = "refuses to open: LmdbCorruptionError naming data.mdb, checked before mapping it"
 REBUILDS = "new store from the newest good snapshot (none here: empty) plus every WAL frame"
+CLEAN = "clean: opens with every frame; nothing truncated, set aside or reported"
+END = "end of the log: opens without the zeroed frames; nothing truncated or reported"
 TABLE: dict[str, tuple[str, str, str, str]] = {
     "torn last frame": (OPENS, REFUSES, OPENS, GAP),
+    "torn last frame, preallocated segment": (OPENS, REFUSES, OPENS, GAP),
+    "zero-filled tail of preallocated segments": (CLEAN, CLEAN, CLEAN, CLEAN),
     "zeroed last 4 KiB sector": (OPENS, REFUSES, OPENS, GAP),
+    "last frame zeroed, preallocated segment": (END, END, END, END),
     "bit flip in an earlier frame": (REFUSES, REFUSES, PREFIX, GAP),
     "zeroed 4 KiB sector mid-log": (REFUSES, REFUSES, PREFIX, GAP),
+    "zeroed 4 KiB sector mid-log, preallocated segment": (REFUSES, REFUSES, PREFIX, GAP),
     "deleted middle segment": (REFUSES, REFUSES, PREFIX, GAP),
+    "deleted middle segment, preallocated segments": (REFUSES, REFUSES, PREFIX, GAP),
     "duplicated segment": (REFUSES, REFUSES, PREFIX, SKIP),
     "segment from another store": (REFUSES, REFUSES, PREFIX, SKIP),
     "LMDB data.mdb truncated to half": (LMDB_REFUSES, LMDB_REFUSES, LMDB_REFUSES, REBUILDS),
 }
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("base") / "store"
+def _make_base(path: Path, preallocate_bytes: int) -> Path:
     rng = np.random.default_rng(3)
-    with Store.open(path, create=True, hold_applier=True, segment_max_bytes=64 * 1024) as s:
+    with Store.open(path, create=True, hold_applier=True, segment_max_bytes=64 * 1024,
+                    preallocate_bytes=preallocate_bytes) as s:
         for _ in range(120):
             s.put_many(make_mixed(rng, 5))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Append-only segments: each file ends with its last frame."""
+    return _make_base(tmp_path_factory.mktemp("base") / "store", 0)
+
+
+@pytest.fixture(scope="module")
+def prealloc_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Preallocated segments: zeros after the last frame of each, up to 64 KiB."""
+    path = _make_base(tmp_path_factory.mktemp("prealloc") / "store", 1 << 20)
+    tails = []
+    for seg in sorted((path / "wal").glob("*.wal")):
+        scan = scan_segment(seg, seg.read_bytes(), 1 << 26)
+        assert scan.header is not None and scan.header.preallocated and scan.error is None
+        tails.append(scan.size - scan.frames[-1].offset - scan.frames[-1].size)
+    assert tails[-1] > 0 and sum(t > 0 for t in tails) >= 3  # zero tails, read as no damage
     return path
 
 
@@ -84,6 +111,21 @@ def _damage(case: str, path: Path) -> tuple[set[int], set[int]]:
             fh.truncate(last.offset + 40)
         kept = _lsns(frames[:-1])
         return kept, kept
+    if case == "torn last frame, preallocated segment":
+        seg, last = frames[-1]  # the frame's first 40 bytes reached the zero-filled space
+        _patch(seg, last.offset + 40, bytes(seg.stat().st_size - last.offset - 40))
+        kept = _lsns(frames[:-1])
+        return kept, kept
+    if case == "zero-filled tail of preallocated segments":
+        return every, every
+    if case == "last frame zeroed, preallocated segment":
+        # zeros from a frame's start on are indistinguishable from unwritten space, so the log
+        # ends there (zeros from inside a frame on make it a torn frame)
+        seg, last = frames[-1]
+        assert frames[-2][0] == seg
+        _patch(seg, last.offset, bytes(last.size))
+        kept = _lsns(frames[:-1])
+        return kept, kept
     if case == "zeroed last 4 KiB sector":
         seg = segs[-1]
         size = seg.stat().st_size
@@ -91,7 +133,7 @@ def _damage(case: str, path: Path) -> tuple[set[int], set[int]]:
         _patch(seg, start, bytes(size - start))
         kept = _lsns([(s, f) for s, f in frames if s != seg or f.offset + f.size <= start])
         return kept, kept
-    if case in ("bit flip in an earlier frame", "zeroed 4 KiB sector mid-log"):
+    if case.startswith(("bit flip in an earlier frame", "zeroed 4 KiB sector mid-log")):
         index = len(frames) // 3
         seg, frame = frames[index]
         if case.startswith("bit flip"):
@@ -105,7 +147,7 @@ def _damage(case: str, path: Path) -> tuple[set[int], set[int]]:
                 if s == seg and f.offset < end and f.offset + f.size > frame.offset
             ]
         return _lsns(frames[:index]), every - _lsns([(seg, f) for f in hit])
-    if case == "deleted middle segment":
+    if case.startswith("deleted middle segment"):
         victim = segs[1]
         victim.unlink()
         prefix = _lsns([(s, f) for s, f in frames if s == segs[0]])
@@ -138,10 +180,12 @@ def _damage(case: str, path: Path) -> tuple[set[int], set[int]]:
 
 @pytest.mark.parametrize("case", list(TABLE))
 @pytest.mark.parametrize("mode", MODES)
-def test_corruption_table(tmp_path: Path, base: Path, case: str, mode: str) -> None:
+def test_corruption_table(
+    tmp_path: Path, base: Path, prealloc_base: Path, case: str, mode: str
+) -> None:
     report: RecoveryReport | None
     path = tmp_path / "store"
-    shutil.copytree(base, path)
+    shutil.copytree(prealloc_base if "preallocated" in case else base, path)
     prefix_keeps, salvage_keeps = _damage(case, path)
     expected = TABLE[case][MODES.index(mode)]
     before = files_of(path)
@@ -166,6 +210,8 @@ def test_corruption_table(tmp_path: Path, base: Path, case: str, mode: str) -> N
             assert {e.id for e in store.scan()} == salvage_keeps
         if expected == GAP:
             assert report.gaps
+        elif expected in (CLEAN, END):
+            assert not report.gaps and not report.warnings
         else:
             assert not report.gaps and report.warnings
         if expected == REBUILDS:
@@ -179,6 +225,9 @@ def test_corruption_table(tmp_path: Path, base: Path, case: str, mode: str) -> N
     if expected == OPENS:
         assert report.truncated or report.removed_segments
         assert report.broken_copies
+    elif expected in (CLEAN, END):
+        assert not (report.truncated or report.removed_segments or report.broken_copies)
+        assert not report.warnings and report.dropped_lsns is None
     else:
         assert report.dropped_lsns is not None
     with Store.open(path, recovery_mode="absolute") as again:  # what is left is clean now
@@ -193,6 +242,6 @@ def test_docs_recovery_md_has_this_table() -> None:
         if len(cells) == 5 and cells[0] in TABLE:
             rows[cells[0]] = tuple(cells[1:])
     short = {OPENS: "opens", REFUSES: "refuses", PREFIX: "prefix", GAP: "gap", SKIP: "skip",
-             LMDB_REFUSES: "refuses", REBUILDS: "rebuilds"}
+             LMDB_REFUSES: "refuses", REBUILDS: "rebuilds", CLEAN: "clean", END: "end"}
     expected = {case: tuple(short[o] for o in outcomes) for case, outcomes in TABLE.items()}
     assert {k: tuple(re.sub(r"\W.*", "", v) for v in vals) for k, vals in rows.items()} == expected

@@ -7,6 +7,7 @@ suite; ``pytest --stress -m stress`` runs 1000.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import selectors
 import signal
@@ -20,6 +21,29 @@ import pytest
 
 from xpstore import Store
 from xpstore.demo.crashwriter import record_for
+
+ROUND_DEADLINE_S = 60.0
+"""The longest a round waits for its child's acknowledgements (a round takes ~0.5 s)."""
+CHILD_WATCHDOG_S = 50.0
+"""A child still alive after this dumps its threads' stacks to stderr and exits, before the
+parent's deadline, so a stuck writer's stacks are in the failure message."""
+PARENT_ROUND_LIMIT_S = 180.0
+"""The parent's own watchdog, re-armed at each round: a round (child, kill, recovery check)
+stuck this long dumps the test process's stacks and exits it."""
+
+
+def _arm_round_watchdog() -> None:
+    """Replace pytest's whole-test faulthandler timer with a per-round one.
+
+    pytest arms one ``faulthandler.dump_traceback_later(faulthandler_timeout)`` per test (300 s
+    here). The 1000-round stress test needs 8-15 minutes, so that timer fired in every stress
+    run, and its dump, which reads the other threads' frames without the GIL, crashed the test
+    process with SIGSEGV when it met a thread starting or exiting (a Store's threads in
+    ``_check``; reproduced in isolation on CPython 3.11). faulthandler has a single timer, so
+    arming it here replaces pytest's (which cancels it after the test): it fires only when one
+    round is stuck, which is the question the timer is there to answer.
+    """
+    faulthandler.dump_traceback_later(PARENT_ROUND_LIMIT_S, exit=True)
 
 
 def _run_round(
@@ -37,6 +61,8 @@ def _run_round(
         str(seed),
         "--batch",
         "5",
+        "--watchdog-s",
+        str(CHILD_WATCHDOG_S),
         *extra,
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -47,7 +73,7 @@ def _run_round(
     buf = b""
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + ROUND_DEADLINE_S
     ready = False
     try:
         while time.monotonic() < deadline and (not ready or len(acks) < kill_after_acks):
@@ -97,6 +123,7 @@ def _crash_rounds(path: Path, n: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     rounds: list[tuple[int, list[tuple[int, int, int]]]] = []
     for r in range(n):
+        _arm_round_watchdog()
         extra = ["--hold-applier"] if r % 3 == 0 else []
         if r % 5 == 2:
             extra += ["--durability", "group"]  # a process crash loses nothing in group mode

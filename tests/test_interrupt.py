@@ -62,6 +62,10 @@ class Interrupting(OsFS):
         self._maybe("write")
         return super().write(fd, data)
 
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        self._maybe("write")  # the WAL writes frames (and preallocated zeros) with pwrite
+        return super().pwrite(fd, data, offset)
+
     def fdatasync(self, fd: int) -> None:
         self._maybe("fdatasync")
         super().fdatasync(fd)
@@ -151,10 +155,14 @@ def test_interrupt_in_the_leaders_fdatasync(store_path: Path) -> None:
         assert store.check().ok
 
 
-def test_interrupt_before_the_write_hands_the_flush_on(store_path: Path) -> None:
+@pytest.mark.parametrize("first", ["zero-fill", "frame"])
+def test_interrupt_before_the_write_hands_the_flush_on(store_path: Path, first: str) -> None:
     """Interrupted before any byte of the frame was written, the leader puts its groups back
-    and wakes the next writer to lead: the others are acknowledged as if nothing happened."""
+    and wakes the next writer to lead: the others are acknowledged as if nothing happened.
+    ``zero-fill``: the interrupt lands in the preallocated segment's first zeros (a fresh
+    segment); ``frame``: in the frame's own write, over zeros written before."""
     store = Store.open(store_path, create=True)
+    before = [store.put(prediction(-1))] if first == "frame" else []
     queued = count_appends(store, FOLLOWERS + 1)
     fsys = Interrupting("write", queued)
     with fs.use(fsys):
@@ -166,7 +174,7 @@ def test_interrupt_before_the_write_hands_the_flush_on(store_path: Path) -> None
     with Store.open(store_path) as store:
         assert {store.get(rid).id for rid in results} == set(results)
         # the interrupted leader's own record was flushed by the next leader
-        assert store.count() == FOLLOWERS + 2
+        assert store.count() == FOLLOWERS + 2 + len(before)
         assert store.check().ok
 
 

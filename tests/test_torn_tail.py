@@ -23,7 +23,7 @@ MAX_FRAME = 1 << 20
 Pristine = tuple[Path, list[list[bytes]], list[int], list[int]]
 
 
-def _write_wal(wal_dir: Path, n_frames: int) -> list[list[bytes]]:
+def _write_wal(wal_dir: Path, n_frames: int, preallocate: int = 0) -> list[list[bytes]]:
     """n_frames frames of 1-3 small ops each; returns the ops per frame."""
     wal_dir.mkdir(parents=True, exist_ok=True)
     writer = WalWriter(
@@ -35,6 +35,7 @@ def _write_wal(wal_dir: Path, n_frames: int) -> list[list[bytes]]:
         max_frame_bytes=MAX_FRAME,
         group_commit_ms=1,
         on_durable=lambda a, b: None,
+        preallocate_bytes=preallocate,
     )
     frames = []
     for i in range(n_frames):
@@ -120,6 +121,62 @@ def test_truncation_at_every_offset_of_the_last_three_frames(
             again, report2 = _recover(wal, mode)
             assert again == got and not report2.truncated
         shutil.rmtree(wal)
+
+
+@pytest.mark.parametrize("mode", ["tolerate_tail", "point_in_time", "absolute"])
+def test_torn_write_into_preallocated_space_at_every_offset(tmp_path: Path, mode: str) -> None:
+    """A preallocated segment: a power loss mid-write leaves the frame's first bytes and the
+    zeros after them. Zeros at a frame boundary are the end of the log (nothing truncated, even
+    in ``absolute``); zeros inside a frame make it a torn frame."""
+    wal0 = tmp_path / "pristine"
+    frames = _write_wal(wal0, 8, preallocate=1 << 20)
+    seg = next(wal0.glob("*.wal"))
+    data = seg.read_bytes()
+    scan = scan_segment(seg, data, MAX_FRAME)
+    assert scan.header is not None and scan.header.preallocated and scan.error is None
+    assert len(scan.frames) == 8 and len(data) >= 64 * 1024 and len(data) % 4096 == 0
+    bounds = [f.offset for f in scan.frames]
+    data_ends = [f.offset + FRAME_HEADER_SIZE + len(f.payload) for f in scan.frames]
+    bounds.append(scan.frames[-1].offset + scan.frames[-1].size)
+    for cut in range(bounds[-4], bounds[-1] + 1):
+        wal = tmp_path / f"{mode}-{cut}"
+        wal.mkdir()
+        (wal / seg.name).write_bytes(data[:cut] + bytes(len(data) - cut))
+        complete = sum(1 for end in data_ends if end <= cut)
+        at_boundary = complete == len(data_ends) or cut <= bounds[complete]
+        if mode == "absolute" and not at_boundary:
+            with pytest.raises(WALCorruptionError) as info:
+                _recover(wal, mode)
+            assert info.value.offset == bounds[complete]
+            continue
+        got, report = _recover(wal, mode)
+        assert got == _expected_ops(frames, complete), f"cut at {cut}"
+        if at_boundary:
+            assert not report.truncated and not report.broken_copies and not report.warnings
+            assert (wal / seg.name).stat().st_size == len(data)  # the zeros stay: not damage
+        else:
+            assert report.truncated == [(seg.name, bounds[complete])]
+            again, report2 = _recover(wal, mode)
+            assert again == got and not report2.truncated
+        shutil.rmtree(wal)
+
+
+def test_a_frameless_preallocated_segment_at_the_end_is_removed(tmp_path: Path) -> None:
+    """A crash after a segment's zeros reached the disk but before any frame did."""
+    wal = tmp_path / "wal"
+    frames = _write_wal(wal, 3, preallocate=1 << 20)
+    seg = next(wal.glob("*.wal"))
+    empty = wal / f"{len(_expected_ops(frames, 3)) + 1:020d}.wal"
+    head = seg.read_bytes()[:HEADER_SIZE]
+    writer = WalWriter(wal, store_id=STORE_ID, next_lsn=7, durability="none",
+                       segment_max_bytes=1 << 30, max_frame_bytes=MAX_FRAME, group_commit_ms=1,
+                       on_durable=lambda a, b: None, preallocate_bytes=1 << 20)
+    writer.close()
+    empty.write_bytes(empty.read_bytes() + bytes(8192))  # zeros, no frame
+    got, report = _recover(wal, "absolute")
+    assert got == _expected_ops(frames, 3)
+    assert report.removed_segments == [empty.name] and not empty.exists()
+    assert seg.read_bytes()[:HEADER_SIZE] == head
 
 
 FLIP_POSITIONS = {
@@ -237,9 +294,10 @@ def test_store_opens_with_exactly_the_complete_frames(tmp_path: Path) -> None:
     data = seg.read_bytes()
     scan = scan_segment(seg, data, MAX_FRAME)
     assert len(scan.frames) == 12
-    bounds = [f.offset for f in scan.frames] + [len(data)]
+    end = scan.frames[-1].offset + scan.frames[-1].size  # the zeros after it are not frames
+    bounds = [f.offset for f in scan.frames] + [end]
     ends = [f.offset + FRAME_HEADER_SIZE + len(f.payload) for f in scan.frames]
-    for cut in range(bounds[-4], len(data), 13):
+    for cut in range(bounds[-4], end, 13):
         complete = sum(1 for end in ends if end <= cut)
         clean = complete == len(ends) or cut <= bounds[complete]
         for mode in ("tolerate_tail", "absolute"):

@@ -172,17 +172,24 @@ def test_fsync_failure_poisons_the_log_and_reopen_recovers_acked(
         assert new_id > max(acked)
 
 
+@pytest.mark.parametrize("what", ["frame", "zero-fill", "append-only frame"])
 def test_write_enospc_poisons_with_a_clear_error(
-    store_path: Path, monkeypatch: pytest.MonkeyPatch
+    store_path: Path, monkeypatch: pytest.MonkeyPatch, what: str
 ) -> None:
     rng = np.random.default_rng(3)
-    store = Store.open(store_path, create=True)
-    first = store.put(make_prediction(rng))
+    prealloc = 0 if what == "append-only frame" else 1 << 20
+    with Store.open(store_path, create=True, preallocate_bytes=prealloc) as store:
+        first = store.put(make_prediction(rng))
+    # reopened: a new segment, whose first put zero-fills its first window, then writes
+    store = Store.open(store_path, preallocate_bytes=prealloc)
+    real = fs.pwrite_all
 
-    def full(fd: int, data: bytes | memoryview) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full(fd: int, data: bytes | memoryview, offset: int) -> None:
+        if (what == "zero-fill") == (not any(data)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, offset)
 
-    monkeypatch.setattr(fs, "write_all", full)
+    monkeypatch.setattr(fs, "pwrite_all", full)
     with pytest.raises(WALWriteError) as info:
         store.put(make_prediction(rng))
     msg = str(info.value)

@@ -14,6 +14,9 @@ from xpstore.persistence.wal import WalWriter
 from xpstore.persistence.wal_format import (
     HEADER_SIZE,
     Frame,
+    HeaderError,
+    crc32c,
+    decode_header,
     encode_frame,
     encode_header,
     segment_name,
@@ -39,12 +42,13 @@ N_FRAMES = 150  # one LSN each; ~1 KiB frames in 64 KiB segments: 3 segments
 
 
 def _write(wal: Path, n: int, *, store_id: int = STORE_ID, next_lsn: int = 1,
-           segment_max_bytes: int = 64 * 1024) -> None:
+           segment_max_bytes: int = 64 * 1024, preallocate: int = 0) -> None:
     """``n`` frames of one 1000-byte operation each, LSNs from ``next_lsn``."""
     wal.mkdir(parents=True, exist_ok=True)
     writer = WalWriter(wal, store_id=store_id, next_lsn=next_lsn, durability="none",
                        segment_max_bytes=segment_max_bytes, max_frame_bytes=MAX_FRAME,
-                       group_commit_ms=1, on_durable=lambda a, b: None)
+                       group_commit_ms=1, on_durable=lambda a, b: None,
+                       preallocate_bytes=preallocate)
     for i in range(n):
         _first, last = writer.append([bytes([i % 251]) * 1000])
         writer.wait(last)  # one frame per append
@@ -401,3 +405,62 @@ def test_reading_changes_nothing(wal: Path) -> None:
     items, _reader = _read(wal, start_lsn=1)
     assert len(_damage(items)) == 2
     assert files_of(wal) == before
+
+
+def test_zero_tails_of_preallocated_segments_are_the_end_not_damage(tmp_path: Path) -> None:
+    wal = tmp_path / "wal"
+    _write(wal, N_FRAMES, preallocate=1 << 20)
+    segs = _segs(wal)
+    assert len(segs) >= 3
+    for seg in segs:
+        scan = scan_segment(seg, seg.read_bytes(), MAX_FRAME)
+        assert scan.header is not None and scan.header.preallocated and scan.header.version == 2
+        assert scan.error is None and scan.size % 4096 == 0
+    assert scan.size > scan.frames[-1].offset + scan.frames[-1].size  # the newest: zeros after
+    items, reader = _read(wal)
+    assert _damage(items) == []
+    assert _lsns(items) == list(range(1, N_FRAMES + 1)) and reader.end_lsn == N_FRAMES
+
+
+def test_zeros_are_damage_in_an_append_only_segment_or_before_valid_bytes(
+    tmp_path: Path,
+) -> None:
+    plain = tmp_path / "plain"
+    _write(plain, 3)
+    seg = _segs(plain)[0]
+    assert scan_segment(seg, seg.read_bytes(), MAX_FRAME).header.version == 1  # type: ignore[union-attr]
+    seg.write_bytes(seg.read_bytes() + bytes(4096))  # zeros after an append-only segment
+    (bad,) = _damage(_read(plain)[0])
+    assert isinstance(bad, BadFrame) and bad.reason == "zeroed" and bad.torn
+    pre = tmp_path / "pre"
+    _write(pre, 3, preallocate=1 << 20)
+    seg = _segs(pre)[0]
+    first, second, _third = _frames(seg)
+    _patch(seg, first.offset, bytes(first.size))  # zeros with valid frames after them
+    (bad,) = _damage(_read(pre)[0])
+    assert isinstance(bad, BadFrame) and bad.reason == "zeroed" and not bad.torn
+    assert (bad.offset, bad.resume_offset) == (first.offset, second.offset)
+
+
+def test_a_zero_tail_before_a_hole_is_still_a_missing_segment(tmp_path: Path) -> None:
+    wal = tmp_path / "wal"
+    _write(wal, N_FRAMES, preallocate=1 << 20)
+    first, second, third = _segs(wal)[:3]
+    second.unlink()
+    items, _reader = _read(wal)
+    (hole,) = _damage(items)
+    assert isinstance(hole, MissingLsns) and hole.reason == "missing_segment"
+    assert (hole.segment, hole.first_lsn) == (third, _frames(first)[-1].last_lsn + 1)
+
+
+def test_unknown_segment_flags_are_a_newer_format(tmp_path: Path) -> None:
+    for version_flags in (encode_header(STORE_ID, 1, 1, 0.0, flags=2),):
+        with pytest.raises(HeaderError) as info:
+            decode_header(version_flags)
+        assert info.value.reason == "newer_version"
+    v1 = bytearray(encode_header(STORE_ID, 1, 1, 0.0))
+    v1[12] = 1  # the preallocated flag in a version-1 header: never written, so refused
+    v1[48:52] = crc32c(bytes(v1[:48])).to_bytes(4, "little")
+    with pytest.raises(HeaderError) as info:
+        decode_header(bytes(v1))
+    assert info.value.reason == "newer_version"

@@ -54,6 +54,9 @@ class WalSettings(_Section):
     group_commit_ms: float = Field(2.0, gt=0, le=1000)
     segment_max_bytes: int = Field(64 * MiB, ge=64 * 1024, le=4096 * MiB)
     max_frame_bytes: int = Field(64 * MiB, ge=64 * 1024, le=1024 * MiB)
+    preallocate_bytes: int = Field(4 * MiB, ge=0, le=1024 * MiB)
+    """Zeros written ahead of the active segment's frames, so a commit's fdatasync overwrites
+    instead of extending the file (docs/formats.md); 0: append-only segments."""
     checkpoint_interval_s: float = Field(30.0, gt=0)
     retain_segments: int = Field(0, ge=0)
     """Segments at or below applied_lsn kept by checkpoints (for later point-in-time restore)."""

@@ -10,6 +10,7 @@ imported here (keeps the child light).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import sys
 import threading
 from typing import Any
@@ -66,7 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--durability", default="commit")
     parser.add_argument("--hold-applier", action="store_true")
     parser.add_argument("--segment-max-bytes", type=int, default=None)
+    parser.add_argument(
+        "--watchdog-s", type=float, default=0.0,
+        help="dump every thread's stack to stderr and exit if still running after this long "
+             "(a stuck writer explains itself before its parent gives up on it); 0: off",
+    )
     args = parser.parse_args(argv)
+    if args.watchdog_s > 0:
+        faulthandler.dump_traceback_later(args.watchdog_s, exit=True)
     overrides: dict[str, Any] = {"hold_applier": True} if args.hold_applier else {}
     if args.segment_max_bytes:
         overrides["segment_max_bytes"] = args.segment_max_bytes

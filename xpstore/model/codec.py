@@ -1,9 +1,10 @@
 """Versioned msgpack codec for WAL operations and LMDB envelopes.
 
-Layout, codec version 1 (every value is a msgpack array; floats are always float64, so a decoded
-record is bit-for-bit the one encoded)::
+Layout (every value is a msgpack array; floats are always float64, so a decoded record is
+bit-for-bit the one encoded). Codec version 2 changed the put only; the rest is version 1::
 
-    PutOp          [1, 1, kind_code, record_map]
+    PutOp          [2, 1, kind_code, ts, track_id or nil, record_map]       (version 2)
+                   [1, 1, kind_code, record_map]                            (version 1, still read)
     UpdateOp       [1, 2, id, changes_map]
     DeleteOp       [1, 3, id]
     DeleteTrackOp  [1, 4, track_id]
@@ -15,6 +16,11 @@ record is bit-for-bit the one encoded)::
 
 The envelope's eighth item is present only when ``update_priorities`` set an explicit priority;
 a reader of an older xpstore refuses such an envelope (and op codes 5-7) with a clear error.
+
+A version-2 put starts with 13 fixed bytes, ``0x96 0x02 0x01 kind 0xcb ts(f64 BE)``, then the
+track id as a msgpack str (or nil), then ``record_map`` (which still holds ``ts`` and
+``track_id``: the envelope is the record map as it is): replay reads kind, ts and track with
+``struct`` instead of unpacking the map.
 
 ``kind_code``: prediction=1, fingerprint=2, query_metric=3. The envelope's id is its LMDB key and
 is not repeated in the value.
@@ -86,6 +92,7 @@ __all__ = [
     "encode_envelope",
     "encode_fingerprint_puts",
     "encode_op",
+    "envelope_at",
     "envelope_counters",
     "envelope_from_put",
     "envelope_head",
@@ -93,9 +100,15 @@ __all__ = [
     "field_sizes",
     "pack_envelope",
     "peek_put",
+    "put_head",
 ]
 
-CODEC_VERSION: Final = 1
+CODEC_VERSION: Final = 2
+"""The newest codec version read and written: version 2 gives the put operation a fixed-size
+header (see :func:`put_head`); every other operation and the LMDB envelope are still written as
+version 1, and version-1 puts (stores written before) still decode and replay."""
+_V1: Final = 1  # every operation but put, and envelopes
+_V2: Final = 2  # put
 
 KIND_CODES: Final[dict[str, int]] = {
     "prediction": 1, "fingerprint": 2, "query_metric": 3, "decision": 4
@@ -390,7 +403,7 @@ def _pack(obj: list[Any]) -> bytes:
         raise _bad(f"cannot encode: {exc}") from exc
 
 
-def _unpack(data: BytesLike, what: str) -> list[Any]:
+def _unpack(data: BytesLike, what: str, newest: int = _V1) -> list[Any]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise _bad(f"{what}: expected bytes, got {type(data).__name__}")
     try:
@@ -400,11 +413,11 @@ def _unpack(data: BytesLike, what: str) -> list[Any]:
     if type(obj) is not list or not obj:
         raise _bad(f"{what}: expected a non-empty array, got {type(obj).__name__}")
     version = obj[0]
-    if version != CODEC_VERSION or type(version) is not int:
-        if type(version) is int and version > CODEC_VERSION:
+    if type(version) is not int or not _V1 <= version <= newest:
+        if type(version) is int and version > newest:
             raise _bad(
                 f"{what}: written with codec version {version}, newer than this xpstore reads "
-                f"(up to {CODEC_VERSION}); upgrade xpstore to read it"
+                f"(up to {newest}); upgrade xpstore to read it"
             )
         raise _bad(f"{what}: unknown codec version {version!r}")
     return obj
@@ -418,38 +431,49 @@ def encode_op(op: Op) -> bytes:
     """The WAL payload of one operation."""
     if type(op) is PutOp:
         record = op.record
-        return _pack([CODEC_VERSION, _OP_PUT, KIND_CODES[kind_of(record)], _record_map(record)])
+        kind = KIND_CODES[kind_of(record)]
+        if record.ts is None:  # never logged so (the store fills ts first): no header to give
+            return _pack([_V1, _OP_PUT, kind, _record_map(record)])
+        track = record.track_id if type(record) is Fingerprint else None
+        return _pack([_V2, _OP_PUT, kind, float(record.ts), track, _record_map(record)])
     if type(op) is UpdateOp:
         if not _is_id(op.id) or type(op.changes) is not dict:
             raise _bad("UpdateOp needs an int id >= 0 and a dict of changes")
-        return _pack([CODEC_VERSION, _OP_UPDATE, op.id, op.changes])
+        return _pack([_V1, _OP_UPDATE, op.id, op.changes])
     if type(op) is DeleteOp:
         if not _is_id(op.id):
             raise _bad("DeleteOp needs an int id >= 0", "id")
-        return _pack([CODEC_VERSION, _OP_DELETE, op.id])
+        return _pack([_V1, _OP_DELETE, op.id])
     if type(op) is DeleteTrackOp:
         if type(op.track_id) is not str or not op.track_id:
             raise _bad("DeleteTrackOp needs a non-empty track_id", "track_id")
-        return _pack([CODEC_VERSION, _OP_DELETE_TRACK, op.track_id])
+        return _pack([_V1, _OP_DELETE_TRACK, op.track_id])
     if type(op) is PriorityOp:
-        return _pack([CODEC_VERSION, _OP_PRIORITY, list(op.ids), [float(p) for p in op.priorities]])
+        return _pack([_V1, _OP_PRIORITY, list(op.ids), [float(p) for p in op.priorities]])
     if type(op) is FeedbackOp:
         return _pack(
-            [CODEC_VERSION, _OP_FEEDBACK, list(op.ids), [bool(x) for x in op.success],
+            [_V1, _OP_FEEDBACK, list(op.ids), [bool(x) for x in op.success],
              bool(op.count_retrieval)]
         )  # fmt: skip
     if type(op) is RetrievalOp:
-        return _pack([CODEC_VERSION, _OP_RETRIEVAL, list(op.ids), [int(c) for c in op.counts]])
+        return _pack([_V1, _OP_RETRIEVAL, list(op.ids), [int(c) for c in op.counts]])
     if type(op) is SettingsOp:
-        return _pack([CODEC_VERSION, _OP_SETTINGS, dict(op.changes), op.config])
+        return _pack([_V1, _OP_SETTINGS, dict(op.changes), op.config])
     raise _bad(f"not an operation: {type(op).__name__}")
 
 
 def decode_op(data: BytesLike, *, validate: bool = True) -> Op:
     """Inverse of :func:`encode_op`; ``validate=False`` trusts checksummed WAL data."""
-    obj = _unpack(data, "operation")
+    obj = _unpack(data, "operation", _V2)
     n = len(obj)
     code = obj[1] if n > 1 else None
+    if obj[0] == _V2:
+        if code != _OP_PUT or n != 6:
+            raise _bad(
+                f"operation: op code {code!r} written with codec version 2, newer than this "
+                "xpstore reads (version 2 defines only the put)"
+            )
+        return PutOp(_decode_put_v2(obj, validate))
     if code == _OP_PUT and n == 4:
         return PutOp(_decode_record(obj[2], obj[3], validate))
     if code == _OP_UPDATE and n == 4:
@@ -495,6 +519,20 @@ def decode_op(data: BytesLike, *, validate: bool = True) -> Op:
     raise _bad(f"operation: unknown op code {code!r} or wrong length {n}")
 
 
+def _decode_put_v2(obj: list[Any], validate: bool) -> Record:
+    """A version-2 put; its header must agree with its record (a checksummed frame always does,
+    so a disagreement is bad input, named by field)."""
+    _version, _code, kind_code, ts, track, m = obj
+    record = _decode_record(kind_code, m, validate)
+    if type(ts) is not float or record.ts != ts:
+        raise _bad(f"put: header ts {ts!r} differs from the record's {record.ts!r}", "ts")
+    expected = record.track_id if type(record) is Fingerprint else None
+    if track != expected:
+        raise _bad(f"put: header track {track!r} differs from the record's {expected!r}",
+                   "track_id")  # fmt: skip
+    return record
+
+
 @dataclass(frozen=True, slots=True)
 class PutSummary:
     """What replaying a put needs, read without building the record's models."""
@@ -510,17 +548,21 @@ def peek_put(data: bytes) -> PutSummary | None:
     Recovery replays puts by copying their bytes into LMDB; decoding every record into pydantic
     models only to re-derive three fields made recovery slower than ingest.
     """
+    head = put_head(data)
+    if head is not None:
+        kind_code, ts, track, _offset = head
+        return PutSummary(KIND_BY_CODE[kind_code], ts, track)
     if data[:3] != _PUT_PREFIX:
         return None
     obj = _unpack(data, "operation")
     if len(obj) != 4 or type(obj[3]) is not dict:
         raise _bad("put: malformed operation")
     kind = KIND_BY_CODE.get(obj[2])
-    ts: Any = obj[3].get("ts")
-    if kind is None or type(ts) not in (float, int):
-        raise _bad(f"put: bad kind code {obj[2]!r} or ts {ts!r}")
-    track = obj[3].get("track_id") if kind == "fingerprint" else None
-    return PutSummary(kind, float(ts), track)
+    raw_ts: Any = obj[3].get("ts")
+    if kind is None or type(raw_ts) not in (float, int):
+        raise _bad(f"put: bad kind code {obj[2]!r} or ts {raw_ts!r}")
+    return PutSummary(kind, float(raw_ts),
+                      obj[3].get("track_id") if kind == "fingerprint" else None)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- envelopes
@@ -534,7 +576,7 @@ def encode_envelope(exp: Experience) -> bytes:
         raise _bad(f"envelope kind {exp.kind!r} does not match its {kind} record", "kind")
     return _pack(
         [
-            CODEC_VERSION,
+            _V1,
             KIND_CODES[kind],
             float(exp.ts),
             exp.updated_lsn,
@@ -546,7 +588,73 @@ def encode_envelope(exp: Experience) -> bytes:
     )
 
 
-_PUT_PREFIX: Final = bytes((0x94, CODEC_VERSION, _OP_PUT))  # fixarray(4), version, op code
+_PUT_PREFIX: Final = bytes((0x94, _V1, _OP_PUT))  # fixarray(4), version, op code
+_PUT2_PREFIX: Final = bytes((0x96, _V2, _OP_PUT))  # fixarray(6), version, op code
+_PUT2_FIXED: Final = 13  # prefix, kind, 0xcb, ts: then the track (str or nil), the record map
+_U8, _U16, _U32 = struct.Struct(">B"), struct.Struct(">H"), struct.Struct(">I")
+
+
+def put_head(data: BytesLike) -> tuple[int, float, str | None, int] | None:
+    """``(kind code, ts, track id, offset of the record map)`` of a version-2 put, read from its
+    fixed bytes without unpacking anything; None for any other operation (a version-1 put
+    included: :func:`peek_put` reads those).
+
+    Raises CodecError when the fixed bytes say "version-2 put" but what follows is not one.
+    """
+    if data[:3] != _PUT2_PREFIX:
+        return None
+    n = len(data)
+    if n < _PUT2_FIXED + 2 or data[4] != 0xCB or data[3] not in KIND_BY_CODE:
+        raise _bad(f"put: bad fixed header {bytes(data[:_PUT2_FIXED])!r}")
+    ts = float(_F64.unpack_from(data, 5)[0])
+    tag = data[_PUT2_FIXED]
+    pos = _PUT2_FIXED + 1
+    if tag == 0xC0:
+        track = None
+    else:
+        if 0xA0 <= tag <= 0xBF:
+            length = tag & 0x1F
+        elif tag == 0xD9:
+            length, pos = _U8.unpack_from(data, pos)[0], pos + 1
+        elif tag == 0xDA:
+            length, pos = _U16.unpack_from(data, pos)[0], pos + 2
+        elif tag == 0xDB:
+            length, pos = _U32.unpack_from(data, pos)[0], pos + 4
+        else:
+            raise _bad(f"put: the track id after the fixed header has msgpack tag {tag:#x}",
+                       "track_id")  # fmt: skip
+        if pos + length >= n:
+            raise _bad("put: the track id runs past the operation", "track_id")
+        try:
+            track = bytes(data[pos : pos + length]).decode()
+        except UnicodeDecodeError as exc:
+            raise _bad(f"put: track id is not UTF-8 ({exc})", "track_id") from exc
+        pos += length
+    if not 0x80 <= data[pos] <= 0x8F and data[pos] not in (0xDE, 0xDF):
+        raise _bad(f"put: the record after the header is not a map (tag {data[pos]:#x})")
+    return data[3], ts, track, pos
+
+
+def _uint(n: int) -> bytes:
+    """``n >= 0`` as msgpack packs it (the smallest form): envelopes stay byte-identical."""
+    if n < 0x80:
+        return bytes((n,))
+    if n < 0x100:
+        return b"\xcc" + _U8.pack(n)
+    if n < 0x10000:
+        return b"\xcd" + _U16.pack(n)
+    if n < 0x100000000:
+        return b"\xce" + _U32.pack(n)
+    return b"\xcf" + n.to_bytes(8, "big")
+
+
+def envelope_at(op_bytes: BytesLike, kind_code: int, map_offset: int, updated_lsn: int) -> bytes:
+    """The LMDB envelope of a new record from a version-2 put whose :func:`put_head` gave
+    ``map_offset`` (replay: struct slicing only; the ts bytes are copied as they are)."""
+    return b"".join((
+        b"\x97\x01", bytes((kind_code,)), bytes(op_bytes[4:_PUT2_FIXED]), _uint(updated_lsn),
+        b"\x00\x00", bytes(op_bytes[map_offset:]),
+    ))  # fmt: skip
 
 
 def envelope_from_put(
@@ -564,12 +672,17 @@ def envelope_from_put(
     the tail of the WAL payload: on the ingest path this halves the codec's work.
     """
     kind_code = KIND_CODES[kind]
-    if op_bytes[:3] != _PUT_PREFIX or op_bytes[3] != kind_code:
-        raise _bad(f"not an encoded {kind} put of codec version {CODEC_VERSION}")
-    head = _pack(
-        [CODEC_VERSION, kind_code, float(ts), updated_lsn, retrieval_count, success_count]
-    )
-    return b"\x97" + head[1:] + op_bytes[4:]  # fixarray(7): the six header items + record map
+    head2 = put_head(op_bytes)
+    if head2 is not None:
+        if head2[0] != kind_code:
+            raise _bad(f"not an encoded {kind} put")
+        tail = op_bytes[head2[3] :]
+    elif op_bytes[:3] == _PUT_PREFIX and op_bytes[3] == kind_code:
+        tail = op_bytes[4:]
+    else:
+        raise _bad(f"not an encoded {kind} put")
+    head = _pack([_V1, kind_code, float(ts), updated_lsn, retrieval_count, success_count])
+    return b"\x97" + head[1:] + tail  # fixarray(7): the six header items + record map
 
 
 _ENVELOPE_ARRAYS: Final = (0x97, 0x98)  # fixarray(7), or fixarray(8) with a stored priority
@@ -584,7 +697,7 @@ def envelope_head(raw: BytesLike) -> tuple[int, float] | None:
     the priority ``update_priorities`` stores. Checkers and replay read many records this way;
     each must accept both array sizes (verify once reported every prioritized record as damage).
     """
-    if len(raw) < 12 or raw[0] not in _ENVELOPE_ARRAYS or raw[1] != CODEC_VERSION or raw[3] != 0xCB:
+    if len(raw) < 12 or raw[0] not in _ENVELOPE_ARRAYS or raw[1] != _V1 or raw[3] != 0xCB:
         return None
     return raw[2], float(_F64.unpack_from(raw, 4)[0])
 
@@ -710,27 +823,37 @@ def encode_fingerprint_puts(cols: FingerprintColumns) -> list[bytes]:
         valid = _KEYS["validation"] + pack({"status": "pending"})
     tails = np.hstack([_const(n, ts_key), _float_block(cols.ts[:, None]), _const(n, valid)])
     tail_bytes = list(map(bytes, np.ascontiguousarray(tails)))
-    prefix = bytes((0x94, CODEC_VERSION, _OP_PUT, KIND_CODES["fingerprint"]))
+    # the version-2 put header: [2, put, kind, ts (float 64), track id, record map]
+    prefix = bytes((0x96, _V2, _OP_PUT, KIND_CODES["fingerprint"], 0xCB))
+    ts_be = np.ascontiguousarray(cols.ts, dtype=">f8").tobytes()
     tid_key = _KEYS["track_id"]
-    heads = {k: prefix + bytes((0x80 | (nfields + k),)) + tid_key for k in (0, 1)}
+    heads = {k: bytes((0x80 | (nfields + k),)) + tid_key for k in (0, 1)}
     tids = list(map(pack, cols.track_ids))
+    pres = [b"".join((prefix, ts_be[8 * i : 8 * i + 8], t)) for i, t in enumerate(tids)]
     meta_key = _KEYS["metadata"]
     if cols.metadata is None:
         head = heads[0]
-        return [b"".join((head, t, m, tl)) for t, m, tl in zip(tids, mid_bytes, tail_bytes,
-                                                             strict=True)]  # fmt: skip
+        rows = zip(pres, tids, mid_bytes, tail_bytes, strict=True)
+        return [b"".join((p, head, t, m, tl)) for p, t, m, tl in rows]
     out = []
-    for t, m, md, tl in zip(tids, mid_bytes, cols.metadata, tail_bytes, strict=True):
+    for p, t, m, md, tl in zip(pres, tids, mid_bytes, cols.metadata, tail_bytes, strict=True):
         if md is None:
-            out.append(b"".join((heads[0], t, m, tl)))
+            out.append(b"".join((p, heads[0], t, m, tl)))
         else:
-            out.append(b"".join((heads[1], t, m, meta_key, pack(md), tl)))
+            out.append(b"".join((p, heads[1], t, m, meta_key, pack(md), tl)))
     return out
 
 
 _UINT_CLASSES: Final = (  # msgpack's smallest encoding of a non-negative int: (below, marker)
     (1 << 7, None), (1 << 8, 0xCC), (1 << 16, 0xCD), (1 << 32, 0xCE), (1 << 64, 0xCF)
 )
+
+
+def _record_map_offset(payload: bytes) -> int:
+    """Where the record map starts in an encoded put (version 2: after the fixed header and
+    the track id; version 1: after four bytes)."""
+    head = put_head(payload)
+    return 4 if head is None else head[3]
 
 
 def envelopes_from_puts(
@@ -743,7 +866,8 @@ def envelopes_from_puts(
         return []
     code = KIND_CODES[kind]
     head = np.empty((n, 4), dtype=np.uint8)
-    head[:] = (0x97, CODEC_VERSION, code, 0xCB)  # fixarray(7), version, kind, float 64
+    head[:] = (0x97, _V1, code, 0xCB)  # fixarray(7), envelope version, kind, float 64
+    cuts = [_record_map_offset(p) for p in payloads]
     ts_bytes = ts.astype(_F64_BE).view(np.uint8).reshape(n, 8)
     lsns = np.arange(first_lsn, first_lsn + n, dtype=np.uint64)
     out: list[bytes] = []
@@ -762,6 +886,7 @@ def envelopes_from_puts(
         be = lsns[start:end].astype(">u8").view(np.uint8).reshape(m, 8)[:, 8 - width :]
         parts += [be, np.zeros((m, 2), dtype=np.uint8)]  # the lsn, then counters 0, 0
         block = np.ascontiguousarray(np.hstack(parts))
-        out += [h + p[4:] for h, p in zip(map(bytes, block), payloads[start:end], strict=True)]
+        rows = zip(map(bytes, block), payloads[start:end], cuts[start:end], strict=True)
+        out += [h + p[c:] for h, p, c in rows]
         start = end
     return out

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 LMDB_CHUNK = 2000
 """Records read per LMDB read transaction when filling LSNs the WAL does not hold."""
 _CODEC = 1
+_CODEC_PUT = 2  # codec version 2: puts with a fixed header [2, 1, kind, ts, track, record map]
 _OP_PUT, _OP_UPDATE, _OP_DELETE, _OP_DELETE_TRACK = 1, 2, 3, 4  # docs/formats.md, Operations
 _MULTI_OPS = {5: ("priority", "priorities"), 6: ("feedback", "success"), 7: ("retrieval", "counts")}
 _OP_SETTINGS = 8
@@ -161,13 +162,13 @@ def _fingerprint_fields(m: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
-def _unpack(raw: bytes, what: str) -> list[Any]:
+def _unpack(raw: bytes, what: str, newest: int = _CODEC) -> list[Any]:
     try:
         obj = msgpack.unpackb(raw, raw=False)
     except (ValueError, TypeError) as exc:
         raise _BadData(f"{what}: not valid msgpack ({exc})") from exc
-    if type(obj) is not list or len(obj) < 3 or obj[0] != _CODEC:
-        raise _BadData(f"{what}: not a codec-{_CODEC} array")
+    if type(obj) is not list or len(obj) < 3 or obj[0] not in range(_CODEC, newest + 1):
+        raise _BadData(f"{what}: not a codec-{_CODEC}..{newest} array")
     return obj
 
 
@@ -437,8 +438,12 @@ class ReplayStream:
 
     def _op_item(self, raw: bytes, lsn: int, commit: float) -> ReplayItem | None:
         """Decode one WAL operation; None when the filters exclude a put (cheap early exit)."""
-        obj = _unpack(raw, f"operation at LSN {lsn}")
+        obj = _unpack(raw, f"operation at LSN {lsn}", _CODEC_PUT)
         code = obj[1]
+        if obj[0] == _CODEC_PUT:
+            if code != _OP_PUT or len(obj) != 6:
+                raise _BadData(f"operation at LSN {lsn}: codec 2 is for puts only")
+            return self._put_item([obj[0], code, obj[2], obj[5]], lsn, commit)
         if code == _OP_PUT and len(obj) == 4:
             return self._put_item(obj, lsn, commit)
         if code == _OP_UPDATE and len(obj) == 4 and type(obj[2]) is int:

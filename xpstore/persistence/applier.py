@@ -136,6 +136,7 @@ class Applier:
         self.paused_tasks: frozenset[str] = frozenset()
         """Task names not started while listed (memory emergency: ``"snapshot"``; the store's
         compaction reads ``"compaction"`` here too). Cleared, they run at the next wake-up."""
+        self._tasks_lock = threading.Lock()  # task threads: start + listing vs join_tasks
         self.batches = 0
         self._thread = threading.Thread(target=self._run, name="xpstore-applier", daemon=True)
 
@@ -169,7 +170,9 @@ class Applier:
 
     def join_tasks(self, timeout: float | None = None) -> None:
         """Wait for running maintenance tasks (close, after the store refuses new writes)."""
-        for thread in list(self._running.values()):
+        with self._tasks_lock:  # a task thread is listed only once started (see below)
+            threads = list(self._running.values())
+        for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)
 
@@ -320,8 +323,11 @@ class Applier:
             if due and not self._stop:
                 thread = threading.Thread(target=_run_task, args=(task,),
                                           name=f"xpstore-{task.name}", daemon=True)  # fmt: skip
-                self._running[task.name] = thread
-                thread.start()
+                # started before it is listed, under the lock join_tasks reads with: a close
+                # that listed it before its start got "cannot join thread before it is started"
+                with self._tasks_lock:
+                    thread.start()
+                    self._running[task.name] = thread
 
 
 def _run_task(task: MaintenanceTask) -> None:

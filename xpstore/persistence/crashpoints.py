@@ -17,6 +17,8 @@ _hits: dict[str, int] = {}
 
 POINTS = (
     "wal.rotate.after_create",  # new segment renamed, old one closed, directory synced
+    "wal.preallocate.after_zeros",  # zeros written ahead of a frame, the frame not yet
+    "replay.after_batch",  # a recovery replay committed one batch to LMDB, more to come
     "checkpoint.before_unlink",  # LMDB synced, WAL segments not yet deleted
     "checkpoint.after_unlink",  # some segments deleted, directory not yet synced
     "snapshot.after_copy",  # LMDB copied into the temporary snapshot directory

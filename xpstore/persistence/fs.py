@@ -33,6 +33,12 @@ class OsFS:
     def write(self, fd: int, data: bytes | memoryview) -> int:
         return os.write(fd, data)
 
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
+    def pread(self, fd: int, n: int, offset: int) -> bytes:
+        return os.pread(fd, n, offset)
+
     def fdatasync(self, fd: int) -> None:
         os.fdatasync(fd)
 
@@ -136,6 +142,20 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
     while view:
         written = _current.write(fd, view)
         view = view[written:]
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """``pwrite`` every byte of ``data`` at ``offset`` (overwrites: a preallocated WAL segment)."""
+    view = memoryview(data)
+    while view:
+        written = _current.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def pread(fd: int, n: int, offset: int) -> bytes:
+    """Up to ``n`` bytes at ``offset`` (fewer at the end of the file)."""
+    return _current.pread(fd, n, offset)
 
 
 def write_file(path: PathLike, data: bytes, *, sync: bool = True) -> None:

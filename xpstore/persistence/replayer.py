@@ -7,21 +7,34 @@ write the effects to LMDB in batches, each with its last LSN as ``applied_lsn``.
 frame boundaries, so a crash during a replay leaves LMDB at a frame boundary that the next
 replay continues from.
 
-Puts are replayed from their bytes (:func:`~xpstore.model.codec.peek_put`): building a record
-model only to re-derive kind, ts and track made recovery slower than ingest.
+Puts are replayed from their bytes, without an Effect or a record model: a version-2 put's
+fixed header (:func:`~xpstore.model.codec.put_head`) gives kind, ts and track with ``struct``, and
+its LMDB envelope is the header's bytes around the record map (version-1 puts, from stores
+written before, go through :func:`~xpstore.model.codec.peek_put`). A put's effect needs no state:
+a new id, indexed and counted, and for a fingerprint its track pointing at it; so runs of puts go
+straight into LMDB changes, and only the other operations are derived against the state (the
+changes replayed but not yet written, then LMDB).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 from xpstore.errors import RecordNotFoundError
-from xpstore.model.codec import decode_envelope, decode_op, peek_put
-from xpstore.model.effects import Effect, StateView, derive_all, derive_put
+from xpstore.model.codec import (
+    KIND_CODES,
+    decode_envelope,
+    decode_op,
+    envelope_at,
+    envelope_from_put,
+    peek_put,
+    put_head,
+)
+from xpstore.model.effects import Effect, StateView, derive_all
 from xpstore.model.records import Experience
 from xpstore.persistence.applier import to_changes
-from xpstore.persistence.lmdb_tables import LmdbTables
+from xpstore.persistence.crashpoints import crash_point
+from xpstore.persistence.lmdb_tables import Change, LmdbTables, RecordPut, TrackSet
 
 __all__ = ["REPLAY_BATCH", "Replayer"]
 
@@ -39,71 +52,77 @@ class Replayer:
         self.batch = batch
         self.replayed = 0
         self.last_lsn = 0
-        self._records: dict[int, Effect] = {}  # replayed, not yet written: newest per id
+        self._values: dict[int, bytes | None] = {}  # replayed, not yet written: id -> envelope
         self._tracks: dict[str, int | None] = {}
-        self._effects: list[Effect] = []
+        self._changes: list[Change] = []
+        self._view: StateView | None = None
 
     def apply_frame(self, first_lsn: int, ops: list[bytes]) -> None:
         """Replay one frame's operations (LSNs ``first_lsn`` ...); write a batch when full."""
-        summaries = [peek_put(raw) for raw in ops]
-        view = self._view(s.track_id for s in summaries if s is not None and s.track_id)
-        for i, (raw, summary) in enumerate(zip(ops, summaries, strict=True)):
-            lsn = first_lsn + i
-            if summary is not None:
-                self._add([derive_put(lsn, raw, summary.kind, summary.ts, summary.track_id, view)])
+        changes, values, tracks = self._changes, self._values, self._tracks
+        lsn = first_lsn
+        for raw in ops:
+            head = put_head(raw)
+            if head is not None:
+                kind_code, ts, track, offset = head
+                value = envelope_at(raw, kind_code, offset, lsn)
             else:
-                self._add(self._derive(raw, lsn, view))
-            self.last_lsn = lsn
+                summary = peek_put(raw)
+                if summary is None:
+                    self._add(self._derive(raw, lsn))
+                    lsn += 1
+                    continue
+                kind_code, ts, track = KIND_CODES[summary.kind], summary.ts, summary.track_id
+                value = envelope_from_put(raw, kind=summary.kind, ts=ts, updated_lsn=lsn)
+            changes.append(RecordPut(lsn, kind_code, ts, value, True))
+            values[lsn] = value
+            if track is not None:
+                changes.append(TrackSet(track, lsn))
+                tracks[track] = lsn
+            lsn += 1
+        self.last_lsn = lsn - 1
         self.replayed += len(ops)
-        if len(self._effects) >= self.batch:
+        if len(changes) >= self.batch:
             self.flush()
+            crash_point("replay.after_batch")
 
     def flush(self, *, force: bool = False) -> None:
-        """Write the replayed effects to LMDB (``force``: even none, to record ``last_lsn``)."""
-        if self._effects or (force and self.last_lsn):
-            self.tables.apply(to_changes(self._effects), self.last_lsn)
-        self._effects, self._records, self._tracks = [], {}, {}
+        """Write the replayed changes to LMDB (``force``: even none, to record ``last_lsn``)."""
+        if self._changes or (force and self.last_lsn):
+            self.tables.apply(self._changes, self.last_lsn)
+        self._changes, self._values, self._tracks = [], {}, {}
 
     # ------------------------------------------------------------------ internals
-    def _derive(self, raw: bytes, lsn: int, view: StateView) -> list[Effect]:
+    def _derive(self, raw: bytes, lsn: int) -> list[Effect]:
         """An operation that was valid when logged stays valid; still, be tolerant."""
         op = decode_op(raw, validate=False)
+        if self._view is None:
+            self._view = StateView(self._get, self._track, self._raw_many)
         try:
-            return derive_all(op, lsn, view, raw)
+            return derive_all(op, lsn, self._view, raw)
         except RecordNotFoundError:
             log.warning("replay: LSN %d targets a missing record (%r); skipped", lsn, op)
             return []
 
     def _add(self, effects: list[Effect]) -> None:
+        self._changes.extend(to_changes(effects))
         for eff in effects:
-            self._effects.append(eff)
             if eff.record_id is not None:
-                self._records[eff.record_id] = eff
+                self._values[eff.record_id] = eff.value
             if eff.track is not None:
                 self._tracks[eff.track] = eff.track_to
 
-    def _view(self, track_ids: Iterable[str]) -> StateView:
-        """Replayed effects first, then LMDB; a frame's track lookups in one read transaction."""
-        wanted = [t for t in set(track_ids) if t not in self._tracks]
-        known: dict[str, int | None] = {}
-        if wanted:
-            with self.tables.reading() as txn:
-                known = {t: self.tables.get_track(txn, t) for t in wanted}
-
-        def track(track_id: str) -> int | None:
-            if track_id in self._tracks:
-                return self._tracks[track_id]
-            if track_id in known:
-                return known[track_id]
-            with self.tables.reading() as txn:
-                return self.tables.get_track(txn, track_id)
-
-        return StateView(self._get, track, self._raw_many)
+    def _track(self, track_id: str) -> int | None:
+        """Replayed changes first, then LMDB."""
+        if track_id in self._tracks:
+            return self._tracks[track_id]
+        with self.tables.reading() as txn:
+            return self.tables.get_track(txn, track_id)
 
     def _get(self, rid: int) -> Experience | None:
-        eff = self._records.get(rid)
-        if eff is not None:
-            return eff.experience()
+        if rid in self._values:
+            value = self._values[rid]
+            return decode_envelope(rid, value) if value is not None else None
         with self.tables.reading() as txn:
             raw = self.tables.get_record(txn, rid)
         return decode_envelope(rid, raw) if raw is not None else None
@@ -112,11 +131,10 @@ class Replayer:
         out: dict[int, bytes] = {}
         rest: list[int] = []
         for rid in ids:
-            eff = self._records.get(rid)
-            if eff is None:
+            if rid not in self._values:
                 rest.append(rid)
-            elif eff.value is not None:
-                out[rid] = eff.value
+            elif (value := self._values[rid]) is not None:
+                out[rid] = value
         if rest:
             with self.tables.reading() as txn:
                 for rid in rest:

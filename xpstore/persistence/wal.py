@@ -1,5 +1,9 @@
 """The write-ahead log writer: LSN assignment, group commit, rotation, poisoning, truncation.
 
+Segments may be preallocated: zeros are written ahead of the write position
+(``wal.preallocate_bytes``), so a commit's fdatasync overwrites blocks the file already has and
+skips the file-size and extent update an append pays (see :meth:`WalWriter._extend`).
+
 One store has one :class:`WalWriter`. Callers (already serialized by the store's write lock)
 ``append`` a group of encoded operations and get its LSN range back at once; then, without any
 lock held, they ``wait`` until that range is acknowledged. The first waiter that finds no flush in
@@ -14,7 +18,8 @@ already have dropped the dirty pages and a retry could report success for data t
 
 The leader is also safe against asynchronous exceptions (a KeyboardInterrupt from Ctrl-C lands
 in whatever the main thread runs, the leader's flush included). Interrupted before any byte of
-its frame reached the file (the segment's size, O_APPEND, did not move), the leader puts its
+its frame reached the file (the segment did not grow, or its zero-filled space is still zero at
+the frame's offset), the leader puts its
 groups back at the head of the queue and wakes the oldest waiter to lead instead: nothing
 happened. Interrupted later, the frame may be whole,
 partial or synced or not, so the log is poisoned as for a failed write: every waiter is woken
@@ -40,6 +45,7 @@ from xpstore.persistence import fs
 from xpstore.persistence.crashpoints import crash_point
 from xpstore.persistence.telemetry import Telemetry
 from xpstore.persistence.wal_format import (
+    FLAG_PREALLOCATED,
     FRAME_HEADER_SIZE,
     SEGMENT_NAME_RE,
     encode_frame,
@@ -51,6 +57,9 @@ from xpstore.persistence.wal_format import (
 log = logging.getLogger(__name__)
 
 DurableCallback = Callable[[int, int], None]
+
+_MIN_PREALLOC = 64 * 1024  # the first zero-filled window of a segment; it doubles from there
+_PAGE = 4096
 
 CLOSE_TIMEOUT_S = 60.0
 """The longest ``close`` waits for the last flush (a hung disk), then fails with WALWriteError."""
@@ -89,6 +98,7 @@ class WalWriter:
         group_commit_ms: float,
         on_durable: DurableCallback,
         telemetry: Telemetry | None = None,
+        preallocate_bytes: int = 0,
     ) -> None:
         self._dir = wal_dir
         self._store_id = store_id
@@ -96,6 +106,7 @@ class WalWriter:
         self._segment_max = segment_max_bytes
         self._max_frame = max_frame_bytes
         self._group_delay = group_commit_ms / 1000.0
+        self._prealloc = preallocate_bytes
         self._on_durable = on_durable
         self._mu = threading.Lock()  # queue, LSN bookkeeping, leader flag, waiter events
         self._events: dict[int, threading.Event] = {}
@@ -114,7 +125,8 @@ class WalWriter:
         self._telemetry = telemetry or Telemetry()
         self._fd = -1
         self._seg_path = Path()
-        self._seg_size = 0
+        self._seg_size = 0  # where the next frame goes
+        self._alloc_end = 0  # the file's size: [_seg_size, _alloc_end) is zero-filled
         self._salt = b""
         self._segments: list[tuple[int, Path]] = list_segments(wal_dir)
         self._open_segment(next_lsn)
@@ -320,13 +332,18 @@ class WalWriter:
     def _frame_reached_file(self) -> bool:
         """After an interrupted flush: whether any byte of its frame may be in the segment.
 
-        The segment is opened O_APPEND, so a write that got anything in moved the file's end
-        past the size recorded before it; equal sizes mean nothing reached the file.
+        Frames are written at the write position: in an append-only segment a write that got
+        anything in moved the file's end past it; in a preallocated one it changed the zeros
+        there.
         """
         if not self._frame_started:
             return False
         try:
-            return os.fstat(self._fd).st_size != self._frame_offset
+            if self._prealloc <= 0:
+                return os.fstat(self._fd).st_size != self._frame_offset
+            # preallocated: the space was zeros, and a frame's first 8 bytes (crc, length) never
+            # are, since the length is at least 4; a write that got in wrote them first
+            return any(fs.pread(self._fd, 8, self._frame_offset))
         except OSError:
             return True
 
@@ -368,9 +385,11 @@ class WalWriter:
         frames.append(encode_frame(self._salt, batch_first, batch, now))
         data = b"".join(frames) if len(frames) > 1 else frames[0]
         offset = self._seg_size
-        self._frame_started, self._frame_offset = True, offset  # see _frame_reached_file
         try:
-            fs.write_all(self._fd, data)
+            if offset + len(data) > self._alloc_end:
+                self._extend(offset + len(data))
+            self._frame_started, self._frame_offset = True, offset  # see _frame_reached_file
+            fs.pwrite_all(self._fd, data, offset)
         except OSError as exc:
             raise self._write_error("write", exc, offset) from exc
         self._seg_size += len(data)
@@ -379,6 +398,27 @@ class WalWriter:
         self.stats.bytes += len(data)
         self._telemetry.observe("wal.commit_writers", len(groups))  # writers sharing this write
         self._telemetry.incr("wal.bytes", len(data))
+
+    def _extend(self, end: int) -> None:
+        """Grow the segment to hold a frame ending at ``end``.
+
+        Without preallocation the frame itself extends the file (an append). With it, zeros are
+        written ahead of the frame up to a window of ``preallocate_bytes`` (growing from 64 KiB
+        with the segment, never past ``segment_max_bytes`` unless the frame needs it), so the
+        commits that follow overwrite allocated, already-written blocks and their fdatasync has
+        no file size or extent to update. The zeros ride on the next commit's sync; a crash
+        before it leaves zeros or a shorter file, both the end of the log (docs/formats.md).
+        """
+        if self._prealloc <= 0:
+            return
+        step = min(self._prealloc, max(_MIN_PREALLOC, self._alloc_end))
+        target = max(end, min(self._alloc_end + step, self._segment_max))
+        target = (target + _PAGE - 1) // _PAGE * _PAGE
+        zero_from = max(self._alloc_end, end)
+        if target > zero_from:
+            fs.pwrite_all(self._fd, bytes(target - zero_from), zero_from)
+            crash_point("wal.preallocate.after_zeros")
+        self._alloc_end = target
 
     def _sync_locked(self) -> None:
         if self._synced_lsn >= self._written_lsn or self._fd < 0:
@@ -416,16 +456,17 @@ class WalWriter:
         final = self._dir / name
         tmp = self._dir / (name + ".tmp")
         salt = secrets.randbits(32)
-        header = encode_header(self._store_id, salt, first_lsn, time.time())
+        flags = FLAG_PREALLOCATED if self._prealloc > 0 else 0
+        header = encode_header(self._store_id, salt, first_lsn, time.time(), flags)
         try:
             fs.write_file(tmp, header)  # fdatasynced before the rename makes it visible
             fs.replace(tmp, final)
             fs.fsync_dir(self._dir)
         except OSError as exc:
             raise self._write_error("segment create", exc, 0) from exc
-        self._fd = fs.open_file(final, os.O_WRONLY | os.O_APPEND)
+        self._fd = fs.open_file(final, os.O_RDWR)
         self._seg_path = final
-        self._seg_size = len(header)
+        self._seg_size = self._alloc_end = len(header)
         self._salt = salt.to_bytes(4, "little")
         self._segments.append((first_lsn, final))
 

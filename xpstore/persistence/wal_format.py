@@ -25,7 +25,10 @@ import google_crc32c
 import numpy as np
 
 SEGMENT_MAGIC = b"XPWALSEG"
-SEGMENT_VERSION = 1
+SEGMENT_VERSION = 2
+"""The newest segment format read. Version 2 adds the preallocated flag; append-only segments
+are still written as version 1, so an older xpstore reads them, and refuses a preallocated one
+as a newer version instead of taking its zeros for damage."""
 SEGMENT_SUFFIX = ".wal"
 SEGMENT_NAME_RE = re.compile(r"^(\d{20})\.wal$")
 
@@ -62,6 +65,11 @@ def padded(n: int) -> int:
     return (n + 7) & ~7
 
 
+FLAG_PREALLOCATED = 1
+"""Segment header flag: the file is zero-filled ahead of its frames, so zeros after the last
+frame are unwritten space (the end of the segment's log), not a zeroed frame."""
+
+
 @dataclass(frozen=True, slots=True)
 class SegmentHeader:
     version: int
@@ -69,15 +77,23 @@ class SegmentHeader:
     salt: int
     first_lsn: int
     created: float
+    flags: int = 0
+
+    @property
+    def preallocated(self) -> bool:
+        return bool(self.flags & FLAG_PREALLOCATED)
 
     @property
     def salt_bytes(self) -> bytes:
         return struct.pack("<I", self.salt)
 
 
-def encode_header(store_id: int, salt: int, first_lsn: int, created: float) -> bytes:
+def encode_header(
+    store_id: int, salt: int, first_lsn: int, created: float, flags: int = 0
+) -> bytes:
+    version = 2 if flags & FLAG_PREALLOCATED else 1
     body = _HEADER.pack(
-        SEGMENT_MAGIC, SEGMENT_VERSION, 0, store_id, salt, 0, first_lsn, created, 0, 0
+        SEGMENT_MAGIC, version, flags, store_id, salt, 0, first_lsn, created, 0, 0
     )
     crc = crc32c(body[: HEADER_SIZE - 8])
     return body[: HEADER_SIZE - 8] + struct.pack("<II", crc, 0)
@@ -96,7 +112,7 @@ def decode_header(data: bytes | memoryview) -> SegmentHeader:
         raise HeaderError(
             "truncated_header", f"segment header needs {HEADER_SIZE} bytes, has {len(data)}"
         )
-    magic, version, _flags, store_id, salt, _rsv, first_lsn, created, crc, _pad = (
+    magic, version, flags, store_id, salt, _rsv, first_lsn, created, crc, _pad = (
         _HEADER.unpack_from(data)
     )
     if magic != SEGMENT_MAGIC:
@@ -108,7 +124,16 @@ def decode_header(data: bytes | memoryview) -> SegmentHeader:
             "newer_version",
             f"segment format version {version} is newer than supported ({SEGMENT_VERSION})",
         )
-    return SegmentHeader(version, store_id, salt, first_lsn, created)
+    if flags & ~FLAG_PREALLOCATED or (flags and version < 2):
+        raise HeaderError(
+            "newer_version", f"segment flags {flags:#x} unknown to segment format {version}"
+        )
+    return SegmentHeader(version, store_id, salt, first_lsn, created, flags)
+
+
+def zero_tail(data: bytes, offset: int) -> bool:
+    """Whether every byte of ``data`` from ``offset`` on is zero (unwritten preallocated space)."""
+    return data.count(0, offset) == len(data) - offset
 
 
 def encode_frame(salt_bytes: bytes, first_lsn: int, ops: list[bytes], commit_time: float) -> bytes:

@@ -48,6 +48,7 @@ from xpstore.persistence.wal_format import (
     decode_frame,
     decode_header,
     find_valid_frame,
+    zero_tail,
 )
 
 _MAX_RELISTS = 1000  # a writer rotating faster than segments can be read: stop somewhere
@@ -252,20 +253,24 @@ class Gap:
 
 
 def _read_frames(
-    path: Path, data: bytes, salt: bytes, offset: int, expected: int, max_frame: int
+    path: Path, data: bytes, header: SegmentHeader, offset: int, expected: int, max_frame: int
 ) -> Iterator[Frame | BadFrame]:
     """Every valid frame of ``data`` from ``offset``, and a :class:`BadFrame` at each bad spot.
 
     After a bad spot reading resumes at the next valid frame whose LSN is not below
     ``expected`` (which follows each frame that continues the log): an older frame there would
-    be a stale one, and the search must not stop at it.
+    be a stale one, and the search must not stop at it. In a preallocated segment, nothing but
+    zeros from a frame's offset on is the end of its log, not damage.
     """
     view = memoryview(data)
+    salt = header.salt_bytes
     while offset < len(data):
         frame: Frame | None
         try:
             frame = decode_frame(view, offset, salt, max_frame)
         except FrameError as exc:
+            if header.preallocated and zero_tail(data, offset):
+                return
             frame = find_valid_frame(data, offset, salt, expected, max_frame)
             yield BadFrame(
                 segment=path, offset=offset, reason=exc.reason, detail=str(exc),
@@ -307,8 +312,7 @@ def scan_segment(path: Path, data: bytes, max_frame_bytes: int) -> SegmentScan:
     except HeaderError as exc:
         return SegmentScan(path, len(data), None, [], _bad_header(path, exc, None))
     frames: list[Frame] = []
-    salt = header.salt_bytes
-    for item in _read_frames(path, data, salt, HEADER_SIZE, header.first_lsn, max_frame_bytes):
+    for item in _read_frames(path, data, header, HEADER_SIZE, header.first_lsn, max_frame_bytes):
         if isinstance(item, BadFrame):
             return SegmentScan(path, len(data), header, frames, item)
         frames.append(item)
@@ -480,7 +484,7 @@ class WalReader:
         expected = self._expected
         assert expected is not None  # placed by _header
         end, stop = offset, None
-        for item in _read_frames(path, data, header.salt_bytes, offset, expected, self.max_frame):
+        for item in _read_frames(path, data, header, offset, expected, self.max_frame):
             if isinstance(item, BadFrame):
                 self._pending.append(item)
                 end, stop = item.offset, item

@@ -35,7 +35,13 @@ from xpstore.errors import WALCorruptionError
 from xpstore.model.progress import ProgressFn
 from xpstore.persistence import fs
 from xpstore.persistence.wal import list_segments
-from xpstore.persistence.wal_format import HEADER_SIZE, Frame
+from xpstore.persistence.wal_format import (
+    HEADER_SIZE,
+    Frame,
+    HeaderError,
+    decode_header,
+    zero_tail,
+)
 from xpstore.persistence.wal_reader import (
     BadFrame,
     BadHeader,
@@ -156,6 +162,8 @@ def recover_wal(
         _salvage(reader, report, apply)
     else:
         stop = _strict(reader, report, apply, to_lsn)
+    if isinstance(apply, _ReadProgress):
+        apply.done()
     report.segments = len(reader.listed)
     end = stop.expected_lsn - 1 if stop is not None else reader.end_lsn
     report.last_lsn = max(applied_lsn, end or 0)
@@ -191,6 +199,13 @@ class _ReadProgress:
             self._measure()
         self._progress("replaying WAL", self._before.get(seg, 0) + frame.offset + frame.size,
                        sum(self._sizes.values()), "bytes")  # fmt: skip
+
+    def done(self) -> None:
+        """Every segment was read to its end: a preallocated one's zeros after its last frame
+        count as read (they are the end of its log), so the bar ends at its total."""
+        if self._sizes:
+            total = sum(self._sizes.values())
+            self._progress("replaying WAL", total, total, "bytes")
 
     def _measure(self) -> None:
         """Sizes of the segments listed so far (a live log's new ones are added as they come)."""
@@ -397,13 +412,24 @@ def _set_aside(path: Path, report: RecoveryReport) -> None:
     report.removed_segments.append(path.name)
 
 
+def _only_zeros_after_header(path: Path) -> bool:
+    """A preallocated segment that no frame reached (an append-only one never has zeros there)."""
+    data = fs.read_bytes(path)
+    try:
+        preallocated = decode_header(data).preallocated
+    except HeaderError:
+        return False
+    return preallocated and zero_tail(data, HEADER_SIZE)
+
+
 def _remove_trailing_empty(wal_dir: Path, report: RecoveryReport) -> None:
-    """Delete header-only segments at the end (crash right after a create or rotation)."""
+    """Delete segments without a frame at the end (crash right after a create or rotation):
+    header only, or header and the zeros of preallocated space."""
     segs = list_segments(wal_dir)
     removed = False
     while segs:
         _first, path = segs[-1]
-        if path.stat().st_size > HEADER_SIZE:
+        if path.stat().st_size > HEADER_SIZE and not _only_zeros_after_header(path):
             break
         fs.unlink(path)
         report.removed_segments.append(path.name)

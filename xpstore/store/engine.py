@@ -251,6 +251,7 @@ def _open(
         segment_max_bytes=cfg.wal.segment_max_bytes,
         max_frame_bytes=cfg.wal.max_frame_bytes,
         group_commit_ms=cfg.wal.group_commit_ms,
+        preallocate_bytes=cfg.wal.preallocate_bytes,
         on_durable=lambda _first, last: overlay.make_durable(last),
         telemetry=engine.telemetry,
     )
