@@ -474,3 +474,60 @@ def test_cli_profile_and_tune(store_path: Path) -> None:
     assert actions[:3] == ["strategy", "enable", "disable"] or "disable" in actions
     bad = runner.invoke(main, ["tune", "run", str(store_path), "--strategy", "fastest"])
     assert bad.exit_code == 2
+
+
+def test_the_apply_rule_widens_small_transactions_and_splits_slow_ones(store_path: Path) -> None:
+    with Store.open(store_path, create=True, durability="none") as store:
+        rng = np.random.default_rng(1)
+        for i in range(12):  # twelve one-record applier transactions
+            store.put(library(rng, 1, prefix=f"a{i}-")[0])
+            store.flush()
+        tuner = AutoTuner(store, Profiler(store, background=False), strategy="throughput",
+                          background=False)  # fmt: skip
+        change = tuner._rule_apply(None)
+        assert change is not None and change.knobs == {"apply.interval_ms": 400.0}
+        assert change.evidence["apply_mean_ops"] < 0.1 * store.config.apply.batch_ops
+        assert AutoTuner(store, Profiler(store, background=False), strategy="latency",
+                         background=False)._rule_apply(None) is None  # fmt: skip
+        for _ in range(20):  # the applier's own histogram: transactions that took 0.8 s
+            store.parts.telemetry.observe("apply", 0.8)
+        slow = tuner._rule_apply(None)
+        assert slow is not None and slow.knobs == {"apply.batch_ops": 5_000}
+        assert slow.evidence["apply_p99_s"] > 0.5
+
+
+def test_the_cache_rule_grows_a_full_cache_that_misses(store_path: Path) -> None:
+    with _hnsw_store(store_path) as store:
+        store.reconfigure(index_answer_cache=1_000)
+        tuner = AutoTuner(store, Profiler(store, background=False), background=False)
+        tuner._counters = dict(store.parts.telemetry.counters())
+        for i in range(1_200):  # distinct tracks: nearly every answer misses the cache
+            store.similar(f"t{i}", k=5)
+        change = tuner._rule_cache(tuner._probes())
+        assert change is not None and change.knobs == {"index.answer_cache": 2_000}
+        assert change.evidence["miss_rate"] > 0.2
+
+
+def test_the_delta_rule_moves_the_ratio_to_the_measured_optimum(store_path: Path) -> None:
+    with _hnsw_store(store_path) as store:
+        for i in range(50):
+            store.similar(f"t{i}", k=5)
+        store.put_many(library(np.random.default_rng(5), 20, prefix="new"))
+        tuner = AutoTuner(store, Profiler(store, background=False), background=False)
+        probes = tuner._probes()
+        changes = []
+        for current in (0.01, 1.0):  # the optimum differs from at least one of the bounds
+            store.reconfigure(index_delta_ratio=current)
+            change = tuner._rule_delta(probes)
+            if change is not None:
+                changes.append(change)
+        assert changes
+        main_n = len(store.parts.index.serving().main)
+        for change in changes:
+            ev = change.evidence
+            assert ev["query_rate"] > 0 and ev["insert_rate"] > 0 and ev["delta_row_cost_s"] > 0
+            want = math.sqrt(2 * ev["rebuild_s"] * ev["insert_rate"]
+                             / (ev["query_rate"] * ev["delta_row_cost_s"]))  # fmt: skip
+            assert ev["optimal_delta_rows"] == pytest.approx(want)
+            ratio = change.knobs["index.delta_ratio"]
+            assert ratio == round(min(1.0, max(0.01, want / main_n)), 4)

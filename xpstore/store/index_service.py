@@ -382,9 +382,12 @@ class IndexService:
                 misses.append(rid)
             else:
                 meta[rid] = hit
+        telemetry = self._engine.telemetry
+        telemetry.incr("answers.hits", len(found) - len(misses))
         if misses:
             from xpstore.index.rows import envelope_track
 
+            telemetry.incr("answers.misses", len(misses))
             self._engine.check_open()
             for rid, data in self._reader.envelopes(misses).items():
                 meta[rid] = server.remember(rid, envelope_track(data))
