@@ -407,19 +407,17 @@ def create_app(
         return {"reset": user or "all", "decisions": len(decisions)}
 
     # -------------------------------------------------------------- self-tuning
-    def tuner_status() -> dict[str, Any]:
+    def attached() -> Tuning:
         if tuning is None:
             raise ServiceError(503, "self-tuning is not attached to this service (it was "
                                "started with --no-tuning)")  # fmt: skip
-        if store.readonly:  # follow the writer's decisions (a few records: cheap)
-            tuning.tuner.refresh()
-        return {**tuning.tuner.status(), "memory": tuning.monitor.status()}
-
-    def attached() -> Tuning:
-        if tuning is None:
-            tuner_status()  # raises the 503
-        assert tuning is not None
         return tuning
+
+    def tuner_status() -> dict[str, Any]:
+        t = attached()
+        if store.readonly:  # follow the writer's decisions (a few records: cheap)
+            t.tuner.refresh()
+        return {**t.tuner.status(), "memory": t.monitor.status()}
 
     @app.get("/tuning/status", tags=["tuning"], responses=ERRORS)
     def tuning_status() -> dict[str, Any]:
