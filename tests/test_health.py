@@ -19,13 +19,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from xpstore import InvalidArgumentError, Learner, Store
+from xpstore import InvalidArgumentError, Learner, Store, Tuning
 from xpstore.cli import main
 from xpstore.config import StoreConfig
 from xpstore.demo.listeners import simulate
 from xpstore.demo.synthetic import make_fingerprint, make_query_metric
 from xpstore.index.history import FILE as BUILDS_FILE
 from xpstore.index.history import read_builds
+from xpstore.model.records import Decision
 from xpstore.model.sketch import LogHistogram
 from xpstore.ops.inspect import CheckReport
 from xpstore.persistence.telemetry import Telemetry
@@ -38,6 +39,7 @@ from xpstore.store.health import (
     worst,
 )
 from xpstore.store.metrics import LATENCY_BUCKETS, to_buckets
+from xpstore.tuning.monitor import MemoryReading
 from xpstore.tuning.observe import watch_learner
 
 PRED = {"kind": "prediction", "predicted": "warm", "confidence": 0.5, "context": "c"}
@@ -302,6 +304,55 @@ def test_learner_check_and_metrics(tmp_path: Path) -> None:
         assert m["xpstore_learner_resolved"] == 40
 
 
+def test_tuning_takes_over_the_memory_check_and_exports_its_decisions(tmp_path: Path) -> None:
+    readings = [MemoryReading(total=1000, available=600, rss=50 << 20)]
+    with Store.open(tmp_path / "s", create=True, durability="none") as store:
+        _fingerprints(store, 30)
+        tuning = Tuning(store, background=False)
+        tuning.monitor.reader = lambda: readings[-1]
+        row = store.parts.health.check("memory")
+        assert row.status == "healthy" and row.value["source"] == "monitor"
+        assert "no reading of its own yet" in row.message and row.value["level"] == 0
+        for available, level, status in ((150, 1, "warning"), (50, 2, "critical"),
+                                          (600, 0, "healthy")):  # fmt: skip
+            readings.append(MemoryReading(total=1000, available=available, rss=60 << 20))
+            assert tuning.monitor.check() == level
+            row = store.parts.health.check("memory")
+            assert (row.status, row.value["level"]) == (status, level), row
+            assert row.value["used_pct"] == pytest.approx(100 - available / 10)
+            assert store.metrics()["xpstore_memory_level"] == level
+        assert store.health()["checks"]["memory"]["status"] == "healthy"
+
+        tuning.tuner.enable()
+        tuning.tuner.disable()
+        tuning.tuner.enable()
+        store.put(Decision(component="tuner", action="rollback", target="index.ef_search",
+                           old=32.0, new=64.0, reason="recall under the floor", evidence={},
+                           policy="balanced"))  # fmt: skip
+        m = store.metrics()
+        assert m['xpstore_tuner_decisions_total{action="enable",knob="tuner"}'] == 2
+        assert m['xpstore_tuner_decisions_total{action="disable",knob="tuner"}'] == 1
+        assert m['xpstore_tuner_decisions_total{action="rollback",knob="index.ef_search"}'] == 1
+        assert m["xpstore_tuner_rollbacks_total"] == 1
+        assert m["xpstore_tuner_enabled"] == 1 and m["xpstore_tuner_pending_changes"] == 0
+        assert m['xpstore_tuner_strategy{strategy="balanced"}'] == 1
+        text = store.parts.metrics.text().decode()
+        assert "# HELP xpstore_tuner_decisions_total " in text
+        assert "# TYPE xpstore_tuner_decisions_total counter" in text
+        tuning.tuner.disable()
+        assert store.metrics()["xpstore_tuner_enabled"] == 0
+
+        tuning.close()  # detached: psutil's check is back, the tuner's metrics are gone
+        assert store.health()["checks"]["memory"]["value"]["source"] == "psutil"
+        assert "xpstore_tuner_enabled" not in store.metrics()
+        assert list(store.health()["checks"]).index("memory") == 4  # back in its place
+        with Tuning(store, background=False, monitor=False):
+            assert store.health()["checks"]["memory"]["value"]["source"] == "psutil"
+            assert store.metrics()["xpstore_tuner_enabled"] == 0
+        with pytest.raises(InvalidArgumentError, match="no built-in"):
+            store.parts.health.restore_check("prediction_accuracy")
+
+
 # ------------------------------------------------------------------ metrics
 
 
@@ -406,11 +457,14 @@ def test_report_pngs(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     for name, size in SIZES.items():
         assert _png_size(empty / f"{name}.png") == size, name
-    with Store.open(path) as store:
+    with Store.open(path) as store, Tuning(store, background=False, monitor=False) as tuning:
         _fingerprints(store, 120)
         store.rebuild_index()
         store.rebuild_index()
         simulate(store, "default", listeners=3, interactions=40, seed=0)
+        for i in range(20):
+            store.similar(f"t{i}", k=5)
+        tuning.profiler.flush()  # the put/similar summaries the latency figure reads
     assert len(read_builds(path / "index")) >= 2  # and any automatic build
     out = tmp_path / "report"
     result = CliRunner().invoke(main, ["report", str(path), "--out", str(out), "--json"])
@@ -420,3 +474,41 @@ def test_report_pngs(tmp_path: Path) -> None:
     for name, file in files.items():
         assert _png_size(Path(file)) == SIZES[name], name
         assert Path(file).stat().st_size > (empty / f"{name}.png").stat().st_size, name
+
+
+def test_latency_over_time_merges_the_summaries_and_the_query_metrics(tmp_path: Path) -> None:
+    from xpstore.tuning.profiler import latency_over_time
+
+    rng = np.random.default_rng(3)
+    with Store.open(tmp_path / "s", create=True, durability="none") as store:
+        assert latency_over_time(store) == {}
+        with Tuning(store, background=False, monitor=False) as tuning:
+            for i in range(3):
+                _fingerprints(store, 10, seed=i, prefix=f"b{i}-")
+            store.similar("b0-1", k=3)
+            assert tuning.profiler.flush() >= 2
+            store.similar("b1-1", k=3)
+            tuning.profiler.flush()
+        hour = 3600.0 * (time.time() // 3600 - 30)  # metrics logged a day ago, an hour apart
+        metrics = [make_query_metric(rng, ts=hour + 3600 * (i % 2) + i) for i in range(40)]
+        store.put_many(metrics)
+        series = latency_over_time(store, app_types=1)
+        put = series["store.put"]
+        # one observation per put call: three ingests and the first flush's own put_many
+        assert sum(p["count"] for p in put) == 4
+        assert sum(p["count"] for p in series["store.similar"]) == 2
+        app = [t for t in series if not t.startswith("store.")]
+        counts = {m.query_type: 0 for m in metrics}
+        for m in metrics:
+            counts[m.query_type] += 1
+        assert app == [min(counts, key=lambda t: (-counts[t], t))]  # the most frequent type
+        points = series[app[0]]
+        assert sum(p["count"] for p in points) == counts[app[0]]
+        assert [p["t"] for p in points] == sorted(p["t"] for p in points)
+        assert len(points) == 2 and points[1]["t"] - points[0]["t"] == 3600  # hourly steps
+        for p in points:
+            lat = sorted(m.latency_ms for m in metrics if m.query_type == app[0]
+                         and p["t"] <= (m.ts or 0.0) < p["t"] + 3600)  # fmt: skip
+            assert p["p50_ms"] == pytest.approx(float(np.quantile(lat, 0.5, method="lower")),
+                                                rel=0.05)  # fmt: skip
+            assert p["p50_ms"] <= p["p99_ms"] <= max(lat) * 1.0001

@@ -162,6 +162,8 @@ def test_openapi_document(ro: Service) -> None:
         ("/similar/{track_id}", "get"), ("/similar", "post"), ("/records/{record_id}", "get"),
         ("/stats", "get"), ("/index/status", "get"), ("/learning/accuracy", "get"),
         ("/learning/weights", "get"), ("/learning/reset", "post"),
+        ("/tuning/status", "get"), ("/tuning/enable", "post"), ("/tuning/disable", "post"),
+        ("/tuning/history", "get"),
     }  # fmt: skip
     params = {p["name"]: p for p in doc["paths"]["/similar/{track_id}"]["get"]["parameters"]}
     assert set(params) == {"track_id", "k", "where", "precomputed"}
@@ -320,6 +322,27 @@ def test_read_only_refuses_changes(ro: Service) -> None:
         body = _error(c.post("/learning/reset", headers=auth), 403)
         assert "read-only" in body["error"]
         assert _decisions(c) == before
+
+
+def test_tuning_endpoints(ro: Service, rw: Service) -> None:
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    with ro.client() as c:  # read-only: status and history, but no switching
+        st = c.get("/tuning/status").json()
+        assert st["enabled"] is False and st["memory"]["strategy"] == "balanced"
+        before = _decisions(c)
+        assert "read-only" in _error(c.post("/tuning/enable", headers=auth), 403)["error"]
+        assert _decisions(c) == before and c.get("/tuning/history").json()["total"] == 0
+    with rw.client() as c:
+        _error(c.post("/tuning/enable"), 403, "authorization")
+        r = c.post("/tuning/enable", headers=auth)
+        assert r.status_code == 200 and r.json()["enabled"] is True
+        assert c.get("/tuning/status").json()["enabled"] is True
+        (last,) = c.get("/tuning/history", params={"limit": 1}).json()["decisions"]
+        assert (last["action"], last["target"]) == ("enable", "tuner")
+        assert c.post("/tuning/disable", headers=auth).json()["enabled"] is False
+        metrics = c.get("/metrics").text
+        assert 'xpstore_tuner_decisions_total{action="enable",knob="tuner"} 1.0' in metrics
+        assert "xpstore_tuner_enabled 0.0" in metrics
 
 
 def test_token(rw: Service) -> None:

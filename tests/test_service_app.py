@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from xpstore import InvalidArgumentError, Store
+from xpstore import InvalidArgumentError, Store, Tuning
 from xpstore.demo.synthetic import make_fingerprint
 from xpstore.service.app import ServiceError, create_app, parse_where
 from xpstore.service.server import read_token
@@ -155,3 +157,66 @@ def test_read_token(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert info.value.field == "token_file"
     with pytest.raises(InvalidArgumentError, match="cannot read the token file"):
         read_token(tmp_path / "missing")
+
+
+def test_tuning_endpoints_in_process(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    rng = np.random.default_rng(1)
+    auth = {"authorization": "Bearer " + TOKEN.decode()}
+    with Store.open(path, create=True, durability="none") as store:
+        store.put_many([make_fingerprint(rng, f"t{i}") for i in range(30)])
+        # no Tuning attached (serve --no-tuning): every /tuning endpoint answers 503
+        for r in _run(store, [("GET", "/tuning/status", {}), ("GET", "/tuning/history", {}),
+                              ("POST", "/tuning/enable", {"headers": auth})],
+                      token=TOKEN):  # fmt: skip
+            _err(r, 503, None)
+            assert "--no-tuning" in r.json()["error"]
+        with Tuning(store, background=False) as tuning:
+            (status, no_auth, bad_token, enable, after, hist, last, bad_limit, wrong_method,
+             disable, end) = _run(store, [
+                ("GET", "/tuning/status", {}),
+                ("POST", "/tuning/enable", {}),
+                ("POST", "/tuning/enable", {"headers": {"authorization": "Bearer nope"}}),
+                ("POST", "/tuning/enable", {"headers": auth}),
+                ("GET", "/tuning/status", {}),
+                ("GET", "/tuning/history", {}),
+                ("GET", "/tuning/history?limit=1", {}),
+                ("GET", "/tuning/history?limit=0", {}),
+                ("GET", "/tuning/enable", {}),
+                ("POST", "/tuning/disable", {"headers": auth}),
+                ("GET", "/tuning/history", {}),
+            ], token=TOKEN, tuning=tuning)  # fmt: skip
+            assert status.status_code == 200 and status.json()["enabled"] is False
+            assert status.json()["memory"]["level"] == 0
+            assert status.json()["knobs"]["index.ef_search"] == store.config.get("index.ef_search")
+            _err(no_auth, 403, "authorization")
+            _err(bad_token, 403, "authorization")
+            assert enable.status_code == 200 and enable.json()["enabled"] is True
+            assert after.json()["enabled"] is True
+            assert hist.json()["total"] == 1  # the refused calls changed nothing
+            (only,) = hist.json()["decisions"]
+            assert (only["action"], only["target"]) == ("enable", "tuner")
+            assert last.json() == hist.json()
+            _err(bad_limit, 422, "limit")
+            _err(wrong_method, 405, None)
+            assert disable.status_code == 200 and disable.json()["enabled"] is False
+            assert [d["action"] for d in end.json()["decisions"]] == ["enable", "disable"]
+            (enable_ro,) = _run(store, [("POST", "/tuning/enable", {"headers": auth})],
+                                token=None, tuning=tuning)  # fmt: skip
+            _err(enable_ro, 403, None)
+        assert [d["action"] for d in tuning.tuner.history()] == ["enable", "disable"]
+    with Store.open(path, readonly=True) as reader, Tuning(reader, background=False) as tuning:
+        status, refused, hist = _run(reader, [
+            ("GET", "/tuning/status", {}),
+            ("POST", "/tuning/disable", {"headers": auth}),
+            ("GET", "/tuning/history", {}),
+        ], token=TOKEN, tuning=tuning)  # fmt: skip
+        assert status.json()["enabled"] is False and hist.json()["total"] == 2
+        assert "read-only" in refused.json()["error"] and refused.status_code == 403
+        beside = ("import sys; from xpstore import Store, Tuning\n"
+                  "with Store.open(sys.argv[1]) as w, Tuning(w, background=False) as t:\n"
+                  "    t.tuner.enable()\n")  # a writer process beside the read-only service
+        subprocess.run([sys.executable, "-c", beside, str(path)], check=True, timeout=120)
+        status, hist = _run(reader, [("GET", "/tuning/status", {}),
+                                     ("GET", "/tuning/history", {})], tuning=tuning)  # fmt: skip
+        assert status.json()["enabled"] is True and hist.json()["total"] == 3

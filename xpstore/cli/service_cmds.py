@@ -125,8 +125,10 @@ def metrics(path: Path, policy: str, as_json: bool) -> None:
               show_default=True, help="The learner policy the /learning endpoints use.")
 @click.option("--max-body", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes (larger: 413).")
+@click.option("--tuning/--no-tuning", default=True, show_default=True,
+              help="Attach self-tuning (/tuning/*, the resource monitor's memory check).")
 def serve(path: Path, host: str, port: int, token_file: Path | None, writable: bool,
-          policy: str, max_body: int) -> None:  # fmt: skip
+          policy: str, max_body: int, tuning: bool) -> None:  # fmt: skip
     """Serve health, metrics, similar tracks and learning over HTTP (until SIGTERM).
 
     Needs the serve extra (pip install 'xpstore[serve]'). Endpoints and errors:
@@ -143,7 +145,7 @@ def serve(path: Path, host: str, port: int, token_file: Path | None, writable: b
         raise XpStoreError(f"serve needs the serve extra: pip install 'xpstore[serve]' ({exc})"
                            ) from exc  # fmt: skip
     run(path, host=host, port=port, token_file=token_file, writable=writable, policy=policy,
-        max_body_bytes=max_body, log_level="info")  # fmt: skip
+        max_body_bytes=max_body, log_level="info", tuning=tuning)  # fmt: skip
 
 
 @main.command()

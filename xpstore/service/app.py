@@ -1,4 +1,5 @@
-"""The HTTP service's ASGI app (FastAPI): health, metrics, similar tracks, records, learning.
+"""The HTTP service's ASGI app (FastAPI): health, metrics, similar tracks, records, learning,
+self-tuning.
 
 :func:`create_app` wraps one open :class:`~xpstore.Store`; ``xpstore serve`` runs it under
 uvicorn (:mod:`xpstore.service.server`). The endpoints and their error answers are in
@@ -10,6 +11,8 @@ docs/service.md; the OpenAPI document is served at ``/openapi.json``.
 - Mutating endpoints need the store opened writable (``--writable``) *and* the bearer token of
   ``--token-file``, compared in constant time (``hmac.compare_digest``); otherwise they answer
   403 before anything is touched.
+- ``/tuning/*`` answer from the :class:`~xpstore.tuning.tuning.Tuning` the service attached
+  (``xpstore serve`` attaches one unless ``--no-tuning``); without one they answer 503.
 - ``GET /similar`` runs on the event loop: a search is ~0.1 ms of FAISS and a thread hop costs
   as much as that; everything slower (stats, health, metrics, learning) runs in the thread pool.
 """
@@ -45,6 +48,7 @@ from xpstore.index.neighbors import Neighbor
 from xpstore.store.store import Store
 from xpstore.tuning import Learner
 from xpstore.tuning.observe import watch_learner
+from xpstore.tuning.tuning import Tuning
 
 __all__ = ["MAX_BODY_BYTES", "MAX_K", "ServiceError", "create_app", "parse_where"]
 
@@ -227,9 +231,11 @@ def create_app(
     policy: str = "default",
     max_body_bytes: int = MAX_BODY_BYTES,
     learner_refresh_s: float = 30.0,
+    tuning: Tuning | None = None,
 ) -> FastAPI:
     """The app over ``store`` (writable iff the store is open for writing); ``token`` guards
-    the mutating endpoints (None: they always answer 403)."""
+    the mutating endpoints (None: they always answer 403); ``tuning`` (attached to ``store``
+    by the caller, who closes it) answers ``/tuning/*`` (None: 503)."""
     learning = _Learning(store, policy, learner_refresh_s)
     watch_learner(store, learning.get)
     app = FastAPI(
@@ -399,6 +405,49 @@ def create_app(
             raise ServiceError(404, f"no learned weight for user {user!r}", "user")
         decisions = lrn.reset(user_id=user)
         return {"reset": user or "all", "decisions": len(decisions)}
+
+    # -------------------------------------------------------------- self-tuning
+    def attached() -> Tuning:
+        if tuning is None:
+            raise ServiceError(503, "self-tuning is not attached to this service (it was "
+                               "started with --no-tuning)")  # fmt: skip
+        return tuning
+
+    def tuner_status() -> dict[str, Any]:
+        t = attached()
+        if store.readonly:  # follow the writer's decisions (a few records: cheap)
+            t.tuner.refresh()
+        return {**t.tuner.status(), "memory": t.monitor.status()}
+
+    @app.get("/tuning/status", tags=["tuning"], responses=ERRORS)
+    def tuning_status() -> dict[str, Any]:
+        """Enabled, strategy, recall floor, the knobs in force, the change awaiting its
+        judgement, and the resource monitor's memory level (``tuner.status()``)."""
+        return tuner_status()
+
+    @app.post("/tuning/enable", tags=["tuning"], responses=ERRORS,
+              dependencies=[Depends(mutating)])  # fmt: skip
+    def tuning_enable() -> dict[str, Any]:
+        """Turn background tuning on (a durable decision); the status after it. Needs
+        ``--writable`` and the bearer token."""
+        attached().tuner.enable()
+        return tuner_status()
+
+    @app.post("/tuning/disable", tags=["tuning"], responses=ERRORS,
+              dependencies=[Depends(mutating)])  # fmt: skip
+    def tuning_disable() -> dict[str, Any]:
+        """Turn background tuning off (a durable decision); the status after it. Needs
+        ``--writable`` and the bearer token."""
+        attached().tuner.disable()
+        return tuner_status()
+
+    @app.get("/tuning/history", tags=["tuning"], responses=ERRORS)
+    def tuning_history(
+        limit: Annotated[int, Query(ge=1, le=100_000, description="The newest this many.")] = 1000,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The tuner's decisions, oldest first (``tuner.history()``): the newest ``limit``."""
+        history = attached().tuner.history()
+        return {"total": len(history), "decisions": history[-limit:]}
 
     return app
 

@@ -5,7 +5,10 @@
 - ``index_recall.png``: the recall@10 probe of each index build (``index/builds.jsonl``), with
   the build's size;
 - ``priorities.png``: the priority sampler's distribution, per kind, as N·P(i) (1 = what a
-  uniform draw would give each item) on a log axis.
+  uniform draw would give each item) on a log axis;
+- ``latency.png``: p50 (solid) and p99 (dashed) over time of ``put`` and ``similar`` from the
+  profiler's stored operation summaries, and of the most frequent application query types from
+  their QueryMetrics (``xpstore.tuning.profiler.latency_over_time``).
 
 matplotlib is the optional ``plots`` extra, imported here only (Agg backend). Every figure is
 drawn even without data (it says so), so the set of files does not depend on the store.
@@ -13,6 +16,7 @@ drawn even without data (it says so), so the set of files does not depend on the
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from pathlib import Path
 from typing import Any
@@ -23,11 +27,13 @@ from xpstore.model.records import SAMPLEABLE_KINDS
 from xpstore.store.store import Store
 from xpstore.tuning import Learner
 from xpstore.tuning.plots import plot_learning
+from xpstore.tuning.profiler import latency_over_time
 
 __all__ = ["DPI", "SIZES", "write_report"]
 
 DPI = 100
-SIZES = {"learning": (1000, 420), "index_recall": (800, 450), "priorities": (800, 450)}
+SIZES = {"learning": (1000, 420), "index_recall": (800, 450), "priorities": (800, 450),
+         "latency": (1000, 450)}
 """Pixel sizes of the PNGs, by figure."""
 
 
@@ -51,6 +57,7 @@ def write_report(store: Store, out: str | Path, *, policy: str = "default") -> d
     files["learning"] = plot_learning(Learner(store, policy=policy), folder / "learning.png")
     files["index_recall"] = _recall(plt, store, folder / "index_recall.png")
     files["priorities"] = _priorities(plt, store, folder / "priorities.png")
+    files["latency"] = _latency(plt, store, folder / "latency.png")
     return files
 
 
@@ -127,4 +134,29 @@ def _priorities(plt: Any, store: Store, path: Path) -> Path:
     else:
         _empty(ax, "nothing to sample yet")
     ax.set_title("priority sampler: distribution of P(i)")
+    return _save(plt, fig, path)
+
+
+def _latency(plt: Any, store: Store, path: Path) -> Path:
+    series = latency_over_time(store)
+    fig, ax = _figure(plt, "latency")
+    if not series:
+        _empty(ax, "no operation summaries or query metrics yet (the profiler logs summaries "
+                   "while xpstore.Tuning is attached)")  # fmt: skip
+    else:
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, (qtype, points) in enumerate(series.items()):
+            xs = [dt.datetime.fromtimestamp(p["t"], tz=dt.UTC) for p in points]
+            color = colors[i % len(colors)]
+            n = int(sum(p["count"] for p in points))
+            ax.plot(xs, [p["p50_ms"] for p in points], color=color, marker=".",
+                    label=f"{qtype} p50 ({n})")  # fmt: skip
+            ax.plot(xs, [p["p99_ms"] for p in points], color=color, marker=".",
+                    linestyle="--", label=f"{qtype} p99")  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_ylabel("latency (ms)")
+        ax.set_xlabel("time (UTC)")
+        fig.autofmt_xdate()
+        ax.legend(fontsize="small", ncol=2)
+    ax.set_title("latency percentiles over time")
     return _save(plt, fig, path)

@@ -16,6 +16,7 @@ from types import FrameType
 
 from xpstore.errors import InvalidArgumentError
 from xpstore.store.store import Store
+from xpstore.tuning.tuning import Tuning
 
 __all__ = ["read_token", "serve"]
 
@@ -50,16 +51,21 @@ def serve(
     policy: str = "default",
     max_body_bytes: int | None = None,
     log_level: str = "info",
+    tuning: bool = True,
 ) -> None:
-    """Serve the store at ``path`` until SIGTERM/SIGINT; read-only unless ``writable``."""
+    """Serve the store at ``path`` until SIGTERM/SIGINT; read-only unless ``writable``;
+    ``tuning`` attaches :class:`~xpstore.tuning.tuning.Tuning` (``/tuning/*``, the resource
+    monitor's memory check, the tuner's metrics)."""
     import uvicorn
 
     from xpstore.service.app import MAX_BODY_BYTES, create_app
 
     token = read_token(token_file) if token_file is not None else None
     store = Store.open(path, readonly=not writable)
+    tuner: Tuning | None = None
     try:
-        app = create_app(store, token=token, policy=policy,
+        tuner = Tuning(store) if tuning else None
+        app = create_app(store, token=token, policy=policy, tuning=tuner,
                          max_body_bytes=max_body_bytes or MAX_BODY_BYTES)  # fmt: skip
         if store.count("fingerprint"):
             store.index_status()  # attach the index now, not on the first query
@@ -77,7 +83,11 @@ def serve(
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     finally:
-        store.close()
+        try:
+            if tuner is not None:
+                tuner.close()
+        finally:
+            store.close()
         log.info("store %s closed", path)
 
 

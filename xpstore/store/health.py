@@ -175,6 +175,7 @@ class Health:
             ("verify", self._check_verify),
         ):
             self._checks[name] = _Registered(fn, builtin=True)
+        self._builtins = {name: reg.fn for name, reg in self._checks.items()}
 
     # ------------------------------------------------------------------ registry
     def register_check(self, name: str, fn: CheckFn, *, replace: bool = False) -> None:
@@ -191,6 +192,15 @@ class Health:
                     field="name",
                 )
             self._checks[name] = _Registered(fn)
+
+    def restore_check(self, name: str) -> None:
+        """Put the built-in check ``name`` back in its place after a ``replace=True`` (the
+        resource monitor's memory check gives way to psutil's when tuning detaches)."""
+        fn = self._builtins.get(name)
+        if fn is None:
+            raise InvalidArgumentError(f"no built-in health check {name!r}", field="name")
+        with self._lock:
+            self._checks[name] = _Registered(fn, builtin=True)
 
     def unregister_check(self, name: str) -> None:
         """Remove the check ``name`` (nothing if there is none)."""

@@ -42,7 +42,7 @@ from xpstore.model.records import Experience, QueryMetric
 from xpstore.model.sketch import LogHistogram
 from xpstore.store.store import Store
 
-__all__ = ["ALL_LAYERS", "Profiler", "TypeStats"]
+__all__ = ["ALL_LAYERS", "LATENCY_TYPES", "Profiler", "TypeStats", "latency_over_time"]
 
 log = logging.getLogger(__name__)
 
@@ -517,3 +517,62 @@ def _cache(st: TypeStats) -> dict[str, Any]:
         "miss_mean_ms": _ms(miss) if miss is not None else None,
         "latency_saved": 1.0 - hit / miss if hit is not None and miss else None,
     }
+
+
+LATENCY_TYPES = ("store.put", "store.similar")
+"""The store operations :func:`latency_over_time` always follows."""
+BUCKETS_S = (60.0, 300.0, 900.0, 3600.0, 6 * 3600.0, 86400.0, 7 * 86400.0)
+"""Candidate widths of a time step; the narrowest giving at most ``max_points`` steps wins."""
+
+
+def latency_over_time(
+    store: Store,
+    *,
+    since: float | None = None,
+    app_types: int = 4,
+    max_points: int = 120,
+) -> dict[str, list[dict[str, float]]]:
+    """p50 and p99 (ms) per time step of ``store.put`` and ``store.similar`` (the profiler's
+    stored summaries, merged exactly) and of the ``app_types`` most frequent application query
+    types (their QueryMetrics' latencies): ``{type: [{"t", "p50_ms", "p99_ms", "count"}]}``, a
+    step's ``t`` its start (epoch seconds). One scan of the stored query metrics from ``since``
+    (``xpstore report``'s latency figure)."""
+    minute: dict[tuple[str, int], LogHistogram] = {}
+    app_counts: dict[str, int] = {}
+    for exp in store.scan("query_metric", since=since):
+        rec = exp.record
+        if not isinstance(rec, QueryMetric):
+            continue
+        ts = rec.ts if rec.ts is not None else exp.ts
+        key = (rec.query_type, int(ts // BUCKETS_S[0]))
+        if rec.query_type.startswith(STORE_PREFIX) and rec.layers == ["store"]:
+            if rec.query_type not in LATENCY_TYPES:
+                continue
+            try:
+                hist = LogHistogram.from_dict(json.loads(rec.query_text))
+            except (ValueError, InvalidArgumentError) as exc:
+                log.warning("store summary %s unreadable: %s", rec.query_id, exc)
+                continue
+            minute.setdefault(key, LogHistogram()).merge(hist)
+        else:
+            app_counts[rec.query_type] = app_counts.get(rec.query_type, 0) + 1
+            minute.setdefault(key, LogHistogram()).add(rec.latency_ms / 1000.0)
+    if not minute:
+        return {}
+    keep = {*LATENCY_TYPES, *sorted(app_counts, key=lambda t: (-app_counts[t], t))[:app_types]}
+    steps = [k[1] for k in minute]
+    span = (max(steps) - min(steps) + 1) * BUCKETS_S[0]
+    width = next((w for w in BUCKETS_S if span / w <= max_points), BUCKETS_S[-1])
+    merged: dict[str, dict[int, LogHistogram]] = {}
+    for (qtype, step), hist in minute.items():
+        if qtype in keep:
+            t = int(step * BUCKETS_S[0] // width)
+            merged.setdefault(qtype, {}).setdefault(t, LogHistogram()).merge(hist)
+    return {
+        qtype: [
+            {"t": t * width, "p50_ms": _ms(h.quantile(0.5)), "p99_ms": _ms(h.quantile(0.99)),
+             "count": float(h.count)}
+            for t, h in sorted(by_t.items())
+        ]
+        for qtype, by_t in sorted(merged.items())
+    }  # fmt: skip

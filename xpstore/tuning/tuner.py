@@ -259,6 +259,14 @@ class AutoTuner:
         self.store.put(self._decision("strategy", "tuner", None, None,
                                       f"strategy {old} -> {strategy}", {}))  # fmt: skip
 
+    def refresh(self) -> None:
+        """Re-read the state from the stored decisions: a read-only process following the
+        writer (the HTTP service's ``/tuning/status``)."""
+        with self._lock:
+            self.pending = []
+            self.recommended = {}
+            self._rebuild_state()
+
     def status(self) -> dict[str, Any]:
         """Enabled, strategy, floor, the knobs in force, the change awaiting judgement, runs."""
         cfg = self.store.config

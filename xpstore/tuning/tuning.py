@@ -3,9 +3,11 @@ the profiler, the pattern detector, the auto-tuner and the resource monitor to a
 
 The store cannot import this layer, so it is attached by its user right after ``Store.open``
 (the CLI does so for ``xpstore profile`` and ``xpstore tune``); "at open" in docs/tuning.md means
-this moment. Attaching rebuilds the profiler's window and the tuner's state from the stored
-records, seeds the hot tracks from the stored retrieval counts and, when some are hot,
-prewarms the answer cache with their neighbours; each later index rebuild prewarms again.
+this moment. Attaching registers the tuner's metrics and (with ``monitor``) the resource
+monitor's ``memory`` health check on the store's seams (:mod:`xpstore.tuning.observe`),
+rebuilds the profiler's window and the tuner's state from the stored records, seeds the hot
+tracks from the stored retrieval counts and, when some are hot, prewarms the answer cache with
+their neighbours; each later index rebuild prewarms again.
 Close it before the store: ``with Tuning(store) as tuning: ...``.
 """
 
@@ -16,6 +18,7 @@ from types import TracebackType
 
 from xpstore.store.store import Store
 from xpstore.tuning.monitor import ResourceMonitor
+from xpstore.tuning.observe import unwatch_tuning, watch_tuning
 from xpstore.tuning.patterns import PatternDetector
 from xpstore.tuning.profiler import Profiler
 from xpstore.tuning.tuner import AutoTuner
@@ -60,6 +63,8 @@ class Tuning:
                                        hot=lambda: self.patterns.hot(PREWARM_TRACKS),
                                        background=background and monitor)  # fmt: skip
         self._prewarm = prewarm
+        self._watch_memory = monitor
+        watch_tuning(store, self.tuner, self.monitor if monitor else None)
         store.parts.index.on_rebuilt.append(self._after_rebuild)
         if prewarm and self.patterns.hot(1):
             self.prewarm()
@@ -77,6 +82,7 @@ class Tuning:
         lst = self.store.parts.index.on_rebuilt
         if self._after_rebuild in lst:
             lst.remove(self._after_rebuild)
+        unwatch_tuning(self.store, monitor=self._watch_memory)
         self.monitor.close()
         self.tuner.close()
         writable = not self.store.readonly and not self.store.parts.engine.closed
