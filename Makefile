@@ -28,7 +28,7 @@ demo: $(DEMO_STAMP)
 COV_FLOOR := 92
 
 test: $(STAMP)
-	$(BIN)/ruff check xpstore tests benchmarks
+	$(BIN)/ruff check xpstore tests benchmarks scripts
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q --cov=xpstore --cov-report=term --cov-fail-under=$(COV_FLOOR)
 	$(BIN)/python -m coverage report --fail-under=$(COV_FLOOR) > /dev/null  # pytest-cov's own check was seen exiting 0

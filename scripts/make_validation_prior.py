@@ -46,7 +46,7 @@ def compute(data: Path) -> dict[str, Any]:
     own[cohort_rows] = np.arange(COHORT_SIZE)
     fits = {
         far: fit_model(stream, batch, batch, batch[cohort_rows], own, target_far=far, seed=SEED,
-                       same=same)  # fmt: skip
+                       same=same)
         for far in FARS
     }
     ref = fits[0.05]

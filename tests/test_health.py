@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -340,6 +341,14 @@ def test_tuning_takes_over_the_memory_check_and_exports_its_decisions(tmp_path: 
         assert "# HELP xpstore_tuner_decisions_total " in text
         assert "# TYPE xpstore_tuner_decisions_total counter" in text
         tuning.tuner.disable()
+        assert store.metrics()["xpstore_tuner_enabled"] == 0
+        # one tuning per open store: a second is refused before it starts anything and leaves
+        # the first's memory check and metrics in place
+        threads = threading.active_count()
+        with pytest.raises(InvalidArgumentError, match="already has a Tuning") as err:
+            Tuning(store, background=True)
+        assert err.value.field == "store" and threading.active_count() == threads
+        assert store.health()["checks"]["memory"]["value"]["source"] == "monitor"
         assert store.metrics()["xpstore_tuner_enabled"] == 0
 
         tuning.close()  # detached: psutil's check is back, the tuner's metrics are gone

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from xpstore.config import StoreConfig
+from xpstore.errors import InvalidArgumentError
 from xpstore.store.health import CheckResult, Status
 from xpstore.store.store import Store
 from xpstore.tuning.learner import Learner
@@ -94,18 +95,32 @@ def learner_metrics(learner: Learner) -> Iterator[Metric]:
                             value=float(len(learner.user_weight)))  # fmt: skip
 
 
-def watch_tuning(store: Store, tuner: AutoTuner, monitor: ResourceMonitor | None) -> None:
-    """Register the tuner's metrics (:data:`TUNER_COLLECTOR`) and, with a ``monitor``, its
-    memory level as the ``memory`` check in place of the built-in psutil one."""
-    store.parts.metrics.register_collector(TUNER_COLLECTOR, lambda: tuner_metrics(tuner),
-                                           replace=True)  # fmt: skip
+def claim_tuning(store: Store, tuner: Callable[[], AutoTuner]) -> None:
+    """Register the tuner's metrics (:data:`TUNER_COLLECTOR`, read through ``tuner()``) as the
+    claim of the one tuning of ``store``. InvalidArgumentError if another ``Tuning`` holds it:
+    two tuners would fight over the same knobs, and the first to close would take the other's
+    memory check with it."""
+    try:
+        store.parts.metrics.register_collector(TUNER_COLLECTOR, lambda: tuner_metrics(tuner()))
+    except InvalidArgumentError:
+        raise InvalidArgumentError(
+            "this store already has a Tuning attached (one per open store: two would tune the "
+            "same knobs against each other); close that one first",
+            field="store",
+        ) from None
+
+
+def watch_tuning(store: Store, monitor: ResourceMonitor | None) -> None:
+    """With a ``monitor``, its memory level becomes the ``memory`` check in place of the
+    built-in psutil one (after :func:`claim_tuning`)."""
     if monitor is not None:
         store.parts.health.register_check(MEMORY_CHECK, lambda cfg: memory_check(monitor),
                                           replace=True)  # fmt: skip
 
 
 def unwatch_tuning(store: Store, *, monitor: bool) -> None:
-    """Undo :func:`watch_tuning` (the psutil ``memory`` check comes back)."""
+    """Undo :func:`claim_tuning` and :func:`watch_tuning` (the psutil ``memory`` check comes
+    back)."""
     store.parts.metrics.unregister_collector(TUNER_COLLECTOR)
     if monitor:
         store.parts.health.restore_check(MEMORY_CHECK)

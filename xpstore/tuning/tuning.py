@@ -18,7 +18,7 @@ from types import TracebackType
 
 from xpstore.store.store import Store
 from xpstore.tuning.monitor import ResourceMonitor
-from xpstore.tuning.observe import unwatch_tuning, watch_tuning
+from xpstore.tuning.observe import claim_tuning, unwatch_tuning, watch_tuning
 from xpstore.tuning.patterns import PatternDetector
 from xpstore.tuning.profiler import Profiler
 from xpstore.tuning.tuner import AutoTuner
@@ -52,19 +52,26 @@ class Tuning:
         seed: int = 0,
     ) -> None:
         self.store = store
-        self.patterns = PatternDetector(store, hot_threshold=hot_threshold)
-        self.profiler = Profiler(store, window_s=window_s, flush_s=flush_s,
-                                 background=background, on_flush=[self.patterns.flush])  # fmt: skip
-        self.tuner = AutoTuner(store, self.profiler, self.patterns, strategy=strategy,
-                               recall_floor=recall_floor, interval_s=tune_interval_s, seed=seed,
-                               background=background and not store.readonly)  # fmt: skip
-        self.monitor = ResourceMonitor(store, strategy=memory_strategy,
-                                       interval_s=monitor_interval_s,
-                                       hot=lambda: self.patterns.hot(PREWARM_TRACKS),
-                                       background=background and monitor)  # fmt: skip
+        claim_tuning(store, lambda: self.tuner)  # before any thread starts: one per store
+        try:
+            self.patterns = PatternDetector(store, hot_threshold=hot_threshold)
+            self.profiler = Profiler(store, window_s=window_s, flush_s=flush_s,
+                                     background=background,
+                                     on_flush=[self.patterns.flush])  # fmt: skip
+            self.tuner = AutoTuner(store, self.profiler, self.patterns, strategy=strategy,
+                                   recall_floor=recall_floor, interval_s=tune_interval_s,
+                                   seed=seed,
+                                   background=background and not store.readonly)  # fmt: skip
+            self.monitor = ResourceMonitor(store, strategy=memory_strategy,
+                                           interval_s=monitor_interval_s,
+                                           hot=lambda: self.patterns.hot(PREWARM_TRACKS),
+                                           background=background and monitor)  # fmt: skip
+        except BaseException:
+            unwatch_tuning(store, monitor=False)
+            raise
         self._prewarm = prewarm
         self._watch_memory = monitor
-        watch_tuning(store, self.tuner, self.monitor if monitor else None)
+        watch_tuning(store, self.monitor if monitor else None)
         store.parts.index.on_rebuilt.append(self._after_rebuild)
         if prewarm and self.patterns.hot(1):
             self.prewarm()
