@@ -307,6 +307,38 @@ def test_a_change_that_makes_the_objective_worse_is_rolled_back(store_path: Path
         assert rb["action"] == "rollback" and rb["evidence"]["objective"] > 1.1
 
 
+def test_a_search_knob_change_is_judged_against_the_old_value_measured_beside_it(
+    store_path: Path,
+) -> None:
+    with _hnsw_store(store_path) as store:
+        tuner = AutoTuner(store, Profiler(store, background=False), strategy="latency",
+                          background=False)  # fmt: skip
+        # a stale "before" from proposal time that no real measurement could match: a judge
+        # reading it calls any change 10^6 times worse and rolls it back, as it does for a
+        # change of other knobs, which keeps the before it was proposed with
+        stale = {"before_p50_ms": 1e-6, "before_p99_ms": 1e-6, "before_qps": 1e12}
+        tuner.commit(Change({"index.answer_cache": 50_000}, "test: cache", stale))
+        assert tuner.run()["judged"]["action"] == "rollback"  # a rollback ends the run
+        cache = tuner.history()[-1]
+        assert cache["target"] == "index.answer_cache" and cache["evidence"]["objective"] > 1e3
+        assert not any(k.startswith("paired_") for k in cache["evidence"])
+
+        tuner.commit(Change({"index.ef_search": 32}, "test: a smaller ef_search", stale))
+        out = tuner.run()
+        judged = [h for h in tuner.history() if h["target"] == "index.ef_search"][1]
+        assert out["judged"]["action"] == judged["action"]
+        assert (judged["old"], judged["new"]) == (
+            (64.0, 32.0) if judged["action"] == "keep" else (32.0, 64.0))
+        ev = judged["evidence"]
+        paired = {k.removeprefix("paired_before_"): v for k, v in ev.items()
+                  if k.startswith("paired_before_")}  # fmt: skip
+        after = {k.removeprefix("after_"): v for k, v in ev.items() if k.startswith("after_")}
+        assert {"p50_ms", "p99_ms", "qps", "recall"} <= paired.keys() <= after.keys()
+        assert ev["objective"] == pytest.approx(objective("latency", paired, after))
+        assert ev["objective"] < 1e3  # judged on the paired measurement, not the stale one
+        assert min(paired["recall"], after["recall"]) >= 0.95
+
+
 def test_the_cost_strategy_shrinks_the_graph_and_the_cache(store_path: Path) -> None:
     with _hnsw_store(store_path) as store:
         server = store.parts.index.serving()

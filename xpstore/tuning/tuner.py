@@ -388,14 +388,23 @@ class AutoTuner:
         """Keep or roll back the pending change by the strategy's objective."""
         pend = self.pending
         change_id = pend[0].evidence.get("change", 0.0)
-        before = {k.removeprefix("before_"): v for k, v in pend[0].evidence.items()
-                  if k.startswith("before_")}  # fmt: skip
-        after = self._measure(probes).as_evidence()
+        pair = _search_pair(pend)
+        if pair is not None and probes is not None:
+            # search knobs only: the old and the new value measured now, query by query in
+            # turn, so a pause of another process or thread hits both sides alike
+            b, a = self._measure_pair(probes, *pair)
+            before, after = b.as_evidence(), a.as_evidence()
+        else:
+            before = {k.removeprefix("before_"): v for k, v in pend[0].evidence.items()
+                      if k.startswith("before_")}  # fmt: skip
+            after = self._measure(probes).as_evidence()
         score = objective(self.strategy, before, after)
         recall = after.get("recall")
         floor_broken = recall is not None and recall < self.recall_floor
         worse = score is not None and score > 1.0 + WORSE_TOLERANCE
         evidence = {f"after_{k}": v for k, v in after.items()}
+        if pair is not None and probes is not None:
+            evidence |= {f"paired_before_{k}": v for k, v in before.items()}
         evidence["change"] = change_id
         if score is not None:
             evidence["objective"] = score
@@ -541,6 +550,44 @@ class AutoTuner:
             qps=len(probes.own) / batch if batch > 0 else None,
             recall=hits / total if total else None, memory_bytes=memory,
         )  # fmt: skip
+
+    def _measure_pair(self, probes: _Probes, old: dict[str, int],
+                      new: dict[str, int]) -> tuple[Measurement, Measurement]:  # fmt: skip
+        """:meth:`_measure` of two search-parameter sets interleaved: each probe query under
+        both (the order alternating), each batch too; p50 and p99 over every pass pooled."""
+        server = self._server()
+        memory = self._memory(server)
+        if server is None:
+            return Measurement(memory_bytes=memory), Measurement(memory_bytes=memory)
+        sides = (old, new)
+        lats = (LogHistogram(), LogHistogram())
+        hits = [0, 0]
+        for rep in range(REPEATS):
+            for i in range(len(probes.own)):
+                for side in ((0, 1) if (i + rep) % 2 == 0 else (1, 0)):
+                    t0 = time.perf_counter()
+                    got = server.search(probes.queries[i : i + 1], K, params=sides[side],
+                                        exclude=[{probes.own[i]}])[0]  # fmt: skip
+                    lats[side].add(time.perf_counter() - t0)
+                    if rep == 0:
+                        hits[side] += len({rid for rid, _s in got} & probes.truth[i])
+        excl = [{r} for r in probes.own]
+        batches: tuple[list[float], list[float]] = ([], [])
+        for rep in range(BATCH_REPEATS):
+            for side in ((0, 1) if rep % 2 == 0 else (1, 0)):
+                t0 = time.perf_counter()
+                server.search(probes.queries, K, exclude=excl, params=sides[side])
+                batches[side].append(time.perf_counter() - t0)
+        total = sum(len(t) for t in probes.truth)
+        out = []
+        for side in (0, 1):
+            batch = sorted(batches[side])[BATCH_REPEATS // 2]
+            out.append(Measurement(
+                p50_ms=lats[side].quantile(0.5) * 1000, p99_ms=lats[side].quantile(0.99) * 1000,
+                qps=len(probes.own) / batch if batch > 0 else None,
+                recall=hits[side] / total if total else None, memory_bytes=memory,
+            ))  # fmt: skip
+        return out[0], out[1]
 
     def _memory(self, server: IndexServer | None) -> float | None:
         """The index's bytes plus the answer cache's capacity (not its fill: the fill follows
@@ -735,6 +782,20 @@ class AutoTuner:
                           f"{self.strategy}: transactions average {sizes.mean:.0f} ops; fewer, "
                           "larger ones sync less", ev)  # fmt: skip
         return None
+
+
+SEARCH_PARAMS = {"index.ef_search": "ef_search", "index.nprobe": "nprobe"}
+"""Knobs a search takes per call: a change of these alone is judged old against new, paired."""
+
+
+def _search_pair(pend: Sequence[Decision]) -> tuple[dict[str, int], dict[str, int]] | None:
+    """(old, new) per-call search parameters when the pending change is search knobs only."""
+    if not pend or any(d.target not in SEARCH_PARAMS or d.old is None or d.new is None
+                       for d in pend):  # fmt: skip
+        return None
+    old = {SEARCH_PARAMS[d.target]: int(d.old) for d in pend if d.old is not None}
+    new = {SEARCH_PARAMS[d.target]: int(d.new) for d in pend if d.new is not None}
+    return old, new
 
 
 def _typed(current: Any, value: float | None) -> Any:
