@@ -34,6 +34,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -342,7 +343,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--switch-interval-ms", type=float, default=None,
+                   help="sys.setswitchinterval for the whole run (Python's default: 5 ms): how "
+                        "long a thread waiting for the GIL may wait for a busy one")  # fmt: skip
     args = p.parse_args()
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     work = Path(tempfile.mkdtemp(prefix="xpstore-tuning-", dir=args.dir))
     out: dict[str, Any] = {"machine": platform.platform(), "cpus": os.cpu_count(),
                            "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
