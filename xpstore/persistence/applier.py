@@ -25,6 +25,7 @@ from xpstore.persistence.lmdb_tables import (
     NewRecords,
     RecordDelete,
     RecordPut,
+    RetrievalCounts,
     TrackDelete,
     TrackSet,
     u64_keys,
@@ -51,6 +52,8 @@ def to_changes(effects: list[Effect]) -> list[Change]:
                 out.append(RecordDelete(eff.record_id, code, eff.ts, eff.lsn))
         if eff.meta is not None:
             out.append(MetaSet(*eff.meta))
+        if eff.retrievals is not None:
+            out.append(RetrievalCounts(eff.lsn, eff.retrievals))
         if eff.track is not None:
             if eff.track_to is not None:
                 out.append(TrackSet(eff.track, eff.track_to))

@@ -16,7 +16,10 @@ so sampling work never lengthens a writer's acknowledgement.
 Durability: ``update_priorities`` and ``record_feedback`` are WAL operations like any write.
 Retrieval counts bumped by ``sample`` are applied in memory at once and made durable in batches
 (a ``RetrievalOp`` every ``sample_flush_retrievals`` retrievals, and at a clean close): a crash
-loses at most that many counts, and those items may again count as never sampled. The RNG state,
+loses at most that many counts, and those items may again count as never sampled. A logged
+``RetrievalOp`` comes back as an effect of counts to add: the counts this sampler logged itself
+(``inflight`` until then) are already in its rows and are not added twice; counts logged by
+others (the access-pattern detector) are added. The RNG state,
 ``t_ref`` and the counters are saved in LMDB ``meta/sampler`` at a clean close, so a seeded run
 resumes with the same batches after close and reopen.
 """
@@ -111,6 +114,9 @@ class Sampler:
         self.newest_ts = 0.0
         self.rng = np.random.default_rng()
         self.pending: dict[int, int] = {}  # id -> retrievals not yet logged
+        self.pending_n = 0  # sum of pending
+        self.inflight: dict[int, int] = {}  # id -> retrievals logged, their effect not seen yet
+        self.loaded_lsn = 0  # the LMDB state load() read: older effects are in it already
         self.draws = 0
         self.batches = 0
         self.changed: list[tuple[int, bool]] = []
@@ -189,7 +195,8 @@ class Sampler:
             self.on_effects(batch.effects)
 
     def on_effects(self, effects: Sequence[Effect]) -> None:
-        """Overlay listener: upsert or remove the rows of changed records (LSN order).
+        """Overlay listener: upsert or remove the rows of changed records, add retrieval counts
+        (LSN order; an effect at or below :attr:`loaded_lsn` is in the loaded rows already).
 
         Vectorized per kind (the WAL leader calls this for every commit while the sampler is
         attached, so a 10k-record put_many must not cost 10k Python-level tree updates).
@@ -197,8 +204,17 @@ class Sampler:
         groups: dict[int, list[tuple[int, bytes | None, bool]]] = {}
         kinds = self.kinds
         changed: set[int] = set()
+        loaded = self.loaded_lsn
         for eff in effects:
-            if eff.record_id is not None:
+            if eff.lsn <= loaded:
+                continue
+            if eff.retrievals is not None:
+                with self.lock:  # rows before the counts: counts add to the rows they follow
+                    for code, items in groups.items():
+                        self._apply_batch(code, items, changed)
+                    self._add_logged(eff.retrievals)
+                groups, changed = {}, set()
+            elif eff.record_id is not None:
                 code = KIND_CODES[eff.kind]
                 if code in kinds:  # decisions are not sampled
                     groups.setdefault(code, []).append((eff.record_id, eff.prio,
@@ -210,6 +226,26 @@ class Sampler:
         with self.lock:
             for code, items in groups.items():
                 self._apply_batch(code, items, changed)
+
+    def _add_logged(self, counts: Mapping[int, int]) -> None:
+        """Under the lock: a logged ``RetrievalOp``'s counts, less those this sampler counted
+        already (its own ``inflight`` ones)."""
+        inflight = self.inflight
+        add: dict[int, int] = {}
+        for rid, n in counts.items():
+            own = inflight.get(rid, 0)
+            if own > n:
+                inflight[rid] = own - n
+                continue
+            if own:
+                del inflight[rid]
+            if n > own:
+                add[rid] = n - own
+        if add:
+            self._bump(np.fromiter(add, dtype=np.int64, count=len(add)),
+                       np.fromiter(add.values(), dtype=np.int64, count=len(add)))  # fmt: skip
+        if self.filters:  # where= on retrieval_count: the ids must be looked at again
+            self.changed.extend((rid, True) for rid in counts)
 
     def apply_row(self, rid: int, kind_code: int, prio: bytes | None, deleted: bool) -> None:
         with self.lock:
@@ -231,8 +267,10 @@ class Sampler:
         if ups:
             rids = np.array([rid for rid, _ in ups], dtype=np.int64)
             rows = np.frombuffer(b"".join(p for _, p in ups), dtype=INPUT_DTYPE).copy()
-            if self.pending:
-                extra = np.array([self.pending.get(int(r), 0) for r in rids], dtype=np.int64)
+            if self.pending or self.inflight:  # counted here, not in the row yet
+                pending, inflight = self.pending, self.inflight
+                extra = np.array([pending.get(r, 0) + inflight.get(r, 0) for r in rids.tolist()],
+                                 dtype=np.int64)  # fmt: skip
                 rows["rc"] = np.minimum(rows["rc"].astype(np.int64) + extra, (1 << 32) - 1)
             slots = kind.slots_of(rids)
             old = slots >= 0
@@ -257,7 +295,8 @@ class Sampler:
             if slots.size:
                 kind.tree.set(slots, np.zeros(slots.size))
             for rid in gone.tolist():
-                self.pending.pop(rid, None)
+                self.pending_n -= self.pending.pop(rid, 0)
+                self.inflight.pop(rid, None)
         if self.filters:
             self.changed.extend((rid, rid not in changed) for rid in last)
 
@@ -392,29 +431,53 @@ class Sampler:
 
     def _count(self, ids: list[int]) -> None:
         """Retrievals: in memory now (they move priority), logged later in batches."""
+        pending = self.pending
+        get = pending.get
         for rid in ids:
-            self.pending[rid] = self.pending.get(rid, 0) + 1
+            pending[rid] = get(rid, 0) + 1
+        self.pending_n += len(ids)
         arr = np.array(ids, dtype=np.int64)
+        self._bump(arr, np.ones(arr.shape[0], dtype=np.int64))
+
+    def _bump(self, rids: I64, counts: I64) -> None:
+        """Under the lock: add ``counts`` to the retrieval counts of ``rids`` and reweigh."""
         for kind in self.kinds.values():
             if not kind.n:
                 continue
-            slots = kind.slots_of(arr)
+            slots = kind.slots_of(rids)
             hit = slots >= 0
             if not hit.any():
                 continue
-            uniq, counts = np.unique(slots[hit], return_counts=True)
+            uniq, inverse = np.unique(slots[hit], return_inverse=True)
+            added = np.bincount(inverse, weights=counts[hit]).astype(np.int64)
             kind.cols["rc"][uniq] = np.minimum(
-                kind.cols["rc"][uniq].astype(np.int64) + counts, (1 << 32) - 1
+                kind.cols["rc"][uniq].astype(np.int64) + added, (1 << 32) - 1
             )
             kind.tree.set(uniq, self.model.weights(kind.cols[uniq], self.t_ref))
 
     def take_pending(self) -> dict[int, int]:
+        """The retrievals counted since the last call, to be logged now: they are
+        ``inflight`` until their logged effect comes back (see the module doc)."""
         with self.lock:
-            out, self.pending = self.pending, {}
+            out, self.pending, self.pending_n = self.pending, {}, 0
+            inflight = self.inflight
+            for rid, n in out.items():
+                inflight[rid] = inflight.get(rid, 0) + n
             return out
 
+    def forget_inflight(self, counts: Mapping[int, int]) -> None:
+        """``counts`` were not logged after all (the WAL refused them): expect no effect."""
+        with self.lock:
+            inflight = self.inflight
+            for rid, n in counts.items():
+                left = inflight.get(rid, 0) - n
+                if left > 0:
+                    inflight[rid] = left
+                else:
+                    inflight.pop(rid, None)
+
     def pending_count(self) -> int:
-        return sum(self.pending.values())
+        return self.pending_n
 
     def probabilities(self, kind: str | None = None) -> dict[int, float]:
         """P(i) of every live item (tests, small stores)."""

@@ -224,8 +224,8 @@ class Sampling:
             with tables.reading() as txn:
                 state = tables.get_meta(txn, "sampler")
             sampler.load(values, state)
-            sampler.on_effects([e for e in unapplied if e.record_id is not None
-                                and e.lsn > applied])  # fmt: skip
+            sampler.loaded_lsn = applied  # held batches may repeat what LMDB has since
+            sampler.on_effects([e for e in unapplied if e.lsn > applied])
         except BaseException:
             if sub is not None:
                 sub.cancel()
@@ -244,7 +244,12 @@ class Sampling:
         pending = sampler.take_pending()
         if pending:
             ids = sorted(pending)
-            self._writer.submit_one(RetrievalOp(ids, [pending[i] for i in ids]), timeout=timeout)
+            try:
+                self._writer.submit_one(RetrievalOp(ids, [pending[i] for i in ids]),
+                                        timeout=timeout)  # fmt: skip
+            except BaseException:
+                sampler.forget_inflight(pending)
+                raise
 
     def _configure(self, config: StoreConfig) -> None:
         """A live reconfigure of the priority model: reweigh every tree at the next draw."""
