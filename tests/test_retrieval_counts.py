@@ -323,3 +323,14 @@ def test_export_and_to_arrow_carry_the_counts(tmp_path: Path) -> None:
         assert got == expect
         hot = s.to_arrow("prediction", where={"retrieval_count__gte": 3})
         assert set(hot.column("id").to_pylist()) == {r for r, c in expect.items() if c >= 3}
+
+
+def test_a_logged_count_of_a_deleted_record_does_not_bring_it_back(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "s", create=True, sample_flush_retrievals=10_000) as s:
+        ids = s.put_many(_predictions(5))
+        s.sample(50, kind="prediction", seed=1)
+        s.delete(ids[0])
+        s.parts.writer.submit_one(RetrievalOp(ids, [3] * 5))  # logged by another component
+        probs = s.sampling_probabilities("prediction")
+        assert ids[0] not in probs and set(probs) == set(ids[1:])
+        assert all(ids[0] != rid for k in range(5) for rid in s.sample(20, seed=k).ids)

@@ -459,6 +459,12 @@ class LmdbTables:
         value = txn.get(track_id.encode(), db=self._dbs[b"tracks"])
         return from_u64(bytes(value)) if value is not None else None
 
+    def record_values(self, txn: lmdb.Transaction, ids: Sequence[int]) -> list[bytes | None]:
+        """The envelopes of ``ids`` in their order (None: absent), keys packed in one pass."""
+        get = txn.get
+        db = self._dbs[b"records"]
+        return cast(list[bytes | None], [get(key, db=db) for key in u64_keys(ids)])
+
     def get_records(self, txn: lmdb.Transaction, ids: Sequence[int]) -> dict[int, bytes]:
         """The envelopes of those of ``ids`` that exist (one C call: catch-ups read many)."""
         keys = u64_keys(sorted(ids))
@@ -601,16 +607,22 @@ class LmdbTables:
         if all(isinstance(ch, RecordPut | TrackSet | NewRecords | RetrievalCounts)
                for ch in changes):  # fmt: skip
             run: list[Change] = []  # in LSN order: counts add to the rows written before them
+            added: list[RetrievalCounts] = []
             for ch in changes:
                 if isinstance(ch, RetrievalCounts):
                     if run:
                         self._apply_puts(txn, run, counts)
                         run = []
-                    self._add_retrievals(txn, ch, current)
+                    added.append(ch)
                 else:
+                    if added:
+                        self._add_retrievals(txn, added, current)
+                        added = []
                     run.append(ch)
             if run:
                 self._apply_puts(txn, run, counts)
+            if added:
+                self._add_retrievals(txn, added, current)
         else:
             flat: list[Change] = []
             for ch in changes:
@@ -661,41 +673,54 @@ class LmdbTables:
             for key, _value in tracks:
                 txn.delete(key, db=ttombs)
 
-    def _add_retrievals(self, txn: lmdb.Transaction, ch: RetrievalCounts, applied: int) -> None:
-        """Add ``ch``'s counts to the records' ``prio`` rows in place (u32, saturating).
+    def _add_retrievals(
+        self, txn: lmdb.Transaction, chs: Sequence[RetrievalCounts], applied: int
+    ) -> None:
+        """Add the counts of ``chs`` (consecutive operations: summed, each row is rewritten
+        once) to the records' ``prio`` rows in place (u32, saturating).
 
         A record without a row (a put a fast recovery replay wrote, a store older than the
         table) gets its row now, from its envelope; a kind without rows (a decision) has the
         count written into its envelope. An id that no longer exists is skipped. Never applied
         twice: only an operation above ``applied`` (the LSN LMDB already holds) adds."""
-        if ch.lsn <= applied or not ch.counts:
+        chs = [ch for ch in chs if ch.lsn > applied and ch.counts]
+        if not chs:
             return
+        if len(chs) == 1:
+            total: Mapping[int, int] = chs[0].counts
+        else:
+            summed: dict[int, int] = dict(chs[0].counts)
+            for ch in chs[1:]:
+                for rid, n in ch.counts.items():
+                    summed[rid] = summed.get(rid, 0) + n
+            total = summed
+        keys = u64_keys(sorted(total))
         prio = self._dbs[b"prio"]
-        ids = sorted(ch.counts)
-        keys = u64_keys(ids)
-        found = txn.cursor(db=prio).getmulti(keys)
+        found = cast(list[tuple[bytes, bytes]], txn.cursor(db=prio).getmulti(keys))
         items: list[tuple[bytes, bytes]] = []
         if found:
-            rows = np.frombuffer(b"".join(v for _k, v in found), dtype=INPUT_DTYPE).copy()
-            add = np.fromiter((ch.counts[i] for i in rows["id"].tolist()), dtype=np.int64,
+            rows = np.frombuffer(b"".join([v for _k, v in found]), dtype=INPUT_DTYPE).copy()
+            add = np.fromiter(map(total.__getitem__, rows["id"].tolist()), dtype=np.int64,
                               count=rows.shape[0])  # fmt: skip
             rows["rc"] = np.minimum(rows["rc"].astype(np.int64) + add, _U32_MAX)
             raw = rows.tobytes()
             size = INPUT_DTYPE.itemsize
-            items = [(bytes(k), raw[j * size : (j + 1) * size]) for j, (k, _v) in enumerate(found)]
-        if len(found) < len(ids):
-            have = {bytes(k) for k, _v in found}
+            starts = range(0, len(raw), size)
+            items = [(k, raw[j : j + size]) for j, (k, _v) in zip(starts, found, strict=True)]
+        if len(found) < len(keys):
+            have = {k for k, _v in found}
             records = self._dbs[b"records"]
-            for rid, key in zip(ids, keys, strict=True):
+            for key in keys:
                 if key in have:
                     continue
                 value = txn.get(key, db=records)
                 if value is None:
                     continue  # deleted after it was drawn: its count has nowhere to go
+                rid = from_u64(key)
                 obj = envelope_counters(bytes(value))
                 if len(obj) == 7:
                     obj.append(None)
-                rc = obj[4] + ch.counts[rid]
+                rc = obj[4] + total[rid]
                 row = inputs_from_map(KIND_BY_CODE[obj[1]], obj[6], rid, float(obj[2]), rc,
                                       obj[5], obj[7])  # fmt: skip
                 if row is not None:
@@ -703,8 +728,8 @@ class LmdbTables:
                 else:
                     obj[4] = rc
                     txn.put(key, pack_envelope(obj), db=records)
-        if items:
             items.sort()
+        if items:
             txn.cursor(db=prio).putmulti(items)
 
     def _apply_mixed(
@@ -738,7 +763,7 @@ class LmdbTables:
             elif isinstance(ch, MetaSet):
                 txn.put(ch.key.encode(), ch.value, db=self._dbs[b"meta"])
             elif isinstance(ch, RetrievalCounts):
-                self._add_retrievals(txn, ch, applied)
+                self._add_retrievals(txn, [ch], applied)
             else:
                 assert isinstance(ch, TrackDelete), "NewRecords are expanded before this"
                 txn.delete(ch.track_id.encode(), db=tracks)

@@ -115,7 +115,7 @@ class Sampler:
         self.rng = np.random.default_rng()
         self.pending: dict[int, int] = {}  # id -> retrievals not yet logged
         self.pending_n = 0  # sum of pending
-        self.inflight: dict[int, int] = {}  # id -> retrievals logged, their effect not seen yet
+        self.inflight: list[dict[int, int]] = []  # logged by take_pending, effect not seen yet
         self.loaded_lsn = 0  # the LMDB state load() read: older effects are in it already
         self.draws = 0
         self.batches = 0
@@ -229,23 +229,41 @@ class Sampler:
 
     def _add_logged(self, counts: Mapping[int, int]) -> None:
         """Under the lock: a logged ``RetrievalOp``'s counts, less those this sampler counted
-        already (its own ``inflight`` ones)."""
+        already (its own ``inflight`` ones: usually the whole operation, the oldest in
+        flight, recognized at once)."""
         inflight = self.inflight
-        add: dict[int, int] = {}
-        for rid, n in counts.items():
-            own = inflight.get(rid, 0)
-            if own > n:
-                inflight[rid] = own - n
-                continue
-            if own:
-                del inflight[rid]
-            if n > own:
-                add[rid] = n - own
-        if add:
-            self._bump(np.fromiter(add, dtype=np.int64, count=len(add)),
-                       np.fromiter(add.values(), dtype=np.int64, count=len(add)))  # fmt: skip
+        if inflight and counts == inflight[0]:
+            del inflight[0]
+        else:
+            add: dict[int, int] = {}
+            for rid, n in counts.items():
+                left = n
+                for own in inflight:  # in flight, but not this operation: some ids are ours
+                    mine = own.get(rid, 0)
+                    if mine:
+                        take = min(mine, left)
+                        left -= take
+                        if mine > take:
+                            own[rid] = mine - take
+                        else:
+                            del own[rid]
+                        if not left:
+                            break
+                if left:
+                    add[rid] = left
+            self.inflight = [own for own in inflight if own]
+            if add:
+                self._bump(np.fromiter(add, dtype=np.int64, count=len(add)),
+                           np.fromiter(add.values(), dtype=np.int64, count=len(add)))  # fmt: skip
         if self.filters:  # where= on retrieval_count: the ids must be looked at again
             self.changed.extend((rid, True) for rid in counts)
+
+    def _counted_here(self, rid: int) -> int:
+        """Retrievals of ``rid`` in this sampler's rows that no logged effect has brought."""
+        n = self.pending.get(rid, 0)
+        for own in self.inflight:
+            n += own.get(rid, 0)
+        return n
 
     def apply_row(self, rid: int, kind_code: int, prio: bytes | None, deleted: bool) -> None:
         with self.lock:
@@ -268,9 +286,8 @@ class Sampler:
             rids = np.array([rid for rid, _ in ups], dtype=np.int64)
             rows = np.frombuffer(b"".join(p for _, p in ups), dtype=INPUT_DTYPE).copy()
             if self.pending or self.inflight:  # counted here, not in the row yet
-                pending, inflight = self.pending, self.inflight
-                extra = np.array([pending.get(r, 0) + inflight.get(r, 0) for r in rids.tolist()],
-                                 dtype=np.int64)  # fmt: skip
+                here = self._counted_here
+                extra = np.array([here(r) for r in rids.tolist()], dtype=np.int64)
                 rows["rc"] = np.minimum(rows["rc"].astype(np.int64) + extra, (1 << 32) - 1)
             slots = kind.slots_of(rids)
             old = slots >= 0
@@ -296,7 +313,8 @@ class Sampler:
                 kind.tree.set(slots, np.zeros(slots.size))
             for rid in gone.tolist():
                 self.pending_n -= self.pending.pop(rid, 0)
-                self.inflight.pop(rid, None)
+                for own in self.inflight:
+                    own.pop(rid, None)
         if self.filters:
             self.changed.extend((rid, rid not in changed) for rid in last)
 
@@ -369,17 +387,20 @@ class Sampler:
                 self.rng = np.random.default_rng(seed)
             self.maybe_refresh()
             codes = [KIND_CODES[kind]] if kind is not None else sorted(self.kinds)
+            slots: list[tuple[int, I64]] = []  # the drawn slots of each kind
             if subset is not None:
-                out = self._draw_subset(subset, n, beta, what)
+                out = self._draw_subset(subset, n, beta, what, slots)
             else:
-                out = self._draw_trees(codes, n, beta, what)
+                out = self._draw_trees(codes, n, beta, what, slots)
             self.draws += n
             self.batches += 1
             if count:
-                self._count(out.ids)
+                self._count(slots)
             return out
 
-    def _draw_trees(self, codes: list[int], n: int, beta: float, what: str) -> Draw:
+    def _draw_trees(
+        self, codes: list[int], n: int, beta: float, what: str, drawn: list[tuple[int, I64]]
+    ) -> Draw:
         totals = np.array([self.kinds[c].tree.total for c in codes], dtype=np.float64)
         grand = float(totals.sum())
         if not grand > 0:
@@ -402,13 +423,18 @@ class Sampler:
             kind = self.kinds[code]
             ids[pos] = kind.ids[slots]
             probs[pos] = tree.get(slots) / grand
+            drawn.append((code, slots))
         weights = importance_weights(probs, count, beta, float(min_w) / grand)
-        return Draw([int(i) for i in ids], probs, weights)
+        return Draw(ids.tolist(), probs, weights)
 
-    def _draw_subset(self, parts: list[tuple[int, I64]], n: int, beta: float, what: str) -> Draw:
+    def _draw_subset(
+        self, parts: list[tuple[int, I64]], n: int, beta: float, what: str,
+        drawn: list[tuple[int, I64]],
+    ) -> Draw:  # fmt: skip
         """Sample among the given ids of the given kinds (a ``where=`` filter's matches)."""
         all_ids: list[I64] = []
         all_w: list[F64] = []
+        all_slots: list[tuple[int, I64]] = []
         for code, subset in parts:
             kind = self.kinds[code]
             slots = kind.slots_of(subset) if kind.n else np.zeros(0, dtype=np.int64)
@@ -417,6 +443,7 @@ class Sampler:
             live = w > 0
             all_ids.append(kind.ids[slots[live]])
             all_w.append(w[live])
+            all_slots.append((code, slots[live]))
         ids = np.concatenate(all_ids) if all_ids else np.zeros(0, dtype=np.int64)
         w = np.concatenate(all_w) if all_w else np.zeros(0)
         total = float(w.sum())
@@ -427,17 +454,27 @@ class Sampler:
         pick = np.minimum(np.searchsorted(cum, u, side="right"), w.shape[0] - 1)
         probs = w[pick] / total
         weights = importance_weights(probs, int(w.shape[0]), beta, float(w.min()) / total)
-        return Draw([int(i) for i in ids[pick]], probs, weights)
+        start = 0
+        for code, slots in all_slots:  # the picks of each kind, as slots of its tree
+            end = start + int(slots.shape[0])
+            mine = pick[(pick >= start) & (pick < end)]
+            if mine.size:
+                drawn.append((code, slots[mine - start]))
+            start = end
+        return Draw(ids[pick].tolist(), probs, weights)
 
-    def _count(self, ids: list[int]) -> None:
-        """Retrievals: in memory now (they move priority), logged later in batches."""
+    def _count(self, drawn: list[tuple[int, I64]]) -> None:
+        """Retrievals of the drawn slots (per kind): in memory now (they move priority),
+        logged later in batches."""
         pending = self.pending
         get = pending.get
-        for rid in ids:
-            pending[rid] = get(rid, 0) + 1
-        self.pending_n += len(ids)
-        arr = np.array(ids, dtype=np.int64)
-        self._bump(arr, np.ones(arr.shape[0], dtype=np.int64))
+        for code, slots in drawn:
+            kind = self.kinds[code]
+            uniq, counts = np.unique(slots, return_counts=True)
+            self._bump_slots(kind, uniq, counts)
+            for rid, c in zip(kind.ids[uniq].tolist(), counts.tolist(), strict=True):
+                pending[rid] = get(rid, 0) + c
+            self.pending_n += int(slots.shape[0])
 
     def _bump(self, rids: I64, counts: I64) -> None:
         """Under the lock: add ``counts`` to the retrieval counts of ``rids`` and reweigh."""
@@ -446,35 +483,33 @@ class Sampler:
                 continue
             slots = kind.slots_of(rids)
             hit = slots >= 0
+            if hit.any():  # a deleted record keeps its slot at weight 0: it stays there
+                hit[hit] = kind.tree.get(slots[hit]) > 0
             if not hit.any():
                 continue
             uniq, inverse = np.unique(slots[hit], return_inverse=True)
             added = np.bincount(inverse, weights=counts[hit]).astype(np.int64)
-            kind.cols["rc"][uniq] = np.minimum(
-                kind.cols["rc"][uniq].astype(np.int64) + added, (1 << 32) - 1
-            )
-            kind.tree.set(uniq, self.model.weights(kind.cols[uniq], self.t_ref))
+            self._bump_slots(kind, uniq, added)
+
+    def _bump_slots(self, kind: _Kind, uniq: I64, added: I64) -> None:
+        """Under the lock: add ``added`` retrievals to the distinct ``uniq`` slots, reweigh."""
+        rc = kind.cols["rc"]
+        rc[uniq] = np.minimum(rc[uniq].astype(np.int64) + added, (1 << 32) - 1)
+        kind.tree.set(uniq, self.model.weights(kind.cols[uniq], self.t_ref))
 
     def take_pending(self) -> dict[int, int]:
         """The retrievals counted since the last call, to be logged now: they are
         ``inflight`` until their logged effect comes back (see the module doc)."""
         with self.lock:
             out, self.pending, self.pending_n = self.pending, {}, 0
-            inflight = self.inflight
-            for rid, n in out.items():
-                inflight[rid] = inflight.get(rid, 0) + n
+            if out:
+                self.inflight.append(dict(out))
             return out
 
     def forget_inflight(self, counts: Mapping[int, int]) -> None:
         """``counts`` were not logged after all (the WAL refused them): expect no effect."""
         with self.lock:
-            inflight = self.inflight
-            for rid, n in counts.items():
-                left = inflight.get(rid, 0) - n
-                if left > 0:
-                    inflight[rid] = left
-                else:
-                    inflight.pop(rid, None)
+            self.inflight = [own for own in self.inflight if own != counts]
 
     def pending_count(self) -> int:
         return self.pending_n

@@ -97,15 +97,14 @@ class Reader:
         tables = self._engine.tables_or_none
         if rest and tables is not None:
             with tables.reading() as txn:
-                applied = tables.applied_lsn(txn) if counted else 0
-                stored = tables.retrieval_counts(txn, rest) if counted else {}
-                for rid in rest:
-                    raw = tables.get_record(txn, rid)
-                    if raw is not None:
-                        out[rid] = raw
-                        if counted:
-                            out[rid] = counted_envelope(raw, stored.get(rid, 0),
-                                                   added_retrievals(extra, rid, applied))
+                values = tables.record_values(txn, rest)
+                if counted:
+                    applied = tables.applied_lsn(txn)
+                    stored = tables.retrieval_counts(txn, rest)
+            for rid, raw in zip(rest, values, strict=True):
+                if raw is not None:
+                    out[rid] = raw if not counted else counted_envelope(
+                        raw, stored.get(rid, 0), added_retrievals(extra, rid, applied))
         return out
 
     def lmdb_get(self, rid: int, counted: list[Effect] | None = None) -> Experience | None:
