@@ -30,7 +30,7 @@ from xpstore.model.codec import KIND_CODES, RetrievalOp
 from xpstore.model.priority_rows import INPUT_DTYPE
 from xpstore.model.records import Decision, PredictionOutcome
 from xpstore.persistence.layout import Layout
-from xpstore.persistence.lmdb_tables import LmdbTables, u64
+from xpstore.persistence.lmdb_tables import LmdbTables, RetrievalCounts, u64
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -334,3 +334,27 @@ def test_a_logged_count_of_a_deleted_record_does_not_bring_it_back(tmp_path: Pat
         probs = s.sampling_probabilities("prediction")
         assert ids[0] not in probs and set(probs) == set(ids[1:])
         assert all(ids[0] != rid for k in range(5) for rid in s.sample(20, seed=k).ids)
+
+
+def test_the_applier_adds_each_operation_once_and_sums_consecutive_ones(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    with Store.open(path, create=True) as s:
+        ids = s.put_many(_predictions(3))
+    tables = _raw_tables(path)
+    try:
+        with tables.reading() as txn:
+            applied = tables.applied_lsn(txn)
+        a, b, c = ids
+        ops = [RetrievalCounts(applied + 1, {a: 2}), RetrievalCounts(applied + 2, {a: 3, b: 1})]
+        tables.apply(ops, applied + 2)
+        tables.apply(ops, applied + 2)  # a replay of the same batch: already applied
+        with tables.reading() as txn:
+            assert tables.retrieval_counts(txn, ids) == {a: 5, b: 1, c: 0}
+        # a batch reaching back below applied_lsn adds only the operations above it
+        more = [RetrievalCounts(applied + 2, {c: 7}), RetrievalCounts(applied + 3, {c: 1})]
+        tables.apply(more, applied + 3)
+        with tables.reading() as txn:
+            assert tables.retrieval_counts(txn, ids) == {a: 5, b: 1, c: 1}
+            assert tables.retrieval_count(txn, c) == 1 and tables.retrieval_count(txn, 999) == 0
+    finally:
+        tables.close()

@@ -4,13 +4,14 @@ of arrays, ready for a training step, instead of lists of envelopes.
 Why a separate path from ``sample``: a learner's step wants a feature matrix, not 256 pydantic
 models. A prioritized batch here is the sampler's draw (ids, P(i), importance weights) plus the
 drawn records' *encoded* envelopes (the overlay first, then one LMDB read transaction), unpacked
-with msgpack straight into numpy columns: no model is built. Feedback and priority updates go
+by one streaming msgpack unpacker into one list per column, each converted to numpy once: no
+model is built. Feedback and priority updates go
 back by id as with ``sample`` (``store.record_feedback(batch["ids"], ...)``,
 ``store.update_priorities(batch["ids"], ...)``). Like ``sample``, every draw bumps the drawn
 items' retrieval counts (value tracking), made durable in batches of
-``sampling.flush_retrievals``; that logging costs about as much as the rest of the batch, so a
-loop that counts its uses at feedback time (``record_feedback(..., count_retrieval=True)``)
-passes ``count_retrievals=False``.
+``sampling.flush_retrievals`` and added in place to the records' ``prio`` rows (no envelope is
+rewritten: docs/design.md, "Retrieval counts"); a loop that counts its uses at feedback time
+(``record_feedback(..., count_retrieval=True)``) passes ``count_retrievals=False``.
 
 The columns of every batch (docs/sampling.md, "Batches for learners"):
 
