@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -358,3 +359,38 @@ def test_the_applier_adds_each_operation_once_and_sums_consecutive_ones(tmp_path
             assert tables.retrieval_count(txn, c) == 1 and tables.retrieval_count(txn, 999) == 0
     finally:
         tables.close()
+
+
+def test_a_flush_never_waits_for_another_apply(tmp_path: Path) -> None:
+    """A flush applies its counts in the drawing thread, but not while a compaction or a
+    snapshot holds the apply lock: the draw returns, the counts are read from the overlay, and
+    the applier gets to them later."""
+    with Store.open(tmp_path / "s", create=True, sample_flush_retrievals=1) as s:
+        ids = s.put_many(_predictions(10))
+        applier = s.parts.engine.applier
+        assert applier is not None
+        drawn: list[int] = []
+        with applier.exclusive():
+            worker = threading.Thread(
+                target=lambda: drawn.extend(s.sample(8, kind="prediction", seed=0).ids))
+            worker.start()
+            worker.join(30)
+            assert not worker.is_alive(), "the draw waited for the apply lock"
+            counts = Counter(drawn)
+            assert {r: s.get(r).retrieval_count for r in ids} == {r: counts[r] for r in ids}
+            assert s.parts.engine.overlay.unapplied_retrievals()
+        s.flush()
+        assert not s.parts.engine.overlay.unapplied_retrievals()
+        assert {r: s.get(r).retrieval_count for r in ids} == {r: counts[r] for r in ids}
+
+
+def test_a_flush_leaves_its_counts_in_lmdb(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "s", create=True, sample_flush_retrievals=64,
+                    apply_interval_ms=60_000) as s:  # fmt: skip
+        ids = s.put_many(_predictions(20))
+        s.flush()
+        drawn = s.sample(64, kind="prediction", seed=2).ids  # reaches the flush size
+        tables = s.parts.engine.tables
+        with tables.reading() as txn:
+            assert tables.retrieval_counts(txn, ids) == {r: Counter(drawn)[r] for r in ids}
+        assert not s.parts.engine.overlay.unapplied_retrievals()

@@ -259,12 +259,13 @@ class Sampling:
         GIL: on the applier's thread, beside a training loop that holds the GIL, every one of
         them waited for the loop (measured: 8-10x its CPU time in wall time, and the loop
         slowed by as much). Done here, in sequence with the draws, it costs its CPU and one
-        LMDB commit. Failures are left to the applier's thread, which reports them."""
+        LMDB commit. It never waits for another apply (a compaction, a snapshot): the applier's
+        thread gets to them then. Failures are left to the applier's thread, which reports them."""
         applier = self._engine.applier
         if applier is None or applier.hold or applier.error is not None:
             return
         try:
-            applier.apply_through(lsn)
+            applier.try_apply_through(lsn)
         except XpStoreError:
             log.warning("applying retrieval counts failed here; the applier retries",
                         exc_info=True)  # fmt: skip
