@@ -4,6 +4,13 @@
 writer enqueues an operation (against the newest state, so an update or delete of a missing id
 fails before anything is logged) and again when recovery or a point-in-time restore replays the
 WAL (against LMDB), so the live path and the replay paths cannot disagree.
+
+Retrieval counts are the one state kept outside the envelopes (docs/design.md, "Retrieval
+counts"): a ``RetrievalOp`` derives one effect that *adds* counts (:attr:`Effect.retrievals`),
+which the applier adds in place to the records' ``prio`` rows, so counting a draw costs no
+envelope rewrite. A record's retrieval count is therefore the larger of its envelope's and its
+``prio`` row's, plus the unapplied retrieval effects logged after the state read
+(:func:`added_retrievals`); every view an operation is derived against shows that total.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class Effect:
     prio: bytes | None = None  # the record's new priority-input row (model/priority_rows.py)
     meta: tuple[str, bytes] | None = None  # a ``meta`` table entry to set (SettingsOp: config)
     counters_only: bool = False  # only counters or the priority changed (many-id operations)
+    retrievals: dict[int, int] | None = None  # RetrievalOp: id -> count to add (no record_id)
 
     def count_delta(self) -> tuple[str, int] | None:
         if self.is_new:
@@ -71,7 +79,11 @@ class Effect:
 
 
 class StateView:
-    """Lookups an operation is derived against (writer view, reader view, replay view)."""
+    """Lookups an operation is derived against (writer view, reader view, replay view).
+
+    The experiences and envelopes a view returns carry the record's *total* retrieval count
+    (see the module doc): a rewrite derived from them writes that total into the new envelope
+    and ``prio`` row."""
 
     def __init__(
         self,
@@ -120,9 +132,13 @@ def derive_all(op: Op, lsn: int, view: StateView, payload: bytes) -> list[Effect
     """The effects of ``op``: one, or one per id for the many-id operations (same LSN).
 
     Ids repeated in one operation apply in order (the last priority wins; feedback counts
-    each occurrence). Raises RecordNotFoundError naming the first missing id.
+    each occurrence). Raises RecordNotFoundError naming the first missing id. A
+    ``RetrievalOp`` is one effect of counts to add, derived without reading any state (an id
+    deleted meanwhile simply has no row to add to).
     """
-    if not isinstance(op, PriorityOp | FeedbackOp | RetrievalOp):
+    if isinstance(op, RetrievalOp):
+        return [Effect(lsn, retrievals=retrieval_counts(op.ids, op.counts))]
+    if not isinstance(op, PriorityOp | FeedbackOp):
         return [derive(op, lsn, view, payload)]
     if view.get_raw_many is not None:
         return _derive_many_raw(op, lsn, view.get_raw_many(sorted(set(op.ids))))
@@ -131,21 +147,13 @@ def derive_all(op: Op, lsn: int, view: StateView, payload: bytes) -> list[Effect
     for i, rid in enumerate(op.ids):
         prev = seen.get(rid)
         if prev is None:
-            if isinstance(op, RetrievalOp):
-                prev = view.get(rid)
-                if prev is None:
-                    continue  # deleted after it was sampled: its count has nowhere to go
-            else:
-                prev = _require(view, rid)
+            prev = _require(view, rid)
         if isinstance(op, PriorityOp):
             new = replace(prev, priority=float(op.priorities[i]), updated_lsn=lsn)
-        elif isinstance(op, FeedbackOp):
+        else:
             rc = prev.retrieval_count + (1 if op.count_retrieval else 0)
             sc = prev.success_count + (1 if op.success[i] else 0)
             new = replace(prev, retrieval_count=max(rc, sc), success_count=sc, updated_lsn=lsn)
-        else:
-            rc = prev.retrieval_count + int(op.counts[i])
-            new = replace(prev, retrieval_count=rc, updated_lsn=lsn)
         seen[rid] = new
         eff = _rewrite(lsn, new)
         eff.counters_only = True
@@ -153,9 +161,46 @@ def derive_all(op: Op, lsn: int, view: StateView, payload: bytes) -> list[Effect
     return out
 
 
-def _derive_many_raw(
-    op: PriorityOp | FeedbackOp | RetrievalOp, lsn: int, raws: dict[int, bytes]
-) -> list[Effect]:
+def retrieval_counts(ids: Sequence[int], counts: Sequence[int]) -> dict[int, int]:
+    """id -> the sum of its counts (an id may repeat in a ``RetrievalOp``); zeros dropped."""
+    out = dict(zip(ids, counts, strict=True))
+    if len(out) != len(ids):  # repeated ids (the sampler's own operations have none)
+        out = {}
+        get = out.get
+        for rid, n in zip(ids, counts, strict=True):
+            out[rid] = get(rid, 0) + int(n)
+    if any(n <= 0 for n in out.values()):
+        out = {rid: n for rid, n in out.items() if n > 0}
+    return out
+
+
+def added_retrievals(effects: Sequence[Effect], rid: int, after_lsn: int) -> int:
+    """The counts that the retrieval effects among ``effects`` (unapplied, LSN order) add to
+    ``rid`` after a state read at ``after_lsn`` (an overlay effect's LSN or LMDB's
+    ``applied_lsn``)."""
+    total = 0
+    for eff in effects:
+        counts = eff.retrievals
+        if counts is not None and eff.lsn > after_lsn:
+            total += counts.get(rid, 0)
+    return total
+
+
+def counted_envelope(raw: bytes, stored: int, added: int) -> bytes:
+    """Envelope ``raw`` carrying the record's total retrieval count: the larger of its own and
+    ``stored`` (its ``prio`` row's), plus ``added`` (unapplied retrievals); re-encoded only
+    where that differs (what a view hands to :func:`derive_all`)."""
+    if not stored and not added:
+        return raw
+    obj = envelope_counters(raw)
+    total = max(obj[4], stored) + added
+    if total == obj[4]:
+        return raw
+    obj[4] = total
+    return pack_envelope(obj)
+
+
+def _derive_many_raw(op: PriorityOp | FeedbackOp, lsn: int, raws: dict[int, bytes]) -> list[Effect]:
     """derive_all for a many-id operation on encoded envelopes: the counters and priority are
     rewritten in the msgpack list, no record model is built (10k ids per call is the norm)."""
     lists: dict[int, list[Any]] = {}
@@ -165,8 +210,6 @@ def _derive_many_raw(
         if obj is None:
             raw = raws.get(rid)
             if raw is None:
-                if isinstance(op, RetrievalOp):
-                    continue  # deleted after it was sampled: its count has nowhere to go
                 raise RecordNotFoundError(f"no record with id {rid}")
             obj = envelope_counters(raw)
             if len(obj) == 7:
@@ -174,11 +217,9 @@ def _derive_many_raw(
             lists[rid] = obj
         if isinstance(op, PriorityOp):
             obj[7] = float(op.priorities[i])
-        elif isinstance(op, FeedbackOp):
+        else:
             obj[5] += 1 if op.success[i] else 0
             obj[4] = max(obj[4] + (1 if op.count_retrieval else 0), obj[5])
-        else:
-            obj[4] += int(op.counts[i])
         obj[3] = lsn
         kind = KIND_BY_CODE[obj[1]]
         ts = float(obj[2])

@@ -25,6 +25,7 @@ from xpstore.persistence.lmdb_tables import (
     NewRecords,
     RecordDelete,
     RecordPut,
+    RetrievalCounts,
     TrackDelete,
     TrackSet,
     u64_keys,
@@ -51,6 +52,8 @@ def to_changes(effects: list[Effect]) -> list[Change]:
                 out.append(RecordDelete(eff.record_id, code, eff.ts, eff.lsn))
         if eff.meta is not None:
             out.append(MetaSet(*eff.meta))
+        if eff.retrievals is not None:
+            out.append(RetrievalCounts(eff.lsn, eff.retrievals))
         if eff.track is not None:
             if eff.track_to is not None:
                 out.append(TrackSet(eff.track, eff.track_to))
@@ -230,14 +233,32 @@ class Applier:
 
     def apply_once(self) -> bool:
         with self._apply_lock:
-            effects = self._overlay.take(self._batch)
-            if not effects:
-                return False
-            start = time.perf_counter()
-            self._tables.apply(batch_changes(effects), effects[-1].lsn)
-            self._overlay.applied(effects)
-            self._telemetry.observe("apply", time.perf_counter() - start)
-            self._telemetry.observe("apply.batch_ops", len(effects))
+            return self._apply_locked()
+
+    def try_apply_through(self, lsn: int) -> bool:
+        """:meth:`apply_through` in the caller's thread, unless another apply, a compaction or
+        a snapshot holds the apply lock now (then the applier's thread gets to it later and
+        this returns False at once: the caller does not wait)."""
+        if not self._apply_lock.acquire(blocking=False):
+            return False
+        try:
+            while True:
+                with self._overlay.lock:
+                    if not self._overlay.queue or self._overlay.queue[0].lsn > lsn:
+                        return True
+                self._apply_locked()
+        finally:
+            self._apply_lock.release()
+
+    def _apply_locked(self) -> bool:
+        effects = self._overlay.take(self._batch)
+        if not effects:
+            return False
+        start = time.perf_counter()
+        self._tables.apply(batch_changes(effects), effects[-1].lsn)
+        self._overlay.applied(effects)
+        self._telemetry.observe("apply", time.perf_counter() - start)
+        self._telemetry.observe("apply.batch_ops", len(effects))
         self.batches += 1
         self._applied_since_ckpt += len(effects)
         return True

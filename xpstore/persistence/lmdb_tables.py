@@ -11,7 +11,9 @@ Tables (named databases of one environment; layouts in ``docs/formats.md``):
 ``neighbors``    track_id -> a track's precomputed nearest neighbours (``index.neighbors``);
                  derived data written after each index build, never through the WAL
 ``prio``         id -> the record's 40-byte priority-input row (``model.priority_rows``), written in
-                 the same transaction as the record; what sampling trees are rebuilt from
+                 the same transaction as the record; what sampling trees are rebuilt from. Its
+                 ``retrieval_count`` is the record's count: retrievals are added to it in place
+                 (:class:`RetrievalCounts`), never by rewriting the envelope
 
 LMDB rules followed here (from its docs and py-lmdb's issues): one Environment per path per
 process (the registry below), ``reader_check()`` on open, every write transaction inside ``with``,
@@ -41,6 +43,8 @@ import lmdb
 import numpy as np
 
 from xpstore.errors import LmdbCorruptionError, StoreCorruptionError, WALWriteError, XpStoreError
+from xpstore.model.codec import KIND_BY_CODE, envelope_counters, pack_envelope
+from xpstore.model.priority_rows import INPUT_DTYPE, inputs_from_map
 from xpstore.model.progress import ProgressFn
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,9 @@ log = logging.getLogger(__name__)
 _U64 = struct.Struct(">Q")
 _TOMB = struct.Struct(">QB")
 _TRACK_TOMB = struct.Struct(">QQ")
+_U32_MAX = (1 << 32) - 1
+_RC = struct.Struct("<I")
+_RC_AT = 28  # offset of retrieval_count in a prio row (model/priority_rows.py)
 _DB_NAMES = (b"meta", b"records", b"by_kind_ts", b"tracks", b"tombstones", b"track_tombs")
 _OPTIONAL_DBS = (b"neighbors", b"prio")  # added by later issues: a read-only open of an older store
 # lacks it, and that is not damage
@@ -135,7 +142,18 @@ class NewRecords:
         return out
 
 
-Change = RecordPut | RecordDelete | TrackSet | TrackDelete | MetaSet | NewRecords
+@dataclass(slots=True)
+class RetrievalCounts:
+    """Retrievals to add to records' counts (a ``RetrievalOp`` at ``lsn``): in place in their
+    ``prio`` rows (docs/design.md, "Retrieval counts")."""
+
+    lsn: int
+    counts: Mapping[int, int]  # id -> count to add
+
+
+Change = (
+    RecordPut | RecordDelete | TrackSet | TrackDelete | MetaSet | NewRecords | RetrievalCounts
+)
 
 
 def u64_keys(ids: Sequence[int]) -> list[bytes]:
@@ -441,6 +459,12 @@ class LmdbTables:
         value = txn.get(track_id.encode(), db=self._dbs[b"tracks"])
         return from_u64(bytes(value)) if value is not None else None
 
+    def record_values(self, txn: lmdb.Transaction, ids: Sequence[int]) -> list[bytes | None]:
+        """The envelopes of ``ids`` in their order (None: absent), keys packed in one pass."""
+        get = txn.get
+        db = self._dbs[b"records"]
+        return cast(list[bytes | None], [get(key, db=db) for key in u64_keys(ids)])
+
     def get_records(self, txn: lmdb.Transaction, ids: Sequence[int]) -> dict[int, bytes]:
         """The envelopes of those of ``ids`` that exist (one C call: catch-ups read many)."""
         keys = u64_keys(sorted(ids))
@@ -452,6 +476,24 @@ class LmdbTables:
         keys = sorted(map(str.encode, track_ids))
         found = txn.cursor(db=self._dbs[b"tracks"]).getmulti(keys)
         return {bytes(key).decode(): from_u64(bytes(value)) for key, value in found}
+
+    def retrieval_count(self, txn: lmdb.Transaction, rid: int) -> int:
+        """The ``prio`` row's retrieval count of ``rid`` (0 without a row)."""
+        db = self._dbs.get(b"prio")
+        value = txn.get(u64(rid), db=db) if db is not None else None
+        return int(_RC.unpack_from(value, _RC_AT)[0]) if value is not None else 0
+
+    def retrieval_counts(self, txn: lmdb.Transaction, ids: Sequence[int]) -> dict[int, int]:
+        """The ``prio`` rows' retrieval counts of those of ``ids`` that have a row (one C call).
+        A record's count is the larger of this and its envelope's (docs/formats.md)."""
+        db = self._dbs.get(b"prio")
+        if db is None or not ids:
+            return {}
+        found = txn.cursor(db=db).getmulti(u64_keys(sorted(ids)))
+        if not found:
+            return {}
+        rows = np.frombuffer(b"".join(v for _k, v in found), dtype=INPUT_DTYPE)
+        return dict(zip(rows["id"].tolist(), rows["rc"].tolist(), strict=True))
 
     def prio_rows(self) -> tuple[list[bytes], int]:
         """Every priority-input row of the ``prio`` table (id order; each row repeats its id),
@@ -519,12 +561,14 @@ class LmdbTables:
         return removed
 
     def index_chunk(
-        self, kind_code: int, lo: bytes, hi: bytes, limit: int
-    ) -> tuple[list[tuple[bytes, bytes]], int]:
+        self, kind_code: int, lo: bytes, hi: bytes, limit: int,
+        counts: dict[int, int] | None = None,
+    ) -> tuple[list[tuple[bytes, bytes]], int]:  # fmt: skip
         """Up to ``limit`` (index key, record value) pairs with lo <= key < hi, in key order.
 
         Returns the pairs and the ``applied_lsn`` of the transaction they were read in. Scans
         read in chunks of short transactions so a long iteration never pins LMDB pages.
+        ``counts`` is filled with the records' ``prio`` retrieval counts (same transaction).
         """
         out: list[tuple[bytes, bytes]] = []
         with self.reading() as txn:
@@ -543,6 +587,8 @@ class LmdbTables:
                         f"index entry kind={kind_code} id={from_u64(key[9:])} has no record"
                     )
                 out.append((key, bytes(value)))
+            if counts is not None:
+                counts.update(self.retrieval_counts(txn, [from_u64(k[9:]) for k, _v in out]))
         return out, applied
 
     # ---------------------------------------------------------- write side
@@ -558,13 +604,30 @@ class LmdbTables:
         if applied <= current:
             return  # already applied: replay after a crash is idempotent
         counts = self.counts(txn)
-        if all(isinstance(ch, RecordPut | TrackSet | NewRecords) for ch in changes):
-            self._apply_puts(txn, changes, counts)
+        if all(isinstance(ch, RecordPut | TrackSet | NewRecords | RetrievalCounts)
+               for ch in changes):  # fmt: skip
+            run: list[Change] = []  # in LSN order: counts add to the rows written before them
+            added: list[RetrievalCounts] = []
+            for ch in changes:
+                if isinstance(ch, RetrievalCounts):
+                    if run:
+                        self._apply_puts(txn, run, counts)
+                        run = []
+                    added.append(ch)
+                else:
+                    if added:
+                        self._add_retrievals(txn, added, current)
+                        added = []
+                    run.append(ch)
+            if run:
+                self._apply_puts(txn, run, counts)
+            if added:
+                self._add_retrievals(txn, added, current)
         else:
             flat: list[Change] = []
             for ch in changes:
                 flat += ch.expand() if isinstance(ch, NewRecords) else [ch]
-            self._apply_mixed(txn, flat, counts)
+            self._apply_mixed(txn, flat, counts, current)
         meta = self._dbs[b"meta"]
         txn.put(b"counts", json.dumps({str(k): v for k, v in counts.items()}).encode(), db=meta)
         txn.put(b"applied_lsn", u64(applied), db=meta)
@@ -610,9 +673,69 @@ class LmdbTables:
             for key, _value in tracks:
                 txn.delete(key, db=ttombs)
 
-    def _apply_mixed(
-        self, txn: lmdb.Transaction, changes: Sequence[Change], counts: dict[int, int]
+    def _add_retrievals(
+        self, txn: lmdb.Transaction, chs: Sequence[RetrievalCounts], applied: int
     ) -> None:
+        """Add the counts of ``chs`` (consecutive operations: summed, each row is rewritten
+        once) to the records' ``prio`` rows in place (u32, saturating).
+
+        A record without a row (a put a fast recovery replay wrote, a store older than the
+        table) gets its row now, from its envelope; a kind without rows (a decision) has the
+        count written into its envelope. An id that no longer exists is skipped. Never applied
+        twice: only an operation above ``applied`` (the LSN LMDB already holds) adds."""
+        chs = [ch for ch in chs if ch.lsn > applied and ch.counts]
+        if not chs:
+            return
+        if len(chs) == 1:
+            total: Mapping[int, int] = chs[0].counts
+        else:
+            summed: dict[int, int] = dict(chs[0].counts)
+            for ch in chs[1:]:
+                for rid, n in ch.counts.items():
+                    summed[rid] = summed.get(rid, 0) + n
+            total = summed
+        keys = u64_keys(sorted(total))
+        prio = self._dbs[b"prio"]
+        found = cast(list[tuple[bytes, bytes]], txn.cursor(db=prio).getmulti(keys))
+        items: list[tuple[bytes, bytes]] = []
+        if found:
+            rows = np.frombuffer(b"".join([v for _k, v in found]), dtype=INPUT_DTYPE).copy()
+            add = np.fromiter(map(total.__getitem__, rows["id"].tolist()), dtype=np.int64,
+                              count=rows.shape[0])  # fmt: skip
+            rows["rc"] = np.minimum(rows["rc"].astype(np.int64) + add, _U32_MAX)
+            raw = rows.tobytes()
+            size = INPUT_DTYPE.itemsize
+            starts = range(0, len(raw), size)
+            items = [(k, raw[j : j + size]) for j, (k, _v) in zip(starts, found, strict=True)]
+        if len(found) < len(keys):
+            have = {k for k, _v in found}
+            records = self._dbs[b"records"]
+            for key in keys:
+                if key in have:
+                    continue
+                value = txn.get(key, db=records)
+                if value is None:
+                    continue  # deleted after it was drawn: its count has nowhere to go
+                rid = from_u64(key)
+                obj = envelope_counters(bytes(value))
+                if len(obj) == 7:
+                    obj.append(None)
+                rc = obj[4] + total[rid]
+                row = inputs_from_map(KIND_BY_CODE[obj[1]], obj[6], rid, float(obj[2]), rc,
+                                      obj[5], obj[7])  # fmt: skip
+                if row is not None:
+                    items.append((key, row))
+                else:
+                    obj[4] = rc
+                    txn.put(key, pack_envelope(obj), db=records)
+            items.sort()
+        if items:
+            txn.cursor(db=prio).putmulti(items)
+
+    def _apply_mixed(
+        self, txn: lmdb.Transaction, changes: Sequence[Change], counts: dict[int, int],
+        applied: int,
+    ) -> None:  # fmt: skip
         records, index = self._dbs[b"records"], self._dbs[b"by_kind_ts"]
         tracks, tombs, ttombs = (
             self._dbs[b"tracks"],
@@ -639,6 +762,8 @@ class LmdbTables:
                 txn.delete(ch.track_id.encode(), db=ttombs)
             elif isinstance(ch, MetaSet):
                 txn.put(ch.key.encode(), ch.value, db=self._dbs[b"meta"])
+            elif isinstance(ch, RetrievalCounts):
+                self._add_retrievals(txn, [ch], applied)
             else:
                 assert isinstance(ch, TrackDelete), "NewRecords are expanded before this"
                 txn.delete(ch.track_id.encode(), db=tracks)

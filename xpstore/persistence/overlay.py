@@ -9,6 +9,10 @@ An effect moves pending -> durable (WAL leader, after the sync) -> LMDB (applier
 to the later layer before removing from the earlier one, and lookups go earlier layer first, so a
 lookup never misses an entry that is in flight between layers. Dict reads are atomic under the
 GIL; mutations happen under ``Overlay.lock``.
+
+Retrieval effects (counts to add, no record state: see :mod:`xpstore.model.effects`) are also
+listed apart, in LSN order (:attr:`Overlay.retrievals`, and the pending ones), so that a read
+adds the unapplied counts logged after the state it read without walking the whole queue.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class Overlay:
         self._p_rows: dict[int, IndexRow] = {}  # LSN -> index row, pending effects only
         self._p_bulk: dict[int, IndexRows] = {}  # first LSN -> a put_fingerprints batch's rows
         self._subs: list[Subscription] = []
+        self.retrievals: list[Effect] = []  # durable, unapplied retrieval effects, LSN order
+        self._p_retrievals: list[Effect] = []
 
     # writer side (under the store's write lock)
     def writer_get(self, rid: int) -> Effect | None:
@@ -64,6 +70,8 @@ class Overlay:
                 self._p_records[eff.record_id] = eff
             if eff.track is not None:
                 self._p_tracks[eff.track] = (eff.lsn, eff.track_to)
+            if eff.retrievals is not None:
+                self._p_retrievals = [*self._p_retrievals, eff]
             if row is not None:
                 self._p_rows[eff.lsn] = row
 
@@ -86,6 +94,8 @@ class Overlay:
                     records[eff.record_id] = eff
                 if eff.track is not None:
                     tracks[eff.track] = (eff.lsn, eff.track_to)
+                if eff.retrievals is not None:
+                    self._p_retrievals = [*self._p_retrievals, eff]
             if bulk is not None:
                 self._p_bulk[effects[0].lsn] = bulk
             if rows:
@@ -102,6 +112,8 @@ class Overlay:
                     del self._p_tracks[eff.track]
                 self._p_rows.pop(eff.lsn, None)
                 self._p_bulk.pop(eff.lsn, None)
+            if self._p_retrievals:
+                self._p_retrievals = [e for e in self._p_retrievals if e.lsn < lsn]
 
     def make_durable(self, last_lsn: int) -> None:
         """Move pending effects up to ``last_lsn`` into the durable layer, then publish them.
@@ -132,6 +144,9 @@ class Overlay:
                         tracks[eff.track] = (eff.lsn, eff.track_to)
                 rows, bulk = p_rows, p_bulk
                 self._p_rows, self._p_bulk = {}, {}
+                if self._p_retrievals:
+                    self.retrievals = [*self.retrievals, *self._p_retrievals]
+                    self._p_retrievals = []
             while pending and pending[0].lsn <= last_lsn:
                 eff = self._pending.popleft()
                 self.add_durable_locked(eff)
@@ -148,6 +163,8 @@ class Overlay:
                     many = p_bulk.pop(eff.lsn, None)
                     if many is not None:
                         bulk[eff.lsn] = many
+                if eff.retrievals is not None:
+                    self._p_retrievals = [e for e in self._p_retrievals if e is not eff]
             subs = list(self._subs)  # a subscriber added after this point has these in its copy
             if len(self.queue) >= self.apply_threshold:
                 self.changed.notify_all()  # a full batch for the applier; otherwise it waits
@@ -183,6 +200,17 @@ class Overlay:
             self.records[eff.record_id] = eff
         if eff.track is not None:
             self.tracks[eff.track] = (eff.lsn, eff.track_to)
+        if eff.retrievals is not None:
+            self.retrievals = [*self.retrievals, eff]
+
+    def unapplied_retrievals(self, pending: bool = False) -> list[Effect]:
+        """The retrieval effects not yet in LMDB, in LSN order (``pending``: the enqueued ones
+        too, for writers). Take this *before* reading the state the counts add to; the lists
+        are replaced, never changed in place, so the answer is a snapshot."""
+        if pending:
+            with self.lock:
+                return self.retrievals + self._p_retrievals
+        return self.retrievals
 
     # applier side
     def take(self, limit: int) -> list[Effect]:
@@ -193,12 +221,17 @@ class Overlay:
     def applied(self, effects: list[Effect]) -> None:
         """Drop ``effects`` (now committed to LMDB) unless a newer effect replaced an entry."""
         with self.lock:
+            counted = False
             for eff in effects:
                 self.queue.popleft()
                 if eff.record_id is not None and self.records.get(eff.record_id) is eff:
                     del self.records[eff.record_id]
                 if eff.track is not None and self.tracks.get(eff.track, (0,))[0] == eff.lsn:
                     del self.tracks[eff.track]
+                counted = counted or eff.retrievals is not None
+            if counted:
+                last = effects[-1].lsn
+                self.retrievals = [e for e in self.retrievals if e.lsn > last]
             self.changed.notify_all()
 
     def count_deltas(self) -> list[tuple[int, str, int]]:

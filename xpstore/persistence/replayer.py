@@ -13,7 +13,10 @@ its LMDB envelope is the header's bytes around the record map (version-1 puts, f
 written before, go through :func:`~xpstore.model.codec.peek_put`). A put's effect needs no state:
 a new id, indexed and counted, and for a fingerprint its track pointing at it; so runs of puts go
 straight into LMDB changes, and only the other operations are derived against the state (the
-changes replayed but not yet written, then LMDB).
+changes replayed but not yet written, then LMDB). A ``RetrievalOp``'s counts are added to the
+``prio`` rows when its batch is written; until then the view adds them to what it reads (the
+counts replayed since the record's state was last written or rewritten), so a later feedback
+or priority update derives from the same total as the live path did.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from xpstore.model.codec import (
     peek_put,
     put_head,
 )
-from xpstore.model.effects import Effect, StateView, derive_all
+from xpstore.model.effects import Effect, StateView, counted_envelope, derive_all
 from xpstore.model.records import Experience
 from xpstore.persistence.applier import to_changes
 from xpstore.persistence.crashpoints import crash_point
@@ -54,6 +57,7 @@ class Replayer:
         self.last_lsn = 0
         self._values: dict[int, bytes | None] = {}  # replayed, not yet written: id -> envelope
         self._tracks: dict[str, int | None] = {}
+        self._extra: dict[int, int] = {}  # retrievals replayed since the id's state was read
         self._changes: list[Change] = []
         self._view: StateView | None = None
 
@@ -90,7 +94,7 @@ class Replayer:
         """Write the replayed changes to LMDB (``force``: even none, to record ``last_lsn``)."""
         if self._changes or (force and self.last_lsn):
             self.tables.apply(self._changes, self.last_lsn)
-        self._changes, self._values, self._tracks = [], {}, {}
+        self._changes, self._values, self._tracks, self._extra = [], {}, {}, {}
 
     # ------------------------------------------------------------------ internals
     def _derive(self, raw: bytes, lsn: int) -> list[Effect]:
@@ -106,9 +110,14 @@ class Replayer:
 
     def _add(self, effects: list[Effect]) -> None:
         self._changes.extend(to_changes(effects))
+        extra = self._extra
         for eff in effects:
             if eff.record_id is not None:
                 self._values[eff.record_id] = eff.value
+                extra.pop(eff.record_id, None)  # a rewrite's envelope holds the total
+            if eff.retrievals is not None:
+                for rid, n in eff.retrievals.items():
+                    extra[rid] = extra.get(rid, 0) + n
             if eff.track is not None:
                 self._tracks[eff.track] = eff.track_to
 
@@ -120,25 +129,25 @@ class Replayer:
             return self.tables.get_track(txn, track_id)
 
     def _get(self, rid: int) -> Experience | None:
-        if rid in self._values:
-            value = self._values[rid]
-            return decode_envelope(rid, value) if value is not None else None
-        with self.tables.reading() as txn:
-            raw = self.tables.get_record(txn, rid)
+        """Replayed changes first, then LMDB; with the total retrieval count (StateView)."""
+        raw = self._raw_many([rid]).get(rid)
         return decode_envelope(rid, raw) if raw is not None else None
 
     def _raw_many(self, ids: list[int]) -> dict[int, bytes]:
         out: dict[int, bytes] = {}
         rest: list[int] = []
+        extra = self._extra
         for rid in ids:
             if rid not in self._values:
                 rest.append(rid)
             elif (value := self._values[rid]) is not None:
-                out[rid] = value
+                out[rid] = counted_envelope(value, 0, extra.get(rid, 0))
         if rest:
             with self.tables.reading() as txn:
+                stored = self.tables.retrieval_counts(txn, rest)
                 for rid in rest:
                     raw = self.tables.get_record(txn, rid)
                     if raw is not None:
-                        out[rid] = raw
+                        out[rid] = counted_envelope(raw, stored.get(rid, 0), extra.get(rid, 0))
         return out
+

@@ -16,7 +16,10 @@ so sampling work never lengthens a writer's acknowledgement.
 Durability: ``update_priorities`` and ``record_feedback`` are WAL operations like any write.
 Retrieval counts bumped by ``sample`` are applied in memory at once and made durable in batches
 (a ``RetrievalOp`` every ``sample_flush_retrievals`` retrievals, and at a clean close): a crash
-loses at most that many counts, and those items may again count as never sampled. The RNG state,
+loses at most that many counts, and those items may again count as never sampled. A logged
+``RetrievalOp`` comes back as an effect of counts to add: the counts this sampler logged itself
+(``inflight`` until then) are already in its rows and are not added twice; counts logged by
+others (the access-pattern detector) are added. The RNG state,
 ``t_ref`` and the counters are saved in LMDB ``meta/sampler`` at a clean close, so a seeded run
 resumes with the same batches after close and reopen.
 """
@@ -111,6 +114,9 @@ class Sampler:
         self.newest_ts = 0.0
         self.rng = np.random.default_rng()
         self.pending: dict[int, int] = {}  # id -> retrievals not yet logged
+        self.pending_n = 0  # sum of pending
+        self.inflight: list[dict[int, int]] = []  # logged by take_pending, effect not seen yet
+        self.loaded_lsn = 0  # the LMDB state load() read: older effects are in it already
         self.draws = 0
         self.batches = 0
         self.changed: list[tuple[int, bool]] = []
@@ -189,7 +195,8 @@ class Sampler:
             self.on_effects(batch.effects)
 
     def on_effects(self, effects: Sequence[Effect]) -> None:
-        """Overlay listener: upsert or remove the rows of changed records (LSN order).
+        """Overlay listener: upsert or remove the rows of changed records, add retrieval counts
+        (LSN order; an effect at or below :attr:`loaded_lsn` is in the loaded rows already).
 
         Vectorized per kind (the WAL leader calls this for every commit while the sampler is
         attached, so a 10k-record put_many must not cost 10k Python-level tree updates).
@@ -197,8 +204,17 @@ class Sampler:
         groups: dict[int, list[tuple[int, bytes | None, bool]]] = {}
         kinds = self.kinds
         changed: set[int] = set()
+        loaded = self.loaded_lsn
         for eff in effects:
-            if eff.record_id is not None:
+            if eff.lsn <= loaded:
+                continue
+            if eff.retrievals is not None:
+                with self.lock:  # rows before the counts: counts add to the rows they follow
+                    for code, items in groups.items():
+                        self._apply_batch(code, items, changed)
+                    self._add_logged(eff.retrievals)
+                groups, changed = {}, set()
+            elif eff.record_id is not None:
                 code = KIND_CODES[eff.kind]
                 if code in kinds:  # decisions are not sampled
                     groups.setdefault(code, []).append((eff.record_id, eff.prio,
@@ -210,6 +226,44 @@ class Sampler:
         with self.lock:
             for code, items in groups.items():
                 self._apply_batch(code, items, changed)
+
+    def _add_logged(self, counts: Mapping[int, int]) -> None:
+        """Under the lock: a logged ``RetrievalOp``'s counts, less those this sampler counted
+        already (its own ``inflight`` ones: usually the whole operation, the oldest in
+        flight, recognized at once)."""
+        inflight = self.inflight
+        if inflight and counts == inflight[0]:
+            del inflight[0]
+        else:
+            add: dict[int, int] = {}
+            for rid, n in counts.items():
+                left = n
+                for own in inflight:  # in flight, but not this operation: some ids are ours
+                    mine = own.get(rid, 0)
+                    if mine:
+                        take = min(mine, left)
+                        left -= take
+                        if mine > take:
+                            own[rid] = mine - take
+                        else:
+                            del own[rid]
+                        if not left:
+                            break
+                if left:
+                    add[rid] = left
+            self.inflight = [own for own in inflight if own]
+            if add:
+                self._bump(np.fromiter(add, dtype=np.int64, count=len(add)),
+                           np.fromiter(add.values(), dtype=np.int64, count=len(add)))  # fmt: skip
+        if self.filters:  # where= on retrieval_count: the ids must be looked at again
+            self.changed.extend((rid, True) for rid in counts)
+
+    def _counted_here(self, rid: int) -> int:
+        """Retrievals of ``rid`` in this sampler's rows that no logged effect has brought."""
+        n = self.pending.get(rid, 0)
+        for own in self.inflight:
+            n += own.get(rid, 0)
+        return n
 
     def apply_row(self, rid: int, kind_code: int, prio: bytes | None, deleted: bool) -> None:
         with self.lock:
@@ -231,8 +285,9 @@ class Sampler:
         if ups:
             rids = np.array([rid for rid, _ in ups], dtype=np.int64)
             rows = np.frombuffer(b"".join(p for _, p in ups), dtype=INPUT_DTYPE).copy()
-            if self.pending:
-                extra = np.array([self.pending.get(int(r), 0) for r in rids], dtype=np.int64)
+            if self.pending or self.inflight:  # counted here, not in the row yet
+                here = self._counted_here
+                extra = np.array([here(r) for r in rids.tolist()], dtype=np.int64)
                 rows["rc"] = np.minimum(rows["rc"].astype(np.int64) + extra, (1 << 32) - 1)
             slots = kind.slots_of(rids)
             old = slots >= 0
@@ -257,7 +312,9 @@ class Sampler:
             if slots.size:
                 kind.tree.set(slots, np.zeros(slots.size))
             for rid in gone.tolist():
-                self.pending.pop(rid, None)
+                self.pending_n -= self.pending.pop(rid, 0)
+                for own in self.inflight:
+                    own.pop(rid, None)
         if self.filters:
             self.changed.extend((rid, rid not in changed) for rid in last)
 
@@ -330,17 +387,20 @@ class Sampler:
                 self.rng = np.random.default_rng(seed)
             self.maybe_refresh()
             codes = [KIND_CODES[kind]] if kind is not None else sorted(self.kinds)
+            slots: list[tuple[int, I64]] = []  # the drawn slots of each kind
             if subset is not None:
-                out = self._draw_subset(subset, n, beta, what)
+                out = self._draw_subset(subset, n, beta, what, slots)
             else:
-                out = self._draw_trees(codes, n, beta, what)
+                out = self._draw_trees(codes, n, beta, what, slots)
             self.draws += n
             self.batches += 1
             if count:
-                self._count(out.ids)
+                self._count(slots)
             return out
 
-    def _draw_trees(self, codes: list[int], n: int, beta: float, what: str) -> Draw:
+    def _draw_trees(
+        self, codes: list[int], n: int, beta: float, what: str, drawn: list[tuple[int, I64]]
+    ) -> Draw:
         totals = np.array([self.kinds[c].tree.total for c in codes], dtype=np.float64)
         grand = float(totals.sum())
         if not grand > 0:
@@ -363,13 +423,18 @@ class Sampler:
             kind = self.kinds[code]
             ids[pos] = kind.ids[slots]
             probs[pos] = tree.get(slots) / grand
+            drawn.append((code, slots))
         weights = importance_weights(probs, count, beta, float(min_w) / grand)
-        return Draw([int(i) for i in ids], probs, weights)
+        return Draw(ids.tolist(), probs, weights)
 
-    def _draw_subset(self, parts: list[tuple[int, I64]], n: int, beta: float, what: str) -> Draw:
+    def _draw_subset(
+        self, parts: list[tuple[int, I64]], n: int, beta: float, what: str,
+        drawn: list[tuple[int, I64]],
+    ) -> Draw:  # fmt: skip
         """Sample among the given ids of the given kinds (a ``where=`` filter's matches)."""
         all_ids: list[I64] = []
         all_w: list[F64] = []
+        all_slots: list[tuple[int, I64]] = []
         for code, subset in parts:
             kind = self.kinds[code]
             slots = kind.slots_of(subset) if kind.n else np.zeros(0, dtype=np.int64)
@@ -378,6 +443,7 @@ class Sampler:
             live = w > 0
             all_ids.append(kind.ids[slots[live]])
             all_w.append(w[live])
+            all_slots.append((code, slots[live]))
         ids = np.concatenate(all_ids) if all_ids else np.zeros(0, dtype=np.int64)
         w = np.concatenate(all_w) if all_w else np.zeros(0)
         total = float(w.sum())
@@ -388,33 +454,65 @@ class Sampler:
         pick = np.minimum(np.searchsorted(cum, u, side="right"), w.shape[0] - 1)
         probs = w[pick] / total
         weights = importance_weights(probs, int(w.shape[0]), beta, float(w.min()) / total)
-        return Draw([int(i) for i in ids[pick]], probs, weights)
+        start = 0
+        for code, slots in all_slots:  # the picks of each kind, as slots of its tree
+            end = start + int(slots.shape[0])
+            mine = pick[(pick >= start) & (pick < end)]
+            if mine.size:
+                drawn.append((code, slots[mine - start]))
+            start = end
+        return Draw(ids[pick].tolist(), probs, weights)
 
-    def _count(self, ids: list[int]) -> None:
-        """Retrievals: in memory now (they move priority), logged later in batches."""
-        for rid in ids:
-            self.pending[rid] = self.pending.get(rid, 0) + 1
-        arr = np.array(ids, dtype=np.int64)
+    def _count(self, drawn: list[tuple[int, I64]]) -> None:
+        """Retrievals of the drawn slots (per kind): in memory now (they move priority),
+        logged later in batches."""
+        pending = self.pending
+        get = pending.get
+        for code, slots in drawn:
+            kind = self.kinds[code]
+            uniq, counts = np.unique(slots, return_counts=True)
+            self._bump_slots(kind, uniq, counts)
+            for rid, c in zip(kind.ids[uniq].tolist(), counts.tolist(), strict=True):
+                pending[rid] = get(rid, 0) + c
+            self.pending_n += int(slots.shape[0])
+
+    def _bump(self, rids: I64, counts: I64) -> None:
+        """Under the lock: add ``counts`` to the retrieval counts of ``rids`` and reweigh."""
         for kind in self.kinds.values():
             if not kind.n:
                 continue
-            slots = kind.slots_of(arr)
+            slots = kind.slots_of(rids)
             hit = slots >= 0
+            if hit.any():  # a deleted record keeps its slot at weight 0: it stays there
+                hit[hit] = kind.tree.get(slots[hit]) > 0
             if not hit.any():
                 continue
-            uniq, counts = np.unique(slots[hit], return_counts=True)
-            kind.cols["rc"][uniq] = np.minimum(
-                kind.cols["rc"][uniq].astype(np.int64) + counts, (1 << 32) - 1
-            )
-            kind.tree.set(uniq, self.model.weights(kind.cols[uniq], self.t_ref))
+            uniq, inverse = np.unique(slots[hit], return_inverse=True)
+            added = np.bincount(inverse, weights=counts[hit]).astype(np.int64)
+            self._bump_slots(kind, uniq, added)
+
+    def _bump_slots(self, kind: _Kind, uniq: I64, added: I64) -> None:
+        """Under the lock: add ``added`` retrievals to the distinct ``uniq`` slots, reweigh."""
+        rc = kind.cols["rc"]
+        rc[uniq] = np.minimum(rc[uniq].astype(np.int64) + added, (1 << 32) - 1)
+        kind.tree.set(uniq, self.model.weights(kind.cols[uniq], self.t_ref))
 
     def take_pending(self) -> dict[int, int]:
+        """The retrievals counted since the last call, to be logged now: they are
+        ``inflight`` until their logged effect comes back (see the module doc)."""
         with self.lock:
-            out, self.pending = self.pending, {}
+            out, self.pending, self.pending_n = self.pending, {}, 0
+            if out:
+                self.inflight.append(dict(out))
             return out
 
+    def forget_inflight(self, counts: Mapping[int, int]) -> None:
+        """``counts`` were not logged after all (the WAL refused them): expect no effect."""
+        with self.lock:
+            self.inflight = [own for own in self.inflight if own != counts]
+
     def pending_count(self) -> int:
-        return sum(self.pending.values())
+        return self.pending_n
 
     def probabilities(self, kind: str | None = None) -> dict[int, float]:
         """P(i) of every live item (tests, small stores)."""

@@ -4,13 +4,14 @@ of arrays, ready for a training step, instead of lists of envelopes.
 Why a separate path from ``sample``: a learner's step wants a feature matrix, not 256 pydantic
 models. A prioritized batch here is the sampler's draw (ids, P(i), importance weights) plus the
 drawn records' *encoded* envelopes (the overlay first, then one LMDB read transaction), unpacked
-with msgpack straight into numpy columns: no model is built. Feedback and priority updates go
+by one streaming msgpack unpacker into one list per column, each converted to numpy once: no
+model is built. Feedback and priority updates go
 back by id as with ``sample`` (``store.record_feedback(batch["ids"], ...)``,
 ``store.update_priorities(batch["ids"], ...)``). Like ``sample``, every draw bumps the drawn
 items' retrieval counts (value tracking), made durable in batches of
-``sampling.flush_retrievals``; that logging costs about as much as the rest of the batch, so a
-loop that counts its uses at feedback time (``record_feedback(..., count_retrieval=True)``)
-passes ``count_retrievals=False``.
+``sampling.flush_retrievals`` and added in place to the records' ``prio`` rows (no envelope is
+rewritten: docs/design.md, "Retrieval counts"); a loop that counts its uses at feedback time
+(``record_feedback(..., count_retrieval=True)``) passes ``count_retrievals=False``.
 
 The columns of every batch (docs/sampling.md, "Batches for learners"):
 
@@ -31,7 +32,7 @@ PyTorch is optional (the ``torch`` extra) and its absence raises a clear error a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -126,17 +127,17 @@ class Batches:
                                        count)  # fmt: skip
             first = False
             envelopes = self._reader.envelopes(draw.ids)
-            unpacked = {rid: msgpack.unpackb(raw, raw=False) for rid, raw in envelopes.items()}
-            rows = []
-            for rid in draw.ids:
-                env = unpacked.get(rid)
-                if env is None:  # deleted between the draw and the read: the next draw has it
-                    continue
-                rows.append((rid, env[6]))
-            keep = [i for i, rid in enumerate(draw.ids) if rid in unpacked]
+            maps = dict(zip(envelopes, (env[6] for env in _unpacked(envelopes.values())),
+                            strict=True))  # fmt: skip
+            rows = [(rid, m) for rid in draw.ids if (m := maps.get(rid)) is not None]
             batch = builder.build(rows)
-            batch["weights"] = draw.weights[keep].astype(np.float32)
-            batch["probabilities"] = draw.probabilities[keep]
+            if len(rows) == len(draw.ids):
+                batch["weights"] = draw.weights.astype(np.float32)
+                batch["probabilities"] = draw.probabilities
+            else:  # deleted between the draw and the read: the next draw has them
+                keep = [i for i, rid in enumerate(draw.ids) if rid in maps]
+                batch["weights"] = draw.weights[keep].astype(np.float32)
+                batch["probabilities"] = draw.probabilities[keep]
             yield batch
 
     def _in_order(
@@ -198,22 +199,19 @@ class _Builder:
             self.positions = [pos[n] for n in names]
 
     def build(self, rows: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+        """Column by column: one list per column, one numpy conversion each (a numpy
+        assignment per row cost more than the values themselves)."""
         n, f = len(rows), len(self.names)
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=n)
-        feats = np.full((n, f), np.nan, dtype=np.float32)
-        rewards = np.full(n, np.nan, dtype=np.float32)
-        kind = self.kind
-        out: dict[str, Any] = {"ids": ids, "features": feats, "rewards": rewards}
+        maps = [r[1] for r in rows]
+        kind, names = self.kind, self.names
+        out: dict[str, Any] = {"ids": ids}
         if kind == "prediction":
-            labels = []
-            for i, (_rid, m) in enumerate(rows):
-                af = m.get("audio_features")
-                if af:
-                    feats[i] = [af.get(name, _NAN) for name in self.names]
-                reward = m.get("reward")
-                if reward is not None:
-                    rewards[i] = reward
-                labels.append(m.get("actual") or "")
+            missing = [_NAN] * f
+            afs = [m.get("audio_features") for m in maps]
+            feats = [[af.get(x, _NAN) for x in names] if af else missing for af in afs]
+            out["rewards"] = np.array([m.get("reward") for m in maps], dtype=np.float32)
+            labels = [m.get("actual") or "" for m in maps]
             out["labels"] = np.array(labels, dtype=str)
             if self.label_index is not None:
                 index = self.label_index
@@ -221,24 +219,28 @@ class _Builder:
                     (index.get(lab, -1) for lab in labels), dtype=np.int64, count=n
                 )
         elif kind == "fingerprint":
-            tracks = []
             pos = self.positions
-            for i, (_rid, m) in enumerate(rows):
-                values = m.get("batch")
-                if values is not None:
-                    feats[i] = [values[p] for p in pos]
-                tracks.append(m["track_id"])
-            out["labels"] = np.array(tracks, dtype=str)
+            missing = [_NAN] * f
+            batches = [m.get("batch") for m in maps]
+            feats = [[b[p] for p in pos] if b is not None else missing for b in batches]
+            out["rewards"] = np.full(n, np.nan, dtype=np.float32)
+            out["labels"] = np.array([m["track_id"] for m in maps], dtype=str)
         else:
-            success = np.zeros(n, dtype=bool)
-            for i, (_rid, m) in enumerate(rows):
-                feats[i] = [_number(m.get(name)) for name in self.names]
-                sat = m.get("user_satisfaction")
-                if sat is not None:
-                    rewards[i] = sat
-                success[i] = bool(m.get("success"))
-            out["labels"] = success
+            feats = [[_number(m.get(x)) for x in names] for m in maps]
+            out["rewards"] = np.array([m.get("user_satisfaction") for m in maps],
+                                      dtype=np.float32)  # fmt: skip
+            out["labels"] = np.array([bool(m.get("success")) for m in maps], dtype=bool)
+        out["features"] = np.array(feats, dtype=np.float32).reshape(n, f)
         return out
+
+
+def _unpacked(raws: Iterable[bytes]) -> Iterator[list[Any]]:
+    """The envelopes ``raws`` decoded by one streaming unpacker (cheaper than one
+    ``unpackb`` call each)."""
+    data = b"".join(raws)
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1 << 20))
+    unpacker.feed(data)
+    return iter(unpacker)
 
 
 def _number(value: Any) -> float:

@@ -222,20 +222,20 @@ class Exporter:
             env = unpackb(raw, raw=False)
             if env[1] != code or not lo <= env[2] < hi:
                 continue
-            if predicate is not None and not predicate(decode_envelope(from_u64(key), raw)):
+            if predicate is not None and not predicate(_decoded(tables, txn, key, raw)):
                 continue
             if fix is not None:
                 fix(env[6])
             keys.append(key)
             envs.append(env)
             if len(envs) == CHUNK:
-                chunks.append(_chunk(pa, keys, envs))
+                chunks.append(_chunk(pa, keys, _counted(tables, txn, keys, envs)))
                 done += len(envs)
                 keys, envs = [], []
                 if progress is not None:
                     progress(f"exporting {kind}", done, total, "records")
         if envs or not chunks:
-            chunks.append(_chunk(pa, keys, envs))
+            chunks.append(_chunk(pa, keys, _counted(tables, txn, keys, envs)))
             done += len(envs)
         if progress is not None:
             progress(f"exporting {kind}", done, max(total, done), "records")
@@ -260,6 +260,28 @@ def _fix_fingerprint(m: dict[str, Any]) -> None:
         m["streaming"] = {"values": dict(zip(names, values, strict=True)),
                           "confidence": dict(zip(names, conf, strict=True)),
                           "chunk_count": chunks}  # fmt: skip
+
+
+def _counted(tables: Any, txn: Any, keys: list[bytes], envs: list[list[Any]]) -> list[list[Any]]:
+    """``envs`` with each record's total retrieval count: the larger of the envelope's and
+    its ``prio`` row's (docs/design.md, "Retrieval counts"), read in the export's
+    transaction (everything acknowledged is applied first: nothing is left in the overlay)."""
+    stored = tables.retrieval_counts(txn, [from_u64(k) for k in keys])
+    if stored:
+        for key, env in zip(keys, envs, strict=True):
+            rc = stored.get(from_u64(key), 0)
+            env[4] = max(env[4], rc)
+    return envs
+
+
+def _decoded(tables: Any, txn: Any, key: bytes, raw: bytes) -> Any:
+    """The experience a ``where=`` looks at, with its total retrieval count."""
+    rid = from_u64(key)
+    exp = decode_envelope(rid, raw)
+    rc = tables.retrieval_count(txn, rid)
+    if rc > exp.retrieval_count:
+        object.__setattr__(exp, "retrieval_count", rc)
+    return exp
 
 
 def _chunk(pa: Any, keys: list[bytes], envs: list[list[Any]]) -> Any:

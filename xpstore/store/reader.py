@@ -4,6 +4,11 @@ Acknowledged-but-unapplied effects live in the overlay until the applier has com
 LMDB, so every read looks there first. Counts and scans take their overlay snapshot *before*
 reading LMDB: an effect applied in between is then seen once (the snapshot has it; LMDB's copy is
 skipped or filtered by LSN), never zero times.
+
+Retrieval counts live outside the envelopes (docs/design.md, "Retrieval counts"): every read
+shows the larger of the envelope's count and the ``prio`` row's (read in the same LMDB
+transaction), plus the overlay's unapplied retrieval effects logged after the state it read;
+the overlay's list of those is taken first, for the same reason as the snapshot above.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 from xpstore.errors import InvalidArgumentError, RecordNotFoundError
 from xpstore.model.codec import KIND_CODES, decode_envelope
+from xpstore.model.effects import Effect, added_retrievals, counted_envelope
 from xpstore.model.records import KINDS, Experience
 from xpstore.model.where import compile_where
 from xpstore.ops import compaction
@@ -49,12 +55,18 @@ class Reader:
             raise RecordNotFoundError(f"no track {track_id!r}")
         return self.get(rid)
 
-    def read_get(self, rid: int) -> Experience | None:
-        """The acknowledged state of ``rid`` (None: absent or deleted)."""
-        hit = self._engine.overlay.records.get(rid)
+    def read_get(self, rid: int, *, pending: bool = False) -> Experience | None:
+        """The acknowledged state of ``rid`` (None: absent or deleted); ``pending``: the newest
+        state, enqueued operations included (writers deriving an operation)."""
+        ov = self._engine.overlay
+        counted = ov.unapplied_retrievals(pending)  # first: see the module doc
+        hit = ov.writer_get(rid) if pending else ov.records.get(rid)
         if hit is not None:
-            return hit.experience()
-        return self.lmdb_get(rid)
+            exp = hit.experience()
+            if exp is not None and counted:
+                _add_count(exp, added_retrievals(counted, rid, hit.lsn))
+            return exp
+        return self.lmdb_get(rid, counted)
 
     def read_track(self, track_id: str) -> int | None:
         """The id of ``track_id``'s current fingerprint (None: no such live track)."""
@@ -63,11 +75,15 @@ class Reader:
             return hit[1]
         return self.lmdb_track(track_id)
 
-    def envelopes(self, ids: list[int], *, pending: bool = False) -> dict[int, bytes]:
+    def envelopes(
+        self, ids: list[int], *, pending: bool = False, counted: bool = False
+    ) -> dict[int, bytes]:
         """Encoded envelopes of the live ``ids`` (absent: missing or deleted): overlay first
         (its pending layer too with ``pending``: writers deriving), then LMDB in one read
-        transaction."""
+        transaction. ``counted``: each envelope carries the record's total retrieval count
+        (re-encoded where it differs; the envelopes of a rewrite being derived)."""
         ov = self._engine.overlay
+        extra = ov.unapplied_retrievals(pending) if counted else []
         out: dict[int, bytes] = {}
         rest: list[int] = []
         for rid in ids:
@@ -76,20 +92,37 @@ class Reader:
                 rest.append(rid)
             elif eff.value is not None:
                 out[rid] = eff.value
+                if extra:
+                    out[rid] = counted_envelope(eff.value, 0, added_retrievals(extra, rid, eff.lsn))
         tables = self._engine.tables_or_none
         if rest and tables is not None:
             with tables.reading() as txn:
-                for rid in rest:
-                    raw = tables.get_record(txn, rid)
-                    if raw is not None:
-                        out[rid] = raw
+                values = tables.record_values(txn, rest)
+                if counted:
+                    applied = tables.applied_lsn(txn)
+                    stored = tables.retrieval_counts(txn, rest)
+            for rid, raw in zip(rest, values, strict=True):
+                if raw is not None:
+                    out[rid] = raw if not counted else counted_envelope(
+                        raw, stored.get(rid, 0), added_retrievals(extra, rid, applied))
         return out
 
-    def lmdb_get(self, rid: int) -> Experience | None:
+    def lmdb_get(self, rid: int, counted: list[Effect] | None = None) -> Experience | None:
+        """``rid`` as LMDB holds it, with the retrieval counts of ``counted`` (the overlay's
+        unapplied retrieval effects, taken before this read; None: taken here) added."""
+        if counted is None:
+            counted = self._engine.overlay.unapplied_retrievals()
         tables = self._engine.tables
         with tables.reading() as txn:
             raw = tables.get_record(txn, rid)
-        return decode_envelope(rid, raw) if raw is not None else None
+            if raw is None:
+                return None
+            stored = tables.retrieval_count(txn, rid)
+            applied = tables.applied_lsn(txn) if counted else 0
+        exp = decode_envelope(rid, raw)
+        total = max(exp.retrieval_count, stored) + added_retrievals(counted, rid, applied)
+        _add_count(exp, total - exp.retrieval_count)
+        return exp
 
     def lmdb_track(self, track_id: str) -> int | None:
         tables = self._engine.tables
@@ -144,6 +177,7 @@ class Reader:
         code = KIND_CODES[kind]
         lo_ts = since if since is not None else float("-inf")
         hi_ts = until if until is not None else float("inf")
+        counted = self._engine.overlay.unapplied_retrievals()  # before the records: see doc
         snapshot = dict(self._engine.overlay.records)  # before LMDB reads: see module doc
         fresh = sorted(
             (
@@ -153,20 +187,30 @@ class Reader:
             ),
             key=lambda eff: (eff.ts, eff.record_id),
         )
-        decoded = (exp for eff in fresh if (exp := eff.experience()) is not None)
+        decoded = (
+            _add_count(exp, added_retrievals(counted, exp.id, eff.lsn))
+            for eff in fresh if (exp := eff.experience()) is not None
+        )  # fmt: skip
         lo = index_key(code, lo_ts, 0)
         hi = index_key(code, hi_ts, 0) if until is not None else bytes((code + 1,))
-        yield from heapq.merge(decoded, self._scan_lmdb(code, lo, hi, snapshot), key=_order)
+        lmdb = self._scan_lmdb(code, lo, hi, snapshot, counted)
+        yield from heapq.merge(decoded, lmdb, key=_order)
 
     def _scan_lmdb(
-        self, code: int, lo: bytes, hi: bytes, skip: Mapping[int, object]
+        self, code: int, lo: bytes, hi: bytes, skip: Mapping[int, object], counted: list[Effect]
     ) -> Iterator[Experience]:
         while (tables := self._engine.tables_or_none) is not None:
-            chunk, _applied = tables.index_chunk(code, lo, hi, _SCAN_CHUNK)
+            stored: dict[int, int] = {}
+            chunk, applied = tables.index_chunk(code, lo, hi, _SCAN_CHUNK, stored)
             for key, value in chunk:
                 rid = from_u64(key[9:])
                 if rid not in skip:
-                    yield decode_envelope(rid, value)
+                    exp = decode_envelope(rid, value)
+                    rc = exp.retrieval_count
+                    total = max(rc, stored.get(rid, 0))
+                    if counted:
+                        total += added_retrievals(counted, rid, applied)
+                    yield _add_count(exp, total - rc) if total != rc else exp
             if len(chunk) < _SCAN_CHUNK:
                 return
             lo = chunk[-1][0] + b"\0"
@@ -251,6 +295,13 @@ def _sizes(paths: Iterable[Path]) -> dict[Path, int]:
         except FileNotFoundError:
             continue
     return out
+
+
+def _add_count(exp: Experience, n: int) -> Experience:
+    """``exp`` (just decoded, seen by no one yet) with ``n`` more retrievals counted."""
+    if n:
+        object.__setattr__(exp, "retrieval_count", exp.retrieval_count + n)
+    return exp
 
 
 def _order(exp: Experience) -> tuple[float, int]:

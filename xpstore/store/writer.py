@@ -392,8 +392,7 @@ class Writer:
         known = reader.lmdb_tracks([t for t in tracks if ov.writer_track(t) is MISSING])
 
         def get(rid: int) -> Experience | None:
-            hit = ov.writer_get(rid)
-            return reader.lmdb_get(rid) if hit is None else hit.experience()
+            return reader.read_get(rid, pending=True)
 
         def track(track_id: str) -> int | None:
             hit = ov.writer_track(track_id)
@@ -403,4 +402,5 @@ class Writer:
                 return known[track_id]
             return reader.lmdb_track(track_id)
 
-        return StateView(get, track, lambda ids: reader.envelopes(ids, pending=True))
+        return StateView(get, track,
+                         lambda ids: reader.envelopes(ids, pending=True, counted=True))  # fmt: skip
