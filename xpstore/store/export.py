@@ -38,6 +38,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,12 @@ import msgpack
 
 from xpstore.errors import ExtraMissingError, InvalidArgumentError, XpStoreError
 from xpstore.model.codec import KIND_CODES, decode_envelope
+from xpstore.model.envelope_columns import (
+    Column,
+    EnvelopeColumns,
+    EnvelopeDecoder,
+    ListColumn,
+)
 from xpstore.model.progress import ProgressFn
 from xpstore.model.records import (
     BATCH_FIELDS,
@@ -209,34 +216,35 @@ class Exporter:
         lo = -math.inf if since is None else since
         hi = math.inf if until is None else until
         unpackb = msgpack.unpackb
-        fix = _fix_fingerprint if kind == "fingerprint" else None
-        chunks: list[Any] = []
-        keys: list[bytes] = []
-        envs: list[list[Any]] = []
-        done = 0
-        cur = txn.cursor(db=tables.db(b"records"))
-        for key, raw in cur.iternext(keys=True, values=True):
-            # envelope = msgpack [1, kind_code, ts, ...]: the kind is byte 2 (docs/formats.md)
-            if raw[2] != code and raw[0] in _ARRAY_HEADS and raw[1] == 1:
-                continue
-            env = unpackb(raw, raw=False)
+        filtered = since is not None or until is not None or predicate is not None
+
+        def keep(item: tuple[bytes, bytes]) -> bool:
+            env = unpackb(item[1], raw=False)
             if env[1] != code or not lo <= env[2] < hi:
-                continue
-            if predicate is not None and not predicate(decode_envelope(from_u64(key), raw)):
-                continue
-            if fix is not None:
-                fix(env[6])
-            keys.append(key)
-            envs.append(env)
-            if len(envs) == CHUNK:
-                chunks.append(_chunk(pa, keys, envs))
-                done += len(envs)
-                keys, envs = [], []
+                return False
+            return predicate is None or bool(predicate(decode_envelope(from_u64(item[0]),
+                                                                       item[1])))  # fmt: skip
+
+        decoder = EnvelopeDecoder(code)
+        chunks: list[Any] = []
+        items: list[tuple[bytes, bytes]] = []
+        done = 0
+        cursor = txn.cursor(db=tables.db(b"records")).iternext(keys=True, values=True)
+        while block := list(islice(cursor, CHUNK)):
+            # envelope = msgpack [1, kind_code, ts, ...]: the kind is byte 2 (docs/formats.md);
+            # an envelope of another layout is kept here and decoded (_dict_chunk checks it)
+            block = [kv for kv in block if kv[1][2] == code or kv[1][0] not in _ARRAY_HEADS
+                     or kv[1][1] != 1]  # fmt: skip
+            items.extend(filter(keep, block) if filtered else block)
+            while len(items) >= CHUNK:
+                chunks.append(_chunk(pa, decoder, kind, items[:CHUNK]))
+                items = items[CHUNK:]
+                done += CHUNK
                 if progress is not None:
                     progress(f"exporting {kind}", done, total, "records")
-        if envs or not chunks:
-            chunks.append(_chunk(pa, keys, envs))
-            done += len(envs)
+        if items or not chunks:
+            chunks.append(_chunk(pa, decoder, kind, items))
+            done += len(items)
         if progress is not None:
             progress(f"exporting {kind}", done, max(total, done), "records")
         table = pa.concat_tables(chunks, promote_options="permissive") if len(chunks) > 1 else (
@@ -262,13 +270,90 @@ def _fix_fingerprint(m: dict[str, Any]) -> None:
                           "chunk_count": chunks}  # fmt: skip
 
 
-def _chunk(pa: Any, keys: list[bytes], envs: list[list[Any]]) -> Any:
-    """One chunk's table: the envelope columns and the flattened record struct."""
+def _chunk(pa: Any, decoder: EnvelopeDecoder, kind: str,
+           items: list[tuple[bytes, bytes]]) -> Any:  # fmt: skip
+    """One chunk's table, decoded by the columnar reader where it takes the chunk, else by
+    msgpack and pyarrow's inference (the two give equal tables: tests/test_export.py)."""
+    keys = [k for k, _ in items]
+    raws = [v for _, v in items]
+    cols = decoder.decode(raws)
+    table = None if cols is None else _columns_table(pa, keys, cols)
+    return table if table is not None else _dict_chunk(pa, kind, keys, raws)
+
+
+def _ids(keys: list[bytes]) -> Any:
     import numpy as np
 
-    ids = np.frombuffer(b"".join(keys), dtype=">u8").astype(np.int64)
+    return np.frombuffer(b"".join(keys), dtype=">u8").astype(np.int64)
+
+
+def _columns_table(pa: Any, keys: list[bytes], cols: EnvelopeColumns) -> Any:
+    """The chunk's table from the columnar reader's arrays; None when a string column is not
+    valid UTF-8 or too long for 32-bit offsets (the slow path then says what is wrong)."""
     arrays = [
-        pa.array(ids),
+        pa.array(_ids(keys)),
+        pa.array(cols.ts, type=pa.float64()),
+        pa.array(cols.lsn, type=pa.int64()),
+        pa.array(cols.retrieval_count, type=pa.int64()),
+        pa.array(cols.success_count, type=pa.int64()),
+        pa.array(cols.priority, type=pa.float64(), mask=~cols.has_priority),
+    ]
+    names = list(_ENVELOPE)
+    try:
+        for name, col in cols.fields:
+            arrays.append(_arrow(pa, col))
+            names.append(name)
+    except (pa.ArrowInvalid, OverflowError):
+        return None
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def _arrow(pa: Any, col: Column | ListColumn) -> Any:
+    import numpy as np
+
+    if isinstance(col, ListColumn):
+        items = _arrow(pa, col.items)
+        offsets = pa.array(_offsets32(col.offsets), type=pa.int32())
+        mask = None if col.valid.all() else pa.array(~col.valid)
+        return pa.ListArray.from_arrays(offsets, items, mask=mask)
+    n = len(col.valid)
+    if col.kind == "null":
+        return pa.nulls(n)
+    mask = None if col.valid.all() else ~col.valid
+    if col.kind == "str":
+        assert col.offsets is not None and col.data is not None
+        bitmap = None if mask is None else pa.py_buffer(np.packbits(col.valid, bitorder="little"))
+        arr = pa.StringArray.from_buffers(
+            n, pa.py_buffer(_offsets32(col.offsets)), pa.py_buffer(col.data), bitmap,
+            -1 if mask is not None else 0,
+        )  # fmt: skip
+        arr.validate(full=True)  # UTF-8, as msgpack's raw=False checks it
+        return arr
+    types = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64()}
+    return pa.array(col.values, type=types[col.kind], mask=mask)
+
+
+def _offsets32(offsets: Any) -> Any:
+    import numpy as np
+
+    if int(offsets[-1]) > 2**31 - 1:
+        raise OverflowError("a chunk's strings exceed 32-bit offsets")
+    return offsets.astype(np.int32)
+
+
+def _dict_chunk(pa: Any, kind: str, keys: list[bytes], raws: list[bytes]) -> Any:
+    """One chunk's table the general way: msgpack to Python objects, pyarrow infers the
+    struct of the record maps, ``Table.flatten`` gives the dotted columns."""
+    unpackb = msgpack.unpackb
+    code = KIND_CODES[kind]
+    decoded = [(key, unpackb(raw, raw=False)) for key, raw in zip(keys, raws, strict=True)]
+    keys = [key for key, env in decoded if env[1] == code]
+    envs = [env for _, env in decoded if env[1] == code]
+    if kind == "fingerprint":
+        for env in envs:
+            _fix_fingerprint(env[6])
+    arrays = [
+        pa.array(_ids(keys)),
         pa.array([e[2] for e in envs], type=pa.float64()),
         pa.array([e[3] for e in envs], type=pa.int64()),
         pa.array([e[4] for e in envs], type=pa.int64()),
