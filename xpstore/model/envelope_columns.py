@@ -34,6 +34,9 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 
+from xpstore.model.codec import KIND_CODES
+from xpstore.model.records import STREAMING_FIELDS, STREAMING_FIELDS_NO_HARMONIC
+
 __all__ = ["Column", "EnvelopeColumns", "EnvelopeDecoder", "ListColumn"]
 
 I64 = npt.NDArray[np.int64]
@@ -50,7 +53,7 @@ _CLASS[0x00:0x80], _SIZE[0x00:0x80] = _INT, 1
 _CLASS[0xE0:0x100], _SIZE[0xE0:0x100] = _INT, 1
 _CLASS[0x80:0x90] = _MAP
 _CLASS[0x90:0xA0] = _ARRAY
-_CLASS[0xA0:0xC0] = _STR
+_CLASS[0xA0:0xC0], _SIZE[0xA0:0xC0] = _STR, 1 + np.arange(32)  # fixstr: header + bytes
 _CLASS[0xC0], _SIZE[0xC0] = _NIL, 1
 _CLASS[0xC2:0xC4], _SIZE[0xC2:0xC4] = _BOOL, 1
 for _t, _w in ((0xCC, 1), (0xCD, 2), (0xCE, 4), (0xCF, 8), (0xD0, 1), (0xD1, 2), (0xD2, 4),
@@ -66,12 +69,18 @@ _KEY_MAX: Final = 32  # a key token (header + bytes) longer than this is not tak
 _KEY_MASKS: Final = np.where(np.arange(_KEY_MAX)[None, :] < np.arange(_KEY_MAX + 1)[:, None],
                              0xFF, 0).astype(np.uint8)  # row k keeps a token's first k bytes
 _MASK64: Final = np.array([(1 << (8 * k)) - 1 for k in range(9)], np.uint64)  # low k bytes
+_MASK_W0: Final = _MASK64[np.minimum(np.arange(_KEY_MAX + 1), 8)]  # token length -> its bytes
+_MASK_W1: Final = _MASK64[np.clip(np.arange(_KEY_MAX + 1) - 8, 0, 8)]  # in words 0 and 1
 _PAD: Final = 40  # zero bytes after the last envelope, so every window read stays inside
-_HASH_MULTIPLIERS: Final = (
+_HASH_MULTIPLIERS: Final = (  # odd 64-bit constants (golden ratio, xxhash's primes)
     np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F),
     np.uint64(0x165667B19E3779F9), np.uint64(0xD6E8FEB86659FD93),
 )  # fmt: skip
 _INT53: Final = 2**53
+_FINGERPRINT: Final = KIND_CODES["fingerprint"]
+_STREAMING_COUNTS: Final = (len(STREAMING_FIELDS), len(STREAMING_FIELDS_NO_HARMONIC))
+_FIXSTR_TOKEN: Final = np.zeros(256, np.intp)
+_FIXSTR_TOKEN[0xA0:0xC0] = 1 + np.arange(32)
 
 
 class _Unsupported(Exception):
@@ -115,33 +124,75 @@ class EnvelopeColumns:
     fields: list[tuple[str, Column | ListColumn]]
 
 
+_ABSENT: Final = 0xC1  # msgpack's one unused type byte: "this row has no such key"
+
+
 @dataclass
 class _Node:
-    """What one path of the record maps collected: a map's steps, or a list's elements."""
+    """What one path of the record maps collected. A map: per key id and row, where its value
+    is, its type byte and its entry index (dense tables, rows of the chunk: scattered into
+    step by step, read per key at the end). A list: its calls' elements."""
 
-    steps: list[tuple[I64, I64, I64, U8, int]] = field(default_factory=list)
+    n_rows: int
+    pos: I64 = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+    typ: U8 = field(default_factory=lambda: np.zeros((0, 0), np.uint8))
+    entry: npt.NDArray[np.int32] = field(default_factory=lambda: np.zeros((0, 0), np.int32))
     children: dict[tuple[int, int], _Node] = field(default_factory=dict)  # (key id, class)
+    positional: bool = False  # a codec array read as a map (a fingerprint's streaming)
     # list nodes: per call (rows, counts, element positions in row-major order, their types)
     lists: list[tuple[I64, I64, I64, U8]] = field(default_factory=list)
+
+    def record(self, kid: I64, rows: I64, vp: I64, t: U8, j: int) -> None:
+        """Entry ``j`` of the maps at ``rows``: keys ``kid``, values at ``vp`` of types ``t``."""
+        if not len(kid):
+            return
+        need = int(kid.max()) + 1
+        have = len(self.typ)
+        if need > have:
+            grow = max(need, 2 * have, 8) - have
+            n = self.n_rows
+            self.pos = np.vstack([self.pos.reshape(have, n), np.zeros((grow, n), np.int64)])
+            self.typ = np.vstack([self.typ.reshape(have, n),
+                                  np.full((grow, n), _ABSENT, np.uint8)])  # fmt: skip
+            self.entry = np.vstack([self.entry.reshape(have, n), np.zeros((grow, n), np.int32)])
+        flat = kid * self.n_rows + rows
+        self.pos.reshape(-1)[flat] = vp
+        self.typ.reshape(-1)[flat] = t
+        self.entry.reshape(-1)[flat] = j
 
 
 class _Reader:
     def __init__(self, raws: list[bytes], keys: _KeyTable) -> None:
         lengths = np.fromiter(map(len, raws), np.int64, len(raws))
-        joined = b"".join(raws) + bytes(_PAD)
+        size = int(lengths.sum())
+        joined = b"".join(raws) + bytes(_PAD + (-size) % 8)
         self.buf: U8 = np.frombuffer(joined, np.uint8)
+        self.words = np.frombuffer(joined, "<u8")  # the same bytes as aligned 8-byte words
         self.lengths = lengths
         self.starts: I64 = np.zeros(len(raws), np.int64)
         np.cumsum(lengths[:-1], out=self.starts[1:])
-        self.win8 = sliding_window_view(self.buf, 8)
-        self.win4 = sliding_window_view(self.buf, 4)
-        self.win_key = sliding_window_view(self.buf, _KEY_MAX)
+        self.win_key = sliding_window_view(self.buf, _KEY_MAX)  # rare long keys only
         self.keys = keys
+        self.top: _Node | None = None
+        self.streaming_kid = -1  # set for fingerprints: their "streaming" is positional
 
     # ----------------------------------------------------------------- scalars
+    def le64(self, pos: I64) -> npt.NDArray[np.uint64]:
+        """The 8 bytes at each of ``pos`` as a little-endian uint64: two aligned word reads
+        and shifts (a fancy index of 8-byte windows costs five times as much)."""
+        shift = ((pos & 7) << 3).astype(np.uint64)
+        word = pos >> 3
+        lo: npt.NDArray[np.uint64] = self.words[word]
+        hi: npt.NDArray[np.uint64] = self.words[word + 1]
+        lo >>= shift
+        hi <<= np.uint64(1)  # two shifts: a shift by 64 (when aligned) must give 0
+        hi <<= np.uint64(63) - shift
+        lo |= hi
+        return lo
+
     def be64(self, pos: I64) -> npt.NDArray[np.uint64]:
         """The 8 bytes at ``pos`` as big-endian uint64 (a shorter number is in the top bytes)."""
-        return self.win8[pos].view(">u8").ravel().astype(np.uint64)
+        return self.le64(pos).byteswap()
 
     def ints(self, pos: I64, t: U8) -> I64:
         """Integer tokens at ``pos`` (type bytes ``t``, all of class int) as int64."""
@@ -163,10 +214,13 @@ class _Reader:
     def floats(self, pos: I64, t: U8) -> F64:
         out = np.empty(len(pos), np.float64)
         double = t == 0xCB
-        out[double] = self.win8[pos[double] + 1].view(">f8").ravel()
+        if double.all():
+            out[:] = self.be64(pos + 1).view(np.float64)
+            return out
+        out[double] = self.be64(pos[double] + 1).view(np.float64)
         single = ~double
-        if single.any():
-            out[single] = self.win4[pos[single] + 1].view(">f4").ravel()
+        out[single] = (self.be64(pos[single] + 1) >> np.uint64(32)).astype(np.uint32).view(
+            np.float32)  # fmt: skip
         return out
 
     def numbers(self, pos: I64) -> tuple[F64, I64, npt.NDArray[np.int8]]:
@@ -204,13 +258,14 @@ class _Reader:
     def extents(self, node: _Node, kid: I64, rows: I64, vp: I64) -> tuple[I64, U8]:
         """End positions of the values at ``vp`` (their keys ``kid``), parsing containers."""
         t = self.buf[vp]
-        cls = _CLASS[t]
-        if (cls == _BAD).any():
-            raise _Unsupported("a binary or extension value")
-        end = vp + _SIZE[t]
-        var = np.flatnonzero(cls >= _STR)
+        size = _SIZE[t]
+        end = vp + size
+        var = np.flatnonzero(size == 0)  # longer strings, containers (and what is refused)
         if var.size:
+            cls = _CLASS[t]
             vcls = cls[var]
+            if (vcls == _BAD).any():
+                raise _Unsupported("a binary or extension value")
             h, n = self.lengths_of(vp[var], t[var], vcls)
             s = vcls == _STR
             end[var[s]] = vp[var[s]] + h[s] + n[s]
@@ -222,11 +277,16 @@ class _Reader:
                 for both in np.flatnonzero(np.bincount(tag)).tolist():
                     k, c = divmod(int(both), 8)
                     sel = nested[tag == both]
-                    child = node.children.setdefault((k, c), _Node())
+                    child = node.children.get((k, c))
+                    if child is None:
+                        child = node.children[(k, c)] = _Node(node.n_rows)
                     hs, ns = self.lengths_of(vp[sel], t[sel], cls[sel])
                     start = vp[sel] + hs
                     if c == _MAP:
                         end[sel] = self.map(child, rows[sel], start, ns)
+                    elif k == self.streaming_kid and node is self.top:
+                        child.positional = True
+                        end[sel] = self.streaming(child, rows[sel], start, ns)
                     else:
                         end[sel] = self.array(child, rows[sel], start, ns)
         return end, t
@@ -244,12 +304,45 @@ class _Reader:
             r = rows if act is None else rows[act]
             kid, vp = self.keys.read(self, kp)
             end, t = self.extents(node, kid, r, vp)
-            node.steps.append((kid, r, vp, t, j))
+            node.record(kid, r, vp, t, j)
             if act is None:
                 p = end
             else:
                 p[act] = end
         return p
+
+    def streaming(self, node: _Node, rows: I64, start: I64, n: I64) -> I64:
+        """A fingerprint's ``[values, confidence, chunk_count]`` (codec: the 13 or 10 floats
+        in ``STREAMING_FIELDS`` order) read as the map ``{values: {name: v}, confidence:
+        {name: c}, chunk_count: n}`` that the export flattens."""
+        if (n != 3).any():
+            raise _Unsupported("streaming: not [values, confidence, chunk_count]")
+        p = start
+        names = [self.keys.id_of(name) for name in STREAMING_FIELDS]
+        for j, part in enumerate(("values", "confidence")):
+            t = self.buf[p]
+            cls = _CLASS[t]
+            h, count = self.lengths_of(p, t, cls)
+            if (cls != _ARRAY).any() or not np.isin(count, _STREAMING_COUNTS).all():
+                raise _Unsupported("streaming: values of another shape")
+            kid = self.keys.id_of(part)
+            node.record(np.full(len(p), kid), rows, p, np.full(len(p), 0x80, np.uint8), j)
+            child = node.children.get((kid, _MAP))
+            if child is None:
+                child = node.children[(kid, _MAP)] = _Node(node.n_rows)
+            for e, name in enumerate(names):  # the 10 names are the first 10 of the 13
+                live = np.flatnonzero(count > e)
+                vp = p[live] + h[live] + 9 * e
+                vt = self.buf[vp]
+                if (vt != 0xCB).any():
+                    raise _Unsupported("streaming: a value that is not a float64")
+                child.record(np.full(len(live), name), rows[live], vp, vt, e)
+            p = p + h + 9 * count
+        t = self.buf[p]
+        if (_CLASS[t] != _INT).any():
+            raise _Unsupported("streaming: a chunk count that is not an integer")
+        node.record(np.full(len(p), self.keys.id_of("chunk_count")), rows, p, t, 2)
+        return p + _SIZE[t]
 
     def array(self, node: _Node, rows: I64, start: I64, n: I64) -> I64:
         """Parse arrays of scalars (``n`` elements from ``start``); their end positions."""
@@ -285,42 +378,35 @@ class _Reader:
     def columns(self, node: _Node, n_rows: int, prefix: str,
                 out: list[tuple[str, Column | ListColumn]]) -> None:  # fmt: skip
         """``node``'s flattened columns, first-seen order, appended to ``out``."""
-        if not node.steps:
+        if not node.typ.size:
             return
-        kid = np.concatenate([s[0] for s in node.steps])
-        seen = np.concatenate([s[1] * (1 << 20) + s[4] for s in node.steps])
-        # stable sort on a 16-bit key is a radix sort in numpy: linear, not n log n
-        order = np.argsort(kid.astype(np.int16) if len(self.keys.names) < 1 << 15 else kid,
-                           kind="stable")  # fmt: skip
-        kid = kid[order]
-        rows = np.concatenate([s[1] for s in node.steps])[order]
-        vp = np.concatenate([s[2] for s in node.steps])[order]
-        t = np.concatenate([s[3] for s in node.steps])[order]
-        seen = seen[order]
-        bounds = np.flatnonzero(kid[1:] != kid[:-1]) + 1
-        heads = np.concatenate(([0], bounds))
-        tails = np.concatenate((bounds, [len(kid)]))
-        first = np.minimum.reduceat(seen, heads)
-        for g in np.argsort(first, kind="stable"):
-            lo, hi = int(heads[g]), int(tails[g])
-            k = int(kid[lo])
+        present = node.typ != _ABSENT
+        keys = np.flatnonzero(present.any(axis=1))
+        first_row = present[keys].argmax(axis=1)
+        first = first_row * (1 << 20) + node.entry[keys, first_row]
+        for k in keys[np.argsort(first, kind="stable")].tolist():
             name = self.keys.names[k]
-            if not prefix and name == "ts":
-                continue
-            gt = t[lo:hi]
+            # the record's top-level ts is the envelope's: built (so that what pyarrow would
+            # refuse is refused here too) but not kept
+            into = [] if not prefix and name == "ts" else out
+            rows = np.flatnonzero(present[k])
+            gt = node.typ[k, rows]
             gcls = _CLASS[gt]
             kinds = _classes(gcls) - {_NIL}
             path = prefix + name
             if kinds == {_MAP}:
-                self.columns(node.children[(k, _MAP)], n_rows, path + ".", out)
+                self.columns(node.children[(k, _MAP)], n_rows, path + ".", into)
+            elif kinds == {_ARRAY} and node.children[(k, _ARRAY)].positional:
+                self.columns(node.children[(k, _ARRAY)], n_rows, path + ".", into)
             elif kinds == {_ARRAY}:
-                out.append((path, self.list_column(node.children[(k, _ARRAY)], n_rows)))
+                into.append((path, self.list_column(node.children[(k, _ARRAY)], n_rows)))
             elif _MAP in kinds or _ARRAY in kinds:
                 raise _Unsupported(f"{path}: containers mixed with scalars")
             else:
                 keep = gcls != _NIL
-                out.append((path, self.leaf(rows[lo:hi][keep], vp[lo:hi][keep], gt[keep],
-                                            n_rows)))  # fmt: skip
+                if not keep.all():
+                    rows, gt = rows[keep], gt[keep]
+                into.append((path, self.leaf(rows, node.pos[k, rows], gt, n_rows)))
 
     def leaf(self, rows: I64, vp: I64, t: U8, n_rows: int) -> Column:
         """The scalars at ``vp`` placed at ``rows`` of an ``n_rows`` column."""
@@ -355,7 +441,7 @@ class _Reader:
             got[f] = self.floats(vp[f], t[f])
             if not f.all():
                 whole = self.ints(vp[~f], t[~f])
-                if (np.abs(whole) > _INT53).any():
+                if ((whole > _INT53) | (whole < -_INT53)).any():
                     raise _Unsupported("an integer beside floats beyond 2**53")
                 got[~f] = whole
             values = np.zeros(n_rows, np.float64)
@@ -393,76 +479,83 @@ def _classes(cls: npt.NDArray[np.int8]) -> set[int]:
 
 
 class _KeyTable:
-    """Map keys (their encoded token: header and UTF-8 bytes, ≤ 32) -> small ids through an open
-    hash table on the token's first 16 bytes and its length, rebuilt collision-free when a new
-    key arrives (a kind has a few dozen keys). A longer key is checked in full."""
+    """Map keys -> small ids through an open hash table on the first 16 bytes of the key's
+    token (its header, which holds the length, and its UTF-8 bytes), rebuilt collision-free
+    when a new key arrives (a kind has a few dozen keys); a key over 15 bytes is also checked
+    in full (up to 32 bytes of token)."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
-        # per key id, then one sentinel that matches nothing (token length 0): an empty slot
+        self.ids: dict[bytes, int] = {}  # token -> id
+        # per key id, then one sentinel that matches nothing (an all-zero token): empty slots
         self.w0 = np.zeros(1, np.uint64)
         self.w1 = np.zeros(1, np.uint64)
-        self.tok = np.zeros(1, np.int64)
         self.full = np.zeros((1, _KEY_MAX), np.uint8)
         self.bits = 10
         self.seed = 0
         self.slots = np.zeros(1 << self.bits, np.int64)
 
-    def _hash(self, w0: npt.NDArray[np.uint64], w1: npt.NDArray[np.uint64], tok: I64) -> I64:
-        seed = np.uint64(2 * self.seed)
-        h = (w0 * (_HASH_MULTIPLIERS[0] + seed)) ^ (w1 * (_HASH_MULTIPLIERS[1] + seed))
-        h ^= tok.astype(np.uint64) * _HASH_MULTIPLIERS[2]
-        h ^= h >> np.uint64(29)
-        return (h * _HASH_MULTIPLIERS[3] >> np.uint64(64 - self.bits)).astype(np.int64)
+    def _hash(self, w0: npt.NDArray[np.uint64], w1: npt.NDArray[np.uint64]) -> I64:
+        h = (w1 * _HASH_MULTIPLIERS[1]) ^ w0
+        h *= _HASH_MULTIPLIERS[0] + np.uint64(2 * self.seed)
+        h >>= np.uint64(64 - self.bits)
+        return h.astype(np.intp)
+
+    def id_of(self, name: str) -> int:
+        """The id of key ``name`` (a short one: ≤ 31 bytes), learnt if new."""
+        body = name.encode()
+        token = bytes([0xA0 | len(body)]) + body
+        if token not in self.ids:
+            self._add(token)
+        return self.ids[token]
 
     def _add(self, token: bytes) -> None:
-        head = token[0]
-        fix = (head & 0xE0) == 0xA0
-        body = token[1:] if fix else token[2:]
+        fix = (token[0] & 0xE0) == 0xA0
         try:
-            self.names.append(body.decode("utf-8"))
+            self.names.append((token[1:] if fix else token[2:]).decode("utf-8"))
         except UnicodeDecodeError as exc:
             raise _Unsupported("a key that is not UTF-8") from exc
         padded = np.frombuffer(token.ljust(_KEY_MAX, b"\0"), np.uint8)
         words = padded[:16].view("<u8")
         k = len(self.names) - 1  # the sentinel moves up one
+        self.ids[token] = k
         self.w0 = np.insert(self.w0, k, words[0])
         self.w1 = np.insert(self.w1, k, words[1])
-        self.tok = np.insert(self.tok, k, len(token))
         self.full = np.insert(self.full, k, padded, axis=0)
         keys = len(self.names)
-        if len(np.unique(np.stack([self.w0[:keys], self.w1[:keys],
-                                   self.tok[:keys].view(np.uint64)]), axis=1)[0]) < keys:
-            raise _Unsupported("two long keys alike in their first 16 bytes")  # fmt: skip
+        pairs = zip(self.w0[:keys].tolist(), self.w1[:keys].tolist(), strict=True)
+        if len(set(pairs)) < keys:
+            raise _Unsupported("two long keys alike in their first 16 bytes")
         while True:
-            slots = self._hash(self.w0[:keys], self.w1[:keys], self.tok[:keys])
+            slots = self._hash(self.w0[:keys], self.w1[:keys])
             if len(np.unique(slots)) == keys:
                 break
             self.seed += 1
             if self.seed % 8 == 0:
                 self.bits += 1
-        self.slots = np.full(1 << self.bits, keys, np.int64)
+        self.slots = np.full(1 << self.bits, keys, np.intp)
         self.slots[slots] = np.arange(keys)
 
     def read(self, reader: _Reader, kp: I64) -> tuple[I64, I64]:
         """Key ids of the key tokens at ``kp`` and the positions of their values."""
         buf = reader.buf
         kt = buf[kp]
-        fix = (kt & 0xE0) == 0xA0
-        if fix.all():
-            tok = (kt & 0x1F).astype(np.int64) + 1
-        else:
+        tok = _FIXSTR_TOKEN[kt]  # header + bytes of a fixstr key, 0 for any other type
+        if len(tok) and tok.min() == 0:
+            fix = tok > 0
             if not (fix | (kt == 0xD9)).all():
                 raise _Unsupported("a map key that is not a short string")
-            tok = np.where(fix, (kt & 0x1F).astype(np.int64) + 1, buf[kp + 1].astype(np.int64) + 2)
+            tok = np.where(fix, tok, buf[kp + 1].astype(np.intp) + 2)
         longest = int(tok.max()) if len(tok) else 0
         if longest > _KEY_MAX:
             raise _Unsupported("a map key over 31 bytes")
-        w0 = reader.win8[kp].view("<u8").ravel() & _MASK64[np.minimum(tok, 8)]
-        w1 = reader.win8[kp + 8].view("<u8").ravel() & _MASK64[np.clip(tok - 8, 0, 8)]
+        w0 = reader.le64(kp)
+        w0 &= _MASK_W0[tok]
+        w1 = reader.le64(kp + 8)
+        w1 &= _MASK_W1[tok]
         while True:
-            kid = self.slots[self._hash(w0, w1, tok)]
-            ok = (self.w0[kid] == w0) & (self.w1[kid] == w1) & (self.tok[kid] == tok)
+            kid = self.slots[self._hash(w0, w1)]
+            ok = (self.w0[kid] == w0) & (self.w1[kid] == w1)
             if longest > 16:
                 long = np.flatnonzero(ok & (tok > 16))
                 whole = reader.win_key[kp[long]] & _KEY_MASKS[tok[long]]
@@ -470,7 +563,7 @@ class _KeyTable:
             if ok.all():
                 return kid, kp + tok
             i = int(np.argmin(ok))  # a new key (a chunk brings a handful): learn it, look again
-            self._add(bytes(buf[kp[i]:kp[i] + tok[i]]))
+            self._add(bytes(buf[kp[i] : kp[i] + tok[i]]))
 
 
 class EnvelopeDecoder:
@@ -512,8 +605,10 @@ def _decode(r: _Reader, code: int) -> EnvelopeColumns:
     if (cls != _MAP).any():
         raise _Unsupported("a record that is not a map")
     h, n = r.lengths_of(p, t, cls)
-    top = _Node()
     n_rows = raws_n
+    top = r.top = _Node(n_rows)
+    if code == _FINGERPRINT:
+        r.streaming_kid = r.keys.id_of("streaming")
     end = r.map(top, np.arange(n_rows), p + h, n)
     has_priority = head == 0x98
     priority = np.zeros(n_rows, np.float64)

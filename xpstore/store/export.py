@@ -157,8 +157,12 @@ class Exporter:
                 table = self._table(pa, txn, kind, where, since, until, progress)
                 path = out / f"{kind}{_SUFFIX[fmt]}"
                 tmp = path.with_name(path.name + ".tmp")
-                _write(pa, table, tmp, fmt, row_group_size)
-                _sync_file(tmp)
+                try:
+                    _write(pa, table, tmp, fmt, row_group_size)
+                    _sync_file(tmp)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)  # no half-written file stays behind
+                    raise
                 fs.replace(tmp, path)
                 report["kinds"][kind] = {"rows": table.num_rows, "file": path.name,
                                          "columns": table.column_names,
@@ -274,8 +278,7 @@ def _chunk(pa: Any, decoder: EnvelopeDecoder, kind: str,
            items: list[tuple[bytes, bytes]]) -> Any:  # fmt: skip
     """One chunk's table, decoded by the columnar reader where it takes the chunk, else by
     msgpack and pyarrow's inference (the two give equal tables: tests/test_export.py)."""
-    keys = [k for k, _ in items]
-    raws = [v for _, v in items]
+    keys, raws = (list(x) for x in zip(*items, strict=True)) if items else ([], [])
     cols = decoder.decode(raws)
     table = None if cols is None else _columns_table(pa, keys, cols)
     return table if table is not None else _dict_chunk(pa, kind, keys, raws)
