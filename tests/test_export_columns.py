@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from tests.test_export import _compare, _fill
 from xpstore import Store
 from xpstore.demo.synthetic import make_fingerprint, make_prediction
-from xpstore.model.codec import KIND_CODES
+from xpstore.model.codec import KIND_CODES, encode_envelope
 from xpstore.model.envelope_columns import EnvelopeDecoder
-from xpstore.model.records import Decision, Fingerprint, PredictionOutcome
+from xpstore.model.records import Decision, Experience, Fingerprint, PredictionOutcome
 from xpstore.store import export as ex
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow (the 'arrow' extra) is not installed")
@@ -305,3 +305,33 @@ def test_prediction_kind_of_a_mixed_store_skips_the_other_kinds(tmp_path: Path) 
         table = store.to_arrow("prediction")
         assert table.num_rows == 30
         _compare(table.to_pylist(), store, "prediction")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_damaged_envelopes_are_refused_never_misread(data: st.DataObject) -> None:
+    """Truncated or bit-flipped envelopes: the reader refuses them (the slow path then raises
+    what msgpack says) or, where the bytes still decode, agrees with the reference."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32)))
+    recs = [make_prediction(rng, f"t{i}", ts=float(i)) for i in range(3)]
+    raws = [encode_envelope(Experience(i + 1, "prediction", float(i), r, i + 1))
+            for i, r in enumerate(recs)]  # fmt: skip
+    victim = data.draw(st.integers(0, 2))
+    raw = bytearray(raws[victim])
+    if data.draw(st.booleans()):
+        raws[victim] = bytes(raw[: data.draw(st.integers(1, len(raw) - 1))])
+    else:
+        at = data.draw(st.integers(0, len(raw) - 1))
+        raw[at] = data.draw(st.integers(0, 255))
+        raws[victim] = bytes(raw)
+    items = [(i.to_bytes(8, "big"), v) for i, v in enumerate(raws)]
+    keys = [k for k, _ in items]
+    cols = EnvelopeDecoder(KIND_CODES["prediction"]).decode(raws)
+    fast = None if cols is None else ex._columns_table(pa, keys, cols)
+    try:
+        slow = ex._dict_chunk(pa, "prediction", keys, raws)
+    except Exception:  # whatever msgpack or pyarrow says about the damage
+        assert fast is None
+        return
+    if fast is not None:
+        assert _same(fast, slow)

@@ -130,35 +130,31 @@ _ABSENT: Final = 0xC1  # msgpack's one unused type byte: "this row has no such k
 @dataclass
 class _Node:
     """What one path of the record maps collected. A map: per key id and row, where its value
-    is, its type byte and its entry index (dense tables, rows of the chunk: scattered into
-    step by step, read per key at the end). A list: its calls' elements."""
+    is and its type byte (dense tables over the chunk's rows, scattered into step by step and
+    read per key at the end). A list: its calls' elements."""
 
     n_rows: int
     pos: I64 = field(default_factory=lambda: np.zeros((0, 0), np.int64))
     typ: U8 = field(default_factory=lambda: np.zeros((0, 0), np.uint8))
-    entry: npt.NDArray[np.int32] = field(default_factory=lambda: np.zeros((0, 0), np.int32))
     children: dict[tuple[int, int], _Node] = field(default_factory=dict)  # (key id, class)
     positional: bool = False  # a codec array read as a map (a fingerprint's streaming)
     # list nodes: per call (rows, counts, element positions in row-major order, their types)
     lists: list[tuple[I64, I64, I64, U8]] = field(default_factory=list)
 
-    def record(self, kid: I64, rows: I64, vp: I64, t: U8, j: int) -> None:
-        """Entry ``j`` of the maps at ``rows``: keys ``kid``, values at ``vp`` of types ``t``."""
-        if not len(kid):
-            return
-        need = int(kid.max()) + 1
+    def record(self, kid: I64, rows: I64, vp: I64, t: U8, keys: int) -> None:
+        """One entry of the maps at ``rows``: keys ``kid`` (< ``keys``), values at ``vp`` of
+        types ``t``."""
         have = len(self.typ)
-        if need > have:
-            grow = max(need, 2 * have, 8) - have
+        if keys > have:
+            grow = max(keys, 2 * have, 8) - have
             n = self.n_rows
             self.pos = np.vstack([self.pos.reshape(have, n), np.zeros((grow, n), np.int64)])
             self.typ = np.vstack([self.typ.reshape(have, n),
                                   np.full((grow, n), _ABSENT, np.uint8)])  # fmt: skip
-            self.entry = np.vstack([self.entry.reshape(have, n), np.zeros((grow, n), np.int32)])
-        flat = kid * self.n_rows + rows
+        flat = kid * self.n_rows
+        flat += rows
         self.pos.reshape(-1)[flat] = vp
         self.typ.reshape(-1)[flat] = t
-        self.entry.reshape(-1)[flat] = j
 
 
 class _Reader:
@@ -171,6 +167,7 @@ class _Reader:
         self.lengths = lengths
         self.starts: I64 = np.zeros(len(raws), np.int64)
         np.cumsum(lengths[:-1], out=self.starts[1:])
+        self.ends: I64 = self.starts + lengths  # no read may pass its record's end
         self.win_key = sliding_window_view(self.buf, _KEY_MAX)  # rare long keys only
         self.keys = keys
         self.top: _Node | None = None
@@ -289,14 +286,16 @@ class _Reader:
                         end[sel] = self.streaming(child, rows[sel], start, ns)
                     else:
                         end[sel] = self.array(child, rows[sel], start, ns)
+        if (end > self.ends[rows]).any():
+            raise _Unsupported("a value that runs past its record")
         return end, t
 
     def map(self, node: _Node, rows: I64, p: I64, n: I64) -> I64:
         """Parse maps (``n`` entries from ``p``) in lockstep; their end positions."""
+        if (p + 2 * n > self.ends[rows]).any():  # an entry takes two bytes at least
+            raise _Unsupported("a map longer than its record")
         p = p.copy()
         steps = int(n.max()) if len(n) else 0
-        if steps >= 1 << 20:
-            raise _Unsupported("a map of over a million entries")
         for j in range(steps):
             live = n > j
             act = None if live.all() else np.flatnonzero(live)
@@ -304,7 +303,7 @@ class _Reader:
             r = rows if act is None else rows[act]
             kid, vp = self.keys.read(self, kp)
             end, t = self.extents(node, kid, r, vp)
-            node.record(kid, r, vp, t, j)
+            node.record(kid, r, vp, t, len(self.keys.names))
             if act is None:
                 p = end
             else:
@@ -319,14 +318,17 @@ class _Reader:
             raise _Unsupported("streaming: not [values, confidence, chunk_count]")
         p = start
         names = [self.keys.id_of(name) for name in STREAMING_FIELDS]
-        for j, part in enumerate(("values", "confidence")):
+        for part in ("values", "confidence"):
             t = self.buf[p]
             cls = _CLASS[t]
             h, count = self.lengths_of(p, t, cls)
             if (cls != _ARRAY).any() or not np.isin(count, _STREAMING_COUNTS).all():
                 raise _Unsupported("streaming: values of another shape")
+            if (p + h + 9 * count > self.ends[rows]).any():
+                raise _Unsupported("streaming: values that run past their record")
             kid = self.keys.id_of(part)
-            node.record(np.full(len(p), kid), rows, p, np.full(len(p), 0x80, np.uint8), j)
+            node.record(np.full(len(p), kid), rows, p, np.full(len(p), 0x80, np.uint8),
+                        len(self.keys.names))  # fmt: skip
             child = node.children.get((kid, _MAP))
             if child is None:
                 child = node.children[(kid, _MAP)] = _Node(node.n_rows)
@@ -336,23 +338,27 @@ class _Reader:
                 vt = self.buf[vp]
                 if (vt != 0xCB).any():
                     raise _Unsupported("streaming: a value that is not a float64")
-                child.record(np.full(len(live), name), rows[live], vp, vt, e)
+                child.record(np.full(len(live), name), rows[live], vp, vt, len(self.keys.names))
             p = p + h + 9 * count
         t = self.buf[p]
         if (_CLASS[t] != _INT).any():
             raise _Unsupported("streaming: a chunk count that is not an integer")
-        node.record(np.full(len(p), self.keys.id_of("chunk_count")), rows, p, t, 2)
+        count_kid = self.keys.id_of("chunk_count")
+        node.record(np.full(len(p), count_kid), rows, p, t, len(self.keys.names))
         return p + _SIZE[t]
 
     def array(self, node: _Node, rows: I64, start: I64, n: I64) -> I64:
         """Parse arrays of scalars (``n`` elements from ``start``); their end positions."""
+        if (start + n > self.ends[rows]).any():  # an element takes a byte at least
+            raise _Unsupported("an array longer than its record")
         total = int(n.sum())
         first = np.zeros(len(n), np.int64)
         np.cumsum(n[:-1], out=first[1:])
         owner = np.repeat(np.arange(len(n)), n)
         # the codec's common case: every element a float64 (9 bytes), read in one go
         pos = start[owner] + 9 * (np.arange(total) - first[owner])
-        if total and (self.buf[pos] == 0xCB).all():
+        fits = not (start + 9 * n > self.ends[rows]).any()
+        if total and fits and (self.buf[pos] == 0xCB).all():
             node.lists.append((rows, n, pos, self.buf[pos]))
             return start + 9 * n
         pos = np.empty(total, np.int64)
@@ -369,6 +375,8 @@ class _Reader:
             if s.size:
                 h, ln = self.lengths_of(vp[s], t[s], cls[s])
                 end[s] = vp[s] + h + ln
+            if (end > self.ends[rows[act]]).any():
+                raise _Unsupported("an array element that runs past its record")
             pos[first[act] + j] = vp
             p[act] = end
         node.lists.append((rows, n, pos, self.buf[pos]))
@@ -382,8 +390,8 @@ class _Reader:
             return
         present = node.typ != _ABSENT
         keys = np.flatnonzero(present.any(axis=1))
-        first_row = present[keys].argmax(axis=1)
-        first = first_row * (1 << 20) + node.entry[keys, first_row]
+        # first seen: the lowest byte position, as values lie in record order, then entry order
+        first = np.where(present[keys], node.pos[keys], np.iinfo(np.int64).max).min(axis=1)
         for k in keys[np.argsort(first, kind="stable")].tolist():
             name = self.keys.names[k]
             # the record's top-level ts is the envelope's: built (so that what pyarrow would
@@ -580,7 +588,7 @@ class EnvelopeDecoder:
             return None
         try:
             return _decode(_Reader(raws, self._keys), self.code)
-        except _Unsupported:
+        except (_Unsupported, IndexError):  # IndexError: damaged bytes read past the buffer
             return None
 
 

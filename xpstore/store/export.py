@@ -17,12 +17,13 @@ acknowledged is missing; a read-only process exports what its LMDB holds (a live
 pins the pages it reads (LMDB's rule), which is what makes it consistent.
 
 **Order and fast path**: rows come in id (= creation LSN) order, read with one cursor over the
-``records`` table (a record of another kind is skipped on its encoded kind byte). The
-envelopes are unpacked with msgpack and the record maps handed to pyarrow as
-a list of dicts (its C++ converter infers the struct and ``Table.flatten`` gives the dotted
-columns); no pydantic model is built unless ``where=`` needs one. Rows are converted in chunks
-of ``CHUNK`` and concatenated (null-typed chunks promote), so the table of one kind is built in
-memory: export memory is about the Arrow size of the largest kind selected.
+``records`` table (in a store of several kinds, a record of another kind is skipped on its
+encoded kind byte). Every ``CHUNK`` envelopes are decoded column-wise by
+:class:`~xpstore.model.envelope_columns.EnvelopeDecoder` (numpy over the joined bytes, no
+Python object per value) and the arrays become Arrow arrays; a chunk it refuses is decoded the
+general way (msgpack, pyarrow's struct inference, ``Table.flatten``), which gives the same table
+(tests/test_export_columns.py). Chunks are concatenated (null-typed chunks promote), so the table
+of one kind is built in memory: export memory is about the Arrow size of the largest kind.
 
 pyarrow is optional (the ``arrow`` extra): without it ``to_arrow``/``export`` raise
 :class:`~xpstore.errors.ExtraMissingError` naming the extra.
