@@ -335,3 +335,18 @@ def test_damaged_envelopes_are_refused_never_misread(data: st.DataObject) -> Non
         return
     if fast is not None:
         assert _same(fast, slow)
+
+
+def test_an_error_in_a_decoding_thread_reaches_the_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ex, "CHUNK", 50)
+    monkeypatch.setattr(ex, "THREADS", 2)
+    monkeypatch.setattr(EnvelopeDecoder, "decode", lambda self, raws: None)
+
+    def broken(*args: Any) -> Any:
+        raise ValueError("a damaged envelope")
+
+    monkeypatch.setattr(ex, "_dict_chunk", broken)
+    with _fill(tmp_path / "s") as store, pytest.raises(ValueError, match="damaged"):
+        store.to_arrow("prediction")

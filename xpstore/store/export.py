@@ -37,8 +37,11 @@ import json
 import logging
 import math
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from operator import itemgetter
 from pathlib import Path
@@ -73,6 +76,9 @@ log = logging.getLogger(__name__)
 FORMATS = ("parquet", "arrow", "jsonl")
 CHUNK = 16_384
 """Records per conversion chunk (the unit of the progress reports too)."""
+THREADS = max(1, min(4, os.cpu_count() or 1))
+"""Threads decoding chunks while the cursor reads on: the columnar reader's work is numpy's,
+which runs without the GIL, so a second core takes a second chunk."""
 DEFAULT_ROW_GROUP = 131_072
 _ENVELOPE = ("id", "ts", "lsn", "retrieval_count", "success_count", "priority")
 _STREAMING_NAMES = {len(n): n for n in (STREAMING_FIELDS, STREAMING_FIELDS_NO_HARMONIC)}
@@ -234,30 +240,50 @@ class Exporter:
             return predicate is None or bool(predicate(decode_envelope(from_u64(item[0]),
                                                                        item[1])))  # fmt: skip
 
-        decoder = EnvelopeDecoder(code)
+        local = threading.local()  # one decoder per thread: its key table learns as it goes
+
+        def convert(items: list[tuple[bytes, bytes]]) -> Any:
+            decoder = getattr(local, "decoder", None)
+            if decoder is None:
+                decoder = local.decoder = EnvelopeDecoder(code)
+            return _chunk(pa, decoder, kind, items)
+
         chunks: list[Any] = []
-        items: list[tuple[bytes, bytes]] = []
+        pending: deque[tuple[Future[Any], int]] = deque()
         done = 0
-        cursor = txn.cursor(db=tables.db(b"records")).iternext(keys=True, values=True)
-        while block := list(islice(cursor, CHUNK)):
-            # envelope = msgpack [1, kind_code, ts, ...]: the kind is byte 2 (docs/formats.md);
-            # an envelope of another layout is kept here and decoded (_dict_chunk checks it).
-            # A store of one kind skips the test: the reader checks every kind byte anyway.
-            if mixed:
-                block = [kv for kv in block if kv[1][2] == code or kv[1][0] not in _ARRAY_HEADS
-                         or kv[1][1] != 1]  # fmt: skip
-            items.extend(filter(keep, block) if filtered else block)
-            while len(items) >= CHUNK:
-                chunks.append(_chunk(pa, decoder, kind, items[:CHUNK]))
-                items = items[CHUNK:]
-                done += CHUNK
+
+        def collect(keep_in_flight: int) -> None:
+            nonlocal done
+            while len(pending) > keep_in_flight:
+                future, rows = pending.popleft()
+                chunks.append(future.result())
+                done += rows
                 if progress is not None:
-                    progress(f"exporting {kind}", done, total, "records")
-        if items or not chunks:
-            chunks.append(_chunk(pa, decoder, kind, items))
-            done += len(items)
-        if progress is not None:
-            progress(f"exporting {kind}", done, max(total, done), "records")
+                    progress(f"exporting {kind}", done, max(total, done), "records")
+
+        workers = THREADS
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="xpstore-export")
+        try:
+            items: list[tuple[bytes, bytes]] = []
+            cursor = txn.cursor(db=tables.db(b"records")).iternext(keys=True, values=True)
+            while block := list(islice(cursor, CHUNK)):
+                # envelope = msgpack [1, kind_code, ts, ...]: the kind is byte 2
+                # (docs/formats.md); an envelope of another layout is kept here and decoded
+                # (_dict_chunk checks it). A store of one kind skips the test: the reader
+                # checks every kind byte anyway.
+                if mixed:
+                    block = [kv for kv in block if kv[1][2] == code
+                             or kv[1][0] not in _ARRAY_HEADS or kv[1][1] != 1]  # fmt: skip
+                items.extend(filter(keep, block) if filtered else block)
+                while len(items) >= CHUNK:
+                    pending.append((pool.submit(convert, items[:CHUNK]), CHUNK))
+                    items = items[CHUNK:]
+                    collect(workers)  # a bounded number of chunks in flight
+            if items or not (pending or chunks):
+                pending.append((pool.submit(convert, items), len(items)))
+            collect(0)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         table = pa.concat_tables(chunks, promote_options="permissive") if len(chunks) > 1 else (
             chunks[0])  # fmt: skip
         return _finish(pa, kind, table)
