@@ -156,7 +156,7 @@ Change = (
 )
 
 
-def u64_keys(ids: Sequence[int]) -> list[bytes]:
+def u64_keys(ids: Sequence[int] | np.ndarray[Any, Any]) -> list[bytes]:
     """``[u64(i) for i in ids]``, built in one numpy pass."""
     raw = np.asarray(ids, dtype=">u8").tobytes()
     return [raw[i : i + 8] for i in range(0, len(raw), 8)]
@@ -486,14 +486,23 @@ class LmdbTables:
     def retrieval_counts(self, txn: lmdb.Transaction, ids: Sequence[int]) -> dict[int, int]:
         """The ``prio`` rows' retrieval counts of those of ``ids`` that have a row (one C call).
         A record's count is the larger of this and its envelope's (docs/formats.md)."""
+        found_ids, found_rc = self.retrieval_count_rows(txn, sorted(ids))
+        return dict(zip(found_ids.tolist(), found_rc.tolist(), strict=True))
+
+    def retrieval_count_rows(
+        self, txn: lmdb.Transaction, ids: Sequence[int] | np.ndarray[Any, Any]
+    ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        """(ids, retrieval counts) of the ``prio`` rows of ``ids`` (sorted) that have one, in
+        id order, as arrays (the export reads a chunk's with one C call)."""
         db = self._dbs.get(b"prio")
-        if db is None or not ids:
-            return {}
-        found = txn.cursor(db=db).getmulti(u64_keys(sorted(ids)))
+        empty = np.zeros(0, np.int64)
+        if db is None or not len(ids):
+            return empty, empty
+        found = txn.cursor(db=db).getmulti(u64_keys(ids))
         if not found:
-            return {}
+            return empty, empty
         rows = np.frombuffer(b"".join(v for _k, v in found), dtype=INPUT_DTYPE)
-        return dict(zip(rows["id"].tolist(), rows["rc"].tolist(), strict=True))
+        return rows["id"].astype(np.int64), rows["rc"].astype(np.int64)
 
     def prio_rows(self) -> tuple[list[bytes], int]:
         """Every priority-input row of the ``prio`` table (id order; each row repeats its id),

@@ -17,12 +17,13 @@ acknowledged is missing; a read-only process exports what its LMDB holds (a live
 pins the pages it reads (LMDB's rule), which is what makes it consistent.
 
 **Order and fast path**: rows come in id (= creation LSN) order, read with one cursor over the
-``records`` table (a record of another kind is skipped on its encoded kind byte). The
-envelopes are unpacked with msgpack and the record maps handed to pyarrow as
-a list of dicts (its C++ converter infers the struct and ``Table.flatten`` gives the dotted
-columns); no pydantic model is built unless ``where=`` needs one. Rows are converted in chunks
-of ``CHUNK`` and concatenated (null-typed chunks promote), so the table of one kind is built in
-memory: export memory is about the Arrow size of the largest kind selected.
+``records`` table (in a store of several kinds, a record of another kind is skipped on its
+encoded kind byte). Every ``CHUNK`` envelopes are decoded column-wise by
+:class:`~xpstore.model.envelope_columns.EnvelopeDecoder` (numpy over the joined bytes, no
+Python object per value) and the arrays become Arrow arrays; a chunk it refuses is decoded the
+general way (msgpack, pyarrow's struct inference, ``Table.flatten``), which gives the same table
+(tests/test_export_columns.py). Chunks are concatenated (null-typed chunks promote), so the table
+of one kind is built in memory: export memory is about the Arrow size of the largest kind.
 
 pyarrow is optional (the ``arrow`` extra): without it ``to_arrow``/``export`` raise
 :class:`~xpstore.errors.ExtraMissingError` naming the extra.
@@ -36,8 +37,13 @@ import json
 import logging
 import math
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,12 @@ import msgpack
 
 from xpstore.errors import ExtraMissingError, InvalidArgumentError, XpStoreError
 from xpstore.model.codec import KIND_CODES, decode_envelope
+from xpstore.model.envelope_columns import (
+    Column,
+    EnvelopeColumns,
+    EnvelopeDecoder,
+    ListColumn,
+)
 from xpstore.model.progress import ProgressFn
 from xpstore.model.records import (
     BATCH_FIELDS,
@@ -64,10 +76,14 @@ log = logging.getLogger(__name__)
 FORMATS = ("parquet", "arrow", "jsonl")
 CHUNK = 16_384
 """Records per conversion chunk (the unit of the progress reports too)."""
+THREADS = max(1, min(4, os.cpu_count() or 1))
+"""Threads decoding chunks while the cursor reads on: the columnar reader's work is numpy's,
+which runs without the GIL, so a second core takes a second chunk."""
 DEFAULT_ROW_GROUP = 131_072
 _ENVELOPE = ("id", "ts", "lsn", "retrieval_count", "success_count", "priority")
 _STREAMING_NAMES = {len(n): n for n in (STREAMING_FIELDS, STREAMING_FIELDS_NO_HARMONIC)}
 _ARRAY_HEADS = (0x97, 0x98)  # msgpack fixarray of 7 or 8 items
+_FIRST, _SECOND = itemgetter(0), itemgetter(1)
 _SUFFIX = {"parquet": ".parquet", "arrow": ".arrow", "jsonl": ".jsonl"}
 
 
@@ -150,8 +166,12 @@ class Exporter:
                 table = self._table(pa, txn, kind, where, since, until, progress)
                 path = out / f"{kind}{_SUFFIX[fmt]}"
                 tmp = path.with_name(path.name + ".tmp")
-                _write(pa, table, tmp, fmt, row_group_size)
-                _sync_file(tmp)
+                try:
+                    _write(pa, table, tmp, fmt, row_group_size)
+                    _sync_file(tmp)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)  # no half-written file stays behind
+                    raise
                 fs.replace(tmp, path)
                 report["kinds"][kind] = {"rows": table.num_rows, "file": path.name,
                                          "columns": table.column_names,
@@ -205,40 +225,68 @@ class Exporter:
         tables = self._engine.tables
         code = KIND_CODES[kind]
         predicate = compile_where(where, (kind,))
-        total = tables.counts(txn).get(code, 0)
+        counts = tables.counts(txn)
+        total = counts.get(code, 0)
+        mixed = not counts or any(n for c, n in counts.items() if c != code)
         lo = -math.inf if since is None else since
         hi = math.inf if until is None else until
         unpackb = msgpack.unpackb
-        fix = _fix_fingerprint if kind == "fingerprint" else None
-        chunks: list[Any] = []
-        keys: list[bytes] = []
-        envs: list[list[Any]] = []
-        done = 0
-        cur = txn.cursor(db=tables.db(b"records"))
-        for key, raw in cur.iternext(keys=True, values=True):
-            # envelope = msgpack [1, kind_code, ts, ...]: the kind is byte 2 (docs/formats.md)
-            if raw[2] != code and raw[0] in _ARRAY_HEADS and raw[1] == 1:
-                continue
-            env = unpackb(raw, raw=False)
+        filtered = since is not None or until is not None or predicate is not None
+
+        def keep(item: tuple[bytes, bytes]) -> bool:
+            env = unpackb(item[1], raw=False)
             if env[1] != code or not lo <= env[2] < hi:
-                continue
-            if predicate is not None and not predicate(_decoded(tables, txn, key, raw)):
-                continue
-            if fix is not None:
-                fix(env[6])
-            keys.append(key)
-            envs.append(env)
-            if len(envs) == CHUNK:
-                chunks.append(_chunk(pa, keys, _counted(tables, txn, keys, envs)))
-                done += len(envs)
-                keys, envs = [], []
+                return False
+            return predicate is None or bool(predicate(_decoded(tables, txn, item[0], item[1])))
+
+        local = threading.local()  # one decoder per thread: its key table learns as it goes
+
+        def convert(items: list[tuple[bytes, bytes]], counts: Any) -> Any:
+            decoder = getattr(local, "decoder", None)
+            if decoder is None:
+                decoder = local.decoder = EnvelopeDecoder(code)
+            return _chunk(pa, decoder, kind, items, counts)
+
+        def submit(items: list[tuple[bytes, bytes]]) -> Future[Any]:
+            # the prio rows' counts are read here, in the transaction's own thread
+            return pool.submit(convert, items, _stored_counts(tables, txn, items))
+
+        chunks: list[Any] = []
+        pending: deque[tuple[Future[Any], int]] = deque()
+        done = 0
+
+        def collect(keep_in_flight: int) -> None:
+            nonlocal done
+            while len(pending) > keep_in_flight:
+                future, rows = pending.popleft()
+                chunks.append(future.result())
+                done += rows
                 if progress is not None:
-                    progress(f"exporting {kind}", done, total, "records")
-        if envs or not chunks:
-            chunks.append(_chunk(pa, keys, _counted(tables, txn, keys, envs)))
-            done += len(envs)
-        if progress is not None:
-            progress(f"exporting {kind}", done, max(total, done), "records")
+                    progress(f"exporting {kind}", done, max(total, done), "records")
+
+        workers = THREADS
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="xpstore-export")
+        try:
+            items: list[tuple[bytes, bytes]] = []
+            cursor = txn.cursor(db=tables.db(b"records")).iternext(keys=True, values=True)
+            while block := list(islice(cursor, CHUNK)):
+                # envelope = msgpack [1, kind_code, ts, ...]: the kind is byte 2
+                # (docs/formats.md); an envelope of another layout is kept here and decoded
+                # (_dict_chunk checks it). A store of one kind skips the test: the reader
+                # checks every kind byte anyway.
+                if mixed:
+                    block = [kv for kv in block if kv[1][2] == code
+                             or kv[1][0] not in _ARRAY_HEADS or kv[1][1] != 1]  # fmt: skip
+                items.extend(filter(keep, block) if filtered else block)
+                while len(items) >= CHUNK:
+                    pending.append((submit(items[:CHUNK]), CHUNK))
+                    items = items[CHUNK:]
+                    collect(workers)  # a bounded number of chunks in flight
+            if items or not (pending or chunks):
+                pending.append((submit(items), len(items)))
+            collect(0)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         table = pa.concat_tables(chunks, promote_options="permissive") if len(chunks) > 1 else (
             chunks[0])  # fmt: skip
         return _finish(pa, kind, table)
@@ -262,16 +310,19 @@ def _fix_fingerprint(m: dict[str, Any]) -> None:
                           "chunk_count": chunks}  # fmt: skip
 
 
-def _counted(tables: Any, txn: Any, keys: list[bytes], envs: list[list[Any]]) -> list[list[Any]]:
-    """``envs`` with each record's total retrieval count: the larger of the envelope's and
-    its ``prio`` row's (docs/design.md, "Retrieval counts"), read in the export's
-    transaction (everything acknowledged is applied first: nothing is left in the overlay)."""
-    stored = tables.retrieval_counts(txn, [from_u64(k) for k in keys])
-    if stored:
-        for key, env in zip(keys, envs, strict=True):
-            rc = stored.get(from_u64(key), 0)
-            env[4] = max(env[4], rc)
-    return envs
+def _stored_counts(tables: Any, txn: Any, items: list[tuple[bytes, bytes]]) -> Any:
+    """The ``prio`` rows' retrieval counts aligned with ``items`` (0 where a record has no
+    row). A record's count is the larger of this and its envelope's (docs/design.md,
+    "Retrieval counts"); everything acknowledged is applied before the export's read, so
+    nothing is left in the overlay."""
+    import numpy as np
+
+    ids = _ids(list(map(_FIRST, items)))
+    found_ids, found_rc = tables.retrieval_count_rows(txn, ids)
+    out = np.zeros(len(ids), np.int64)
+    if len(found_ids):
+        out[np.searchsorted(ids, found_ids)] = found_rc  # keys come in id order
+    return out
 
 
 def _decoded(tables: Any, txn: Any, key: bytes, raw: bytes) -> Any:
@@ -284,13 +335,101 @@ def _decoded(tables: Any, txn: Any, key: bytes, raw: bytes) -> Any:
     return exp
 
 
-def _chunk(pa: Any, keys: list[bytes], envs: list[list[Any]]) -> Any:
-    """One chunk's table: the envelope columns and the flattened record struct."""
+def _chunk(pa: Any, decoder: EnvelopeDecoder, kind: str, items: list[tuple[bytes, bytes]],
+           counts: Any) -> Any:  # fmt: skip
+    """One chunk's table, decoded by the columnar reader where it takes the chunk, else by
+    msgpack and pyarrow's inference (the two give equal tables: tests/test_export.py).
+    ``counts``: the prio rows' retrieval counts aligned with ``items``."""
+    keys = list(map(_FIRST, items))
+    raws = list(map(_SECOND, items))
+    cols = decoder.decode(raws)
+    table = None if cols is None else _columns_table(pa, keys, cols, counts)
+    return table if table is not None else _dict_chunk(pa, kind, keys, raws, counts)
+
+
+def _ids(keys: list[bytes]) -> Any:
     import numpy as np
 
-    ids = np.frombuffer(b"".join(keys), dtype=">u8").astype(np.int64)
+    return np.frombuffer(b"".join(keys), dtype=">u8").astype(np.int64)
+
+
+def _columns_table(pa: Any, keys: list[bytes], cols: EnvelopeColumns,
+                   counts: Any = None) -> Any:  # fmt: skip
+    """The chunk's table from the columnar reader's arrays; None when a string column is not
+    valid UTF-8 or too long for 32-bit offsets (the slow path then says what is wrong)."""
+    import numpy as np
+
     arrays = [
-        pa.array(ids),
+        pa.array(_ids(keys)),
+        pa.array(cols.ts, type=pa.float64()),
+        pa.array(cols.lsn, type=pa.int64()),
+        pa.array(cols.retrieval_count if counts is None
+                 else np.maximum(cols.retrieval_count, counts), type=pa.int64()),
+        pa.array(cols.success_count, type=pa.int64()),
+        pa.array(cols.priority, type=pa.float64(), mask=~cols.has_priority),
+    ]
+    names = list(_ENVELOPE)
+    try:
+        for name, col in cols.fields:
+            arrays.append(_arrow(pa, col))
+            names.append(name)
+    except (pa.ArrowInvalid, OverflowError):
+        return None
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def _arrow(pa: Any, col: Column | ListColumn) -> Any:
+    import numpy as np
+
+    if isinstance(col, ListColumn):
+        items = _arrow(pa, col.items)
+        offsets = pa.array(_offsets32(col.offsets), type=pa.int32())
+        mask = None if col.valid.all() else pa.array(~col.valid)
+        return pa.ListArray.from_arrays(offsets, items, mask=mask)
+    n = len(col.valid)
+    if col.kind == "null":
+        return pa.nulls(n)
+    mask = None if col.valid.all() else ~col.valid
+    if col.kind == "str":
+        assert col.offsets is not None and col.data is not None
+        bitmap = None if mask is None else pa.py_buffer(np.packbits(col.valid, bitorder="little"))
+        arr = pa.StringArray.from_buffers(
+            n, pa.py_buffer(_offsets32(col.offsets)), pa.py_buffer(col.data), bitmap,
+            -1 if mask is not None else 0,
+        )  # fmt: skip
+        arr.validate(full=True)  # UTF-8, as msgpack's raw=False checks it
+        return arr
+    types = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64()}
+    return pa.array(col.values, type=types[col.kind], mask=mask)
+
+
+def _offsets32(offsets: Any) -> Any:
+    import numpy as np
+
+    if int(offsets[-1]) > 2**31 - 1:
+        raise OverflowError("a chunk's strings exceed 32-bit offsets")
+    return offsets.astype(np.int32)
+
+
+def _dict_chunk(pa: Any, kind: str, keys: list[bytes], raws: list[bytes],
+                counts: Any = None) -> Any:  # fmt: skip
+    """One chunk's table the general way: msgpack to Python objects, pyarrow infers the
+    struct of the record maps, ``Table.flatten`` gives the dotted columns."""
+    unpackb = msgpack.unpackb
+    code = KIND_CODES[kind]
+    if counts is None:
+        counts = [0] * len(keys)
+    decoded = [(key, unpackb(raw, raw=False), int(rc))
+               for key, raw, rc in zip(keys, raws, counts, strict=True)]  # fmt: skip
+    keys = [key for key, env, _rc in decoded if env[1] == code]
+    envs = [env for _, env, _rc in decoded if env[1] == code]
+    for env, rc in zip(envs, [rc for _k, env, rc in decoded if env[1] == code], strict=True):
+        env[4] = max(env[4], rc)
+    if kind == "fingerprint":
+        for env in envs:
+            _fix_fingerprint(env[6])
+    arrays = [
+        pa.array(_ids(keys)),
         pa.array([e[2] for e in envs], type=pa.float64()),
         pa.array([e[3] for e in envs], type=pa.int64()),
         pa.array([e[4] for e in envs], type=pa.int64()),
@@ -340,7 +479,11 @@ def _write(pa: Any, table: Any, path: Path, fmt: str, row_group_size: int) -> No
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        pq.write_table(table, path, row_group_size=row_group_size)
+        # dictionaries for the string columns only: a float or id column has as many distinct
+        # values as rows, so its dictionary is built and then dropped (measured: twice the
+        # write time and a 20 % larger file for the 1M-prediction export)
+        strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
+        pq.write_table(table, path, row_group_size=row_group_size, use_dictionary=strings)
     elif fmt == "arrow":
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table, max_chunksize=row_group_size)
