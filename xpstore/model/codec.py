@@ -44,7 +44,7 @@ does not decode raises :class:`~xpstore.errors.CodecError`.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Final, TypeAlias, TypeVar
@@ -90,6 +90,7 @@ __all__ = [
     "decode_envelope",
     "decode_op",
     "encode_envelope",
+    "encode_fingerprint_batch",
     "encode_fingerprint_puts",
     "encode_op",
     "envelope_at",
@@ -781,9 +782,15 @@ def encode_fingerprint_puts(cols: FingerprintColumns) -> list[bytes]:
     The record map's fixed-width parts (the float arrays, ``ts``) are laid out for all rows at
     once with numpy; only the track id and the metadata are packed per row.
     """
+    return encode_fingerprint_batch(cols)[0]
+
+
+def encode_fingerprint_batch(cols: FingerprintColumns) -> tuple[list[bytes], list[int]]:
+    """:func:`encode_fingerprint_puts` and, per row, where its record map starts in the payload
+    (what :func:`put_head` would parse back; :func:`envelopes_from_puts` takes it as ``cuts``)."""
     n = len(cols)
     if n == 0:
-        return []
+        return [], []
     pack = msgpack.Packer(use_bin_type=True).pack
     # fields in Fingerprint's order: track_id, batch, streaming, embedding, metadata,
     # algorithm_version, ts, validation
@@ -829,19 +836,20 @@ def encode_fingerprint_puts(cols: FingerprintColumns) -> list[bytes]:
     tid_key = _KEYS["track_id"]
     heads = {k: bytes((0x80 | (nfields + k),)) + tid_key for k in (0, 1)}
     tids = list(map(pack, cols.track_ids))
-    pres = [b"".join((prefix, ts_be[8 * i : 8 * i + 8], t)) for i, t in enumerate(tids)]
+    cuts = [len(prefix) + 8 + len(t) for t in tids]  # the record map follows the track id
+    ts_rows = [ts_be[i : i + 8] for i in range(0, 8 * n, 8)]
     meta_key = _KEYS["metadata"]
     if cols.metadata is None:
         head = heads[0]
-        rows = zip(pres, tids, mid_bytes, tail_bytes, strict=True)
-        return [b"".join((p, head, t, m, tl)) for p, t, m, tl in rows]
+        rows = zip(ts_rows, tids, mid_bytes, tail_bytes, strict=True)
+        return [b"".join((prefix, s, t, head, t, m, tl)) for s, t, m, tl in rows], cuts
     out = []
-    for p, t, m, md, tl in zip(pres, tids, mid_bytes, cols.metadata, tail_bytes, strict=True):
+    for s, t, m, md, tl in zip(ts_rows, tids, mid_bytes, cols.metadata, tail_bytes, strict=True):
         if md is None:
-            out.append(b"".join((p, heads[0], t, m, tl)))
+            out.append(b"".join((prefix, s, t, heads[0], t, m, tl)))
         else:
-            out.append(b"".join((p, heads[1], t, m, meta_key, pack(md), tl)))
-    return out
+            out.append(b"".join((prefix, s, t, heads[1], t, m, meta_key, pack(md), tl)))
+    return out, cuts
 
 
 _UINT_CLASSES: Final = (  # msgpack's smallest encoding of a non-negative int: (below, marker)
@@ -857,17 +865,24 @@ def _record_map_offset(payload: bytes) -> int:
 
 
 def envelopes_from_puts(
-    payloads: list[bytes], *, kind: str, ts: npt.NDArray[np.float64], first_lsn: int
+    payloads: list[bytes],
+    *,
+    kind: str,
+    ts: npt.NDArray[np.float64],
+    first_lsn: int,
+    cuts: Sequence[int] | None = None,
 ) -> list[bytes]:
     """:func:`envelope_from_put` of consecutive new records (LSNs from ``first_lsn``, no
-    counters), the same bytes, with the headers laid out for all rows at once."""
+    counters), the same bytes, with the headers laid out for all rows at once. ``cuts``: where
+    each payload's record map starts, when the encoder said so (else parsed from each)."""
     n = len(payloads)
     if n == 0:
         return []
     code = KIND_CODES[kind]
     head = np.empty((n, 4), dtype=np.uint8)
     head[:] = (0x97, _V1, code, 0xCB)  # fixarray(7), envelope version, kind, float 64
-    cuts = [_record_map_offset(p) for p in payloads]
+    if cuts is None:
+        cuts = [_record_map_offset(p) for p in payloads]
     ts_bytes = ts.astype(_F64_BE).view(np.uint8).reshape(n, 8)
     lsns = np.arange(first_lsn, first_lsn + n, dtype=np.uint64)
     out: list[bytes] = []

@@ -17,6 +17,9 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from itertools import islice
+from operator import attrgetter
+from typing import cast
 
 from xpstore.model.effects import Effect
 from xpstore.model.events import Acknowledged, IndexRow, IndexRows
@@ -56,6 +59,17 @@ class Overlay:
             hit = self.tracks.get(track_id)
         return hit[1] if hit is not None else MISSING
 
+    def writer_tracks(self, track_ids: set[str]) -> tuple[dict[str, int | None], list[str]]:
+        """:meth:`writer_track` of many tracks: the ids either layer knows, and the tracks
+        neither knows (for LMDB). Set intersections find the hits, so a batch of new tracks
+        costs no Python code per track."""
+        known: dict[str, int | None] = {}
+        with self.lock:  # a consistent view of both layers, and no dict resized mid-pass
+            for layer in (self.tracks, self._p_tracks):  # pending last: it is newer
+                if layer:
+                    known.update((t, layer[t][1]) for t in layer.keys() & track_ids)
+        return known, list(track_ids.difference(known))
+
     def add_pending(self, eff: Effect, row: IndexRow | None = None) -> None:
         """Park ``eff`` (and the index row its writer computed) until the WAL acknowledges it."""
         with self.lock:
@@ -80,12 +94,7 @@ class Overlay:
             return
         with self.lock:
             self._pending.extend(effects)
-            records, tracks = self._p_records, self._p_tracks
-            for eff in effects:
-                if eff.record_id is not None:
-                    records[eff.record_id] = eff
-                if eff.track is not None:
-                    tracks[eff.track] = (eff.lsn, eff.track_to)
+            _index(effects, self._p_records, self._p_tracks)
             if bulk is not None:
                 self._p_bulk[effects[0].lsn] = bulk
             if rows:
@@ -124,12 +133,7 @@ class Overlay:
                 self._p_records.clear()
                 self._p_tracks.clear()
                 self.queue.extend(moved)
-                records, tracks = self.records, self.tracks
-                for eff in moved:
-                    if eff.record_id is not None:
-                        records[eff.record_id] = eff
-                    if eff.track is not None:
-                        tracks[eff.track] = (eff.lsn, eff.track_to)
+                _index(moved, self.records, self.tracks)
                 rows, bulk = p_rows, p_bulk
                 self._p_rows, self._p_bulk = {}, {}
             while pending and pending[0].lsn <= last_lsn:
@@ -187,8 +191,7 @@ class Overlay:
     # applier side
     def take(self, limit: int) -> list[Effect]:
         with self.lock:
-            n = min(limit, len(self.queue))
-            return [self.queue[i] for i in range(n)]
+            return list(islice(self.queue, limit))
 
     def applied(self, effects: list[Effect]) -> None:
         """Drop ``effects`` (now committed to LMDB) unless a newer effect replaced an entry."""
@@ -220,6 +223,29 @@ class Overlay:
     def __len__(self) -> int:
         return len(self.queue)
 
+
+
+_RECORD_ID = attrgetter("record_id")
+_TRACK = attrgetter("track")
+_LSN = attrgetter("lsn")
+_TRACK_TO = attrgetter("track_to")
+
+
+def _index(effects: list[Effect], records: dict[int, Effect],
+           tracks: dict[str, tuple[int, int | None]]) -> None:  # fmt: skip
+    """Enter ``effects`` (LSN order: the newest per key wins) into a layer's record and track
+    dicts with C-level passes (a bulk batch holds thousands): no Python code per effect. An
+    effect without a record id or a track lands under the key None of a new dict, dropped
+    before the layer is updated (lock-free readers never see it)."""
+    by_id: dict[int | None, Effect] = dict(zip(map(_RECORD_ID, effects), effects, strict=True))
+    by_id.pop(None, None)
+    records.update(cast("dict[int, Effect]", by_id))
+    by_track: dict[str | None, tuple[int, int | None]] = dict(
+        zip(map(_TRACK, effects),
+            zip(map(_LSN, effects), map(_TRACK_TO, effects), strict=True), strict=True)
+    )  # fmt: skip
+    by_track.pop(None, None)
+    tracks.update(cast("dict[str, tuple[int, int | None]]", by_track))
 
 
 class Subscription:

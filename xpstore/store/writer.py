@@ -102,11 +102,16 @@ class Writer:
         return self._logged.records.embedding_dim
 
     def submit_fingerprints(
-        self, payloads: list[bytes], cols: FingerprintColumns, rows: IndexRows | None
+        self,
+        payloads: list[bytes],
+        cols: FingerprintColumns,
+        rows: IndexRows | None,
+        cuts: Sequence[int] | None = None,
     ) -> tuple[int, int]:
         """Log ``put_fingerprints``' encoded puts as one frame and wait for the acknowledgement;
         return their LSN span. Like :meth:`submit`, with the effects derived from the columns
-        (no record model) and parked in the overlay with one lock acquisition."""
+        (no record model) and parked in the overlay with one lock acquisition. ``cuts``: where
+        each payload's record map starts (the encoder's, so no payload is parsed back)."""
         engine = self._engine
         wal = engine.writable()
         n = len(payloads)
@@ -119,7 +124,7 @@ class Writer:
             view = self._view_for(set(cols.track_ids), snapshot=True)
             prio = fingerprint_inputs(first, cols.ts, cols.confidence)
             values = envelopes_from_puts(payloads, kind="fingerprint", ts=cols.ts,
-                                         first_lsn=first)  # fmt: skip
+                                         first_lsn=first, cuts=cuts)  # fmt: skip
             effects = derive_fingerprint_puts(first, values, cols.track_ids, cols.ts.tolist(),
                                               prio, view)  # fmt: skip
             if fixed is not None:
@@ -379,14 +384,7 @@ class Writer:
         ov = self._engine.overlay
         reader = self._reader
         if snapshot:
-            resolved: dict[str, int | None] = {}
-            missing = []
-            for t in tracks:
-                hit = ov.writer_track(t)
-                if hit is MISSING:
-                    missing.append(t)
-                else:
-                    resolved[t] = cast("int | None", hit)
+            resolved, missing = ov.writer_tracks(tracks)
             resolved.update(reader.lmdb_tracks(missing))
             return StateView(lambda rid: None, resolved.get)
         known = reader.lmdb_tracks([t for t in tracks if ov.writer_track(t) is MISSING])
