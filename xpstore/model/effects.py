@@ -242,3 +242,31 @@ def derive_fingerprint_puts(
     # one Effect per row, built by map (no Python loop around the constructor)
     return list(map(Effect, lsns, lsns, envelopes, repeat("fingerprint"), ts, repeat(True),
                     track_ids, lsns, retired, prio))  # fmt: skip
+
+
+def derive_puts(
+    first: int,
+    envelopes: Sequence[bytes],
+    kinds: Sequence[str],
+    ts: Sequence[float],
+    track_ids: Sequence[str | None],
+    prio: Sequence[bytes | None],
+    view: StateView,
+) -> list[Effect]:
+    """:func:`derive_put` of consecutive new records of any kinds from ``first`` (a
+    ``put_many`` batch), given their envelopes (``codec.envelopes_from_puts``) and priority
+    rows: the same effects. A track put twice in the batch is superseded by its later put."""
+    out: list[Effect] = []
+    latest: dict[str, int] = {}  # tracks set earlier in this batch
+    track = view.track
+    for i, value in enumerate(envelopes):
+        lsn = first + i
+        eff = Effect(lsn, lsn, value, kinds[i], ts[i], True, prio=prio[i])
+        tid = track_ids[i]
+        if tid is not None:
+            before = latest.get(tid)
+            eff.track, eff.track_to = tid, lsn
+            eff.track_from = track(tid) if before is None else before
+            latest[tid] = lsn
+        out.append(eff)
+    return out
