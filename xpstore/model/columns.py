@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any, Final
 
 import numpy as np
@@ -244,32 +243,6 @@ def _check_metadata(metadata: Sequence[Any], n: int) -> list[dict[str, str] | No
             f"metadata: expected a list of {n} mappings or None (one per track id)",
             field="metadata",
         )
-    rows = list(metadata)
-    if _metadata_ok(rows):
-        return rows
-    return _check_metadata_rows(rows)
-
-
-def _metadata_ok(rows: list[Any]) -> bool:
-    """Whether every row is None or a plain dict within the limits, checked over the whole
-    batch at once (C-level passes over all keys and all values: no Python code per key). False
-    sends the batch through :func:`_check_metadata_rows`, which names the first bad row."""
-    given = [m for m in rows if m is not None]
-    if not given:
-        return True
-    if set(map(type, given)) != {dict} or max(map(len, given)) > METADATA_MAX_KEYS:
-        return False
-    keys = list(chain.from_iterable(given))
-    if not keys:
-        return True
-    values = list(chain.from_iterable(map(dict.values, given)))
-    return (set(map(type, keys)) == {str} and set(map(type, values)) == {str}
-            and min(map(len, keys)) >= 1 and max(map(len, keys)) <= METADATA_MAX_KEY_CHARS
-            and max(map(len, values)) <= METADATA_MAX_VALUE_CHARS)  # fmt: skip
-
-
-def _check_metadata_rows(metadata: list[Any]) -> list[dict[str, str] | None]:
-    """The metadata checked row by row: the first bad row and field named."""
     out: list[dict[str, str] | None] = []
     for row, given in enumerate(metadata):
         if given is None:
