@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import errno
 import itertools
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xpstore import RecordTooLargeError, Store, WALWriteError
 from xpstore.demo.synthetic import make_mixed, make_prediction
@@ -19,9 +23,11 @@ from xpstore.persistence.wal import WalWriter
 from xpstore.persistence.wal_format import (
     HEADER_SIZE,
     HeaderError,
+    decode_frame,
     decode_header,
     encode_frame,
     encode_header,
+    frame_size,
 )
 from xpstore.persistence.wal_reader import scan_segment
 
@@ -248,3 +254,21 @@ def test_background_checkpoint_bounds_the_wal_under_steady_writes(store_path: Pa
         written = store.stats()["wal"]["rotations"] + 1
         assert written > 20  # the workload produced many segments...
         assert most < written // 2  # ...but checkpoints deleted them as it went
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.binary(max_size=300), min_size=1, max_size=40),
+       first=st.integers(1, 2**40), salt=st.binary(min_size=4, max_size=4))  # fmt: skip
+def test_frame_layout_is_the_documented_one(ops: list[bytes], first: int, salt: bytes) -> None:
+    """``encode_frame`` (one C-level join) writes exactly docs/formats.md's layout: a length
+    per operation, the CRC over salt + header + payload, zero pad to 8; it decodes back."""
+    frame = encode_frame(salt, first, ops, 12.5)
+    payload = b"".join(struct.pack("<I", len(op)) + op for op in ops)
+    head = struct.pack("<IQIBBHd", len(payload), first, len(ops), 1, 0, 0, 12.5)
+    crc = int(google_crc32c.extend(google_crc32c.extend(google_crc32c.value(salt), head),
+                                   payload))  # fmt: skip
+    body = struct.pack("<I", crc) + head + payload
+    assert frame == body + bytes(-len(body) % 8)
+    assert frame_size(ops) == len(frame)
+    got = decode_frame(memoryview(frame), 0, salt, 1 << 30)
+    assert got.first_lsn == first and got.ops() == ops

@@ -44,8 +44,9 @@ does not decode raises :class:`~xpstore.errors.CodecError`.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from operator import itemgetter
 from typing import Any, Final, TypeAlias, TypeVar
 
@@ -90,6 +91,7 @@ __all__ = [
     "decode_envelope",
     "decode_op",
     "encode_envelope",
+    "encode_fingerprint_batch",
     "encode_fingerprint_puts",
     "encode_op",
     "envelope_at",
@@ -781,9 +783,15 @@ def encode_fingerprint_puts(cols: FingerprintColumns) -> list[bytes]:
     The record map's fixed-width parts (the float arrays, ``ts``) are laid out for all rows at
     once with numpy; only the track id and the metadata are packed per row.
     """
+    return encode_fingerprint_batch(cols)[0]
+
+
+def encode_fingerprint_batch(cols: FingerprintColumns) -> tuple[list[bytes], list[int]]:
+    """:func:`encode_fingerprint_puts` and, per row, where its record map starts in the payload
+    (what :func:`put_head` would parse back; :func:`envelopes_from_puts` takes it as ``cuts``)."""
     n = len(cols)
     if n == 0:
-        return []
+        return [], []
     pack = msgpack.Packer(use_bin_type=True).pack
     # fields in Fingerprint's order: track_id, batch, streaming, embedding, metadata,
     # algorithm_version, ts, validation
@@ -800,18 +808,20 @@ def encode_fingerprint_puts(cols: FingerprintColumns) -> list[bytes]:
             _const(n, _KEYS["streaming"] + b"\x93" + head), _float_block(cols.streaming),
             _const(n, head), _float_block(cols.confidence),
         ]  # fmt: skip
-    mid = list(map(bytes, np.hstack(fixed))) if fixed else [b""] * n
+    # per row: prefix+ts | track id | map head | track id | fixed floats | chunk count |
+    # embedding | metadata | tail, each part a column of n byte strings (or one constant),
+    # joined row by row in C (map over zip: no Python code per row but the metadata's pack)
+    parts: list[Iterable[bytes]] = []
     if cols.streaming is not None:
         assert cols.chunk_counts is not None
-        mid = [m + pack(c) for m, c in zip(mid, cols.chunk_counts, strict=True)]
+        parts += [_rows(np.hstack(fixed)), list(map(pack, cols.chunk_counts))]
+        fixed = []
     if cols.embeddings is not None:
         nfields += 1
-        emb = np.hstack([
-            _const(n, _KEYS["embedding"] + _array_header(cols.embeddings.shape[1])),
-            _float_block(cols.embeddings),
-        ])
-        mid = [m + e for m, e in zip(mid, map(bytes, emb), strict=True)]
-    mid_bytes = mid
+        fixed += [_const(n, _KEYS["embedding"] + _array_header(cols.embeddings.shape[1])),
+                  _float_block(cols.embeddings)]  # fmt: skip
+    if fixed:
+        parts.append(_rows(np.hstack(fixed)))
     tail = b""
     if cols.algorithm_version is not None:
         nfields += 1
@@ -821,27 +831,32 @@ def encode_fingerprint_puts(cols: FingerprintColumns) -> list[bytes]:
     if cols.batch is None:  # streaming only: pending validation, as the model sets it
         nfields += 1
         valid = _KEYS["validation"] + pack({"status": "pending"})
-    tails = np.hstack([_const(n, ts_key), _float_block(cols.ts[:, None]), _const(n, valid)])
-    tail_bytes = list(map(bytes, np.ascontiguousarray(tails)))
+    tails = _rows(np.hstack([_const(n, ts_key), _float_block(cols.ts[:, None]), _const(n, valid)]))
     # the version-2 put header: [2, put, kind, ts (float 64), track id, record map]
     prefix = bytes((0x96, _V2, _OP_PUT, KIND_CODES["fingerprint"], 0xCB))
-    ts_be = np.ascontiguousarray(cols.ts, dtype=">f8").tobytes()
+    ts_be = np.ascontiguousarray(cols.ts, dtype=_F64_BE).view(np.uint8).reshape(n, 8)
+    pres = _rows(np.hstack([_const(n, prefix), ts_be]))
     tid_key = _KEYS["track_id"]
-    heads = {k: bytes((0x80 | (nfields + k),)) + tid_key for k in (0, 1)}
     tids = list(map(pack, cols.track_ids))
-    pres = [b"".join((prefix, ts_be[8 * i : 8 * i + 8], t)) for i, t in enumerate(tids)]
-    meta_key = _KEYS["metadata"]
-    if cols.metadata is None:
-        head = heads[0]
-        rows = zip(pres, tids, mid_bytes, tail_bytes, strict=True)
-        return [b"".join((p, head, t, m, tl)) for p, t, m, tl in rows]
-    out = []
-    for p, t, m, md, tl in zip(pres, tids, mid_bytes, cols.metadata, tail_bytes, strict=True):
-        if md is None:
-            out.append(b"".join((p, heads[0], t, m, tl)))
-        else:
-            out.append(b"".join((p, heads[1], t, m, meta_key, pack(md), tl)))
-    return out
+    cuts = list(map((len(prefix) + 8).__add__, map(len, tids)))  # the record map's start
+    plain = bytes((0x80 | nfields,)) + tid_key
+    if cols.metadata is None or cols.metadata.count(None) == n:
+        heads: Iterable[bytes] = repeat(plain, n)
+        metas: Iterable[bytes] = repeat(b"", n)
+    else:
+        with_meta = bytes((0x80 | (nfields + 1),)) + tid_key
+        meta_key = _KEYS["metadata"]
+        heads = [plain if md is None else with_meta for md in cols.metadata]
+        metas = [b"" if md is None else meta_key + pack(md) for md in cols.metadata]
+    rows = zip(pres, tids, heads, tids, *parts, metas, tails, strict=True)
+    return list(map(b"".join, rows)), cuts
+
+
+def _rows(block: npt.NDArray[np.uint8]) -> list[bytes]:
+    """The rows of an (n, w) byte matrix as n byte strings (slices of one copy)."""
+    w = block.shape[1]
+    raw = np.ascontiguousarray(block).tobytes()
+    return [raw[i : i + w] for i in range(0, len(raw), w)]
 
 
 _UINT_CLASSES: Final = (  # msgpack's smallest encoding of a non-negative int: (below, marker)
@@ -857,17 +872,25 @@ def _record_map_offset(payload: bytes) -> int:
 
 
 def envelopes_from_puts(
-    payloads: list[bytes], *, kind: str, ts: npt.NDArray[np.float64], first_lsn: int
+    payloads: Sequence[bytes],
+    *,
+    kind: str | Sequence[int],
+    ts: npt.NDArray[np.float64],
+    first_lsn: int,
+    cuts: Sequence[int] | None = None,
 ) -> list[bytes]:
     """:func:`envelope_from_put` of consecutive new records (LSNs from ``first_lsn``, no
-    counters), the same bytes, with the headers laid out for all rows at once."""
+    counters), the same bytes, with the headers laid out for all rows at once. ``kind``: one
+    kind for all, or each row's kind code. ``cuts``: where each payload's record map starts,
+    when the caller knows (else parsed from each)."""
     n = len(payloads)
     if n == 0:
         return []
-    code = KIND_CODES[kind]
     head = np.empty((n, 4), dtype=np.uint8)
-    head[:] = (0x97, _V1, code, 0xCB)  # fixarray(7), envelope version, kind, float 64
-    cuts = [_record_map_offset(p) for p in payloads]
+    head[:] = (0x97, _V1, 0, 0xCB)  # fixarray(7), envelope version, kind, float 64
+    head[:, 2] = KIND_CODES[kind] if isinstance(kind, str) else kind
+    if cuts is None:
+        cuts = [_record_map_offset(p) for p in payloads]
     ts_bytes = ts.astype(_F64_BE).view(np.uint8).reshape(n, 8)
     lsns = np.arange(first_lsn, first_lsn + n, dtype=np.uint64)
     out: list[bytes] = []
@@ -886,7 +909,7 @@ def envelopes_from_puts(
         be = lsns[start:end].astype(">u8").view(np.uint8).reshape(m, 8)[:, 8 - width :]
         parts += [be, np.zeros((m, 2), dtype=np.uint8)]  # the lsn, then counters 0, 0
         block = np.ascontiguousarray(np.hstack(parts))
-        rows = zip(map(bytes, block), payloads[start:end], cuts[start:end], strict=True)
+        rows = zip(_rows(block), payloads[start:end], cuts[start:end], strict=True)
         out += [h + p[c:] for h, p, c in rows]
         start = end
     return out

@@ -292,7 +292,8 @@ def fingerprint_columns(
         raise InvalidRecordError("track_ids: expected a sequence of strings", field="track_id")
     tids = list(track_ids)
     n = len(tids)
-    for row, t in enumerate(tids):
+    plain = set(map(type, tids)) == {str} and all(tids)  # the usual case, checked in C
+    for row, t in enumerate(() if plain else tids):
         if type(t) is not str or not t:
             if isinstance(t, str) and t:
                 tids[row] = str(t)  # a str subclass (numpy str_) as a plain str

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from itertools import repeat
 from typing import Any
 
 from xpstore.errors import RecordNotFoundError
@@ -269,14 +270,44 @@ def derive_fingerprint_puts(
     given their envelopes (``codec.envelopes_from_puts``): the same effects, built from the
     columns without a record model. A track put twice in the batch is superseded by its later
     row, as separate puts would be."""
+    n = len(envelopes)
+    lsns = range(first, first + n)
+    retired = list(map(view.track, track_ids))  # each track's id before the batch
+    if len(set(track_ids)) < n:  # a track put twice: its later row retires the earlier one
+        latest: dict[str, int] = {}
+        for i, tid in enumerate(track_ids):
+            before = latest.get(tid)
+            if before is not None:
+                retired[i] = before
+            latest[tid] = first + i
+    # one Effect per row, built by map (no Python loop around the constructor)
+    return list(map(Effect, lsns, lsns, envelopes, repeat("fingerprint"), ts, repeat(True),
+                    track_ids, lsns, retired, prio))  # fmt: skip
+
+
+def derive_puts(
+    first: int,
+    envelopes: Sequence[bytes],
+    kinds: Sequence[str],
+    ts: Sequence[float],
+    track_ids: Sequence[str | None],
+    prio: Sequence[bytes | None],
+    view: StateView,
+) -> list[Effect]:
+    """:func:`derive_put` of consecutive new records of any kinds from ``first`` (a
+    ``put_many`` batch), given their envelopes (``codec.envelopes_from_puts``) and priority
+    rows: the same effects. A track put twice in the batch is superseded by its later put."""
     out: list[Effect] = []
     latest: dict[str, int] = {}  # tracks set earlier in this batch
     track = view.track
     for i, value in enumerate(envelopes):
         lsn = first + i
+        eff = Effect(lsn, lsn, value, kinds[i], ts[i], True, prio=prio[i])
         tid = track_ids[i]
-        before = latest.get(tid, -1)
-        latest[tid] = lsn
-        out.append(Effect(lsn, lsn, value, "fingerprint", ts[i], True, tid, lsn,
-                          track(tid) if before < 0 else before, prio[i]))  # fmt: skip
+        if tid is not None:
+            before = latest.get(tid)
+            eff.track, eff.track_to = tid, lsn
+            eff.track_from = track(tid) if before is None else before
+            latest[tid] = lsn
+        out.append(eff)
     return out

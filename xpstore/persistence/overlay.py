@@ -21,6 +21,9 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from itertools import islice
+from operator import attrgetter
+from typing import cast
 
 from xpstore.model.effects import Effect
 from xpstore.model.events import Acknowledged, IndexRow, IndexRows
@@ -38,14 +41,18 @@ class Overlay:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.records: dict[int, Effect] = {}  # newest durable effect per record id
-        self.tracks: dict[str, tuple[int, int | None]] = {}
+        self.tracks: dict[str, Effect] = {}  # newest durable effect per track (its track_to)
         self.queue: deque[Effect] = deque()  # durable, not applied, LSN order
         self._p_records: dict[int, Effect] = {}
-        self._p_tracks: dict[str, tuple[int, int | None]] = {}
+        self._p_tracks: dict[str, Effect] = {}
         self._pending: deque[Effect] = deque()
         self.apply_threshold = 1 << 62  # queue length that wakes the applier (it sets this)
         self._p_rows: dict[int, IndexRow] = {}  # LSN -> index row, pending effects only
         self._p_bulk: dict[int, IndexRows] = {}  # first LSN -> a put_fingerprints batch's rows
+        # the record and track dicts of the pending batches, when they cover every pending
+        # effect (_p_indexed of them): make_durable enters them as they are
+        self._p_index: list[tuple[dict[int, Effect], dict[str, Effect]]] = []
+        self._p_indexed = 0
         self._subs: list[Subscription] = []
         self.retrievals: list[Effect] = []  # durable, unapplied retrieval effects, LSN order
         self._p_retrievals: list[Effect] = []
@@ -60,7 +67,18 @@ class Overlay:
         hit = self._p_tracks.get(track_id)
         if hit is None:
             hit = self.tracks.get(track_id)
-        return hit[1] if hit is not None else MISSING
+        return hit.track_to if hit is not None else MISSING
+
+    def writer_tracks(self, track_ids: set[str]) -> tuple[dict[str, int | None], list[str]]:
+        """:meth:`writer_track` of many tracks: the ids either layer knows, and the tracks
+        neither knows (for LMDB). Set intersections find the hits, so a batch of new tracks
+        costs no Python code per track."""
+        known: dict[str, int | None] = {}
+        with self.lock:  # a consistent view of both layers, and no dict resized mid-pass
+            for layer in (self.tracks, self._p_tracks):  # pending last: it is newer
+                if layer:
+                    known.update((t, layer[t].track_to) for t in layer.keys() & track_ids)
+        return known, list(track_ids.difference(known))
 
     def add_pending(self, eff: Effect, row: IndexRow | None = None) -> None:
         """Park ``eff`` (and the index row its writer computed) until the WAL acknowledges it."""
@@ -69,7 +87,7 @@ class Overlay:
             if eff.record_id is not None:
                 self._p_records[eff.record_id] = eff
             if eff.track is not None:
-                self._p_tracks[eff.track] = (eff.lsn, eff.track_to)
+                self._p_tracks[eff.track] = eff
             if eff.retrievals is not None:
                 self._p_retrievals = [*self._p_retrievals, eff]
             if row is not None:
@@ -88,14 +106,15 @@ class Overlay:
             return
         with self.lock:
             self._pending.extend(effects)
-            records, tracks = self._p_records, self._p_tracks
-            for eff in effects:
-                if eff.record_id is not None:
-                    records[eff.record_id] = eff
-                if eff.track is not None:
-                    tracks[eff.track] = (eff.lsn, eff.track_to)
-                if eff.retrievals is not None:
-                    self._p_retrievals = [*self._p_retrievals, eff]
+            by_id, by_track = _index(effects)
+            self._p_records.update(by_id)
+            self._p_tracks.update(by_track)
+            if self._p_indexed == len(self._pending) - len(effects):  # reused by make_durable
+                self._p_index.append((by_id, by_track))
+                self._p_indexed = len(self._pending)
+            if any(map(_RETRIEVALS, effects)):  # a C-level pass: puts carry none
+                self._p_retrievals = [*self._p_retrievals,
+                                      *(e for e in effects if e.retrievals is not None)]
             if bulk is not None:
                 self._p_bulk[effects[0].lsn] = bulk
             if rows:
@@ -104,11 +123,12 @@ class Overlay:
     def drop_pending_from(self, lsn: int) -> None:
         """Forget pending effects at or after ``lsn`` (their WAL append was refused)."""
         with self.lock:
+            self._p_index, self._p_indexed = [], -1  # no longer matches the pending effects
             while self._pending and self._pending[-1].lsn >= lsn:
                 eff = self._pending.pop()
                 if eff.record_id is not None and self._p_records.get(eff.record_id) is eff:
                     del self._p_records[eff.record_id]
-                if eff.track is not None and self._p_tracks.get(eff.track, (0,))[0] == eff.lsn:
+                if eff.track is not None and self._p_tracks.get(eff.track) is eff:
                     del self._p_tracks[eff.track]
                 self._p_rows.pop(eff.lsn, None)
                 self._p_bulk.pop(eff.lsn, None)
@@ -136,24 +156,25 @@ class Overlay:
                 self._p_records.clear()
                 self._p_tracks.clear()
                 self.queue.extend(moved)
-                records, tracks = self.records, self.tracks
-                for eff in moved:
-                    if eff.record_id is not None:
-                        records[eff.record_id] = eff
-                    if eff.track is not None:
-                        tracks[eff.track] = (eff.lsn, eff.track_to)
+                indexed = self._p_index if self._p_indexed == len(moved) else [_index(moved)]
+                for by_id, by_track in indexed:
+                    self.records.update(by_id)
+                    self.tracks.update(by_track)
+                self._p_index, self._p_indexed = [], 0
                 rows, bulk = p_rows, p_bulk
                 self._p_rows, self._p_bulk = {}, {}
                 if self._p_retrievals:
                     self.retrievals = [*self.retrievals, *self._p_retrievals]
                     self._p_retrievals = []
+            if pending and pending[0].lsn <= last_lsn:  # a partial move: the cache is stale
+                self._p_index, self._p_indexed = [], -1
             while pending and pending[0].lsn <= last_lsn:
                 eff = self._pending.popleft()
                 self.add_durable_locked(eff)
                 moved.append(eff)
                 if eff.record_id is not None and self._p_records.get(eff.record_id) is eff:
                     del self._p_records[eff.record_id]
-                if eff.track is not None and self._p_tracks.get(eff.track, (0,))[0] == eff.lsn:
+                if eff.track is not None and self._p_tracks.get(eff.track) is eff:
                     del self._p_tracks[eff.track]
                 if p_rows:
                     row = p_rows.pop(eff.lsn, None)
@@ -199,7 +220,7 @@ class Overlay:
         if eff.record_id is not None:
             self.records[eff.record_id] = eff
         if eff.track is not None:
-            self.tracks[eff.track] = (eff.lsn, eff.track_to)
+            self.tracks[eff.track] = eff
         if eff.retrievals is not None:
             self.retrievals = [*self.retrievals, eff]
 
@@ -215,8 +236,7 @@ class Overlay:
     # applier side
     def take(self, limit: int) -> list[Effect]:
         with self.lock:
-            n = min(limit, len(self.queue))
-            return [self.queue[i] for i in range(n)]
+            return list(islice(self.queue, limit))
 
     def applied(self, effects: list[Effect]) -> None:
         """Drop ``effects`` (now committed to LMDB) unless a newer effect replaced an entry."""
@@ -226,7 +246,7 @@ class Overlay:
                 self.queue.popleft()
                 if eff.record_id is not None and self.records.get(eff.record_id) is eff:
                     del self.records[eff.record_id]
-                if eff.track is not None and self.tracks.get(eff.track, (0,))[0] == eff.lsn:
+                if eff.track is not None and self.tracks.get(eff.track) is eff:
                     del self.tracks[eff.track]
                 counted = counted or eff.retrievals is not None
             if counted:
@@ -253,6 +273,23 @@ class Overlay:
     def __len__(self) -> int:
         return len(self.queue)
 
+
+
+_RECORD_ID = attrgetter("record_id")
+_TRACK = attrgetter("track")
+_RETRIEVALS = attrgetter("retrievals")
+
+
+def _index(effects: list[Effect]) -> tuple[dict[int, Effect], dict[str, Effect]]:
+    """The record and track entries of ``effects`` (LSN order: the newest per key wins), built
+    with C-level passes (a bulk batch holds thousands): no Python code per effect. An effect
+    without a record id or a track lands under the key None, dropped before the caller enters
+    the dicts into a layer (lock-free readers never see it)."""
+    by_id: dict[int | None, Effect] = dict(zip(map(_RECORD_ID, effects), effects, strict=True))
+    by_id.pop(None, None)
+    by_track: dict[str | None, Effect] = dict(zip(map(_TRACK, effects), effects, strict=True))
+    by_track.pop(None, None)
+    return cast("dict[int, Effect]", by_id), cast("dict[str, Effect]", by_track)
 
 
 class Subscription:

@@ -3,7 +3,7 @@
 The bulk path for libraries: N fingerprints given as arrays are validated with numpy
 (:mod:`xpstore.model.columns`: the models' own bounds, the first bad value named by row and
 field, nothing written when any row is bad), encoded for all rows at once
-(:func:`~xpstore.model.codec.encode_fingerprint_puts`: the bytes ``put_many`` would log for the
+(:func:`~xpstore.model.codec.encode_fingerprint_batch`: the bytes ``put_many`` would log for the
 same records), embedded for the k-NN index in one call when it is attached, and logged as one
 WAL frame with one sync (all or nothing, like ``put_many``). No pydantic model is built per row,
 and the index takes the batch's vectors in one vectorized insert on the acknowledgement path.
@@ -21,7 +21,7 @@ import msgpack
 import numpy as np
 
 from xpstore.errors import RecordTooLargeError
-from xpstore.model.codec import encode_fingerprint_puts
+from xpstore.model.codec import encode_fingerprint_batch
 from xpstore.model.columns import FingerprintColumns, fingerprint_columns
 from xpstore.store.engine import Engine
 from xpstore.store.index_service import IndexService
@@ -78,10 +78,10 @@ class FingerprintIngest:
                 f"put_fingerprints got {n} rows, over max_batch_records={cfg.max_batch_records}",
                 field="records",
             )
-        payloads = encode_fingerprint_puts(cols)
+        payloads, cuts = encode_fingerprint_batch(cols)
         _check_sizes(cols, payloads, cfg.max_record_bytes)
         rows = self._index.precompute_columns(cols)
-        first, last = self._writer.submit_fingerprints(payloads, cols, rows)
+        first, last = self._writer.submit_fingerprints(payloads, cols, rows, cuts)
         return list(range(first, last + 1))
 
 

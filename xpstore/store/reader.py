@@ -72,7 +72,7 @@ class Reader:
         """The id of ``track_id``'s current fingerprint (None: no such live track)."""
         hit = self._engine.overlay.tracks.get(track_id)
         if hit is not None:
-            return hit[1]
+            return hit.track_to
         return self.lmdb_track(track_id)
 
     def envelopes(
