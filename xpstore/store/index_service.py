@@ -558,11 +558,11 @@ def _check_vector(vector: Any, dim: int) -> npt.NDArray[np.float32]:
             f"vector must have dimension {dim} (the index's), got shape {arr.shape}",
             field="vector",
         )
-    # one dot product decides the common case: finite and positive means every value is finite
-    # and one is not zero; otherwise (NaN, infinity, zeros, or an overflow or underflow of the
-    # square) the exact checks below decide
-    norm2 = float(np.dot(arr, arr))
-    if 0.0 < norm2 < math.inf:
+    # one reduction decides the common case: the sum of magnitudes, in float64 (float32 values
+    # cannot overflow it, nor can a nonzero one vanish), is finite and positive exactly when
+    # every value is finite and one is not zero; otherwise the checks below say which is wrong
+    total = float(np.abs(arr).sum(dtype=np.float64))
+    if 0.0 < total < math.inf:
         return arr
     if not np.isfinite(arr).all():
         raise InvalidArgumentError("vector contains NaN or infinity", field="vector")
