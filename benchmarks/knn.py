@@ -14,7 +14,10 @@ One run, per size N (default 20 000; the issue's 100 000 and 1 000 000 by hand):
 3. **Single queries, at rest**, two passes over the same queries (first ask; asked again, when
    the store's answer cache and the CPU caches are warm), interleaved (each case on a different
    query at a time, order rotated):
-   ``store.similar(vector=q)``; raw ``index.search`` on the store's own FAISS index object (same
+   ``store.similar(vector=q)`` (ids, tracks and scores read: metadata is loaded lazily, at
+   its first access); the same with every answer's ``metadata`` read (one read for the
+   call's answers missing from the answer cache); raw ``index.search`` on the store's own
+   FAISS index object (same
    efSearch, same OpenMP threads as the store's single-query path) plus a dict lookup of the ids
    to track ids (the bar's baseline); ``store.similar(track_id)`` of random stored tracks (end to
    end: LMDB track map, the stored vector, the search, the result mapping); hnswlib (same
@@ -328,6 +331,14 @@ def run_size(n: int, args: argparse.Namespace, root: Path, log_times: LogTimes) 
         def q_store(q: Any) -> list[int]:
             return [nb.record_id for nb in store.similar(vector=q, k=K)]
 
+        def q_store_meta(q: Any) -> list[int]:
+            # every answer's metadata read too (read lazily, at the first access: one read for
+            # the ten answers, unless the answer cache holds them)
+            hits = store.similar(vector=q, k=K)
+            metas = [nb.metadata for nb in hits]
+            assert len(metas) == len(hits)
+            return [nb.record_id for nb in hits]
+
         def q_raw(q: Any) -> list[int]:
             _, ids = index.search(q[None, :], K)
             hits = [(track_of[r], r) for r in ids[0].tolist() if r >= 0]
@@ -348,6 +359,7 @@ def run_size(n: int, args: argparse.Namespace, root: Path, log_times: LogTimes) 
 
         cases: list[tuple[str, Callable[[Any], list[int]], Sequence[Any], Sequence[Any]]] = [
             ("store", q_store, queries, warm_vecs),
+            ("store_meta", q_store_meta, queries, warm_vecs),
             ("raw", q_raw, queries, warm_vecs),
             ("track", q_track, track_queries, warm_tracks),
             ("hnswlib", q_hnswlib, queries, warm_vecs),
@@ -653,6 +665,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     qt = r["query_threads"]
     labels = {
         "store": "store.similar(vector=q)",
+        "store_meta": "store.similar(vector=q), every answer's metadata read",
         "raw": "raw FAISS index.search + dict id→track",
         "track": "store.similar(track_id) end to end",
         "hnswlib": "hnswlib knn_query (ef=64) + dict id→track",

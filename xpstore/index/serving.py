@@ -697,15 +697,16 @@ class IndexServer:
     # ------------------------------------------------------------ queries
     def vector_of(self, rid: int) -> F32 | None:
         """The stored vector of live id ``rid`` (None if not live or not reconstructible)."""
-        vec = self.delta.vector(rid)
+        st = self._state
+        vec = st.delta.vector(rid)
         if vec is not None:
             return vec
-        main = self.main
-        if main.backend is None or rid in self.tombs or rid not in main:
+        main = st.main
+        if main.backend is None or rid in st.tombs:
             return None
-        try:
+        try:  # an id the index lacks fails inside FAISS: no lookup of our own first
             return main.backend.reconstruct(rid)
-        except XpStoreError as exc:  # an IVF index has no direct map: the caller re-embeds
+        except XpStoreError as exc:  # absent, or an IVF index (no direct map): re-embed
             log.debug("no stored vector for id %d: %s", rid, exc)
             return None
 
@@ -865,11 +866,15 @@ class IndexServer:
         rids = ids.tolist()
         vals = scores.tolist()
         now = self._state
-        if (
-            now is st and not exclude and not tombs and len(rids) >= k and rids[k - 1] >= 0
-            and held[:k] == rids[:k]
-        ):  # nothing to filter and every track known: the first k as they are
-            return rids[:k], vals[:k], names[:k]
+        if now is st and not tombs and held == rids:
+            # no tombstone, no swap, every id found (no -1 padding): only ``exclude`` (the
+            # query track itself, usually at the top) to drop, then the first k as they are
+            if exclude:
+                for j in [j for j, rid in enumerate(rids) if rid in exclude][::-1]:
+                    del rids[j], vals[j], names[j]
+            if len(rids) >= k:
+                return rids[:k], vals[:k], names[:k]
+            return None if more else (rids, vals, names)
         out_i: list[int] = []
         out_s: list[float] = []
         out_t: list[str | None] = []
