@@ -12,8 +12,8 @@ Systems (each skipped with a note when its package is missing; ``pip install -e 
   fdatasync per batch), then ``rebuild_index()`` (reported as "index ready"), then
   ``similar(track_id)``, interleaved with the same queries reading every answer's
   ``metadata`` (loaded lazily, at its first access; Chroma's query returns metadata by
-  default, so that row is the like-for-like one); ``put_many`` of the same records as dicts (the per-record path, what a
-  JSON ingest does) for reference;
+  default, so that row is the like-for-like one); ``put_many`` of the same records as dicts
+  (the per-record path, what a JSON ingest does) for reference;
 - **Chroma** ``PersistentClient`` (its own durability: SQLite plus its HNSW segment),
   ``collection.add(ids, embeddings, metadatas)`` per batch (inner-product space), queries as
   ``get(ids=[t], include=["embeddings"])`` + ``query(n_results=k+1)``;
