@@ -289,6 +289,8 @@ _PACKAGES = {"chroma": "chromadb", "lancedb": "lancedb", "hnswlib": "hnswlib", "
 def fmt_lat(s: float) -> str:
     if s != s:
         return "—"
+    if s >= 1.0:
+        return f"{s:.1f} s"
     return f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.0f} µs"
 
 

@@ -176,6 +176,21 @@ class Neighbor:
         return {k: v for k, v in self.__dict__.items() if k != "_load"}
 
 
+def cached_answers(
+    record_ids: list[int], scores: list[float], values: list[tuple[str, dict[str, Any] | None]]
+) -> list[Neighbor]:
+    """``Neighbor.of`` of each (record id, score, (track, metadata)) in one loop: a query
+    whose answers are all in the answer cache builds them with their metadata at once."""
+    out: list[Neighbor] = []
+    append = out.append
+    for rid, score, (track, meta) in zip(record_ids, scores, values, strict=True):
+        n = _new(Neighbor)
+        _set(n, "__dict__", {"track_id": track, "score": score, "record_id": rid,
+                             "metadata": meta})  # fmt: skip
+        append(n)
+    return out
+
+
 @dataclass(frozen=True)
 class NeighborList:
     """A decoded list: which build made it, the LSN it covers, and (track, id, score) items."""

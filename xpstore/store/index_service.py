@@ -29,7 +29,7 @@ from xpstore.errors import (
     StoreClosedError,
     XpStoreError,
 )
-from xpstore.index.neighbors import MetadataLoad, Neighbor
+from xpstore.index.neighbors import MetadataLoad, Neighbor, cached_answers
 from xpstore.model.columns import FingerprintColumns
 from xpstore.model.events import IndexRow, IndexRows
 from xpstore.model.records import BATCH_FIELDS, Experience, Fingerprint, Record, record_from_json
@@ -388,19 +388,22 @@ class IndexService:
         is read at once, with its metadata (and dropped if its record is gone: deleted after
         the search)."""
         rids, scores, tracks = found
+        if not rids:
+            return []
         cache = server.answers
         if None not in tracks and (not cache or cache.keys().isdisjoint(rids)):
-            if not rids:
-                return []
             if load is None:  # the first ask: nothing cached, every track known
                 load = self._metadata_load(server)
             return load.answers(rids, scores, tracks)  # type: ignore[arg-type]
+        cached = [cache.get(rid) for rid in rids]
+        if None not in cached:  # asked again: every answer cached, metadata included
+            self._engine.telemetry.incr("answers.hits", len(rids))
+            return cached_answers(rids, scores, cached)  # type: ignore[arg-type]
         known: dict[int, tuple[str, dict[str, Any] | None]] | None = None
         out: list[Neighbor] = []
         append = out.append
         hits = 0
-        for rid, score, track in zip(rids, scores, tracks, strict=True):
-            hit = cache.get(rid)
+        for rid, score, track, hit in zip(rids, scores, tracks, cached, strict=True):
             if hit is not None:
                 hits += 1
                 append(Neighbor.of(hit[0], score, rid, hit[1]))
