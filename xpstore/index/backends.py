@@ -388,17 +388,26 @@ class IndexBackend(ABC):
         self, q: F32Array, k: int, params: Mapping[str, int] | None = None
     ) -> tuple[F32Array, I64Array]:
         """:meth:`search` of one query the caller has already checked (a C-contiguous float32
-        ``(1, dim)`` row, ``k`` >= 1): FAISS is called on it directly, no second validation.
-        Missing results keep FAISS's id -1."""
+        ``(1, dim)`` row, ``k`` >= 1): FAISS's C++ search is called on it directly (no second
+        validation of the values, no Python wrapper). Missing results keep FAISS's id -1.
+        The layout is checked (FAISS reads ``dim`` floats from the row's address)."""
+        if q.dtype != np.float32 or q.shape != (1, self._dim) or not q.flags.c_contiguous:
+            raise InvalidArgumentError(
+                f"search_one needs a C-contiguous float32 (1, {self._dim}) query, got "
+                f"{q.dtype} {q.shape}",
+                field="vector",
+            )
         sp = self._search_parameters(params) if params else None
+        scores = np.empty((1, k), dtype=np.float32)
+        ids = np.empty((1, k), dtype=np.int64)
+        ptr = faiss.swig_ptr
         try:
-            if sp is None:
-                return self._index.search(q, k)  # type: ignore[no-any-return]
-            return self._index.search(q, k, params=sp)  # type: ignore[no-any-return]
+            self._index.search_c(1, ptr(q), k, ptr(scores), ptr(ids), sp)
         except _FAISS_ERRORS as exc:
             raise XpStoreError(
                 f"FAISS error (searching the {self.kind} index): {type(exc).__name__}: {exc}"
             ) from exc
+        return scores, ids
 
     def remove(self, ids: npt.ArrayLike) -> int:
         """Remove ``ids`` (absent ones are ignored); the number removed."""

@@ -375,6 +375,7 @@ class IndexManager:
             server = self.server
             if server is None:
                 return
+            server.touch()  # first: see IndexService._lookup
             if server.answers:
                 server.forget(batch.record_ids())
             for segment in batch.track_segments():

@@ -20,18 +20,27 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 
 from xpstore.errors import CodecError, StoreCorruptionError
 from xpstore.persistence import fs
 
-__all__ = ["Neighbor", "NeighborFileWriter", "NeighborList", "decode", "encode", "read_file"]
+__all__ = [
+    "MetadataFetch",
+    "MetadataLoad",
+    "Neighbor",
+    "NeighborFileWriter", "NeighborList",
+    "decode",
+    "encode",
+    "read_file",
+]
 
 VERSION: Final = 1
 _HEAD: Final = struct.Struct(">BQQ")
@@ -42,6 +51,74 @@ FEED_BYTES = 1 << 20
 _new = object.__new__
 _set = object.__setattr__
 
+MetadataFetch = Callable[[Any, list[int]], dict[int, dict[str, Any] | None]]
+"""``fetch(context, record_ids)``: the metadata of the live ids (an id missing: record gone)."""
+
+_LOAD_LOCK = threading.Lock()  # loads are rare (a metadata read) and short: one lock for all
+
+
+class MetadataLoad:
+    """The metadata of one call's answers, read together at the first access of any of them.
+
+    ``similar`` returns its answers before their metadata is read: most callers of a first
+    ask read ids and scores only, and the read (a transaction, a get and an envelope decode
+    per answer) cost as much as the search. The first ``Neighbor.metadata`` access of any
+    answer of the call reads all of them with one ``fetch(context, ids)``; every later access,
+    of any of them, returns what that read found, without reading again. Thread-safe: a second
+    thread waits for the first one's read. The answers point to their load, never the
+    reverse, so a load lives exactly as long as an answer that still needs it.
+    """
+
+    __slots__ = ("__weakref__", "_context", "_fetch", "_found", "_ids")
+
+    def __init__(self, fetch: MetadataFetch, context: Any = None) -> None:
+        self._fetch = fetch
+        self._context = context
+        self._ids: list[int] = []
+        self._found: dict[int, dict[str, Any] | None] | None = None
+
+    def neighbor(self, track_id: str, score: float, record_id: int) -> Neighbor:
+        """An answer whose ``metadata`` this load reads (at the first access of any)."""
+        n = _new(Neighbor)
+        # build_id and strategy are None: the class defaults, not stored per answer
+        _set(n, "__dict__", {"track_id": track_id, "score": score, "record_id": record_id,
+                             "_load": self})  # fmt: skip
+        self._ids.append(record_id)
+        return n
+
+    def answers(self, record_ids: list[int], scores: list[float], tracks: list[str]
+                ) -> list[Neighbor]:  # fmt: skip
+        """:meth:`neighbor` of each (in one loop: it runs for every answer of a first ask)."""
+        out: list[Neighbor] = []
+        append = out.append
+        for rid, score, track in zip(record_ids, scores, tracks, strict=True):
+            n = _new(Neighbor)
+            _set(n, "__dict__", {"track_id": track, "score": score, "record_id": rid,
+                                 "_load": self})  # fmt: skip
+            append(n)
+        self._ids.extend(record_ids)
+        return out
+
+    @property
+    def done(self) -> bool:
+        return self._found is not None
+
+    def get(self, record_id: int) -> dict[str, Any] | None:
+        """The metadata of one of the answers (reading all of them first if not done)."""
+        found = self._found
+        if found is None:
+            found = self.load()
+        return found.get(record_id)
+
+    def load(self) -> dict[int, dict[str, Any] | None]:
+        """Read the metadata of every answer of the call (once; later calls return it)."""
+        with _LOAD_LOCK:
+            found = self._found
+            if found is None:
+                found = self._fetch(self._context, list(self._ids)) if self._ids else {}
+                self._found = found
+            return found
+
 
 @dataclass(frozen=True)
 class Neighbor:
@@ -50,6 +127,12 @@ class Neighbor:
     ``score`` is the inner product of hybrid vectors: the weighted sum of per-block cosines,
     1.0 for an identical fingerprint. ``build_id`` is set when the answer came from a
     precomputed neighbour list (which build made it), None for a live search.
+
+    ``metadata`` of a live-search answer may be read lazily (:class:`MetadataLoad`): at the
+    first access of any answer's ``metadata`` of the call, for all of them in one read, as the
+    record is then (an ``update`` in between shows; a record deleted in between reads None);
+    a store's ``close`` reads what is still pending, so answers outlive their store. Equality,
+    ``repr``, ``dataclasses.replace``/``asdict``, copying and pickling read it like any caller.
     """
 
     track_id: str
@@ -68,8 +151,44 @@ class Neighbor:
         ``object.__setattr__`` (ten of those per query cost as much as the result mapping)."""
         n = _new(cls)
         _set(n, "__dict__", {"track_id": track_id, "score": score, "record_id": record_id,
-                             "metadata": metadata, "build_id": None, "strategy": None})
+                             "metadata": metadata})  # build_id, strategy: the class's None
         return n
+
+    if not TYPE_CHECKING:  # mypy keeps checking attribute names on Neighbor
+
+        def __getattr__(self, name: str) -> Any:
+            """Only reached for ``metadata`` not read yet (a lazy answer): read it now."""
+            if name == "metadata":
+                d = self.__dict__
+                load = d.get("_load")
+                if load is not None:
+                    value = load.get(d["record_id"])
+                    d["metadata"] = value
+                    d.pop("_load", None)
+                    return value
+                if "metadata" in d:  # another thread read it just now
+                    return d["metadata"]
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and copying carry the metadata, read first if it was still pending."""
+        self.metadata  # noqa: B018 - the access reads a pending load
+        return {k: v for k, v in self.__dict__.items() if k != "_load"}
+
+
+def cached_answers(
+    record_ids: list[int], scores: list[float], values: list[tuple[str, dict[str, Any] | None]]
+) -> list[Neighbor]:
+    """``Neighbor.of`` of each (record id, score, (track, metadata)) in one loop: a query
+    whose answers are all in the answer cache builds them with their metadata at once."""
+    out: list[Neighbor] = []
+    append = out.append
+    for rid, score, (track, meta) in zip(record_ids, scores, values, strict=True):
+        n = _new(Neighbor)
+        _set(n, "__dict__", {"track_id": track, "score": score, "record_id": rid,
+                             "metadata": meta})  # fmt: skip
+        append(n)
+    return out
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ from xpstore.index.embedding import HybridEmbedder
 from xpstore.index.rows import FingerprintRows, RawFingerprint, parse_fingerprint
 from xpstore.model.events import BulkEvent, TrackEvent
 
-__all__ = ["BuildInfo", "Delta", "IndexServer", "MainIndex"]
+__all__ = ["BuildInfo", "Delta", "Found", "IndexServer", "MainIndex"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,10 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 _MIN_CAP = 64
 _SEARCH_KEY = {"hnsw": "ef_search", "ivf": "nprobe"}
+
+Found = tuple[list[int], list[float], list[str | None]]
+"""A single-query search's answers, best first: record ids, scores, and the tracks memory knows
+(None where it does not)."""
 
 
 @dataclass(frozen=True)
@@ -367,6 +371,9 @@ class IndexServer:
         """id -> (track id, metadata) of recent answers (bounded; an update of a record's
         metadata drops its entry, see ``forget``): mapping ids to tracks without LMDB."""
         self.answers_max = 100_000
+        self.answers_epoch = 0
+        """Bumps at every acknowledged batch (``touch``): a read of answers' metadata that saw
+        it move remembers nothing, since what it read may be older than the batch."""
         self.search_defaults: dict[str, int] = {}
         """``ef_search`` / ``nprobe`` every search uses unless its caller gives ``params``
         (``index.ef_search`` / ``index.nprobe``, live): a per-call FAISS parameter, so a change
@@ -395,6 +402,19 @@ class IndexServer:
 
     def live_count(self) -> int:
         return len(self.main) - len(self.tombs) + len(self.delta)
+
+    def track_ids(self, rids: list[int]) -> list[str | None]:
+        """The tracks of live ids from memory (the delta's map, the main index's array); None
+        where neither knows one."""
+        st = self._state
+        tracks = st.delta.tracks
+        out = [tracks.get(rid) for rid in rids]
+        unnamed = [j for j, t in enumerate(out) if t is None]
+        if unnamed:
+            named = st.main.track_ids(np.array([rids[j] for j in unnamed], dtype=np.int64))
+            for j, t in zip(unnamed, named, strict=True):
+                out[j] = t
+        return out
 
     def is_live(self, rid: int) -> bool:
         st = self._state
@@ -436,7 +456,8 @@ class IndexServer:
         with self.lock:
             st = self._state
             old = st.main
-            main = MainIndex(backend, old.embedder, old.ids, old.build, old.generation)
+            main = MainIndex(backend, old.embedder, old.ids, old.build, old.generation,
+                             old.tracks)  # fmt: skip
             self._state = _State(main, st.delta, st.tombs)
             self._selector = None
             self.version += 1
@@ -454,8 +475,13 @@ class IndexServer:
         value = self.search_defaults[key]
         return None if backend.params.get(key) == value else {key: value}
 
+    def touch(self) -> None:
+        """An acknowledged batch arrived (before ``forget`` of its ids): see ``answers_epoch``."""
+        self.answers_epoch += 1
+
     def forget(self, rids: Iterable[int]) -> None:
         """Drop cached answers of records whose metadata changed (or that were deleted)."""
+        self.answers_epoch += 1
         answers = self.answers
         for rid in rids:
             answers.pop(rid, None)
@@ -671,15 +697,16 @@ class IndexServer:
     # ------------------------------------------------------------ queries
     def vector_of(self, rid: int) -> F32 | None:
         """The stored vector of live id ``rid`` (None if not live or not reconstructible)."""
-        vec = self.delta.vector(rid)
+        st = self._state
+        vec = st.delta.vector(rid)
         if vec is not None:
             return vec
-        main = self.main
-        if main.backend is None or rid in self.tombs or rid not in main:
+        main = st.main
+        if main.backend is None or rid in st.tombs:
             return None
-        try:
+        try:  # an id the index lacks fails inside FAISS: no lookup of our own first
             return main.backend.reconstruct(rid)
-        except XpStoreError as exc:  # an IVF index has no direct map: the caller re-embeds
+        except XpStoreError as exc:  # absent, or an IVF index (no direct map): re-embed
             log.debug("no stored vector for id %d: %s", rid, exc)
             return None
 
@@ -771,46 +798,49 @@ class IndexServer:
         k: int,
         exclude: set[int],
         params: dict[str, int] | None = None,
-    ) -> list[tuple[int, float, str | None]] | None:
+    ) -> Found | None:
         """One query without a filter, the fast path: FAISS on the checked ``(1, dim)`` query
-        directly, the delta merged in numpy, tracks from memory; ``(id, score, track)`` best
-        first (track None where memory does not know it). None when tombstones or ``exclude``
+        directly, the delta merged in numpy, tracks from memory; ``(ids, scores, tracks)`` best
+        first (a track None where memory does not know it). None when tombstones or ``exclude``
         crowded the top so that fewer than ``k`` survived: :meth:`search` handles that."""
         st = self._state
-        main, delta = st.main, st.delta
-        tombs = st.tombs
-        total = len(main) + delta.rows_used
-        fetch = min(k + len(exclude) + min(len(tombs), k), max(total, 1))
-        sm = im = None
-        if main.backend is not None and len(main):
-            query_threads(self.query_threads)
-            sm, im = main.backend.search_one(q, min(fetch, len(main)), params)
+        main, delta, tombs = st.main, st.delta, st.tombs
         view = delta.view
-        if view.n:
-            # the exact delta, inline: on a small delta numpy's per-call cost is the search
-            ds = view.vecs[: view.n] @ q[0]
-            di = view.ids[: view.n]
-            if view.n > fetch:
-                top = np.argpartition(-ds, fetch - 1)[:fetch]
-                ds, di = ds[top], di[top]
-            n_main = 0 if im is None else im.shape[1]
-            ids = di if im is None else np.concatenate((im[0], di))
-            scores = ds if sm is None else np.concatenate((sm[0], ds))
-            order = np.argsort(-scores, kind="stable")
-            ids, scores = ids[order], scores[order]
-            from_main = order < n_main
-        elif im is not None:
-            ids, scores, n_main = im[0], sm[0], -1  # type: ignore[index]
-        else:
-            return []
+        n_main = main.ids.shape[0]
+        total = n_main + view.n
+        fetch = k + len(exclude)
+        if tombs:
+            fetch += min(len(tombs), k)
+        if fetch > total:
+            fetch = max(total, 1)
+        sm = im = None
+        backend = main.backend
+        if backend is not None and n_main:
+            query_threads(self.query_threads)
+            sm, im = backend.search_one(q, min(fetch, n_main), params)
+            if not view.n:
+                return self._main_only(st, sm[0], im[0], k, exclude, fetch < total)
+        if not view.n:
+            return [], [], []
+        # the exact delta, inline: on a small delta numpy's per-call cost is the search
+        ds = view.vecs[: view.n] @ q[0]
+        di = view.ids[: view.n]
+        if view.n > fetch:
+            top = np.argpartition(-ds, fetch - 1)[:fetch]
+            ds, di = ds[top], di[top]
+        n_main = 0 if im is None else im.shape[1]
+        ids = di if im is None else np.concatenate((im[0], di))
+        scores = ds if sm is None else np.concatenate((sm[0], ds))
+        order = np.argsort(-scores, kind="stable")
+        ids, scores = ids[order], scores[order]
+        from_main = (order < n_main).tolist()
         out: list[tuple[int, float]] = []
         now = self._state
         pos = delta.pos
         for j, (rid, score) in enumerate(zip(ids.tolist(), scores.tolist(), strict=True)):
             if rid < 0 or rid in exclude:
                 continue
-            mine = n_main < 0 or (n_main > 0 and bool(from_main[j]))
-            if (rid in tombs) if mine else (rid not in pos):
+            if (rid in tombs) if from_main[j] else (rid not in pos):
                 continue
             if now is not st and not self.is_live(rid):
                 continue
@@ -819,15 +849,46 @@ class IndexServer:
                 break
         if len(out) < k and fetch < total:
             return None
-        tracks = delta.tracks
-        named = [(rid, score, tracks.get(rid)) for rid, score in out]
-        unnamed = [rid for rid, _score, track in named if track is None]
-        if not unnamed:
-            return named
-        known = dict(zip(unnamed, main.track_ids(np.array(unnamed, dtype=np.int64)),
-                         strict=True))  # fmt: skip
-        return [(rid, score, known[rid] if track is None else track)
-                for rid, score, track in named]  # fmt: skip
+        rids = [rid for rid, _score in out]
+        return rids, [score for _rid, score in out], self.track_ids(rids)
+
+    def _main_only(
+        self, st: _State, scores: F32, ids: I64, k: int, exclude: set[int], more: bool
+    ) -> Found | None:
+        """:meth:`search_one`'s answers when the delta is empty (the state after a build):
+        tracks by position in the main index's sorted ids, checked, in one numpy call each."""
+        main, tombs = st.main, st.tombs
+        sorted_ids = main.ids
+        pos = sorted_ids.searchsorted(ids)
+        held = sorted_ids.take(pos, mode="clip").tolist()
+        names = (main.tracks.take(pos, mode="clip").tolist() if main.tracks is not None
+                 else [None] * len(held))  # fmt: skip
+        rids = ids.tolist()
+        vals = scores.tolist()
+        now = self._state
+        if now is st and not tombs and held == rids:
+            # no tombstone, no swap, every id found (no -1 padding): only ``exclude`` (the
+            # query track itself, usually at the top) to drop, then the first k as they are
+            if exclude:
+                for j in [j for j, rid in enumerate(rids) if rid in exclude][::-1]:
+                    del rids[j], vals[j], names[j]
+            if len(rids) >= k:
+                return rids[:k], vals[:k], names[:k]
+            return None if more else (rids, vals, names)
+        out_i: list[int] = []
+        out_s: list[float] = []
+        out_t: list[str | None] = []
+        for rid, score, have, name in zip(rids, vals, held, names, strict=True):
+            if rid < 0 or rid in exclude or rid in tombs:
+                continue
+            if now is not st and not self.is_live(rid):
+                continue
+            out_i.append(rid)
+            out_s.append(score)
+            out_t.append(name if have == rid else None)
+            if len(out_i) >= k:
+                return out_i, out_s, out_t
+        return None if more else (out_i, out_s, out_t)
 
     def _search_selector(
         self, main: MainIndex, q: F32, k: int, params: dict[str, int] | None

@@ -11,8 +11,10 @@ vectors of a put batch before taking any lock.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +26,10 @@ from xpstore.errors import (
     InvalidArgumentError,
     InvalidRecordError,
     RecordNotFoundError,
+    StoreClosedError,
     XpStoreError,
 )
-from xpstore.index.neighbors import Neighbor
+from xpstore.index.neighbors import MetadataLoad, Neighbor, cached_answers
 from xpstore.model.columns import FingerprintColumns
 from xpstore.model.events import IndexRow, IndexRows
 from xpstore.model.records import BATCH_FIELDS, Experience, Fingerprint, Record, record_from_json
@@ -36,7 +39,7 @@ from xpstore.store.reader import Reader
 
 if TYPE_CHECKING:
     from xpstore.index.manager import IndexManager
-    from xpstore.index.serving import IndexServer
+    from xpstore.index.serving import Found, IndexServer
 
 __all__ = ["IndexService", "check_k"]
 
@@ -69,6 +72,9 @@ class IndexService:
         self.lists_first = False
         """Memory pressure (level 2+): answer ``similar(track_id)`` from the track's
         precomputed neighbour list when it has one (no index search, no vector read)."""
+        self._pending: weakref.WeakSet[MetadataLoad] = weakref.WeakSet()
+        """Lazy metadata reads of answers still alive and not read: ``close`` runs them."""
+        self._closing = False
         engine.settings.watch(self._configure)
 
     # ------------------------------------------------------------------ public
@@ -89,12 +95,11 @@ class IndexService:
         """See :meth:`xpstore.Store.similar`."""
         self._engine.check_open()
         k = check_k(k)
-        given = [x is not None for x in (track_id, fingerprint, vector)]
-        if sum(given) != 1:
+        if (track_id is not None) + (fingerprint is not None) + (vector is not None) != 1:
             raise InvalidArgumentError(
                 "give exactly one of track_id, fingerprint= or vector=", field="track_id"
             )
-        predicate = compile_where(where, ("fingerprint",))
+        predicate = None if where is None else compile_where(where, ("fingerprint",))
         if track_id is not None:
             for listener in self.access_listeners:
                 listener(str(track_id))
@@ -135,8 +140,10 @@ class IndexService:
                 )
             query = _check_vector(vector, server.embedder.dim)
         if predicate is None:
-            q = np.ascontiguousarray(query[None, :], dtype=np.float32)
-            found = server.search_one(q, k, exclude, _params(params))
+            # a checked vector is C-contiguous float32 already; the other queries are made so
+            q = query[None, :] if vector is not None else np.ascontiguousarray(
+                query[None, :], dtype=np.float32)  # fmt: skip
+            found = server.search_one(q, k, exclude, _params(params) if params else None)
             if found is not None:
                 return self._answers(server, found)
         accept = self._accept(predicate) if predicate is not None else None
@@ -162,7 +169,8 @@ class IndexService:
         for row in arr:
             _check_vector(row, server.embedder.dim)
         hits = server.search(np.ascontiguousarray(arr), k, params=_params(params))
-        return [self._neighbors(server, h) for h in hits]
+        load = self._metadata_load(server)  # one read for the metadata of every row's answers
+        return [self._neighbors(server, h, load) for h in hits]
 
     def track_vector(self, track_id: str) -> npt.NDArray[np.float32]:
         """The hybrid vector ``similar(track_id)`` searches with (the index's embedding)."""
@@ -241,10 +249,33 @@ class IndexService:
         return mgr.precompute_columns(cols)
 
     def close(self) -> None:
+        """Read the metadata answers still hold pending (so they outlive the store), then
+        detach the index. Called by ``Store.close`` while LMDB is still open."""
+        self._closing = True
+        try:
+            self._finish_loads()
+        finally:
+            self._closing = False
         with self._lock:
             mgr, self.manager = self.manager, None
         if mgr is not None:
             mgr.close()
+
+    def _finish_loads(self) -> None:
+        while True:
+            try:
+                loads = list(self._pending)
+                break
+            except RuntimeError:  # a query added one meanwhile: copy again
+                continue
+        if loads:
+            log.debug("reading the metadata of %d pending answer lists before closing",
+                      len(loads))  # fmt: skip
+        for load in loads:
+            try:
+                load.load()
+            except Exception:  # close goes on; those answers raise StoreClosedError
+                log.exception("could not read the metadata of pending answers at close")
 
     # ------------------------------------------------------------------ attach
     def serving(self) -> IndexServer:
@@ -340,63 +371,92 @@ class IndexService:
         """(record id, score) pairs as Neighbors (track, metadata), live ones only."""
         return self._neighbors(self.serving(), hits)
 
-    def _neighbors(self, server: IndexServer, hits: list[tuple[int, float]]) -> list[Neighbor]:
-        """Map (id, score) to Neighbors: track and metadata from the server's answer cache,
-        else the overlay or LMDB (one read transaction for the misses)."""
+    def _neighbors(
+        self, server: IndexServer, hits: list[tuple[int, float]], load: MetadataLoad | None = None
+    ) -> list[Neighbor]:
+        """Map (id, score) to Neighbors: tracks from memory (the index's arrays, else the
+        answer cache, else one read), metadata from the answer cache, else lazily (``load``:
+        one read for every answer of the call, at the first access)."""
+        rids = [rid for rid, _score in hits]
+        return self._answers(server, (rids, [score for _rid, score in hits],
+                                      server.track_ids(rids)), load)  # fmt: skip
+
+    def _answers(self, server: IndexServer, found: Found, load: MetadataLoad | None = None
+                 ) -> list[Neighbor]:  # fmt: skip
+        """Neighbors of (ids, scores, tracks or None): metadata from the answer cache, else
+        read lazily (:class:`MetadataLoad`); the rare answer whose track memory does not know
+        is read at once, with its metadata (and dropped if its record is gone: deleted after
+        the search)."""
+        rids, scores, tracks = found
+        if not rids:
+            return []
+        cache = server.answers
+        if None not in tracks and (not cache or cache.keys().isdisjoint(rids)):
+            if load is None:  # the first ask: nothing cached, every track known
+                load = self._metadata_load(server)
+            return load.answers(rids, scores, tracks)  # type: ignore[arg-type]
+        cached = [cache.get(rid) for rid in rids]
+        if None not in cached:  # asked again: every answer cached, metadata included
+            self._engine.telemetry.incr("answers.hits", len(rids))
+            return cached_answers(rids, scores, cached)  # type: ignore[arg-type]
+        known: dict[int, tuple[str, dict[str, Any] | None]] | None = None
+        out: list[Neighbor] = []
+        append = out.append
+        hits = 0
+        for rid, score, track, hit in zip(rids, scores, tracks, cached, strict=True):
+            if hit is not None:
+                hits += 1
+                append(Neighbor.of(hit[0], score, rid, hit[1]))
+            elif track is not None:
+                if load is None:
+                    load = self._metadata_load(server)
+                append(load.neighbor(track, score, rid))
+            else:
+                if known is None:
+                    known = self._lookup(server, [r for r, t in zip(rids, tracks, strict=True)
+                                                  if t is None and r not in cache])  # fmt: skip
+                value = known.get(rid)
+                if value is not None:
+                    append(Neighbor.of(value[0], score, rid, value[1]))
+        if hits:
+            self._engine.telemetry.incr("answers.hits", hits)
+        return out
+
+    def _metadata_load(self, server: IndexServer) -> MetadataLoad:
+        """A lazy metadata read for the answers of one call; ``close`` runs it if still due."""
+        load = MetadataLoad(self._read_metadata, server)
+        self._pending.add(load)
+        return load
+
+    def _read_metadata(self, server: IndexServer, rids: list[int]) -> dict[int, Any]:
+        """What a :class:`MetadataLoad` reads: the metadata of the live ``rids``."""
+        if self._engine.closed and not self._closing:
+            raise StoreClosedError(
+                f"store {self._engine.path} is closed: the metadata of these answers was not "
+                "read before it closed"
+            )
+        return {rid: value[1] for rid, value in self._lookup(server, rids).items()}
+
+    def _lookup(
+        self, server: IndexServer, rids: list[int]
+    ) -> dict[int, tuple[str, dict[str, Any] | None]]:
+        """(track, metadata) of the live ``rids``: the overlay, then LMDB in one read
+        transaction (a missing id: its record is gone), remembered in the answer cache unless
+        an acknowledgement arrived during the read."""
         from xpstore.index.rows import envelope_track
 
-        cache = server.answers
-        found: dict[int, tuple[str, dict[str, Any] | None]] = {}
-        misses = []
-        for rid, _score in hits:
-            hit = cache.get(rid)
-            if hit is None:
-                misses.append(rid)
-            else:
-                found[rid] = hit
-        telemetry = self._engine.telemetry
-        telemetry.incr("answers.hits", len(found))
-        if misses:
-            telemetry.incr("answers.misses", len(misses))
-            self._engine.check_open()
-            for rid, data in self._reader.envelopes(misses).items():
-                found[rid] = server.remember(rid, envelope_track(data))
-        # an id missing now was deleted after the search: not live any more
-        return [
-            Neighbor.of(found[rid][0], score, rid, found[rid][1])
-            for rid, score in hits
-            if rid in found
-        ]
-
-    def _answers(
-        self, server: IndexServer, found: list[tuple[int, float, str | None]]
-    ) -> list[Neighbor]:
-        """Neighbors of the fast path's (id, score, track): tracks come from memory, metadata
-        from the answer cache, else from one read of the returned answers' envelopes only."""
-        cache = server.answers
-        meta: dict[int, tuple[str, dict[str, Any] | None]] = {}
-        misses = []
-        for rid, _score, _track in found:
-            hit = cache.get(rid)
-            if hit is None:
-                misses.append(rid)
-            else:
-                meta[rid] = hit
-        telemetry = self._engine.telemetry
-        telemetry.incr("answers.hits", len(found) - len(misses))
-        if misses:
-            from xpstore.index.rows import envelope_track
-
-            telemetry.incr("answers.misses", len(misses))
-            self._engine.check_open()
-            for rid, data in self._reader.envelopes(misses).items():
-                meta[rid] = server.remember(rid, envelope_track(data))
-        # an id missing now was deleted after the search: not live any more
-        return [
-            Neighbor.of(track or meta[rid][0], score, rid, meta[rid][1])
-            for rid, score, track in found
-            if rid in meta
-        ]
+        self._engine.telemetry.incr("answers.misses", len(rids))
+        epoch = server.answers_epoch
+        found = {rid: envelope_track(data) for rid, data in self._reader.envelopes(rids).items()}
+        for rid, value in found.items():
+            server.remember(rid, value)
+        if server.answers_epoch != epoch:
+            # an acknowledgement arrived meanwhile and may have changed what was read: take the
+            # entries back (the batch's own forget runs after its epoch bump, so an entry
+            # remembered before this check is dropped by it)
+            for rid in found:
+                server.answers.pop(rid, None)
+        return found
 
     def _from_list(
         self, track_id: str, k: int, predicate: Predicate | None
@@ -486,15 +546,27 @@ def _params(params: Mapping[str, int] | None) -> dict[str, int] | None:
 
 
 def _check_vector(vector: Any, dim: int) -> npt.NDArray[np.float32]:
-    try:
-        arr = np.ascontiguousarray(vector, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"vector must be numbers: {exc}", field="vector") from exc
+    if (
+        type(vector) is np.ndarray and vector.dtype == np.float32 and vector.ndim == 1
+        and vector.flags.c_contiguous
+    ):  # fmt: skip
+        arr: npt.NDArray[np.float32] = vector
+    else:
+        try:
+            arr = np.ascontiguousarray(vector, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"vector must be numbers: {exc}", field="vector") from exc
     if arr.ndim != 1 or arr.shape[0] != dim:
         raise InvalidArgumentError(
             f"vector must have dimension {dim} (the index's), got shape {arr.shape}",
             field="vector",
         )
+    # one reduction decides the common case: the sum of magnitudes, in float64 (float32 values
+    # cannot overflow it, nor can a nonzero one vanish), is finite and positive exactly when
+    # every value is finite and one is not zero; otherwise the checks below say which is wrong
+    total = float(np.abs(arr).sum(dtype=np.float64))
+    if 0.0 < total < math.inf:
+        return arr
     if not np.isfinite(arr).all():
         raise InvalidArgumentError("vector contains NaN or infinity", field="vector")
     if not arr.any():
