@@ -279,6 +279,7 @@ def test_statistics_are_cached_for_exactly_the_live_set(tmp_path: Path) -> None:
     with Store.open(path, create=True, index_auto_rebuild=False) as store:
         _fill(store, rng)
         store.similar("a1", k=3)  # fits and caches the statistics
+        store.flush()
         tables = _tables(store)
         lib = read_library(tables, None, lambda live: live)
         cached = lib.cached_stats("logratio")

@@ -28,8 +28,16 @@ import numpy.typing as npt
 from xpstore.errors import XpStoreError
 from xpstore.index.embedding import AudioStats, ScalingMode
 from xpstore.index.rows import FingerprintRows
-from xpstore.model.fprows import RowColumns, decode_rows, rows_for_envelopes, set_digest
-from xpstore.persistence.lmdb_tables import LmdbTables, u64_keys
+from xpstore.model.fprows import (
+    RowColumns,
+    decode_into,
+    decode_rows,
+    empty_columns,
+    row_id,
+    rows_for_envelopes,
+    set_digest,
+)
+from xpstore.persistence.lmdb_tables import LiveRows, LmdbTables, u64_keys
 
 __all__ = ["FIT_VERSION", "Library", "LiveSet", "aligned_names", "read_library"]
 
@@ -52,11 +60,12 @@ class LiveSet:
         return int(self.rids.shape[0])
 
     @classmethod
-    def from_table(cls, keys: list[bytes], ids: bytes) -> LiveSet:
+    def from_table(cls, names: list[str], ids: bytes) -> LiveSet:
+        """From the track map's keys (decoded) and its values joined (u64 BE ids)."""
         rids = np.frombuffer(ids, dtype=">u8").astype(np.int64)
-        names = np.empty(len(keys), dtype=object)
-        names[:] = [k.decode() for k in keys]
-        return cls._sorted(rids, names)
+        arr = np.empty(len(names), dtype=object)
+        arr[:] = names
+        return cls._sorted(rids, arr)
 
     @classmethod
     def _sorted(cls, rids: I64, names: npt.NDArray[np.object_]) -> LiveSet:
@@ -130,7 +139,7 @@ def read_library(
             complete = tables.fprows_complete(txn)
         if not complete:
             tables.fill_fprows()
-    got = tables.read_live_rows(lambda values: decode_rows(values, embedding_dim), _CHUNK)
+    got = _read(tables, embedding_dim)
     if got.complete and sum(len(p) + len(p.bad) for p in got.rows) != got.fingerprints:
         # rows missing or left over (an older xpstore wrote to the store after the table was
         # filled): fill it again where we may, else read every envelope
@@ -139,66 +148,110 @@ def read_library(
                     "writing them again" if writable else "reading the envelopes")  # fmt: skip
         if writable:
             tables.fill_fprows()
-            got = tables.read_live_rows(lambda values: decode_rows(values, embedding_dim), _CHUNK)
+            got = _read(tables, embedding_dim)
         else:
             got = replace(got, complete=False, rows=[])
-    live = LiveSet.from_table(got.track_keys, got.track_ids).overlaid(overlay_tracks or {})
+    live = LiveSet.from_table(got.track_names, got.track_ids).overlaid(overlay_tracks or {})
     need: I64 = np.asarray(wanted(live.rids), dtype=np.int64)
     names = aligned_names(need, live)
-    table = _concat(got.rows, embedding_dim)
-    bad = [r for part in got.rows for r in part.bad]
-    if bad:
+    table = got.rows[0] if got.rows else empty_columns(0, embedding_dim)
+    if table.bad:
         log.warning("fprows: %d rows fail their check (ids %s...); reading those records' "
-                    "envelopes instead", len(bad), bad[:5])  # fmt: skip
+                    "envelopes instead", len(table.bad), table.bad[:5])  # fmt: skip
     ov = overlay_values or {}
+    if not ov and table.ids.shape == need.shape and np.array_equal(table.ids, need):
+        # every live row, nothing in the overlay: the table's columns are the rows (no copy)
+        rows = FingerprintRows(need, names.tolist(), table.audio, table.embedding,
+                               table.has_embedding)  # fmt: skip
+        check, n_env = table.check, 0
+    else:
+        rows, check, n_env = _gather(tables, table, need, names, ov, embedding_dim,
+                                     writable and got.complete)  # fmt: skip
+    log.info("live library read in %.2f s: %d tracks, %d rows from fprows, %d from envelopes",
+             time.perf_counter() - started, len(live), len(rows) - n_env, n_env)  # fmt: skip
+    return Library(got.applied_lsn, live, rows, set_digest(check), got.stats,
+                   len(rows) - n_env, n_env)  # fmt: skip
+
+
+def _read(tables: LmdbTables, embedding_dim: int | None) -> LiveRows[RowColumns]:
+    """``read_live_rows`` decoding every row into one preallocated set of columns (no
+    concatenation of chunks); rows that fail their check are left out, listed in ``bad``."""
+    held: list[RowColumns] = []
+    goods: list[npt.NDArray[np.bool_]] = []
+    bad: list[int] = []
+
+    def decode(values: list[bytes], offset: int, total: int) -> None:
+        if not held:
+            held.append(empty_columns(total, embedding_dim))
+        good = decode_into(values, held[0], offset)
+        goods.append(good)
+        bad.extend(row_id(values[i]) for i in np.flatnonzero(~good).tolist())
+
+    got = tables.read_live_rows(decode, _CHUNK)
+    cols = held[0] if held else empty_columns(0, embedding_dim)
+    if bad:
+        cols = cols.take(np.flatnonzero(np.concatenate(goods)))
+        cols.bad = bad
+    return LiveRows(got.applied_lsn, got.complete, got.track_names, got.track_ids,
+                    [cols] if held else [], got.stats, got.fingerprints)  # fmt: skip
+
+
+def _gather(
+    tables: LmdbTables,
+    table: RowColumns,
+    need: I64,
+    names: npt.NDArray[np.object_],
+    ov: dict[int, bytes],
+    embedding_dim: int | None,
+    repair: bool,
+) -> tuple[FingerprintRows, npt.NDArray[np.uint64], int]:
+    """The rows of ``need`` (sorted ids): from ``table`` where it has them and the overlay
+    does not, else from the envelopes. Returns the rows, their check words and how many came
+    from envelopes (ids whose record vanished meanwhile are left out)."""
+    n = need.shape[0]
     if table.ids.size:
         pos = np.minimum(np.searchsorted(table.ids, need), table.ids.shape[0] - 1)
         hit = table.ids[pos] == need
     else:
-        pos = np.zeros(need.shape[0], dtype=np.int64)
-        hit = np.zeros(need.shape[0], dtype=bool)
+        pos = np.zeros(n, dtype=np.int64)
+        hit = np.zeros(n, dtype=bool)
     if ov:
         hit &= ~np.isin(need, np.fromiter(ov, np.int64, len(ov)))
-    rest = need[~hit]
-    audio = np.empty((need.shape[0], table.audio.shape[1]))
-    emb = np.zeros((need.shape[0], embedding_dim), np.float32) if embedding_dim else None
-    has = np.zeros(need.shape[0], dtype=bool)
-    check = np.zeros(need.shape[0], dtype=np.uint64)
-    sel = np.flatnonzero(hit)
+    audio = np.empty((n, table.audio.shape[1]))
+    emb = np.zeros((n, embedding_dim), np.float32) if embedding_dim else None
+    has = np.zeros(n, dtype=bool)
+    check = np.zeros(n, dtype=np.uint64)
     src = pos[hit]
-    audio[sel] = table.audio[src]
+    audio[hit] = table.audio[src]
     if emb is not None and table.embedding is not None:
-        emb[sel] = table.embedding[src]
-    has[sel] = table.has_embedding[src]
-    check[sel] = table.check[src]
-    keep = None
-    if rest.size:
-        slow = _from_envelopes(tables, rest, ov, embedding_dim, writable and got.complete)
-        at = np.flatnonzero(~hit)
-        if slow.ids.shape[0] != at.shape[0]:  # records deleted meanwhile were skipped
-            keep = np.ones(need.shape[0], dtype=bool)
-            keep[at[~np.isin(rest, slow.ids)]] = False
-            at = at[np.isin(rest, slow.ids)]
-        audio[at] = slow.audio
-        if emb is not None and slow.embedding is not None:
-            emb[at] = slow.embedding
-        has[at] = slow.has_embedding
-        check[at] = slow.check
+        emb[hit] = table.embedding[src]
+    has[hit] = table.has_embedding[src]
+    check[hit] = table.check[src]
+    rest = need[~hit]
     rows = FingerprintRows(need, names.tolist(), audio, emb, has)
-    if keep is not None:
-        rows = rows.select(keep)
-        check = check[keep]
-    log.info("live library read in %.2f s: %d tracks, %d rows from fprows, %d from envelopes",
-             time.perf_counter() - started, len(live), sel.shape[0], rest.shape[0])  # fmt: skip
-    return Library(got.applied_lsn, live, rows, set_digest(check), got.stats,
-                   int(sel.shape[0]), int(rest.shape[0]))  # fmt: skip
+    if not rest.size:
+        return rows, check, 0
+    slow = _from_envelopes(tables, rest, ov, embedding_dim, repair)
+    at = np.flatnonzero(~hit)
+    found = np.isin(rest, slow.ids)
+    keep = np.ones(n, dtype=bool)
+    keep[at[~found]] = False  # deleted since the track map was read: the overlay says so later
+    at = at[found]
+    audio[at] = slow.audio
+    if emb is not None and slow.embedding is not None:
+        emb[at] = slow.embedding
+    has[at] = slow.has_embedding
+    check[at] = slow.check
+    if not keep.all():
+        rows, check = rows.select(keep), check[keep]
+    return rows, check, int(at.shape[0])
 
 
 def _concat(parts: list[RowColumns], embedding_dim: int | None) -> RowColumns:
     if len(parts) == 1:
         return parts[0]
     if not parts:
-        return decode_rows([], embedding_dim)
+        return empty_columns(0, embedding_dim)
     embs = [p.embedding for p in parts]
     return RowColumns(
         np.concatenate([p.ids for p in parts]),

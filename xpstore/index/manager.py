@@ -686,9 +686,9 @@ class Rebuilder:
         tables = self.m.tables
         with tables.reading() as txn:
             db = tables.db(b"tracks")
-            keys = cast(list[bytes], list(txn.cursor(db=db).iternext(keys=True, values=False)))
+            names = [str(k, "utf-8") for k in txn.cursor(db=db).iternext(keys=True, values=False)]
             ids = b"".join(txn.cursor(db=db).iternext(keys=False, values=True))
-        return LiveSet.from_table(keys, ids)
+        return LiveSet.from_table(names, ids)
 
     def _next_build_id(self, server: IndexServer) -> int:
         current = server.main.build.build_id if server.main.build is not None else 0

@@ -45,15 +45,19 @@ __all__ = [
     "ROW_VERSION",
     "RowColumns",
     "audio_row",
+    "decode_into",
     "decode_rows",
+    "empty_columns",
     "encode_rows",
     "float_runs",
     "parse_fingerprint",
+    "row_id",
     "rows_for_envelopes",
     "rows_or_none",
     "set_digest",
 ]
 
+Buffer = bytes | memoryview
 AUDIO_DIM: Final = len(BATCH_FIELDS)
 FP_CODE: Final = KIND_CODES["fingerprint"]
 ROW_VERSION: Final = 1
@@ -265,24 +269,28 @@ class RowColumns:
         )  # fmt: skip
 
 
-def decode_rows(values: Sequence[bytes], embedding_dim: int | None) -> RowColumns:
-    """The columns of table rows (values as read, in key order: ids ascending), verified.
+def empty_columns(n: int, embedding_dim: int | None) -> RowColumns:
+    """Columns for ``n`` rows, to be filled by :func:`decode_into`."""
+    return RowColumns(
+        np.zeros(n, dtype=np.int64), np.empty((n, AUDIO_DIM)),
+        np.zeros((n, embedding_dim), np.float32) if embedding_dim else None,
+        np.zeros(n, dtype=bool), np.zeros(n, dtype=np.uint64), [],
+    )  # fmt: skip
 
-    One ``np.frombuffer`` per row width (one when every row has the same embedding length)."""
+
+def decode_into(values: Sequence[Buffer], cols: RowColumns, offset: int) -> npt.NDArray[np.bool_]:
+    """Decode and verify table rows (values as read, bytes or memoryviews) into ``cols`` at
+    rows ``offset...``: one ``np.frombuffer`` per row width (one when every row has the same
+    embedding length). Returns which rows passed their check word and header."""
     n = len(values)
     lens = np.fromiter(map(len, values), np.int64, count=n)
     widths = np.unique(lens).tolist()
-    ids = np.zeros(n, dtype=np.int64)
-    audio = np.full((n, AUDIO_DIM), np.nan)
-    emb = np.zeros((n, embedding_dim), np.float32) if embedding_dim else None
-    has = np.zeros(n, dtype=bool)
-    check = np.zeros(n, dtype=np.uint64)
-    good = np.ones(n, dtype=bool)
+    good = np.zeros(n, dtype=bool)
+    dim = cols.embedding.shape[1] if cols.embedding is not None else 0
     for width in widths:
         sel = np.flatnonzero(lens == width) if len(widths) > 1 else np.arange(n)
         group = [values[i] for i in sel.tolist()] if len(widths) > 1 else values
         if width < _FIXED or width % 8:
-            good[sel] = False
             continue
         words = width // 8 - 1
         block = np.frombuffer(b"".join(group), dtype="<u8").reshape(sel.shape[0], words + 1)
@@ -290,34 +298,46 @@ def decode_rows(values: Sequence[bytes], embedding_dim: int | None) -> RowColumn
         n_emb = (head & np.uint64(0xFFFFFFFF)).astype(np.int64)
         with np.errstate(over="ignore"):
             expect = _SEED + (block[:, :words] * _K[:words]).sum(axis=1, dtype=np.uint64)
-        ok = (
+        good[sel] = (
             (expect == block[:, words])
             & ((head >> np.uint64(32)) == np.uint64(ROW_VERSION))
-            & (np.fromiter(map(_words, n_emb.tolist()), np.int64, count=sel.shape[0]) == words)
+            & (_HEAD_WORDS + AUDIO_DIM + (4 * n_emb + 7) // 8 == words)
         )
-        good[sel] = ok
-        ids[sel] = block[:, 0].astype(np.int64)
-        audio[sel] = block[:, _HEAD_WORDS : _HEAD_WORDS + AUDIO_DIM].view("<f8")
-        check[sel] = block[:, words]
-        if emb is not None:
-            match = n_emb == embedding_dim
+        at = sel + offset
+        cols.ids[at] = block[:, 0].astype(np.int64)
+        cols.audio[at] = block[:, _HEAD_WORDS : _HEAD_WORDS + AUDIO_DIM].view("<f8")
+        cols.check[at] = block[:, words]
+        if cols.embedding is not None:
+            match = n_emb == dim
+            cols.has_embedding[at] = match
             if match.any():
-                e = block[:, _HEAD_WORDS + AUDIO_DIM : words].view("<f4")[:, :embedding_dim]
-                emb[sel[match]] = e[match]
-                has[sel[match]] = True
-    bad: list[int] = []
-    if not good.all():
-        bad_pos = np.flatnonzero(~good)
-        bad = [_row_id(values[i]) for i in bad_pos.tolist()]
-        cols = RowColumns(ids, audio, emb, has, check, []).take(np.flatnonzero(good))
-        cols.bad = bad
+                e = block[:, _HEAD_WORDS + AUDIO_DIM : words].view("<f4")[:, :dim]
+                cols.embedding[at[match]] = e[match]
+    return good
+
+
+def decode_rows(values: Sequence[Buffer], embedding_dim: int | None) -> RowColumns:
+    """The columns of table rows (values as read, in key order: ids ascending), verified;
+    rows that fail are left out and their (claimed) ids listed in ``bad``."""
+    cols = empty_columns(len(values), embedding_dim)
+    good = decode_into(values, cols, 0)
+    return select_good(cols, good, values)
+
+
+def select_good(cols: RowColumns, good: npt.NDArray[np.bool_], values: Sequence[Buffer]
+                ) -> RowColumns:  # fmt: skip
+    """``cols`` without the rows ``good`` refuses (``values``: the rows as read, aligned)."""
+    if good.all():
         return cols
-    return RowColumns(ids, audio, emb, has, check, bad)
+    bad = [row_id(values[i]) for i in np.flatnonzero(~good).tolist()]
+    out = cols.take(np.flatnonzero(good))
+    out.bad = bad
+    return out
 
 
-def _row_id(value: bytes) -> int:
+def row_id(value: Buffer) -> int:
     """The id word of a (bad) row, or -1 when the row is too short to hold one."""
-    return int.from_bytes(value[:8], "little") if len(value) >= 8 else -1
+    return int.from_bytes(bytes(value[:8]), "little") if len(value) >= 8 else -1
 
 
 def set_digest(check: npt.NDArray[np.uint64]) -> int:

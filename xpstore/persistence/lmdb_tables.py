@@ -153,13 +153,13 @@ FPROWS_COMPLETE = b"1"
 @dataclass(frozen=True, slots=True)
 class LiveRows(Generic[T]):
     """What :meth:`LmdbTables.read_live_rows` read in one transaction: the ``tracks`` table's
-    keys (track ids, UTF-8, in key order) and its values joined (u64 BE record ids, aligned),
+    keys (track ids, decoded, in key order) and its values joined (u64 BE record ids, aligned),
     the ``fprows`` rows decoded chunk by chunk (none when the table is not ``complete``), and
     the ``fpstats`` meta entry (None: none) and the fingerprint count of ``meta``."""
 
     applied_lsn: int
     complete: bool
-    track_keys: list[bytes]
+    track_names: list[str]
     track_ids: bytes
     rows: list[T]
     stats: bytes | None
@@ -406,9 +406,11 @@ class LmdbTables:
                         n: self.env.open_db(n, txn=txn, create=True)
                         for n in _DB_NAMES + _OPTIONAL_DBS
                     }
-                    if txn.stat(self._dbs[b"records"])["entries"] == 0:
+                    meta = self._dbs[b"meta"]
+                    if (txn.stat(self._dbs[b"records"])["entries"] == 0
+                            and txn.get(FPROWS_KEY, db=meta) is None):  # fmt: skip
                         # no record yet: every fingerprint will get its row as it is applied
-                        txn.put(FPROWS_KEY, FPROWS_COMPLETE, db=self._dbs[b"meta"])
+                        txn.put(FPROWS_KEY, FPROWS_COMPLETE, db=meta)
         except lmdb.NotFoundError as exc:
             _REGISTRY.close(path)
             raise StoreCorruptionError(f"LMDB at {path} lacks an xpstore table: {exc}") from exc
@@ -421,8 +423,9 @@ class LmdbTables:
 
     # ----------------------------------------------------------- read side
     @contextmanager
-    def reading(self) -> Iterator[lmdb.Transaction]:
-        """A short read transaction; keeps a concurrent map resize out while it is open."""
+    def reading(self, *, buffers: bool = False) -> Iterator[lmdb.Transaction]:
+        """A short read transaction; keeps a concurrent map resize out while it is open.
+        ``buffers``: values are memoryviews into the map, valid only inside the block."""
         with self._gate:
             while self._resizing:
                 self._gate.wait()
@@ -430,7 +433,8 @@ class LmdbTables:
         try:
             for attempt in range(3):
                 try:
-                    txn = self.env.begin(write=False, buffers=False)
+                    txn = (self.env.begin(write=False, buffers=True) if buffers
+                           else self.env.begin(write=False, buffers=False))  # fmt: skip
                     break
                 except lmdb.MapResizedError:
                     # another process grew the map: adopt its size, then retry
@@ -506,26 +510,31 @@ class LmdbTables:
         return b"fprows" in self._dbs and self.get_meta(txn, "fprows") == FPROWS_COMPLETE
 
     def read_live_rows(
-        self, decode: Callable[[list[bytes]], T], chunk: int = 65_536
+        self, decode: Callable[[list[bytes], int, int], T], chunk: int = 65_536
     ) -> LiveRows[T]:
         """The track map and the ``fprows`` values, read in one read transaction (consistent
         with each other and with its ``applied_lsn``), in C-level iterations; the values are
-        handed to ``decode`` ``chunk`` at a time, so only one chunk of them is held at once."""
+        handed to ``decode(values, offset, total)`` ``chunk`` at a time, so only one chunk of
+        them is held at once (bytes: joining a million memoryviews measured twice as slow)."""
         db = self._dbs.get(b"fprows")
         with self.reading() as txn:
             applied = self.applied_lsn(txn)
             complete = self.fprows_complete(txn)
             tracks = self._dbs[b"tracks"]
-            keys = cast(list[bytes], list(txn.cursor(db=tracks).iternext(keys=True, values=False)))
+            keys = txn.cursor(db=tracks).iternext(keys=True, values=False)
+            names = [str(k, "utf-8") for k in keys]
             ids = b"".join(txn.cursor(db=tracks).iternext(keys=False, values=True))
             parts: list[T] = []
             if db is not None and complete:
+                total = int(txn.stat(db)["entries"])
                 values = txn.cursor(db=db).iternext(keys=False, values=True)
+                offset = 0
                 while batch := cast(list[bytes], list(itertools.islice(values, chunk))):
-                    parts.append(decode(batch))
+                    parts.append(decode(batch, offset, total))
+                    offset += len(batch)
             stats = self.get_meta(txn, "fpstats")
             fingerprints = self.counts(txn).get(FP_CODE, 0)
-        return LiveRows(applied, complete, keys, ids, parts, stats, fingerprints)
+        return LiveRows(applied, complete, names, ids, parts, stats, fingerprints)
 
     def fill_fprows(self, chunk: int = 65_536) -> int:
         """Write the ``fprows`` table afresh, one row per fingerprint record, and mark it
