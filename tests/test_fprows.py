@@ -34,7 +34,7 @@ from xpstore.model.fprows import (
     rows_for_envelopes,
     set_digest,
 )
-from xpstore.model.records import BATCH_FIELDS
+from xpstore.model.records import BATCH_FIELDS, STREAMING_FIELDS
 from xpstore.persistence.lmdb_tables import LmdbTables, from_u64, u64
 
 N = 120
@@ -163,6 +163,22 @@ def test_table_follows_puts_updates_deletes_and_reopen(tmp_path: Path) -> None:
         assert_consistent(store)
         store.similar("a1", k=5)  # attaches from the table
         assert index_manager(store).server is not None
+
+
+def test_columnar_puts_give_the_rows_the_envelopes_give(tmp_path: Path) -> None:
+    """``put_fingerprints`` hands the applier rows computed from its columns (float64
+    embeddings, streaming-only rows): they must equal the rows of the envelopes it logged."""
+    rng = np.random.default_rng(8)
+    fps = library(rng, 40, "c", with_streaming=False)
+    values = np.array([[getattr(fp.batch, n) for n in BATCH_FIELDS] for fp in fps])
+    stream = values[:, [BATCH_FIELDS.index(n) for n in STREAMING_FIELDS]]
+    conf = np.full(stream.shape, 0.8)
+    with Store.open(tmp_path / "s", create=True, embedding_dim=EMB) as store:
+        store.put_fingerprints([f"c{i}" for i in range(40)], values,
+                               embeddings=rng.normal(size=(40, EMB)))  # fmt: skip
+        store.put_fingerprints([f"d{i}" for i in range(40)], streaming=stream, confidence=conf)
+        store.put_fingerprints(["c1", "c1"], values[:2])  # a track twice in one batch
+        assert_consistent(store)
 
 
 CHILD = r"""

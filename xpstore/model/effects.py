@@ -55,6 +55,8 @@ class Effect:
     prio: bytes | None = None  # the record's new priority-input row (model/priority_rows.py)
     meta: tuple[str, bytes] | None = None  # a ``meta`` table entry to set (SettingsOp: config)
     counters_only: bool = False  # only counters or the priority changed (many-id operations)
+    fprow: bytes | None = None  # a new fingerprint's ``fprows`` row, when the writer had it in
+    # columns (model/fprows.py); None: the applier computes it from ``value``
 
     def count_delta(self) -> tuple[str, int] | None:
         if self.is_new:
@@ -223,6 +225,7 @@ def derive_fingerprint_puts(
     ts: Sequence[float],
     prio: Sequence[bytes],
     view: StateView,
+    fprows: Sequence[bytes] | None = None,
 ) -> list[Effect]:
     """:func:`derive` of consecutive fingerprint puts from ``first`` (``put_fingerprints``),
     given their envelopes (``codec.envelopes_from_puts``): the same effects, built from the
@@ -237,5 +240,6 @@ def derive_fingerprint_puts(
         before = latest.get(tid, -1)
         latest[tid] = lsn
         out.append(Effect(lsn, lsn, value, "fingerprint", ts[i], True, tid, lsn,
-                          track(tid) if before < 0 else before, prio[i]))  # fmt: skip
+                          track(tid) if before < 0 else before, prio[i],
+                          fprow=fprows[i] if fprows is not None else None))  # fmt: skip
     return out

@@ -172,11 +172,15 @@ def _words(n_emb: int) -> int:
 def encode_rows(
     ids: Sequence[int] | npt.NDArray[np.int64],
     audio: npt.NDArray[np.float64],
-    embeddings: Sequence[npt.NDArray[np.float32] | None] | None = None,
+    embeddings: Sequence[npt.NDArray[np.float32] | None] | npt.NDArray[Any] | None = None,
 ) -> list[bytes]:
     """The table rows of fingerprint records ``ids`` with these audio rows ``(n, 25)`` and
-    embeddings (each row's own, any length; None: none), one ``bytes`` per record."""
+    embeddings (each row's own, any length; None: none; or one ``(n, D)`` array), one
+    ``bytes`` per record."""
     n = len(ids)
+    if isinstance(embeddings, np.ndarray):
+        return _encode_block(np.asarray(ids, dtype=np.int64), audio,
+                             np.asarray(embeddings, dtype=np.float32))  # fmt: skip
     emb_list: Sequence[npt.NDArray[np.float32] | None] = (
         embeddings if embeddings is not None else [None] * n
     )
@@ -205,6 +209,29 @@ def encode_rows(
         for j, i in enumerate(sel.tolist()):
             out[i] = raw[j * size : (j + 1) * size]
     return out
+
+
+def _encode_block(
+    ids: npt.NDArray[np.int64], audio: npt.NDArray[np.float64], emb: npt.NDArray[np.float32]
+) -> list[bytes]:
+    """:func:`encode_rows` where every row has an embedding of the same length (one block)."""
+    n, dim = emb.shape
+    if dim > _MAX_EMB:
+        raise CodecError(f"an embedding of {dim} values is too long for a row")
+    words = _words(dim)
+    block = np.zeros((n, words + 1), dtype=np.uint64)
+    block[:, 0] = ids.astype(np.uint64)
+    block[:, 1] = np.uint64(dim) | (np.uint64(ROW_VERSION) << np.uint64(32))
+    block[:, _HEAD_WORDS : _HEAD_WORDS + AUDIO_DIM] = np.ascontiguousarray(
+        audio, dtype="<f8").view(np.uint64)  # fmt: skip
+    pad = np.zeros((n, (words - _HEAD_WORDS - AUDIO_DIM) * 2), dtype="<f4")
+    pad[:, :dim] = emb
+    block[:, _HEAD_WORDS + AUDIO_DIM : words] = pad.view(np.uint64)
+    with np.errstate(over="ignore"):
+        block[:, words] = _SEED + (block[:, :words] * _K[:words]).sum(axis=1, dtype=np.uint64)
+    raw = block.astype("<u8").tobytes()
+    size = (words + 1) * 8
+    return [raw[i : i + size] for i in range(0, n * size, size)]
 
 
 def rows_for_envelopes(ids: Sequence[int], datas: Sequence[bytes]) -> list[bytes]:

@@ -131,6 +131,7 @@ class NewRecords:
     values: list[bytes]
     prio: list[bytes | None]
     tracks: list[tuple[bytes, bytes]]  # (track id, u64 record id)
+    fprows: list[bytes | None] | None = None  # rows the writer computed (None: from values)
 
     def expand(self) -> list[RecordPut | TrackSet]:
         """The same changes one by one (for a batch that also holds deletes or settings)."""
@@ -695,14 +696,22 @@ class LmdbTables:
         prio: list[tuple[bytes, bytes]] = []
         fp_ids: list[int] = []
         fp_values: list[bytes] = []
+        fprows: list[tuple[bytes, bytes]] = []
         for ch in changes:
             if isinstance(ch, NewRecords):
                 keys = u64_keys(ch.ids)
                 recs += zip(keys, ch.values, strict=True)
                 if FP_CODE in ch.kind_codes:
-                    fps = [i for i, code in enumerate(ch.kind_codes) if code == FP_CODE]
-                    fp_ids += [ch.ids[i] for i in fps]
-                    fp_values += [ch.values[i] for i in fps]
+                    given = ch.fprows or [None] * len(ch.ids)
+                    for i, code in enumerate(ch.kind_codes):
+                        if code != FP_CODE:
+                            continue
+                        row = given[i]
+                        if row is not None:
+                            fprows.append((keys[i], row))
+                        else:
+                            fp_ids.append(ch.ids[i])
+                            fp_values.append(ch.values[i])
                 prio += [(k, p) for k, p in zip(keys, ch.prio, strict=True) if p is not None]
                 index += [(k, b"") for k in index_keys(ch.kind_codes, ch.ts, ch.ids)]
                 for code, added in Counter(ch.kind_codes).items():
@@ -722,7 +731,7 @@ class LmdbTables:
                 assert isinstance(ch, TrackSet)
                 tracks.append((ch.track_id.encode(), u64(ch.id)))
         fp_rows = rows_or_none(fp_ids, fp_values)
-        fprows = [(k, r) for k, r in zip(u64_keys(fp_ids), fp_rows, strict=True) if r is not None]
+        fprows += [(k, r) for k, r in zip(u64_keys(fp_ids), fp_rows, strict=True) if r is not None]
         for name, items in (
             (b"records", recs), (b"by_kind_ts", index), (b"tracks", tracks), (b"prio", prio),
             (b"fprows", fprows),

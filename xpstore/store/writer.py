@@ -35,6 +35,7 @@ from xpstore.model.codec import (
 from xpstore.model.columns import FingerprintColumns
 from xpstore.model.effects import StateView, derive, derive_all, derive_fingerprint_puts
 from xpstore.model.events import IndexRow, IndexRows
+from xpstore.model.fprows import encode_rows
 from xpstore.model.priority_rows import fingerprint_inputs
 from xpstore.model.records import (
     Decision,
@@ -120,8 +121,9 @@ class Writer:
             prio = fingerprint_inputs(first, cols.ts, cols.confidence)
             values = envelopes_from_puts(payloads, kind="fingerprint", ts=cols.ts,
                                          first_lsn=first)  # fmt: skip
+            fprows = encode_rows(range(first, first + n), cols.audio(), cols.embeddings)
             effects = derive_fingerprint_puts(first, values, cols.track_ids, cols.ts.tolist(),
-                                              prio, view)  # fmt: skip
+                                              prio, view, fprows)  # fmt: skip
             if fixed is not None:
                 op = SettingsOp({"records.embedding_dim": dim}, fixed.to_json())
                 payload = encode_op(op)
