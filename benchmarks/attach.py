@@ -49,14 +49,20 @@ from xpstore.persistence.lmdb_tables import LmdbTables, from_u64
 perf = time.perf_counter
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    t0 = perf()
+def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall s, this process's CPU s): under load the CPU time is the work, the wall time
+    also the wait for a core."""
+    t0, c0 = perf(), time.process_time()
     fn()
-    return perf() - t0
+    return perf() - t0, time.process_time() - c0
 
 
-def _first_answer(path: Path, track: str) -> tuple[float, float, dict[str, Any]]:
-    """(open s, first similar s, index status) after deleting ``index/``."""
+def _fmt(t: tuple[float, float]) -> str:
+    return f"{t[0]:.2f} s | {t[1]:.2f} s"
+
+
+def _first_answer(path: Path, track: str) -> tuple[float, tuple[float, float], dict[str, Any]]:
+    """(open s, first similar (wall s, CPU s), index status) after deleting ``index/``."""
     shutil.rmtree(path / "index", ignore_errors=True)
     t0 = perf()
     s = Store.open(path, index_auto_rebuild=False)
@@ -115,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="xpstore-attach-", dir=args.dir))
     path = root / "s"
     query = tids[n // 2]
-    times: dict[str, float] = {}
+    times: dict[str, tuple[float, float]] = {}
     try:
         t0 = perf()
         with Store.open(path, create=True, durability="none", index_auto_rebuild=False,
@@ -152,23 +158,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"- served from: delta {status['delta']:,} exact, main {status['size']:,}; "
           f"statistics {status['stats_mode']} fitted on {status['stats_count']:,}")
     print()
-    print("| step | time |")
-    print("|---|---:|")
-    print(f"| Store.open (no index attached yet) | {open1:.2f} s |")
-    print(f"| first similar: attach from fprows + fit + exact search | {first1:.2f} s |")
-    print(f"| first similar, statistics cached (a later attach) | {first2:.2f} s |")
-    print(f"| first similar, store written before fprows (fills the table) | {first3:.2f} s |")
+    print("| step | wall | CPU of this process |")
+    print("|---|---:|---:|")
+    print(f"| Store.open (no index attached yet) | {open1:.2f} s | |")
+    print(f"| first similar: attach from fprows + fit + exact search | {_fmt(first1)} |")
+    print(f"| first similar, statistics cached (a later attach) | {_fmt(first2)} |")
+    print(f"| first similar, store written before fprows (fills the table) | {_fmt(first3)} |")
     print(f"| decode of every envelope per record, already in memory (the attach before) | "
-          f"{times['per_record']:.2f} s |")
+          f"{_fmt(times['per_record'])} |")
     print(f"| read the library: track map + envelopes in columns (before this change) | "
-          f"{times['columns']:.2f} s |")
+          f"{_fmt(times['columns'])} |")
     print(f"| read the library: track map + fprows (now; the build's read too) | "
-          f"{times['table']:.2f} s |")
-    print(f"| the applier's added work at ingest: rows of every envelope | "
-          f"{times['ingest_rows']:.2f} s ({times['ingest_rows'] / n * 1e6:.1f} µs/row) |")
-    verdict = "PASS" if open1 + first1 <= 2.0 else "MISS"
-    print(f"\nbar: first similar <= 2 s after opening: {verdict} ({open1 + first1:.2f} s "
-          f"fitted; {open2 + first2:.2f} s cached)")  # fmt: skip
+          f"{_fmt(times['table'])} |")
+    ing = times["ingest_rows"]
+    print(f"| the applier's added work at ingest: rows of every envelope (single puts, replay) | "
+          f"{_fmt(ing)} ({ing[1] / n * 1e6:.1f} µs/row CPU) |")
+    verdict = "PASS" if open1 + first1[0] <= 2.0 else "MISS"
+    print(f"\nbar: first similar <= 2 s after opening: {verdict} ({open1 + first1[0]:.2f} s "
+          f"fitted; {open2 + first2[0]:.2f} s cached; CPU {first1[1]:.2f} s / {first2[1]:.2f} s)")
     return 0
 
 
