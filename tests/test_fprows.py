@@ -11,6 +11,7 @@ for the exact live set they were fitted on. Real LMDB, real processes, small siz
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -203,6 +204,17 @@ def test_sigkill_before_apply_recovery_rebuilds_the_table(tmp_path: Path) -> Non
                           text=True, timeout=120, cwd=root, check=False)  # fmt: skip
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr)
     assert "written" in proc.stdout
+    # killed again in the middle of the recovery's replay, after its first LMDB batch
+    env = {**os.environ, "XPSTORE_CRASH_AT": "replay.after_batch", "XPSTORE_CRASH_SKIP": "0"}
+    reopen = "import sys; from xpstore import Store; Store.open(sys.argv[1], apply_batch_ops=50)"
+    proc = subprocess.run([sys.executable, "-c", reopen, str(path)], capture_output=True,
+                          text=True, timeout=120, cwd=root, env=env, check=False)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr)
+    with Store.open(path, readonly=True) as half:  # part of the replay is in LMDB, rows with it
+        assert half.parts.engine.applied_lsn() > 0
+        tables = _tables(half)
+        records = _fingerprint_records(tables)
+        assert sorted(_table(tables)) == sorted(records)
     with Store.open(path) as store:  # recovery replays every operation from the WAL
         assert store.count("fingerprint") > N
         assert_consistent(store)
