@@ -182,6 +182,19 @@ def test_columnar_puts_give_the_rows_the_envelopes_give(tmp_path: Path) -> None:
         assert_consistent(store)
 
 
+def test_embedding_value_beyond_float32_range_never_stops_the_applier(tmp_path: Path) -> None:
+    """A finite float64 above float32's largest value (found by the stateful test) is inf in
+    the row, as in the index's own decode; the applier must neither fail nor warn."""
+    rng = np.random.default_rng(9)
+    fp = library(rng, 1, "big", embedding_dim=EMB)[0]
+    huge = fp.model_copy(update={"embedding": [0.0, 0.0, 3.4028235677973366e38, 0.0]})
+    with Store.open(tmp_path / "s", create=True, embedding_dim=EMB) as store:
+        store.put(huge)
+        row = np.array([[getattr(fp.batch, n) for n in BATCH_FIELDS]])
+        store.put_fingerprints(["big2"], row, embeddings=np.array([huge.embedding]))
+        assert_consistent(store)
+
+
 CHILD = r"""
 import os, signal, sys
 import numpy as np

@@ -99,7 +99,8 @@ def rows_from_envelopes(
         head = bytes((0x90 | embedding_dim,)) if embedding_dim < 16 else (
             b"\xdc" + embedding_dim.to_bytes(2, "big"))  # fmt: skip
         values, has = _float_runs(datas, _EMB_KEY + head, embedding_dim)
-        emb = values.astype(np.float32)
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, as parse_fingerprint
+            emb = values.astype(np.float32)
         emb[~has] = 0.0
     slow = np.flatnonzero(~ok).tolist()
     for i in slow:

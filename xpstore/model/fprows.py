@@ -123,7 +123,8 @@ def parse_fingerprint(data: bytes | memoryview, where: str = "record") -> RawFin
     if type(track) is not str:
         raise CodecError(f"{where}: fingerprint without a track_id", field="track_id")
     emb = m.get("embedding")
-    embedding = np.asarray(emb, dtype=np.float32) if emb is not None else None
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, quietly
+        embedding = np.asarray(emb, dtype=np.float32) if emb is not None else None
     meta = m.get("metadata")
     return RawFingerprint(
         track, audio_row(m.get("batch"), m.get("streaming"), where), embedding,
@@ -179,8 +180,9 @@ def encode_rows(
     ``bytes`` per record."""
     n = len(ids)
     if isinstance(embeddings, np.ndarray):
-        return _encode_block(np.asarray(ids, dtype=np.int64), audio,
-                             np.asarray(embeddings, dtype=np.float32))  # fmt: skip
+        with np.errstate(over="ignore"):  # as parse_fingerprint casts the envelope's values
+            emb32 = np.asarray(embeddings, dtype=np.float32)
+        return _encode_block(np.asarray(ids, dtype=np.int64), audio, emb32)
     emb_list: Sequence[npt.NDArray[np.float32] | None] = (
         embeddings if embeddings is not None else [None] * n
     )
@@ -258,7 +260,7 @@ def _rows(ids: Sequence[int], datas: Sequence[bytes], *, strict: bool) -> list[b
         if not ok[i] or data.find(EMB_KEY, 12) >= 0:
             try:
                 raw = parse_fingerprint(data, f"record {ids[i]}")
-            except CodecError:
+            except (CodecError, ValueError, TypeError, OverflowError):
                 if strict:
                     raise
                 failed.append(i)
