@@ -34,9 +34,10 @@ from xpstore.index.backends import (
     save,
 )
 from xpstore.index.embedding import DEFAULT_MODE, AudioStats, HybridEmbedder, ScalingMode
-from xpstore.index.rows import FingerprintRows, parse_fingerprint
+from xpstore.index.live import read_library
+from xpstore.index.rows import FingerprintRows
 from xpstore.index.serving import BuildInfo
-from xpstore.persistence.lmdb_tables import LmdbTables, from_u64
+from xpstore.persistence.lmdb_tables import LmdbTables
 
 __all__ = ["BuildOutcome", "BuildPlan", "embedder_from_record", "read_live", "run_build"]
 
@@ -113,20 +114,10 @@ class BuildOutcome:
 def read_live(
     tables: LmdbTables, embedding_dim: int | None
 ) -> tuple[int, FingerprintRows]:
-    """Every track's current fingerprint, read in one LMDB read transaction at ``applied_lsn``."""
-    ids: list[int] = []
-    raws = []
-    with tables.reading() as txn:
-        lsn = tables.applied_lsn(txn)
-        for _key, value in tables.iter_tracks(txn):
-            rid = from_u64(value)
-            data = tables.get_record(txn, rid)
-            if data is None:
-                log.warning("track map names record %d, which is missing; skipped", rid)
-                continue
-            ids.append(rid)
-            raws.append(parse_fingerprint(data, f"record {rid}"))
-    return lsn, FingerprintRows.from_raw(ids, raws, embedding_dim)
+    """Every track's current fingerprint, read in one LMDB read transaction at ``applied_lsn``
+    (from the ``fprows`` table: ``index.live``), in record-id order."""
+    lib = read_library(tables, embedding_dim, lambda live: live)
+    return lib.applied_lsn, lib.rows
 
 
 def run_build(
@@ -144,7 +135,7 @@ def run_build(
         raise SystemExit(3)
     n = len(rows)
     if n >= MIN_FIT_ROWS:
-        stats = AudioStats.fit(rows.audio, plan.mode)
+        stats = AudioStats.fit(rows.audio, plan.mode, ids=rows.ids)
     else:
         stats = AudioStats.prior(plan.mode)
     embedder = plan.embedder(stats)

@@ -62,7 +62,7 @@ from xpstore.errors import (
     StatsCorruptionError,
 )
 from xpstore.index import default_stats
-from xpstore.index.audio_transform import fit_log_offsets, log_ratio
+from xpstore.index.audio_transform import fit_log_offsets, log_ratio, log_ratio_columns
 from xpstore.model.records import BATCH_FIELDS, Fingerprint
 
 __all__ = [
@@ -208,13 +208,28 @@ class AudioStats:
                 )
 
     @classmethod
-    def fit(cls, values: npt.ArrayLike, mode: ScalingMode = DEFAULT_MODE) -> AudioStats:
+    def fit(
+        cls,
+        values: npt.ArrayLike,
+        mode: ScalingMode = DEFAULT_MODE,
+        *,
+        ids: npt.ArrayLike | None = None,
+    ) -> AudioStats:
         """Fit from a 2-D array, one row per track in ``BATCH_FIELDS`` order; NaN = missing.
 
         Infinity is rejected. A column with no values at all gets mean 0 and scale 1 (logged):
         it standardizes nothing rather than failing, since a library of streaming-only tracks
         legitimately has no band shares.
+
+        The result never depends on the order of the rows, so that a build and an attach that
+        read the same library in different orders fit the same statistics. With ``ids`` (the
+        rows' distinct record ids) the means are summed in id order: O(n), no sort of the
+        values (a million rows: ~0.3 s instead of ~3 s of 25 sorts). Without, each column is
+        sorted first (a library without ids: the committed prior, tests). Percentiles and
+        medians are order statistics, the same in any order.
         """
+        if ids is not None:
+            return cls._fit_by_id(values, mode, ids)
         arr = np.asarray(values, dtype=np.float64)
         if arr.ndim != 2 or arr.shape[1] != AUDIO_DIM:
             raise InvalidArgumentError(
@@ -244,6 +259,60 @@ class AudioStats:
             std[j] = float(np.std(col))
             p05[j], p95[j] = (float(q) for q in np.percentile(col, [5.0, 95.0]))
         log.debug("fitted audio stats (%s) over %d rows", mode, arr.shape[0])
+        return cls(
+            mode=mode,
+            mean=tuple(mean.tolist()),
+            std=tuple(std.tolist()),
+            p05=tuple(p05.tolist()),
+            p95=tuple(p95.tolist()),
+            count=int(arr.shape[0]),
+            log_offset=tuple(offsets.tolist()),
+        )
+
+    @classmethod
+    def _fit_by_id(
+        cls, values: npt.ArrayLike, mode: ScalingMode, ids: npt.ArrayLike
+    ) -> AudioStats:
+        """:meth:`fit` with the sums in record-id order (see there)."""
+        arr = np.asarray(values, dtype=np.float64)
+        key = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if arr.ndim != 2 or arr.shape[1] != AUDIO_DIM or key.shape[0] != arr.shape[0]:
+            raise InvalidArgumentError(
+                f"stats need a 2-D array with {AUDIO_DIM} columns and one id per row, got "
+                f"shape {arr.shape} and {key.shape[0]} ids",
+                field="values",
+            )
+        if mode not in MODES:
+            raise InvalidArgumentError(
+                f"unknown standardization mode {mode!r}; expected one of {MODES}", field="mode"
+            )
+        # (25, n), each column one contiguous row in id order: one summation order per column
+        if key.shape[0] > 1 and not bool((key[1:] > key[:-1]).all()):
+            cols = np.ascontiguousarray(arr[np.argsort(key, kind="stable")].T)
+        else:
+            cols = np.ascontiguousarray(arr.T)
+        if np.isinf(cols).any():
+            raise InvalidArgumentError("stats input contains infinity", field="values")
+        offsets = fit_log_offsets(cols.T) if mode == "logratio" else np.zeros(AUDIO_DIM)
+        if mode == "logratio":
+            log_ratio_columns(cols, offsets)
+        mean = np.zeros(AUDIO_DIM)
+        std = np.ones(AUDIO_DIM)
+        p05 = np.zeros(AUDIO_DIM)
+        p95 = np.ones(AUDIO_DIM)
+        for j, name in enumerate(BATCH_FIELDS):
+            col = cols[j]
+            present = ~np.isnan(col)
+            if not present.all():
+                col = col[present]
+            if col.size == 0:
+                log.warning("audio stats: no values for %s; using mean 0, scale 1", name)
+                continue
+            mean[j] = float(np.mean(col))
+            std[j] = float(np.std(col))
+            # cols is this fit's own copy: the quantiles may reorder it (no copy per column)
+            p05[j], p95[j] = (float(q) for q in np.percentile(col, [5.0, 95.0],
+                                                              overwrite_input=True))
         return cls(
             mode=mode,
             mean=tuple(mean.tolist()),
@@ -582,7 +651,15 @@ class HybridEmbedder:
     def standardize(self, audio: FloatArray) -> FloatArray:
         """Raw rows ``(n, 25)`` (NaN = missing) -> weighted standardized values, missing = 0."""
         t = self.stats.transform(audio)
-        return np.nan_to_num((t - self._center) / self._scale, nan=0.0) * self._sqrt_dim_w
+        if t is audio or not t.flags.writeable:
+            t = np.array(t, dtype=np.float64)
+        # in place on one copy: a million rows are 200 MB per temporary (same values as
+        # ``nan_to_num((t - center) / scale) * sqrt_w``)
+        t -= self._center
+        t /= self._scale
+        np.nan_to_num(t, copy=False, nan=0.0)
+        t *= self._sqrt_dim_w
+        return t
 
     def embedding_block(self, embedding: Sequence[float] | npt.ArrayLike) -> FloatArray | None:
         """The unit embedding block, or None when it is all zeros (or there is no block)."""
@@ -649,7 +726,9 @@ class HybridEmbedder:
         z = self.standardize(a)
         a_norm = np.linalg.norm(z, axis=1)
         a_ok = np.isfinite(a_norm) & (a_norm >= _MIN_NORM)
-        a_unit = np.where(a_ok[:, None], z / np.where(a_ok, a_norm, 1.0)[:, None], 0.0)
+        z /= np.where(a_ok, a_norm, 1.0)[:, None]  # in place: z is standardize's own copy
+        z[~a_ok] = 0.0
+        a_unit = z
         e_ok = np.zeros(n, dtype=bool)
         e_unit: FloatArray | None = None
         if self.embedding_dim is not None and embedding is not None:
@@ -670,13 +749,14 @@ class HybridEmbedder:
         wa, we = self.weights["audio"], self.weights["embedding"]
         total = np.where(a_ok, wa, 0.0) + np.where(e_ok, we, 0.0)
         safe = np.where(total > 0, total, 1.0)
-        out = np.zeros((n, self.dim), dtype=np.float64)
+        out = np.zeros((n, self.dim), dtype=np.float32)  # float64 products, rounded once
         fa = np.where(a_ok & (total > 0), np.sqrt(wa / safe), 0.0)
-        out[:, :AUDIO_DIM] = a_unit * fa[:, None]
+        a_unit *= fa[:, None]
+        out[:, :AUDIO_DIM] = a_unit
         if e_unit is not None:
             fe = np.where(e_ok & (total > 0), np.sqrt(we / safe), 0.0)
             out[:, AUDIO_DIM:] = e_unit * fe[:, None]
-        return out.astype(np.float32)
+        return out
 
     def embed_query(self, fp: Fingerprint, weights: Mapping[str, float] | None = None) -> F32Array:
         """A query vector that reweights blocks against vectors stored with ``self.weights``.

@@ -60,12 +60,11 @@ from xpstore.index.backends import faiss_threads, load, read_meta
 from xpstore.index.build import MIN_FIT_ROWS, BuildPlan, embedder_from_record, run_build
 from xpstore.index.embedding import AudioStats, HybridEmbedder
 from xpstore.index.history import append_build
+from xpstore.index.live import Library, LiveSet, aligned_names, read_library, stats_entry
 from xpstore.index.rows import (
-    FingerprintRows,
     RawFingerprint,
     parse_fingerprint,
     raw_from_model,
-    rows_from_envelopes,
 )
 from xpstore.index.serving import BuildInfo, Delta, IndexServer, MainIndex
 from xpstore.model.columns import FingerprintColumns
@@ -73,7 +72,7 @@ from xpstore.model.events import Acknowledged, BulkEvent, IndexRow, IndexRows
 from xpstore.model.records import Fingerprint, Record
 from xpstore.persistence import fs
 from xpstore.persistence.crashpoints import crash_point
-from xpstore.persistence.lmdb_tables import LmdbTables, from_u64
+from xpstore.persistence.lmdb_tables import LmdbTables
 from xpstore.persistence.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -209,28 +208,28 @@ class IndexManager:
         self, ov_tracks: dict[str, tuple[int, int | None]], ov_values: dict[int, bytes]
     ) -> IndexServer:
         main = self._load_main()
-        with self.tables.reading() as txn:
-            applied = self.tables.applied_lsn(txn)
-            live = {key.decode(): from_u64(value) for key, value in self.tables.iter_tracks(txn)}
-        for track, (_lsn, rid) in ov_tracks.items():
-            if rid is None:
-                live.pop(track, None)
-            else:
-                live[track] = rid
-        live_ids = np.fromiter(live.values(), dtype=np.int64, count=len(live))
-        live_ids.sort()
-        tombs = {int(r) for r in np.setdiff1d(main.ids, live_ids, assume_unique=True)}
-        missing = np.setdiff1d(live_ids, main.ids, assume_unique=True)
+        main_ids = main.ids
+
+        def wanted(live_ids: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+            if not main_ids.size:
+                return live_ids
+            return np.setdiff1d(live_ids, main_ids, assume_unique=True)
+
+        lib = read_library(self.tables, main.embedder.embedding_dim, wanted,
+                           overlay_values=ov_values, overlay_tracks=ov_tracks,
+                           writable=not self.readonly)  # fmt: skip
+        live = lib.live
+        tombs = {int(r) for r in np.setdiff1d(main.ids, live.rids, assume_unique=True)}
         delta = Delta(main.embedder.dim, self.embedding_dim)
-        if missing.size:
-            if missing.size > 10_000:
+        if len(lib.rows):
+            if len(lib.rows) > 10_000:
                 log.warning(
                     "index catch-up: %d live fingerprints are not in the index file; serving "
                     "them exactly from the delta until the rebuild that was scheduled",
-                    missing.size,
+                    len(lib.rows),
                 )
-            main, delta = self._catch_up(main, missing, live, ov_values)
-        self.attached_lsn = applied
+            main, delta = self._catch_up(main, lib)
+        self.attached_lsn = lib.applied_lsn
         self.attached_at = time.monotonic()
         log.info(
             "index attached: main %d vectors (build %s), delta %d, tombstones %d",
@@ -239,48 +238,34 @@ class IndexManager:
             len(delta),
             len(tombs),
         )
-        main = replace(main, tracks=aligned_tracks(main.ids, live))
+        main = replace(main, tracks=aligned_names(main.ids, live))
         server = IndexServer(main, delta, tombs)
         configure_server(server, self.settings)
         if self._fitted_at_attach:
             self._fitted_version = server.version  # the statistics are the library's already
         return server
 
-    def _catch_up(
-        self,
-        main: MainIndex,
-        missing: np.ndarray[Any, Any],
-        live: dict[str, int],
-        ov_values: dict[int, bytes],
-    ) -> tuple[MainIndex, Delta]:
-        """The live fingerprints the index file lacks (``missing``, sorted ids) as an exact
-        delta, read and embedded in columns (:func:`rows_from_envelopes`: numpy decodes the
-        values, no msgpack decode per record), in chunks that bound the bytes held at once.
+    def _catch_up(self, main: MainIndex, lib: Library) -> tuple[MainIndex, Delta]:
+        """The live fingerprints the index file lacks (``lib.rows``, read from the ``fprows``
+        table in columns: ``index.live``) as an exact delta.
 
         With no main index at all (no file, or an unusable one) the library's statistics are
         fitted here, as :meth:`ensure_library_stats` would before the first answer, so the
         first ``similar`` after opening a large store without an index file costs one exact
-        search, not a refit of the whole delta."""
-        track_of = {rid: track for track, rid in live.items()}
-        ids_all = missing.tolist()
-        parts: list[FingerprintRows] = []
-        tables = self.tables
-        with tables.reading() as txn:
-            for lo in range(0, len(ids_all), _CATCH_UP_CHUNK):
-                ids = ids_all[lo : lo + _CATCH_UP_CHUNK]
-                found = tables.get_records(txn, [r for r in ids if r not in ov_values])
-                datas = []
-                for rid in ids:
-                    data = ov_values.get(rid) or found.get(rid)
-                    if data is None:
-                        raise StoreCorruptionError(f"track map names missing record {rid}")
-                    datas.append(data)
-                parts.append(rows_from_envelopes(ids, [track_of[r] for r in ids], datas,
-                                                 main.embedder.embedding_dim))  # fmt: skip
-        rows = FingerprintRows.concat(parts)
+        search, not a refit of the whole delta; statistics cached for exactly this live set
+        (``fpstats``) are used instead of a fit, and a fit is cached."""
+        rows = lib.rows
         embedder = main.embedder
         if main.backend is None and len(rows) >= MIN_FIT_ROWS:
-            stats = AudioStats.fit(rows.audio, self.settings.mode)
+            mode = self.settings.mode
+            stats = lib.cached_stats(mode)
+            if stats is None:
+                stats = AudioStats.fit(rows.audio, mode, ids=rows.ids)
+                if not self.readonly:
+                    try:
+                        self.tables.put_meta("fpstats", stats_entry(stats, lib.digest, len(rows)))
+                    except XpStoreError as exc:  # a cache: the answer does not depend on it
+                        log.warning("could not cache the library statistics: %s", exc)
             embedder = self.plan(0).embedder(stats)
             main = replace(main, embedder=embedder, generation=main.generation + 1)
             self._fitted_at_attach = True
@@ -348,7 +333,8 @@ class IndexManager:
             with server.lock:
                 rows = server.delta.rows()
             audio = np.vstack([rows.audio, *[raw.audio[None, :] for _rid, raw in extra]])
-            stats = AudioStats.fit(audio, self.settings.mode)
+            ids = np.concatenate([rows.ids, np.array([rid for rid, _raw in extra], np.int64)])
+            stats = AudioStats.fit(audio, self.settings.mode, ids=ids)
             if server.refit(self.plan(0).embedder(stats), extra, generation):
                 self._fitted_version = server.version
                 if extra and self.rebuilder is not None and self.settings.auto_rebuild:
@@ -466,19 +452,13 @@ class IndexManager:
 
 
 def aligned_tracks(ids: np.ndarray[Any, Any], live: dict[str, int]) -> np.ndarray[Any, Any]:
-    """The track of each of ``ids`` (sorted) by the live map track -> id; None where an id is
-    not live (an object array aligned with ``ids``: the main index's answers need no LMDB)."""
-    out = np.full(ids.shape[0], None, dtype=object)
-    if not live or not ids.size:
-        return out
+    """The track of each of ``ids`` by the live map track -> id; None where an id is not live
+    (an object array aligned with ``ids``: the main index's answers need no LMDB)."""
+    names = np.empty(len(live), dtype=object)
+    names[:] = list(live)
     rids = np.fromiter(live.values(), dtype=np.int64, count=len(live))
-    names = np.array(list(live), dtype=object)
     order = np.argsort(rids, kind="stable")
-    rids, names = rids[order], names[order]
-    pos = np.minimum(np.searchsorted(rids, ids), rids.shape[0] - 1)
-    hit = rids[pos] == ids
-    out[hit] = names[pos[hit]]
-    return out
+    return aligned_names(ids, LiveSet(rids[order], names[order]))
 
 
 def configure_server(server: IndexServer, cfg: IndexSettings) -> None:
@@ -596,7 +576,7 @@ class Rebuilder:
         with server.lock:
             rows = server.delta.rows()
         current = server.embedder.stats
-        fresh = AudioStats.fit(rows.audio, current.mode)
+        fresh = AudioStats.fit(rows.audio, current.mode, ids=rows.ids)
         drift = current.drift(fresh)
         if drift > self.m.settings.drift_max:
             return f"statistics drifted by {drift:.2f} scale units"
@@ -672,7 +652,7 @@ class Rebuilder:
                 assert outcome.backend is not None
                 backend, info, stats = outcome.backend, outcome.info, outcome.stats
             ids = backend.ids()
-            tracks = aligned_tracks(np.sort(ids), self._live_tracks())
+            tracks = aligned_names(np.sort(ids), self._live_tracks())
             crash_point("index.build.before_swap")
             old = server.swap(backend, plan.embedder(stats), info, ids, tracks)
             crash_point("index.swap.after_swap")
@@ -702,11 +682,14 @@ class Rebuilder:
                  info.kind, info.count, info.duration_s, info.recall_at_10)  # fmt: skip
         return info
 
-    def _live_tracks(self) -> dict[str, int]:
+    def _live_tracks(self) -> LiveSet:
         """The LMDB track map (a build's ids that are not in it are retired: tombstones)."""
         tables = self.m.tables
         with tables.reading() as txn:
-            return {key.decode(): from_u64(value) for key, value in tables.iter_tracks(txn)}
+            db = tables.db(b"tracks")
+            names = [str(k, "utf-8") for k in txn.cursor(db=db).iternext(keys=True, values=False)]
+            ids = b"".join(txn.cursor(db=db).iternext(keys=False, values=True))
+        return LiveSet.from_table(names, ids)
 
     def _next_build_id(self, server: IndexServer) -> int:
         current = server.main.build.build_id if server.main.build is not None else 0

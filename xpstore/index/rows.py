@@ -24,14 +24,15 @@ import numpy as np
 import numpy.typing as npt
 
 from xpstore.errors import CodecError
-from xpstore.model.codec import KIND_CODES
 from xpstore.model.events import RawFingerprint
-from xpstore.model.records import (
-    BATCH_FIELDS,
-    STREAMING_FIELDS,
-    STREAMING_FIELDS_NO_HARMONIC,
-    Fingerprint,
+from xpstore.model.fprows import (
+    BATCH_AT,
+    EMB_KEY,
+    audio_row,
+    float_runs,
+    parse_fingerprint,
 )
+from xpstore.model.records import BATCH_FIELDS, Fingerprint
 
 __all__ = [
     "FingerprintRows",
@@ -45,53 +46,8 @@ __all__ = [
 ]
 
 AUDIO_DIM: Final = len(BATCH_FIELDS)
+_audio_row = audio_row
 _COL: Final = {name: j for j, name in enumerate(BATCH_FIELDS)}
-_STREAM_COLS: Final = {
-    len(STREAMING_FIELDS): np.array([_COL[n] for n in STREAMING_FIELDS]),
-    len(STREAMING_FIELDS_NO_HARMONIC): np.array([_COL[n] for n in STREAMING_FIELDS_NO_HARMONIC]),
-}
-_FP_CODE: Final = KIND_CODES["fingerprint"]
-
-
-def _audio_row(batch: Any, streaming: Any, where: str) -> npt.NDArray[np.float64]:
-    row = np.full(AUDIO_DIM, np.nan)
-    if batch is not None:
-        if type(batch) is not list or len(batch) != AUDIO_DIM:
-            raise CodecError(f"{where}: batch is not {AUDIO_DIM} numbers", field="batch")
-        row[:] = batch
-    elif streaming is not None:
-        if type(streaming) is not list or len(streaming) != 3 or type(streaming[0]) is not list:
-            raise CodecError(f"{where}: malformed streaming values", field="streaming")
-        cols = _STREAM_COLS.get(len(streaming[0]))
-        if cols is None:
-            raise CodecError(
-                f"{where}: {len(streaming[0])} streaming values; expected 13 or 10",
-                field="streaming.values",
-            )
-        row[cols] = streaming[0]
-    return row
-
-
-def parse_fingerprint(data: bytes | memoryview, where: str = "record") -> RawFingerprint:
-    """The raw numbers of an encoded fingerprint *envelope* (an LMDB ``records`` value)."""
-    try:
-        obj = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise CodecError(f"{where}: not a msgpack envelope: {exc}") from exc
-    ok = type(obj) is list and len(obj) in (7, 8) and obj[1] == _FP_CODE
-    if not ok or type(obj[6]) is not dict:
-        raise CodecError(f"{where}: not an encoded fingerprint envelope")
-    m = obj[6]
-    track = m.get("track_id")
-    if type(track) is not str:
-        raise CodecError(f"{where}: fingerprint without a track_id", field="track_id")
-    emb = m.get("embedding")
-    embedding = np.asarray(emb, dtype=np.float32) if emb is not None else None
-    meta = m.get("metadata")
-    return RawFingerprint(
-        track, _audio_row(m.get("batch"), m.get("streaming"), where), embedding,
-        meta if type(meta) is dict else None,
-    )  # fmt: skip
 
 
 def envelope_track(data: bytes | memoryview) -> tuple[str, dict[str, Any] | None]:
@@ -121,34 +77,9 @@ def raw_from_model(fp: Fingerprint) -> RawFingerprint:
     return RawFingerprint(fp.track_id, row, emb, dict(fp.metadata) if fp.metadata else None)
 
 
-_BATCH_AT: Final = msgpack.packb("batch") + b"\xdc\x00\x19"  # key, array16 of 25 floats
-_EMB_KEY: Final = msgpack.packb("embedding")
-_F64_BE: Final = np.dtype(">f8")
-
-
-def _float_runs(datas: Sequence[bytes], marker: bytes, count: int) -> tuple[
-        npt.NDArray[np.float64], npt.NDArray[np.bool_]]:  # fmt: skip
-    """The ``count`` msgpack float64s that follow ``marker`` in each envelope, decoded for all
-    rows at once; ``ok`` is False where a row does not have them in that form (the caller
-    decodes those rows one by one). Valid UTF-8 never holds ``marker`` (0xdc 0x00 is not a
-    UTF-8 sequence), and each float's 0xcb tag is checked, so a row is never misread."""
-    n = len(datas)
-    width = 9 * count
-    chunks = []
-    ok = np.zeros(n, dtype=bool)
-    blank = bytes(width)
-    for i, data in enumerate(datas):
-        at = data.find(marker, 12)
-        if at < 0 or at + len(marker) + width > len(data):
-            chunks.append(blank)
-            continue
-        start = at + len(marker)
-        chunks.append(data[start : start + width])
-        ok[i] = True
-    raw = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(n, count, 9)
-    ok &= (raw[:, :, 0] == 0xCB).all(axis=1)
-    values = np.ascontiguousarray(raw[:, :, 1:]).view(_F64_BE).reshape(n, count)
-    return values.astype(np.float64), ok
+_BATCH_AT: Final = BATCH_AT
+_EMB_KEY: Final = EMB_KEY
+_float_runs = float_runs
 
 
 def rows_from_envelopes(
@@ -168,7 +99,8 @@ def rows_from_envelopes(
         head = bytes((0x90 | embedding_dim,)) if embedding_dim < 16 else (
             b"\xdc" + embedding_dim.to_bytes(2, "big"))  # fmt: skip
         values, has = _float_runs(datas, _EMB_KEY + head, embedding_dim)
-        emb = values.astype(np.float32)
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, as parse_fingerprint
+            emb = values.astype(np.float32)
         emb[~has] = 0.0
     slow = np.flatnonzero(~ok).tolist()
     for i in slow:

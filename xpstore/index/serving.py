@@ -229,8 +229,8 @@ class Delta:
         if m == 0:
             return
         n = self.view.n
-        if n + m > self._ids.shape[0]:
-            self._grow(max(_MIN_CAP, 2 * (n + m)))
+        if n + m > self._ids.shape[0]:  # doubling, but a first bulk add gets m + 1/8
+            self._grow(max(_MIN_CAP, 2 * n, n + m + m // 8))
         self._vecs[n : n + m] = vecs
         self._audio[n : n + m] = audio
         known = self._emb

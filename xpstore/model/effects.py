@@ -64,6 +64,8 @@ class Effect:
     meta: tuple[str, bytes] | None = None  # a ``meta`` table entry to set (SettingsOp: config)
     counters_only: bool = False  # only counters or the priority changed (many-id operations)
     retrievals: dict[int, int] | None = None  # RetrievalOp: id -> count to add (no record_id)
+    fprow: bytes | None = None  # a new fingerprint's ``fprows`` row, when the writer had it in
+    # columns (model/fprows.py); None: the applier computes it from ``value``
 
     def count_delta(self) -> tuple[str, int] | None:
         if self.is_new:
@@ -265,6 +267,7 @@ def derive_fingerprint_puts(
     ts: Sequence[float],
     prio: Sequence[bytes],
     view: StateView,
+    fprows: Sequence[bytes] | None = None,
 ) -> list[Effect]:
     """:func:`derive` of consecutive fingerprint puts from ``first`` (``put_fingerprints``),
     given their envelopes (``codec.envelopes_from_puts``): the same effects, built from the
@@ -281,8 +284,12 @@ def derive_fingerprint_puts(
                 retired[i] = before
             latest[tid] = first + i
     # one Effect per row, built by map (no Python loop around the constructor)
-    return list(map(Effect, lsns, lsns, envelopes, repeat("fingerprint"), ts, repeat(True),
-                    track_ids, lsns, retired, prio))  # fmt: skip
+    effects = list(map(Effect, lsns, lsns, envelopes, repeat("fingerprint"), ts, repeat(True),
+                       track_ids, lsns, retired, prio))  # fmt: skip
+    if fprows is not None:
+        for eff, row in zip(effects, fprows, strict=True):
+            eff.fprow = row
+    return effects
 
 
 def derive_puts(

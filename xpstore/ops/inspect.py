@@ -45,6 +45,7 @@ from xpstore.errors import (
     XpStoreError,
 )
 from xpstore.model.codec import KIND_BY_CODE, decode_envelope, decode_op, envelope_head
+from xpstore.model.fprows import FP_CODE, decode_rows, rows_for_envelopes
 from xpstore.model.records import Fingerprint
 from xpstore.ops import snapshots as snap_mod
 from xpstore.persistence import fs
@@ -604,6 +605,7 @@ def _check_cross_tables(tables: LmdbTables, report: CheckReport, bad_ids: set[in
     with tables.reading() as txn:
         per_kind = _check_index(tables, txn, report, bad_ids)
         _check_counts(tables, txn, report, per_kind)
+        _check_fprows(tables, txn, report, bad_ids, per_kind[FP_CODE])
         _check_tracks(tables, txn, report, bad_ids)
         _check_tombstones(tables, txn, report)
 
@@ -654,6 +656,81 @@ def _check_counts(
     if n_records != n_index:
         report.add("lmdb records", f"{n_records} records but {n_index} by_kind_ts entries")
     report.stats["counts"] = {KIND_BY_CODE.get(k, str(k)): v for k, v in sorted(per_kind.items())}
+
+
+def _check_fprows(
+    tables: LmdbTables, txn: Any, report: CheckReport, bad_ids: set[int], fingerprints: int
+) -> None:
+    """Each ``fprows`` row passes its check word and equals the row recomputed from its
+    record's envelope; a complete table has one row per fingerprint record. The table is
+    derived data: the next attach of a writer rewrites rows that fail their check, and fills
+    the whole table again when its row count disagrees with the fingerprint count."""
+    try:
+        db = tables.db(b"fprows")
+    except KeyError:
+        return  # an older store opened read-only: no table yet
+    records = tables.db(b"records")
+    n = 0
+    cur = txn.cursor(db=db)
+    batch: list[tuple[bytes, bytes]] = []
+    for key, value in cur.iternext(keys=True, values=True):
+        n += 1
+        batch.append((bytes(key), bytes(value)))
+        if len(batch) >= CHECK_BATCH:
+            _fprows_batch(txn, records, batch, report, bad_ids)
+            batch = []
+    _fprows_batch(txn, records, batch, report, bad_ids)
+    if tables.fprows_complete(txn) and n != fingerprints:
+        report.add("lmdb fprows", f"{n} rows but {fingerprints} fingerprint records")
+    report.stats["fprows"] = n
+
+
+def _fprows_batch(
+    txn: Any, records: Any, batch: list[tuple[bytes, bytes]], report: CheckReport,
+    bad_ids: set[int],
+) -> None:  # fmt: skip
+    if not batch:
+        return
+    decoded = decode_rows([v for _k, v in batch], None)
+    for rid in decoded.bad:
+        report.add(f"lmdb fprows id={rid}", "row fails its check word (damaged)")
+    good = set(decoded.ids.tolist())
+    ids: list[int] = []
+    datas: list[bytes] = []
+    stored: list[bytes] = []
+    for key, value in batch:
+        rid = from_u64(key) if len(key) == 8 else -1
+        where = f"lmdb fprows id={rid}"
+        if int.from_bytes(value[:8], "little") != rid:
+            if int.from_bytes(value[:8], "little") in good:
+                report.add(where, "row names another id than its key")
+            continue
+        record = txn.get(key, db=records)
+        if record is None:
+            report.add(where, "row of a record that does not exist")
+            continue
+        if rid in bad_ids:
+            continue  # the record itself is already reported
+        if not _is_fp(bytes(record)):
+            report.add(where, "row of a record that is not a fingerprint")
+            continue
+        if rid in good:
+            ids.append(rid)
+            datas.append(bytes(record))
+            stored.append(value)
+    try:
+        fresh = rows_for_envelopes(ids, datas)
+    except ValueError as exc:
+        report.add("lmdb fprows", f"rows not recomputable: {exc}")
+        return
+    for rid, want, have in zip(ids, fresh, stored, strict=True):
+        if want != have:
+            report.add(f"lmdb fprows id={rid}", "row differs from its record's values")
+
+
+def _is_fp(record: bytes) -> bool:
+    head = envelope_head(record[:12])
+    return head is not None and head[0] == FP_CODE
 
 
 def _check_tracks(tables: LmdbTables, txn: Any, report: CheckReport, bad_ids: set[int]) -> None:

@@ -96,6 +96,7 @@ def batch_changes(effects: list[Effect]) -> list[Change]:
             [e.value for e in run],  # type: ignore[misc]
             [e.prio for e in run],
             _track_sets(run),
+            [e.fprow for e in run],
         ))  # fmt: skip
         start = end
     return out

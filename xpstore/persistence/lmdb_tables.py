@@ -14,6 +14,11 @@ Tables (named databases of one environment; layouts in ``docs/formats.md``):
                  the same transaction as the record; what sampling trees are rebuilt from. Its
                  ``retrieval_count`` is the record's count: retrievals are added to it in place
                  (:class:`RetrievalCounts`), never by rewriting the envelope
+``fprows``       id -> a fingerprint record's fixed-width row of numbers (``model.fprows``),
+                 written in the same transaction as the record; what the k-NN index attaches
+                 from without decoding envelopes. Complete (one row per fingerprint record)
+                 once ``meta`` holds ``fprows``: new stores from their creation, older ones
+                 after :meth:`LmdbTables.fill_fprows`
 
 LMDB rules followed here (from its docs and py-lmdb's issues): one Environment per path per
 process (the registry below), ``reader_check()`` on open, every write transaction inside ``with``,
@@ -27,6 +32,7 @@ difference. Before WAL segments are deleted the checkpoint calls ``env.sync(True
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -37,17 +43,20 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 import lmdb
 import numpy as np
 
 from xpstore.errors import LmdbCorruptionError, StoreCorruptionError, WALWriteError, XpStoreError
 from xpstore.model.codec import KIND_BY_CODE, envelope_counters, pack_envelope
+from xpstore.model.fprows import FP_CODE, rows_or_none
 from xpstore.model.priority_rows import INPUT_DTYPE, inputs_from_map
 from xpstore.model.progress import ProgressFn
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _U64 = struct.Struct(">Q")
 _TOMB = struct.Struct(">QB")
@@ -56,8 +65,8 @@ _U32_MAX = (1 << 32) - 1
 _RC = struct.Struct("<I")
 _RC_AT = 28  # offset of retrieval_count in a prio row (model/priority_rows.py)
 _DB_NAMES = (b"meta", b"records", b"by_kind_ts", b"tracks", b"tombstones", b"track_tombs")
-_OPTIONAL_DBS = (b"neighbors", b"prio")  # added by later issues: a read-only open of an older store
-# lacks it, and that is not damage
+# added by later issues: a read-only open of an older store lacks them, and that is not damage
+_OPTIONAL_DBS = (b"neighbors", b"prio", b"fprows")
 
 
 def u64(n: int) -> bytes:
@@ -129,6 +138,7 @@ class NewRecords:
     values: list[bytes]
     prio: list[bytes | None]
     tracks: list[tuple[bytes, bytes]]  # (track id, u64 record id)
+    fprows: list[bytes | None] | None = None  # rows the writer computed (None: from values)
 
     def expand(self) -> list[RecordPut | TrackSet]:
         """The same changes one by one (for a batch that also holds deletes or settings)."""
@@ -149,6 +159,25 @@ class RetrievalCounts:
 
     lsn: int
     counts: Mapping[int, int]  # id -> count to add
+
+FPROWS_KEY = b"fprows"
+FPROWS_COMPLETE = b"1"
+
+
+@dataclass(frozen=True, slots=True)
+class LiveRows(Generic[T]):
+    """What :meth:`LmdbTables.read_live_rows` read in one transaction: the ``tracks`` table's
+    keys (track ids, decoded, in key order) and its values joined (u64 BE record ids, aligned),
+    the ``fprows`` rows decoded chunk by chunk (none when the table is not ``complete``), and
+    the ``fpstats`` meta entry (None: none) and the fingerprint count of ``meta``."""
+
+    applied_lsn: int
+    complete: bool
+    track_names: list[str]
+    track_ids: bytes
+    rows: list[T]
+    stats: bytes | None
+    fingerprints: int
 
 
 Change = (
@@ -396,6 +425,11 @@ class LmdbTables:
                         n: self.env.open_db(n, txn=txn, create=True)
                         for n in _DB_NAMES + _OPTIONAL_DBS
                     }
+                    meta = self._dbs[b"meta"]
+                    if (txn.stat(self._dbs[b"records"])["entries"] == 0
+                            and txn.get(FPROWS_KEY, db=meta) is None):  # fmt: skip
+                        # no record yet: every fingerprint will get its row as it is applied
+                        txn.put(FPROWS_KEY, FPROWS_COMPLETE, db=meta)
         except lmdb.NotFoundError as exc:
             _REGISTRY.close(path)
             raise StoreCorruptionError(f"LMDB at {path} lacks an xpstore table: {exc}") from exc
@@ -408,8 +442,9 @@ class LmdbTables:
 
     # ----------------------------------------------------------- read side
     @contextmanager
-    def reading(self) -> Iterator[lmdb.Transaction]:
-        """A short read transaction; keeps a concurrent map resize out while it is open."""
+    def reading(self, *, buffers: bool = False) -> Iterator[lmdb.Transaction]:
+        """A short read transaction; keeps a concurrent map resize out while it is open.
+        ``buffers``: values are memoryviews into the map, valid only inside the block."""
         with self._gate:
             while self._resizing:
                 self._gate.wait()
@@ -417,7 +452,8 @@ class LmdbTables:
         try:
             for attempt in range(3):
                 try:
-                    txn = self.env.begin(write=False, buffers=False)
+                    txn = (self.env.begin(write=False, buffers=True) if buffers
+                           else self.env.begin(write=False, buffers=False))  # fmt: skip
                     break
                 except lmdb.MapResizedError:
                     # another process grew the map: adopt its size, then retry
@@ -520,6 +556,83 @@ class LmdbTables:
         """Fill in priority-input rows (rows a crash recovery's fast replay did not write)."""
         db = self._dbs[b"prio"]
         self._write(lambda txn: txn.cursor(db=db).putmulti(list(items)))
+
+    def fprows_complete(self, txn: lmdb.Transaction) -> bool:
+        """Whether ``fprows`` holds a row for every fingerprint record (see the module doc)."""
+        return b"fprows" in self._dbs and self.get_meta(txn, "fprows") == FPROWS_COMPLETE
+
+    def read_live_rows(
+        self, decode: Callable[[list[bytes], int, int], T], chunk: int = 65_536
+    ) -> LiveRows[T]:
+        """The track map and the ``fprows`` values, read in one read transaction (consistent
+        with each other and with its ``applied_lsn``), in C-level iterations; the values are
+        handed to ``decode(values, offset, total)`` ``chunk`` at a time, so only one chunk of
+        them is held at once (bytes: joining a million memoryviews measured twice as slow)."""
+        db = self._dbs.get(b"fprows")
+        with self.reading() as txn:
+            applied = self.applied_lsn(txn)
+            complete = self.fprows_complete(txn)
+            tracks = self._dbs[b"tracks"]
+            keys = txn.cursor(db=tracks).iternext(keys=True, values=False)
+            names = [str(k, "utf-8") for k in keys]
+            ids = b"".join(txn.cursor(db=tracks).iternext(keys=False, values=True))
+            parts: list[T] = []
+            if db is not None and complete:
+                total = int(txn.stat(db)["entries"])
+                values = txn.cursor(db=db).iternext(keys=False, values=True)
+                offset = 0
+                while batch := cast(list[bytes], list(itertools.islice(values, chunk))):
+                    parts.append(decode(batch, offset, total))
+                    offset += len(batch)
+            stats = self.get_meta(txn, "fpstats")
+            fingerprints = self.counts(txn).get(FP_CODE, 0)
+        return LiveRows(applied, complete, names, ids, parts, stats, fingerprints)
+
+    def fill_fprows(self, chunk: int = 65_536) -> int:
+        """Write the ``fprows`` table afresh, one row per fingerprint record, and mark it
+        complete, in one write transaction (a store written before the table existed: done
+        once, at the first attach of a writer). Returns how many rows were written."""
+        written = 0
+
+        def fill(txn: lmdb.Transaction) -> None:
+            nonlocal written
+            written = 0
+            records, rows = self._dbs[b"records"], self._dbs[b"fprows"]
+            txn.drop(rows, delete=False)  # rows left over by an older xpstore go too
+            cur = txn.cursor(db=self._dbs[b"by_kind_ts"])
+            ids: list[int] = []
+            if cur.set_range(bytes((FP_CODE,))):
+                for key in cur.iternext(keys=True, values=False):
+                    if key[0] != FP_CODE:
+                        break
+                    ids.append(from_u64(bytes(key[9:])))
+            ids.sort()
+            for lo in range(0, len(ids), chunk):
+                keys = u64_keys(ids[lo : lo + chunk])
+                found = txn.cursor(db=records).getmulti(keys)
+                got = [from_u64(bytes(k)) for k, _v in found]
+                values = rows_or_none(got, [bytes(v) for _k, v in found])
+                items = [(u64(r), v) for r, v in zip(got, values, strict=True) if v is not None]
+                txn.cursor(db=rows).putmulti(items)
+                written += len(items)
+            txn.put(FPROWS_KEY, FPROWS_COMPLETE, db=self._dbs[b"meta"])
+
+        self._write(fill)
+        log.info("fprows: wrote the rows of %d fingerprint records (a store written before them)",
+                 written)  # fmt: skip
+        return written
+
+    def put_fprows(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Rewrite ``fprows`` rows (ones an attach found damaged), in one short transaction;
+        only where the record still exists, so a row never outlives its record."""
+        db, records = self._dbs[b"fprows"], self._dbs[b"records"]
+
+        def put(txn: lmdb.Transaction) -> None:
+            for key, value in items:
+                if txn.get(key, db=records) is not None:
+                    txn.put(key, value, db=db)
+
+        self._write(put)
 
     def iter_tracks(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, bytes]]:
         """Every (track_id UTF-8, current fingerprint id u64 BE) pair, in key order."""
@@ -653,10 +766,24 @@ class LmdbTables:
         index: list[tuple[bytes, bytes]] = []
         tracks: list[tuple[bytes, bytes]] = []
         prio: list[tuple[bytes, bytes]] = []
+        fp_ids: list[int] = []
+        fp_values: list[bytes] = []
+        fprows: list[tuple[bytes, bytes]] = []
         for ch in changes:
             if isinstance(ch, NewRecords):
                 keys = u64_keys(ch.ids)
                 recs += zip(keys, ch.values, strict=True)
+                if FP_CODE in ch.kind_codes:
+                    given = ch.fprows or [None] * len(ch.ids)
+                    for i, code in enumerate(ch.kind_codes):
+                        if code != FP_CODE:
+                            continue
+                        row = given[i]
+                        if row is not None:
+                            fprows.append((keys[i], row))
+                        else:
+                            fp_ids.append(ch.ids[i])
+                            fp_values.append(ch.values[i])
                 prio += [(k, p) for k, p in zip(keys, ch.prio, strict=True) if p is not None]
                 index += [(k, b"") for k in index_keys(ch.kind_codes, ch.ts, ch.ids)]
                 for code, added in Counter(ch.kind_codes).items():
@@ -666,14 +793,20 @@ class LmdbTables:
                 recs.append((u64(ch.id), ch.value))
                 if ch.prio is not None:
                     prio.append((u64(ch.id), ch.prio))
+                if ch.kind_code == FP_CODE:
+                    fp_ids.append(ch.id)
+                    fp_values.append(ch.value)
                 if ch.is_new:
                     index.append((index_key(ch.kind_code, ch.ts, ch.id), b""))
                     counts[ch.kind_code] = counts.get(ch.kind_code, 0) + 1
             else:
                 assert isinstance(ch, TrackSet)
                 tracks.append((ch.track_id.encode(), u64(ch.id)))
+        fp_rows = rows_or_none(fp_ids, fp_values)
+        fprows += [(k, r) for k, r in zip(u64_keys(fp_ids), fp_rows, strict=True) if r is not None]
         for name, items in (
-            (b"records", recs), (b"by_kind_ts", index), (b"tracks", tracks), (b"prio", prio)
+            (b"records", recs), (b"by_kind_ts", index), (b"tracks", tracks), (b"prio", prio),
+            (b"fprows", fprows),
         ):
             if items:
                 txn.cursor(db=self._dbs[name]).putmulti(items)
@@ -751,17 +884,26 @@ class LmdbTables:
             self._dbs[b"tombstones"],
             self._dbs[b"track_tombs"],
         )
-        prio = self._dbs[b"prio"]
+        prio, fprows = self._dbs[b"prio"], self._dbs[b"fprows"]
+        fp_puts = [ch for ch in changes if isinstance(ch, RecordPut) and ch.kind_code == FP_CODE]
+        fp_rows = iter(rows_or_none([ch.id for ch in fp_puts], [ch.value for ch in fp_puts]))
         for ch in changes:
             if isinstance(ch, RecordPut):
                 txn.put(u64(ch.id), ch.value, db=records)
                 if ch.prio is not None:
                     txn.put(u64(ch.id), ch.prio, db=prio)
+                if ch.kind_code == FP_CODE:  # in order: a later delete in the batch wins
+                    row = next(fp_rows)
+                    if row is not None:
+                        txn.put(u64(ch.id), row, db=fprows)
+                    else:
+                        txn.delete(u64(ch.id), db=fprows)
                 if ch.is_new:
                     txn.put(index_key(ch.kind_code, ch.ts, ch.id), b"", db=index)
                     counts[ch.kind_code] = counts.get(ch.kind_code, 0) + 1
             elif isinstance(ch, RecordDelete):
                 txn.delete(u64(ch.id), db=prio)
+                txn.delete(u64(ch.id), db=fprows)
                 if txn.delete(u64(ch.id), db=records):
                     txn.delete(index_key(ch.kind_code, ch.ts, ch.id), db=index)
                     counts[ch.kind_code] = counts.get(ch.kind_code, 0) - 1

@@ -47,6 +47,7 @@ from xpstore.model.effects import (
     derive_puts,
 )
 from xpstore.model.events import IndexRow, IndexRows
+from xpstore.model.fprows import encode_rows
 from xpstore.model.priority_rows import fingerprint_inputs, inputs_for, with_id
 from xpstore.model.records import (
     Decision,
@@ -201,8 +202,9 @@ class Writer:
             prio = fingerprint_inputs(first, cols.ts, cols.confidence)
             values = envelopes_from_puts(payloads, kind="fingerprint", ts=cols.ts,
                                          first_lsn=first, cuts=cuts)  # fmt: skip
+            fprows = encode_rows(range(first, first + n), cols.audio(), cols.embeddings)
             effects = derive_fingerprint_puts(first, values, cols.track_ids, cols.ts.tolist(),
-                                              prio, view)  # fmt: skip
+                                              prio, view, fprows)  # fmt: skip
             if fixed is not None:
                 op = SettingsOp({"records.embedding_dim": dim}, fixed.to_json())
                 payload = encode_op(op)
