@@ -115,9 +115,9 @@ def test_payloads_are_put_manys_bytes(shape: int) -> None:
     ]
 
 
+@pytest.mark.parametrize("n", [1, 8, 30])
 @pytest.mark.parametrize("first", [0, 120, 250, 65_530, 2**32 - 3, 2**40])
-def test_envelopes_match_the_single_record_builder(first: int) -> None:
-    n = 8
+def test_envelopes_match_the_single_record_builder(first: int, n: int) -> None:
     cols = fingerprint_columns([f"t{i}" for i in range(n)], _values(n), ts=T0 + np.arange(n))
     payloads, cuts = encode_fingerprint_batch(cols)
     assert payloads == encode_fingerprint_puts(cols)

@@ -872,23 +872,22 @@ def _record_map_offset(payload: bytes) -> int:
 
 
 def envelopes_from_puts(
-    payloads: Sequence[bytes],
+    payloads: list[bytes],
     *,
-    kind: str | Sequence[int],
+    kind: str,
     ts: npt.NDArray[np.float64],
     first_lsn: int,
     cuts: Sequence[int] | None = None,
 ) -> list[bytes]:
     """:func:`envelope_from_put` of consecutive new records (LSNs from ``first_lsn``, no
-    counters), the same bytes, with the headers laid out for all rows at once. ``kind``: one
-    kind for all, or each row's kind code. ``cuts``: where each payload's record map starts,
-    when the caller knows (else parsed from each)."""
+    counters), the same bytes, with the headers laid out for all rows at once. ``cuts``: where
+    each payload's record map starts, when the encoder said so (else parsed from each)."""
     n = len(payloads)
     if n == 0:
         return []
+    code = KIND_CODES[kind]
     head = np.empty((n, 4), dtype=np.uint8)
-    head[:] = (0x97, _V1, 0, 0xCB)  # fixarray(7), envelope version, kind, float 64
-    head[:, 2] = KIND_CODES[kind] if isinstance(kind, str) else kind
+    head[:] = (0x97, _V1, code, 0xCB)  # fixarray(7), envelope version, kind, float 64
     if cuts is None:
         cuts = [_record_map_offset(p) for p in payloads]
     ts_bytes = ts.astype(_F64_BE).view(np.uint8).reshape(n, 8)

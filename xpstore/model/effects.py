@@ -290,31 +290,3 @@ def derive_fingerprint_puts(
         for eff, row in zip(effects, fprows, strict=True):
             eff.fprow = row
     return effects
-
-
-def derive_puts(
-    first: int,
-    envelopes: Sequence[bytes],
-    kinds: Sequence[str],
-    ts: Sequence[float],
-    track_ids: Sequence[str | None],
-    prio: Sequence[bytes | None],
-    view: StateView,
-) -> list[Effect]:
-    """:func:`derive_put` of consecutive new records of any kinds from ``first`` (a
-    ``put_many`` batch), given their envelopes (``codec.envelopes_from_puts``) and priority
-    rows: the same effects. A track put twice in the batch is superseded by its later put."""
-    out: list[Effect] = []
-    latest: dict[str, int] = {}  # tracks set earlier in this batch
-    track = view.track
-    for i, value in enumerate(envelopes):
-        lsn = first + i
-        eff = Effect(lsn, lsn, value, kinds[i], ts[i], True, prio=prio[i])
-        tid = track_ids[i]
-        if tid is not None:
-            before = latest.get(tid)
-            eff.track, eff.track_to = tid, lsn
-            eff.track_from = track(tid) if before is None else before
-            latest[tid] = lsn
-        out.append(eff)
-    return out

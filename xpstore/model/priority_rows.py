@@ -34,9 +34,7 @@ from xpstore.model.records import (
     kind_of,
 )
 
-__all__ = [
-    "INPUTS", "INPUT_DTYPE", "fingerprint_inputs", "inputs_for", "inputs_from_map", "with_id",
-]  # fmt: skip
+__all__ = ["INPUTS", "INPUT_DTYPE", "fingerprint_inputs", "inputs_for", "inputs_from_map"]
 
 INPUTS: Final = struct.Struct("<QdfffIIB3x")
 INPUT_DTYPE: Final = np.dtype(
@@ -79,15 +77,6 @@ def inputs_for(
         rid, ts, conf, min(reward, 3.0e38), math.nan if override is None else override,
         min(rc, _U32), min(sc, _U32), kind,
     )  # fmt: skip
-
-
-def with_id(row: bytes, rid: int) -> bytes:
-    """``row`` (an :func:`inputs_for` row) for record ``rid``: the id is its first field, so a
-    row computed before the id was known (a writer's, before the WAL gave the LSN) is this."""
-    return _ID.pack(rid) + row[_ID.size :]
-
-
-_ID: Final = struct.Struct("<Q")  # INPUTS' first field
 
 
 def inputs_from_map(

@@ -19,7 +19,7 @@ from xpstore.model.codec import Op
 from xpstore.model.events import IndexRow
 from xpstore.model.records import Record
 from xpstore.store.sampling_service import feedback_op, priority_op
-from xpstore.store.writer import Prepared, Writer
+from xpstore.store.writer import Writer
 
 __all__ = ["WriteBatch"]
 
@@ -30,7 +30,7 @@ class WriteBatch:
 
     def __init__(self, writer: Writer) -> None:
         self._writer = writer
-        self._ops: list[Prepared] = []
+        self._ops: list[Op] = []
         self._payloads: list[bytes] = []
         self._rows: dict[int, IndexRow] = {}
         self._puts: list[int] = []  # positions of the puts in _ops

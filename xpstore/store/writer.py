@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple, cast
-
-import numpy as np
+from typing import Any, cast
 
 from xpstore.config import StoreConfig
 from xpstore.errors import InvalidRecordError, RecordTooLargeError
 from xpstore.model.codec import (
-    KIND_CODES,
     DeleteOp,
     DeleteTrackOp,
     Op,
@@ -34,21 +31,12 @@ from xpstore.model.codec import (
     encode_op,
     envelopes_from_puts,
     field_sizes,
-    put_head,
 )
 from xpstore.model.columns import FingerprintColumns
-from xpstore.model.effects import (
-    Effect,
-    StateView,
-    derive,
-    derive_all,
-    derive_fingerprint_puts,
-    derive_put,
-    derive_puts,
-)
+from xpstore.model.effects import StateView, derive, derive_all, derive_fingerprint_puts
 from xpstore.model.events import IndexRow, IndexRows
 from xpstore.model.fprows import encode_rows
-from xpstore.model.priority_rows import fingerprint_inputs, inputs_for, with_id
+from xpstore.model.priority_rows import fingerprint_inputs
 from xpstore.model.records import (
     Decision,
     Experience,
@@ -56,65 +44,18 @@ from xpstore.model.records import (
     PredictionOutcome,
     QueryMetric,
     Record,
-    kind_of,
     record_from_json,
 )
 from xpstore.persistence.overlay import MISSING
 from xpstore.store.engine import Engine, timed
 from xpstore.store.reader import Reader, record_id
 
-__all__ = ["Prepared", "PreparedPut", "RowSource", "Writer"]
+__all__ = ["RowSource", "Writer"]
 
 _RECORD_TYPES = (PredictionOutcome, Fingerprint, QueryMetric, Decision)
 
 RowSource = Callable[[Sequence[Record]], dict[int, IndexRow]]
 """Index rows of a put batch's fingerprints by position (the k-NN index's, once attached)."""
-
-
-class PreparedPut(NamedTuple):
-    """A validated, encoded put reduced to what deriving it needs.
-
-    The record model is dropped as soon as it is encoded (a fingerprint's is kept until the
-    index has its row): a batch of a thousand live models, about ten tracked objects each,
-    kept the garbage collector walking them (+40 % over validating and encoding alone).
-    :func:`_derive_prepared` gives the effect ``derive`` gives the ``PutOp``.
-    """
-
-    kind: str
-    ts: float
-    track_id: str | None  # a fingerprint's track
-    embedding_dim: int | None  # a fingerprint's embedding length
-    prio: bytes | None  # inputs_for(record, 0, ts): the id is set once the LSN is known
-    cut: int  # where the payload's record map starts (put_head's offset)
-
-
-_ROWS_CHUNK = 256  # fingerprints embedded for the index per call while preparing a batch
-
-Prepared = Op | PreparedPut
-"""What :meth:`Writer.submit` logs: operations, and puts prepared by :meth:`Writer.prepare_puts`."""
-
-
-def _prepared(rec: Record, payload: bytes) -> PreparedPut:
-    assert rec.ts is not None, "the writer fills ts before encoding"
-    prio = inputs_for(rec, 0, rec.ts)
-    if type(rec) is Fingerprint:
-        dim = None if rec.embedding is None else len(rec.embedding)
-        head = put_head(payload)
-        assert head is not None, "a put with its ts is encoded with the version-2 header"
-        return PreparedPut("fingerprint", rec.ts, rec.track_id, dim, prio, head[3])
-    assert payload[_NO_TRACK] == 0xC0, "a put of another kind has no track id (nil)"
-    return PreparedPut(kind_of(rec), rec.ts, None, None, prio, _NO_TRACK + 1)
-
-
-_NO_TRACK = 13  # a version-2 put's track id (nil but for fingerprints) follows 13 fixed bytes
-
-
-def _derive_prepared(put: PreparedPut, lsn: int, view: StateView, payload: bytes) -> Effect:
-    """derive() of the put ``put`` summarizes: the same effect, from the summary (recovery
-    derives puts through :func:`derive_put` too)."""
-    eff = derive_put(lsn, payload, put.kind, put.ts, put.track_id, view)
-    eff.prio = None if put.prio is None else with_id(put.prio, lsn)
-    return eff
 
 
 class Writer:
@@ -139,39 +80,22 @@ class Writer:
 
     def prepare_puts(
         self, records: Iterable[Record | Mapping[str, Any]]
-    ) -> tuple[list[Prepared], list[bytes], dict[int, IndexRow]]:
-        """Validated, encoded puts (as :class:`PreparedPut`) and their index rows by position
-        (nothing is written: :meth:`submit` logs them, alone or in a larger frame). Each record
-        is validated and encoded in turn, so the first bad one (in order) is the one named."""
+    ) -> tuple[list[Op], list[bytes], dict[int, IndexRow]]:
+        """Validated, encoded put operations and their index rows by position (nothing is
+        written: :meth:`submit` logs them, alone or in a larger frame)."""
         cfg = self._engine.config.records
+        prepared = [self._prepare(r, i) for i, r in enumerate(records)]
+        if len(prepared) > cfg.max_batch_records:
+            raise RecordTooLargeError(
+                f"put_many got {len(prepared)} records, over max_batch_records="
+                f"{cfg.max_batch_records}",
+                field="records",
+            )
+        ops: list[Op] = [PutOp(r) for r in prepared]
         limit = cfg.max_record_bytes
-        most = cfg.max_batch_records
-        puts: list[Prepared] = []
-        payloads: list[bytes] = []
-        rows: dict[int, IndexRow] = {}
-        fps: list[tuple[int, Fingerprint]] = []  # awaiting their index rows
-        for i, r in enumerate(records):
-            if i == most:
-                raise RecordTooLargeError(
-                    f"put_many got more than max_batch_records={most} records", field="records"
-                )
-            rec = self._prepare(r, i)
-            payload = self.encode(PutOp(rec), i, limit)
-            payloads.append(payload)
-            puts.append(_prepared(rec, payload))
-            if type(rec) is Fingerprint and self.row_source is not None:
-                fps.append((i, rec))
-                if len(fps) == _ROWS_CHUNK:  # a bounded number of live models
-                    self._index_rows(fps, rows)
-        self._index_rows(fps, rows)
-        return puts, payloads, rows
-
-    def _index_rows(self, fps: list[tuple[int, Fingerprint]], rows: dict[int, IndexRow]) -> None:
-        """Add the index rows of ``fps`` (position, model) to ``rows``, then empty ``fps``."""
-        if fps and self.row_source is not None:
-            found = self.row_source([rec for _i, rec in fps])
-            rows.update((fps[j][0], row) for j, row in found.items())
-        fps.clear()
+        payloads = [self.encode(op, i, limit) for i, op in enumerate(ops)]
+        rows = self.row_source(prepared) if self.row_source is not None and prepared else {}
+        return ops, payloads, rows
 
     @property
     def embedding_dim(self) -> int | None:
@@ -328,7 +252,7 @@ class Writer:
 
     def submit(
         self,
-        ops: Sequence[Prepared],
+        ops: list[Op],
         payloads: list[bytes],
         rows: Mapping[int, IndexRow] | None = None,
         *,
@@ -347,8 +271,6 @@ class Writer:
                 op = SettingsOp({"records.embedding_dim": fixed.records.embedding_dim},
                                 fixed.to_json())  # fmt: skip
                 ops, payloads = [*ops, op], [*payloads, encode_op(op)]
-            else:
-                ops = list(ops)
             span = self._append(ops, payloads, rows or {}, wal)
             if fixed is not None:
                 self._logged = adopt = fixed
@@ -359,21 +281,18 @@ class Writer:
         return span
 
     def _append(
-        self, ops: list[Prepared], payloads: list[bytes], rows: Mapping[int, IndexRow], wal: Any
+        self, ops: list[Op], payloads: list[bytes], rows: Mapping[int, IndexRow], wal: Any
     ) -> tuple[int, int]:
         """Under the write lock: derive against the newest state, park, append to the WAL."""
         overlay = self._engine.overlay
         view = self._view(ops)
         first: int = wal.next_lsn
         try:
-            if all(type(op) is PreparedPut or type(op) is PutOp for op in ops):
+            if all(type(op) is PutOp for op in ops):
                 self._park_puts(ops, payloads, rows, view, first)
             else:
                 for i, op in enumerate(ops):
                     row = rows.get(i) if rows else None
-                    if isinstance(op, PreparedPut):
-                        overlay.add_pending(_derive_prepared(op, first + i, view, payloads[i]), row)
-                        continue
                     for eff in derive_all(op, first + i, view, payloads[i]):
                         overlay.add_pending(eff, row)
             span: tuple[int, int] = wal.append(payloads)
@@ -382,21 +301,11 @@ class Writer:
             raise
         return span
 
-    def _park_puts(self, ops: list[Prepared], payloads: list[bytes],
-                   rows: Mapping[int, IndexRow], view: StateView, first: int) -> None:  # fmt: skip
+    def _park_puts(self, ops: list[Op], payloads: list[bytes], rows: Mapping[int, IndexRow],
+                   view: StateView, first: int) -> None:  # fmt: skip
         """The batched put path: derive a run of puts (a track put twice in the batch is
         superseded by its later put, as the overlay would show it) and park them with one
-        overlay lock acquisition. Prepared puts get their envelopes built for the whole run."""
-        by_lsn = {first + i: row for i, row in rows.items()} if rows else None
-        if all(type(op) is PreparedPut for op in ops):
-            kinds, ts, tracks, _dims, prios, cuts = zip(*ops, strict=True)
-            values = envelopes_from_puts(payloads, kind=[KIND_CODES[k] for k in kinds],
-                                         ts=np.array(ts, dtype=np.float64), first_lsn=first,
-                                         cuts=cuts)  # fmt: skip
-            prio = [None if p is None else with_id(p, first + i) for i, p in enumerate(prios)]
-            effects = derive_puts(first, values, kinds, ts, tracks, prio, view)
-            self._engine.overlay.add_pending_many(effects, rows=by_lsn)
-            return
+        overlay lock acquisition."""
         latest: dict[str, int] = {}
         lookup = view.track
 
@@ -407,16 +316,14 @@ class Writer:
         local = StateView(view.get, track, view.get_raw_many)
         effects = []
         for i, op in enumerate(ops):
-            if isinstance(op, PreparedPut):
-                eff = _derive_prepared(op, first + i, local, payloads[i])
-            else:
-                eff = derive(op, first + i, local, payloads[i])
+            eff = derive(op, first + i, local, payloads[i])
             if eff.track is not None and eff.track_to is not None:
                 latest[eff.track] = eff.track_to
             effects.append(eff)
+        by_lsn = {first + i: row for i, row in rows.items()} if rows else None
         self._engine.overlay.add_pending_many(effects, rows=by_lsn)
 
-    def _fix_embedding_dim(self, ops: Sequence[Prepared]) -> StoreConfig | None:
+    def _fix_embedding_dim(self, ops: list[Op]) -> StoreConfig | None:
         """Under the write lock: check the batch's embeddings against the store's dimension
         (``_prepare`` checked before the lock, and another batch may have fixed it since); return
         the settings that fix the dimension when this batch brings the first embedding."""
@@ -426,12 +333,7 @@ class Writer:
             if isinstance(op, PutOp)
             and isinstance(op.record, Fingerprint)
             and op.record.embedding is not None
-        ] + [
-            (i, op.embedding_dim)
-            for i, op in enumerate(ops)
-            if isinstance(op, PreparedPut) and op.embedding_dim is not None
         ]
-        dims.sort()
         if not dims:
             return None
         return self._fixed_dim(dims)
@@ -465,7 +367,7 @@ class Writer:
             while len(overlay) > limit and applier.error is None and not engine.closed:
                 overlay.changed.wait(0.1)
 
-    def _view(self, ops: Sequence[Prepared]) -> StateView:
+    def _view(self, ops: list[Op]) -> StateView:
         """Newest state for derive(): pending, then durable overlay, then LMDB.
 
         The LMDB track lookups a batch of fingerprint puts needs are done up front in one read
@@ -475,7 +377,7 @@ class Writer:
             op.record.track_id
             for op in ops
             if isinstance(op, PutOp) and isinstance(op.record, Fingerprint)
-        } | {op.track_id for op in ops if isinstance(op, PreparedPut) and op.track_id is not None}
+        }
         return self._view_for(tracks)
 
     def _view_for(self, tracks: set[str], *, snapshot: bool = False) -> StateView:
