@@ -259,15 +259,16 @@ class AudioStats:
             std[j] = float(np.std(col))
             p05[j], p95[j] = (float(q) for q in np.percentile(col, [5.0, 95.0]))
         log.debug("fitted audio stats (%s) over %d rows", mode, arr.shape[0])
-        return cls(
-            mode=mode,
-            mean=tuple(mean.tolist()),
-            std=tuple(std.tolist()),
-            p05=tuple(p05.tolist()),
-            p95=tuple(p95.tolist()),
-            count=int(arr.shape[0]),
-            log_offset=tuple(offsets.tolist()),
-        )
+        return cls._of(mode, mean, std, p05, p95, int(arr.shape[0]), offsets)
+
+    @classmethod
+    def _of(cls, mode: ScalingMode, mean: npt.NDArray[np.float64], std: npt.NDArray[np.float64],
+            p05: npt.NDArray[np.float64], p95: npt.NDArray[np.float64], count: int,
+            offsets: npt.NDArray[np.float64]) -> AudioStats:  # fmt: skip
+        """The statistics from a fit's per-value arrays."""
+        return cls(mode=mode, mean=tuple(mean.tolist()), std=tuple(std.tolist()),
+                   p05=tuple(p05.tolist()), p95=tuple(p95.tolist()), count=count,
+                   log_offset=tuple(offsets.tolist()))  # fmt: skip
 
     @classmethod
     def _fit_by_id(
@@ -313,15 +314,7 @@ class AudioStats:
             # cols is this fit's own copy: the quantiles may reorder it (no copy per column)
             p05[j], p95[j] = (float(q) for q in np.percentile(col, [5.0, 95.0],
                                                               overwrite_input=True))
-        return cls(
-            mode=mode,
-            mean=tuple(mean.tolist()),
-            std=tuple(std.tolist()),
-            p05=tuple(p05.tolist()),
-            p95=tuple(p95.tolist()),
-            count=int(arr.shape[0]),
-            log_offset=tuple(offsets.tolist()),
-        )
+        return cls._of(mode, mean, std, p05, p95, int(arr.shape[0]), offsets)
 
     @classmethod
     def from_fingerprints(
