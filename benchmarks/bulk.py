@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import cpu_busy as _cpu_busy
 
 perf = time.perf_counter
 STYLES = ("techno", "ambient", "metal", "jazz", "classical", "hip_hop", "folk", "drum_and_bass")
@@ -235,15 +236,6 @@ def _spawn(tree: Path, keys: list[str], args: argparse.Namespace) -> dict[str, d
     if res.returncode != 0:
         raise RuntimeError(f"child run from {tree} failed:\n{res.stderr}")
     return dict(json.loads(res.stdout.strip().splitlines()[-1]))
-
-
-def _cpu_busy() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process and its children)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    ticks = [int(x) for x in fields]
-    idle = ticks[3] + ticks[4]
-    t = os.times()
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK"), sum(t[:4])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,6 +45,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+from _common import cpu_busy as _cpu_busy
 
 from xpstore import Store
 from xpstore.demo.synthetic import make_fingerprint, make_prediction
@@ -65,16 +66,6 @@ def _fill_predictions(path: Path, n: int) -> Store:
         store.put_many(recs)
     store.flush()
     return store
-
-
-def _cpu_busy() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process and its children)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    ticks = [int(x) for x in fields]
-    idle = ticks[3] + ticks[4]
-    hz = os.sysconf("SC_CLK_TCK")
-    t = os.times()
-    return (sum(ticks[:8]) - idle) / hz, t.user + t.system + t.children_user + t.children_system
 
 
 class CpuWatch:

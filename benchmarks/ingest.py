@@ -49,6 +49,7 @@ import lmdb
 import msgpack
 import numpy as np
 import pydantic
+from _common import cpu_busy
 
 import xpstore
 from xpstore.demo.synthetic import make_mixed
@@ -522,12 +523,7 @@ def machine(bench_dir: Path) -> dict[str, Any]:
 
 def _cpu_busy() -> tuple[float, float]:
     """(busy CPU seconds of the whole machine, CPU seconds of this process) so far."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    ticks = [int(x) for x in fields]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    hz = os.sysconf("SC_CLK_TCK")
-    t = os.times()
-    return (sum(ticks[:8]) - idle) / hz, t.user + t.system
+    return cpu_busy(children=False)
 
 
 # --------------------------------------------------------------------------- report

@@ -71,6 +71,7 @@ import faiss
 import hnswlib
 import numpy as np
 import psutil
+from _common import cpu_busy as _cpu_busy
 
 import xpstore
 from xpstore import Store
@@ -149,16 +150,6 @@ def fmt_dur(s: float) -> str:
     if s >= 1e-3:
         return f"{s * 1e3:.2f} ms"
     return f"{s * 1e6:.0f} µs"
-
-
-def _cpu_busy() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process and its children)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    ticks = [int(x) for x in fields]
-    idle = ticks[3] + ticks[4]
-    hz = os.sysconf("SC_CLK_TCK")
-    t = os.times()
-    return (sum(ticks[:8]) - idle) / hz, t.user + t.system + t.children_user + t.children_system
 
 
 class CpuWatch:
