@@ -338,3 +338,24 @@ def test_a_where_filter_on_counters_follows_counter_only_changes(tmp_path: Path)
         s.record_feedback(ids[:2], True)
         drawn = set(s.sample(50, kind="prediction", where={"success_count__gte": 1}, seed=3).ids)
         assert drawn == set(ids[:2])
+
+
+def test_a_deleted_record_stays_out_when_the_trees_are_reweighed(tmp_path: Path) -> None:
+    """A deleted record keeps its slot (weight 0) and its row; moving ``t_ref`` reweighs every
+    slot, and used to give the deleted one its weight back (found by the retrieval-count
+    property test: counts logged between the puts and the delete gave the record a slot)."""
+    from xpstore.model.codec import RetrievalOp
+
+    s = Store.open(tmp_path / "s", create=True)
+    try:
+        rng = np.random.default_rng(0)
+        ids = s.put_many([make_prediction(rng) for _ in range(20)])
+        s.parts.writer.submit_one(RetrievalOp([ids[0]], [2]))
+        s.delete(ids[8])
+        sampler = s.parts.sampling.attached()  # t_ref moves from 0 to the newest ts here
+        probs = sampler.probabilities("prediction")
+        assert ids[8] not in probs and set(probs) == set(ids) - {ids[8]}
+        drawn = s.sample(400, kind="prediction", seed=1).ids
+        assert ids[8] not in drawn and len(set(drawn)) == 19
+    finally:
+        s.close()

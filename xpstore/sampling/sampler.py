@@ -175,9 +175,12 @@ class Sampler:
             self._reweigh_all()
 
     def _reweigh_all(self) -> None:
+        """Every slot's weight again at the new ``t_ref``; an emptied slot (a deleted record
+        keeps its slot and its row) stays empty."""
         for kind in self.kinds.values():
             if kind.n:
                 weights = self.model.weights(kind.cols[: kind.n], self.t_ref)
+                weights[kind.tree.get(np.arange(kind.n)) <= 0.0] = 0.0
                 kind.tree = SumTree.from_weights(weights)
 
     # ------------------------------------------------------------ changes
