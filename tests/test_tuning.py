@@ -261,14 +261,17 @@ def test_the_tuner_lowers_ef_search_under_the_recall_floor_durably(store_path: P
         probes = tuner._probes()
         m = tuner._measure(probes)  # what the store serves now, without params
         assert m.recall is not None and m.recall >= 0.95
-        judged = tuner.run()["judged"]
+        second = tuner.run()
+        judged = second["judged"]
         assert judged is not None and judged["action"] in ("keep", "rollback")
+        # the same run may set the next knob (query threads, on a timing): pending then
+        nxt = set(second["change"]["knobs"]) if second["change"] is not None else set()
     with Store.open(store_path) as store:
         tuner = AutoTuner(store, Profiler(store, background=False), background=False)
         hist = tuner.history()
         assert [h["action"] for h in hist][:2] == ["set", judged["action"]]
         assert store.config.index.ef_search == (ef if judged["action"] == "keep" else 64)
-        assert tuner.pending == []
+        assert {d.target for d in tuner.pending} == nxt
 
 
 def test_a_change_that_breaks_the_recall_floor_is_rolled_back(store_path: Path) -> None:
