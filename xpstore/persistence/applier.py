@@ -208,6 +208,8 @@ class Applier:
                 )
         if drain and self.error is None and not self.hold:
             self.apply_all()
+            with self._apply_lock:
+                self._tables.fold_retrievals()
             self.checkpoint()
 
     def join(self, timeout: float | None = None) -> bool:

@@ -12,8 +12,10 @@ Tables (named databases of one environment; layouts in ``docs/formats.md``):
                  derived data written after each index build, never through the WAL
 ``prio``         id -> the record's 40-byte priority-input row (``model.priority_rows``), written in
                  the same transaction as the record; what sampling trees are rebuilt from. Its
-                 ``retrieval_count`` is the record's count: retrievals are added to it in place
-                 (:class:`RetrievalCounts`), never by rewriting the envelope
+                 ``retrieval_count`` plus the record's unfolded ``retrievals`` is the record's
+                 count: retrievals are never added by rewriting the envelope
+``retrievals``   LSN -> one logged flush of retrieval counts (ids, counts), until it is folded
+                 into the ``prio`` rows (:mod:`xpstore.persistence.retrievals`)
 ``fprows``       id -> a fingerprint record's fixed-width row of numbers (``model.fprows``),
                  written in the same transaction as the record; what the k-NN index attaches
                  from without decoding envelopes. Complete (one row per fingerprint record)
@@ -49,10 +51,10 @@ import lmdb
 import numpy as np
 
 from xpstore.errors import LmdbCorruptionError, StoreCorruptionError, WALWriteError, XpStoreError
-from xpstore.model.codec import KIND_BY_CODE, envelope_counters, pack_envelope
 from xpstore.model.fprows import FP_CODE, rows_or_none
-from xpstore.model.priority_rows import INPUT_DTYPE, inputs_from_map
+from xpstore.model.priority_rows import INPUT_DTYPE
 from xpstore.model.progress import ProgressFn
+from xpstore.persistence.retrievals import RetrievalLog, add_in_place
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ _RC = struct.Struct("<I")
 _RC_AT = 28  # offset of retrieval_count in a prio row (model/priority_rows.py)
 _DB_NAMES = (b"meta", b"records", b"by_kind_ts", b"tracks", b"tombstones", b"track_tombs")
 # added by later issues: a read-only open of an older store lacks them, and that is not damage
-_OPTIONAL_DBS = (b"neighbors", b"prio", b"fprows")
+_OPTIONAL_DBS = (b"neighbors", b"prio", b"fprows", b"retrievals")
 
 
 def u64(n: int) -> bytes:
@@ -409,6 +411,7 @@ class LmdbTables:
         self._gate = threading.Condition(threading.Lock())
         self._readers = 0
         self._resizing = False
+        self.retrievals = RetrievalLog(lambda: self._dbs)
         try:
             if readonly:
                 # py-lmdb: in a read-only environment, handles opened inside a caller's read
@@ -517,7 +520,11 @@ class LmdbTables:
         """The ``prio`` row's retrieval count of ``rid`` (0 without a row)."""
         db = self._dbs.get(b"prio")
         value = txn.get(u64(rid), db=db) if db is not None else None
-        return int(_RC.unpack_from(value, _RC_AT)[0]) if value is not None else 0
+        if value is None:
+            return 0
+        rc = int(_RC.unpack_from(value, _RC_AT)[0])
+        agg = self.retrievals.unfolded(txn)
+        return min(rc + int(agg.lookup([rid])[0]), _U32_MAX) if agg is not None else rc
 
     def retrieval_counts(self, txn: lmdb.Transaction, ids: Sequence[int]) -> dict[int, int]:
         """The ``prio`` rows' retrieval counts of those of ``ids`` that have a row (one C call).
@@ -538,7 +545,11 @@ class LmdbTables:
         if not found:
             return empty, empty
         rows = np.frombuffer(b"".join(v for _k, v in found), dtype=INPUT_DTYPE)
-        return rows["id"].astype(np.int64), rows["rc"].astype(np.int64)
+        rc = rows["rc"].astype(np.int64)
+        agg = self.retrievals.unfolded(txn)
+        if agg is not None:
+            rc = np.minimum(rc + agg.lookup(rows["id"]), _U32_MAX)
+        return rows["id"].astype(np.int64), rc
 
     def prio_rows(self) -> tuple[list[bytes], int]:
         """Every priority-input row of the ``prio`` table (id order; each row repeats its id),
@@ -550,6 +561,18 @@ class LmdbTables:
             if db is None:
                 return [], applied
             values = cast(list[bytes], list(txn.cursor(db=db).iternext(keys=False, values=True)))
+            agg = self.retrievals.unfolded(txn)
+        if agg is not None and values:  # rows with unfolded counts: rare after a clean close
+            rows = np.frombuffer(b"".join(values), dtype=INPUT_DTYPE)
+            more = agg.lookup(rows["id"])
+            hits = np.flatnonzero(more)
+            if len(hits):
+                rows = rows[hits].copy()
+                rows["rc"] = np.minimum(rows["rc"].astype(np.int64) + more[hits], _U32_MAX)
+                size = INPUT_DTYPE.itemsize
+                raw = rows.tobytes()
+                for j, i in enumerate(hits.tolist()):
+                    values[i] = raw[j * size : (j + 1) * size]
         return values, applied
 
     def put_prio(self, items: Sequence[tuple[bytes, bytes]]) -> None:
@@ -804,6 +827,7 @@ class LmdbTables:
                 tracks.append((ch.track_id.encode(), u64(ch.id)))
         fp_rows = rows_or_none(fp_ids, fp_values)
         fprows += [(k, r) for k, r in zip(u64_keys(fp_ids), fp_rows, strict=True) if r is not None]
+        prio = self.retrievals.less_unfolded(txn, prio)  # rewrites' totals include them
         for name, items in (
             (b"records", recs), (b"by_kind_ts", index), (b"tracks", tracks), (b"prio", prio),
             (b"fprows", fprows),
@@ -818,13 +842,12 @@ class LmdbTables:
     def _add_retrievals(
         self, txn: lmdb.Transaction, chs: Sequence[RetrievalCounts], applied: int
     ) -> None:
-        """Add the counts of ``chs`` (consecutive operations: summed, each row is rewritten
-        once) to the records' ``prio`` rows in place (u32, saturating).
+        """Log the counts of ``chs`` (consecutive operations, summed) as one entry of the
+        ``retrievals`` table, folded into the rows later (:mod:`.retrievals`).
 
-        A record without a row (a put a fast recovery replay wrote, a store older than the
-        table) gets its row now, from its envelope; a kind without rows (a decision) has the
-        count written into its envelope. An id that no longer exists is skipped. Never applied
-        twice: only an operation above ``applied`` (the LSN LMDB already holds) adds."""
+        Ids without a ``prio`` row (a put a fast recovery replay wrote, a decision) are counted
+        in place now instead, and an id that no longer exists is skipped. Only an operation
+        above ``applied`` (the LSN LMDB already holds) counts."""
         chs = [ch for ch in chs if ch.lsn > applied and ch.counts]
         if not chs:
             return
@@ -836,43 +859,16 @@ class LmdbTables:
                 for rid, n in ch.counts.items():
                     summed[rid] = summed.get(rid, 0) + n
             total = summed
-        keys = u64_keys(sorted(total))
-        prio = self._dbs[b"prio"]
-        found = cast(list[tuple[bytes, bytes]], txn.cursor(db=prio).getmulti(keys))
-        items: list[tuple[bytes, bytes]] = []
-        if found:
-            rows = np.frombuffer(b"".join([v for _k, v in found]), dtype=INPUT_DTYPE).copy()
-            add = np.fromiter(map(total.__getitem__, rows["id"].tolist()), dtype=np.int64,
-                              count=rows.shape[0])  # fmt: skip
-            rows["rc"] = np.minimum(rows["rc"].astype(np.int64) + add, _U32_MAX)
-            raw = rows.tobytes()
-            size = INPUT_DTYPE.itemsize
-            starts = range(0, len(raw), size)
-            items = [(k, raw[j : j + size]) for j, (k, _v) in zip(starts, found, strict=True)]
-        if len(found) < len(keys):
-            have = {k for k, _v in found}
-            records = self._dbs[b"records"]
-            for key in keys:
-                if key in have:
-                    continue
-                value = txn.get(key, db=records)
-                if value is None:
-                    continue  # deleted after it was drawn: its count has nowhere to go
-                rid = from_u64(key)
-                obj = envelope_counters(bytes(value))
-                if len(obj) == 7:
-                    obj.append(None)
-                rc = obj[4] + total[rid]
-                row = inputs_from_map(KIND_BY_CODE[obj[1]], obj[6], rid, float(obj[2]), rc,
-                                      obj[5], obj[7])  # fmt: skip
-                if row is not None:
-                    items.append((key, row))
-                else:
-                    obj[4] = rc
-                    txn.put(key, pack_envelope(obj), db=records)
-            items.sort()
-        if items:
-            txn.cursor(db=prio).putmulti(items)
+        ids = np.fromiter(sorted(total), dtype=np.uint64, count=len(total))
+        found = txn.cursor(db=self._dbs[b"prio"]).getmulti(u64_keys(ids))
+        have = np.frombuffer(b"".join([v for _k, v in found]), dtype=INPUT_DTYPE)["id"]
+        if len(have):
+            counts = np.fromiter(map(total.__getitem__, have.tolist()), dtype=np.int64,
+                                 count=len(have))  # fmt: skip
+            self.retrievals.append(txn, chs[-1].lsn, have.astype(np.uint64), counts)
+        if len(have) < len(ids):
+            rowless = set(total).difference(have.tolist())
+            add_in_place(txn, self._dbs, {rid: total[rid] for rid in rowless})
 
     def _apply_mixed(
         self, txn: lmdb.Transaction, changes: Sequence[Change], counts: dict[int, int],
@@ -891,7 +887,8 @@ class LmdbTables:
             if isinstance(ch, RecordPut):
                 txn.put(u64(ch.id), ch.value, db=records)
                 if ch.prio is not None:
-                    txn.put(u64(ch.id), ch.prio, db=prio)
+                    ((key, prow),) = self.retrievals.less_unfolded(txn, [(u64(ch.id), ch.prio)])
+                    txn.put(key, prow, db=prio)
                 if ch.kind_code == FP_CODE:  # in order: a later delete in the batch wins
                     row = next(fp_rows)
                     if row is not None:
@@ -967,6 +964,7 @@ class LmdbTables:
         with self.exclusive():
             map_size = int(self.env.info()["map_size"])
             _REGISTRY.close(self.path)
+            self.retrievals.forget()
             try:
                 action()
             finally:
@@ -1019,6 +1017,18 @@ class LmdbTables:
     def shared_refs(self) -> int:
         """How many Store objects of this process share this environment."""
         return _REGISTRY.refs(self.path)
+
+    def fold_retrievals(self) -> int:
+        """Fold the logged retrieval counts into the ``prio`` rows now (a clean close does, so
+        that a store at rest holds its counts in the rows); the number of records counted."""
+        folded = [0]
+
+        def fold(txn: lmdb.Transaction) -> None:
+            folded[0] = self.retrievals.fold(txn)
+
+        if self._dbs.get(b"retrievals") is not None:
+            self._write(fold)
+        return folded[0]
 
     def sync(self) -> None:
         """Force data and meta pages to disk (before WAL segments may be deleted)."""
