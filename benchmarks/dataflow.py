@@ -222,8 +222,9 @@ def batches_section(store: Store, repeats: int, iters: int, size: int = 256) -> 
     folds.stop()
     steady = long_iters * size / wall
     print(f"\nstore.batches (numpy), counted, one run of {long_iters} batches holding "
-          f"{folds.n} folds of the logged counts into the rows ({folds.seconds:.2f} s in them before their commits, "
-          f"longest {folds.longest * 1e3:.0f} ms): {steady:,.0f} samples/s wall, "
+          f"{folds.n} folds of the logged counts into the rows ({folds.seconds:.2f} s in "
+          f"them before their commits, longest {folds.longest * 1e3:.0f} ms): "
+          f"{steady:,.0f} samples/s wall, "
           f"{long_iters * size / cpu:,.0f} samples/s of this process's CPU")  # fmt: skip
     results = {name: _median(rates[name]) for name in rates}
     results["store.batches (numpy), with folds"] = steady
