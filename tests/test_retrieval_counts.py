@@ -456,9 +456,9 @@ def test_flushes_are_logged_then_folded_at_a_clean_close(tmp_path: Path) -> None
         with tables.reading() as txn:
             entries, counts, _first, _last = tables.retrievals.state(txn)
             raw_rows = {rid: tables.get_record(txn, rid) for rid in ids}
-            prio = txn.cursor(db=tables.db(b"prio"))
-            rcs = {r: int(np.frombuffer(prio.get(u64(r)), dtype=INPUT_DTYPE)["rc"][0])
-                   for r in ids}  # fmt: skip
+            prio = tables.db(b"prio")
+            rcs = {r: int(np.frombuffer(bytes(txn.get(u64(r), db=prio) or b""),
+                                        dtype=INPUT_DTYPE)["rc"][0]) for r in ids}  # fmt: skip
         assert entries >= 9 and counts == sum(drawn.values())  # the 10th may be in memory yet
         assert rcs == rows_before == dict.fromkeys(ids, 0)  # no row was rewritten
         assert all(raw is not None for raw in raw_rows.values())
