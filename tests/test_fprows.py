@@ -132,6 +132,24 @@ def test_rows_round_trip_and_any_flipped_byte_is_detected(
     assert set_digest(cols.check) == set_digest(cols.check[::-1].copy())
 
 
+def test_rows_of_mixed_widths_that_add_up_like_one_width_decode_right() -> None:
+    """The reader takes a chunk as one block when its bytes add up to n rows of the first
+    row's width; rows of 8 bytes more, less and more again add up that way, misalign, fail
+    their check words, and the rows are decoded by their own widths instead."""
+    rng = np.random.default_rng(1)
+    emb_lens = [2, 0, 4, 2, 2]  # widths w, w - 8, w + 8, w, w: five rows of width w in all
+    audio = rng.normal(size=(len(emb_lens), 25))
+    embs = [None if k == 0 else rng.normal(size=k).astype(np.float32) for k in emb_lens]
+    rows = encode_rows(list(range(5)), audio, embs)
+    assert sum(map(len, rows)) == len(rows) * len(rows[0])
+    cols = decode_rows(rows, 4)
+    assert cols.bad == [] and cols.ids.tolist() == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(cols.audio, audio)
+    assert cols.has_embedding.tolist() == [False, False, True, False, False]
+    assert cols.embedding is not None
+    np.testing.assert_array_equal(cols.embedding[2], embs[2])
+
+
 def test_fit_with_ids_does_not_depend_on_row_order() -> None:
     rng = np.random.default_rng(3)
     values = rng.uniform(0.01, 1.0, size=(500, 25))
