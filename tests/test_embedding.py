@@ -658,3 +658,26 @@ def test_batch_preferred_over_streaming() -> None:
     e = HybridEmbedder(STATS["zscore"])
     batch_only = Fingerprint(track_id="x", batch=BatchFingerprint(**fp.batch.as_dict()))
     np.testing.assert_array_equal(e.embed(fp), e.embed(batch_only))
+
+
+def test_embed_rows_in_blocks_equals_one_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many rows are embedded block by block (their temporaries stay in the CPU's cache); every
+    step is per row, so the result is bitwise the one-piece result, embeddings and missing
+    values included."""
+    import xpstore.index.embedding as embedding_mod
+
+    rng = np.random.default_rng(5)
+    n = 103
+    audio = rng.uniform(0.001, 1.0, size=(n, AUDIO_DIM))
+    audio[rng.random(n) < 0.2, :7] = np.nan
+    audio[3] = np.nan  # a row with no audio at all
+    emb = rng.standard_normal((n, EMB_DIM)).astype(np.float32)
+    has = rng.random(n) < 0.6
+    for stats in (STATS["zscore"], STATS["logratio"]):
+        e = HybridEmbedder(stats, embedding_dim=EMB_DIM)
+        whole = e.embed_rows(audio, emb, has)
+        monkeypatch.setattr(embedding_mod, "_EMBED_BLOCK", 10)
+        blocks = e.embed_rows(audio, emb, has)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(blocks, whole)
+        assert blocks.dtype == np.float32 and blocks.shape == (n, e.dim)

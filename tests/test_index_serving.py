@@ -477,3 +477,46 @@ def test_rows_read_in_columns_equal_rows_read_one_by_one(tmp_path: Path) -> None
         if raw.embedding is not None:
             assert rows.embedding is not None
             assert np.array_equal(rows.embedding[i], raw.embedding)
+
+
+def test_a_delta_that_adopts_an_attachs_arrays_behaves_as_one_that_copied_them() -> None:
+    """An attach hands its library's arrays to an empty delta (``owned=True``): no copy at
+    attach; adds after it grow the buffers, removals and reads see the same rows as a delta
+    that copied everything, and the caller's arrays are never written to."""
+    from xpstore.index.serving import Delta
+    from xpstore.model.events import RawFingerprint
+
+    rng = np.random.default_rng(7)
+    m, dim, edim = 300, 33, 8
+    ids = np.arange(10, 10 + m, dtype=np.int64)
+    tracks = [f"t{i}" for i in range(m)]
+    audio = rng.uniform(size=(m, 25))
+    emb = rng.standard_normal((m, edim)).astype(np.float32)
+    has = rng.random(m) < 0.5
+    vecs = rng.standard_normal((m, dim)).astype(np.float32)
+    kept = (audio.copy(), vecs.copy())
+    adopted, copied = Delta(dim, edim), Delta(dim, edim)
+    adopted.add_many(ids, tracks, audio, emb, has, vecs, owned=True)
+    copied.add_many(ids, tracks, audio, emb, has, vecs)
+    assert adopted._vecs is vecs and copied._vecs is not vecs  # the point of adopting
+    more = [(RawFingerprint(f"new{k}", rng.uniform(size=25), None, None),
+             rng.standard_normal(dim).astype(np.float32)) for k in range(5)]  # fmt: skip
+    for delta in (adopted, copied):
+        for k, (raw, vec) in enumerate(more):  # past the adopted buffers' end: they grow
+            delta.add(1000 + k, raw, vec)
+        assert delta.remove(12) and not delta.remove(12)
+    np.testing.assert_array_equal(audio, kept[0])
+    np.testing.assert_array_equal(vecs, kept[1])
+    a, c = adopted.rows(), copied.rows()
+    assert a.ids.tolist() == c.ids.tolist() and a.track_ids == c.track_ids
+    np.testing.assert_array_equal(a.audio, c.audio)
+    np.testing.assert_array_equal(a.has_embedding, c.has_embedding)
+    assert a.embedding is not None and c.embedding is not None
+    np.testing.assert_array_equal(a.embedding[a.has_embedding], c.embedding[c.has_embedding])
+    for rid in (10, 11, 200, 1004):
+        np.testing.assert_array_equal(adopted.vector(rid), copied.vector(rid))
+    assert adopted.vector(12) is None and len(adopted) == len(copied) == m + 4
+    va, vc = adopted.view, copied.view
+    assert va.n == vc.n == m + 5
+    np.testing.assert_array_equal(va.ids[: va.n], vc.ids[: vc.n])
+    np.testing.assert_array_equal(va.vecs[: va.n], vc.vecs[: vc.n])

@@ -43,8 +43,9 @@ __all__ = ["FIT_VERSION", "Library", "LiveSet", "aligned_names", "read_library"]
 
 log = logging.getLogger(__name__)
 
-FIT_VERSION: Final = 1
-"""Version of :meth:`AudioStats.fit` with ids (part of the cache key of ``fpstats``)."""
+FIT_VERSION: Final = 2
+"""Version of :meth:`AudioStats.fit` with ids (part of the cache key of ``fpstats``); 2: a
+library over ``embedding.FIT_ROWS`` rows is fitted on every k-th row."""
 _CHUNK: Final = 65_536
 I64 = npt.NDArray[np.int64]
 

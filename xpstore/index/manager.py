@@ -272,7 +272,7 @@ class IndexManager:
         vecs = embedder.embed_rows(rows.audio, rows.embedding, rows.has_embedding)
         delta = Delta(embedder.dim, self.embedding_dim)
         delta.add_many(rows.ids, rows.track_ids, rows.audio, rows.embedding, rows.has_embedding,
-                       vecs)  # fmt: skip
+                       vecs, owned=True)  # the library was read for this delta alone
         return main, delta
 
     def _load_main(self) -> MainIndex:

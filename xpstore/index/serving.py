@@ -187,7 +187,9 @@ class Delta:
     def _alloc(self, cap: int) -> None:
         self._ids = np.full(cap, -1, dtype=np.int64)
         self._vecs = np.zeros((cap, self.dim), dtype=np.float32)
-        self._audio = np.full((cap, 25), np.nan)
+        # not filled: every add writes whole rows, and nothing reads a row past ``view.n``
+        # (a fill would touch every page: 0.3-0.6 s for the million rows of a first attach)
+        self._audio = np.empty((cap, 25))
         self._emb = np.zeros((cap, self.embedding_dim), np.float32) if self.embedding_dim else None
         self._has = np.zeros(cap, dtype=bool)
 
@@ -223,12 +225,21 @@ class Delta:
         emb: F32 | None,
         has: npt.NDArray[np.bool_] | None,
         vecs: F32,
+        *,
+        owned: bool = False,
     ) -> None:
-        """:meth:`add` of many new ids at once (none of them in the delta yet)."""
+        """:meth:`add` of many new ids at once (none of them in the delta yet). ``owned``: the
+        caller hands ``audio`` and ``vecs`` over (never to write them again), and an empty
+        delta keeps them as its buffers instead of copying them (an attach's library)."""
         m = ids.shape[0]
         if m == 0:
             return
         n = self.view.n
+        if owned and n == 0 and m > _MIN_CAP and vecs.dtype == np.float32 and (
+            audio.dtype == np.float64
+        ):
+            self._adopt(ids, track_ids, audio, emb, has, vecs)
+            return
         if n + m > self._ids.shape[0]:  # doubling, but a first bulk add gets m + 1/8
             self._grow(max(_MIN_CAP, 2 * n, n + m + m // 8))
         self._vecs[n : n + m] = vecs
@@ -244,6 +255,33 @@ class Delta:
         self.pos.update(zip(keys, range(n, n + m), strict=True))
         self.tracks.update(zip(keys, track_ids, strict=True))
         self.view = _DeltaView(self._ids, self._vecs, n + m)
+
+    def _adopt(
+        self,
+        ids: I64,
+        track_ids: list[str],
+        audio: npt.NDArray[np.float64],
+        emb: F32 | None,
+        has: npt.NDArray[np.bool_] | None,
+        vecs: F32,
+    ) -> None:
+        """A first bulk add (an attach's whole library) takes the caller's arrays as its
+        buffers, full, instead of copying ~300 MB per million rows into new ones: the next
+        add grows them. The caller hands them over and never writes to them again."""
+        m = ids.shape[0]
+        self._ids = np.array(ids, dtype=np.int64)
+        self._vecs = np.ascontiguousarray(vecs)
+        self._audio = np.ascontiguousarray(audio)
+        self._has = np.zeros(m, dtype=bool)
+        if self.embedding_dim:
+            self._emb = np.zeros((m, self.embedding_dim), np.float32)
+            if emb is not None and has is not None and emb.shape[1] == self.embedding_dim:
+                self._emb[:] = emb
+                self._has[:] = has
+        keys = self._ids.tolist()
+        self.pos.update(zip(keys, range(m), strict=True))
+        self.tracks.update(zip(keys, track_ids, strict=True))
+        self.view = _DeltaView(self._ids, self._vecs, m)
 
     def _grow(self, cap: int) -> None:
         n = self.view.n

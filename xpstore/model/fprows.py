@@ -205,7 +205,7 @@ def encode_rows(
             emb[:, :width_emb] = np.stack([emb_list[i] for i in sel.tolist()])  # type: ignore[misc]
             block[:, _HEAD_WORDS + AUDIO_DIM : words] = emb.view(np.uint64)
         with np.errstate(over="ignore"):
-            block[:, words] = _SEED + (block[:, :words] * _K[:words]).sum(axis=1, dtype=np.uint64)
+            block[:, words] = _check_words(block[:, :words])
         raw = block.astype("<u8").tobytes()
         size = (words + 1) * 8
         for j, i in enumerate(sel.tolist()):
@@ -230,7 +230,7 @@ def _encode_block(
     pad[:, :dim] = emb
     block[:, _HEAD_WORDS + AUDIO_DIM : words] = pad.view(np.uint64)
     with np.errstate(over="ignore"):
-        block[:, words] = _SEED + (block[:, :words] * _K[:words]).sum(axis=1, dtype=np.uint64)
+        block[:, words] = _check_words(block[:, :words])
     raw = block.astype("<u8").tobytes()
     size = (words + 1) * 8
     return [raw[i : i + size] for i in range(0, n * size, size)]
@@ -307,40 +307,70 @@ def empty_columns(n: int, embedding_dim: int | None) -> RowColumns:
     )  # fmt: skip
 
 
+def _check_words(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """The check word of each row of ``words`` (n, w): ``_SEED + sum(word_i * _K[i])`` mod
+    2^64 (one ``einsum``: 4x a product and a sum; the same in any order, modulo 2^64)."""
+    k = _K[: words.shape[1]]
+    with np.errstate(over="ignore"):
+        out: npt.NDArray[np.uint64] = _SEED + np.einsum("ij,j->i", words, k, dtype=np.uint64)
+    return out
+
+
 def decode_into(values: Sequence[Buffer], cols: RowColumns, offset: int) -> npt.NDArray[np.bool_]:
     """Decode and verify table rows (values as read, bytes or memoryviews) into ``cols`` at
     rows ``offset...``: one ``np.frombuffer`` per row width (one when every row has the same
-    embedding length). Returns which rows passed their check word and header."""
+    embedding length). Returns which rows passed their check word and header.
+
+    The common case first: every row the width of the first (the table of one store, whose
+    fingerprints share an embedding length), read as one block without measuring each row; it
+    stands only if every row passes (a chunk of mixed widths read that way misaligns, and its
+    rows fail their check words), else the rows are grouped by their lengths."""
     n = len(values)
+    if n and len(values[0]) >= _FIXED and not len(values[0]) % 8:
+        joined = b"".join(values)
+        width = len(values[0])
+        if len(joined) == n * width:
+            good = _decode_block(np.frombuffer(joined, dtype="<u8").reshape(n, width // 8),
+                                 cols, slice(offset, offset + n))  # fmt: skip
+            if good.all():
+                return good
     lens = np.fromiter(map(len, values), np.int64, count=n)
     widths = np.unique(lens).tolist()
     good = np.zeros(n, dtype=bool)
-    dim = cols.embedding.shape[1] if cols.embedding is not None else 0
     for width in widths:
         sel = np.flatnonzero(lens == width) if len(widths) > 1 else np.arange(n)
         group = [values[i] for i in sel.tolist()] if len(widths) > 1 else values
         if width < _FIXED or width % 8:
             continue
-        words = width // 8 - 1
-        block = np.frombuffer(b"".join(group), dtype="<u8").reshape(sel.shape[0], words + 1)
-        head = block[:, 1]
-        n_emb = (head & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        with np.errstate(over="ignore"):
-            expect = _SEED + (block[:, :words] * _K[:words]).sum(axis=1, dtype=np.uint64)
-        good[sel] = (
-            (expect == block[:, words])
-            & ((head >> np.uint64(32)) == np.uint64(ROW_VERSION))
-            & (_HEAD_WORDS + AUDIO_DIM + (4 * n_emb + 7) // 8 == words)
-        )
-        at = sel + offset
-        cols.ids[at] = block[:, 0].astype(np.int64)
-        cols.audio[at] = block[:, _HEAD_WORDS : _HEAD_WORDS + AUDIO_DIM].view("<f8")
-        cols.check[at] = block[:, words]
-        if cols.embedding is not None:
-            match = n_emb == dim
-            cols.has_embedding[at] = match
-            if match.any():
-                e = block[:, _HEAD_WORDS + AUDIO_DIM : words].view("<f4")[:, :dim]
+        block = np.frombuffer(b"".join(group), dtype="<u8").reshape(sel.shape[0], width // 8)
+        good[sel] = _decode_block(block, cols, sel + offset)
+    return good
+
+
+def _decode_block(
+    block: npt.NDArray[np.uint64], cols: RowColumns, at: slice | npt.NDArray[np.intp]
+) -> npt.NDArray[np.bool_]:
+    """Rows of one width (``block``: n x words + 1) into ``cols`` at ``at``; which pass."""
+    words = block.shape[1] - 1
+    head = block[:, 1]
+    n_emb = (head & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    good: npt.NDArray[np.bool_] = (
+        (_check_words(block[:, :words]) == block[:, words])
+        & ((head >> np.uint64(32)) == np.uint64(ROW_VERSION))
+        & (_HEAD_WORDS + AUDIO_DIM + (4 * n_emb + 7) // 8 == words)
+    )
+    cols.ids[at] = block[:, 0].astype(np.int64)
+    cols.audio[at] = block[:, _HEAD_WORDS : _HEAD_WORDS + AUDIO_DIM].view("<f8")
+    cols.check[at] = block[:, words]
+    if cols.embedding is not None:
+        dim = cols.embedding.shape[1]
+        match = n_emb == dim
+        cols.has_embedding[at] = match
+        if match.any():
+            e = block[:, _HEAD_WORDS + AUDIO_DIM : words].view("<f4")[:, :dim]
+            if isinstance(at, slice):
+                cols.embedding[at][match] = e[match]
+            else:
                 cols.embedding[at[match]] = e[match]
     return good
 
