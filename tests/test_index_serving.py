@@ -520,3 +520,24 @@ def test_a_delta_that_adopts_an_attachs_arrays_behaves_as_one_that_copied_them()
     assert va.n == vc.n == m + 5
     np.testing.assert_array_equal(va.ids[: va.n], vc.ids[: vc.n])
     np.testing.assert_array_equal(va.vecs[: va.n], vc.vecs[: vc.n])
+
+
+def test_a_live_ef_search_reaches_single_queries(tmp_path: Path) -> None:
+    """``index.ef_search`` changed at run time is what every single query searches with, as if
+    each passed it in ``params`` (the single-query fast path once searched with the value the
+    index was built with, so the tuner's efSearch changes never reached ``similar``)."""
+    rng = np.random.default_rng(21)
+    with Store.open(tmp_path / "s", create=True, **{**QUIET, "index_exact_below": 0}) as st:
+        st.put_many(library(rng, 2000))
+        st.rebuild_index()
+        assert st.index_status()["kind"] == "hnsw"
+        queries = [f"t{i}" for i in range(0, 2000, 40)]
+        by_ef: dict[int, list[list[int]]] = {}
+        for ef in (10, 400, 10):
+            st.reconfigure(index_ef_search=ef)
+            implicit = [[h.record_id for h in st.similar(t, k=10)] for t in queries]
+            explicit = [[h.record_id for h in st.similar(t, k=10, params={"ef_search": ef})]
+                        for t in queries]  # fmt: skip
+            assert implicit == explicit, ef
+            assert by_ef.setdefault(ef, implicit) == implicit  # and back again
+        assert by_ef[10] != by_ef[400]  # the knob moves answers: it is the one searched with

@@ -320,6 +320,7 @@ class IndexBackend(ABC):
         self._index: Any = index
         self._dim = dim
         self._params: dict[str, Any] = dict(params)
+        self._one_cache: dict[tuple[tuple[str, int], ...], Any] = {}
 
     @property
     def dim(self) -> int:
@@ -397,7 +398,7 @@ class IndexBackend(ABC):
                 f"{q.dtype} {q.shape}",
                 field="vector",
             )
-        sp = self._search_parameters(params) if params else None
+        sp = self._one_parameters(params) if params else None
         scores = np.empty((1, k), dtype=np.float32)
         ids = np.empty((1, k), dtype=np.int64)
         ptr = faiss.swig_ptr
@@ -408,6 +409,19 @@ class IndexBackend(ABC):
                 f"FAISS error (searching the {self.kind} index): {type(exc).__name__}: {exc}"
             ) from exc
         return scores, ids
+
+    def _one_parameters(self, params: Mapping[str, int]) -> Any:
+        """:meth:`_search_parameters`, kept per distinct ``params`` (single queries pass the
+        same live defaults every call; a FAISS parameter object costs a few µs to build, and
+        is only read by a search, so one object serves concurrent calls)."""
+        key = tuple(sorted(params.items()))
+        sp = self._one_cache.get(key)
+        if sp is None:
+            sp = self._search_parameters(params)
+            if len(self._one_cache) >= 8:
+                self._one_cache.clear()
+            self._one_cache[key] = sp
+        return sp
 
     def remove(self, ids: npt.ArrayLike) -> int:
         """Remove ``ids`` (absent ones are ignored); the number removed."""

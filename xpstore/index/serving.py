@@ -855,7 +855,7 @@ class IndexServer:
         backend = main.backend
         if backend is not None and n_main:
             query_threads(self.query_threads)
-            sm, im = backend.search_one(q, min(fetch, n_main), params)
+            sm, im = backend.search_one(q, min(fetch, n_main), self._params_for(backend, params))
             if not view.n:
                 return self._main_only(st, sm[0], im[0], k, exclude, fetch < total)
         if not view.n:
