@@ -610,7 +610,8 @@ class MilvusSimilarity:
         vector: npt.ArrayLike | None,
         **kw: Any,
     ) -> list[Neighbor]:
-        """The store's similarity path: Milvus with ``index.backend="milvus"``, else local."""
+        """Milvus with ``index.backend="milvus"``, else local, decided per call (the store's
+        own path is chosen once per settings change: ``parts.compose``)."""
         if self._engine.config.index.backend == "milvus":
             return self.similar(track_id, fingerprint, vector, **kw)
         return self._index.similar(track_id, fingerprint, vector, **kw)

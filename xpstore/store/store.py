@@ -248,6 +248,11 @@ class Store:
     ) -> list[Neighbor]:
         """The ``k`` tracks most similar to ``track_id``, ``fingerprint`` or ``vector``, best
         first (the options: docs/index.md, docs/validation.md)."""
+        if strategy is None:  # the index (or Milvus): straight to the configured path
+            return self.parts.streaming.batch_search(
+                track_id, fingerprint, vector, k=k, weights=weights, exclude_self=exclude_self,
+                where=where, precomputed=precomputed, params=params,
+            )  # fmt: skip
         return self.parts.streaming.similar(
             strategy, track_id, fingerprint, vector, k=k, weights=weights,
             exclude_self=exclude_self, where=where, precomputed=precomputed, params=params,
