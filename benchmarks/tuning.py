@@ -170,6 +170,9 @@ def strategies(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 log.append(res)
                 if res["change"] is None and not tuner.pending:
                     break
+            if tuner.pending:  # judged by this strategy, not by the next one's tuner
+                measure(store, args, args.seed + 2000, n=args.queries // 4)
+                log.append({"judged": tuner.judge_pending(), "change": None})
             tuned_cfg = {k: store.config.get(k) for k in DEFAULTS}
             live_default = {k: v for k, v in DEFAULTS.items() if k != "index.hnsw_m"}
             live_tuned = {k: v for k, v in tuned_cfg.items() if k != "index.hnsw_m"}

@@ -293,6 +293,24 @@ def test_a_change_that_breaks_the_recall_floor_is_rolled_back(store_path: Path) 
         assert store.config.index.ef_search == 64
 
 
+def test_judge_pending_judges_without_making_a_new_change(store_path: Path) -> None:
+    """Before a strategy switch: the pending change is judged (here kept: a cheaper search
+    that keeps the recall floor) and nothing new is set; with nothing pending, None."""
+    with _hnsw_store(store_path) as store:
+        tuner = AutoTuner(store, Profiler(store, background=False), strategy="throughput",
+                          recall_floor=0.5, background=False)  # fmt: skip
+        before = tuner._measure(tuner._probes())
+        tuner.commit(Change({"index.ef_search": 16}, "test: cheaper",
+                            before.as_evidence("before_")))  # fmt: skip
+        verdict = tuner.judge_pending()
+        assert verdict is not None and verdict["targets"] == ["index.ef_search"]
+        assert verdict["action"] in ("keep", "rollback") and tuner.pending == []
+        acts = [h["action"] for h in tuner.history() if h["action"] != "strategy"]
+        assert acts == ["set", verdict["action"]]
+        n = len(tuner.history())
+        assert tuner.judge_pending() is None and len(tuner.history()) == n
+
+
 def test_a_change_that_makes_the_objective_worse_is_rolled_back(store_path: Path) -> None:
     with _hnsw_store(store_path) as store:
         tuner = AutoTuner(store, Profiler(store, background=False), strategy="cost",

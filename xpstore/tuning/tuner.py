@@ -346,6 +346,20 @@ class AutoTuner:
             self._finish_run(result)
             return result
 
+    def judge_pending(self) -> dict[str, Any] | None:
+        """Judge the pending change now and make no new one (what :meth:`run` does first):
+        before switching strategies, so that a change is judged by the objective it was made
+        for. The verdict, or None when nothing was pending."""
+        with self._lock:
+            if not self.pending:
+                return None
+            self.store.parts.engine.writable()
+            self.profiler.catch_up()
+            self._wait_for_builds()
+            verdict = self._judge(self._probes())
+            self._finish_run({"judged": verdict, "change": None})
+            return verdict
+
     def _wait_for_builds(self, timeout: float = BUILD_WAIT_S) -> None:
         """Measure when no index build runs: a build's CPU (a child process on a 2-core
         machine) would be charged to whatever change is being judged."""
