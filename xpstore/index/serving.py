@@ -238,12 +238,12 @@ class Delta:
         if owned and n == 0 and m > _MIN_CAP and vecs.dtype == np.float32 and (
             audio.dtype == np.float64
         ):
-            self._adopt(ids, track_ids, audio, emb, has, vecs)
-            return
-        if n + m > self._ids.shape[0]:  # doubling, but a first bulk add gets m + 1/8
-            self._grow(max(_MIN_CAP, 2 * n, n + m + m // 8))
-        self._vecs[n : n + m] = vecs
-        self._audio[n : n + m] = audio
+            self._take(audio, vecs)
+        else:
+            if n + m > self._ids.shape[0]:  # doubling, but a first bulk add gets m + 1/8
+                self._grow(max(_MIN_CAP, 2 * n, n + m + m // 8))
+            self._vecs[n : n + m] = vecs
+            self._audio[n : n + m] = audio
         known = self._emb
         if known is not None and emb is not None and has is not None and (
             emb.shape[1] == known.shape[1]
@@ -256,32 +256,19 @@ class Delta:
         self.tracks.update(zip(keys, track_ids, strict=True))
         self.view = _DeltaView(self._ids, self._vecs, n + m)
 
-    def _adopt(
-        self,
-        ids: I64,
-        track_ids: list[str],
-        audio: npt.NDArray[np.float64],
-        emb: F32 | None,
-        has: npt.NDArray[np.bool_] | None,
-        vecs: F32,
-    ) -> None:
-        """A first bulk add (an attach's whole library) takes the caller's arrays as its
-        buffers, full, instead of copying ~300 MB per million rows into new ones: the next
-        add grows them. The caller hands them over and never writes to them again."""
-        m = ids.shape[0]
-        self._ids = np.array(ids, dtype=np.int64)
+    def _take(self, audio: npt.NDArray[np.float64], vecs: F32) -> None:
+        """An empty delta's first bulk add (an attach's whole library) keeps the caller's
+        arrays as its buffers, full, instead of copying ~300 MB per million rows into new
+        ones: the next add grows them. The caller hands them over and never writes to them
+        again; the small buffers (ids, flags, embeddings) are made here as usual."""
+        m = vecs.shape[0]
+        self._alloc(0)
+        self._ids = np.full(m, -1, dtype=np.int64)
         self._vecs = np.ascontiguousarray(vecs)
         self._audio = np.ascontiguousarray(audio)
         self._has = np.zeros(m, dtype=bool)
         if self.embedding_dim:
             self._emb = np.zeros((m, self.embedding_dim), np.float32)
-            if emb is not None and has is not None and emb.shape[1] == self.embedding_dim:
-                self._emb[:] = emb
-                self._has[:] = has
-        keys = self._ids.tolist()
-        self.pos.update(zip(keys, range(m), strict=True))
-        self.tracks.update(zip(keys, track_ids, strict=True))
-        self.view = _DeltaView(self._ids, self._vecs, m)
 
     def _grow(self, cap: int) -> None:
         n = self.view.n
