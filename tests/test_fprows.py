@@ -383,7 +383,7 @@ def test_statistics_are_cached_for_exactly_the_live_set(tmp_path: Path) -> None:
 
 
 def test_applier_keeps_records_whose_envelope_is_not_a_fingerprint(tmp_path: Path) -> None:
-    from xpstore.persistence.lmdb_tables import RecordPut
+    from xpstore.persistence.lmdb_changes import RecordPut
 
     tables = LmdbTables(tmp_path / "db", readonly=False, map_size=1 << 24)
     try:

@@ -3,7 +3,7 @@
 Mapping such a file and touching a page past its end kills the process with SIGBUS (exit 135,
 no message): stats, get, scan, replay, recover (every mode), snapshot list and snapshot restore
 all died that way. The data file's size is now checked against LMDB's meta pages before it is
-mapped (``xpstore.persistence.lmdb_tables.check_data_file``), every open fails with one
+mapped (``xpstore.persistence.lmdb_datafile.check_data_file``), every open fails with one
 ``LmdbCorruptionError`` naming the file, and the two ways back (a snapshot plus the retained WAL)
 work without reading the damaged file.
 
@@ -71,7 +71,7 @@ def damaged(tmp_path: Path) -> Damaged:
 def test_size_check_reads_the_meta_pages(tmp_path: Path) -> None:
     """In-process: the check reads the two meta pages with plain file reads (never mmap)."""
     from xpstore.errors import LmdbCorruptionError, StoreCorruptionError
-    from xpstore.persistence.lmdb_tables import check_data_file
+    from xpstore.persistence.lmdb_datafile import check_data_file
 
     path = tmp_path / "store"
     build(path)
@@ -98,7 +98,7 @@ def test_size_check_reads_the_meta_pages(tmp_path: Path) -> None:
 def test_meta_page_layout_matches_lmdb(tmp_path: Path) -> None:
     """The offsets the check reads (magic, version, page size, last page, txn id) are LMDB's:
     read them from a real file and compare with what py-lmdb reports."""
-    from xpstore.persistence.lmdb_tables import read_meta_pages
+    from xpstore.persistence.lmdb_datafile import read_meta_pages
 
     path = tmp_path / "store"
     build(path)

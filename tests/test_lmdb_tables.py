@@ -8,13 +8,15 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xpstore.persistence.lmdb_tables import (
+from xpstore.persistence.lmdb_changes import (
     Change,
-    LmdbTables,
     RecordDelete,
     RecordPut,
     TrackDelete,
     TrackSet,
+)
+from xpstore.persistence.lmdb_tables import (
+    LmdbTables,
     from_u64,
     index_key,
     ts_key,

@@ -34,7 +34,8 @@ from xpstore.model.priority_rows import INPUT_DTYPE
 from xpstore.model.records import Decision, PredictionOutcome
 from xpstore.persistence import retrievals
 from xpstore.persistence.layout import Layout
-from xpstore.persistence.lmdb_tables import LmdbTables, RetrievalCounts, u64
+from xpstore.persistence.lmdb_changes import RetrievalCounts
+from xpstore.persistence.lmdb_tables import LmdbTables, u64
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -383,14 +383,14 @@ def test_every_error_derives_from_the_base() -> None:
 def test_lmdb_errors_are_translated(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import lmdb
 
-    from xpstore.persistence import lmdb_tables
+    from xpstore.persistence import lmdb_env
 
     for exc, expected in [
         (lmdb.CorruptedError("x"), xpstore.StoreCorruptionError),
         (lmdb.DiskError("x"), xpstore.WALWriteError),
         (lmdb.BadTxnError("x"), XpStoreError),
     ]:
-        mapped = lmdb_tables.translate(exc, "ctx")
+        mapped = lmdb_env.translate(exc, "ctx")
         assert isinstance(mapped, expected) and "ctx" in str(mapped)
 
 

@@ -212,7 +212,8 @@ def test_lmdb_failure_in_the_applier_refuses_writes_and_reopen_replays(
 ) -> None:
     import lmdb
 
-    from xpstore.persistence.lmdb_tables import Change, LmdbTables
+    from xpstore.persistence.lmdb_changes import Change
+    from xpstore.persistence.lmdb_tables import LmdbTables
 
     rng = np.random.default_rng(4)
     records = make_mixed(rng, 30)
@@ -222,9 +223,9 @@ def test_lmdb_failure_in_the_applier_refuses_writes_and_reopen_replays(
 
     def broken_apply(self: LmdbTables, changes: Sequence[Change], applied_lsn: int) -> None:
         failed.set()
-        raise lmdb_tables.translate(lmdb.DiskError("mdb_txn_commit: No space left on device"), "x")
+        raise lmdb_env.translate(lmdb.DiskError("mdb_txn_commit: No space left on device"), "x")
 
-    from xpstore.persistence import lmdb_tables
+    from xpstore.persistence import lmdb_env
 
     monkeypatch.setattr(LmdbTables, "apply", broken_apply)
     acked = store.put_many(records[:20])  # acknowledged by the WAL; the apply fails behind it

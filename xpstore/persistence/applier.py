@@ -18,9 +18,8 @@ from xpstore.config import ApplySettings, WalSettings
 from xpstore.errors import XpStoreError
 from xpstore.model.codec import KIND_CODES
 from xpstore.model.effects import Effect
-from xpstore.persistence.lmdb_tables import (
+from xpstore.persistence.lmdb_changes import (
     Change,
-    LmdbTables,
     MetaSet,
     NewRecords,
     RecordDelete,
@@ -28,8 +27,8 @@ from xpstore.persistence.lmdb_tables import (
     RetrievalCounts,
     TrackDelete,
     TrackSet,
-    u64_keys,
 )
+from xpstore.persistence.lmdb_tables import LmdbTables, u64_keys
 from xpstore.persistence.overlay import Overlay
 from xpstore.persistence.telemetry import Telemetry
 from xpstore.persistence.wal import WalWriter

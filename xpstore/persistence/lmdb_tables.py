@@ -37,7 +37,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import struct
 import threading
 from collections import Counter
@@ -50,10 +49,22 @@ from typing import Any, Generic, TypeVar, cast
 import lmdb
 import numpy as np
 
-from xpstore.errors import LmdbCorruptionError, StoreCorruptionError, WALWriteError, XpStoreError
+from xpstore.errors import StoreCorruptionError, XpStoreError
 from xpstore.model.fprows import FP_CODE, rows_or_none
 from xpstore.model.priority_rows import INPUT_DTYPE
 from xpstore.model.progress import ProgressFn
+from xpstore.persistence.lmdb_changes import (
+    Change,
+    MetaSet,
+    NewRecords,
+    RecordDelete,
+    RecordPut,
+    RetrievalCounts,
+    TrackDelete,
+    TrackSet,
+)
+from xpstore.persistence.lmdb_datafile import DATA_FILE
+from xpstore.persistence.lmdb_env import REGISTRY, translate
 from xpstore.persistence.retrievals import RetrievalLog, add_in_place
 
 log = logging.getLogger(__name__)
@@ -69,6 +80,7 @@ _RC_AT = 28  # offset of retrieval_count in a prio row (model/priority_rows.py)
 _DB_NAMES = (b"meta", b"records", b"by_kind_ts", b"tracks", b"tombstones", b"track_tombs")
 # added by later issues: a read-only open of an older store lacks them, and that is not damage
 _OPTIONAL_DBS = (b"neighbors", b"prio", b"fprows", b"retrievals")
+_MAX_DBS = len(_DB_NAMES) + len(_OPTIONAL_DBS) + 2
 
 
 def u64(n: int) -> bytes:
@@ -90,78 +102,6 @@ def index_key(kind_code: int, ts: float, rid: int) -> bytes:
     return bytes((kind_code,)) + ts_key(ts) + _U64.pack(rid)
 
 
-@dataclass(slots=True)
-class RecordPut:
-    id: int
-    kind_code: int
-    ts: float
-    value: bytes
-    is_new: bool  # a new id (count and index it) or a rewrite of an existing one
-    prio: bytes | None = None  # its priority-input row (store/priority.py); None: unchanged
-
-
-@dataclass(slots=True)
-class RecordDelete:
-    id: int
-    kind_code: int
-    ts: float
-    lsn: int
-
-
-@dataclass(slots=True)
-class TrackSet:
-    track_id: str
-    id: int
-
-
-@dataclass(slots=True)
-class TrackDelete:
-    track_id: str
-    lsn: int
-    former_id: int
-
-
-@dataclass(slots=True)
-class MetaSet:
-    """Set a ``meta`` entry in the same transaction (a logged settings change)."""
-
-    key: str
-    value: bytes
-
-
-@dataclass(slots=True)
-class NewRecords:
-    """A run of new records in columns (the ingest fast path: keys are built with numpy and
-    each table gets one ``putmulti``), with the track map entries they set, in LSN order."""
-
-    ids: list[int]
-    kind_codes: list[int]
-    ts: list[float]
-    values: list[bytes]
-    prio: list[bytes | None]
-    tracks: list[tuple[bytes, bytes]]  # (track id, u64 record id)
-    fprows: list[bytes | None] | None = None  # rows the writer computed (None: from values)
-
-    def expand(self) -> list[RecordPut | TrackSet]:
-        """The same changes one by one (for a batch that also holds deletes or settings)."""
-        out: list[RecordPut | TrackSet] = [
-            RecordPut(rid, code, ts, value, True, prio)
-            for rid, code, ts, value, prio in zip(
-                self.ids, self.kind_codes, self.ts, self.values, self.prio, strict=True
-            )
-        ]
-        out += [TrackSet(key.decode(), from_u64(value)) for key, value in self.tracks]
-        return out
-
-
-@dataclass(slots=True)
-class RetrievalCounts:
-    """Retrievals to add to records' counts (a ``RetrievalOp`` at ``lsn``): in place in their
-    ``prio`` rows (docs/design.md, "Retrieval counts")."""
-
-    lsn: int
-    counts: Mapping[int, int]  # id -> count to add
-
 FPROWS_KEY = b"fprows"
 FPROWS_COMPLETE = b"1"
 
@@ -180,11 +120,6 @@ class LiveRows(Generic[T]):
     rows: list[T]
     stats: bytes | None
     fingerprints: int
-
-
-Change = (
-    RecordPut | RecordDelete | TrackSet | TrackDelete | MetaSet | NewRecords | RetrievalCounts
-)
 
 
 def u64_keys(ids: Sequence[int] | np.ndarray[Any, Any]) -> list[bytes]:
@@ -206,197 +141,6 @@ def index_keys(kind_codes: Sequence[int], ts: Sequence[float], ids: Sequence[int
     raw = arr.tobytes()
     return [raw[i : i + 17] for i in range(0, n * 17, 17)]
 
-DATA_FILE = "data.mdb"
-
-# LMDB's meta page (lmdb.h / mdb.c, 64-bit builds): a 16-byte page header (pgno u64, pad u16,
-# flags u16, lower/upper u16 x2), then MDB_meta: magic u32, version u32, address ptr, mapsize
-# size_t, two MDB_db of 48 bytes (the first one's md_pad holds the page size), last_pg u64,
-# txnid u64. Pages 0 and 1 are the two meta pages, written alternately; the newer txnid wins.
-_META_MAGIC = 0xBEEFC0DE
-_META_VERSION = 1
-_P_META = 0x08
-_META_FLAGS = struct.Struct("=H")  # at 10
-_META_HEAD = struct.Struct("=II")  # magic, version at 16
-_META_PSIZE = struct.Struct("=I")  # at 40: mm_dbs[FREE_DBI].md_pad
-_META_TAIL = struct.Struct("=QQ")  # last_pg, txnid at 136
-_META_BYTES = 152
-_FIRST_READ = 4096  # LMDB reads the first meta page from a buffer of at least this size
-
-
-@dataclass(frozen=True, slots=True)
-class MetaPage:
-    """One of LMDB's two meta pages, as :func:`read_meta_pages` found it."""
-
-    number: int
-    page_size: int
-    last_page: int
-    txnid: int
-
-    @property
-    def needs_bytes(self) -> int:
-        """The smallest file that holds every page this meta page refers to."""
-        return (self.last_page + 1) * self.page_size
-
-
-def read_meta_pages(data_file: Path) -> list[MetaPage]:
-    """LMDB's two meta pages of ``data_file``, read with plain file reads (never mapped).
-
-    Raises LmdbCorruptionError naming the file when either page is missing or is not an LMDB
-    meta page of the version py-lmdb writes: LMDB itself refuses such a file too.
-    """
-    with open(data_file, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        first = f.read(_FIRST_READ)
-        metas = [_meta_page(data_file, 0, first, size)]
-        f.seek(metas[0].page_size)
-        metas.append(_meta_page(data_file, 1, f.read(_META_BYTES), size))
-    return metas
-
-
-def _meta_page(data_file: Path, number: int, raw: bytes, size: int) -> MetaPage:
-    advice = _RESTORE_ADVICE
-    if len(raw) < _META_BYTES:
-        raise LmdbCorruptionError(
-            f"LMDB data file {data_file} is damaged: {size:,} bytes is too short to hold its two "
-            f"meta pages (truncated?); {advice}",
-            path=data_file,
-        )
-    magic, version = _META_HEAD.unpack_from(raw, 16)
-    (flags,) = _META_FLAGS.unpack_from(raw, 10)
-    (psize,) = _META_PSIZE.unpack_from(raw, 40)
-    if magic != _META_MAGIC or not flags & _P_META:
-        raise LmdbCorruptionError(
-            f"{data_file} is not an LMDB data file: meta page {number} has no LMDB magic "
-            f"(found {magic:#010x}); {advice}",
-            path=data_file,
-        )
-    if version != _META_VERSION or psize < 512 or psize > 65536 or psize & (psize - 1):
-        raise LmdbCorruptionError(
-            f"LMDB data file {data_file} is damaged: meta page {number} has version {version} "
-            f"and page size {psize}; {advice}",
-            path=data_file,
-        )
-    last, txnid = _META_TAIL.unpack_from(raw, 136)
-    return MetaPage(number, psize, last, txnid)
-
-
-_RESTORE_ADVICE = (
-    "restore a snapshot (`xpstore snapshot restore PATH ID --into NEW`) or salvage it from a "
-    "snapshot and the WAL (`xpstore recover PATH --mode salvage --into NEW`); docs/recovery.md"
-)
-
-
-def check_data_file(env_dir: Path) -> None:
-    """Refuse an LMDB data file in ``env_dir`` that is shorter than its meta pages say.
-
-    LMDB maps the whole file and trusts the meta page's last page number: touching a page past
-    the end of a truncated file kills the process with SIGBUS, no error returned. So every open
-    goes through this check first (plain reads of the two meta pages): the file must hold at
-    least ``(last_pg + 1) * page_size`` bytes of the newer meta page. A missing or empty file is
-    fine (a writer open creates it). Raises LmdbCorruptionError naming the file.
-    """
-    data_file = env_dir / DATA_FILE
-    try:
-        size = data_file.stat().st_size
-    except FileNotFoundError:
-        return
-    if size == 0 or struct.calcsize("P") != 8:
-        return  # empty: LMDB initializes it; the layout above is the 64-bit one
-    newest = max(read_meta_pages(data_file), key=lambda m: m.txnid)
-    if size < newest.needs_bytes:
-        raise LmdbCorruptionError(
-            f"LMDB data file {data_file} is damaged: it has {size:,} bytes but its meta page "
-            f"(transaction {newest.txnid}) refers to pages up to {newest.last_page} of "
-            f"{newest.page_size} bytes, {newest.needs_bytes:,} bytes in all: it was truncated. "
-            f"It was not opened (mapping it would crash the process); {_RESTORE_ADVICE}",
-            path=data_file,
-        )
-
-
-class _Registry:
-    """One Environment per path per process, shared by reference count."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._envs: dict[str, tuple[lmdb.Environment, int, bool]] = {}
-
-    def open(
-        self, path: Path, *, readonly: bool, map_size: int, lock: bool = True
-    ) -> lmdb.Environment:
-        key = str(path.resolve())
-        with self._lock:
-            if key in self._envs:
-                env, refs, ro = self._envs[key]
-                if ro and not readonly:
-                    raise XpStoreError(
-                        f"{path} is already open read-only in this process; close it before "
-                        "opening it for writing (LMDB allows one environment per path per process)"
-                    )
-                self._envs[key] = (env, refs + 1, ro)
-                return env
-            env = _open_env(path, readonly=readonly, map_size=map_size, lock=lock)
-            self._envs[key] = (env, 1, readonly)
-            return env
-
-    def refs(self, path: Path) -> int:
-        with self._lock:
-            entry = self._envs.get(str(path.resolve()))
-            return entry[1] if entry is not None else 0
-
-    def close(self, path: Path) -> None:
-        key = str(path.resolve())
-        with self._lock:
-            env, refs, ro = self._envs[key]
-            if refs > 1:
-                self._envs[key] = (env, refs - 1, ro)
-                return
-            del self._envs[key]
-        env.close()
-
-
-_REGISTRY = _Registry()
-
-
-def _open_env(
-    path: Path, *, readonly: bool, map_size: int, lock: bool = True
-) -> lmdb.Environment:
-    check_data_file(path)  # before mapping it: a truncated file means SIGBUS, not an error
-    if not lock and not readonly:
-        raise ValueError("only a read-only LMDB environment may be opened without its lock file")
-    try:
-        env = lmdb.open(
-            str(path),
-            map_size=map_size,
-            max_dbs=len(_DB_NAMES) + len(_OPTIONAL_DBS) + 2,
-            subdir=True,
-            readonly=readonly,
-            create=not readonly,
-            sync=True,
-            metasync=False,
-            writemap=False,
-            map_async=False,
-            lock=lock,
-        )
-    except lmdb.Error as exc:
-        raise translate(exc, f"opening LMDB at {path}") from exc
-    if not readonly:
-        stale = env.reader_check()
-        if stale:
-            log.info("cleared %d stale LMDB reader slots at %s", stale, path)
-    return env
-
-
-def translate(exc: lmdb.Error, context: str) -> XpStoreError:
-    """Map an LMDB error to the xpstore tree (the single boundary for LMDB errors)."""
-    if isinstance(exc, lmdb.CorruptedError | lmdb.PageNotFoundError | lmdb.InvalidError):
-        return StoreCorruptionError(f"LMDB is damaged ({context}): {exc}")
-    if isinstance(exc, lmdb.DiskError):
-        return WALWriteError(f"disk error in LMDB ({context}): {exc}")
-    if isinstance(exc, lmdb.VersionMismatchError):
-        return StoreCorruptionError(f"LMDB version mismatch ({context}): {exc}")
-    return XpStoreError(f"LMDB error ({context}): {type(exc).__name__}: {exc}")
-
-
 class LmdbTables:
     """The store's LMDB environment and tables; thread-safe."""
 
@@ -407,7 +151,8 @@ class LmdbTables:
         holds the store's lock, and checks again with the lock if one took it meanwhile."""
         self.path = path
         self.readonly = readonly
-        self.env = _REGISTRY.open(path, readonly=readonly, map_size=map_size, lock=lock)
+        self.env = REGISTRY.open(path, readonly=readonly, map_size=map_size, lock=lock,
+                                 max_dbs=_MAX_DBS)
         self._gate = threading.Condition(threading.Lock())
         self._readers = 0
         self._resizing = False
@@ -434,14 +179,14 @@ class LmdbTables:
                         # no record yet: every fingerprint will get its row as it is applied
                         txn.put(FPROWS_KEY, FPROWS_COMPLETE, db=meta)
         except lmdb.NotFoundError as exc:
-            _REGISTRY.close(path)
+            REGISTRY.close(path)
             raise StoreCorruptionError(f"LMDB at {path} lacks an xpstore table: {exc}") from exc
         except lmdb.Error as exc:
-            _REGISTRY.close(path)
+            REGISTRY.close(path)
             raise translate(exc, "opening tables") from exc
 
     def close(self) -> None:
-        _REGISTRY.close(self.path)
+        REGISTRY.close(self.path)
 
     # ----------------------------------------------------------- read side
     @contextmanager
@@ -963,7 +708,7 @@ class LmdbTables:
         """
         with self.exclusive():
             map_size = int(self.env.info()["map_size"])
-            _REGISTRY.close(self.path)
+            REGISTRY.close(self.path)
             self.retrievals.forget()
             try:
                 action()
@@ -973,7 +718,8 @@ class LmdbTables:
                         f"{self.path / 'data.mdb'} is missing after a failed file swap; "
                         "reopen the store for writing to restore it"
                     )
-                self.env = _REGISTRY.open(self.path, readonly=False, map_size=map_size)
+                self.env = REGISTRY.open(self.path, readonly=False, map_size=map_size,
+                                             max_dbs=_MAX_DBS)
                 try:
                     with self.env.begin(write=True) as txn:
                         self._dbs = {
@@ -1016,7 +762,7 @@ class LmdbTables:
 
     def shared_refs(self) -> int:
         """How many Store objects of this process share this environment."""
-        return _REGISTRY.refs(self.path)
+        return REGISTRY.refs(self.path)
 
     def fold_retrievals(self) -> int:
         """Fold the logged retrieval counts into the ``prio`` rows now (a clean close does, so

@@ -37,7 +37,8 @@ from xpstore.model.effects import Effect, StateView, counted_envelope, derive_al
 from xpstore.model.records import Experience
 from xpstore.persistence.applier import to_changes
 from xpstore.persistence.crashpoints import crash_point
-from xpstore.persistence.lmdb_tables import Change, LmdbTables, RecordPut, TrackSet
+from xpstore.persistence.lmdb_changes import Change, RecordPut, TrackSet
+from xpstore.persistence.lmdb_tables import LmdbTables
 
 __all__ = ["REPLAY_BATCH", "Replayer"]
 
