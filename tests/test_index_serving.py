@@ -541,3 +541,64 @@ def test_a_live_ef_search_reaches_single_queries(tmp_path: Path) -> None:
             assert implicit == explicit, ef
             assert by_ef.setdefault(ef, implicit) == implicit  # and back again
         assert by_ef[10] != by_ef[400]  # the knob moves answers: it is the one searched with
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+def test_single_queries_by_position_answer_as_the_search_by_id(tmp_path: Path, kind: str) -> None:
+    """A build adds its vectors in id order, so a single query searches FAISS by position and
+    names the answers from the main index's arrays; a backend whose positions are in another
+    order (checked against its id map) is searched by id, with the same answers."""
+    rng = np.random.default_rng(31)
+    cfg = {**QUIET, "index_exact_below": 10_000 if kind == "exact" else 0}
+    with Store.open(tmp_path / "s", create=True, **cfg) as st:
+        st.put_many(library(rng, 400))
+        st.rebuild_index()
+        server = index_server(st)
+        main = server.main
+        assert main.backend is not None and main.backend.kind == kind
+        assert main.by_position
+        queries = [st.track_vector(f"t{i}") for i in range(0, 400, 23)]
+        by_position = [_pairs(st.similar(vector=q, k=10)) for q in queries]
+        for got, q in zip(by_position, queries, strict=True):
+            assert len(got) == 10
+            if kind == "exact":
+                assert same_up_to_ties(got, exact_top(st, q, 10)), got
+        names = {h.record_id: h.track_id for q in queries for h in st.similar(vector=q, k=10)}
+        live = live_fingerprints(st)
+        assert names == {rid: live[rid].track_id for rid in names}
+        # the same vectors added in reverse id order: positions no longer follow the ids
+        ids, vecs = main.backend.vectors()
+        flipped = type(main.backend).create(main.backend.dim)
+        if kind == "hnsw":
+            flipped = type(main.backend).create(main.backend.dim, **main.backend.params)
+        flipped.add(ids[::-1].copy(), vecs[::-1].copy())
+        server.replace_backend(flipped)
+        assert not server.main.by_position
+        by_id = [_pairs(st.similar(vector=q, k=10)) for q in queries]
+        for a, b in zip(by_position, by_id, strict=True):
+            if kind == "exact":
+                assert same_up_to_ties(a, b), (a, b)
+            else:  # another graph: nearly the same answers
+                assert len({r for r, _ in a} & {r for r, _ in b}) >= 8
+
+
+def test_a_search_by_position_drops_the_padding_of_a_short_answer(tmp_path: Path) -> None:
+    """FAISS pads a short answer with position -1; it must not read as the id at position 0
+    (``take`` clips -1 to 0), nor be answered."""
+    rng = np.random.default_rng(32)
+    with Store.open(tmp_path / "s", create=True, **QUIET) as st:
+        st.put_many(library(rng, 30))
+        st.rebuild_index()
+        server = index_server(st)
+        state = server._state
+        first = int(server.main.ids[0])
+        pos = np.array([5, 2, -1, -1], dtype=np.int64)
+        scores = np.array([0.9, 0.8, -np.inf, -np.inf], dtype=np.float32)
+        found = server._main_by_position(state, scores, pos, 4, set(), more=False)
+        assert found is not None
+        rids, vals, tracks = found
+        assert rids == [int(server.main.ids[5]), int(server.main.ids[2])] and first not in rids
+        assert tracks == [server.main.tracks[5], server.main.tracks[2]]
+        assert vals == pytest.approx([0.9, 0.8])
+        # a caller that may look further gets None (the general search then runs)
+        assert server._main_by_position(state, scores, pos, 4, set(), more=True) is None

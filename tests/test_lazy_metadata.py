@@ -336,3 +336,34 @@ def test_lazy_metadata_shows_each_record_as_of_the_first_access(
         want = [None if h.record_id in deleted else _stored_metadata(st, h.record_id)
                 for h in hits]  # fmt: skip
         assert [h.metadata for h in hits] == want
+
+
+def test_answers_partly_in_the_answer_cache_read_only_the_rest_at_the_first_access(
+    tmp_path: Path, reads: list[list[int]]
+) -> None:
+    """A call whose answers the cache holds in part stays lazy: its first metadata access
+    takes the cached ones from the cache (counted as hits) and reads only the others."""
+    with _store(tmp_path) as st:
+        server = index_server(st)
+        first = st.similar("t1", k=10)
+        [h.metadata for h in first]  # fills the cache with these ten
+        cached = {h.record_id for h in first}
+        assert cached <= server.answers.keys()
+        # a query whose answers overlap the cached ones without all being cached
+        for t in (f"t{i}" for i in range(2, 300)):
+            hits = st.similar(t, k=10)
+            overlap = cached & {h.record_id for h in hits}
+            if overlap and len(overlap) < len(hits):
+                break
+        else:
+            pytest.fail("no query overlapping the cache in part")
+        assert all("_load" in h.__dict__ for h in hits)  # nothing read yet
+        before = dict(st.parts.telemetry.counters())
+        reads.clear()
+        got = [h.metadata for h in hits]
+        after = st.parts.telemetry.counters()
+        rest = sorted(h.record_id for h in hits if h.record_id not in cached)
+        assert [sorted(r) for r in reads] == [rest]
+        assert after.get("answers.hits", 0.0) - before.get("answers.hits", 0.0) == len(overlap)
+        assert after.get("answers.misses", 0.0) - before.get("answers.misses", 0.0) == len(rest)
+        assert got == [_stored_metadata(st, h.record_id) for h in hits]

@@ -250,6 +250,13 @@ def faiss_threads(threads: int | None) -> Iterator[None]:
 _omp = threading.local()
 
 
+_SWIG_PTR: Any = getattr(
+    faiss.swig_ptr.__globals__.get("_swigfaiss"), "swig_ptr", faiss.swig_ptr
+)
+"""FAISS's C-level ``swig_ptr`` when its Python wrapper exposes it (the wrapper adds a Python
+call to each of a single query's three pointers), else the wrapper itself."""
+
+
 def query_threads(threads: int | None) -> None:
     """Set FAISS's OpenMP threads for the calling thread's single-query searches, calling
     FAISS only when the thread's setting changes (``faiss_threads`` on and off cost every
@@ -321,6 +328,7 @@ class IndexBackend(ABC):
         self._dim = dim
         self._params: dict[str, Any] = dict(params)
         self._one_cache: dict[tuple[tuple[str, int], ...], Any] = {}
+        self._positional: Any = None  # the index under the id map, at its first search
 
     @property
     def dim(self) -> int:
@@ -386,12 +394,20 @@ class IndexBackend(ABC):
         return scores, ids
 
     def search_one(
-        self, q: F32Array, k: int, params: Mapping[str, int] | None = None
+        self,
+        q: F32Array,
+        k: int,
+        params: Mapping[str, int] | None = None,
+        *,
+        positions: bool = False,
     ) -> tuple[F32Array, I64Array]:
         """:meth:`search` of one query the caller has already checked (a C-contiguous float32
         ``(1, dim)`` row, ``k`` >= 1): FAISS's C++ search is called on it directly (no second
         validation of the values, no Python wrapper). Missing results keep FAISS's id -1.
-        The layout is checked (FAISS reads ``dim`` floats from the row's address)."""
+        The layout is checked (FAISS reads ``dim`` floats from the row's address).
+
+        ``positions``: answer FAISS positions instead of ids (the index under the id map is
+        searched; see :meth:`position_ids`), for a caller that maps positions itself."""
         if q.dtype != np.float32 or q.shape != (1, self._dim) or not q.flags.c_contiguous:
             raise InvalidArgumentError(
                 f"search_one needs a C-contiguous float32 (1, {self._dim}) query, got "
@@ -401,9 +417,14 @@ class IndexBackend(ABC):
         sp = self._one_parameters(params) if params else None
         scores = np.empty((1, k), dtype=np.float32)
         ids = np.empty((1, k), dtype=np.int64)
-        ptr = faiss.swig_ptr
+        ptr = _SWIG_PTR
+        index = self._index
+        if positions:
+            index = self._positional
+            if index is None:
+                index = self._positional = self._position_index()
         try:
-            self._index.search_c(1, ptr(q), k, ptr(scores), ptr(ids), sp)
+            index.search_c(1, ptr(q), k, ptr(scores), ptr(ids), sp)
         except _FAISS_ERRORS as exc:
             raise XpStoreError(
                 f"FAISS error (searching the {self.kind} index): {type(exc).__name__}: {exc}"
@@ -430,6 +451,18 @@ class IndexBackend(ABC):
             return 0
         with faiss_errors(f"removing {id_arr.size} ids from the {self.kind} index"):
             return int(self._index.remove_ids(id_arr))
+
+    def position_ids(self) -> I64Array | None:
+        """The id held at each FAISS position (the id map), or None where FAISS keeps the ids
+        inside its lists (IVF): a search by position (``search_one(positions=True)``) needs
+        this map to name its answers."""
+        with faiss_errors(f"listing the ids of the {self.kind} index"):
+            return np.asarray(faiss.vector_to_array(self._index.id_map), dtype=np.int64)
+
+    def _position_index(self) -> Any:
+        """The index under the id map, searched by position (kept alive by the id map)."""
+        with faiss_errors(f"opening the {self.kind} index by position"):
+            return self._index.index
 
     def ids(self) -> I64Array:
         """The ids the index holds, sorted."""
@@ -669,6 +702,10 @@ class IVFBackend(IndexBackend):
         merged = dict(params)
         merged["nlist"] = int(index.nlist)
         return cls(index, dim, merged)
+
+    def position_ids(self) -> I64Array | None:
+        """None: the inverted lists hold the ids, a search answers them directly."""
+        return None
 
     def ids(self) -> I64Array:
         """The ids the index holds, sorted (read from the inverted lists)."""

@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -134,6 +135,19 @@ class MainIndex:
     tracks: npt.NDArray[np.object_] | None = None
     """The track id of each of ``ids`` (same positions; None for an id no longer live when it
     was read), so an answer needs no LMDB read for its track. None: not known."""
+
+    @cached_property
+    def by_position(self) -> bool:
+        """FAISS's position ``i`` holds ``ids[i]`` (a build adds its vectors in id order): a
+        single query is then searched by position and named with two array lookups, without
+        the id map's lookup and a binary search of ``ids`` per answer. Checked once per main
+        index against the id map itself, so an index that was built otherwise is served by
+        id, as before."""
+        backend = self.backend
+        if backend is None or self.tracks is None:
+            return False
+        held = backend.position_ids()
+        return held is not None and bool(np.array_equal(held, self.ids))
 
     def track_ids(self, rids: I64) -> list[str | None]:
         """The tracks of ``rids`` (ids of this index) from memory; None where unknown."""
@@ -842,6 +856,11 @@ class IndexServer:
         backend = main.backend
         if backend is not None and n_main:
             query_threads(self.query_threads)
+            if not view.n and main.by_position:
+                sm, pm = backend.search_one(
+                    q, min(fetch, n_main), self._params_for(backend, params), positions=True
+                )
+                return self._main_by_position(st, sm[0], pm[0], k, exclude, fetch < total)
             sm, im = backend.search_one(q, min(fetch, n_main), self._params_for(backend, params))
             if not view.n:
                 return self._main_only(st, sm[0], im[0], k, exclude, fetch < total)
@@ -877,19 +896,51 @@ class IndexServer:
         rids = [rid for rid, _score in out]
         return rids, [score for _rid, score in out], self.track_ids(rids)
 
+    def _main_by_position(
+        self, st: _State, scores: F32, pos: I64, k: int, exclude: set[int], more: bool
+    ) -> Found | None:
+        """:meth:`_main_only` of a search by position (``MainIndex.by_position``): ids and
+        tracks are read at the positions FAISS answered (-1, no answer, reads as id -1)."""
+        main = st.main
+        assert main.tracks is not None  # by_position holds only with tracks
+        held = main.ids.take(pos, mode="clip").tolist()
+        names = main.tracks.take(pos, mode="clip").tolist()
+        rids = held
+        at = pos.tolist()
+        if min(at) < 0:  # fewer answers than asked: FAISS pads with -1 (held reads ids[0])
+            rids = [-1 if p < 0 else rid for p, rid in zip(at, held, strict=True)]
+        elif len(at) == k and not exclude and not st.tombs and self._state is st:
+            return rids, scores.tolist(), names  # the usual single query: nothing to drop
+        return self._main_named(st, scores.tolist(), rids, held, names, k, exclude, more)
+
     def _main_only(
         self, st: _State, scores: F32, ids: I64, k: int, exclude: set[int], more: bool
     ) -> Found | None:
         """:meth:`search_one`'s answers when the delta is empty (the state after a build):
         tracks by position in the main index's sorted ids, checked, in one numpy call each."""
-        main, tombs = st.main, st.tombs
+        main = st.main
         sorted_ids = main.ids
         pos = sorted_ids.searchsorted(ids)
         held = sorted_ids.take(pos, mode="clip").tolist()
         names = (main.tracks.take(pos, mode="clip").tolist() if main.tracks is not None
                  else [None] * len(held))  # fmt: skip
-        rids = ids.tolist()
-        vals = scores.tolist()
+        return self._main_named(st, scores.tolist(), ids.tolist(), held, names, k, exclude, more)
+
+    def _main_named(
+        self,
+        st: _State,
+        vals: list[float],
+        rids: list[int],
+        held: list[int],
+        names: list[str | None],
+        k: int,
+        exclude: set[int],
+        more: bool,
+    ) -> Found | None:
+        """The answers of a main-only search: ``held[j]`` is the id whose track ``names[j]``
+        is, the answer's own id when they agree (an id FAISS answered that ``held`` lacks
+        gets no track from memory)."""
+        tombs = st.tombs
         now = self._state
         if now is st and not tombs and held == rids:
             # no tombstone, no swap, every id found (no -1 padding): only ``exclude`` (the
@@ -897,7 +948,9 @@ class IndexServer:
             if exclude:
                 for j in [j for j, rid in enumerate(rids) if rid in exclude][::-1]:
                     del rids[j], vals[j], names[j]
-            if len(rids) >= k:
+            if len(rids) == k:  # the usual case: FAISS was asked for exactly k
+                return rids, vals, names
+            if len(rids) > k:
                 return rids[:k], vals[:k], names[:k]
             return None if more else (rids, vals, names)
         out_i: list[int] = []

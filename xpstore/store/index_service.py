@@ -93,6 +93,11 @@ class IndexService:
         params: Mapping[str, int] | None,
     ) -> list[Neighbor]:
         """See :meth:`xpstore.Store.similar`."""
+        if (
+            vector is not None and track_id is None and fingerprint is None and where is None
+            and weights is None and params is None and not precomputed
+        ):  # fmt: skip
+            return self._similar_vector(vector, k)
         self._engine.check_open()
         k = check_k(k)
         if (track_id is not None) + (fingerprint is not None) + (vector is not None) != 1:
@@ -151,6 +156,18 @@ class IndexService:
             query[None, :], k, exclude=[exclude], accept=accept, params=_params(params)
         )[0]
         return self._neighbors(server, hits)
+
+    def _similar_vector(self, vector: npt.ArrayLike, k: int) -> list[Neighbor]:
+        """``similar(vector=...)`` without options, the shortest path (each step of the general
+        one that cannot apply is left out: this is the call a client makes per query)."""
+        self._engine.check_open()
+        k = check_k(k)
+        server = self.serving()
+        query = _check_vector(vector, server.embedder.dim)[None, :]
+        found = server.search_one(query, k, set())
+        if found is not None:
+            return self._answers(server, found)
+        return self._neighbors(server, server.search(query, k, exclude=[set()])[0])
 
     @timed("similar_many")
     def similar_many(
@@ -383,43 +400,35 @@ class IndexService:
 
     def _answers(self, server: IndexServer, found: Found, load: MetadataLoad | None = None
                  ) -> list[Neighbor]:  # fmt: skip
-        """Neighbors of (ids, scores, tracks or None): metadata from the answer cache, else
-        read lazily (:class:`MetadataLoad`); the rare answer whose track memory does not know
-        is read at once, with its metadata (and dropped if its record is gone: deleted after
-        the search)."""
+        """Neighbors of (ids, scores, tracks or None): all from the answer cache, metadata
+        included, when it holds every one; else their metadata read lazily
+        (:class:`MetadataLoad`: the answer cache first, then one store read for the rest, at
+        the first access of any); the rare answer whose track memory does not know is read at
+        once, with its metadata (and dropped if its record is gone: deleted after the
+        search)."""
         rids, scores, tracks = found
         if not rids:
             return []
         cache = server.answers
-        if None not in tracks and (not cache or cache.keys().isdisjoint(rids)):
-            if load is None:  # the first ask: nothing cached, every track known
-                load = self._metadata_load(server)
+        if rids[0] in cache:  # one lookup rules out most calls that are not all cached
+            cached = [cache.get(rid) for rid in rids]
+            if None not in cached:  # asked again: every answer cached, metadata included
+                self._engine.telemetry.incr("answers.hits", len(rids))
+                return cached_answers(rids, scores, cached)  # type: ignore[arg-type]
+        if load is None:
+            load = self._metadata_load(server)
+        if None not in tracks:  # the usual case: every track known from memory
             return load.answers(rids, scores, tracks)  # type: ignore[arg-type]
-        cached = [cache.get(rid) for rid in rids]
-        if None not in cached:  # asked again: every answer cached, metadata included
-            self._engine.telemetry.incr("answers.hits", len(rids))
-            return cached_answers(rids, scores, cached)  # type: ignore[arg-type]
-        known: dict[int, tuple[str, dict[str, Any] | None]] | None = None
+        unknown = [rid for rid, t in zip(rids, tracks, strict=True) if t is None]
+        known = {rid: cache[rid] for rid in unknown if rid in cache}
+        if len(known) < len(unknown):
+            known.update(self._lookup(server, [rid for rid in unknown if rid not in known]))
         out: list[Neighbor] = []
-        append = out.append
-        hits = 0
-        for rid, score, track, hit in zip(rids, scores, tracks, cached, strict=True):
-            if hit is not None:
-                hits += 1
-                append(Neighbor.of(hit[0], score, rid, hit[1]))
-            elif track is not None:
-                if load is None:
-                    load = self._metadata_load(server)
-                append(load.neighbor(track, score, rid))
-            else:
-                if known is None:
-                    known = self._lookup(server, [r for r, t in zip(rids, tracks, strict=True)
-                                                  if t is None and r not in cache])  # fmt: skip
-                value = known.get(rid)
-                if value is not None:
-                    append(Neighbor.of(value[0], score, rid, value[1]))
-        if hits:
-            self._engine.telemetry.incr("answers.hits", hits)
+        for rid, score, track in zip(rids, scores, tracks, strict=True):
+            if track is not None:
+                out.append(load.neighbor(track, score, rid))
+            elif (value := known.get(rid)) is not None:
+                out.append(Neighbor.of(value[0], score, rid, value[1]))
         return out
 
     def _metadata_load(self, server: IndexServer) -> MetadataLoad:
@@ -435,7 +444,14 @@ class IndexService:
                 f"store {self._engine.path} is closed: the metadata of these answers was not "
                 "read before it closed"
             )
-        return {rid: value[1] for rid, value in self._lookup(server, rids).items()}
+        cache = server.answers
+        out = {rid: hit[1] for rid in rids if (hit := cache.get(rid)) is not None}
+        if out:
+            self._engine.telemetry.incr("answers.hits", len(out))
+        if len(out) < len(rids):
+            missing = [rid for rid in rids if rid not in out]
+            out.update((rid, value[1]) for rid, value in self._lookup(server, missing).items())
+        return out
 
     def _lookup(
         self, server: IndexServer, rids: list[int]
