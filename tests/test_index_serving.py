@@ -598,7 +598,8 @@ def test_a_search_by_position_drops_the_padding_of_a_short_answer(tmp_path: Path
         assert found is not None
         rids, vals, tracks = found
         assert rids == [int(server.main.ids[5]), int(server.main.ids[2])] and first not in rids
-        assert tracks == [server.main.tracks[5], server.main.tracks[2]]
+        names = server.main.tracks
+        assert names is not None and tracks == [names[5], names[2]]
         assert vals == pytest.approx([0.9, 0.8])
         # a caller that may look further gets None (the general search then runs)
         assert server._main_by_position(state, scores, pos, 4, set(), more=True) is None

@@ -31,6 +31,7 @@ from xpstore.persistence import applier as applier_mod
 from xpstore.persistence import fs
 from xpstore.persistence import wal as wal_mod
 from xpstore.persistence.fs import OsFS
+from xpstore.store.combiner import Submission
 
 FOLLOWERS = 4
 TIMEOUT = 10.0
@@ -71,22 +72,21 @@ class Interrupting(OsFS):
         super().fdatasync(fd)
 
 
-def count_appends(store: Store, n: int) -> threading.Event:
-    """An event set once ``n`` more groups were appended to the store's WAL queue."""
-    wal = store.parts.engine.wal
-    assert wal is not None
+def count_queued(store: Store, n: int) -> threading.Event:
+    """An event set once ``n`` more writers entered the store's commit combiner: with a batch
+    running (the interrupted leader's), they queue behind it."""
+    combiner = store.parts.writer.combiner
     done = threading.Event()
     seen = [0]
-    real = wal.append
+    real = combiner.run
 
-    def append(ops: list[bytes]) -> tuple[int, int]:
-        span = real(ops)
+    def run(sub: Submission) -> None:
         seen[0] += 1
         if seen[0] >= n:
             done.set()
-        return span
+        real(sub)
 
-    wal.append = append  # type: ignore[method-assign]
+    combiner.run = run  # type: ignore[method-assign]
     return done
 
 
@@ -137,7 +137,7 @@ def test_interrupt_in_the_leaders_fdatasync(store_path: Path) -> None:
     recovers everything acknowledged."""
     store = Store.open(store_path, create=True)
     before = store.put(prediction(-1))
-    queued = count_appends(store, FOLLOWERS + 1)
+    queued = count_queued(store, FOLLOWERS + 1)
     fsys = Interrupting("fdatasync", queued)
     with fs.use(fsys):
         results, errors = run_writers(store, fsys)
@@ -163,7 +163,7 @@ def test_interrupt_before_the_write_hands_the_flush_on(store_path: Path, first: 
     segment); ``frame``: in the frame's own write, over zeros written before."""
     store = Store.open(store_path, create=True)
     before = [store.put(prediction(-1))] if first == "frame" else []
-    queued = count_appends(store, FOLLOWERS + 1)
+    queued = count_queued(store, FOLLOWERS + 1)
     fsys = Interrupting("write", queued)
     with fs.use(fsys):
         results, errors = run_writers(store, fsys)

@@ -47,6 +47,7 @@ from xpstore.model.records import (
     record_from_json,
 )
 from xpstore.persistence.overlay import MISSING
+from xpstore.store.combiner import Combiner, Submission
 from xpstore.store.engine import Engine, timed
 from xpstore.store.reader import Reader, record_id
 
@@ -66,6 +67,9 @@ class Writer:
         self._reader = reader
         self.row_source: RowSource | None = None
         self._logged = engine.settings.persisted  # the newest settings document in the WAL
+        self.combiner = Combiner(self._run_batch)
+        """Batches concurrent submissions (``store/combiner.py``): a seam for tests and
+        diagnostics (``batches``, ``submissions``)."""
 
     # ------------------------------------------------------------------ records
     @timed("put")
@@ -262,23 +266,54 @@ class Writer:
         LSN span. ``rows`` are index rows by position in ``ops``; ``timeout`` bounds the wait
         (close's own writes: a hung disk must not hang it)."""
         engine = self._engine
-        wal = engine.writable()
-        adopt: StoreConfig | None = None
-        with engine.write_lock:
-            wal = engine.writable()
-            fixed = self._fix_embedding_dim(ops)
-            if fixed is not None:
-                op = SettingsOp({"records.embedding_dim": fixed.records.embedding_dim},
-                                fixed.to_json())  # fmt: skip
-                ops, payloads = [*ops, op], [*payloads, encode_op(op)]
-            span = self._append(ops, payloads, rows or {}, wal)
-            if fixed is not None:
-                self._logged = adopt = fixed
-        wal.wait(span[1], timeout=timeout)
-        if adopt is not None:
-            engine.settings.replace_persisted(adopt)
+        engine.writable()
+        sub = Submission(ops, payloads, rows or {})
+        if timeout is None:
+            self.combiner.run(sub)  # alone, or in a batch with concurrent writers
+        else:  # close's own writes: a bounded wait, never someone else's batch
+            self._run_batch([sub], timeout)
+        if sub.error is not None:
+            raise sub.error
+        if sub.adopt is not None:
+            engine.settings.replace_persisted(sub.adopt)
         self._backpressure()
-        return span
+        assert sub.span is not None
+        return sub.span
+
+    def _run_batch(self, batch: list[Submission], timeout: float | None = None) -> None:
+        """Derive, park and append each submission as its own WAL group under the write lock,
+        then wait for the acknowledgement of the last; a failure is its submission's own (a
+        WAL failure, every appended one's)."""
+        engine = self._engine
+        with engine.write_lock:
+            try:
+                wal = engine.writable()
+            except BaseException as exc:
+                for sub in batch:
+                    sub.error = exc
+                return
+            for sub in batch:
+                try:
+                    ops, payloads = sub.ops, sub.payloads
+                    fixed = self._fix_embedding_dim(ops)
+                    if fixed is not None:
+                        op = SettingsOp({"records.embedding_dim": fixed.records.embedding_dim},
+                                        fixed.to_json())  # fmt: skip
+                        ops, payloads = [*ops, op], [*payloads, encode_op(op)]
+                    sub.span = self._append(ops, payloads, sub.rows, wal)
+                    if fixed is not None:
+                        self._logged = sub.adopt = fixed
+                except Exception as exc:
+                    sub.error = exc
+        spans = [sub.span for sub in batch if sub.span is not None]
+        if not spans:
+            return
+        try:
+            wal.wait(spans[-1][1], timeout=timeout)
+        except Exception as exc:
+            for sub in batch:
+                if sub.span is not None:
+                    sub.span, sub.adopt, sub.error = None, None, exc
 
     def _append(
         self, ops: list[Op], payloads: list[bytes], rows: Mapping[int, IndexRow], wal: Any
