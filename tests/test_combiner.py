@@ -19,6 +19,10 @@ def _sub(tag: int) -> Submission:
     return Submission([tag], [b"x"], {})
 
 
+def _no_wait(batch: list[Submission]) -> None:
+    return None
+
+
 class _Runner:
     """A batch runner that records each batch and the thread that ran it; the first batch
     waits for ``release`` so that others can queue behind it."""
@@ -49,7 +53,7 @@ def _run_in_thread(c: Combiner, sub: Submission, name: str) -> threading.Thread:
 
 def test_writers_queued_behind_a_batch_run_together_led_by_the_oldest() -> None:
     runner = _Runner()
-    c = Combiner(runner)
+    c = Combiner(runner, _no_wait)
     first = _sub(0)
     lead = _run_in_thread(c, first, "w0")
     assert runner.started.wait(10)
@@ -79,7 +83,7 @@ def test_a_failure_is_its_own_submissions_only() -> None:
     runner = _Runner()
     runner.release.set()
     runner.fail_tags = {2}
-    c = Combiner(runner)
+    c = Combiner(runner, _no_wait)
     subs = [_sub(i) for i in range(4)]
     threads = [_run_in_thread(c, s, f"w{i}") for i, s in enumerate(subs)]
     for t in threads:
@@ -105,7 +109,7 @@ def test_a_batch_cut_short_fails_every_writer_of_it_and_hangs_none() -> None:
         for s in batch:
             s.span = (s.ops[0], s.ops[0])
 
-    c = Combiner(runner)
+    c = Combiner(runner, _no_wait)
     subs = [_sub(i) for i in range(4)]
     errors: dict[int, BaseException] = {}
 
@@ -136,6 +140,70 @@ def test_a_batch_cut_short_fails_every_writer_of_it_and_hangs_none() -> None:
     assert subs[0].span == (0, 0)
     c.run(subs[3])  # not stuck: the next writer leads
     assert subs[3].span == (3, 3)
+
+
+def test_writers_return_only_after_their_batch_was_waited_for() -> None:
+    """No writer returns before the wait of its own batch ended; writers queued meanwhile run in
+    the next batch, after it."""
+    first_waiting = threading.Event()
+    finish_first = threading.Event()
+    appended: list[list[int]] = []
+    waited: list[list[int]] = []
+
+    def append(batch: list[Submission]) -> None:
+        appended.append([s.ops[0] for s in batch])
+        for s in batch:
+            s.span = (s.ops[0], s.ops[0])
+
+    def wait(batch: list[Submission]) -> None:
+        if batch[0].ops[0] == 0:
+            first_waiting.set()
+            assert finish_first.wait(10)
+        waited.append([s.ops[0] for s in batch])
+
+    c = Combiner(append, wait)
+    done: list[int] = []
+
+    def write(s: Submission) -> None:
+        c.run(s)
+        done.append(s.ops[0])
+
+    t0 = threading.Thread(target=write, args=(_sub(0),))
+    t0.start()
+    assert first_waiting.wait(10)
+    t1 = threading.Thread(target=write, args=(_sub(1),))
+    t1.start()
+    for _ in range(2000):
+        if c._queue:
+            break
+        threading.Event().wait(0.001)
+    assert appended == [[0]] and done == []  # 1 queued behind the batch that waits
+    finish_first.set()
+    for t in (t0, t1):
+        t.join(10)
+        assert not t.is_alive()
+    assert appended == [[0], [1]] and waited == [[0], [1]] and sorted(done) == [0, 1]
+
+
+def test_an_interrupt_in_the_wait_fails_the_batch_as_unknown() -> None:
+    def append(batch: list[Submission]) -> None:
+        for s in batch:
+            s.span = (s.ops[0], s.ops[0])
+
+    def wait(batch: list[Submission]) -> None:
+        raise KeyboardInterrupt
+
+    c = Combiner(append, wait)
+    sub = _sub(0)
+    with pytest.raises(KeyboardInterrupt):
+        c.run(sub)
+    assert sub.span is None and isinstance(sub.error, XpStoreError)
+    assert "unknown" in str(sub.error)
+    ok = _sub(1)
+    c2 = Combiner(append, _no_wait)
+    c2.run(ok)
+    assert ok.span == (1, 1)
+    assert not c._leading  # the interrupted combiner is idle again, not stuck leading
 
 
 def test_threads_putting_one_by_one_get_distinct_durable_ids(tmp_path: Path) -> None:

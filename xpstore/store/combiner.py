@@ -7,12 +7,12 @@ measured cost: 8 threads put 2.5x slower than one thread with no sync at all, ev
 microsecond spent in handoffs, not in the put (docs/benchmarks.md, issue 15).
 
 Here a writer queues its submission and, unless a leader is running, becomes the leader: it
-takes the whole queue, runs it as one batch (``run_batch``: each submission derived, parked
-and appended under the write lock as its own atomic WAL group, then one wait for the WAL
-acknowledgement of the last), and wakes every writer of the batch. A follower sleeps once, on its
-own gate (a held lock, released to wake it), and returns with its result or its own error. A
-leader runs one batch only: when submissions queued meanwhile, it wakes the oldest of them to lead
-the next, so no thread works for others for long.
+takes the whole queue as one batch, appends it (``append``: each submission derived, parked and
+appended under the write lock as its own atomic WAL group), waits (``wait``: one wait for the
+WAL acknowledgement of the batch's last group) and wakes every writer of the batch. A follower
+sleeps once, on its own gate (a held lock, released to wake it), and returns with its result or
+its own error. A leader runs one batch only: when submissions queued meanwhile, it wakes the
+oldest of them to lead the next, so no thread works for others for long.
 
 Nothing about atomicity or durability changes: each submission is still its own WAL group
 (one frame unless the WAL merges neighbours, which it already did), acknowledged exactly when
@@ -53,8 +53,13 @@ class Submission:
 class Combiner:
     """Batches concurrent :class:`Submission`\\ s: see the module docstring."""
 
-    def __init__(self, run_batch: Callable[[list[Submission]], None]) -> None:
-        self._run_batch = run_batch
+    def __init__(
+        self,
+        append: Callable[[list[Submission]], None],
+        wait: Callable[[list[Submission]], None],
+    ) -> None:
+        self._append = append
+        self._wait = wait
         self._mu = threading.Lock()
         self._queue: list[Submission] = []
         self._leading = False
@@ -77,8 +82,11 @@ class Combiner:
     def _lead(self) -> None:
         with self._mu:
             batch, self._queue = self._queue, []
+        self.batches += 1
+        self.submissions += len(batch)
         try:
-            self._run_batch(batch)
+            self._append(batch)
+            self._wait(batch)
         except BaseException as exc:
             # a bug or an interrupt cut the batch short: no writer of it may hang, and none may
             # return as if acknowledged (its group may be appended and not yet durable)
@@ -93,15 +101,20 @@ class Combiner:
                     sub.error = unknown
             raise
         finally:
-            self.batches += 1
-            self.submissions += len(batch)
-            with self._mu:
-                nxt = self._queue[0] if self._queue else None
-                if nxt is None:
-                    self._leading = False
-                else:
-                    nxt.lead = True
+            # the lead passes on after the wait: handing it on before (so that the next batch
+            # is appended during this one's sync) measured no faster and often slower, the
+            # next leader then sleeping in the WAL's own group commit (docs/design.md)
+            self._hand_off()
             for sub in batch:  # every gate is held: by its creator, or by the wait it woke
                 sub.gate.release()
-            if nxt is not None:
-                nxt.gate.release()
+
+    def _hand_off(self) -> None:
+        """Wake the oldest queued writer to lead the next batch, or mark the combiner idle."""
+        with self._mu:
+            nxt = self._queue[0] if self._queue else None
+            if nxt is None:
+                self._leading = False
+            else:
+                nxt.lead = True
+        if nxt is not None:
+            nxt.gate.release()

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 from xpstore.config import StoreConfig
-from xpstore.errors import InvalidRecordError, RecordTooLargeError
+from xpstore.errors import InvalidRecordError, RecordTooLargeError, StoreClosedError
 from xpstore.model.codec import (
     DeleteOp,
     DeleteTrackOp,
@@ -67,7 +67,7 @@ class Writer:
         self._reader = reader
         self.row_source: RowSource | None = None
         self._logged = engine.settings.persisted  # the newest settings document in the WAL
-        self.combiner = Combiner(self._run_batch)
+        self.combiner = Combiner(self._append_batch, self._wait_batch)
         """Batches concurrent submissions (``store/combiner.py``): a seam for tests and
         diagnostics (``batches``, ``submissions``)."""
 
@@ -271,7 +271,8 @@ class Writer:
         if timeout is None:
             self.combiner.run(sub)  # alone, or in a batch with concurrent writers
         else:  # close's own writes: a bounded wait, never someone else's batch
-            self._run_batch([sub], timeout)
+            self._append_batch([sub])
+            self._wait_batch([sub], timeout)
         if sub.error is not None:
             raise sub.error
         if sub.adopt is not None:
@@ -280,10 +281,9 @@ class Writer:
         assert sub.span is not None
         return sub.span
 
-    def _run_batch(self, batch: list[Submission], timeout: float | None = None) -> None:
-        """Derive, park and append each submission as its own WAL group under the write lock,
-        then wait for the acknowledgement of the last; a failure is its submission's own (a
-        WAL failure, every appended one's)."""
+    def _append_batch(self, batch: list[Submission]) -> None:
+        """Derive, park and append each submission as its own WAL group under the write lock;
+        a failure is its submission's own."""
         engine = self._engine
         with engine.write_lock:
             try:
@@ -305,8 +305,22 @@ class Writer:
                         self._logged = sub.adopt = fixed
                 except Exception as exc:
                     sub.error = exc
+
+    def _wait_batch(self, batch: list[Submission], timeout: float | None = None) -> None:
+        """Wait for the acknowledgement of the batch's last group (a WAL failure fails every
+        appended submission)."""
         spans = [sub.span for sub in batch if sub.span is not None]
         if not spans:
+            return
+        wal = self._engine.wal
+        if wal is None:  # closed between the append and the wait: nothing says it is durable
+            closed = StoreClosedError(
+                f"store {self._engine.path} closed before this write was acknowledged; a "
+                "reopen recovers whatever reached the log"
+            )
+            for sub in batch:
+                if sub.span is not None:
+                    sub.span, sub.adopt, sub.error = None, None, closed
             return
         try:
             wal.wait(spans[-1][1], timeout=timeout)
