@@ -32,7 +32,7 @@ One run, per size N (default 20 000; the issue's 100 000 and 1 000 000 by hand):
    (from the store's log records), then at rest again; once per ``--rebuild-query-threads``
    value of ``index_query_threads`` (the store is reopened with it).
 6. **Memory**: the index file's size and the RSS a fresh process gains by loading it (FAISS
-   through ``backends.load``; hnswlib's own file the same way), scaled to a million vectors.
+   through ``index_file.load``; hnswlib's own file the same way), scaled to a million vectors.
 
 Prints markdown tables (medians, p99, ratios) and the issue's bars as PASS/MISS.
 
@@ -185,7 +185,7 @@ _RSS_CHILD = r"""
 import gc, json, sys
 import psutil
 import hnswlib
-from xpstore.index.backends import load
+from xpstore.index.index_file import load
 p = psutil.Process()
 out = {}
 gc.collect(); before = p.memory_info().rss

@@ -20,7 +20,7 @@ from xpstore.errors import (
     StoreCorruptionError,
     XpStoreError,
 )
-from xpstore.index import backends
+from xpstore.index import backends, index_file
 from xpstore.index.backends import (
     KINDS,
     MIN_EF_CONSTRUCTION,
@@ -35,11 +35,10 @@ from xpstore.index.backends import (
     exclusion,
     faiss_errors,
     faiss_threads,
-    load,
     nlist_for,
-    save,
 )
 from xpstore.index.embedding import AudioStats, HybridEmbedder
+from xpstore.index.index_file import load, save
 from xpstore.model.records import BATCH_FIELDS
 
 log = logging.getLogger(__name__)
@@ -272,7 +271,7 @@ def test_flipped_byte_is_corruption_before_faiss(saved: Path, where: str) -> Non
         "index_start": size - 180 * 16 * 4,  # inside the stored vectors
         "index_middle": size // 2,
         "index_end": size - 1,
-        "meta": backends._HEADER.size + 5,
+        "meta": index_file._HEADER.size + 5,
         "magic": 0,
     }[where]
     _flip(saved, offset)
@@ -281,7 +280,7 @@ def test_flipped_byte_is_corruption_before_faiss(saved: Path, where: str) -> Non
 
 
 @pytest.mark.usefixtures("no_deserialize")
-@pytest.mark.parametrize("keep", [0, 10, backends._HEADER.size + 3, -1])
+@pytest.mark.parametrize("keep", [0, 10, index_file._HEADER.size + 3, -1])
 def test_truncated_file_is_corruption(saved: Path, keep: int) -> None:
     data = saved.read_bytes()
     saved.write_bytes(data[:keep] if keep >= 0 else data[:-1])
@@ -292,7 +291,7 @@ def test_truncated_file_is_corruption(saved: Path, keep: int) -> None:
 @pytest.mark.usefixtures("no_deserialize")
 def test_newer_format_version_is_refused(saved: Path) -> None:
     data = bytearray(saved.read_bytes())
-    data[8:12] = (backends.FORMAT_VERSION + 1).to_bytes(4, "little")
+    data[8:12] = (index_file.FORMAT_VERSION + 1).to_bytes(4, "little")
     saved.write_bytes(bytes(data))
     with pytest.raises(FormatVersionError, match=str(saved)):
         load(saved)
@@ -304,12 +303,13 @@ def test_meta_that_disagrees_with_index_is_corruption(saved: Path) -> None:
     import json
 
     data = saved.read_bytes()
-    magic, version, meta_len, _ = backends._HEADER.unpack_from(data)
-    start = backends._HEADER.size
+    magic, version, meta_len, _ = index_file._HEADER.unpack_from(data)
+    start = index_file._HEADER.size
     meta = json.loads(data[start : start + meta_len])
     meta["kind"] = "ivf"
     new_meta = json.dumps(meta, sort_keys=True).encode()
-    header = backends._HEADER.pack(magic, version, len(new_meta), hashlib.sha256(new_meta).digest())
+    digest = hashlib.sha256(new_meta).digest()
+    header = index_file._HEADER.pack(magic, version, len(new_meta), digest)
     saved.write_bytes(header + new_meta + data[start + meta_len :])
     with pytest.raises(StoreCorruptionError, match="does not match"):
         load(saved)
@@ -324,13 +324,14 @@ def _resign_index(path: Path, blob: bytes) -> None:
     import json
 
     data = path.read_bytes()
-    magic, version, meta_len, _ = backends._HEADER.unpack_from(data)
-    start = backends._HEADER.size
+    magic, version, meta_len, _ = index_file._HEADER.unpack_from(data)
+    start = index_file._HEADER.size
     meta = json.loads(data[start : start + meta_len])
     meta["index_sha256"] = hashlib.sha256(blob).hexdigest()
     meta["index_size"] = len(blob)
     new_meta = json.dumps(meta, sort_keys=True).encode()
-    header = backends._HEADER.pack(magic, version, len(new_meta), hashlib.sha256(new_meta).digest())
+    digest = hashlib.sha256(new_meta).digest()
+    header = index_file._HEADER.pack(magic, version, len(new_meta), digest)
     path.write_bytes(header + new_meta + blob)
 
 

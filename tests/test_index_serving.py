@@ -32,8 +32,8 @@ from xpstore import (
     Store,
 )
 from xpstore.demo.synthetic import make_fingerprint
-from xpstore.index.backends import read_meta
 from xpstore.index.embedding import HybridEmbedder
+from xpstore.index.index_file import read_meta
 from xpstore.index.neighbors import Neighbor
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -483,7 +483,7 @@ def test_a_delta_that_adopts_an_attachs_arrays_behaves_as_one_that_copied_them()
     """An attach hands its library's arrays to an empty delta (``owned=True``): no copy at
     attach; adds after it grow the buffers, removals and reads see the same rows as a delta
     that copied everything, and the caller's arrays are never written to."""
-    from xpstore.index.serving import Delta
+    from xpstore.index.delta import Delta
     from xpstore.model.events import RawFingerprint
 
     rng = np.random.default_rng(7)

@@ -4,7 +4,7 @@ The same :func:`run_build` runs in a background thread of the store (small libra
 child process (``python -m xpstore.index.build``, large ones): decoding a million envelopes is
 seconds of pure Python, and in a thread of the serving process that would hold the GIL against
 every query (issue 4). The child opens LMDB read-only, builds with a limited number of FAISS
-threads, writes the index file (atomic, checksummed, ``backends.save``) and the neighbour lists
+threads, writes the index file (atomic, checksummed, ``index_file.save``) and the neighbour lists
 file (checksummed, :mod:`xpstore.index.neighbors`), prints one JSON line and exits; the parent
 verifies both checksums before it uses a byte. A child whose parent died stops at its next phase.
 """
@@ -31,9 +31,9 @@ from xpstore.index.backends import (
     choose_backend,
     exact_knn,
     faiss_threads,
-    save,
 )
 from xpstore.index.embedding import DEFAULT_MODE, AudioStats, HybridEmbedder, ScalingMode
+from xpstore.index.index_file import save
 from xpstore.index.live import read_library
 from xpstore.index.rows import FingerprintRows
 from xpstore.index.serving import BuildInfo

@@ -56,17 +56,19 @@ import numpy as np
 
 from xpstore.errors import StoreCorruptionError, XpStoreError
 from xpstore.index import neighbors as nbrs
-from xpstore.index.backends import faiss_threads, load, read_meta
+from xpstore.index.backends import faiss_threads
 from xpstore.index.build import MIN_FIT_ROWS, BuildPlan, embedder_from_record, run_build
+from xpstore.index.delta import Delta
 from xpstore.index.embedding import AudioStats, HybridEmbedder
 from xpstore.index.history import append_build
+from xpstore.index.index_file import load, read_meta
 from xpstore.index.live import Library, LiveSet, aligned_names, read_library, stats_entry
 from xpstore.index.rows import (
     RawFingerprint,
     parse_fingerprint,
     raw_from_model,
 )
-from xpstore.index.serving import BuildInfo, Delta, IndexServer, MainIndex
+from xpstore.index.serving import BuildInfo, IndexServer, MainIndex
 from xpstore.model.columns import FingerprintColumns
 from xpstore.model.events import Acknowledged, BulkEvent, IndexRow, IndexRows
 from xpstore.model.records import Fingerprint, Record

@@ -169,7 +169,8 @@ class Pressure:
 
     def _restore(self) -> bool:
         """Reload the full index from its file and serve it again."""
-        from xpstore.index.backends import QuantizedCopy, load
+        from xpstore.index.backends import QuantizedCopy
+        from xpstore.index.index_file import load
         from xpstore.index.manager import MAIN_FILE
 
         server = self._server()

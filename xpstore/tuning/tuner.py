@@ -852,7 +852,7 @@ def live_vectors(server: IndexServer) -> tuple[np.ndarray[Any, Any], np.ndarray[
 def _delta_row_cost(server: IndexServer, probes: _Probes) -> float | None:
     """Seconds one delta row adds to one query (an exact scan: linear in rows), measured on a
     scratch delta of the probes' own vectors repeated to 4096 rows."""
-    from xpstore.index.serving import Delta
+    from xpstore.index.delta import Delta
     from xpstore.model.events import RawFingerprint
 
     q = probes.queries
