@@ -288,7 +288,7 @@ class Writer:
         with engine.write_lock:
             try:
                 wal = engine.writable()
-            except BaseException as exc:
+            except Exception as exc:  # closed or read-only: every submission's own error
                 for sub in batch:
                     sub.error = exc
                 return
