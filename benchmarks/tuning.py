@@ -50,7 +50,7 @@ from xpstore.model.records import Experience, QueryMetric
 from xpstore.persistence.telemetry import Telemetry
 from xpstore.store.engine import timed
 from xpstore.tuning import AutoTuner, PatternDetector, Profiler
-from xpstore.tuning.tuner import live_vectors
+from xpstore.tuning.probes import live_vectors
 
 DEFAULTS = {"index.ef_search": 64, "index.nprobe": 32, "index.hnsw_m": 32,
             "index.query_threads": 1, "index.answer_cache": 100_000, "index.delta_ratio": 0.1,

@@ -43,11 +43,19 @@ import numpy as np
 
 from xpstore.errors import InvalidArgumentError, XpStoreError
 from xpstore.model.records import Decision
-from xpstore.model.sketch import LogHistogram
 from xpstore.store.engine import checked_changes
 from xpstore.store.store import Store
 from xpstore.tuning.monitor import ENTRY_BYTES
 from xpstore.tuning.patterns import PatternDetector, stored_retrievals
+from xpstore.tuning.probes import (
+    K,
+    Measurement,
+    Probes,
+    delta_row_cost,
+    live_vectors,
+    measure,
+    measure_pair,
+)
 from xpstore.tuning.profiler import Profiler
 from xpstore.tuning.rules import (
     DEFAULT_CONFIG,
@@ -63,7 +71,7 @@ from xpstore.tuning.rules import (
 if TYPE_CHECKING:
     from xpstore.index.serving import IndexServer
 
-__all__ = ["AutoTuner", "Change", "Measurement"]
+__all__ = ["AutoTuner", "Change"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +81,6 @@ KNOBS = (
     "index.answer_cache", "index.delta_ratio", "apply.batch_ops", "apply.interval_ms",
 )  # fmt: skip
 """The knobs the tuner may move (``status()["knobs"]``); durability is not among them."""
-K = 10
 RECALL_MARGIN = 0.01
 """Probe recall must clear the floor by this much: 200 distinct probes x 10 neighbours measure
 recall with a standard error of about 0.005 near 0.95; two of them (the probes weigh popular
@@ -82,12 +89,6 @@ EF_CANDIDATES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 NPROBE_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 MIN_HNSW_M = 8
 BUILD_WAIT_S = 600.0
-BATCH_REPEATS = 7
-"""Batched probe searches per measurement (a few ms each); the median is kept."""
-REPEATS = 3
-"""Probe passes per measurement; the median pass's p50, p99 and batch time are kept (one pass
-of 200 single queries puts p99 at the 2nd-slowest query: a stray pause of another process on
-the shared machine decided it)."""
 MIN_PROBE_TRACKS = 1_000
 """Below this the index is exact (or nearly all delta): nothing to tune."""
 WORSE_TOLERANCE = 0.10
@@ -104,25 +105,6 @@ APPLY_SLOW_S = 0.5
 
 
 @dataclass(frozen=True)
-class Measurement:
-    """What one probe pass measured (evidence of a decision)."""
-
-    p50_ms: float | None = None
-    p99_ms: float | None = None
-    qps: float | None = None
-    recall: float | None = None
-    memory_bytes: float | None = None
-
-    def as_evidence(self, prefix: str = "") -> dict[str, float]:
-        out = {}
-        for key in ("p50_ms", "p99_ms", "qps", "recall", "memory_bytes"):
-            v = getattr(self, key)
-            if v is not None:
-                out[prefix + key] = float(v)
-        return out
-
-
-@dataclass(frozen=True)
 class Change:
     """One change the tuner proposes: knobs -> new values, why, and on what evidence."""
 
@@ -130,16 +112,6 @@ class Change:
     reason: str
     evidence: dict[str, float]
     rebuild: bool = False
-
-
-class _Probes:
-    """One probe set and its exact answers."""
-
-    def __init__(self, queries: np.ndarray[Any, Any], own: list[int],
-                 truth: list[set[int]]) -> None:  # fmt: skip
-        self.queries = queries
-        self.own = own
-        self.truth = truth
 
 
 class AutoTuner:
@@ -398,7 +370,7 @@ class AutoTuner:
         named = checked_changes(parts.engine, changes)
         parts.writer.log_settings(named, records=list(decisions))
 
-    def _judge(self, probes: _Probes | None) -> dict[str, Any]:
+    def _judge(self, probes: Probes | None) -> dict[str, Any]:
         """Keep or roll back the pending change by the strategy's objective."""
         pend = self.pending
         change_id = pend[0].evidence.get("change", 0.0)
@@ -471,7 +443,7 @@ class AutoTuner:
         mgr = self.store.parts.index.manager
         return None if mgr is None else mgr.server
 
-    def _probes(self) -> _Probes | None:
+    def _probes(self) -> Probes | None:
         """A probe set drawn by priority (1 + retrievals), with exact answers; None when the
         index is not attached or too small to tune."""
         server = self._server()
@@ -522,92 +494,19 @@ class AutoTuner:
         for row, rid in zip(top.tolist(), own, strict=True):
             nearest = [int(ids[p]) for p in row if p >= 0 and int(ids[p]) != rid]
             truth.append(set(nearest[:K]))
-        return _Probes(q, own, truth)
+        return Probes(q, own, truth)
 
-    def _measure(self, probes: _Probes | None, params: dict[str, int] | None = None,
+    def _measure(self, probes: Probes | None, params: dict[str, int] | None = None,
                  threads: int | None = None) -> Measurement:  # fmt: skip
         """Latency, throughput and recall of the probes under ``params``, and the memory."""
         server = self._server()
-        memory = self._memory(server)
-        if probes is None or server is None:
-            return Measurement(memory_bytes=memory)
-        saved = server.query_threads
-        if threads is not None:
-            server.query_threads = threads
-        p50s: list[float] = []
-        p99s: list[float] = []
-        hits = 0
-        try:
-            for _rep in range(REPEATS):
-                lat = LogHistogram()
-                hits = 0
-                for i in range(len(probes.own)):
-                    t0 = time.perf_counter()
-                    got = server.search(probes.queries[i : i + 1], K, params=params,
-                                        exclude=[{probes.own[i]}])[0]  # fmt: skip
-                    lat.add(time.perf_counter() - t0)
-                    hits += len({rid for rid, _s in got} & probes.truth[i])
-                p50s.append(lat.quantile(0.5))
-                p99s.append(lat.quantile(0.99))
-        finally:
-            server.query_threads = saved
-        batches = []
-        excl = [{r} for r in probes.own]
-        for _rep in range(BATCH_REPEATS):
-            t0 = time.perf_counter()
-            server.search(probes.queries, K, exclude=excl, params=params)
-            batches.append(time.perf_counter() - t0)
-        batch = sorted(batches)[BATCH_REPEATS // 2]
-        total = sum(len(t) for t in probes.truth)
-        return Measurement(
-            p50_ms=sorted(p50s)[REPEATS // 2] * 1000, p99_ms=sorted(p99s)[REPEATS // 2] * 1000,
-            qps=len(probes.own) / batch if batch > 0 else None,
-            recall=hits / total if total else None, memory_bytes=memory,
-        )  # fmt: skip
+        return measure(server, probes, self._memory(server), params, threads)
 
-    def _measure_pair(self, probes: _Probes, old: dict[str, int],
+    def _measure_pair(self, probes: Probes, old: dict[str, int],
                       new: dict[str, int]) -> tuple[Measurement, Measurement]:  # fmt: skip
-        """:meth:`_measure` of two search-parameter sets interleaved: each probe query under
-        both (the order alternating), each batch too. Latency is each query's fastest of the
-        passes, then p50 and p99 across queries: the search's own cost per query, which is what
-        these knobs move. A raw p99 of a few hundred sub-millisecond calls is decided by how
-        many of the rare pauses (another thread holding the GIL, another process) land on each
-        side, and read as a 1.5-1.8x "worsening" of a change that made every query cheaper."""
+        """Two search-parameter sets measured interleaved (:func:`probes.measure_pair`)."""
         server = self._server()
-        memory = self._memory(server)
-        if server is None:
-            return Measurement(memory_bytes=memory), Measurement(memory_bytes=memory)
-        sides = (old, new)
-        n = len(probes.own)
-        fastest = np.full((2, n), np.inf)
-        hits = [0, 0]
-        for rep in range(REPEATS):
-            for i in range(n):
-                for side in ((0, 1) if (i + rep) % 2 == 0 else (1, 0)):
-                    t0 = time.perf_counter()
-                    got = server.search(probes.queries[i : i + 1], K, params=sides[side],
-                                        exclude=[{probes.own[i]}])[0]  # fmt: skip
-                    fastest[side, i] = min(fastest[side, i], time.perf_counter() - t0)
-                    if rep == 0:
-                        hits[side] += len({rid for rid, _s in got} & probes.truth[i])
-        excl = [{r} for r in probes.own]
-        batches: tuple[list[float], list[float]] = ([], [])
-        for rep in range(BATCH_REPEATS):
-            for side in ((0, 1) if rep % 2 == 0 else (1, 0)):
-                t0 = time.perf_counter()
-                server.search(probes.queries, K, exclude=excl, params=sides[side])
-                batches[side].append(time.perf_counter() - t0)
-        total = sum(len(t) for t in probes.truth)
-        out = []
-        for side in (0, 1):
-            batch = sorted(batches[side])[BATCH_REPEATS // 2]
-            p50, p99 = np.quantile(fastest[side], (0.5, 0.99)) if n else (math.nan, math.nan)
-            out.append(Measurement(
-                p50_ms=float(p50) * 1000, p99_ms=float(p99) * 1000,
-                qps=len(probes.own) / batch if batch > 0 else None,
-                recall=hits[side] / total if total else None, memory_bytes=memory,
-            ))  # fmt: skip
-        return out[0], out[1]
+        return measure_pair(server, probes, self._memory(server), old, new)
 
     def _memory(self, server: IndexServer | None) -> float | None:
         """The index's bytes plus the answer cache's capacity (not its fill: the fill follows
@@ -626,7 +525,7 @@ class AutoTuner:
         return self.store.parts.telemetry.counters().get(name, 0.0) - self._counters.get(name, 0.0)
 
     # ------------------------------------------------------------------ the rules
-    def _propose(self, probes: _Probes | None) -> Change | None:
+    def _propose(self, probes: Probes | None) -> Change | None:
         for rule in (self._rule_search, self._rule_graph, self._rule_threads,
                      self._rule_cache, self._rule_delta, self._rule_apply):  # fmt: skip
             change = rule(probes)
@@ -646,7 +545,7 @@ class AutoTuner:
         return None
 
     def _best_search_value(
-        self, probes: _Probes, key: str, candidates: tuple[int, ...]
+        self, probes: Probes, key: str, candidates: tuple[int, ...]
     ) -> tuple[int, Measurement] | None:
         """The smallest candidate whose probe recall clears the floor (+ margin)."""
         for value in candidates:
@@ -655,7 +554,7 @@ class AutoTuner:
                 return value, m
         return None
 
-    def _rule_search(self, probes: _Probes | None) -> Change | None:
+    def _rule_search(self, probes: Probes | None) -> Change | None:
         server = self._server()
         if probes is None or server is None:
             return None
@@ -680,7 +579,7 @@ class AutoTuner:
         return Change({name: value}, f"smallest {key} with probe recall >= "
                       f"{self.recall_floor} + {RECALL_MARGIN} ({m.recall:.3f})", ev)  # fmt: skip
 
-    def _rule_graph(self, probes: _Probes | None) -> Change | None:
+    def _rule_graph(self, probes: Probes | None) -> Change | None:
         """Strategy cost: a smaller HNSW graph (memory), if the floor can still be met."""
         server = self._server()
         if self.strategy != "cost" or probes is None or server is None:
@@ -697,7 +596,7 @@ class AutoTuner:
                       f"cost: HNSW degree {m} -> {new_m} (graph memory); efSearch re-tuned "
                       "after the rebuild", before.as_evidence("before_"), rebuild=True)  # fmt: skip
 
-    def _rule_threads(self, probes: _Probes | None) -> Change | None:
+    def _rule_threads(self, probes: Probes | None) -> Change | None:
         server = self._server()
         if probes is None or server is None or self.strategy == "cost":
             return None
@@ -718,7 +617,7 @@ class AutoTuner:
                f"{cur.p99_ms:.3f} ms with {current}")  # fmt: skip
         return Change({"index.query_threads": best}, why, cur.as_evidence("before_"))
 
-    def _rule_cache(self, probes: _Probes | None) -> Change | None:
+    def _rule_cache(self, probes: Probes | None) -> Change | None:
         server = self._server()
         if server is None:
             return None
@@ -742,7 +641,7 @@ class AutoTuner:
                           f"cache of {cap}", before | {"miss_rate": miss})  # fmt: skip
         return None
 
-    def _rule_delta(self, probes: _Probes | None) -> Change | None:
+    def _rule_delta(self, probes: Probes | None) -> Change | None:
         """Rebuild when the delta's extra search cost has paid for a rebuild: with queries at
         rate q, inserts at rate r, a delta row costing c per query and a rebuild costing T, a
         cycle of D rows costs q*c*D/2 per unit time for the delta and T*r/D for rebuilds,
@@ -760,7 +659,7 @@ class AutoTuner:
         main_n = len(server.main)
         if q <= 0 or r <= 0 or main_n < MIN_PROBE_TRACKS:
             return None
-        c = _delta_row_cost(server, probes)
+        c = delta_row_cost(server, probes)
         if c is None:
             return None
         d_star = math.sqrt(2.0 * rebuilds.mean * r / (q * c))
@@ -774,7 +673,7 @@ class AutoTuner:
         return Change({"index.delta_ratio": ratio}, f"optimal delta {d_star:.0f} rows of "
                       f"{main_n}", ev | self._measure(probes).as_evidence("before_"))  # fmt: skip
 
-    def _rule_apply(self, _probes: _Probes | None) -> Change | None:
+    def _rule_apply(self, _probes: Probes | None) -> Change | None:
         """From the applier's lag (acknowledged, not yet in LMDB) and its transaction times."""
         engine = self.store.parts.engine
         wal, cfg = engine.wal, engine.config.apply
@@ -827,47 +726,3 @@ def _typed(current: Any, value: float | None) -> Any:
     if isinstance(current, int):
         return round(value)
     return float(value)
-
-
-def live_vectors(server: IndexServer) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    """(ids, vectors) of the live set: the main index's stored vectors minus tombstones, plus
-    the delta."""
-    backend = server.main.backend
-    assert backend is not None
-    ids, vecs = backend.vectors()
-    tombs = server.tombs
-    if tombs:
-        keep = ~np.isin(ids, np.fromiter(tombs, dtype=np.int64, count=len(tombs)))
-        ids, vecs = ids[keep], vecs[keep]
-    delta = server.delta
-    view = delta.view
-    if view.n:
-        d_ids = view.ids[: view.n]
-        live = d_ids >= 0
-        ids = np.concatenate([ids, d_ids[live]])
-        vecs = np.vstack([vecs, view.vecs[: view.n][live]])
-    return ids, np.ascontiguousarray(vecs, dtype=np.float32)
-
-
-def _delta_row_cost(server: IndexServer, probes: _Probes) -> float | None:
-    """Seconds one delta row adds to one query (an exact scan: linear in rows), measured on a
-    scratch delta of the probes' own vectors repeated to 4096 rows."""
-    from xpstore.index.delta import Delta
-    from xpstore.model.events import RawFingerprint
-
-    q = probes.queries
-    rows = 4096
-    scratch = np.resize(q, (rows, q.shape[1])).astype(np.float32)
-    ids = np.arange(rows, dtype=np.int64)
-    delta = Delta(q.shape[1], None)
-    raw = RawFingerprint("probe", np.full(25, np.nan), None, None)
-    for i in range(rows):
-        delta.add(int(ids[i]), raw, scratch[i])
-    one = q[:1]
-    t0 = time.perf_counter()
-    reps = 20
-    for _ in range(reps):
-        delta.search(one, K)
-    cost = (time.perf_counter() - t0) / reps / rows
-    return cost if cost > 0 else None
-
