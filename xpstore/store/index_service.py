@@ -93,11 +93,6 @@ class IndexService:
         params: Mapping[str, int] | None,
     ) -> list[Neighbor]:
         """See :meth:`xpstore.Store.similar`."""
-        if (
-            vector is not None and track_id is None and fingerprint is None and where is None
-            and weights is None and params is None and not precomputed
-        ):  # fmt: skip
-            return self._similar_vector(vector, k)
         self._engine.check_open()
         k = check_k(k)
         if (track_id is not None) + (fingerprint is not None) + (vector is not None) != 1:
@@ -156,18 +151,6 @@ class IndexService:
             query[None, :], k, exclude=[exclude], accept=accept, params=_params(params)
         )[0]
         return self._neighbors(server, hits)
-
-    def _similar_vector(self, vector: npt.ArrayLike, k: int) -> list[Neighbor]:
-        """``similar(vector=...)`` without options, the shortest path (each step of the general
-        one that cannot apply is left out: this is the call a client makes per query)."""
-        self._engine.check_open()
-        k = check_k(k)
-        server = self.serving()
-        query = _check_vector(vector, server.embedder.dim)[None, :]
-        found = server.search_one(query, k, set())
-        if found is not None:
-            return self._answers(server, found)
-        return self._neighbors(server, server.search(query, k, exclude=[set()])[0])
 
     @timed("similar_many")
     def similar_many(
