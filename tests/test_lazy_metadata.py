@@ -23,6 +23,7 @@ from hypothesis import strategies as hs
 from tests.index_support import index_server, library
 from xpstore import Fingerprint, InvalidArgumentError, Store
 from xpstore.index.neighbors import MetadataLoad, Neighbor
+from xpstore.store.index_service import _check_vector
 from xpstore.store.reader import Reader
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -265,8 +266,8 @@ def test_a_metadata_load_reads_nothing_for_no_answers() -> None:
 
 
 def test_vector_checks_accept_extreme_finite_vectors_and_refuse_bad_ones(tmp_path: Path) -> None:
-    """The one-dot-product check must not refuse a finite vector whose square overflows or
-    underflows float32, and must refuse NaN, infinity and zeros as before."""
+    """The one-reduction check must not refuse a finite vector whose values are extreme or
+    cancel out, and must refuse NaN, infinity and zeros as before."""
     with _store(tmp_path, 60, build=False) as st:
         base = st.track_vector("t0")
         for scale in (1e30, 1e-30):
@@ -279,10 +280,44 @@ def test_vector_checks_accept_extreme_finite_vectors_and_refuse_bad_ones(tmp_pat
         inf[0] = np.inf
         with pytest.raises(InvalidArgumentError, match="infinity"):
             st.similar(vector=inf, k=3)
+        cancel = np.zeros_like(base)
+        cancel[0], cancel[1] = 1.0, -1.0  # nonzero, but its values sum to exactly zero
+        assert len(st.similar(vector=cancel, k=3)) == 3
+        both = base.copy()
+        both[0], both[1] = np.inf, -np.inf  # the sum is NaN, not infinite: still refused
+        with pytest.raises(InvalidArgumentError, match="infinity"):
+            st.similar(vector=both, k=3)
         strided = np.repeat(base, 2)[::2]  # not contiguous: copied, same answers
         assert [h.record_id for h in st.similar(vector=strided, k=3)] == [
             h.record_id for h in st.similar(vector=base, k=3)
         ]
+
+
+@pytest.mark.parametrize("dim", [25, 64, 65, 537])
+def test_vector_check_is_the_same_for_short_and_long_vectors(dim: int) -> None:
+    """Short vectors are summed as Python floats, long ones by numpy: both accept every finite
+    vector with a nonzero value and refuse NaN, infinities and zeros, without a warning."""
+    rng = np.random.default_rng(dim)
+    good = rng.normal(size=dim).astype(np.float32)
+    cancel = np.zeros(dim, dtype=np.float32)
+    cancel[0], cancel[-1] = 3.0, -3.0
+    big = np.full(dim, np.finfo(np.float32).max, dtype=np.float32)
+    tiny = np.full(dim, np.finfo(np.float32).smallest_subnormal, dtype=np.float32)
+    for v in (good, cancel, big, -big, tiny):
+        assert _check_vector(v, dim) is v
+    for value, msg in ((np.nan, "NaN"), (np.inf, "infinity"), (-np.inf, "infinity")):
+        bad = good.copy()
+        bad[dim // 2] = value
+        with pytest.raises(InvalidArgumentError, match=msg):
+            _check_vector(bad, dim)
+    both = good.copy()
+    both[0], both[-1] = np.inf, -np.inf
+    with pytest.raises(InvalidArgumentError, match="infinity"):
+        _check_vector(both, dim)
+    with pytest.raises(InvalidArgumentError, match="zeros"):
+        _check_vector(np.zeros(dim, dtype=np.float32), dim)
+    with pytest.raises(InvalidArgumentError, match="dimension"):
+        _check_vector(good[:-1], dim)
 
 
 def test_search_one_refuses_a_query_faiss_would_misread(tmp_path: Path) -> None:
