@@ -8,8 +8,11 @@ style metadata), in batches:
   **put_many (dicts)** of the same fingerprints;
 - the floors the store cannot go below on this machine: **encode only** (columns validated and
   encoded, envelopes built: no I/O, no overlay), **raw WAL** (the encoded batches' frames
-  appended to a file with one fdatasync each: no Python per row), and **LMDB apply** (what the
-  applier spends per row to move the batch into LMDB, measured on its own after a held run).
+  appended to a file with one fdatasync each: no Python per row), **LMDB apply** (what the
+  applier spends per row to move the batch into LMDB, measured on its own after a held run),
+  **raw LMDB** (the envelopes put into one LMDB table by ``putmulti``: no Python per row) and
+  **the smallest store** (encode, one WAL frame + fdatasync and the raw LMDB put of each batch,
+  in one thread: a durable store that keeps nothing but the records).
 
 Each case reports fingerprints per second of wall-clock time, per CPU-second of the calling
 thread (the critical path: validation, encoding, the WAL leader's write and sync) and per
@@ -197,6 +200,80 @@ def case_raw_wal(d: Data, root: Path, batch: int) -> Timing:
         os.close(fd)
 
 
+def _lmdb_env(root: Path, n: int) -> Any:
+    import lmdb
+
+    root.mkdir(parents=True, exist_ok=True)
+    # no fsync: the cheapest commit LMDB has (a store's WAL holds durability)
+    return lmdb.open(str(root / "lmdb"), map_size=int(max(1 << 30, n * 4096)), sync=False,
+                     metasync=False)  # fmt: skip
+
+
+def _keys(lo: int, hi: int) -> list[bytes]:
+    keys: list[bytes] = np.arange(lo + 1, hi + 1, dtype=">u8").view("S8").tolist()
+    return keys
+
+
+def case_raw_lmdb(d: Data, root: Path, batch: int) -> Timing:
+    """The batches' envelopes (built before the timing) put into one LMDB table, one
+    ``putmulti`` and one transaction per batch: the least any LMDB-backed store spends to keep
+    each fingerprint, with no Python per row beyond the key list (no track map, no index)."""
+    from xpstore.model.codec import encode_fingerprint_puts, envelopes_from_puts
+    from xpstore.model.columns import fingerprint_columns
+
+    n = len(d.track_ids)
+    batches = []
+    for lo, hi in _batches(n, batch):
+        cols = fingerprint_columns(d.track_ids[lo:hi], d.values[lo:hi],
+                                   metadata=d.metadata[lo:hi])  # fmt: skip
+        env_ = envelopes_from_puts(encode_fingerprint_puts(cols), kind="fingerprint", ts=cols.ts,
+                                   first_lsn=lo + 1)  # fmt: skip
+        batches.append(list(zip(_keys(lo, hi), env_, strict=True)))
+    env = _lmdb_env(root, n)
+
+    def run() -> None:
+        for items in batches:
+            with env.begin(write=True) as txn:
+                txn.cursor().putmulti(items, append=True)
+
+    try:
+        return _timed(run)
+    finally:
+        env.close()
+
+
+def case_smallest_store(d: Data, root: Path, batch: int) -> Timing:
+    """The smallest durable fingerprint store in one thread: per batch, the encode-only floor's
+    work, one WAL frame appended and fdatasync'ed, then the envelopes put into one LMDB table
+    (:func:`case_raw_lmdb`). No overlay, no track map, no index, no priority rows: what
+    put_fingerprints does, minus everything the store keeps beyond the records."""
+    from xpstore.model.codec import encode_fingerprint_puts, envelopes_from_puts
+    from xpstore.model.columns import fingerprint_columns
+    from xpstore.persistence.wal_format import encode_frame
+
+    n = len(d.track_ids)
+    env = _lmdb_env(root, n)
+    fd = os.open(root / "raw.wal", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def run() -> None:
+        for lo, hi in _batches(n, batch):
+            cols = fingerprint_columns(d.track_ids[lo:hi], d.values[lo:hi],
+                                       metadata=d.metadata[lo:hi])  # fmt: skip
+            payloads = encode_fingerprint_puts(cols)
+            os.write(fd, encode_frame(b"salt", lo + 1, payloads, time.time()))
+            os.fdatasync(fd)
+            env_ = envelopes_from_puts(payloads, kind="fingerprint", ts=cols.ts,
+                                       first_lsn=lo + 1)  # fmt: skip
+            with env.begin(write=True) as txn:
+                txn.cursor().putmulti(zip(_keys(lo, hi), env_, strict=True), append=True)
+
+    try:
+        return _timed(run)
+    finally:
+        os.close(fd)
+        env.close()
+
+
 CASES: dict[str, tuple[str, Callable[[Data, Path, int], Timing], bool]] = {
     # key: (label, function, runs from the tree under test)
     "put_fingerprints": ("put_fingerprints, commit",
@@ -207,6 +284,9 @@ CASES: dict[str, tuple[str, Callable[[Data, Path, int], Timing], bool]] = {
     "lmdb_apply": ("floor: LMDB apply (the applier's work, alone)", case_lmdb_apply, True),
     "encode_only": ("floor: validate + encode only (no I/O)", case_encode_only, True),
     "raw_wal": ("floor: raw WAL append + fdatasync per batch", case_raw_wal, False),
+    "raw_lmdb": ("floor: raw LMDB put of the envelopes, one table", case_raw_lmdb, False),
+    "smallest_store": ("floor: encode + WAL + raw LMDB, one thread (the smallest store)",
+                       case_smallest_store, False),
 }  # fmt: skip
 
 
