@@ -210,7 +210,8 @@ def _lmdb_env(root: Path, n: int) -> Any:
 
 
 def _keys(lo: int, hi: int) -> list[bytes]:
-    keys: list[bytes] = np.arange(lo + 1, hi + 1, dtype=">u8").view("S8").tolist()
+    # V8, not S8: an S8 item drops its trailing zero bytes
+    keys: list[bytes] = np.arange(lo + 1, hi + 1, dtype=">u8").view("V8").tolist()
     return keys
 
 
