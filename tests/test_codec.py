@@ -31,6 +31,7 @@ from xpstore.model.codec import (
     peek_put,
     put_head,
 )
+from xpstore.model.priority_rows import inputs_for, inputs_from_map
 from xpstore.model.records import (
     BATCH_FIELDS,
     KINDS,
@@ -421,6 +422,38 @@ def test_envelope_from_put_equals_a_full_encode(record: Record) -> None:
     assert fast == encode_envelope(exp)
     with pytest.raises(CodecError):
         envelope_from_put(encode_op(DeleteOp(3)), kind=exp.kind, ts=1.0, updated_lsn=7)
+
+
+@given(records(), st.integers(1, 2**40), st.integers(0, 2**33), st.integers(0, 3),
+       st.one_of(st.none(), st.floats(0.0, 10.0)))  # fmt: skip
+@settings(max_examples=150, deadline=None)
+def test_priority_inputs_of_a_model_equal_those_of_its_encoded_map(
+    record: Record, rid: int, rc: int, sc: int, override: float | None
+) -> None:
+    """``inputs_for`` (from the model: a put) and ``inputs_from_map`` (from the encoded record:
+    the many-id operations) give the same row, the put's fast path for a new prediction
+    included (``rc``, ``sc`` 0 and no override)."""
+    kind = kind_of(record)
+    m = msgpack.unpackb(encode_op(PutOp(record)), strict_map_key=True)[-1]
+    for args in ((0, 0, None), (rc, sc, override)):
+        assert inputs_for(record, rid, 12.5, *args) == inputs_from_map(kind, m, rid, 12.5, *args)
+
+
+@given(records(), st.sampled_from([0.0, -0.0, 5.0, 6.5]), st.integers(0, 3), st.integers(0, 3))
+@settings(max_examples=100, deadline=None)
+def test_envelope_from_put_keeps_the_given_ts_and_counters(
+    record: Record, ts: float, rc: int, sc: int
+) -> None:
+    """The envelope's header carries the ``ts`` and counters it is given, byte for byte, also
+    when they differ from the put's (a zero of the other sign included): only an equal nonzero
+    ts with zero counters may copy the put's own header bytes."""
+    raw = encode_op(PutOp(record.model_copy(update={"ts": 5.0 if ts else -ts})))
+    head = put_head(raw)
+    assert head is not None
+    env = envelope_from_put(raw, kind=kind_of(record), ts=ts, updated_lsn=300,
+                            retrieval_count=rc, success_count=sc)  # fmt: skip
+    layout = pack([1, head[0], ts, 300, rc, sc])
+    assert env == b"\x97" + layout[1:] + raw[head[3] :]
 
 
 @given(records())

@@ -678,6 +678,11 @@ def envelope_from_put(
     if head2 is not None:
         if head2[0] != kind_code:
             raise _bad(f"not an encoded {kind} put")
+        if head2[1] == ts and ts and not retrieval_count and not success_count:
+            # the usual new record: kind and ts bytes copied from the put (equal nonzero floats
+            # have one encoding), no header packed (:func:`envelope_at`'s layout)
+            return b"".join((b"\x97\x01", op_bytes[3:_PUT2_FIXED], _uint(updated_lsn),
+                             b"\x00\x00", op_bytes[head2[3] :]))  # fmt: skip
         tail = op_bytes[head2[3] :]
     elif op_bytes[:3] == _PUT_PREFIX and op_bytes[3] == kind_code:
         tail = op_bytes[4:]

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import repeat
-from typing import Any
+from typing import Any, cast
 
 from xpstore.errors import RecordNotFoundError
 from xpstore.model.codec import (
@@ -39,7 +39,18 @@ from xpstore.model.codec import (
     pack_envelope,
 )
 from xpstore.model.priority_rows import inputs_for, inputs_from_map
-from xpstore.model.records import Experience, Fingerprint, apply_changes, kind_of
+from xpstore.model.records import (
+    Decision,
+    Experience,
+    Fingerprint,
+    PredictionOutcome,
+    QueryMetric,
+    apply_changes,
+    kind_of,
+)
+
+_PLAIN: frozenset[type] = frozenset({PredictionOutcome, QueryMetric, Decision})
+"""Record types that are exactly not fingerprints (no isinstance needed)."""
 
 
 @dataclass(slots=True)
@@ -106,10 +117,15 @@ def derive(op: Op, lsn: int, view: StateView, payload: bytes) -> Effect:
     """
     if isinstance(op, PutOp):
         record = op.record
-        assert record.ts is not None, "the store fills ts before logging"
-        track = record.track_id if isinstance(record, Fingerprint) else None
-        eff = derive_put(lsn, payload, kind_of(record), record.ts, track, view)
-        eff.prio = inputs_for(record, lsn, record.ts)
+        ts = record.ts
+        assert ts is not None, "the store fills ts before logging"
+        # exact type first: a record model's isinstance goes through ABCMeta
+        fp = type(record) is Fingerprint or (
+            type(record) not in _PLAIN and isinstance(record, Fingerprint)
+        )
+        track = cast(Fingerprint, record).track_id if fp else None
+        eff = derive_put(lsn, payload, kind_of(record), ts, track, view)
+        eff.prio = inputs_for(record, lsn, ts)
         return eff
     if isinstance(op, UpdateOp):
         prev = _require(view, op.id)

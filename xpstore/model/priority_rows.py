@@ -43,6 +43,7 @@ INPUT_DTYPE: Final = np.dtype(
 )  # fmt: skip
 assert INPUT_DTYPE.itemsize == INPUTS.size == 40
 _U32: Final = (1 << 32) - 1
+_PREDICTION: Final = KIND_CODES["prediction"]
 
 
 def _confidence_and_reward(record: Record) -> tuple[float, float]:
@@ -68,6 +69,12 @@ def inputs_for(
 ) -> bytes | None:
     """The 40-byte priority-input row of record ``rid`` with these counters (None for a kind
     that is not sampled: a decision)."""
+    if type(record) is PredictionOutcome and not rc and not sc and override is None:
+        # the most common new record, packed without the generic path's lookups and clamps
+        reward = record.reward
+        return INPUTS.pack(rid, ts, record.confidence,
+                           0.0 if reward is None else min(abs(reward), 3.0e38), math.nan, 0, 0,
+                           _PREDICTION)  # fmt: skip
     name = kind_of(record)
     if name not in SAMPLEABLE_KINDS:
         return None

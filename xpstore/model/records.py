@@ -532,17 +532,21 @@ def validate_record(kind: str, data: Mapping[str, Any]) -> Record:
             f"kind: unknown record kind {_short(kind)}; expected one of {', '.join(KINDS)}",
             field="kind",
         )
-    if not isinstance(data, Mapping):
-        raise InvalidRecordError(f"a {kind} record must be an object, got {type(data).__name__}")
+    if type(data) is not dict:  # exact type first: isinstance on an ABC is slow
+        if not isinstance(data, Mapping):
+            raise InvalidRecordError(
+                f"a {kind} record must be an object, got {type(data).__name__}"
+            )
+        data = dict(data)
     try:
-        return model.model_validate(data if isinstance(data, dict) else dict(data))
+        return model.model_validate(data)
     except ValidationError as exc:
         raise invalid_record_error(exc) from exc
 
 
 def record_from_json(obj: Mapping[str, Any]) -> Record:
     """Parse ``{"kind": ..., **fields}`` (a CLI/ingest line, a ``replay`` line)."""
-    if not isinstance(obj, Mapping):
+    if type(obj) is not dict and not isinstance(obj, Mapping):
         raise InvalidRecordError(f"a record must be a JSON object, got {type(obj).__name__}")
     if "kind" not in obj:
         raise InvalidRecordError(f"kind: missing; expected one of {', '.join(KINDS)}", field="kind")
