@@ -132,6 +132,20 @@ def test_rows_round_trip_and_any_flipped_byte_is_detected(
     assert set_digest(cols.check) == set_digest(cols.check[::-1].copy())
 
 
+def test_a_damaged_header_claiming_the_embedding_dimension_is_a_bad_row() -> None:
+    """Hypothesis found it: a row with one embedding value whose header is flipped to claim
+    the store's three is a bad row, not a ValueError from copying three values out of one."""
+    rng = np.random.default_rng(0)
+    audio = rng.normal(size=(3, 25))
+    embs = [rng.normal(size=k).astype(np.float32) if k else None for k in (1, 3, 0)]
+    rows = encode_rows([10, 11, 12], audio, embs)
+    damaged = bytearray(rows[0])
+    damaged[8] ^= 0b10  # the low byte of the row's embedding length: 1 -> 3
+    got = decode_rows([bytes(damaged), *rows[1:]], 3)
+    assert got.ids.tolist() == [11, 12] and len(got.bad) == 1
+    np.testing.assert_array_equal(got.embedding[0], embs[1])  # type: ignore[index]
+
+
 def test_rows_of_mixed_widths_that_add_up_like_one_width_decode_right() -> None:
     """The reader takes a chunk as one block when its bytes add up to n rows of the first
     row's width; rows of 8 bytes more, less and more again add up that way, misalign, fail

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from xpstore import Store, WALWriteError
+from xpstore.cli import commands
 from xpstore.persistence import applier as applier_mod
 from xpstore.persistence import fs
 from xpstore.persistence import wal as wal_mod
@@ -299,6 +300,7 @@ def test_sigint_while_writing_stops_cleanly_and_resumes(
     assert result.returncode == 0, result.stdout
     if code == 130:
         assert "interrupted" in err
+        assert "--resume-from " in err, err
         resume = err.split("--resume-from ", 1)[1].split()[0]
         written = stored_ts(store_path)
         assert len(written) == int(resume) - 1  # every line before it, none after
@@ -306,3 +308,28 @@ def test_sigint_while_writing_stops_cleanly_and_resumes(
         assert again.returncode == 0, again.stderr
     expected = [prediction(i)["ts"] for i in range(LINES)]
     assert stored_ts(store_path) == expected  # every line once: no duplicate, no gap
+
+
+@pytest.mark.parametrize("entry", [True, False])
+def test_ctrl_c_after_an_ingest_is_deferred_then_ignored_in_the_process_only(
+    monkeypatch: pytest.MonkeyPatch, entry: bool
+) -> None:
+    """While deferred, Ctrl-C only marks the ingest as interrupted; once the command is over,
+    the ``xpstore`` process ignores it (it exits next: a late Ctrl-C once ended a finished
+    ingest with exit -2 in the interpreter's teardown), and an in-process caller gets its own
+    handler back."""
+    monkeypatch.setattr(commands._PROCESS, "entry", entry)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with commands._Interrupt() as interrupt:
+            interrupt.defer()
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the Python-level handler runs at the next bytecode
+            assert interrupt.hit
+        after = signal.getsignal(signal.SIGINT)
+        assert after is (signal.SIG_IGN if entry else previous)
+        if entry:
+            os.kill(os.getpid(), signal.SIGINT)  # ignored: no KeyboardInterrupt
+            time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -14,7 +14,7 @@ from xpstore.cli import (
     validate_cmds,
 )
 from xpstore.cli._errors import EXIT_CODES, exit_code_for
-from xpstore.cli.commands import main
+from xpstore.cli.commands import main, run
 
 # the command modules register themselves on ``main`` when imported
 _COMMAND_MODULES = (
@@ -22,4 +22,4 @@ _COMMAND_MODULES = (
     service_cmds, snapshot_cmds, tune_cmds, validate_cmds,
 )
 
-__all__ = ["EXIT_CODES", "exit_code_for", "main"]
+__all__ = ["EXIT_CODES", "exit_code_for", "main", "run"]

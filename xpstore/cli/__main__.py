@@ -1,5 +1,5 @@
 """``python -m xpstore.cli``: the same as the ``xpstore`` command."""
 
-from xpstore.cli.commands import main
+from xpstore.cli.commands import run
 
-main(prog_name="xpstore")
+run()

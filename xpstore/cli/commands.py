@@ -206,6 +206,22 @@ def put(path: Path, record_json: str, as_json: bool) -> None:
 
 # --------------------------------------------------------------------------------- ingest
 
+class _Process:
+    """Whether the commands run as the ``xpstore`` process (:func:`run`), not in-process."""
+
+    entry = False
+
+
+_PROCESS = _Process()
+
+
+def run() -> None:
+    """The ``xpstore`` command's process entry point (the console script, ``python -m
+    xpstore.cli``): :data:`main` with the knowledge that the process ends with the command."""
+    _PROCESS.entry = True
+    main(prog_name="xpstore")
+
+
 class _Interrupt:
     """Ctrl-C during ``ingest``: until :meth:`defer` it interrupts at once (KeyboardInterrupt:
     an interrupted open is safe, recovery is idempotent); after it, a flag that the command
@@ -227,7 +243,12 @@ class _Interrupt:
 
     def __exit__(self, *exc: object) -> None:
         if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
+            # in the ``xpstore`` process (:func:`run`) the command is over and the process
+            # exits next: a late Ctrl-C must not turn a finished ingest into an interrupt in
+            # the interpreter's teardown (exit -2, a traceback). Called in-process (tests,
+            # an embedding application), the previous handler comes back
+            late = signal.SIG_IGN if _PROCESS.entry else self._previous
+            signal.signal(signal.SIGINT, late)
 
     def defer(self) -> None:
         self._deferring = True
@@ -278,39 +299,44 @@ def ingest(path: Path, file: IO[str], partial: bool, batch_size: int, resume_fro
       xpstore scan old/xp > all.jsonl && xpstore ingest data/xp all.jsonl
     """
     name = "<stdin>" if file.name == "-" else str(file.name)
-    with _Interrupt() as interrupt, Store.open(path) as store:
-        interrupt.defer()
-        most = store.config.records.max_batch_records
-        if batch_size > most:
-            raise click.BadParameter(
-                f"{batch_size:,} is over this store's {most:,} records per batch (its "
-                "records.max_batch_records setting)",
-                param_hint="--batch-size",
-            )
-        with progress_bar() as bar:
-            parsed = parse_jsonl(
-                file, first_line=resume_from, check=store.check_record,
-                progress=_validating(bar, name, file),
-                stop=lambda: interrupt.hit,
-            )
-            if parsed.stopped:
-                raise _Stopped(f"interrupted while validating {name}; nothing written")
-            for line in parsed.bad:
-                click.echo(line.format(name), err=True)
-            if parsed.bad and not partial:
-                _ingest_summary(as_json, name, [], parsed.bad, written=False)
-                raise CliError(
-                    f"{len(parsed.bad)} bad line{'s' if len(parsed.bad) != 1 else ''} in "
-                    f"{name}; nothing written (--partial writes the valid lines)"
+    # the handler stays deferred until the summary is out: a Ctrl-C just after the last batch
+    # must not turn a finished ingest into "error: interrupted" with no line to resume from
+    with _Interrupt() as interrupt:
+        with Store.open(path) as store:
+            interrupt.defer()
+            most = store.config.records.max_batch_records
+            if batch_size > most:
+                raise click.BadParameter(
+                    f"{batch_size:,} is over this store's {most:,} records per batch (its "
+                    "records.max_batch_records setting)",
+                    param_hint="--batch-size",
                 )
-            ids, resume = _write_batches(store, parsed.good, batch_size, name, bar,
-                                         lambda: interrupt.hit)  # fmt: skip
-    _ingest_summary(as_json, name, ids, parsed.bad, written=True, resume=resume)
-    if resume is not None:
-        raise _Stopped(
-            f"interrupted: lines from {resume} on were not written; to write the rest without "
-            f"duplicates: xpstore ingest {path} {name} --resume-from {resume}"
-        )
+            with progress_bar() as bar:
+                parsed = parse_jsonl(
+                    file, first_line=resume_from, check=store.check_record,
+                    progress=_validating(bar, name, file),
+                    stop=lambda: interrupt.hit,
+                )
+                if parsed.stopped:
+                    raise _Stopped(f"interrupted while validating {name}; nothing written")
+                for line in parsed.bad:
+                    click.echo(line.format(name), err=True)
+                if parsed.bad and not partial:
+                    _ingest_summary(as_json, name, [], parsed.bad, written=False)
+                    raise CliError(
+                        f"{len(parsed.bad)} bad line{'s' if len(parsed.bad) != 1 else ''} in "
+                        f"{name}; nothing written (--partial writes the valid lines)"
+                    )
+                ids, resume = _write_batches(store, parsed.good, batch_size, name, bar,
+                                             lambda: interrupt.hit)  # fmt: skip
+        _ingest_summary(as_json, name, ids, parsed.bad, written=True, resume=resume)
+        if resume is not None:
+            raise _Stopped(
+                f"interrupted: lines from {resume} on were not written; to write the rest "
+                f"without duplicates: xpstore ingest {path} {name} --resume-from {resume}"
+            )
+        if interrupt.hit:
+            click.echo("interrupted after the last batch: every line was written", err=True)
     if parsed.bad:
         raise click.exceptions.Exit(EXIT_USAGE)
 

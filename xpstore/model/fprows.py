@@ -364,7 +364,9 @@ def _decode_block(
     cols.check[at] = block[:, words]
     if cols.embedding is not None:
         dim = cols.embedding.shape[1]
-        match = n_emb == dim
+        # only rows that pass: a damaged header may claim ``dim`` values in a row too short
+        # to hold them (a failing row's embedding is never read)
+        match = (n_emb == dim) & good
         cols.has_embedding[at] = match
         if match.any():
             e = block[:, _HEAD_WORDS + AUDIO_DIM : words].view("<f4")[:, :dim]
