@@ -12,7 +12,8 @@ fixed header (:func:`~xpstore.model.codec.put_head`) gives kind, ts and track wi
 its LMDB envelope is the header's bytes around the record map (version-1 puts, from stores
 written before, go through :func:`~xpstore.model.codec.peek_put`). A put's effect needs no state:
 a new id, indexed and counted, and for a fingerprint its track pointing at it; so runs of puts go
-straight into LMDB changes, and only the other operations are derived against the state (the
+straight into LMDB changes (one columnar :class:`NewRecords` per run, whose keys the tables build
+with numpy), and only the other operations are derived against the state (the
 changes replayed but not yet written, then LMDB). A ``RetrievalOp``'s counts are added to the
 ``prio`` rows when its batch is written; until then the view adds them to what it reads (the
 counts replayed since the record's state was last written or rewritten), so a later feedback
@@ -37,8 +38,8 @@ from xpstore.model.effects import Effect, StateView, counted_envelope, derive_al
 from xpstore.model.records import Experience
 from xpstore.persistence.applier import to_changes
 from xpstore.persistence.crashpoints import crash_point
-from xpstore.persistence.lmdb_changes import Change, RecordPut, TrackSet
-from xpstore.persistence.lmdb_tables import LmdbTables
+from xpstore.persistence.lmdb_changes import Change, NewRecords
+from xpstore.persistence.lmdb_tables import LmdbTables, u64
 
 __all__ = ["REPLAY_BATCH", "Replayer"]
 
@@ -60,12 +61,18 @@ class Replayer:
         self._tracks: dict[str, int | None] = {}
         self._extra: dict[int, int] = {}  # retrievals replayed since the id's state was read
         self._changes: list[Change] = []
+        self._pending = 0  # operations replayed since the last write
         self._view: StateView | None = None
 
     def apply_frame(self, first_lsn: int, ops: list[bytes]) -> None:
         """Replay one frame's operations (LSNs ``first_lsn`` ...); write a batch when full."""
         changes, values, tracks = self._changes, self._values, self._tracks
         lsn = first_lsn
+        ids: list[int] = []  # the current run of puts, in columns
+        codes: list[int] = []
+        stamps: list[float] = []
+        envelopes: list[bytes] = []
+        sets: list[tuple[bytes, bytes]] = []
         for raw in ops:
             head = put_head(raw)
             if head is not None:
@@ -74,20 +81,29 @@ class Replayer:
             else:
                 summary = peek_put(raw)
                 if summary is None:
+                    if ids:  # the run before it goes first: changes stay in LSN order
+                        changes.append(_run(ids, codes, stamps, envelopes, sets))
+                        ids, codes, stamps, envelopes, sets = [], [], [], [], []
                     self._add(self._derive(raw, lsn))
                     lsn += 1
                     continue
                 kind_code, ts, track = KIND_CODES[summary.kind], summary.ts, summary.track_id
                 value = envelope_from_put(raw, kind=summary.kind, ts=ts, updated_lsn=lsn)
-            changes.append(RecordPut(lsn, kind_code, ts, value, True))
+            ids.append(lsn)
+            codes.append(kind_code)
+            stamps.append(ts)
+            envelopes.append(value)
             values[lsn] = value
             if track is not None:
-                changes.append(TrackSet(track, lsn))
+                sets.append((track.encode(), u64(lsn)))
                 tracks[track] = lsn
             lsn += 1
+        if ids:
+            changes.append(_run(ids, codes, stamps, envelopes, sets))
         self.last_lsn = lsn - 1
         self.replayed += len(ops)
-        if len(changes) >= self.batch:
+        self._pending += len(ops)
+        if self._pending >= self.batch:
             self.flush()
             crash_point("replay.after_batch")
 
@@ -96,6 +112,7 @@ class Replayer:
         if self._changes or (force and self.last_lsn):
             self.tables.apply(self._changes, self.last_lsn)
         self._changes, self._values, self._tracks, self._extra = [], {}, {}, {}
+        self._pending = 0
 
     # ------------------------------------------------------------------ internals
     def _derive(self, raw: bytes, lsn: int) -> list[Effect]:
@@ -152,3 +169,10 @@ class Replayer:
                         out[rid] = counted_envelope(raw, stored.get(rid, 0), extra.get(rid, 0))
         return out
 
+
+def _run(ids: list[int], codes: list[int], stamps: list[float], envelopes: list[bytes],
+         sets: list[tuple[bytes, bytes]]) -> NewRecords:  # fmt: skip
+    """A run of replayed puts as one change: new records and the track entries they set, with
+    no priority rows (as replayed puts always had: the sampler fills missing rows when it
+    loads, ``sampling/sampler.py``)."""
+    return NewRecords(ids, codes, stamps, envelopes, [None] * len(ids), sets)
