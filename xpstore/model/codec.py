@@ -692,6 +692,30 @@ def envelope_from_put(
     return b"\x97" + head[1:] + tail  # fixarray(7): the six header items + record map
 
 
+def _put2_map_offset(track: str | None) -> int:
+    """Where the record map of a version-2 put with this track id starts (msgpack puts nil, or a
+    fixstr / str 8 / str 16 / str 32 header before the UTF-8 bytes)."""
+    if track is None:
+        return _PUT2_FIXED + 1
+    n = len(track) if track.isascii() else len(track.encode())
+    return _PUT2_FIXED + n + (1 if n < 32 else 2 if n < 0x100 else 3 if n < 0x10000 else 5)
+
+
+def new_put_envelopes(
+    payloads: Sequence[bytes], tracks: Sequence[str | None], first_lsn: int
+) -> list[bytes]:
+    """:func:`envelope_from_put` of consecutive new records (LSNs from ``first_lsn``, no
+    counters) whose version-2 puts :func:`encode_op` just made in this process: the same bytes,
+    with each record map's offset computed from the put's track id (``tracks``, None for a
+    record without one) instead of parsed back (``put_many``'s batched derive)."""
+    fixed = _PUT2_FIXED
+    cuts = map(_put2_map_offset, tracks)
+    uints = map(_uint, range(first_lsn, first_lsn + len(payloads)))
+    head, zeros = b"\x97\x01", b"\x00\x00"
+    return [b"".join((head, p[3:fixed], u, zeros, p[c:]))
+            for p, u, c in zip(payloads, uints, cuts, strict=True)]  # fmt: skip
+
+
 _ENVELOPE_ARRAYS: Final = (0x97, 0x98)  # fixarray(7), or fixarray(8) with a stored priority
 _F64 = struct.Struct(">d")
 

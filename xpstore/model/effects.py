@@ -36,15 +36,17 @@ from xpstore.model.codec import (
     encode_envelope,
     envelope_counters,
     envelope_from_put,
+    new_put_envelopes,
     pack_envelope,
 )
-from xpstore.model.priority_rows import inputs_for, inputs_from_map
+from xpstore.model.priority_rows import inputs_for, inputs_from_map, new_inputs
 from xpstore.model.records import (
     Decision,
     Experience,
     Fingerprint,
     PredictionOutcome,
     QueryMetric,
+    Record,
     apply_changes,
     kind_of,
 )
@@ -306,3 +308,33 @@ def derive_fingerprint_puts(
         for eff, row in zip(effects, fprows, strict=True):
             eff.fprow = row
     return effects
+
+
+def derive_new_puts(
+    first: int, records: Sequence[Record], payloads: Sequence[bytes], view: StateView
+) -> list[Effect]:
+    """:func:`derive` of consecutive puts from ``first`` (``put_many``'s batched path), given
+    their records (ts filled in) and the payloads :func:`~xpstore.model.codec.encode_op` just
+    made of them: the same effects, with the envelopes and priority rows built in columns. A
+    track put twice in the batch is superseded by its later put, as separate puts would be."""
+    n = len(records)
+    lsns = range(first, first + n)
+    kinds = list(map(kind_of, records))
+    ts = [cast(float, r.ts) for r in records]
+    tracks: list[str | None] = [
+        cast(Fingerprint, r).track_id if k == "fingerprint" else None
+        for r, k in zip(records, kinds, strict=True)
+    ]
+    to: list[int | None] = [None] * n
+    retired: list[int | None] = [None] * n
+    latest: dict[str, int] = {}
+    lookup = view.track
+    for i, tid in enumerate(tracks):
+        if tid is not None:
+            before = latest.get(tid)
+            retired[i] = lookup(tid) if before is None else before
+            to[i] = latest[tid] = first + i
+    values = new_put_envelopes(payloads, tracks, first)
+    prio = new_inputs(first, records, kinds, ts)
+    return list(map(Effect, lsns, lsns, values, kinds, ts, repeat(True), tracks, to, retired,
+                    prio))  # fmt: skip

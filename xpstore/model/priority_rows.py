@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -34,7 +35,9 @@ from xpstore.model.records import (
     kind_of,
 )
 
-__all__ = ["INPUTS", "INPUT_DTYPE", "fingerprint_inputs", "inputs_for", "inputs_from_map"]
+__all__ = [
+    "INPUTS", "INPUT_DTYPE", "fingerprint_inputs", "inputs_for", "inputs_from_map", "new_inputs",
+]  # fmt: skip
 
 INPUTS: Final = struct.Struct("<QdfffIIB3x")
 INPUT_DTYPE: Final = np.dtype(
@@ -44,6 +47,7 @@ INPUT_DTYPE: Final = np.dtype(
 assert INPUT_DTYPE.itemsize == INPUTS.size == 40
 _U32: Final = (1 << 32) - 1
 _PREDICTION: Final = KIND_CODES["prediction"]
+_SAMPLEABLE: Final = frozenset(SAMPLEABLE_KINDS)
 
 
 def _confidence_and_reward(record: Record) -> tuple[float, float]:
@@ -107,6 +111,46 @@ def inputs_from_map(
     )  # fmt: skip
 
 
+
+
+def new_inputs(
+    first_lsn: int, records: Sequence[Record], kinds: Sequence[str], ts: Sequence[float]
+) -> list[bytes | None]:
+    """:func:`inputs_for` of consecutive new records (ids from ``first_lsn``, no counters) in
+    columns: the same bytes, row for row (None for a decision). ``kinds``: each record's kind
+    name; ``ts``: each record's ts (the store filled them in)."""
+    n = len(records)
+    conf: list[float] = []
+    reward: list[float] = []
+    for record, kind in zip(records, kinds, strict=True):
+        if kind == "prediction":
+            r = record.reward  # type: ignore[union-attr]
+            conf.append(record.confidence)  # type: ignore[union-attr]
+            reward.append(0.0 if r is None else min(abs(r), 3.0e38))
+        elif kind == "query_metric":
+            conf.append(record.accuracy)  # type: ignore[union-attr]
+            reward.append(0.0)
+        elif kind == "fingerprint":
+            conf.append(_confidence_and_reward(record)[0])
+            reward.append(0.0)
+        else:  # not sampled: a zero row, dropped below
+            conf.append(0.0)
+            reward.append(0.0)
+    arr = np.zeros(n, dtype=INPUT_DTYPE)
+    arr["id"] = np.arange(first_lsn, first_lsn + n, dtype=np.uint64)
+    arr["ts"] = ts
+    arr["conf"] = conf
+    arr["absreward"] = reward
+    arr["override"] = math.nan
+    arr["kind"] = [KIND_CODES[k] for k in kinds]
+    raw = arr.tobytes()
+    size = INPUTS.size
+    out: list[bytes | None] = [raw[i : i + size] for i in range(0, n * size, size)]
+    if not _SAMPLEABLE.issuperset(kinds):
+        for i, kind in enumerate(kinds):
+            if kind not in _SAMPLEABLE:
+                out[i] = None
+    return out
 
 
 def fingerprint_inputs(

@@ -32,6 +32,7 @@ from xpstore.config import ValidationCalibration
 from xpstore.errors import InvalidArgumentError, RecordNotFoundError
 from xpstore.index import validation as v
 from xpstore.index.validation_prior import PRIOR
+from xpstore.model.codec import decode_envelope, envelope_counters
 from xpstore.model.events import Acknowledged
 from xpstore.model.records import Experience, Fingerprint, StreamingFingerprint
 from xpstore.persistence.lmdb_tables import from_u64
@@ -349,16 +350,18 @@ class StreamingValidator:
         with self._queue_lock:
             queued, self._queue = self._queue, []
         done = 0
+        # the retired fingerprints first, encoded, in one read: most track changes replace one
+        # with batch values, which its record map shows without building the record's models
+        retired_raw = self._reader.envelopes(sorted({r for _c, r in queued})) if queued else {}
         for current, retired in queued:
-            # the retired fingerprint first: most track changes replace one with batch values,
-            # which rules the check out with one record read instead of two
-            old = self._reader.read_get(retired)
-            if old is None:
+            raw = retired_raw.get(retired)
+            if raw is None:
                 continue  # deleted meanwhile
-            ofp = old.record
-            assert isinstance(ofp, Fingerprint)
-            if ofp.batch is not None or ofp.streaming is None:
+            m = envelope_counters(raw)[6]
+            if m.get("batch") is not None or m.get("streaming") is None:
                 continue
+            ofp = decode_envelope(retired, raw).record
+            assert isinstance(ofp, Fingerprint) and ofp.streaming is not None
             new = self._reader.read_get(current)
             if new is None or self._reader.read_track(_track(new)) != current:
                 continue  # superseded or deleted meanwhile

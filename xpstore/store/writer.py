@@ -33,7 +33,13 @@ from xpstore.model.codec import (
     field_sizes,
 )
 from xpstore.model.columns import FingerprintColumns
-from xpstore.model.effects import StateView, derive, derive_all, derive_fingerprint_puts
+from xpstore.model.effects import (
+    StateView,
+    derive,
+    derive_all,
+    derive_fingerprint_puts,
+    derive_new_puts,
+)
 from xpstore.model.events import IndexRow, IndexRows
 from xpstore.model.fprows import encode_rows
 from xpstore.model.priority_rows import fingerprint_inputs
@@ -54,6 +60,9 @@ from xpstore.store.reader import Reader, record_id
 __all__ = ["RowSource", "Writer"]
 
 _RECORD_TYPES = (PredictionOutcome, Fingerprint, QueryMetric, Decision)
+
+COLUMNAR_PUTS = 32
+"""The shortest run of puts in one submission that is derived in columns."""
 
 RowSource = Callable[[Sequence[Record]], dict[int, IndexRow]]
 """Index rows of a put batch's fingerprints by position (the k-NN index's, once attached)."""
@@ -363,7 +372,15 @@ class Writer:
                    view: StateView, first: int) -> None:  # fmt: skip
         """The batched put path: derive a run of puts (a track put twice in the batch is
         superseded by its later put, as the overlay would show it) and park them with one
-        overlay lock acquisition."""
+        overlay lock acquisition. A run of at least ``COLUMNAR_PUTS`` is derived in columns
+        (the same effects, about a third of the cost); a shorter one, a single put above all,
+        record by record (the columns' numpy setup would cost it more than it saves)."""
+        if len(ops) >= COLUMNAR_PUTS:
+            records = [cast(PutOp, op).record for op in ops]
+            effects = derive_new_puts(first, records, payloads, view)
+            by_lsn = {first + i: row for i, row in rows.items()} if rows else None
+            self._engine.overlay.add_pending_many(effects, rows=by_lsn)
+            return
         latest: dict[str, int] = {}
         lookup = view.track
 
