@@ -539,7 +539,9 @@ def validate_record(kind: str, data: Mapping[str, Any]) -> Record:
             )
         data = dict(data)
     try:
-        return model.model_validate(data)
+        # the model's validator itself: model_validate only forwards to it, and that call
+        # measured ~0.4 us of a prediction's ~2 us
+        return cast(Record, model.__pydantic_validator__.validate_python(data))
     except ValidationError as exc:
         raise invalid_record_error(exc) from exc
 

@@ -60,6 +60,7 @@ from xpstore.store.reader import Reader, record_id
 __all__ = ["RowSource", "Writer"]
 
 _RECORD_TYPES = (PredictionOutcome, Fingerprint, QueryMetric, Decision)
+_PLAIN = frozenset({PredictionOutcome, QueryMetric, Decision})  # exactly not fingerprints
 
 COLUMNAR_PUTS = 32
 """The shortest run of puts in one submission that is derived in columns."""
@@ -107,7 +108,10 @@ class Writer:
             # caches (a second pass over a thousand models measured ~30 % slower per record)
             rec = prepare(r, i)
             op = PutOp(rec)
-            payloads.append(encode(op, i, limit))
+            payload = encode_op(op)
+            if len(payload) > limit:
+                encode(op, i, limit)  # raises, naming the record's largest field
+            payloads.append(payload)
             prepared.append(rec)
             ops.append(op)
         if len(prepared) > cfg.max_batch_records:
@@ -402,13 +406,7 @@ class Writer:
         """Under the write lock: check the batch's embeddings against the store's dimension
         (``_prepare`` checked before the lock, and another batch may have fixed it since); return
         the settings that fix the dimension when this batch brings the first embedding."""
-        dims = [
-            (i, len(op.record.embedding))
-            for i, op in enumerate(ops)
-            if isinstance(op, PutOp)
-            and isinstance(op.record, Fingerprint)
-            and op.record.embedding is not None
-        ]
+        dims = [(i, len(fp.embedding)) for i, fp in _fingerprints(ops) if fp.embedding is not None]
         if not dims:
             return None
         return self._fixed_dim(dims)
@@ -448,12 +446,7 @@ class Writer:
         The LMDB track lookups a batch of fingerprint puts needs are done up front in one read
         transaction (one per fingerprint cost a transaction each on the ingest path).
         """
-        tracks = {
-            op.record.track_id
-            for op in ops
-            if isinstance(op, PutOp) and isinstance(op.record, Fingerprint)
-        }
-        return self._view_for(tracks)
+        return self._view_for({fp.track_id for _i, fp in _fingerprints(ops)})
 
     def _view_for(self, tracks: set[str], *, snapshot: bool = False) -> StateView:
         """:meth:`_view` with the LMDB lookups of ``tracks`` done up front; ``snapshot``: their
@@ -479,3 +472,16 @@ class Writer:
 
         return StateView(get, track,
                          lambda ids: reader.envelopes(ids, pending=True, counted=True))  # fmt: skip
+
+
+def _fingerprints(ops: Sequence[Op]) -> list[tuple[int, Fingerprint]]:
+    """(position, record) of the fingerprint puts among ``ops``: exact types first (a record
+    model's isinstance goes through ABCMeta: a batch of a thousand paid for it twice)."""
+    out: list[tuple[int, Fingerprint]] = []
+    for i, op in enumerate(ops):
+        if type(op) is PutOp or isinstance(op, PutOp):
+            rec = op.record
+            kind = type(rec)
+            if kind is Fingerprint or (kind not in _PLAIN and isinstance(rec, Fingerprint)):
+                out.append((i, cast(Fingerprint, rec)))
+    return out
