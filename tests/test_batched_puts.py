@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tests.strategies import records
 from xpstore import Store
 from xpstore.demo.synthetic import STYLES, sample_batch_values
-from xpstore.model.codec import PutOp, encode_op, envelope_from_put, new_put_envelopes
+from xpstore.model.codec import KIND_CODES, PutOp, encode_op, envelope_from_put, new_put_envelopes
 from xpstore.model.effects import Effect, StateView, derive, derive_new_puts
 from xpstore.model.records import (
     BATCH_FIELDS,
@@ -105,7 +105,9 @@ def test_envelopes_match_the_parsing_builder(first: int) -> None:
     recs: list[Record] = [_fingerprint(t, i) for i, t in enumerate(_LONG_TRACKS)]
     recs.append(PredictionOutcome(predicted="a", confidence=0.5, context="c", ts=1.7e9))
     payloads = [encode_op(PutOp(r)) for r in recs]
-    assert new_put_envelopes(payloads, tracks, first) == [
+    codes = [KIND_CODES[kind_of(r)] for r in recs]
+    ts = [cast(float, r.ts) for r in recs]
+    assert new_put_envelopes(payloads, codes, ts, tracks, first) == [
         envelope_from_put(p, kind=kind_of(r), ts=cast(float, r.ts), updated_lsn=first + i)
         for i, (p, r) in enumerate(zip(payloads, recs, strict=True))
     ]

@@ -702,18 +702,17 @@ def _put2_map_offset(track: str | None) -> int:
 
 
 def new_put_envelopes(
-    payloads: Sequence[bytes], tracks: Sequence[str | None], first_lsn: int
+    payloads: list[bytes], kinds: Sequence[int], ts: Sequence[float],
+    tracks: Sequence[str | None], first_lsn: int,
 ) -> list[bytes]:
     """:func:`envelope_from_put` of consecutive new records (LSNs from ``first_lsn``, no
-    counters) whose version-2 puts :func:`encode_op` just made in this process: the same bytes,
-    with each record map's offset computed from the put's track id (``tracks``, None for a
-    record without one) instead of parsed back (``put_many``'s batched derive)."""
-    fixed = _PUT2_FIXED
-    cuts = map(_put2_map_offset, tracks)
-    uints = map(_uint, range(first_lsn, first_lsn + len(payloads)))
-    head, zeros = b"\x97\x01", b"\x00\x00"
-    return [b"".join((head, p[3:fixed], u, zeros, p[c:]))
-            for p, u, c in zip(payloads, uints, cuts, strict=True)]  # fmt: skip
+    counters) whose version-2 puts :func:`encode_op` just made in this process, given each
+    record's kind code, ts and track id (None for a record without one): the same bytes, with
+    each record map's offset computed from the track id instead of parsed back (``put_many``'s
+    batched derive)."""
+    cuts = list(map(_put2_map_offset, tracks))
+    stamps = np.asarray(ts, dtype=np.float64)
+    return envelopes_from_puts(payloads, kind=kinds, ts=stamps, first_lsn=first_lsn, cuts=cuts)
 
 
 _ENVELOPE_ARRAYS: Final = (0x97, 0x98)  # fixarray(7), or fixarray(8) with a stored priority
@@ -903,20 +902,21 @@ def _record_map_offset(payload: bytes) -> int:
 def envelopes_from_puts(
     payloads: list[bytes],
     *,
-    kind: str,
+    kind: str | Sequence[int],
     ts: npt.NDArray[np.float64],
     first_lsn: int,
     cuts: Sequence[int] | None = None,
 ) -> list[bytes]:
     """:func:`envelope_from_put` of consecutive new records (LSNs from ``first_lsn``, no
-    counters), the same bytes, with the headers laid out for all rows at once. ``cuts``: where
-    each payload's record map starts, when the encoder said so (else parsed from each)."""
+    counters), the same bytes, with the headers laid out for all rows at once. ``kind``: the
+    records' kind name, or each record's kind code; ``cuts``: where each payload's record map
+    starts, when the encoder said so (else parsed from each)."""
     n = len(payloads)
     if n == 0:
         return []
-    code = KIND_CODES[kind]
     head = np.empty((n, 4), dtype=np.uint8)
-    head[:] = (0x97, _V1, code, 0xCB)  # fixarray(7), envelope version, kind, float 64
+    head[:] = (0x97, _V1, 0, 0xCB)  # fixarray(7), envelope version, kind, float 64
+    head[:, 2] = KIND_CODES[kind] if isinstance(kind, str) else kind
     if cuts is None:
         cuts = [_record_map_offset(p) for p in payloads]
     ts_bytes = ts.astype(_F64_BE).view(np.uint8).reshape(n, 8)

@@ -23,6 +23,7 @@ from typing import Any, cast
 from xpstore.errors import RecordNotFoundError
 from xpstore.model.codec import (
     KIND_BY_CODE,
+    KIND_CODES,
     DeleteOp,
     DeleteTrackOp,
     FeedbackOp,
@@ -334,7 +335,7 @@ def derive_new_puts(
             before = latest.get(tid)
             retired[i] = lookup(tid) if before is None else before
             to[i] = latest[tid] = first + i
-    values = new_put_envelopes(payloads, tracks, first)
+    values = new_put_envelopes(list(payloads), [KIND_CODES[k] for k in kinds], ts, tracks, first)
     prio = new_inputs(first, records, kinds, ts)
     return list(map(Effect, lsns, lsns, values, kinds, ts, repeat(True), tracks, to, retired,
                     prio))  # fmt: skip
