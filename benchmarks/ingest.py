@@ -808,10 +808,21 @@ def bars(results: dict[str, Result]) -> list[dict[str, Any]]:
                     # records per CPU-second of the process (all threads), which other jobs on
                     # a shared machine disturb far less than the wall clock
                     "ratio_cpu": cb / ca if ca and cb else None,
+                    # the median of each repeat's own ratio: the two cases of one repeat run
+                    # seconds apart, so a host whose speed drifts over the run (this VM's
+                    # baselines moved 60-120 k/s within one run) disturbs it far less
+                    "ratio_paired": _paired(results[a], results[b]),
                     "floor": _floor(results, a, b),
                 }
             )
     return out
+
+
+def _paired(a: Result, b: Result) -> float | None:
+    """Median over repeats of ``a``'s rate over ``b``'s in the same repeat."""
+    if len(a.runs) != len(b.runs) or not a.runs:
+        return None
+    return float(np.median([x / y for x, y in zip(a.rates, b.rates, strict=True)]))
 
 
 def _floor(results: dict[str, Result], case: str, baseline: str) -> tuple[str, float] | None:
@@ -970,6 +981,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 note = f" (applier held: {held:.2f}x)" if held is not None else ""
                 if b["ratio_cpu"] is not None:
                     note += f" (per CPU-second: {b['ratio_cpu']:.2f}x)"
+                if b["ratio_paired"] is not None:
+                    note += f" (median of each repeat's own ratio: {b['ratio_paired']:.2f}x)"
                 print(
                     f"- {verdict} {b['bar'].replace('N-thread', f'{args.threads}-thread')}: "
                     f"{b['ratio']:.2f}x{note}"
