@@ -21,6 +21,7 @@ import pytest
 
 from xpstore import Store
 from xpstore.demo.crashwriter import record_for
+from xpstore.store.writer import COLUMNAR_PUTS
 
 ROUND_DEADLINE_S = 60.0
 """The longest a round waits for its child's acknowledgements (a round takes ~0.5 s)."""
@@ -106,7 +107,8 @@ def _run_round(
     return acks
 
 
-def _check(path: Path, rounds: list[tuple[int, list[tuple[int, int, int]]]]) -> None:
+def _check(path: Path, rounds: list[tuple[int, list[tuple[int, int, int]]]],
+           batch: int = 5) -> None:  # fmt: skip
     with Store.open(path) as store:
         seen: set[int] = set()
         for seed, acks in rounds:
@@ -116,15 +118,18 @@ def _check(path: Path, rounds: list[tuple[int, list[tuple[int, int, int]]]]) -> 
                 got = store.get(rid)
                 assert got.record == record_for(seed, thread, seq), f"record {rid} differs"
         # nothing is invented: at most the in-flight, unacknowledged writes of each round
-        assert len(seen) <= store.count() <= len(seen) + len(rounds) * 4 * 5
+        assert len(seen) <= store.count() <= len(seen) + len(rounds) * 4 * batch
 
 
-def _crash_rounds(path: Path, n: int, seed: int) -> None:
+def _crash_rounds(path: Path, n: int, seed: int, batch: int = 5) -> None:
+    """``n`` SIGKILL rounds of 4 writer threads; the odd ones use ``put_many`` of ``batch``."""
     rng = np.random.default_rng(seed)
     rounds: list[tuple[int, list[tuple[int, int, int]]]] = []
     for r in range(n):
         _arm_round_watchdog()
         extra = ["--hold-applier"] if r % 3 == 0 else []
+        if batch != 5:
+            extra += ["--batch", str(batch)]
         if r % 5 == 2:
             extra += ["--durability", "group"]  # a process crash loses nothing in group mode
         if r % 4 == 1:
@@ -133,7 +138,7 @@ def _crash_rounds(path: Path, n: int, seed: int) -> None:
         acks = _run_round(path, seed * 10_000 + r, kill_after, extra)
         rounds.append((seed * 10_000 + r, acks))
         if r % 10 == 9 or r == n - 1:
-            _check(path, rounds)
+            _check(path, rounds, batch)
     total = sum(len(acks) for _seed, acks in rounds)
     assert total > 10 * n, (
         f"only {total} acknowledged records in {n} rounds: the test proves little"
@@ -142,6 +147,15 @@ def _crash_rounds(path: Path, n: int, seed: int) -> None:
 
 def test_sigkill_rounds_lose_nothing_acknowledged(tmp_path: Path) -> None:
     _crash_rounds(tmp_path / "store", 30, seed=1)
+
+
+def test_sigkill_rounds_with_columnar_batches(tmp_path: Path) -> None:
+    # put_many of 40 records: runs of COLUMNAR_PUTS or more are derived in columns
+    assert COLUMNAR_PUTS <= 40
+    _crash_rounds(tmp_path / "store", 12, seed=3, batch=40)
+    with Store.open(tmp_path / "store") as store:
+        report = store.check()
+        assert report.ok, report
 
 
 @pytest.mark.stress
