@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.strategies import records
-from xpstore import Store
-from xpstore.demo.synthetic import STYLES, sample_batch_values
+from xpstore import InvalidRecordError, RecordTooLargeError, Store
+from xpstore.demo.synthetic import STYLES, make_fingerprint, make_mixed, sample_batch_values
 from xpstore.model.codec import KIND_CODES, PutOp, encode_op, envelope_from_put, new_put_envelopes
-from xpstore.model.effects import Effect, StateView, derive, derive_new_puts
+from xpstore.model.effects import Effect, StateView, derive, derive_new_puts, put_run
+from xpstore.model.priority_rows import inputs_for, new_inputs
 from xpstore.model.records import (
     BATCH_FIELDS,
     STREAMING_FIELDS,
@@ -27,6 +28,7 @@ from xpstore.model.records import (
     QueryMetric,
     Record,
     kind_of,
+    record_to_json,
     with_ts,
 )
 from xpstore.store.writer import COLUMNAR_PUTS
@@ -84,7 +86,7 @@ def test_columnar_derive_equals_record_by_record(
     known = {r.track_id: 7 for r in batch[:3] if isinstance(r, Fingerprint)}
     payloads = [encode_op(PutOp(r)) for r in batch]
     view = StateView(lambda rid: None, known.get)
-    got = derive_new_puts(first, batch, payloads, view)
+    got = derive_new_puts(first, put_run(batch, payloads), view)
     assert got == _one_by_one(first, batch, payloads, known)
 
 
@@ -142,3 +144,126 @@ def test_a_large_batch_stores_what_single_puts_store(tmp_path: Path) -> None:
         assert a.count("fingerprint") == b.count("fingerprint") == n // 4
         a.flush()
         assert a.check().ok
+
+
+# --------------------------------------------------------------------- put_many as a put run
+
+
+def _dicts(n: int, seed: int = 3) -> list[dict[str, object]]:
+    return [record_to_json(r) for r in make_mixed(np.random.default_rng(seed), n, t0=1.7e9)]
+
+
+def test_a_large_batch_of_dicts_refuses_a_bad_record_and_writes_nothing(tmp_path: Path) -> None:
+    """A batch long enough for the put run keeps each model only until its facts are taken;
+    a bad record is still named by its position, and nothing of the batch is written."""
+    with Store.open(tmp_path / "s", create=True) as st:
+        st.put_many(_dicts(COLUMNAR_PUTS))
+        before = st.count()
+        batch = _dicts(COLUMNAR_PUTS * 2, seed=4)
+        batch[50] = {**batch[50], "ts": float("nan")}
+        with pytest.raises(InvalidRecordError) as info:
+            st.put_many(batch)
+        assert "records[50]" in str(info.value) and info.value.field == "ts"
+        batch = _dicts(COLUMNAR_PUTS * 2, seed=5)
+        big = next(i for i, d in enumerate(batch) if d["kind"] == "prediction")
+        batch[big] = {**batch[big], "context": "x" * 2_000_000}
+        with pytest.raises(RecordTooLargeError) as too_large:
+            st.put_many(batch)
+        assert f"records[{big}]" in str(too_large.value) and too_large.value.field == "context"
+        assert st.count() == before
+        st.flush()
+        assert st.count() == before and st.check().ok
+
+
+def test_a_large_batch_over_max_batch_records_is_refused(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "s", create=True, max_batch_records=COLUMNAR_PUTS + 5) as st:
+        with pytest.raises(RecordTooLargeError) as info:
+            st.put_many(_dicts(COLUMNAR_PUTS + 6))
+        assert info.value.field == "records" and st.count() == 0
+        assert len(st.put_many(_dicts(COLUMNAR_PUTS + 5))) == COLUMNAR_PUTS + 5
+
+
+def test_a_large_batch_fixes_the_embedding_dimension_after_its_records(tmp_path: Path) -> None:
+    """The first embeddings arrive in a put run: the settings operation fixing the dimension
+    follows the run's records in the same frame, and the ids returned are the records' only."""
+    rng = np.random.default_rng(6)
+    n = COLUMNAR_PUTS + 8
+    fps = [make_fingerprint(rng, f"e{i}", embedding_dim=8 if i % 2 else None) for i in range(n)]
+    with Store.open(tmp_path / "s", create=True) as st:
+        ids = st.put_many(fps)
+        assert ids == list(range(ids[0], ids[0] + n)) and st.count() == n
+        assert st.config.records.embedding_dim == 8
+        wrong = [make_fingerprint(rng, f"w{i}", embedding_dim=4 if i == 35 else None)
+                 for i in range(n)]  # fmt: skip
+        with pytest.raises(InvalidRecordError) as info:
+            st.put_many(wrong)
+        assert "records[35]" in str(info.value) and info.value.field == "embedding"
+        after = st.put(make_fingerprint(rng, "next"))
+        assert after == ids[-1] + 2  # the settings operation took the LSN after the run
+    with Store.open(tmp_path / "s") as st:
+        assert st.config.records.embedding_dim == 8 and st.count() == n + 1
+        for rid, fp in zip(ids, fps, strict=True):
+            got = st.get(rid)
+            assert got.record == fp.model_copy(update={"ts": got.ts})
+
+
+def test_dimensions_that_differ_within_a_large_batch_are_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    fps = [make_fingerprint(rng, f"d{i}", embedding_dim=6 if i == 40 else 8)
+           for i in range(COLUMNAR_PUTS * 2)]  # fmt: skip
+    with Store.open(tmp_path / "s", create=True) as st:
+        with pytest.raises(InvalidRecordError) as info:
+            st.put_many(fps)
+        assert "records[40].embedding" in str(info.value) and st.count() == 0
+        assert st.config.records.embedding_dim is None
+
+
+def test_a_large_batch_is_findable_at_once_with_the_index_attached(tmp_path: Path) -> None:
+    """With the index attached, a put run keeps its fingerprints' models for their index rows
+    (``Writer.rows_wanted``); each new track is its own best match as soon as put_many returns."""
+    rng = np.random.default_rng(8)
+    with Store.open(tmp_path / "s", create=True, index_auto_rebuild=False) as st:
+        assert not st.parts.writer.rows_wanted()
+        st.put_many([make_fingerprint(rng, f"t{i}") for i in range(200)])
+        st.rebuild_index()
+        assert st.parts.writer.rows_wanted()
+        fresh = [make_fingerprint(rng, f"new{i}") for i in range(COLUMNAR_PUTS + 3)]
+        ids = st.put_many(fresh)
+        assert st.index_status()["delta"] == len(fresh)
+        for rid, fp in zip(ids, fresh, strict=True):
+            hit = st.similar(fingerprint=fp, k=1, exclude_self=False)[0]
+            assert (hit.record_id, hit.track_id) == (rid, fp.track_id)
+
+
+def test_put_facts_match_the_record_by_record_priority_rows() -> None:
+    """The facts a put run keeps give the priority row :func:`inputs_for` gives the model."""
+    mixed = make_mixed(np.random.default_rng(9), 200, t0=1.0)
+    recs: list[Record] = [with_ts(r, 1.7e9 + i) for i, r in enumerate(mixed)]
+    recs.append(with_ts(_decision(0), 5.0))
+    recs.append(PredictionOutcome(predicted="a", confidence=0.5, context="c", reward=-1e39,
+                                  ts=2.0))  # fmt: skip
+    run = put_run(recs, [encode_op(PutOp(r)) for r in recs])
+    rows = new_inputs(10, run.kinds, run.ts, run.conf, run.reward)
+    assert rows == [inputs_for(r, 10 + i, cast(float, r.ts)) for i, r in enumerate(recs)]
+    assert run.dims == [(i, len(r.embedding)) for i, r in enumerate(recs)
+                        if isinstance(r, Fingerprint) and r.embedding is not None]  # fmt: skip
+
+
+def test_a_write_batch_of_many_puts_stores_what_put_many_stores(tmp_path: Path) -> None:
+    """A ``WriteBatch`` keeps its puts as operations (they share a frame with other writes),
+    and derives a run of 32 or more through ``put_run``: the same records and fingerprint
+    lookups as ``put_many``'s run."""
+    recs = make_mixed(np.random.default_rng(10), COLUMNAR_PUTS * 2, t0=1.7e9)
+    with Store.open(tmp_path / "a", create=True) as a, \
+            Store.open(tmp_path / "b", create=True) as b:  # fmt: skip
+        ids = a.put_many(recs)
+        with b.batch() as wb:
+            wb.put_many(recs)
+        assert wb.ids == ids
+        for rid in ids:
+            assert a.get(rid) == b.get(rid)
+        tracks = {r.track_id for r in recs if isinstance(r, Fingerprint)}
+        assert tracks and all(a.get_fingerprint(t) == b.get_fingerprint(t) for t in tracks)
+        a.flush()
+        b.flush()
+        assert a.check().ok and b.check().ok

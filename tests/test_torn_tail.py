@@ -161,6 +161,70 @@ def test_torn_write_into_preallocated_space_at_every_offset(tmp_path: Path, mode
         shutil.rmtree(wal)
 
 
+def _write_sized(wal_dir: Path, sizes: list[int]) -> tuple[list[list[bytes]], list[int]]:
+    """One frame of one op per size, preallocated (1 MiB windows); returns the ops per frame
+    and the file's size after each frame."""
+    wal_dir.mkdir(parents=True, exist_ok=True)
+    writer = WalWriter(wal_dir, store_id=STORE_ID, next_lsn=1, durability="none",
+                       segment_max_bytes=1 << 30, max_frame_bytes=MAX_FRAME, group_commit_ms=1,
+                       on_durable=lambda a, b: None, preallocate_bytes=1 << 20)  # fmt: skip
+    frames, file_sizes = [], []
+    for i, size in enumerate(sizes):
+        ops = [bytes([65 + i % 26]) * size]
+        _first, last = writer.append(ops)
+        writer.wait(last)
+        frames.append(ops)
+        file_sizes.append(next(wal_dir.glob("*.wal")).stat().st_size)
+    writer.close()
+    return frames, file_sizes
+
+
+@pytest.mark.parametrize("mode", ["tolerate_tail", "point_in_time", "absolute"])
+def test_a_large_frame_is_appended_to_a_preallocated_segment(tmp_path: Path, mode: str) -> None:
+    """A frame of 64 KiB or more that passes the zeros is appended (no zeros written ahead of
+    it); small frames after it zero-fill the next window. The segment reads whole, and a power
+    loss in the appended frame is a torn tail like an append-only segment's."""
+    wal0 = tmp_path / "pristine"
+    sizes = [100, 200, 70_000, 300, 150_000]
+    frames, file_sizes = _write_sized(wal0, sizes)
+    seg = next(wal0.glob("*.wal"))
+    data = seg.read_bytes()
+    scan = scan_segment(seg, data, MAX_FRAME)
+    assert scan.header is not None and scan.header.preallocated and scan.error is None
+    assert [f.ops() for f in scan.frames] == frames
+    ends = [f.offset + f.size for f in scan.frames]
+    assert file_sizes[0] == file_sizes[1] >= 64 * 1024  # small frames: the first zero window
+    assert ends[1] < file_sizes[1] < ends[2]  # which the large frame passes
+    assert file_sizes[2] == ends[2]  # the large frame extended the file itself, no zeros
+    assert file_sizes[3] > ends[3] and file_sizes[3] % 4096 == 0  # zeros again after it
+    assert file_sizes[4] == ends[4] == len(data)
+    got, report = _recover(wal0, mode)
+    assert got == _expected_ops(frames, 5) and not report.truncated
+    start = scan.frames[4].offset
+    data_end = start + FRAME_HEADER_SIZE + len(scan.frames[4].payload)
+    cuts = sorted({start, start + 1, start + 7, start + 8, data_end - 1, data_end, len(data),
+                   *range(start, len(data), 9_973)})  # fmt: skip
+    for cut in cuts:
+        wal = tmp_path / f"{mode}-{cut}"
+        wal.mkdir()
+        (wal / seg.name).write_bytes(data[:cut])  # a crash in the append: the file is shorter
+        complete = 5 if cut >= data_end else 4
+        at_boundary = complete == 5 or cut == start
+        if mode == "absolute" and not at_boundary:
+            with pytest.raises(WALCorruptionError) as info:
+                _recover(wal, mode)
+            assert info.value.offset == start
+            continue
+        got, report = _recover(wal, mode)
+        assert got == _expected_ops(frames, complete), f"cut at {cut}"
+        if at_boundary:
+            assert not report.truncated
+        else:
+            assert report.truncated == [(seg.name, start)]
+            assert (wal / seg.name).stat().st_size == start
+        shutil.rmtree(wal)
+
+
 def test_a_frameless_preallocated_segment_at_the_end_is_removed(tmp_path: Path) -> None:
     """A crash after a segment's zeros reached the disk but before any frame did."""
     wal = tmp_path / "wal"

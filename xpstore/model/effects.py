@@ -40,7 +40,7 @@ from xpstore.model.codec import (
     new_put_envelopes,
     pack_envelope,
 )
-from xpstore.model.priority_rows import inputs_for, inputs_from_map, new_inputs
+from xpstore.model.priority_rows import inputs_for, inputs_from_map, new_inputs, put_inputs
 from xpstore.model.records import (
     Decision,
     Experience,
@@ -311,21 +311,67 @@ def derive_fingerprint_puts(
     return effects
 
 
-def derive_new_puts(
-    first: int, records: Sequence[Record], payloads: Sequence[bytes], view: StateView
-) -> list[Effect]:
+PutFacts = tuple[str, float, "str | None", float, float, "int | None"]
+"""What deriving a new record's put needs of its model: kind, ts, track id (fingerprints),
+priority confidence and absolute reward, embedding dimension (fingerprints with one)."""
+
+
+def put_facts(record: Record) -> PutFacts:
+    """The :data:`PutFacts` of ``record`` (its ts filled in): taken while the model is fresh,
+    so a large ``put_many`` need not keep a thousand models until its frame is logged."""
+    kind = kind_of(record)
+    track: str | None = None
+    dim: int | None = None
+    if kind == "fingerprint":
+        fp = cast(Fingerprint, record)
+        track = fp.track_id
+        if fp.embedding is not None:
+            dim = len(fp.embedding)
+    conf, reward = put_inputs(record, kind)
+    return kind, cast(float, record.ts), track, conf, reward, dim
+
+
+@dataclass(frozen=True, slots=True)
+class PutRun:
+    """A run of new records' puts in columns: their encoded payloads and :data:`PutFacts`,
+    no models (``put_many``'s path; :func:`derive_new_puts` derives it)."""
+
+    payloads: list[bytes]
+    kinds: tuple[str, ...]
+    ts: tuple[float, ...]
+    tracks: tuple[str | None, ...]
+    conf: tuple[float, ...]
+    reward: tuple[float, ...]
+    dims: list[tuple[int, int]]
+    """(position, embedding dimension) of the fingerprints that carry an embedding."""
+
+    @classmethod
+    def of(cls, payloads: list[bytes], facts: Sequence[PutFacts]) -> PutRun:
+        """The run of ``payloads`` whose records gave ``facts`` (row for row)."""
+        if len(payloads) != len(facts) or not facts:
+            raise ValueError(f"a put run needs one fact row per payload, at least one "
+                             f"(got {len(payloads)} payloads, {len(facts)} rows)")  # fmt: skip
+        kinds, ts, tracks, conf, reward, dims = zip(*facts, strict=True)
+        with_dim = ([(i, d) for i, d in enumerate(dims) if d is not None]
+                    if dims.count(None) != len(dims) else [])  # fmt: skip
+        return cls(payloads, kinds, ts, tracks, conf, reward, with_dim)
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+
+def put_run(records: Sequence[Record], payloads: list[bytes]) -> PutRun:
+    """The :class:`PutRun` of ``records`` (ts filled in) and their encoded payloads."""
+    return PutRun.of(payloads, list(map(put_facts, records)))
+
+
+def derive_new_puts(first: int, run: PutRun, view: StateView) -> list[Effect]:
     """:func:`derive` of consecutive puts from ``first`` (``put_many``'s batched path), given
-    their records (ts filled in) and the payloads :func:`~xpstore.model.codec.encode_op` just
-    made of them: the same effects, with the envelopes and priority rows built in columns. A
+    their columns: the same effects, with the envelopes and priority rows built in columns. A
     track put twice in the batch is superseded by its later put, as separate puts would be."""
-    n = len(records)
+    n = len(run)
     lsns = range(first, first + n)
-    kinds = list(map(kind_of, records))
-    ts = [cast(float, r.ts) for r in records]
-    tracks: list[str | None] = [
-        cast(Fingerprint, r).track_id if k == "fingerprint" else None
-        for r, k in zip(records, kinds, strict=True)
-    ]
+    tracks = run.tracks
     to: list[int | None] = [None] * n
     retired: list[int | None] = [None] * n
     latest: dict[str, int] = {}
@@ -335,7 +381,9 @@ def derive_new_puts(
             before = latest.get(tid)
             retired[i] = lookup(tid) if before is None else before
             to[i] = latest[tid] = first + i
-    values = new_put_envelopes(list(payloads), [KIND_CODES[k] for k in kinds], ts, tracks, first)
-    prio = new_inputs(first, records, kinds, ts)
-    return list(map(Effect, lsns, lsns, values, kinds, ts, repeat(True), tracks, to, retired,
+    kinds = run.kinds
+    values = new_put_envelopes(run.payloads, [KIND_CODES[k] for k in kinds], run.ts, tracks,
+                               first)  # fmt: skip
+    prio = new_inputs(first, kinds, run.ts, run.conf, run.reward)
+    return list(map(Effect, lsns, lsns, values, kinds, run.ts, repeat(True), tracks, to, retired,
                     prio))  # fmt: skip

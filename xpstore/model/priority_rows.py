@@ -37,6 +37,7 @@ from xpstore.model.records import (
 
 __all__ = [
     "INPUTS", "INPUT_DTYPE", "fingerprint_inputs", "inputs_for", "inputs_from_map", "new_inputs",
+    "put_inputs",
 ]  # fmt: skip
 
 INPUTS: Final = struct.Struct("<QdfffIIB3x")
@@ -114,28 +115,17 @@ def inputs_from_map(
 
 
 def new_inputs(
-    first_lsn: int, records: Sequence[Record], kinds: Sequence[str], ts: Sequence[float]
+    first_lsn: int,
+    kinds: Sequence[str],
+    ts: Sequence[float],
+    conf: Sequence[float],
+    reward: Sequence[float],
 ) -> list[bytes | None]:
     """:func:`inputs_for` of consecutive new records (ids from ``first_lsn``, no counters) in
     columns: the same bytes, row for row (None for a decision). ``kinds``: each record's kind
-    name; ``ts``: each record's ts (the store filled them in)."""
-    n = len(records)
-    conf: list[float] = []
-    reward: list[float] = []
-    for record, kind in zip(records, kinds, strict=True):
-        if kind == "prediction":
-            r = record.reward  # type: ignore[union-attr]
-            conf.append(record.confidence)  # type: ignore[union-attr]
-            reward.append(0.0 if r is None else min(abs(r), 3.0e38))
-        elif kind == "query_metric":
-            conf.append(record.accuracy)  # type: ignore[union-attr]
-            reward.append(0.0)
-        elif kind == "fingerprint":
-            conf.append(_confidence_and_reward(record)[0])
-            reward.append(0.0)
-        else:  # not sampled: a zero row, dropped below
-            conf.append(0.0)
-            reward.append(0.0)
+    name; ``ts``: each record's ts (the store filled them in); ``conf`` and ``reward``: each
+    record's :func:`put_inputs` (0.0 for a decision)."""
+    n = len(kinds)
     arr = np.zeros(n, dtype=INPUT_DTYPE)
     arr["id"] = np.arange(first_lsn, first_lsn + n, dtype=np.uint64)
     arr["ts"] = ts
@@ -151,6 +141,15 @@ def new_inputs(
             if kind not in _SAMPLEABLE:
                 out[i] = None
     return out
+
+
+def put_inputs(record: Record, kind: str) -> tuple[float, float]:
+    """The confidence and the absolute reward (capped as :func:`inputs_for` caps it) a new
+    record of ``kind`` brings to its priority row; (0.0, 0.0) for a kind that is not sampled."""
+    if kind not in _SAMPLEABLE:
+        return 0.0, 0.0
+    conf, reward = _confidence_and_reward(record)
+    return conf, min(reward, 3.0e38)
 
 
 def fingerprint_inputs(

@@ -2,7 +2,8 @@
 
 Segments may be preallocated: zeros are written ahead of the write position
 (``wal.preallocate_bytes``), so a commit's fdatasync overwrites blocks the file already has and
-skips the file-size and extent update an append pays (see :meth:`WalWriter._extend`).
+skips the file-size and extent update an append pays (see :meth:`WalWriter._extend`). A frame
+of ``_APPEND_FRAME`` bytes or more is appended instead, no zeros ahead of it.
 
 One store has one :class:`WalWriter`. Callers (already serialized by the store's write lock)
 ``append`` a group of encoded operations and get its LSN range back at once; then, without any
@@ -61,6 +62,11 @@ log = logging.getLogger(__name__)
 DurableCallback = Callable[[int, int], None]
 
 _MIN_PREALLOC = 64 * 1024  # the first zero-filled window of a segment; it doubles from there
+_APPEND_FRAME = 64 * 1024
+"""A write at least this large that reaches past the zeros is appended, no zeros written ahead:
+zero-filling costs a second write of every byte, which a small commit's cheaper overwrite sync
+repays and a large frame's does not (``put_many`` of 1000 records, 339 KB frames: 1.5 us a
+record slower with zeros; 34 KB frames: about even; docs/benchmarks.md)."""
 _PAGE = 4096
 
 CLOSE_TIMEOUT_S = 60.0
@@ -403,8 +409,12 @@ class WalWriter:
         data = b"".join(frames) if len(frames) > 1 else frames[0]
         offset = self._seg_size
         try:
-            if offset + len(data) > self._alloc_end:
-                self._extend(offset + len(data))
+            end = offset + len(data)
+            if end > self._alloc_end:
+                if len(data) >= _APPEND_FRAME:  # a large frame extends the file itself
+                    self._alloc_end = end
+                else:
+                    self._extend(end)
             self._frame_started, self._frame_offset = True, offset  # see _frame_reached_file
             fs.pwrite_all(self._fd, data, offset)
         except OSError as exc:

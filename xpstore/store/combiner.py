@@ -36,12 +36,15 @@ __all__ = ["Combiner", "Submission"]
 class Submission:
     """One writer's operations and, once its batch ran, its LSN span or its error."""
 
-    __slots__ = ("adopt", "error", "gate", "lead", "ops", "payloads", "rows", "span")
+    __slots__ = ("adopt", "error", "gate", "lead", "ops", "payloads", "rows", "run", "span")
 
-    def __init__(self, ops: list[Any], payloads: list[bytes], rows: Mapping[int, Any]) -> None:
+    def __init__(
+        self, ops: list[Any], payloads: list[bytes], rows: Mapping[int, Any], run: Any = None
+    ) -> None:
         self.ops = ops
         self.payloads = payloads
         self.rows = rows
+        self.run = run  # a run of puts in columns (then ``ops`` is empty), or None
         self.span: tuple[int, int] | None = None
         self.error: BaseException | None = None
         self.adopt: Any = None  # settings the submission fixed (the writer's to adopt)

@@ -242,6 +242,11 @@ class IndexService:
                 server.remember(rid, envelope_track(data))
         return {"tracks": len(vecs), "answers": len(server.answers) - before}
 
+    def attached(self) -> bool:
+        """Whether an index is attached now (:meth:`precompute` would compute rows)."""
+        mgr = self.manager
+        return mgr is not None and mgr.server is not None
+
     def precompute(self, records: Sequence[Record]) -> dict[int, IndexRow]:
         """Index rows of a put batch's fingerprints by position ({} before the first attach)."""
         mgr = self.manager

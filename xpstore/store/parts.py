@@ -84,6 +84,7 @@ def compose(engine: Engine) -> StoreParts:
     writer = Writer(engine, reader)
     index = IndexService(engine, reader)
     writer.row_source = index.precompute
+    writer.rows_wanted = index.attached
     maintenance = Maintenance(engine, reader, writer)
     snapshots = Snapshots(engine)
     validator = StreamingValidator(engine, reader, writer)

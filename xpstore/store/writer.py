@@ -34,11 +34,15 @@ from xpstore.model.codec import (
 )
 from xpstore.model.columns import FingerprintColumns
 from xpstore.model.effects import (
+    PutFacts,
+    PutRun,
     StateView,
     derive,
     derive_all,
     derive_fingerprint_puts,
     derive_new_puts,
+    put_facts,
+    put_run,
 )
 from xpstore.model.events import IndexRow, IndexRows
 from xpstore.model.fprows import encode_rows
@@ -63,7 +67,8 @@ _RECORD_TYPES = (PredictionOutcome, Fingerprint, QueryMetric, Decision)
 _PLAIN = frozenset({PredictionOutcome, QueryMetric, Decision})  # exactly not fingerprints
 
 COLUMNAR_PUTS = 32
-"""The shortest run of puts in one submission that is derived in columns."""
+"""The shortest run of puts in one submission that is derived in columns (and the shortest
+``put_many`` that keeps no record model once each record is encoded)."""
 
 RowSource = Callable[[Sequence[Record]], dict[int, IndexRow]]
 """Index rows of a put batch's fingerprints by position (the k-NN index's, once attached)."""
@@ -76,6 +81,9 @@ class Writer:
         self._engine = engine
         self._reader = reader
         self.row_source: RowSource | None = None
+        self.rows_wanted: Callable[[], bool] = _never
+        """Whether :attr:`row_source` would compute rows now (the index is attached): a large
+        ``put_many`` keeps its fingerprint models for it only then."""
         self._logged = engine.settings.persisted  # the newest settings document in the WAL
         self.combiner = Combiner(self._append_batch, self._wait_batch)
         """Batches concurrent submissions (``store/combiner.py``): a seam for tests and
@@ -84,13 +92,59 @@ class Writer:
     # ------------------------------------------------------------------ records
     @timed("put")
     def put_many(self, records: Iterable[Record | Mapping[str, Any]]) -> list[int]:
-        """Store records atomically (one WAL frame, one sync); return their ids in order."""
-        ops, payloads, rows = self.prepare_puts(records)
-        if not ops:
-            return []
-        first, _last = self.submit(ops, payloads, rows)
-        self._engine.telemetry.incr("put.records", len(ops))
-        return list(range(first, first + len(ops)))
+        """Store records atomically (one WAL frame, one sync); return their ids in order.
+
+        A batch of at least ``COLUMNAR_PUTS`` is prepared as a :class:`PutRun`: each record's
+        model is dropped once it is encoded and its facts taken, so a thousand fresh models are
+        not kept alive through the commit (collector passes over them and cache misses cost
+        about as much as the store's own work on the batch: docs/benchmarks.md)."""
+        batch = records if type(records) is list else list(records)
+        n = len(batch)
+        if n < COLUMNAR_PUTS:
+            ops, payloads, rows = self.prepare_puts(batch)
+            if not ops:
+                return []
+            first, _last = self.submit(ops, payloads, rows)
+        else:
+            run, rows = self.prepare_run(batch)
+            first, _last = self._submit(Submission([], run.payloads, rows, run), None)
+        self._engine.telemetry.incr("put.records", n)
+        return list(range(first, first + n))  # a settings operation may follow them
+
+    def prepare_run(self, records: Sequence[Record | Mapping[str, Any]]
+                    ) -> tuple[PutRun, dict[int, IndexRow]]:  # fmt: skip
+        """:meth:`prepare_puts` as a :class:`PutRun` (at least one record): validated and
+        encoded the same way, each model dropped once its facts are taken (the fingerprints'
+        models are kept for :attr:`row_source` while the index is attached)."""
+        cfg = self._engine.config.records
+        if len(records) > cfg.max_batch_records:
+            raise RecordTooLargeError(
+                f"put_many got {len(records)} records, over max_batch_records="
+                f"{cfg.max_batch_records}",
+                field="records",
+            )
+        limit = cfg.max_record_bytes
+        prepare, encode = self._prepare, self.encode
+        keep = self.row_source is not None and self.rows_wanted()
+        payloads: list[bytes] = []
+        facts: list[PutFacts] = []
+        kept: list[Record] = []
+        where: list[int] = []
+        for i, r in enumerate(records):
+            rec = prepare(r, i)
+            payload = encode_op(PutOp(rec))
+            if len(payload) > limit:
+                encode(PutOp(rec), i, limit)  # raises, naming the record's largest field
+            payloads.append(payload)
+            fact = put_facts(rec)
+            facts.append(fact)
+            if keep and fact[2] is not None:  # a fingerprint, for its index row
+                kept.append(rec)
+                where.append(i)
+        rows: dict[int, IndexRow] = {}
+        if kept and self.row_source is not None:
+            rows = {where[j]: row for j, row in self.row_source(kept).items()}
+        return PutRun.of(payloads, facts), rows
 
     def prepare_puts(
         self, records: Iterable[Record | Mapping[str, Any]]
@@ -287,9 +341,12 @@ class Writer:
         """Derive, park and log ``ops`` (one frame), wait for the acknowledgement; return the
         LSN span. ``rows`` are index rows by position in ``ops``; ``timeout`` bounds the wait
         (close's own writes: a hung disk must not hang it)."""
+        return self._submit(Submission(ops, payloads, rows or {}), timeout)
+
+    def _submit(self, sub: Submission, timeout: float | None) -> tuple[int, int]:
+        """:meth:`submit` of a built submission (operations, or a run of puts in columns)."""
         engine = self._engine
         engine.writable()
-        sub = Submission(ops, payloads, rows or {})
         if timeout is None:
             self.combiner.run(sub)  # alone, or in a batch with concurrent writers
         else:  # close's own writes: a bounded wait, never someone else's batch
@@ -316,13 +373,16 @@ class Writer:
                 return
             for sub in batch:
                 try:
-                    ops, payloads = sub.ops, sub.payloads
-                    fixed = self._fix_embedding_dim(ops)
+                    ops, payloads, run = sub.ops, sub.payloads, sub.run
+                    if run is None:
+                        fixed = self._fix_embedding_dim(ops)
+                    else:
+                        fixed = self._fixed_dim(run.dims) if run.dims else None
                     if fixed is not None:
                         op = SettingsOp({"records.embedding_dim": fixed.records.embedding_dim},
                                         fixed.to_json())  # fmt: skip
                         ops, payloads = [*ops, op], [*payloads, encode_op(op)]
-                    sub.span = self._append(ops, payloads, sub.rows, wal)
+                    sub.span = self._append(ops, payloads, sub.rows, wal, run)
                     if fixed is not None:
                         self._logged = sub.adopt = fixed
                 except Exception as exc:
@@ -352,12 +412,27 @@ class Writer:
                     sub.span, sub.adopt, sub.error = None, None, exc
 
     def _append(
-        self, ops: list[Op], payloads: list[bytes], rows: Mapping[int, IndexRow], wal: Any
+        self,
+        ops: list[Op],
+        payloads: list[bytes],
+        rows: Mapping[int, IndexRow],
+        wal: Any,
+        run: PutRun | None = None,
     ) -> tuple[int, int]:
-        """Under the write lock: derive against the newest state, park, append to the WAL."""
+        """Under the write lock: derive against the newest state, park, append to the WAL.
+        With a ``run``, ``payloads`` start with the run's and ``ops`` are what follows it (the
+        settings fixing the embedding dimension, if the run brings the first embedding)."""
         overlay = self._engine.overlay
-        view = self._view(ops)
         first: int = wal.next_lsn
+        if run is not None:
+            try:
+                self._park_run(run, ops, payloads, rows, first)
+                span: tuple[int, int] = wal.append(payloads)
+            except BaseException:
+                overlay.drop_pending_from(first)
+                raise
+            return span
+        view = self._view(ops)
         try:
             if all(type(op) is PutOp for op in ops):
                 self._park_puts(ops, payloads, rows, view, first)
@@ -366,11 +441,25 @@ class Writer:
                     row = rows.get(i) if rows else None
                     for eff in derive_all(op, first + i, view, payloads[i]):
                         overlay.add_pending(eff, row)
-            span: tuple[int, int] = wal.append(payloads)
+            span = wal.append(payloads)
         except BaseException:
             overlay.drop_pending_from(first)
             raise
         return span
+
+    def _park_run(self, run: PutRun, ops: list[Op], payloads: list[bytes],
+                  rows: Mapping[int, IndexRow], first: int) -> None:  # fmt: skip
+        """Derive a run of puts in columns, then ``ops`` after it, and park them with one
+        overlay lock acquisition."""
+        tracks = set(run.tracks)
+        tracks.discard(None)
+        view = self._view_for(cast("set[str]", tracks))
+        effects = derive_new_puts(first, run, view)
+        n = len(run)
+        for i, op in enumerate(ops):
+            effects += derive_all(op, first + n + i, view, payloads[n + i])
+        by_lsn = {first + i: row for i, row in rows.items()} if rows else None
+        self._engine.overlay.add_pending_many(effects, rows=by_lsn)
 
     def _park_puts(self, ops: list[Op], payloads: list[bytes], rows: Mapping[int, IndexRow],
                    view: StateView, first: int) -> None:  # fmt: skip
@@ -381,7 +470,7 @@ class Writer:
         record by record (the columns' numpy setup would cost it more than it saves)."""
         if len(ops) >= COLUMNAR_PUTS:
             records = [cast(PutOp, op).record for op in ops]
-            effects = derive_new_puts(first, records, payloads, view)
+            effects = derive_new_puts(first, put_run(records, payloads), view)
             by_lsn = {first + i: row for i, row in rows.items()} if rows else None
             self._engine.overlay.add_pending_many(effects, rows=by_lsn)
             return
@@ -472,6 +561,10 @@ class Writer:
 
         return StateView(get, track,
                          lambda ids: reader.envelopes(ids, pending=True, counted=True))  # fmt: skip
+
+
+def _never() -> bool:
+    return False
 
 
 def _fingerprints(ops: Sequence[Op]) -> list[tuple[int, Fingerprint]]:
