@@ -40,7 +40,13 @@ from xpstore.model.codec import (
     new_put_envelopes,
     pack_envelope,
 )
-from xpstore.model.priority_rows import inputs_for, inputs_from_map, new_inputs, put_inputs
+from xpstore.model.priority_rows import (
+    fingerprint_confidence,
+    inputs_for,
+    inputs_from_map,
+    new_inputs,
+    put_inputs,
+)
 from xpstore.model.records import (
     Decision,
     Experience,
@@ -318,17 +324,33 @@ priority confidence and absolute reward, embedding dimension (fingerprints with 
 
 def put_facts(record: Record) -> PutFacts:
     """The :data:`PutFacts` of ``record`` (its ts filled in): taken while the model is fresh,
-    so a large ``put_many`` need not keep a thousand models until its frame is logged."""
+    so a large ``put_many`` need not keep a thousand models until its frame is logged. The
+    exact types are read directly (a call per fact measured ~0.9 µs a record); a subclass goes
+    the general way."""
+    t = type(record)
+    ts: float = record.ts  # type: ignore[assignment]  # filled in by the writer
+    if t is PredictionOutcome:
+        r = record.reward  # type: ignore[union-attr]
+        return ("prediction", ts, None, record.confidence,  # type: ignore[union-attr]
+                0.0 if r is None else min(abs(r), 3.0e38), None)  # fmt: skip
+    if t is QueryMetric:
+        return "query_metric", ts, None, record.accuracy, 0.0, None  # type: ignore[union-attr]
+    if t is Fingerprint:
+        emb = record.embedding  # type: ignore[union-attr]
+        return ("fingerprint", ts, record.track_id,  # type: ignore[union-attr]
+                fingerprint_confidence(record), 0.0,  # type: ignore[arg-type]
+                None if emb is None else len(emb))  # fmt: skip
+    if t is Decision:
+        return "decision", ts, None, 0.0, 0.0, None
     kind = kind_of(record)
     track: str | None = None
     dim: int | None = None
     if kind == "fingerprint":
-        fp = cast(Fingerprint, record)
-        track = fp.track_id
-        if fp.embedding is not None:
-            dim = len(fp.embedding)
+        track = cast(Fingerprint, record).track_id
+        embedding = cast(Fingerprint, record).embedding
+        dim = None if embedding is None else len(embedding)
     conf, reward = put_inputs(record, kind)
-    return kind, cast(float, record.ts), track, conf, reward, dim
+    return kind, ts, track, conf, reward, dim
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,8 +36,8 @@ from xpstore.model.records import (
 )
 
 __all__ = [
-    "INPUTS", "INPUT_DTYPE", "fingerprint_inputs", "inputs_for", "inputs_from_map", "new_inputs",
-    "put_inputs",
+    "INPUTS", "INPUT_DTYPE", "fingerprint_confidence", "fingerprint_inputs", "inputs_for",
+    "inputs_from_map", "new_inputs", "put_inputs",
 ]  # fmt: skip
 
 INPUTS: Final = struct.Struct("<QdfffIIB3x")
@@ -58,10 +58,16 @@ def _confidence_and_reward(record: Record) -> tuple[float, float]:
     if type(record) is QueryMetric:
         return record.accuracy, 0.0
     assert type(record) is Fingerprint
+    return fingerprint_confidence(record), 0.0
+
+
+def fingerprint_confidence(record: Fingerprint) -> float:
+    """A fingerprint's priority confidence: the mean of its streaming confidences (1.0 without
+    any)."""
     s = record.streaming
     if s is None or not s.confidence:
-        return 1.0, 0.0
-    return math.fsum(s.confidence.values()) / len(s.confidence), 0.0
+        return 1.0
+    return math.fsum(s.confidence.values()) / len(s.confidence)
 
 
 def inputs_for(

@@ -277,7 +277,6 @@ class Writer:
     def _prepare(self, record: Record | Mapping[str, Any], index: int | None) -> Record:
         """A validated record with its ts filled in; InvalidRecordError names records[index]
         (``index`` None: a single record, named by its field alone)."""
-        where = "record" if index is None else f"records[{index}]"
         rec: Record
         if type(record) in _RECORD_TYPES:  # exact types first: isinstance on ABCs is slow
             rec = cast(Record, record)
@@ -289,8 +288,9 @@ class Writer:
             except InvalidRecordError as exc:
                 if index is None:
                     raise
-                raise InvalidRecordError(f"{where}: {exc}", field=exc.field) from exc
+                raise InvalidRecordError(f"records[{index}]: {exc}", field=exc.field) from exc
         else:
+            where = "record" if index is None else f"records[{index}]"
             raise InvalidRecordError(
                 f"{where}: expected a PredictionOutcome, Fingerprint, QueryMetric or Decision "
                 f"(or a mapping with a 'kind'), got {type(record).__name__}",
@@ -301,7 +301,7 @@ class Writer:
         if type(rec) is Fingerprint and rec.embedding is not None:
             dim = self._logged.records.embedding_dim
             if dim is not None and len(rec.embedding) != dim:
-                prefix = "" if index is None else f"{where}."
+                prefix = "" if index is None else f"records[{index}]."
                 raise InvalidRecordError(
                     f"{prefix}embedding: dimension {len(rec.embedding)}, this store's "
                     f"embeddings have dimension {dim}",
