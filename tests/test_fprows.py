@@ -164,6 +164,22 @@ def test_rows_of_mixed_widths_that_add_up_like_one_width_decode_right() -> None:
     np.testing.assert_array_equal(cols.embedding[2], embs[2])
 
 
+def test_rows_without_embeddings_are_the_rows_the_per_width_path_gives() -> None:
+    """No row has an embedding (the usual put): one block; the same bytes the per-width path
+    gives those rows in a batch where another row has one."""
+    rng = np.random.default_rng(2)
+    audio = rng.normal(size=(7, 25))
+    ids = [3, 1, 2**40, 5, 9, 0, 11]
+    plain = encode_rows(ids, audio)
+    assert plain == encode_rows(ids, audio, [None] * 7) == encode_rows(np.asarray(ids), audio)
+    mixed = encode_rows(ids, audio, [None] * 6 + [rng.normal(size=3).astype(np.float32)])
+    assert plain[:6] == mixed[:6] and plain[6] != mixed[6]
+    cols = decode_rows(plain, 0)
+    assert cols.bad == [] and cols.ids.tolist() == ids
+    np.testing.assert_array_equal(cols.audio, audio)
+    assert encode_rows([], np.zeros((0, 25))) == []
+
+
 def test_fit_with_ids_does_not_depend_on_row_order() -> None:
     rng = np.random.default_rng(3)
     values = rng.uniform(0.01, 1.0, size=(500, 25))

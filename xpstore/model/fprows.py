@@ -183,9 +183,11 @@ def encode_rows(
         with np.errstate(over="ignore"):  # as parse_fingerprint casts the envelope's values
             emb32 = np.asarray(embeddings, dtype=np.float32)
         return _encode_block(np.asarray(ids, dtype=np.int64), audio, emb32)
-    emb_list: Sequence[npt.NDArray[np.float32] | None] = (
-        embeddings if embeddings is not None else [None] * n
-    )
+    if embeddings is None or (type(embeddings) is list and all(e is None for e in embeddings)):
+        # no row has an embedding (the usual put): one block, no per-row bookkeeping
+        return _encode_block(np.asarray(ids, dtype=np.int64), audio,
+                             np.zeros((n, 0), dtype=np.float32))  # fmt: skip
+    emb_list: Sequence[npt.NDArray[np.float32] | None] = embeddings
     lens = np.fromiter((0 if e is None else e.shape[0] for e in emb_list), np.int64, count=n)
     if lens.size and int(lens.max()) > _MAX_EMB:
         raise CodecError(f"an embedding of {int(lens.max())} values is too long for a row")

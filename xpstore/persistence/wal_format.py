@@ -133,7 +133,11 @@ def decode_header(data: bytes | memoryview) -> SegmentHeader:
 
 
 def zero_tail(data: bytes, offset: int) -> bool:
-    """Whether every byte of ``data`` from ``offset`` on is zero (unwritten preallocated space)."""
+    """Whether every byte of ``data`` from ``offset`` on is zero (unwritten preallocated space).
+    The first word is looked at first: where a frame starts it is never zero (its length is at
+    least 4), so a whole segment is not counted through to answer no."""
+    if any(data[offset : offset + 8]):
+        return False
     return data.count(0, offset) == len(data) - offset
 
 
