@@ -31,6 +31,7 @@ class _Workload:
         self.taken: list[tuple[Path, dict[int, Record], set[int], str]] = []
         self.crashfs: CrashFS | None = None
         self.torn_images = 0
+        self.appended_ends = 0  # images whose newest segment ends in a large appended frame
 
     def point(self, kind: str) -> None:
         """Called by CrashFS after each sync or rename: take an image of that instant."""
@@ -45,25 +46,39 @@ class _Workload:
         acked = {i: r for i, r in self.acked.items() if i not in self.in_flight}
         self.taken.append((dest, acked, set(self.deleted), kind))
         segs = sorted((dest / "wal").glob("*.wal"))
-        if segs and scan_segment(segs[-1], segs[-1].read_bytes(), 1 << 26).error is not None:
-            self.torn_images += 1
+        if segs:
+            data = segs[-1].read_bytes()
+            scan = scan_segment(segs[-1], data, 1 << 26)
+            if scan.error is not None:
+                self.torn_images += 1
+            elif scan.frames and scan.frames[-1].size >= 64 * 1024:
+                last = scan.frames[-1]
+                self.appended_ends += last.offset + last.size == len(data)
 
 
-def _run_workload(tmp_path: Path, preallocate: int) -> _Workload:
+def _run_workload(tmp_path: Path, preallocate: int, large: bool = False) -> _Workload:
+    """``large``: every tenth step writes a frame over 64 KiB (200 records), which a
+    preallocated segment takes as an append between its zero-filled windows (1 MiB segments)."""
     root = tmp_path / "store"
     Store.open(root, create=True).close()
     work = _Workload(root, tmp_path / "images")
     rng = np.random.default_rng(5)
-    records = make_mixed(rng, 1000, t0=1000.0)
+    records = make_mixed(rng, 3000 if large else 1000, t0=1000.0)
     work.crashfs = CrashFS(root, work.point)
     with fs.use(work.crashfs):
-        store = Store.open(root, segment_max_bytes=64 * 1024, apply_batch_ops=50,
-                           checkpoint_interval_s=3600, preallocate_bytes=preallocate)
+        store = Store.open(root, segment_max_bytes=(1 << 20) if large else 64 * 1024,
+                           apply_batch_ops=50, checkpoint_interval_s=3600,
+                           preallocate_bytes=preallocate)  # fmt: skip
         work.store = store
         try:
             pos = 0
             for step in range(100):
-                if step % 3 == 0:
+                if large and step % 10 == 4:
+                    batch = records[pos : pos + 200]
+                    ids = store.put_many(batch)
+                    work.acked.update(zip(ids, batch, strict=True))
+                    pos += 200
+                elif step % 3 == 0:
                     batch = records[pos : pos + 25]
                     ids = store.put_many(batch)
                     work.acked.update(zip(ids, batch, strict=True))
@@ -87,18 +102,25 @@ def _run_workload(tmp_path: Path, preallocate: int) -> _Workload:
     return work
 
 
-@pytest.mark.parametrize("preallocate", [0, 1 << 20], ids=["append-only", "preallocated"])
+@pytest.mark.parametrize(
+    ("preallocate", "large"),
+    [(0, False), (1 << 20, False), (1 << 20, True)],
+    ids=["append-only", "preallocated", "preallocated-large-frames"],
+)
 def test_every_crash_image_opens_with_every_acknowledged_record(
-    tmp_path: Path, preallocate: int
+    tmp_path: Path, preallocate: int, large: bool
 ) -> None:
     """Append-only segments, and preallocated ones: there a power loss mid-write leaves a torn
     frame over the synced zeros (or zeros not yet synced), which must read as a torn tail or the
-    end of the log, never as data and never as damage to an acknowledged frame."""
-    work = _run_workload(tmp_path, preallocate)
+    end of the log, never as data and never as damage to an acknowledged frame. With large
+    frames, a preallocated segment also ends in an appended frame (a torn one is a torn tail)."""
+    work = _run_workload(tmp_path, preallocate, large)
     kinds = {k for *_rest, k in work.taken}
     assert {"write", "fdatasync", "fsync_dir", "rename"} <= kinds
     assert len(work.taken) > 200
     assert work.torn_images > 20  # power losses mid-write: torn tails that recovery must cut
+    if large:
+        assert work.appended_ends > 0  # a preallocated segment ending in an appended frame
     listed = half = 0
     for dest, acked, deleted, kind in work.taken:
         snaps = dest / "snapshots"  # counted before the open, which clears half-made ones
@@ -118,7 +140,8 @@ def test_every_crash_image_opens_with_every_acknowledged_record(
             listed += len(infos)
             half += on_disk - len(infos)
             # nothing was invented: every id present was written by the workload
-            assert set(live) <= set(range(1, max(acked, default=0) + 200))
+            # (an image may hold the batch in flight: up to 200 records, and a delete's LSN)
+            assert set(live) <= set(range(1, max(acked, default=0) + (400 if large else 200)))
         shutil.rmtree(dest)
     assert listed > 0 and half > 0  # images caught complete snapshots and half-made ones
 
