@@ -91,15 +91,20 @@ def count_queued(store: Store, n: int) -> threading.Event:
     return done
 
 
-def run_writers(store: Store, fsys: Interrupting) -> tuple[list[Any], list[BaseException]]:
+def run_writers(
+    store: Store, fsys: Interrupting, lead: list[dict[str, Any]] | None = None
+) -> tuple[list[Any], list[BaseException]]:
     """A leader that gets interrupted and FOLLOWERS writers queued behind it; every thread must
-    finish within TIMEOUT."""
+    finish within TIMEOUT. ``lead``: the leader's ``put_many`` batch (default: one put)."""
     results: list[Any] = []
     errors: list[BaseException] = []
 
     def put(i: int) -> None:
         try:
-            results.append(store.put(prediction(i)))
+            if i == 0 and lead is not None:
+                store.put_many(lead)
+            else:
+                results.append(store.put(prediction(i)))
         except BaseException as exc:  # KeyboardInterrupt in the leader, WALWriteError elsewhere
             errors.append(exc)
 
@@ -176,6 +181,32 @@ def test_interrupt_before_the_write_hands_the_flush_on(store_path: Path, first: 
         assert {store.get(rid).id for rid in results} == set(results)
         # the interrupted leader's own record was flushed by the next leader
         assert store.count() == FOLLOWERS + 2 + len(before)
+        assert store.check().ok
+
+
+def test_interrupt_before_an_appended_large_frame_hands_the_flush_on(store_path: Path) -> None:
+    """A frame of 64 KiB or more is appended past the preallocated zeros, none written ahead
+    of it: interrupted before its write, the segment has not grown, so the leader hands the
+    flush on as it does over zeros, and its batch is logged by the next leader."""
+    store = Store.open(store_path, create=True)
+    before = store.put(prediction(-1))  # the segment and its first zero window exist
+    wal = store.parts.engine.wal
+    assert wal is not None
+    size = wal.stats.bytes
+    lead = [{**prediction(1000 + j), "context": f"c{j}-" + "x" * 400} for j in range(200)]
+    queued = count_queued(store, FOLLOWERS + 1)
+    fsys = Interrupting("write", queued)
+    with fs.use(fsys):
+        results, errors = run_writers(store, fsys, lead)
+        assert [type(e) for e in errors] == [KeyboardInterrupt]
+        assert len(results) == FOLLOWERS
+        assert close_within(store) is None
+    assert wal.stats.bytes - size > 64 * 1024  # the leader's batch went out as a large frame
+    with Store.open(store_path) as store:
+        assert {store.get(rid).id for rid in [before, *results]} == {before, *results}
+        contexts = {e.record.context for e in store.scan(kind="prediction")}  # type: ignore[union-attr]
+        assert {d["context"] for d in lead} <= contexts  # flushed by the next leader
+        assert store.count() == FOLLOWERS + 1 + len(lead)
         assert store.check().ok
 
 
