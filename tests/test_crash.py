@@ -150,7 +150,8 @@ def test_sigkill_rounds_lose_nothing_acknowledged(tmp_path: Path) -> None:
 
 
 def test_sigkill_rounds_with_columnar_batches(tmp_path: Path) -> None:
-    # put_many of 40 records: runs of COLUMNAR_PUTS or more are derived in columns
+    # put_many of 40 records: a batch of COLUMNAR_PUTS or more goes as a put run (no model
+    # kept once encoded) and is derived in columns
     assert COLUMNAR_PUTS <= 40
     _crash_rounds(tmp_path / "store", 12, seed=3, batch=40)
     with Store.open(tmp_path / "store") as store:
