@@ -467,3 +467,36 @@ def test_a_batch_is_one_frame_and_all_or_nothing(store: Store) -> None:
     assert store.stats()["next_lsn"] == before  # nothing logged by either
     with pytest.raises(InvalidArgumentError):
         b.put_many([_pred()])  # a finished batch takes nothing more
+
+
+def test_a_record_subclass_is_stored_as_its_kind(store: Store) -> None:
+    """A subclass of a record model is validated again from its fields as its kind (the codec
+    and the priority rows know the four models only); a field it adds is refused by name."""
+    rng = np.random.default_rng(12)
+
+    class MyPrediction(PredictionOutcome):
+        def label(self) -> str:
+            return self.predicted
+
+    class MyFingerprint(Fingerprint):
+        pass
+
+    class Extended(PredictionOutcome):
+        note: str = "x"
+
+    pred = MyPrediction(predicted="warm", confidence=0.5, context="c", ts=1.0)
+    fp = MyFingerprint.model_validate(make_fingerprint(rng, "sub").model_dump())
+    rid = store.put(pred)
+    assert store.get(rid).record == PredictionOutcome(predicted="warm", confidence=0.5,
+                                                      context="c", ts=1.0)  # fmt: skip
+    ids = store.put_many([pred, fp] * 20)  # a put run, as the models are dropped once encoded
+    assert type(store.get(ids[0]).record) is PredictionOutcome
+    assert store.get_fingerprint("sub").id == ids[-1]
+    got = store.get(ids[-1])
+    assert got.record == Fingerprint.model_validate({**fp.model_dump(), "ts": got.ts})
+    for batch in ([Extended(predicted="a", confidence=0.5, context="c")],
+                  [pred] * 40 + [Extended(predicted="a", confidence=0.5, context="c")]):
+        with pytest.raises(InvalidRecordError) as info:
+            store.put_many(batch)
+        assert info.value.field == "note" and f"records[{len(batch) - 1}]" in str(info.value)
+    assert store.count() == 41

@@ -54,7 +54,9 @@ from xpstore.model.records import (
     PredictionOutcome,
     QueryMetric,
     Record,
+    kind_of,
     record_from_json,
+    validate_record,
 )
 from xpstore.persistence.overlay import MISSING
 from xpstore.store.combiner import Combiner, Submission
@@ -280,11 +282,19 @@ class Writer:
         rec: Record
         if type(record) in _RECORD_TYPES:  # exact types first: isinstance on ABCs is slow
             rec = cast(Record, record)
-        elif type(record) is not dict and isinstance(record, _RECORD_TYPES):
-            rec = record
         elif type(record) is dict or isinstance(record, Mapping):
             try:
                 rec = record_from_json(record)
+            except InvalidRecordError as exc:
+                if index is None:
+                    raise
+                raise InvalidRecordError(f"records[{index}]: {exc}", field=exc.field) from exc
+        elif isinstance(record, _RECORD_TYPES):
+            # a subclass is stored as its kind: its fields validated again as that model (the
+            # codec and the priority rows know the four models only; an added field is refused
+            # by name, as in a mapping)
+            try:
+                rec = validate_record(kind_of(record), record.model_dump())
             except InvalidRecordError as exc:
                 if index is None:
                     raise
