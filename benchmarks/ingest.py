@@ -196,6 +196,7 @@ def xpstore_case(how: str, *, held: bool = False) -> Callable[[Workload, Path], 
 
     def run(w: Workload, d: Path) -> Run:
         store = _open_store(d, held)
+        collector = _CollectorTime()
         cpu = time.process_time()
         if how == "put_1t":
             seconds, lat = _timed_loop(w.records, store.put)
@@ -208,10 +209,32 @@ def xpstore_case(how: str, *, held: bool = False) -> Callable[[Workload, Path], 
         else:
             raise ValueError(how)
         cpu = time.process_time() - cpu
+        gc_s = collector.stop()
         n = len(w.records)
-        return _close_store(store, n, Run(seconds, n, lat, {"cpu_s": cpu}))
+        return _close_store(store, n, Run(seconds, n, lat, {"cpu_s": cpu, "gc_s": gc_s / n}))
 
     return run
+
+
+class _CollectorTime:
+    """Seconds the garbage collector ran (every thread) from creation to :meth:`stop`: a
+    diagnostic, since a batch's surviving objects cost collections (docs/benchmarks.md)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._start: dict[int, float] = {}
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, _info: dict[str, int]) -> None:
+        ident = threading.get_ident()
+        if phase == "start":
+            self._start[ident] = perf()
+        elif ident in self._start:
+            self.total += perf() - self._start.pop(ident)
+
+    def stop(self) -> float:
+        gc.callbacks.remove(self._callback)
+        return self.total
 
 
 # --------------------------------------------------------------------------- baselines
@@ -962,6 +985,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 drain = res.extra("drain_s")
                 if drain is not None:
                     part += f", close (LMDB drain) {fmt_dur(drain)}"
+                collected = res.extra("gc_s")
+                if collected is not None:
+                    part += f", garbage collector {collected * 1e6:.2f} µs a record"
                 notes.append(part)
         for n in notes:
             print(f"- {n}")
@@ -1015,7 +1041,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "p99_s": r.pct(99),
                         "extra": {
                             k: r.extra(k)
-                            for k in ("ops_per_sync", "drain_s", "lmdb_apply_txns", "wal_sync_s")
+                            for k in ("ops_per_sync", "drain_s", "lmdb_apply_txns", "wal_sync_s",
+                                      "gc_s")
                         },
                     }
                     for key, r in results.items()
