@@ -17,7 +17,7 @@ from tests.strategies import records
 from xpstore import InvalidRecordError, RecordTooLargeError, Store
 from xpstore.demo.synthetic import STYLES, make_fingerprint, make_mixed, sample_batch_values
 from xpstore.model.codec import KIND_CODES, PutOp, encode_op, envelope_from_put, new_put_envelopes
-from xpstore.model.effects import Effect, StateView, derive, derive_new_puts, put_run
+from xpstore.model.effects import Effect, StateView, derive, derive_new_puts, put_facts, put_run
 from xpstore.model.priority_rows import inputs_for, new_inputs
 from xpstore.model.records import (
     BATCH_FIELDS,
@@ -267,3 +267,13 @@ def test_a_write_batch_of_many_puts_stores_what_put_many_stores(tmp_path: Path) 
         a.flush()
         b.flush()
         assert a.check().ok and b.check().ok
+
+
+def test_put_facts_take_the_four_models_only() -> None:
+    """The writer stores a subclass as its kind first; put_facts refuses anything else."""
+
+    class Sub(PredictionOutcome):
+        pass
+
+    with pytest.raises(TypeError, match="Sub"):
+        put_facts(Sub(predicted="a", confidence=0.5, context="c", ts=1.0))

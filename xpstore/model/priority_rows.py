@@ -37,7 +37,7 @@ from xpstore.model.records import (
 
 __all__ = [
     "INPUTS", "INPUT_DTYPE", "fingerprint_confidence", "fingerprint_inputs", "inputs_for",
-    "inputs_from_map", "new_inputs", "put_inputs",
+    "inputs_from_map", "new_inputs",
 ]  # fmt: skip
 
 INPUTS: Final = struct.Struct("<QdfffIIB3x")
@@ -130,7 +130,7 @@ def new_inputs(
     """:func:`inputs_for` of consecutive new records (ids from ``first_lsn``, no counters) in
     columns: the same bytes, row for row (None for a decision). ``kinds``: each record's kind
     name; ``ts``: each record's ts (the store filled them in); ``conf`` and ``reward``: each
-    record's :func:`put_inputs` (0.0 for a decision)."""
+    record's priority confidence and capped absolute reward (0.0 for a decision)."""
     n = len(kinds)
     arr = np.zeros(n, dtype=INPUT_DTYPE)
     arr["id"] = np.arange(first_lsn, first_lsn + n, dtype=np.uint64)
@@ -147,15 +147,6 @@ def new_inputs(
             if kind not in _SAMPLEABLE:
                 out[i] = None
     return out
-
-
-def put_inputs(record: Record, kind: str) -> tuple[float, float]:
-    """The confidence and the absolute reward (capped as :func:`inputs_for` caps it) a new
-    record of ``kind`` brings to its priority row; (0.0, 0.0) for a kind that is not sampled."""
-    if kind not in _SAMPLEABLE:
-        return 0.0, 0.0
-    conf, reward = _confidence_and_reward(record)
-    return conf, min(reward, 3.0e38)
 
 
 def fingerprint_inputs(

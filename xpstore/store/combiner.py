@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from xpstore.errors import XpStoreError
+from xpstore.model.effects import PutRun
 
 __all__ = ["Combiner", "Submission"]
 
@@ -39,7 +40,11 @@ class Submission:
     __slots__ = ("adopt", "error", "gate", "lead", "ops", "payloads", "rows", "run", "span")
 
     def __init__(
-        self, ops: list[Any], payloads: list[bytes], rows: Mapping[int, Any], run: Any = None
+        self,
+        ops: list[Any],
+        payloads: list[bytes],
+        rows: Mapping[int, Any],
+        run: PutRun | None = None,
     ) -> None:
         self.ops = ops
         self.payloads = payloads
